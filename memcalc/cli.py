@@ -1,0 +1,239 @@
+"""The ``memcalc`` command line: parse, resolve the model, call the core, render.
+
+Exit codes: 0 ok, 1 internal error, 2 bad input, 3 validation out of tolerance.
+Known errors print one line on stderr; ``MEMCALC_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from memcalc.errors import InputError, MemcalcError, describe_validation_error
+from memcalc.units import Unit
+
+app = typer.Typer(
+    name="memcalc",
+    help="GPU memory calculator for training and serving large language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Settings fields named by the flag that sets them, for error messages.
+_FLAG_NAMES = {
+    "dtype": "--dtype",
+    "kv_dtype": "--kv-dtype",
+    "optimizer": "--optimizer",
+    "batch_size": "--batch",
+    "seq_len": "--seq",
+    "context_len": "--context",
+    "recompute": "--recompute",
+    "master_weights": "--master-weights",
+}
+
+
+def _complete_model(incomplete: str) -> list[str]:
+    from memcalc.library import bundled_model_names
+
+    return [name for name in bundled_model_names() if name.startswith(incomplete)]
+
+
+ModelArgument = Annotated[
+    str,
+    typer.Argument(
+        help="A bundled model name or alias (see `memcalc models`), a memcalc .yaml file, "
+        "or a Hugging Face config.json (or a directory holding one).",
+        autocompletion=_complete_model,
+        show_default=False,
+    ),
+]
+UnitsOption = Annotated[str, typer.Option("--units", help="Display unit: gib, gb, mib, mb or bytes.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object (integer bytes) instead of tables.")]
+BatchOption = Annotated[int, typer.Option("--batch", "-b", help="Sequences per step (micro-batch).")]
+
+
+def _settings(schema: type, values: dict[str, Any]):
+    from pydantic import ValidationError
+
+    try:
+        return schema(**values)
+    except ValidationError as exc:
+        raise InputError(describe_validation_error(exc, names=_FLAG_NAMES)) from None
+
+
+def _unit(units: str) -> Unit:
+    try:
+        return Unit(units.lower())
+    except ValueError:
+        allowed = ", ".join(unit.value for unit in Unit)
+        raise InputError(f"--units: {units!r} is not one of {allowed}") from None
+
+
+def _emit(command: str, estimate, units: str, as_json: bool) -> None:
+    unit = _unit(units)
+    if as_json:
+        from memcalc.report import estimate_document
+
+        print(json.dumps(estimate_document(command, estimate), indent=2))
+        return
+    from memcalc.render import print_estimate
+
+    print_estimate(command, estimate, unit)
+
+
+@app.command()
+def train(
+    model: ModelArgument,
+    dtype: Annotated[str, typer.Option(help="Training precision: fp32, fp16 or bf16 (16-bit: mixed precision).")] = "bf16",
+    master_weights: Annotated[
+        bool,
+        typer.Option("--master-weights/--no-master-weights", help="16-bit: keep an fp32 master copy (mixed precision) "
+                     "or train in pure 16-bit."),
+    ] = True,
+    optimizer: Annotated[str, typer.Option(help="adamw, adam, adam8bit, sgd or sgd-momentum.")] = "adamw",
+    batch: BatchOption = 1,
+    seq: Annotated[int | None, typer.Option("--seq", "-s", help="Tokens per sequence [default: min(2048, model maximum)].",
+                                            show_default=False)] = None,
+    recompute: Annotated[str, typer.Option(help="Activation recomputation: none, selective or full.")] = "none",
+    units: UnitsOption = "gib",
+    as_json: JsonOption = False,
+) -> None:
+    """Memory of one training step on one GPU: weights, gradients, optimizer states, activations.
+
+    Examples:
+
+      memcalc train llama-13b --dtype bf16
+
+      memcalc train mistral-7b --optimizer adam8bit --batch 4 --seq 4096 --recompute selective
+
+      memcalc train ./config.json --dtype fp32 --json
+    """
+    from memcalc.config import TrainSettings
+    from memcalc.estimate.training import estimate_training
+    from memcalc.library import resolve_model
+
+    settings = _settings(
+        TrainSettings,
+        dict(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch, seq_len=seq,
+             recompute=recompute),
+    )
+    _unit(units)
+    _emit("train", estimate_training(resolve_model(model), settings), units, as_json)
+
+
+@app.command()
+def infer(
+    model: ModelArgument,
+    dtype: Annotated[str, typer.Option(help="Weight dtype: fp32, fp16, bf16, fp8, int8 or int4.")] = "bf16",
+    kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV-cache dtype: fp32, fp16, bf16, fp8 or int8 "
+                                                 "[default: the weight dtype if a float type, else bf16].",
+                                                 show_default=False)] = None,
+    batch: BatchOption = 1,
+    context: Annotated[int | None, typer.Option("--context", "-c", help="Tokens per sequence held in the KV cache "
+                                                "[default: min(2048, model maximum)].", show_default=False)] = None,
+    units: UnitsOption = "gib",
+    as_json: JsonOption = False,
+) -> None:
+    """Memory to serve a model: weights and KV cache, with the 1.2x rule of thumb for reference.
+
+    Examples:
+
+      memcalc infer llama-2-70b --dtype fp16 --batch 8 --context 4096
+
+      memcalc infer mixtral-8x7b --dtype int4 --kv-dtype fp8 --json
+    """
+    from memcalc.config import InferSettings
+    from memcalc.estimate.inference import estimate_inference
+    from memcalc.library import resolve_model
+
+    settings = _settings(InferSettings, dict(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context))
+    _unit(units)
+    _emit("infer", estimate_inference(resolve_model(model), settings), units, as_json)
+
+
+@app.command()
+def models(as_json: JsonOption = False) -> None:
+    """List the bundled model library.
+
+    Examples:
+
+      memcalc models
+
+      memcalc models --json
+    """
+    from memcalc.library import bundled_models
+
+    library = list(bundled_models().values())
+    if as_json:
+        from memcalc.report import model_summary
+
+        print(json.dumps([model_summary(model) for model in library], indent=2))
+        return
+    from memcalc.render import print_models
+
+    print_models(library)
+
+
+@app.command()
+def show(model: ModelArgument, as_json: JsonOption = False) -> None:
+    """Print a model's configuration and its parameter count, part by part.
+
+    Examples:
+
+      memcalc show llama-3-8b
+
+      memcalc show ./config.json --json
+    """
+    from memcalc.library import resolve_model
+    from memcalc.report import show_document
+
+    document = show_document(resolve_model(model))
+    if as_json:
+        print(json.dumps(document, indent=2))
+        return
+    from memcalc.render import print_show
+
+    print_show(document)
+
+
+def _click_exceptions():
+    """The click exception module typer raises from: its vendored copy (typer >= 0.26) or click."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # typer < 0.26 depends on click itself
+        from click import exceptions
+    return exceptions
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the app and maps failures to one line and an exit code."""
+    click_errors = _click_exceptions()
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        result = command.main(args=args, prog_name="memcalc", standalone_mode=False)
+    except MemcalcError as exc:
+        if os.environ.get("MEMCALC_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(0)
+    except click_errors.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, EOFError):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # an internal error: one line unless debugging
+        if os.environ.get("MEMCALC_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set MEMCALC_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

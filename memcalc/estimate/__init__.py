@@ -1,0 +1,1 @@
+"""Pure estimators: validated configs in, integer bytes out. No printing, no unit formatting."""

@@ -1,0 +1,49 @@
+"""The one result shape every estimator returns and every renderer consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from memcalc.config import ModelConfig
+from memcalc.estimate.params import ParamInventory
+
+
+class Kind(StrEnum):
+    """The seed's classification: static memory lives for the whole run, dynamic memory
+    grows and shrinks with each step (and with batch and sequence)."""
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+@dataclass(frozen=True)
+class Component:
+    key: str  # JSON key
+    label: str  # table row
+    bytes: int
+    kind: Kind
+    formula: str  # how the bytes were obtained, in the terms of the assumptions panel
+    source: str  # paper or framework file the formula comes from
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: ModelConfig
+    params: ParamInventory
+    settings: dict[str, Any]  # every resolved assumption, JSON-ready
+    components: tuple[Component, ...]
+    # Reference figures shown beside the breakdown but not part of it (e.g. the 1.2x rule).
+    references: tuple[Component, ...] = ()
+    checkpoint: tuple[Component, ...] = field(default=())
+
+    @property
+    def total(self) -> int:
+        return sum(component.bytes for component in self.components)
+
+    def component(self, key: str) -> Component:
+        for component in (*self.components, *self.references, *self.checkpoint):
+            if component.key == key:
+                return component
+        raise KeyError(key)

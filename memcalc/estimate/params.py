@@ -1,0 +1,128 @@
+"""Exact parameter counts from the architecture, tensor by tensor.
+
+The inventory mirrors the tensors of the reference implementations (Hugging Face
+``modeling_*.py``; fused projections such as Phi-3's ``qkv_proj`` hold the same elements as
+separate ones), so ``total`` equals ``sum(p.numel() for p in model.parameters())``.
+Per-tensor sizes matter beyond the total: 8-bit optimizers keep small tensors in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from memcalc.config import MLPKind, ModelConfig, NormKind, PositionKind
+
+
+class ParamCategory(StrEnum):
+    EMBEDDING = "embedding"
+    ATTENTION = "attention"
+    MLP = "mlp"
+    EXPERTS = "experts"
+    ROUTER = "router"
+    NORMS = "norms"
+    OUTPUT_HEAD = "output_head"
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """``count`` tensors of ``numel`` elements each, of which ``active_count`` serve one token."""
+
+    name: str
+    category: ParamCategory
+    numel: int
+    count: int
+    active_count: int
+
+    @property
+    def total(self) -> int:
+        return self.numel * self.count
+
+    @property
+    def active(self) -> int:
+        return self.numel * self.active_count
+
+
+@dataclass(frozen=True)
+class ParamInventory:
+    groups: tuple[TensorGroup, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(group.total for group in self.groups)
+
+    @property
+    def active(self) -> int:
+        """Parameters one token passes through (MoE: only its top-k experts)."""
+        return sum(group.active for group in self.groups)
+
+    def by_category(self) -> dict[ParamCategory, int]:
+        totals: dict[ParamCategory, int] = {}
+        for group in self.groups:
+            totals[group.category] = totals.get(group.category, 0) + group.total
+        return totals
+
+
+def _linear(name: str, category: ParamCategory, d_in: int, d_out: int, bias: bool, count: int, active: int | None = None):
+    active = count if active is None else active
+    yield TensorGroup(f"{name}.weight", category, d_in * d_out, count, active)
+    if bias:
+        yield TensorGroup(f"{name}.bias", category, d_out, count, active)
+
+
+def _norm(name: str, model: ModelConfig, width: int, count: int):
+    yield TensorGroup(f"{name}.weight", ParamCategory.NORMS, width, count, count)
+    if model.norm is NormKind.LAYERNORM and model.norm_bias:
+        yield TensorGroup(f"{name}.bias", ParamCategory.NORMS, width, count, count)
+
+
+def _mlp(prefix: str, category: ParamCategory, model: ModelConfig, width: int, count: int, active: int):
+    h, bias = model.hidden_size, model.mlp_bias
+    if model.mlp is MLPKind.GATED:
+        yield from _linear(f"{prefix}.gate_proj", category, h, width, bias, count, active)
+    yield from _linear(f"{prefix}.up_proj", category, h, width, bias, count, active)
+    yield from _linear(f"{prefix}.down_proj", category, width, h, bias, count, active)
+
+
+def count_params(model: ModelConfig) -> ParamInventory:
+    """Every parameter tensor of ``model``, grouped by shape and role."""
+    h, num_layers = model.hidden_size, model.num_layers
+    q_width = model.num_attention_heads * model.attention_head_dim
+    kv_width = model.kv_heads * model.attention_head_dim
+    attention = ParamCategory.ATTENTION
+    groups: list[TensorGroup] = [TensorGroup("embed_tokens.weight", ParamCategory.EMBEDDING, model.vocab_size * h, 1, 1)]
+    if model.position_embedding is PositionKind.LEARNED:
+        groups.append(TensorGroup("embed_positions.weight", ParamCategory.EMBEDDING, model.max_position_embeddings * h, 1, 1))
+
+    groups += _norm("layers.norm", model, h, model.norms_per_layer * num_layers)
+    groups += _linear("layers.attn.q_proj", attention, h, q_width, model.qkv_bias, num_layers)
+    groups += _linear("layers.attn.k_proj", attention, h, kv_width, model.qkv_bias, num_layers)
+    groups += _linear("layers.attn.v_proj", attention, h, kv_width, model.qkv_bias, num_layers)
+    groups += _linear("layers.attn.o_proj", attention, q_width, h, model.attn_output_bias, num_layers)
+    if model.qk_norm:
+        groups += _norm("layers.attn.qk_norm", model, model.attention_head_dim, 2 * num_layers)
+
+    moe = model.moe
+    dense_layers = num_layers - model.num_moe_layers
+    if dense_layers:
+        groups += _mlp("layers.mlp", ParamCategory.MLP, model, model.intermediate_size, dense_layers, dense_layers)
+    if moe is not None and model.num_moe_layers:
+        moe_layers = model.num_moe_layers
+        groups += _linear("layers.moe.router", ParamCategory.ROUTER, h, moe.num_experts, False, moe_layers)
+        groups += _mlp(
+            "layers.moe.experts",
+            ParamCategory.EXPERTS,
+            model,
+            moe.expert_intermediate_size,
+            moe.num_experts * moe_layers,
+            moe.experts_per_token * moe_layers,
+        )
+        if moe.num_shared_experts:
+            shared = moe.num_shared_experts * moe_layers
+            width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+            groups += _mlp("layers.moe.shared_experts", ParamCategory.EXPERTS, model, width, shared, shared)
+
+    groups += _norm("final_norm", model, h, 1)
+    if not model.tie_word_embeddings:
+        groups.append(TensorGroup("lm_head.weight", ParamCategory.OUTPUT_HEAD, model.vocab_size * h, 1, 1))
+    return ParamInventory(tuple(groups))

@@ -1,0 +1,164 @@
+"""Terminal rendering with rich. Only the CLI imports this module; rich is imported lazily."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memcalc.config import ModelConfig
+from memcalc.estimate.breakdown import Estimate
+from memcalc.estimate.params import count_params
+from memcalc.units import UNIT_LABEL, Unit, format_bytes
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, emoji=False)
+
+
+def format_count(count: int) -> str:
+    """A parameter count in billions or millions, e.g. ``13.02B``."""
+    if count >= 10**9:
+        return f"{count / 1e9:,.2f}B"
+    return f"{count / 1e6:,.1f}M"
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
+    model, settings = estimate.model, estimate.settings
+    params = estimate.params
+    count = f"{format_count(params.total)} ({params.total:,})"
+    if params.active != params.total:
+        count += f", {format_count(params.active)} active per token"
+    lines = [("model", model.name), ("parameters", count)]
+    if command == "train":
+        lines += [
+            ("precision", f"{settings['precision']} ({_recipe_description(settings['precision'])})"),
+            ("optimizer", f"{settings['optimizer']} (moments in {settings['optimizer_state_dtype']})"
+             if settings["optimizer"] != "adam8bit" else "adam8bit (bitsandbytes block-wise 8-bit states)"),
+            ("batch x seq", f"{settings['batch_size']} x {settings['seq_len']} tokens"),
+            ("recompute", settings["recompute"]),
+            ("activations", f"Megatron formula, {settings['activation_dtype']}: GPT block with unfused attention "
+             "and dropout (Korthikanti et al. 2022)"),
+            ("parallelism", "none: one device holds everything"),
+        ]
+    else:
+        lines += [
+            ("weights", settings["dtype"]),
+            ("KV cache", f"{settings['kv_dtype']}, {settings['kv_cache_bytes_per_token']:,} bytes/token, "
+             f"{model.kv_heads} KV heads x {model.attention_head_dim} head dim x {model.num_layers} layers"),
+            ("batch x context", f"{settings['batch_size']} x {settings['context_len']} tokens"),
+        ]
+        if model.sliding_window:
+            lines.append(("sliding window", f"{model.sliding_window} tokens, not applied: every token is cached"))
+    lines += [("note", note) for note in model.notes]
+    return lines
+
+
+def _recipe_description(name: str) -> str:
+    from memcalc.precision import RECIPES
+
+    return RECIPES[name].description
+
+
+def print_estimate(command: str, estimate: Estimate, unit: Unit) -> None:
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    total = estimate.total
+    table = Table(title=f"memcalc {command}: {estimate.model.name}", title_justify="left")
+    table.add_column("Component")
+    table.add_column(label, justify="right")
+    table.add_column("Share", justify="right")
+    table.add_column("Kind")
+    table.add_column("Formula")
+    for component in estimate.components:
+        table.add_row(
+            component.label, format_bytes(component.bytes, unit), _share(component.bytes, total),
+            component.kind.value, component.formula,
+        )
+    table.add_section()
+    table.add_row("Total", format_bytes(total, unit), "100.0%", "", "sum of the rows above", style="bold")
+    for reference in estimate.references:
+        table.add_row(reference.label, format_bytes(reference.bytes, unit), "", "reference", reference.formula)
+
+    assumptions = Table.grid(padding=(0, 2))
+    assumptions.add_column(style="bold")
+    assumptions.add_column()
+    for key, value in _assumptions(command, estimate):
+        assumptions.add_row(key, value)
+
+    checkpoint = Table(title="Checkpoint size on disk", title_justify="left")
+    checkpoint.add_column("Checkpoint")
+    checkpoint.add_column(label, justify="right")
+    checkpoint.add_column("Contents")
+    for component in estimate.checkpoint:
+        checkpoint.add_row(component.label, format_bytes(component.bytes, unit), component.formula)
+
+    console = _console()
+    console.print(table)
+    other = Unit.GB if unit is Unit.GIB else Unit.GIB
+    console.print(f"Total: {format_bytes(total, unit)} {label} ({format_bytes(total, other)} {UNIT_LABEL[other]})")
+    console.print()
+    console.print("Assumptions", style="bold underline")
+    console.print(assumptions)
+    console.print()
+    console.print(checkpoint)
+
+
+def print_models(models: list[ModelConfig]) -> None:
+    from rich.table import Table
+
+    table = Table(title="memcalc models", title_justify="left")
+    for column in ("Name", "Aliases", "Params", "Layers", "Hidden", "Heads", "KV heads", "Vocab"):
+        table.add_column(column, justify="left" if column in ("Name", "Aliases") else "right")
+    for model in models:
+        params = count_params(model)
+        size = format_count(params.total)
+        if model.moe:
+            size += f" ({format_count(params.active)} active)"
+        table.add_row(
+            model.name, ", ".join(model.aliases), size, str(model.num_layers), str(model.hidden_size),
+            str(model.num_attention_heads), str(model.kv_heads), f"{model.vocab_size:,}",
+        )
+    _console().print(table)
+
+
+def print_show(document: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    config = Table(title=f"memcalc show: {document['model']['name']}", title_justify="left")
+    config.add_column("Field")
+    config.add_column("Value")
+    for key, value in document["config"].items():
+        if key in ("name", "notes") or value in (None, [], ()):
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        config.add_row(key, str(value))
+
+    parameters = Table(title="Parameters", title_justify="left")
+    parameters.add_column("Part")
+    parameters.add_column("Parameters", justify="right")
+    parameters.add_column("Share", justify="right")
+    counts = document["parameters"]
+    for key, count in counts.items():
+        if key in ("total", "active"):
+            continue
+        parameters.add_row(key.replace("_", " "), f"{count:,}", _share(count, counts["total"]))
+    parameters.add_section()
+    parameters.add_row("total", f"{counts['total']:,}", "100.0%", style="bold")
+    if counts["active"] != counts["total"]:
+        parameters.add_row("active per token", f"{counts['active']:,}", _share(counts["active"], counts["total"]))
+
+    console = _console()
+    console.print(config)
+    console.print(parameters)
+    for note in document["model"]["notes"]:
+        console.print(f"note: {note}")
+

@@ -1,0 +1,73 @@
+"""Estimates as plain data (the ``--json`` document). Integers are bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memcalc.config import ModelConfig
+from memcalc.estimate.breakdown import Component, Estimate
+from memcalc.estimate.params import count_params
+
+
+def model_summary(model: ModelConfig) -> dict[str, Any]:
+    params = count_params(model)
+    return {
+        "name": model.name,
+        "aliases": list(model.aliases),
+        "source": model.source,
+        "parameters": params.total,
+        "active_parameters": params.active,
+        "layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+        "attention_heads": model.num_attention_heads,
+        "kv_heads": model.kv_heads,
+        "head_dim": model.attention_head_dim,
+        "intermediate_size": model.intermediate_size,
+        "vocab_size": model.vocab_size,
+        "max_position_embeddings": model.max_position_embeddings,
+        "experts": model.moe.num_experts if model.moe else 0,
+        "notes": list(model.notes),
+    }
+
+
+def _component_dict(component: Component) -> dict[str, Any]:
+    return {
+        "key": component.key,
+        "label": component.label,
+        "bytes": component.bytes,
+        "kind": component.kind.value,
+        "formula": component.formula,
+        "source": component.source,
+    }
+
+
+def estimate_document(command: str, estimate: Estimate) -> dict[str, Any]:
+    """``memory`` holds each component's bytes and ``total`` (their sum); reference figures such
+    as ``rule_of_thumb_total`` sit beside them and are not part of the sum."""
+    memory = {component.key: component.bytes for component in estimate.components}
+    memory["total"] = estimate.total
+    memory.update({reference.key: reference.bytes for reference in estimate.references})
+    return {
+        "command": command,
+        "units": "bytes",
+        "model": model_summary(estimate.model),
+        "settings": estimate.settings,
+        "memory": memory,
+        "components": [_component_dict(component) for component in estimate.components],
+        "references": [_component_dict(reference) for reference in estimate.references],
+        "checkpoint": {component.key: component.bytes for component in estimate.checkpoint},
+    }
+
+
+def show_document(model: ModelConfig) -> dict[str, Any]:
+    params = count_params(model)
+    return {
+        "model": model_summary(model),
+        "config": model.model_dump(mode="json"),
+        "parameters": {category.value: count for category, count in params.by_category().items()}
+        | {"total": params.total, "active": params.active},
+        "tensors": [
+            {"name": group.name, "category": group.category.value, "numel": group.numel, "count": group.count}
+            for group in params.groups
+        ],
+    }
