@@ -159,6 +159,15 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# transformers' ACT2FN names for the same function.
+_ACTIVATION_NAMES = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "swish": "silu",
+}
+
+
 class HFConfig(BaseModel):
     """The subset of a Hugging Face ``config.json`` memcalc reads; other keys are ignored."""
 
@@ -227,8 +236,9 @@ class HFConfig(BaseModel):
             )
         else:
             fields["tie_word_embeddings"] = self.tie_word_embeddings
-        if self.hidden_act:
-            fields["hidden_act"] = self.hidden_act
+        # Gemma's legacy ``hidden_act: gelu`` runs the tanh approximation (modeling_gemma.py).
+        if self.hidden_act and not (self.model_type.startswith("gemma") and self.hidden_act == "gelu"):
+            fields["hidden_act"] = _ACTIVATION_NAMES.get(self.hidden_act, self.hidden_act)
         if self.layer_norm_epsilon is not None and self.rms_norm_eps is None and fields["norm"] is NormKind.RMSNORM:
             fields.update(norm=NormKind.LAYERNORM, norm_bias=True)
         if self.attention_bias is not None:

@@ -1,0 +1,60 @@
+"""Inference memory: GQA-aware KV cache bytes and the 1.2x rule of thumb."""
+
+from __future__ import annotations
+
+import pytest
+
+from memcalc.config import InferSettings
+from memcalc.dtypes import DType
+from memcalc.estimate.inference import estimate_inference, kv_cache_bytes_per_token
+from memcalc.library import resolve_model
+
+
+# 2 (K and V) x layers x KV heads x head dim x 2 bytes (fp16), by hand:
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("llama-2-7b", 524_288),  # 2 * 32 * 32 * 128 * 2 (MHA)
+        ("llama-3-8b", 131_072),  # 2 * 32 * 8 * 128 * 2 (GQA, 8 KV heads)
+        ("llama-2-70b", 327_680),  # 2 * 80 * 8 * 128 * 2 (GQA)
+        ("mistral-7b", 131_072),  # 2 * 32 * 8 * 128 * 2
+        ("gemma-2b", 18_432),  # 2 * 18 * 1 * 256 * 2 (MQA, head_dim 256)
+        ("gpt2", 36_864),  # 2 * 12 * 12 * 64 * 2
+    ],
+)
+def test_kv_bytes_per_token_fp16(name, expected):
+    assert kv_cache_bytes_per_token(resolve_model(name), DType.FP16) == expected
+
+
+def test_kv_cache_scales_with_tokens_batch_and_dtype():
+    model = resolve_model("llama-3-8b")
+    estimate = estimate_inference(model, InferSettings(dtype="bf16", batch_size=8, context_len=4096))
+    assert estimate.component("kv_cache").bytes == 131_072 * 4096 * 8  # exactly 4 GiB
+    fp8 = estimate_inference(model, InferSettings(dtype="bf16", kv_dtype="fp8", batch_size=8, context_len=4096))
+    assert fp8.component("kv_cache").bytes == 131_072 * 4096 * 8 // 2
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bytes_per_param"), [("fp32", 4), ("fp16", 2), ("bf16", 2), ("fp8", 1), ("int8", 1), ("int4", 0.5)]
+)
+def test_weights_per_dtype(dtype, bytes_per_param):
+    estimate = estimate_inference(resolve_model("llama-2-7b"), InferSettings(dtype=dtype))
+    assert estimate.component("weights").bytes == int(6_738_415_616 * bytes_per_param)
+
+
+def test_rule_of_thumb_is_one_point_two_times_weights():
+    """EleutherAI, Transformer Math 101: inference needs about 1.2x the weights."""
+    estimate = estimate_inference(resolve_model("llama-2-7b"), InferSettings(dtype="fp16"))
+    # 1.2 * 13,476,831,232 = 16,172,197,478.4, rounded up to whole bytes
+    assert estimate.component("rule_of_thumb_total").bytes == 16_172_197_479
+
+
+def test_default_kv_dtype_follows_float_weights_else_bf16():
+    model = resolve_model("llama-2-7b")
+    assert estimate_inference(model, InferSettings(dtype="fp32")).settings["kv_dtype"] == "fp32"
+    assert estimate_inference(model, InferSettings(dtype="int4")).settings["kv_dtype"] == "bf16"
+
+
+def test_total_is_weights_plus_kv_cache():
+    estimate = estimate_inference(resolve_model("llama-2-70b"), InferSettings(dtype="fp16", batch_size=8, context_len=4096))
+    assert estimate.total == 68_976_648_192 * 2 + 327_680 * 4096 * 8
