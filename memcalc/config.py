@@ -50,6 +50,7 @@ class MoEConfig(BaseModel):
     first_dense_layers: NonNegativeInt = Field(
         0, description="leading layers with a dense MLP (intermediate_size) instead of experts"
     )
+    shared_expert_gate: bool = Field(False, description="a hidden_size -> 1 sigmoid gate on the shared experts (Qwen2-MoE)")
 
     @model_validator(mode="after")
     def _top_k_within_experts(self) -> MoEConfig:
@@ -88,7 +89,7 @@ class ModelConfig(BaseModel):
     norm: NormKind = NormKind.RMSNORM
     norm_bias: bool = Field(False, description="LayerNorm with a bias vector")
     norms_per_layer: PositiveInt = Field(2, description="2 for pre-norm blocks, 4 for Gemma-2 sandwich norms")
-    qk_norm: bool = Field(False, description="per-head RMSNorm on queries and keys (Qwen3, OLMo-2)")
+    qk_norm: bool = Field(False, description="RMSNorm of head_dim on each query and key head (Qwen3)")
     qkv_bias: bool = False
     attn_output_bias: bool = False
     mlp_bias: bool = False
@@ -255,6 +256,7 @@ class HFConfig(BaseModel):
                 num_shared_experts=self.num_shared_experts or (1 if self.shared_expert_intermediate_size else 0),
                 shared_expert_intermediate_size=self.shared_expert_intermediate_size,
                 first_dense_layers=self.first_dense_layers or 0,
+                shared_expert_gate=self.model_type == "qwen2_moe",
             )
         fields["notes"] = tuple(notes)
         return ModelConfig(**fields)

@@ -24,9 +24,18 @@ HF_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize(("file_name", "expected"), sorted(HF_CONFIGS.items()))
+# Qwen1.5-MoE-A2.7B (Qwen/Qwen1.5-MoE-A2.7B): 60 routed experts top-4, 4 fused shared experts behind
+# a sigmoid gate; model card "14.3B parameters, 2.7B activated".
+HF_ONLY_CONFIGS = {"qwen1.5-moe-a2.7b.json": 14_315_784_192}
+
+
+@pytest.mark.parametrize(("file_name", "expected"), sorted((HF_CONFIGS | HF_ONLY_CONFIGS).items()))
 def test_hf_config_json_gives_published_count(file_name, expected):
     assert count_params(resolve_model(str(HF_DIR / file_name))).total == expected
+
+
+def test_qwen_moe_active_parameters():
+    assert count_params(resolve_model(str(HF_DIR / "qwen1.5-moe-a2.7b.json"))).active == pytest.approx(2.7e9, rel=0.01)
 
 
 @pytest.mark.parametrize("file_name", sorted(HF_CONFIGS))

@@ -6,10 +6,11 @@ from memcalc.config import Optimizer
 from memcalc.dtypes import DType, storage_bytes
 from memcalc.estimate.params import ParamInventory
 
-# bitsandbytes 8-bit optimizers (bitsandbytes/optim/optimizer.py, Optimizer8bit.init_state):
+# bitsandbytes 8-bit optimizers (bitsandbytes/optim/optimizer.py, Optimizer2State.init_state):
 # tensors with fewer than ``min_8bit_size`` elements keep 32-bit states; the others store each
-# state as uint8 codes plus one fp32 absmax per block of 256 elements (block-wise quantisation,
-# Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", arXiv:2110.02861).
+# state as uint8 codes plus one fp32 absmax per block of 256 elements. Block-wise quantisation is
+# from Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization" (arXiv:2110.02861),
+# whose blocks were 2048 elements; bitsandbytes uses 256 since release 0.44.
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK_SIZE = 256
 

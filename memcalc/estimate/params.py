@@ -121,6 +121,8 @@ def count_params(model: ModelConfig) -> ParamInventory:
             shared = moe.num_shared_experts * moe_layers
             width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
             groups += _mlp("layers.moe.shared_experts", ParamCategory.EXPERTS, model, width, shared, shared)
+        if moe.shared_expert_gate:
+            groups += _linear("layers.moe.shared_expert_gate", ParamCategory.ROUTER, h, 1, False, moe_layers)
 
     groups += _norm("final_norm", model, h, 1)
     if not model.tie_word_embeddings:
