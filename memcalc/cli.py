@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from memcalc.errors import InputError, MemcalcError, describe_validation_error
+from memcalc.config import KVDType, Optimizer, Recompute, TrainDType
+from memcalc.dtypes import DType
+from memcalc.errors import MemcalcError
 from memcalc.units import Unit
 
 app = typer.Typer(
@@ -23,18 +25,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-# Settings fields named by the flag that sets them, for error messages.
-_FLAG_NAMES = {
-    "dtype": "--dtype",
-    "kv_dtype": "--kv-dtype",
-    "optimizer": "--optimizer",
-    "batch_size": "--batch",
-    "seq_len": "--seq",
-    "context_len": "--context",
-    "recompute": "--recompute",
-    "master_weights": "--master-weights",
-}
 
 
 def _complete_model(incomplete: str) -> list[str]:
@@ -52,30 +42,12 @@ ModelArgument = Annotated[
         show_default=False,
     ),
 ]
-UnitsOption = Annotated[str, typer.Option("--units", help="Display unit: gib, gb, mib, mb or bytes.")]
+UnitsOption = Annotated[Unit, typer.Option("--units", help="Display unit (JSON is always in bytes).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object (integer bytes) instead of tables.")]
-BatchOption = Annotated[int, typer.Option("--batch", "-b", help="Sequences per step (micro-batch).")]
+BatchOption = Annotated[int, typer.Option("--batch", "-b", min=1, help="Sequences per step (micro-batch).")]
 
 
-def _settings(schema: type, values: dict[str, Any]):
-    from pydantic import ValidationError
-
-    try:
-        return schema(**values)
-    except ValidationError as exc:
-        raise InputError(describe_validation_error(exc, names=_FLAG_NAMES)) from None
-
-
-def _unit(units: str) -> Unit:
-    try:
-        return Unit(units.lower())
-    except ValueError:
-        allowed = ", ".join(unit.value for unit in Unit)
-        raise InputError(f"--units: {units!r} is not one of {allowed}") from None
-
-
-def _emit(command: str, estimate, units: str, as_json: bool) -> None:
-    unit = _unit(units)
+def _emit(command: str, estimate, unit: Unit, as_json: bool) -> None:
     if as_json:
         from memcalc.report import estimate_document
 
@@ -89,18 +61,18 @@ def _emit(command: str, estimate, units: str, as_json: bool) -> None:
 @app.command()
 def train(
     model: ModelArgument,
-    dtype: Annotated[str, typer.Option(help="Training precision: fp32, fp16 or bf16 (16-bit: mixed precision).")] = "bf16",
+    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
     master_weights: Annotated[
         bool,
         typer.Option("--master-weights/--no-master-weights", help="16-bit: keep an fp32 master copy (mixed precision) "
                      "or train in pure 16-bit."),
     ] = True,
-    optimizer: Annotated[str, typer.Option(help="adamw, adam, adam8bit, sgd or sgd-momentum.")] = "adamw",
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
     batch: BatchOption = 1,
-    seq: Annotated[int | None, typer.Option("--seq", "-s", help="Tokens per sequence [default: min(2048, model maximum)].",
-                                            show_default=False)] = None,
-    recompute: Annotated[str, typer.Option(help="Activation recomputation: none, selective or full.")] = "none",
-    units: UnitsOption = "gib",
+    seq: Annotated[int | None, typer.Option("--seq", "-s", min=1, show_default=False,
+                                            help="Tokens per sequence [default: min(2048, model maximum)].")] = None,
+    recompute: Annotated[Recompute, typer.Option(help="Activation recomputation.")] = Recompute.NONE,
+    units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
     """Memory of one training step on one GPU: weights, gradients, optimizer states, activations.
@@ -117,26 +89,23 @@ def train(
     from memcalc.estimate.training import estimate_training
     from memcalc.library import resolve_model
 
-    settings = _settings(
-        TrainSettings,
-        dict(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch, seq_len=seq,
-             recompute=recompute),
-    )
-    _unit(units)
+    settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
+                             seq_len=seq, recompute=recompute)
     _emit("train", estimate_training(resolve_model(model), settings), units, as_json)
 
 
 @app.command()
 def infer(
     model: ModelArgument,
-    dtype: Annotated[str, typer.Option(help="Weight dtype: fp32, fp16, bf16, fp8, int8 or int4.")] = "bf16",
-    kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV-cache dtype: fp32, fp16, bf16, fp8 or int8 "
-                                                 "[default: the weight dtype if a float type, else bf16].",
-                                                 show_default=False)] = None,
+    dtype: Annotated[DType, typer.Option(help="Weight dtype (fp8/int8/int4: every tensor, no scales yet).")] = DType.BF16,
+    kv_dtype: Annotated[KVDType | None, typer.Option("--kv-dtype", show_default=False,
+                                                     help="KV-cache dtype [default: the weight dtype if a float "
+                                                     "type, else bf16].")] = None,
     batch: BatchOption = 1,
-    context: Annotated[int | None, typer.Option("--context", "-c", help="Tokens per sequence held in the KV cache "
-                                                "[default: min(2048, model maximum)].", show_default=False)] = None,
-    units: UnitsOption = "gib",
+    context: Annotated[int | None, typer.Option("--context", "-c", min=1, show_default=False,
+                                                help="Tokens per sequence held in the KV cache "
+                                                "[default: min(2048, model maximum)].")] = None,
+    units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
     """Memory to serve a model: weights and KV cache, with the 1.2x rule of thumb for reference.
@@ -151,8 +120,7 @@ def infer(
     from memcalc.estimate.inference import estimate_inference
     from memcalc.library import resolve_model
 
-    settings = _settings(InferSettings, dict(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context))
-    _unit(units)
+    settings = InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context)
     _emit("infer", estimate_inference(resolve_model(model), settings), units, as_json)
 
 
@@ -201,18 +169,11 @@ def show(model: ModelArgument, as_json: JsonOption = False) -> None:
     print_show(document)
 
 
-def _click_exceptions():
-    """The click exception module typer raises from: its vendored copy (typer >= 0.26) or click."""
-    try:
-        from typer._click import exceptions
-    except ImportError:  # typer < 0.26 depends on click itself
-        from click import exceptions
-    return exceptions
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the app and maps failures to one line and an exit code."""
-    click_errors = _click_exceptions()
+    # typer 0.26+ raises the exceptions of its vendored click.
+    from typer._click import exceptions as click_errors
+
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
     try:

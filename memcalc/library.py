@@ -6,8 +6,8 @@ import json
 from functools import cache
 from pathlib import Path
 
-from memcalc.config import HFConfig, ModelConfig
-from memcalc.errors import InputError, describe_validation_error
+from memcalc.config import ModelConfig, model_from_trusted, parse
+from memcalc.errors import InputError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -60,23 +60,29 @@ def _read_json(path: Path) -> object:
         raise InputError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
 
 
-def load_model_yaml(path: Path) -> ModelConfig:
-    """A memcalc model file: every field is checked and unknown keys are errors (typos)."""
-    from pydantic import ValidationError
-
+def _read_model_mapping(path: Path) -> dict:
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of model fields, got {type(data).__name__}")
     data.setdefault("name", path.stem)
-    try:
-        return ModelConfig.model_validate(data)
-    except ValidationError as exc:
-        raise InputError(describe_validation_error(exc, str(path))) from None
+    return data
+
+
+def load_model_yaml(path: Path) -> ModelConfig:
+    """A memcalc model file: every field is checked and unknown keys are errors (typos)."""
+    return parse(ModelConfig, _read_model_mapping(path), str(path))
+
+
+def _load_bundled(path: Path) -> ModelConfig:
+    return model_from_trusted(_read_model_mapping(path))
 
 
 def load_hf_config(path: Path) -> ModelConfig:
     """A Hugging Face ``config.json`` (or a directory holding one), read locally with ``json``."""
     from pydantic import ValidationError
+
+    from memcalc.errors import describe_validation_error
+    from memcalc.hf import HFConfig
 
     if path.is_dir():
         path = path / "config.json"
@@ -89,10 +95,10 @@ def load_hf_config(path: Path) -> ModelConfig:
         data = {"model_type": text_config.get("model_type", data.get("model_type", "")), **text_config}
     try:
         hf_config = HFConfig.model_validate(data)
-        name = data.get("_name_or_path") or path.parent.name or path.stem
-        return hf_config.to_model_config(name=str(name), source=str(path))
     except ValidationError as exc:
         raise InputError(describe_validation_error(exc, str(path))) from None
+    name = data.get("_name_or_path") or (path.parent.resolve().name if path.name == "config.json" else path.stem)
+    return hf_config.to_model_config(name=str(name), source=str(path))
 
 
 def _looks_like_path(reference: str) -> bool:
@@ -111,8 +117,8 @@ def load_model_file(path: Path) -> ModelConfig:
 
 @cache
 def bundled_models() -> dict[str, ModelConfig]:
-    """Every bundled model by canonical name (parses all files: use ``resolve_model`` for one)."""
-    return {path.stem: load_model_yaml(path) for path in sorted(models_dir().glob("*.yaml"), key=lambda p: p.stem)}
+    """Every bundled model by canonical name (reads all files: use ``resolve_model`` for one)."""
+    return {path.stem: _load_bundled(path) for path in sorted(models_dir().glob("*.yaml"), key=lambda p: p.stem)}
 
 
 def _alias_index() -> dict[str, str]:
@@ -130,7 +136,7 @@ def resolve_model(reference: str) -> ModelConfig:
     A bundled model whose file name matches is read alone; aliases need the whole library."""
     direct = models_dir() / f"{reference}.yaml"
     if direct.is_file():
-        return load_model_yaml(direct)
+        return _load_bundled(direct)
     index = _alias_index()
     if reference.lower() in index:
         return bundled_models()[index[reference.lower()]]

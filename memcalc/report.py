@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memcalc.config import ModelConfig
+from memcalc.config import ModelConfig, config_as_dict
 from memcalc.estimate.breakdown import Component, Estimate
 from memcalc.estimate.params import count_params
 
@@ -63,7 +63,7 @@ def show_document(model: ModelConfig) -> dict[str, Any]:
     params = count_params(model)
     return {
         "model": model_summary(model),
-        "config": model.model_dump(mode="json"),
+        "config": config_as_dict(model),
         "parameters": {category.value: count for category, count in params.by_category().items()}
         | {"total": params.total, "active": params.active},
         "tensors": [

@@ -115,18 +115,19 @@ def test_units(run_cli, units, expected):
 
 BAD_INPUT = [
     (["train", "llama13b"], "unknown model 'llama13b'; did you mean llama-13b, llama-2-13b?"),
-    (["train", "llama-13b", "--dtype", "fp64"], "--dtype: Input should be 'fp32', 'fp16' or 'bf16'"),
-    (["train", "llama-13b", "--optimizer", "adam9"], "--optimizer: Input should be 'adamw', 'adam', 'adam8bit'"),
-    (["train", "llama-13b", "--recompute", "some"], "--recompute: Input should be 'none', 'selective' or 'full'"),
-    (["train", "llama-13b", "--batch", "0"], "--batch: Input should be greater than 0"),
-    (["train", "llama-13b", "--seq", "-5"], "--seq: Input should be greater than 0"),
-    (["infer", "llama-13b", "--context", "0"], "--context: Input should be greater than 0"),
-    (["infer", "llama-13b", "--kv-dtype", "int4"], "--kv-dtype: Input should be 'fp32', 'fp16', 'bf16', 'fp8' or 'int8'"),
-    (["infer", "llama-13b", "--dtype", "q4"], "--dtype: Input should be 'fp32', 'fp16', 'bf16', 'fp8', 'int8' or 'int4'"),
-    (["train", "llama-13b", "--units", "tb"], "--units: 'tb' is not one of gib, gb, mib, mb, bytes"),
-    (["train", "llama-13b", "--batch", "many"], "'--batch'"),
+    (["train", "llama-13b", "--dtype", "fp64"], "Invalid value for '--dtype': 'fp64' is not one of 'fp32', 'fp16', 'bf16'."),
+    (["train", "llama-13b", "--optimizer", "adam9"],
+     "Invalid value for '--optimizer': 'adam9' is not one of 'adamw', 'adam', 'adam8bit', 'sgd', 'sgd-momentum'."),
+    (["train", "llama-13b", "--recompute", "some"], "'--recompute': 'some' is not one of 'none', 'selective', 'full'."),
+    (["train", "llama-13b", "--batch", "0"], "Invalid value for '--batch' / '-b': 0 is not in the range x>=1."),
+    (["train", "llama-13b", "--seq", "-5"], "Invalid value for '--seq' / '-s': -5 is not in the range x>=1."),
+    (["infer", "llama-13b", "--context", "0"], "Invalid value for '--context' / '-c': 0 is not in the range x>=1."),
+    (["infer", "llama-13b", "--kv-dtype", "int4"], "'--kv-dtype': 'int4' is not one of 'fp32', 'fp16', 'bf16', 'fp8', 'int8'."),
+    (["infer", "llama-13b", "--dtype", "q4"], "'--dtype': 'q4' is not one of 'fp32', 'fp16', 'bf16', 'fp8', 'int8', 'int4'."),
+    (["train", "llama-13b", "--units", "tb"], "'--units': 'tb' is not one of 'gib', 'gb', 'mib', 'mb', 'bytes'."),
+    (["train", "llama-13b", "--batch", "many"], "Invalid value for '--batch' / '-b': 'many' is not a valid int"),
     (["train", "llama-13b", "--bogus"], "No such option: --bogus"),
-    (["train"], "Missing argument"),
+    (["train"], "Missing argument 'model'."),
     (["show", "missing.yaml"], "missing.yaml: no such file or directory"),
 ]
 
@@ -181,6 +182,20 @@ def test_cli_import_loads_neither_torch_nor_numpy():
     code = "import sys, memcalc.cli; print(','.join(m for m in ('torch', 'numpy') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_bundled_model_path_skips_pydantic_schema_machinery():
+    """Start-up budget (benchmarks/cli_latency.py): a bundled model and CLI-validated settings need
+    no pydantic model building; it loads only for user files (tests/test_library.py covers those)."""
+    code = (
+        "import sys; from memcalc.cli import main\n"
+        "try:\n    main(['train', 'llama-13b', '--seq', '4096'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('pydantic.main', 'pydantic.type_adapter', 'torch', 'numpy') if m in sys.modules),"
+        " file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Activations" in result.stdout
+    assert result.stderr.strip() == "[]"
 
 
 def test_json_path_does_not_render_with_rich():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -65,8 +67,7 @@ infer_settings = st.builds(
 
 
 def _with(settings, **changes):
-    """A validated copy (``model_copy(update=...)`` would skip validation and keep raw strings)."""
-    return type(settings).model_validate(settings.model_dump() | changes)
+    return replace(settings, **changes)
 
 
 @given(models(), train_settings)
@@ -102,7 +103,7 @@ def test_training_memory_grows_with_sequence(model, settings, extra):
 @given(st.integers(1, 40), st.integers(1, 8), st.data())
 def test_memory_grows_with_layers(num_layers, extra, data):
     model = data.draw(models(num_layers=num_layers))
-    deeper = ModelConfig.model_validate(model.model_dump() | {"num_layers": num_layers + extra})
+    deeper = replace(model, num_layers=num_layers + extra)
     settings = data.draw(train_settings)
     assert count_params(deeper).total > count_params(model).total
     assert estimate_training(deeper, settings).total > estimate_training(model, settings).total

@@ -51,7 +51,7 @@ def estimate_training(model: ModelConfig, settings: TrainSettings) -> Estimate:
                   "weights + master weights + optimizer states", "DeepSpeed / Megatron-LM checkpoint layout"),
     )
     resolved = {
-        "dtype": settings.dtype,
+        "dtype": settings.dtype.value,
         "precision": recipe.name,
         "master_weights": recipe.master_dtype is not None,
         "optimizer": settings.optimizer.value,
