@@ -22,7 +22,7 @@ app = typer.Typer(
     name="memcalc",
     help="GPU memory calculator for training and serving large language models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -70,7 +70,7 @@ def train(
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
     batch: BatchOption = 1,
     seq: Annotated[int | None, typer.Option("--seq", "-s", min=1, show_default=False,
-                                            help="Tokens per sequence [default: min(2048, model maximum)].")] = None,
+                                            help="Tokens per sequence (default: min(2048, the model's maximum)).")] = None,
     recompute: Annotated[Recompute, typer.Option(help="Activation recomputation.")] = Recompute.NONE,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
@@ -99,12 +99,12 @@ def infer(
     model: ModelArgument,
     dtype: Annotated[DType, typer.Option(help="Weight dtype (fp8/int8/int4: every tensor, no scales yet).")] = DType.BF16,
     kv_dtype: Annotated[KVDType | None, typer.Option("--kv-dtype", show_default=False,
-                                                     help="KV-cache dtype [default: the weight dtype if a float "
-                                                     "type, else bf16].")] = None,
+                                                     help="KV-cache dtype (default: the weight dtype if a float "
+                                                     "type, else bf16).")] = None,
     batch: BatchOption = 1,
     context: Annotated[int | None, typer.Option("--context", "-c", min=1, show_default=False,
                                                 help="Tokens per sequence held in the KV cache "
-                                                "[default: min(2048, model maximum)].")] = None,
+                                                "(default: min(2048, the model's maximum)).")] = None,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
