@@ -197,6 +197,27 @@ class Recompute(StrEnum):
     FULL = "full"
 
 
+class Attention(StrEnum):
+    """eager materialises the a*s^2 scores; sdpa and flash kernels keep output and log-sum-exp."""
+
+    SDPA = "sdpa"
+    FLASH = "flash"
+    EAGER = "eager"
+
+
+class OptimizerImpl(StrEnum):
+    """torch.optim's implementations: foreach (the CUDA default), fused, or a per-tensor loop."""
+
+    FOREACH = "foreach"
+    FUSED = "fused"
+    FOR_LOOP = "for-loop"
+
+
+class ActivationModel(StrEnum):
+    ARCH = "arch"  # saved tensors of the actual block (GQA, gated MLP, attention kernel, loss)
+    MEGATRON = "megatron"  # Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) per layer
+
+
 def _check_positive(instance: Any, *names: str) -> None:
     for name in names:
         value = getattr(instance, name)
@@ -216,10 +237,22 @@ class TrainSettings:
     batch_size: PositiveInt = DEFAULT_BATCH_SIZE
     seq_len: PositiveInt | None = None
     recompute: Recompute = Recompute.NONE
+    attention: Attention = Attention.SDPA
+    optimizer_impl: OptimizerImpl = OptimizerImpl.FOREACH
+    activation_model: ActivationModel = ActivationModel.ARCH
+    precision: str | None = None  # a named recipe (memcalc.precision.RECIPES); overrides dtype/master_weights
 
     def __post_init__(self) -> None:
-        _coerce_enums(self, dtype=TrainDType, optimizer=Optimizer, recompute=Recompute)
+        _coerce_enums(
+            self, dtype=TrainDType, optimizer=Optimizer, recompute=Recompute, attention=Attention,
+            optimizer_impl=OptimizerImpl, activation_model=ActivationModel,
+        )
         _check_positive(self, "batch_size", "seq_len")
+        if self.precision is not None:
+            from memcalc.precision import RECIPES
+
+            if self.precision not in RECIPES:
+                raise ValueError(f"precision {self.precision!r} is not one of {', '.join(RECIPES)}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,7 @@ class PrecisionRecipe:
     optimizer_state_dtype: DType  # dtype of full-precision optimizer moments
     activation_dtype: DType  # dtype of tensors saved for backward
     source: str
+    autocast: bool = False  # fp32 parameters, 16-bit compute under torch.autocast
 
 
 RECIPES: dict[str, PrecisionRecipe] = {
@@ -43,6 +44,17 @@ RECIPES: dict[str, PrecisionRecipe] = {
             "as mixed-fp16 with bf16 (no loss scaling needed): 2 + 2 + 12 B/param with Adam",
         ),
         PrecisionRecipe(
+            "amp-bf16", "fp32 weights, grads and moments; bf16 compute under autocast",
+            DType.FP32, DType.FP32, None, DType.FP32, DType.BF16,
+            "torch.autocast: parameters stay fp32, matmul inputs are cast to bf16 copies", autocast=True,
+        ),
+        PrecisionRecipe(
+            "amp-fp16", "fp32 weights, grads and moments; fp16 compute under autocast",
+            DType.FP32, DType.FP32, None, DType.FP32, DType.FP16,
+            "torch.autocast with a GradScaler: parameters stay fp32, matmul inputs are cast to fp16 copies",
+            autocast=True,
+        ),
+        PrecisionRecipe(
             "pure-fp16", "fp16 weights, grads and moments, no master copy",
             DType.FP16, DType.FP16, None, DType.FP16, DType.FP16,
             "parameters cast to fp16; torch.optim keeps states in the parameter dtype: 2 + 2 + 4 B/param with Adam",
@@ -56,8 +68,10 @@ RECIPES: dict[str, PrecisionRecipe] = {
 }
 
 
-def recipe_for(dtype: str, master_weights: bool) -> PrecisionRecipe:
-    """The recipe ``--dtype`` and ``--[no-]master-weights`` select."""
+def recipe_for(dtype: str, master_weights: bool, precision: str | None = None) -> PrecisionRecipe:
+    """The recipe named by ``--precision``, else the one ``--dtype`` and ``--[no-]master-weights`` select."""
+    if precision is not None:
+        return RECIPES[precision]
     if dtype == DType.FP32:
         return RECIPES["fp32"]
     return RECIPES[f"{'mixed' if master_weights else 'pure'}-{dtype}"]

@@ -14,7 +14,9 @@ Written per element size ``e`` (2 for fp16/bf16, 4 for fp32) with masks kept at 
 
 from __future__ import annotations
 
-from memcalc.config import Recompute
+from dataclasses import dataclass
+
+from memcalc.config import MLPKind, ModelConfig, NormKind, Recompute
 
 
 def megatron_layer_activation_bytes(
@@ -40,3 +42,105 @@ def output_layer_activation_bytes(
     """Final norm input + output-layer input + fp32 logits for the cross-entropy:
     ``4sbh(1 + V/h)`` bytes at 16 bits (Korthikanti et al. 2022, sec. 4.3)."""
     return 2 * element_bytes * seq_len * batch_size * hidden_size + 4 * seq_len * batch_size * vocab_size
+
+
+# --- Architecture-aware model ---------------------------------------------------------------------
+#
+# Bytes each operation of a Llama/GPT-style block keeps for backward, derived from PyTorch's
+# autograd formulas (tools/autograd/derivatives.yaml: a matmul keeps its input, an elementwise
+# product keeps both operands when both need gradients, SiLU/GELU keep their input, softmax its
+# output, fused SDPA kernels their inputs, output and log-sum-exp) for the blocks of the Hugging
+# Face implementations that memcalc.validate.model mirrors. Each term is checked against
+# fake-tensor measurement (tests/test_validate.py, docs/accuracy.md).
+
+FP32_BYTES = 4
+INDEX_BYTES = 8  # int64 token ids and routing indices
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """The sizes that set activation memory. ``element_bytes`` is the compute dtype of saved
+    tensors, ``stream_bytes`` the residual stream's (fp32 under autocast, else the same)."""
+
+    tokens: int  # sequence x micro-batch
+    seq_len: int
+    batch_size: int
+    element_bytes: int
+    stream_bytes: int
+    autocast: bool
+
+
+def norm_saved_bytes(model: ModelConfig, width: int, shape: ActivationShape) -> int:
+    """RMSNorm as Llama's: the fp32 upcast input and the normalised tensor cast back to the stream
+    dtype, plus the fp32 reciprocal root per token. LayerNorm: its input and fp32 mean and rstd."""
+    tokens = shape.tokens
+    if model.norm is NormKind.LAYERNORM:
+        return tokens * width * shape.stream_bytes + 2 * FP32_BYTES * tokens
+    return tokens * width * (FP32_BYTES + shape.stream_bytes) + FP32_BYTES * tokens
+
+
+def _linear_inputs_bytes(shape: ActivationShape, width: int, consumers: int) -> int:
+    """A tensor read by ``consumers`` linear layers is kept once; autocast casts it once per layer."""
+    copies = consumers if shape.autocast else 1
+    return copies * shape.tokens * width * shape.element_bytes
+
+
+def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention: str, recompute: Recompute) -> int:
+    tokens, e = shape.tokens, shape.element_bytes
+    q_width = model.num_attention_heads * model.attention_head_dim
+    # Grouped K/V heads are repeated to the query heads before attention (Hugging Face repeat_kv).
+    kv_width = q_width if model.kv_heads < model.num_attention_heads else model.kv_heads * model.attention_head_dim
+    saved = norm_saved_bytes(model, model.hidden_size, shape) + _linear_inputs_bytes(shape, model.hidden_size, 3)
+    saved += tokens * (q_width + 2 * kv_width) * e  # q (after rotary), k and v as attention reads them
+    saved += tokens * q_width * e  # attention output = output-projection input
+    if attention == "eager":
+        if recompute is Recompute.NONE:
+            scores = model.num_attention_heads * shape.seq_len * shape.seq_len * shape.batch_size
+            # fp32 softmax output, and its cast to the compute dtype (the same tensor in fp32)
+            saved += scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
+    else:
+        saved += FP32_BYTES * tokens * model.num_attention_heads  # log-sum-exp per head and token
+    return saved
+
+
+def _mlp_saved_bytes(model: ModelConfig, tokens: int, width: int, e: int) -> int:
+    """Gated: gate output, activation output, up output, their product. Plain: up output, activation output."""
+    return tokens * width * e * (4 if model.mlp is MLPKind.GATED else 2)
+
+
+def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool) -> int:
+    tokens, e, h = shape.tokens, shape.element_bytes, model.hidden_size
+    saved = norm_saved_bytes(model, h, shape)
+    if not moe_layer:
+        consumers = 2 if model.mlp is MLPKind.GATED else 1
+        return saved + _linear_inputs_bytes(shape, h, consumers) + _mlp_saved_bytes(model, tokens, model.intermediate_size, e)
+    moe = model.moe
+    assignments = tokens * moe.experts_per_token  # balanced routing: k/E of the tokens per expert
+    saved += _linear_inputs_bytes(shape, h, 1)  # router input (shared with the shared experts)
+    # router: fp32 softmax output; top-k indices, weights and their sum; per-expert token and slot indices
+    saved += tokens * (FP32_BYTES * moe.num_experts + FP32_BYTES) + assignments * (INDEX_BYTES * 3 + FP32_BYTES)
+    # per routed token: its gathered input, the expert's output and the weighted output; the expert MLP
+    saved += assignments * (3 * h * e) + _mlp_saved_bytes(model, assignments, moe.expert_intermediate_size, e)
+    if moe.num_shared_experts:
+        width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+        saved += moe.num_shared_experts * _mlp_saved_bytes(model, tokens, width, e)
+    return saved
+
+
+def linear_weight_elements_per_layer(model: ModelConfig, moe_layer: bool) -> int:
+    """Elements of the weights a layer's matmuls read (autocast keeps a 16-bit copy of each)."""
+    from memcalc.estimate.params import count_params
+
+    inventory = count_params(model)
+    per_layer = 0
+    for group in inventory.groups:
+        if not group.name.startswith("layers.") or not group.name.endswith(".weight") or "norm" in group.name:
+            continue
+        is_moe = group.name.startswith("layers.moe.")
+        is_dense_mlp = group.name.startswith("layers.mlp.")
+        if moe_layer and is_dense_mlp or not moe_layer and is_moe:
+            continue
+        layers = model.num_moe_layers if is_moe else (
+            model.num_layers - model.num_moe_layers if is_dense_mlp else model.num_layers)
+        per_layer += group.numel * group.count // max(layers, 1)
+    return per_layer

@@ -37,10 +37,19 @@ class Estimate:
     # Reference figures shown beside the breakdown but not part of it (e.g. the 1.2x rule).
     references: tuple[Component, ...] = ()
     checkpoint: tuple[Component, ...] = field(default=())
+    # Live bytes at the peak of each phase of a training step; empty when the components coexist
+    # (inference), in which case the total is their sum.
+    phases: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
+        if self.phases:
+            return max(self.phases.values())
         return sum(component.bytes for component in self.components)
+
+    @property
+    def peak_phase(self) -> str | None:
+        return max(self.phases, key=self.phases.__getitem__) if self.phases else None
 
     def component(self, key: str) -> Component:
         for component in (*self.components, *self.references, *self.checkpoint):

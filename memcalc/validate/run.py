@@ -1,0 +1,195 @@
+"""Run one training (or inference) workload and measure memory phase by phase.
+
+The same code runs on three devices: ``fake`` (``FakeTensorMode`` on the CPU: shapes and
+dtypes only, no real memory), ``cpu`` (real tensors, used to test the tracker), and ``cuda``
+(real allocations, read from ``torch.cuda`` statistics as well as the tracker).
+
+Training is measured on the second iteration: optimizer states are created lazily by the first
+``step()``, so the first iteration is not the steady state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from memcalc.config import ModelConfig
+from memcalc.validate.model import Decoder, causal_lm_loss
+from memcalc.validate.tracker import CUDA_BLOCK_BYTES, LiveBytesTracker
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TrainWorkload:
+    """What to run. ``precision`` is a recipe name of ``memcalc.precision.RECIPES``."""
+
+    precision: str = "mixed-bf16"
+    optimizer: str = "adamw"
+    optimizer_impl: str = "foreach"  # foreach | fused | for-loop
+    batch_size: int = 1
+    seq_len: int = 512
+    attention: str = "sdpa"  # eager | sdpa
+    recompute: str = "none"  # none | full
+    iterations: int = 2
+
+
+@dataclass
+class Phase:
+    peak_bytes: int  # the most live bytes during the phase
+    end_bytes: int  # live bytes when it ended
+    peak_activation_bytes: int  # the most live bytes other than static state and accumulated gradients
+    cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated during the phase
+
+
+@dataclass
+class Measurement:
+    device: str
+    components: dict[str, int]  # weights, master_weights, optimizer_states, gradients, activations, ...
+    phases: dict[str, Phase]
+    cuda: dict[str, int] = field(default_factory=dict)  # reserved, allocated, process overhead
+
+    @property
+    def total(self) -> int:
+        return max(phase.peak_bytes for phase in self.phases.values())
+
+
+class _Meter:
+    """One interface over the tracker and, on CUDA, the caching allocator's statistics."""
+
+    def __init__(self, device: str, tracker: LiveBytesTracker):
+        self.device, self.tracker = device, tracker
+
+    def start(self) -> None:
+        self.tracker.reset_peaks()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def stop(self) -> Phase:
+        cuda_peak = None
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            cuda_peak = torch.cuda.max_memory_allocated()
+        tracker = self.tracker
+        return Phase(tracker.peak_bytes, tracker.live_bytes, tracker.peak_activation_bytes, cuda_peak)
+
+
+def _device_context(device: str):
+    if device == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        return FakeTensorMode(allow_non_fake_inputs=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _make_optimizer(name: str, impl: str, params):
+    flags = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}[impl]
+    if name in ("adamw", "adam"):
+        optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return optimizer_class(params, lr=1e-4, **flags)
+    if name in ("sgd", "sgd-momentum"):
+        flags.pop("fused", None) if False else None
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9 if name == "sgd-momentum" else 0.0, **flags)
+    raise ValueError(f"optimizer {name!r} cannot be measured here (bitsandbytes optimizers need CUDA)")
+
+
+def measure_training(model_config: ModelConfig, workload: TrainWorkload, device: str = "fake") -> Measurement:
+    from memcalc.precision import RECIPES
+
+    recipe = RECIPES[workload.precision]
+    weight_dtype = TORCH_DTYPES[recipe.weight_dtype.value]
+    autocast_dtype = TORCH_DTYPES[recipe.activation_dtype.value] if recipe.autocast else None
+    torch_device = "cuda" if device == "cuda" else "cpu"
+    tracker = LiveBytesTracker(round_to=CUDA_BLOCK_BYTES if device == "cuda" else 1)
+    meter = _Meter(device, tracker)
+    phases: dict[str, Phase] = {}
+
+    with _device_context(device), tracker, torch.device(torch_device):
+        with _default_dtype(weight_dtype):
+            model = Decoder(model_config, attention=workload.attention, recompute=workload.recompute)
+        params = list(model.parameters())
+        weights = tracker.storage_bytes(params + list(model.buffers()))
+        tracker.static_bytes = weights
+        masters = [p.detach().float() for p in params] if recipe.master_dtype is not None else []
+        for master in masters:
+            master.requires_grad_(True)
+        master_bytes = tracker.storage_bytes(masters)
+        tracker.static_bytes += master_bytes
+        optimizer = _make_optimizer(workload.optimizer, workload.optimizer_impl, masters or params)
+
+        def count_gradient(param: torch.Tensor) -> None:
+            tracker.gradient_bytes += tracker.storage_bytes([param.grad])
+
+        for param in params:
+            param.register_post_accumulate_grad_hook(count_gradient)
+
+        input_ids = torch.randint(0, model_config.vocab_size, (workload.batch_size, workload.seq_len))
+        labels = torch.randint(0, model_config.vocab_size, (workload.batch_size, workload.seq_len))
+        optimizer_bytes = 0
+        for iteration in range(workload.iterations):
+            measured = iteration == workload.iterations - 1
+            tracker.gradient_bytes = 0
+            meter.start()
+            autocast = (
+                torch.autocast(torch_device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+            )
+            with autocast:
+                logits = model(input_ids)
+            loss = causal_lm_loss(logits, labels)
+            del logits
+            forward = meter.stop()
+            meter.start()
+            loss.backward()
+            del loss
+            backward = meter.stop()
+            gradients = tracker.storage_bytes([p.grad for p in params])
+            meter.start()
+            if masters:
+                # Classic mixed precision: 16-bit gradients become the fp32 master's gradients
+                # one tensor at a time, the optimizer updates the masters, the 16-bit weights copy them.
+                for param, master in zip(params, masters):
+                    master.grad = param.grad.float()
+                    param.grad = None
+            optimizer.step()
+            if masters:
+                with torch.no_grad():
+                    for param, master in zip(params, masters):
+                        param.copy_(master)
+            step = meter.stop()
+            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
+            if iteration == 0:
+                states = [value for state in optimizer.state.values() for value in state.values()
+                          if isinstance(value, torch.Tensor)]
+                optimizer_bytes = tracker.storage_bytes(states)
+                tracker.static_bytes += optimizer_bytes
+            if measured:
+                phases = {"forward": forward, "backward": backward, "optimizer_step": step}
+        steady = tracker.live_bytes
+
+    activations = max(phases["forward"].peak_activation_bytes, phases["backward"].peak_activation_bytes)
+    static = weights + master_bytes + optimizer_bytes
+    components = {
+        "weights": weights,
+        "master_weights": master_bytes,
+        "optimizer_states": optimizer_bytes,
+        "gradients": gradients,
+        "activations": activations,
+        "optimizer_step_temporaries": max(0, phases["optimizer_step"].peak_bytes - static - gradients),
+        "steady_state": steady,
+    }
+    return Measurement(device, components, phases)
