@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from memcalc.config import KVDType, Optimizer, Recompute, TrainDType
+from memcalc.config import ActivationModel, Attention, KVDType, Optimizer, OptimizerImpl, Recompute, TrainDType
 from memcalc.dtypes import DType
-from memcalc.errors import MemcalcError
+from memcalc.errors import InputError, MemcalcError
 from memcalc.units import Unit
 
 app = typer.Typer(
@@ -47,6 +47,28 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 BatchOption = Annotated[int, typer.Option("--batch", "-b", min=1, help="Sequences per step (micro-batch).")]
 
 
+AttentionOption = Annotated[Attention, typer.Option(help="Attention kernel: eager keeps the a*s^2 scores.")]
+OptimizerImplOption = Annotated[OptimizerImpl, typer.Option("--optimizer-impl", help="torch.optim implementation.")]
+ActivationModelOption = Annotated[
+    ActivationModel,
+    typer.Option("--activation-model", help="arch: saved tensors of the actual block; megatron: Korthikanti et al. 2022."),
+]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option("--precision", show_default=False,
+                 help="A named recipe (fp32, mixed-bf16, mixed-fp16, pure-bf16, pure-fp16, amp-bf16, amp-fp16); "
+                 "overrides --dtype and --master-weights."),
+]
+
+
+def _recipe_name(precision: str | None) -> str | None:
+    from memcalc.precision import RECIPES
+
+    if precision is not None and precision not in RECIPES:
+        raise InputError(f"--precision: {precision!r} is not one of {', '.join(RECIPES)}")
+    return precision
+
+
 def _emit(command: str, estimate, unit: Unit, as_json: bool) -> None:
     if as_json:
         from memcalc.report import estimate_document
@@ -72,6 +94,10 @@ def train(
     seq: Annotated[int | None, typer.Option("--seq", "-s", min=1, show_default=False,
                                             help="Tokens per sequence (default: min(2048, the model's maximum)).")] = None,
     recompute: Annotated[Recompute, typer.Option(help="Activation recomputation.")] = Recompute.NONE,
+    attention: AttentionOption = Attention.SDPA,
+    optimizer_impl: OptimizerImplOption = OptimizerImpl.FOREACH,
+    activation_model: ActivationModelOption = ActivationModel.ARCH,
+    precision: PrecisionOption = None,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
@@ -90,7 +116,8 @@ def train(
     from memcalc.library import resolve_model
 
     settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
-                             seq_len=seq, recompute=recompute)
+                             seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
+                             activation_model=activation_model, precision=_recipe_name(precision))
     _emit("train", estimate_training(resolve_model(model), settings), units, as_json)
 
 

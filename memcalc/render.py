@@ -27,6 +27,14 @@ def _share(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
+PHASE_LABELS = {"forward": "forward", "backward": "backward", "optimizer_step": "optimizer step"}
+PHASE_CONTENTS = {
+    "forward": "static + activations",
+    "backward": "static + activations left + gradients",
+    "optimizer_step": "static + gradients + temporaries",
+}
+
+
 def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
     model, settings = estimate.model, estimate.settings
     params = estimate.params
@@ -39,10 +47,10 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             ("precision", f"{settings['precision']} ({_recipe_description(settings['precision'])})"),
             ("optimizer", f"{settings['optimizer']} (moments in {settings['optimizer_state_dtype']})"
              if settings["optimizer"] != "adam8bit" else "adam8bit (bitsandbytes block-wise 8-bit states)"),
+            ("optimizer impl.", f"{settings['optimizer_impl']} (torch.optim)"),
             ("batch x seq", f"{settings['batch_size']} x {settings['seq_len']} tokens"),
             ("recompute", settings["recompute"]),
-            ("activations", f"Megatron formula, {settings['activation_dtype']}: GPT block with unfused attention "
-             "and dropout (Korthikanti et al. 2022)"),
+            ("activations", _activation_assumption(settings)),
             ("parallelism", "none: one device holds everything"),
         ]
     else:
@@ -56,6 +64,14 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             lines.append(("sliding window", f"{model.sliding_window} tokens, not applied: every token is cached"))
     lines += [("note", note) for note in model.notes]
     return lines
+
+
+def _activation_assumption(settings: dict[str, Any]) -> str:
+    if settings["activation_model"] == "megatron":
+        return (f"Megatron formula, {settings['activation_dtype']}: GPT block with unfused attention and dropout "
+                "(Korthikanti et al. 2022)")
+    return (f"saved tensors of the block, {settings['activation_dtype']}, {settings['attention']} attention, "
+            "no dropout, fp32 logits for the loss")
 
 
 def _recipe_description(name: str) -> str:
@@ -81,7 +97,16 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit) -> None:
             component.kind.value, component.formula,
         )
     table.add_section()
-    table.add_row("Total", format_bytes(total, unit), "100.0%", "", "sum of the rows above", style="bold")
+    if estimate.phases:
+        for phase, live in estimate.phases.items():
+            marker = " (peak)" if phase == estimate.peak_phase else ""
+            table.add_row(f"During {PHASE_LABELS[phase]}{marker}", format_bytes(live, unit), _share(live, total),
+                          "phase", PHASE_CONTENTS[phase])
+        table.add_section()
+        table.add_row("Total (peak)", format_bytes(total, unit), "100.0%", "", f"largest phase: {PHASE_LABELS[estimate.peak_phase]}",
+                      style="bold")
+    else:
+        table.add_row("Total", format_bytes(total, unit), "100.0%", "", "sum of the rows above", style="bold")
     for reference in estimate.references:
         table.add_row(reference.label, format_bytes(reference.bytes, unit), "", "reference", reference.formula)
 
@@ -100,6 +125,11 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit) -> None:
 
     console = _console()
     console.print(table)
+    if estimate.phases:
+        console.print(
+            "Shares are of the peak. The peak is the largest phase, not the sum of the rows: activations are "
+            "freed during backward, before the optimizer step allocates its temporaries."
+        )
     other = Unit.GB if unit is Unit.GIB else Unit.GIB
     console.print(f"Total: {format_bytes(total, unit)} {label} ({format_bytes(total, other)} {UNIT_LABEL[other]})")
     console.print()

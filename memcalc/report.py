@@ -42,11 +42,15 @@ def _component_dict(component: Component) -> dict[str, Any]:
 
 
 def estimate_document(command: str, estimate: Estimate) -> dict[str, Any]:
-    """``memory`` holds each component's bytes and ``total`` (their sum); reference figures such
-    as ``rule_of_thumb_total`` sit beside them and are not part of the sum."""
-    memory = {component.key: component.bytes for component in estimate.components}
+    """``memory`` holds each component's bytes and ``total``. For training, ``total`` is the largest
+    of ``memory.phases`` (live bytes at each phase's peak, ``peak_phase`` names it); for inference it
+    is the sum of the components. Reference figures such as ``rule_of_thumb_total`` sit beside them."""
+    memory: dict[str, Any] = {component.key: component.bytes for component in estimate.components}
     memory["total"] = estimate.total
     memory.update({reference.key: reference.bytes for reference in estimate.references})
+    if estimate.phases:
+        memory["phases"] = dict(estimate.phases)
+        memory["peak_phase"] = estimate.peak_phase
     return {
         "command": command,
         "units": "bytes",

@@ -32,22 +32,25 @@ def test_golden_output(case, run_cli, update_golden):
     assert result.stdout == path.read_text()
 
 
-def test_golden_train_shows_hand_derived_values(run_cli):
-    """The golden table's figures are the hand derivation of test_training (GiB = 2^30 bytes)."""
-    out = run_cli("train", "llama-13b", "--dtype", "bf16").stdout
+def test_train_table_shows_hand_derived_values(run_cli):
+    """The table's figures are test_training's hand derivation (GiB = 2^30 bytes)."""
+    out = run_cli("train", "llama-13b", "--dtype", "bf16", "--activation-model", "megatron").stdout
     params = 13_015_864_320
     for label, value in [
         ("Weights", 2 * params),
         ("Master weights (fp32)", 4 * params),
         ("Optimizer states", 8 * params),
         ("Gradients", 2 * params),
-        ("Activations", 47_815_065_600),
-        ("Total", 256_372_981_760),
+        ("Activations (peak)", 48_119_152_640),
+        ("Optimizer step temporaries", 6 * params),
+        ("During forward", 14 * params + 48_119_152_640),
+        ("During optimizer step (peak)", 22 * params),
+        ("Total (peak)", 22 * params),
     ]:
         row = next(line for line in out.splitlines() if line.startswith(f"│ {label} "))
         assert f"{value / 2**30:,.2f}" in row, row
-    assert "Total: 238.77 GiB (256.37 GB)" in out
-    for assumption in ("13.02B (13,015,864,320)", "mixed-bf16", "adamw", "1 x 2048 tokens", "recompute"):
+    assert "Total: 266.68 GiB (286.35 GB)" in out
+    for assumption in ("13.02B (13,015,864,320)", "mixed-bf16", "adamw", "1 x 2048 tokens", "Megatron formula"):
         assert assumption in out
 
 
@@ -60,14 +63,16 @@ def _json(run_cli, *args: str) -> dict:
 def test_train_json_document(run_cli):
     document = _json(run_cli, "train", "llama-13b", "--dtype", "bf16")
     memory = document["memory"]
-    for key in ("weights", "gradients", "optimizer_states", "master_weights", "activations", "total"):
+    for key in ("weights", "gradients", "optimizer_states", "master_weights", "activations",
+                "optimizer_step_temporaries", "total"):
         assert isinstance(memory[key], int)
-    assert memory["total"] == sum(value for key, value in memory.items() if key != "total")
-    assert memory["total"] == 256_372_981_760
+    assert memory["total"] == max(memory["phases"].values()) == memory["phases"][memory["peak_phase"]]
+    assert memory["peak_phase"] == "optimizer_step"
+    assert memory["total"] == 22 * 13_015_864_320  # static 14P + bf16 grads 2P + step temporaries 6P
     assert document["model"].items() >= {"name": "llama-13b", "parameters": 13_015_864_320, "active_parameters": 13_015_864_320}.items()
     assert document["settings"].items() >= {
         "dtype": "bf16", "optimizer": "adamw", "batch_size": 1, "seq_len": 2048, "recompute": "none",
-        "master_weights": True,
+        "master_weights": True, "attention": "sdpa", "activation_model": "arch", "optimizer_impl": "foreach",
     }.items()
     assert document["checkpoint"]["weights_only"] == 2 * 13_015_864_320
 
@@ -124,6 +129,8 @@ BAD_INPUT = [
     (["infer", "llama-13b", "--context", "0"], "Invalid value for '--context' / '-c': 0 is not in the range x>=1."),
     (["infer", "llama-13b", "--kv-dtype", "int4"], "'--kv-dtype': 'int4' is not one of 'fp32', 'fp16', 'bf16', 'fp8', 'int8'."),
     (["infer", "llama-13b", "--dtype", "q4"], "'--dtype': 'q4' is not one of 'fp32', 'fp16', 'bf16', 'fp8', 'int8', 'int4'."),
+    (["train", "llama-13b", "--precision", "fp64"], "--precision: 'fp64' is not one of fp32, mixed-fp16"),
+    (["train", "llama-13b", "--attention", "paged"], "'--attention': 'paged' is not one of 'sdpa', 'flash', 'eager'."),
     (["train", "llama-13b", "--units", "tb"], "'--units': 'tb' is not one of 'gib', 'gb', 'mib', 'mb', 'bytes'."),
     (["train", "llama-13b", "--batch", "many"], "Invalid value for '--batch' / '-b': 'many' is not a valid int"),
     (["train", "llama-13b", "--bogus"], "No such option: --bogus"),

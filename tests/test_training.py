@@ -118,7 +118,11 @@ def test_adam8bit_keeps_small_gpt2_tensors_in_fp32():
     ],
 )
 def test_megatron_activations_by_hand(name, seq, batch, recompute, expected):
-    assert _memory(name, seq_len=seq, batch_size=batch, recompute=recompute)["activations"] == expected
+    model = resolve_model(name)
+    e = 2
+    output_layer = 2 * e * seq * batch * model.hidden_size + 4 * seq * batch * model.vocab_size
+    memory = _memory(name, seq_len=seq, batch_size=batch, recompute=recompute, activation_model="megatron")
+    assert memory["activations"] == expected + output_layer
 
 
 def test_fp32_activations_double_tensors_but_not_masks():
@@ -131,8 +135,9 @@ def test_fp32_activations_double_tensors_but_not_masks():
 
 def test_output_layer_term_by_hand():
     """Korthikanti sec. 4.3: 4sbh(1 + V/h) at 16 bits. GPT-2, s=1024, b=4: 4*4096*768 + 4*4096*50257."""
-    memory = _memory("gpt2", seq_len=1024, batch_size=4)
-    assert memory["logits"] == 4 * 4096 * 768 + 4 * 4096 * 50257
+    from memcalc.estimate.activations import output_layer_activation_bytes
+
+    assert output_layer_activation_bytes(1024, 4, 768, 50257, 2) == 4 * 4096 * 768 + 4 * 4096 * 50257
 
 
 def test_default_sequence_is_capped_by_model_positions():
@@ -140,18 +145,26 @@ def test_default_sequence_is_capped_by_model_positions():
     assert estimate_training(resolve_model("llama-2-7b"), TrainSettings()).settings["seq_len"] == 2048
 
 
-def test_llama_13b_bf16_golden_numbers():
-    """The golden CLI case, derived by hand: P = 13,015,864,320; s=2048, b=1, h=5120, a=40, L=40, V=32000."""
-    memory = _memory("llama-13b", dtype="bf16")
+def test_llama_13b_bf16_megatron_numbers_by_hand():
+    """P = 13,015,864,320; s=2048, b=1, h=5120, a=40, L=40, V=32000; mixed bf16, foreach AdamW."""
+    memory = _memory("llama-13b", dtype="bf16", activation_model="megatron")
     params = 13_015_864_320
     assert memory["weights"] == 2 * params
     assert memory["gradients"] == 2 * params
     assert memory["master_weights"] == 4 * params
     assert memory["optimizer_states"] == 8 * params
-    assert memory["activations"] == 2048 * 5120 * (34 + 80) * 40  # 5as/h = 5*40*2048/5120 = 80
-    assert memory["logits"] == 4 * 2048 * 5120 + 4 * 2048 * 32000
-    # 16 * P + 47,815,065,600 + 304,087,040
-    assert memory["total"] == 256_372_981_760
+    # 5as/h = 5*40*2048/5120 = 80 -> 114 sbh per layer; output layer 4sbh + 4sbV
+    assert memory["activations"] == 2048 * 5120 * 114 * 40 + 4 * 2048 * 5120 + 4 * 2048 * 32000
+    # fp32 copies of the gradients (4P - 2P freed) + one fp32 state-sized foreach temporary (4P)
+    assert memory["optimizer_step_temporaries"] == 6 * params
+    phases = estimate_training(resolve_model("llama-13b"), TrainSettings(activation_model="megatron")).phases
+    static = 14 * params
+    assert phases == {
+        "forward": static + 48_119_152_640,
+        "backward": static + 48_119_152_640,
+        "optimizer_step": static + 2 * params + 6 * params,
+    }
+    assert memory["total"] == 22 * params
 
 
 def test_checkpoint_sizes():

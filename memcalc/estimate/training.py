@@ -105,7 +105,7 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     end_extra = 2 * head_grad if model.tie_word_embeddings else 0
     if model.tie_word_embeddings:
         backward = max(backward, 3 * head_grad)
-    return ActivationPeaks(forward, backward, end_extra, "saved tensors per op, see docs/formulas.md", AUTOGRAD)
+    return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD)
 
 
 def _megatron_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe, seq_len: int) -> ActivationPeaks:
