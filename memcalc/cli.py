@@ -15,7 +15,7 @@ import typer
 
 from memcalc.config import ActivationModel, Attention, KVDType, Optimizer, OptimizerImpl, Recompute, TrainDType
 from memcalc.dtypes import DType
-from memcalc.errors import InputError, MemcalcError
+from memcalc.errors import InputError, MemcalcError, ToleranceExceeded
 from memcalc.units import Unit
 
 app = typer.Typer(
@@ -149,6 +149,76 @@ def infer(
 
     settings = InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context)
     _emit("infer", estimate_inference(resolve_model(model), settings), units, as_json)
+
+
+@app.command()
+def validate(
+    model: ModelArgument,
+    device: Annotated[str, typer.Option(help="cuda (real allocations), fake (CPU fake tensors, no memory), cpu, "
+                                        "or auto: cuda when available, else fake.")] = "auto",
+    num_layers: Annotated[int | None, typer.Option("--num-layers", min=1, show_default=False,
+                                                   help="Run the same blocks with fewer layers (cheaper).")] = None,
+    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    master_weights: Annotated[bool, typer.Option("--master-weights/--no-master-weights",
+                                                 help="16-bit: fp32 master copy or pure 16-bit.")] = True,
+    precision: PrecisionOption = None,
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer (adam8bit cannot be measured).")] = Optimizer.ADAMW,
+    optimizer_impl: OptimizerImplOption = OptimizerImpl.FOREACH,
+    batch: BatchOption = 1,
+    seq: Annotated[int | None, typer.Option("--seq", "-s", min=1, show_default=False,
+                                            help="Tokens per sequence (default: min(2048, the model's maximum)).")] = None,
+    recompute: Annotated[Recompute, typer.Option(help="Activation recomputation.")] = Recompute.NONE,
+    attention: AttentionOption = Attention.SDPA,
+    activation_model: ActivationModelOption = ActivationModel.ARCH,
+    tolerance: Annotated[float | None, typer.Option(min=0, show_default=False,
+                                                    help="Exit with code 3 when the total misses by more than this "
+                                                    "percentage.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run on CUDA even if the estimate says it will not fit.")] = False,
+    units: UnitsOption = Unit.GIB,
+    as_json: JsonOption = False,
+) -> None:
+    """Run one real training step with PyTorch and compare its memory with the estimate.
+
+    Examples:
+
+      memcalc validate llama-3.2-1b --device fake --seq 1024 --batch 2
+
+      memcalc validate llama-3-8b --num-layers 4 --precision pure-bf16 --tolerance 3
+
+      memcalc validate gpt2 --device cuda --attention eager --json
+    """
+    from memcalc.config import TrainSettings
+    from memcalc.estimate.training import estimate_training
+    from memcalc.library import resolve_model
+    from memcalc.validate.cli_support import resolve_device, run_training_validation, with_layers
+
+    if device not in ("auto", "cuda", "fake", "cpu"):
+        raise InputError(f"--device: {device!r} is not one of auto, cuda, fake, cpu")
+    config = with_layers(resolve_model(model), num_layers)
+    settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
+                             seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
+                             activation_model=activation_model, precision=_recipe_name(precision))
+    estimate = estimate_training(config, settings)
+    resolved_device = resolve_device(device)
+    if as_json:
+        comparison = run_training_validation(config, settings, estimate, resolved_device, force)
+        from memcalc.report import estimate_document
+
+        document = {"estimate": estimate_document("train", estimate), "validation": comparison.document()}
+        if tolerance is not None:
+            document["validation"]["tolerance_percent"] = tolerance
+            document["validation"]["within_tolerance"] = comparison.within(tolerance)
+        print(json.dumps(document, indent=2))
+    else:
+        from memcalc.render import print_comparison, progress_reporter
+
+        with progress_reporter(f"measuring {config.name} on {resolved_device}") as progress:
+            comparison = run_training_validation(config, settings, estimate, resolved_device, force, progress)
+        print_comparison(estimate, comparison, units, tolerance)
+    if tolerance is not None and not comparison.within(tolerance):
+        raise ToleranceExceeded(
+            f"total off by {comparison.total.error_percent:+.2f}% (tolerance {tolerance}%)"
+        )
 
 
 @app.command()

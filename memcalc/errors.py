@@ -13,6 +13,12 @@ class InputError(MemcalcError):
     exit_code = 2
 
 
+class ToleranceExceeded(MemcalcError):
+    """A validation run whose total missed the estimate by more than ``--tolerance``."""
+
+    exit_code = 3
+
+
 def describe_validation_error(error, prefix: str = "", names: dict[str, str] | None = None) -> str:
     """One line from a pydantic ``ValidationError``: ``prefix: field.path: message; ...``.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from memcalc.config import ModelConfig
@@ -192,3 +194,60 @@ def print_show(document: dict[str, Any]) -> None:
     for note in document["model"]["notes"]:
         console.print(f"note: {note}")
 
+
+
+@contextmanager
+def progress_reporter(title: str) -> Iterator:
+    """A transient progress line on stderr when it is a terminal; yields ``report(description)``."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda description: None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(title)
+
+        def report(description: str) -> None:
+            progress.update(task, description=f"{title}: {description}")
+
+        yield report
+
+
+def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: float | None) -> None:
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    table = Table(title=f"memcalc validate: {estimate.model.name} on {comparison.device}", title_justify="left")
+    for column in ("Component", f"Estimated {label}", f"Measured {label}", f"Difference {label}", "Error"):
+        table.add_column(column, justify="left" if column == "Component" else "right")
+
+    def cells(row) -> list[str]:
+        def amount(value):
+            return "-" if value is None else format_bytes(value, unit)
+
+        error = row.error_percent
+        return [row.label, amount(row.estimated), amount(row.measured), amount(row.difference),
+                "-" if error is None else f"{error:+.2f}%"]
+
+    for row in comparison.rows:
+        if row.key == "phase:forward":
+            table.add_section()
+        table.add_row(*cells(row))
+    table.add_section()
+    table.add_row(*cells(comparison.total), style="bold")
+    console = _console()
+    console.print(table)
+    settings = estimate.settings
+    console.print(
+        f"{settings['precision']}, {settings['optimizer']} ({settings['optimizer_impl']}), batch {settings['batch_size']} "
+        f"x seq {settings['seq_len']}, {settings['attention']} attention, recompute {settings['recompute']}, "
+        f"activation model {settings['activation_model']}; measured on the second iteration."
+    )
+    for note in comparison.notes:
+        console.print(f"note: {note}")
+    if tolerance is not None:
+        verdict = "within" if comparison.within(tolerance) else "OUTSIDE"
+        console.print(f"Total error {comparison.total.error_percent:+.2f}%: {verdict} the {tolerance}% tolerance.")

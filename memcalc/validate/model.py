@@ -61,8 +61,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention with materialised scores, as Hugging Face's ``eager_attention_forward``."""
+    seq = q.shape[-2]
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    mask = torch.full((seq, seq), float("-inf"), device=q.device, dtype=scores.dtype).triu(1)
+    probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 class Attention(nn.Module):
-    def __init__(self, model: ModelConfig, attention: str):
+    def __init__(self, model: ModelConfig, attention: str, recompute: str = "none"):
         super().__init__()
         h, d = model.hidden_size, model.attention_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = model.num_attention_heads, model.kv_heads, d
@@ -76,6 +85,9 @@ class Attention(nn.Module):
         self.qk_norm = model.qk_norm
         self.rotary = model.position_embedding is PositionKind.ROTARY
         self.attention = attention
+        # Selective recompute (Korthikanti et al. 2022 sec. 5): the score computation is redone in
+        # backward; only eager attention stores scores, so only it has anything to drop.
+        self.recompute_scores = recompute == "selective" and attention == "eager"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -93,13 +105,12 @@ class Attention(nn.Module):
         if groups > 1:  # repeat_kv, as the Hugging Face eager and SDPA paths do
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        if self.attention == "eager":
-            scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
-            mask = torch.full((seq, seq), float("-inf"), device=x.device, dtype=scores.dtype).triu(1)
-            probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(probs, v)
-        else:
+        if self.attention != "eager":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.recompute_scores and torch.is_grad_enabled():
+            out = checkpoint(eager_attention, q, k, v, use_reentrant=False)
+        else:
+            out = eager_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -163,10 +174,10 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, model: ModelConfig, layer_index: int, attention: str):
+    def __init__(self, model: ModelConfig, layer_index: int, attention: str, recompute: str = "none"):
         super().__init__()
         self.input_norm = make_norm(model, model.hidden_size)
-        self.attn = Attention(model, attention)
+        self.attn = Attention(model, attention, recompute)
         self.post_attention_norm = make_norm(model, model.hidden_size)
         self.extra_norms = nn.ModuleList(make_norm(model, model.hidden_size) for _ in range(model.norms_per_layer - 2))
         uses_experts = model.moe is not None and layer_index >= model.moe.first_dense_layers
@@ -192,7 +203,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(model.vocab_size, model.hidden_size)
         if model.position_embedding is PositionKind.LEARNED:
             self.embed_positions = nn.Embedding(model.max_position_embeddings, model.hidden_size)
-        self.layers = nn.ModuleList(Block(model, index, attention) for index in range(model.num_layers))
+        self.layers = nn.ModuleList(Block(model, index, attention, recompute) for index in range(model.num_layers))
         self.final_norm = make_norm(model, model.hidden_size)
         self.lm_head = None if model.tie_word_embeddings else nn.Linear(model.hidden_size, model.vocab_size, bias=False)
         self.recompute = recompute

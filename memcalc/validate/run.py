@@ -32,8 +32,8 @@ class TrainWorkload:
     optimizer_impl: str = "foreach"  # foreach | fused | for-loop
     batch_size: int = 1
     seq_len: int = 512
-    attention: str = "sdpa"  # eager | sdpa
-    recompute: str = "none"  # none | full
+    attention: str = "sdpa"  # eager | sdpa (flash runs as sdpa: PyTorch picks the flash kernel on CUDA)
+    recompute: str = "none"  # none | selective | full
     iterations: int = 2
 
 
@@ -102,13 +102,17 @@ def _make_optimizer(name: str, impl: str, params):
         optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         return optimizer_class(params, lr=1e-4, **flags)
     if name in ("sgd", "sgd-momentum"):
-        flags.pop("fused", None) if False else None
         return torch.optim.SGD(params, lr=1e-4, momentum=0.9 if name == "sgd-momentum" else 0.0, **flags)
     raise ValueError(f"optimizer {name!r} cannot be measured here (bitsandbytes optimizers need CUDA)")
 
 
-def measure_training(model_config: ModelConfig, workload: TrainWorkload, device: str = "fake") -> Measurement:
+def measure_training(
+    model_config: ModelConfig, workload: TrainWorkload, device: str = "fake", progress=None
+) -> Measurement:
+    """``progress(description)`` is called as each step starts (for a progress bar)."""
     from memcalc.precision import RECIPES
+
+    progress = progress or (lambda description: None)
 
     recipe = RECIPES[workload.precision]
     weight_dtype = TORCH_DTYPES[recipe.weight_dtype.value]
@@ -120,7 +124,8 @@ def measure_training(model_config: ModelConfig, workload: TrainWorkload, device:
 
     with _device_context(device), tracker, torch.device(torch_device):
         with _default_dtype(weight_dtype):
-            model = Decoder(model_config, attention=workload.attention, recompute=workload.recompute)
+            attention = "eager" if workload.attention == "eager" else "sdpa"
+            model = Decoder(model_config, attention=attention, recompute=workload.recompute)
         params = list(model.parameters())
         weights = tracker.storage_bytes(params + list(model.buffers()))
         tracker.static_bytes = weights
@@ -142,6 +147,7 @@ def measure_training(model_config: ModelConfig, workload: TrainWorkload, device:
         optimizer_bytes = 0
         for iteration in range(workload.iterations):
             measured = iteration == workload.iterations - 1
+            progress(f"iteration {iteration + 1}/{workload.iterations}: forward")
             tracker.gradient_bytes = 0
             meter.start()
             autocast = (
@@ -152,11 +158,13 @@ def measure_training(model_config: ModelConfig, workload: TrainWorkload, device:
             loss = causal_lm_loss(logits, labels)
             del logits
             forward = meter.stop()
+            progress(f"iteration {iteration + 1}/{workload.iterations}: backward")
             meter.start()
             loss.backward()
             del loss
             backward = meter.stop()
             gradients = tracker.storage_bytes([p.grad for p in params])
+            progress(f"iteration {iteration + 1}/{workload.iterations}: optimizer step")
             meter.start()
             if masters:
                 # Classic mixed precision: 16-bit gradients become the fp32 master's gradients
@@ -180,6 +188,9 @@ def measure_training(model_config: ModelConfig, workload: TrainWorkload, device:
             if measured:
                 phases = {"forward": forward, "backward": backward, "optimizer_step": step}
         steady = tracker.live_bytes
+        cuda = _cuda_statistics() if device == "cuda" else {}
+        if device == "cuda":
+            cuda["peak_allocated"] = max(phase.cuda_peak_bytes or 0 for phase in phases.values())
 
     activations = max(phases["forward"].peak_activation_bytes, phases["backward"].peak_activation_bytes)
     static = weights + master_bytes + optimizer_bytes
@@ -192,4 +203,17 @@ def measure_training(model_config: ModelConfig, workload: TrainWorkload, device:
         "optimizer_step_temporaries": max(0, phases["optimizer_step"].peak_bytes - static - gradients),
         "steady_state": steady,
     }
-    return Measurement(device, components, phases)
+    return Measurement(device, components, phases, cuda)
+
+
+def _cuda_statistics() -> dict[str, int]:
+    """What the allocator holds and what the process holds besides (CUDA context, cuBLAS/cuDNN
+    handles, NCCL): device used bytes minus the allocator's reserved bytes."""
+    free, total = torch.cuda.mem_get_info()
+    reserved = torch.cuda.memory_reserved()
+    return {
+        "allocated": torch.cuda.memory_allocated(),
+        "reserved": reserved,
+        "device_used": total - free,
+        "process_overhead": max(0, total - free - reserved),
+    }

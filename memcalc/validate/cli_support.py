@@ -1,0 +1,85 @@
+"""The validate command's work: choose the device, refuse what cannot fit, run, clean up.
+
+Kept apart from ``memcalc.cli`` so the CLI module itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import replace
+
+from memcalc.config import ModelConfig, Optimizer, TrainSettings, resolve_seq_len
+from memcalc.errors import InputError, MemcalcError
+from memcalc.estimate.breakdown import Estimate
+from memcalc.validate import require_torch
+from memcalc.validate.compare import Comparison, compare_training
+
+# Refuse a CUDA run whose estimate leaves less than this share of free memory unused: the
+# allocator's fragmentation and library workspaces are not in the estimate.
+CUDA_SAFETY_MARGIN = 0.10
+
+
+class OutOfMemory(MemcalcError):
+    exit_code = 1
+
+
+def with_layers(model: ModelConfig, num_layers: int | None) -> ModelConfig:
+    """The same architecture with ``num_layers`` layers (a cheaper run of the same blocks)."""
+    if num_layers is None:
+        return model
+    moe = model.moe
+    if moe is not None and moe.first_dense_layers > num_layers:
+        moe = replace(moe, first_dense_layers=num_layers)
+    return replace(model, num_layers=num_layers, moe=moe, name=f"{model.name} ({num_layers} layers)")
+
+
+def resolve_device(device: str) -> str:
+    torch = require_torch()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "fake"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (use --device fake to measure on the CPU)")
+    return device
+
+
+def check_fits(estimate: Estimate, force: bool) -> None:
+    torch = require_torch()
+    free, _total = torch.cuda.mem_get_info()
+    needed = estimate.total * (1 + CUDA_SAFETY_MARGIN)
+    if needed > free and not force:
+        raise InputError(
+            f"the estimate ({estimate.total / 2**30:.2f} GiB + {CUDA_SAFETY_MARGIN:.0%} margin) exceeds the "
+            f"{free / 2**30:.2f} GiB free on the GPU; use a smaller workload (--num-layers, --batch, --seq) or --force"
+        )
+
+
+def run_training_validation(
+    model: ModelConfig, settings: TrainSettings, estimate: Estimate, device: str, force: bool, progress=None
+) -> Comparison:
+    if settings.optimizer is Optimizer.ADAM8BIT:
+        raise InputError("--optimizer adam8bit cannot be measured here: bitsandbytes' kernels need a CUDA build")
+    torch = require_torch()
+    from memcalc.precision import recipe_for
+    from memcalc.validate.run import TrainWorkload, measure_training
+
+    if device == "cuda":
+        check_fits(estimate, force)
+    recipe = recipe_for(settings.dtype, settings.master_weights, settings.precision)
+    workload = TrainWorkload(
+        precision=recipe.name,
+        optimizer=settings.optimizer.value,
+        optimizer_impl=settings.optimizer_impl.value,
+        batch_size=settings.batch_size,
+        seq_len=resolve_seq_len(model, settings.seq_len),
+        attention=settings.attention.value,
+        recompute=settings.recompute.value,
+    )
+    try:
+        measurement = measure_training(model, workload, device, progress)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(f"out of memory on {device}: {str(exc).splitlines()[0]}") from None
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return compare_training(estimate, measurement)

@@ -1,0 +1,78 @@
+"""Estimate against measurement, component by component. Pure data: no torch, no rich."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc.estimate.breakdown import Estimate
+
+# Rows compared for a training step: (key, label); phases and the total follow.
+TRAIN_ROWS = (
+    ("weights", "Weights"),
+    ("master_weights", "Master weights (fp32)"),
+    ("optimizer_states", "Optimizer states"),
+    ("gradients", "Gradients"),
+    ("activations", "Activations (peak)"),
+    ("optimizer_step_temporaries", "Optimizer step temporaries"),
+)
+PHASE_ROWS = (("forward", "Peak during forward"), ("backward", "Peak during backward"),
+              ("optimizer_step", "Peak during optimizer step"))
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    estimated: int | None
+    measured: int | None
+
+    @property
+    def difference(self) -> int | None:
+        if self.estimated is None or self.measured is None:
+            return None
+        return self.estimated - self.measured
+
+    @property
+    def error_percent(self) -> float | None:
+        if self.difference is None or not self.measured:
+            return None if self.difference else 0.0
+        return 100.0 * self.difference / self.measured
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: tuple[Row, ...]
+    total: Row
+    device: str
+    notes: tuple[str, ...] = ()
+
+    def within(self, tolerance_percent: float) -> bool:
+        error = self.total.error_percent
+        return error is not None and abs(error) <= tolerance_percent
+
+    def document(self) -> dict[str, Any]:
+        def row(item: Row) -> dict[str, Any]:
+            return {"key": item.key, "label": item.label, "estimated": item.estimated, "measured": item.measured,
+                    "difference": item.difference, "error_percent": item.error_percent}
+
+        return {"device": self.device, "rows": [row(item) for item in self.rows], "total": row(self.total),
+                "notes": list(self.notes)}
+
+
+def compare_training(estimate: Estimate, measurement) -> Comparison:
+    """``measurement`` is a ``memcalc.validate.run.Measurement`` (duck-typed to keep torch out)."""
+    rows = [Row(key, label, estimate.component(key).bytes, measurement.components.get(key)) for key, label in TRAIN_ROWS]
+    rows += [
+        Row(f"phase:{key}", label, estimate.phases[key], measurement.phases[key].peak_bytes) for key, label in PHASE_ROWS
+    ]
+    notes = []
+    if measurement.device == "cuda":
+        cuda = measurement.cuda
+        rows.append(Row("cuda_peak_allocated", "CUDA max_memory_allocated", None, cuda.get("peak_allocated")))
+        rows.append(Row("cuda_reserved", "CUDA memory_reserved", None, cuda.get("reserved")))
+        rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)", None,
+                        cuda.get("process_overhead")))
+        notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
+    total = Row("total", "Total (peak)", estimate.total, measurement.total)
+    return Comparison(tuple(rows), total, measurement.device, tuple(notes))

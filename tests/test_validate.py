@@ -1,0 +1,176 @@
+"""Measured memory: the tracker against real CPU runs, the estimator against fake-tensor runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from memcalc.config import ModelConfig, MoEConfig, TrainSettings  # noqa: E402
+from memcalc.estimate.params import count_params  # noqa: E402
+from memcalc.estimate.training import estimate_training  # noqa: E402
+from memcalc.library import resolve_model  # noqa: E402
+from memcalc.validate.model import Decoder  # noqa: E402
+from memcalc.validate.run import TrainWorkload, measure_training  # noqa: E402
+from memcalc.validate.tracker import LiveBytesTracker  # noqa: E402
+
+
+def tiny(**changes) -> ModelConfig:
+    base = dict(
+        name="tiny", hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, intermediate_size=160,
+        vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    return ModelConfig(**(base | changes))
+
+
+TINY_GPT = dict(mlp="plain", hidden_act="gelu_tanh", norm="layernorm", norm_bias=True, qkv_bias=True,
+                attn_output_bias=True, mlp_bias=True, position_embedding="learned", tie_word_embeddings=True,
+                num_kv_heads=4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-2-7b", "qwen2.5-0.5b", "mixtral-8x7b", "gemma-2b", "phi-3-mini"])
+def test_reference_decoder_has_the_counted_parameters(name):
+    """An independent count: sum(p.numel()) of real PyTorch modules equals the analytic inventory."""
+    model = resolve_model(name)
+    with torch.device("meta"):
+        decoder = Decoder(model)
+    assert sum(p.numel() for p in decoder.parameters()) == count_params(model).total
+
+
+def test_tracker_counts_what_it_saw_on_a_real_cpu_run():
+    """On real tensors the tracker's live bytes equal the bytes of the tensors alive."""
+    tracker = LiveBytesTracker()
+    with tracker:
+        model = Decoder(tiny())
+        assert tracker.live_bytes == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            b.numel() * b.element_size() for b in model.buffers()
+        )
+        ids = torch.randint(0, 512, (2, 32))
+        logits = model(ids)
+        expected_logits = 2 * 32 * 512 * 4
+        before = tracker.live_bytes
+        extra = logits.float() * 1  # a new fp32 tensor of the logits' size
+        assert tracker.live_bytes - before == expected_logits
+        del extra
+        assert tracker.live_bytes == before
+        loss = logits.sum()
+        loss.backward()
+        del logits, loss
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        assert tracker.live_bytes == params + buffers + grads + 8 * 2 * 32  # the token ids
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed-bf16", "pure-bf16"])
+def test_fake_and_real_cpu_runs_measure_the_same(precision):
+    """Fake tensors reproduce what real tensors allocate, phase by phase."""
+    workload = TrainWorkload(precision=precision, seq_len=32, batch_size=2)
+    fake = measure_training(tiny(), workload, "fake")
+    real = measure_training(tiny(), workload, "cpu")
+    assert fake.components == real.components
+    assert {k: v.peak_bytes for k, v in fake.phases.items()} == {k: v.peak_bytes for k, v in real.phases.items()}
+
+
+# (model, layers, settings): a spread of blocks, precisions, kernels and optimizer implementations.
+CASES = [
+    ("llama-3.2-1b", 2, dict(precision="pure-bf16", seq_len=256, batch_size=2)),
+    ("llama-3.2-1b", 2, dict(precision="mixed-bf16", seq_len=256, batch_size=1, optimizer_impl="for-loop")),
+    ("llama-3.2-1b", 2, dict(precision="fp32", seq_len=256, batch_size=1, attention="eager")),
+    ("llama-3.2-1b", 2, dict(precision="amp-bf16", seq_len=256, batch_size=1)),
+    ("llama-3.2-1b", 3, dict(precision="pure-bf16", seq_len=512, batch_size=1, recompute="full")),
+    ("llama-3.2-1b", 2, dict(precision="pure-bf16", seq_len=256, batch_size=1, attention="eager", recompute="selective")),
+    ("gpt2", 4, dict(precision="mixed-bf16", seq_len=512, batch_size=2)),
+    ("gpt2", 2, dict(precision="fp32", seq_len=256, batch_size=2, attention="eager", optimizer="sgd-momentum")),
+    ("qwen2.5-0.5b", 2, dict(precision="mixed-fp16", seq_len=256, batch_size=2, optimizer_impl="fused")),
+    ("mixtral-8x7b", 1, dict(precision="pure-bf16", seq_len=128, batch_size=1)),
+]
+
+
+@pytest.mark.parametrize(("name", "layers", "settings"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_estimate_matches_fake_measurement(name, layers, settings):
+    """Issue 3's tolerances on a CI-sized matrix: total within 3%, activations within 5%,
+    weights, gradients and optimizer states within 0.1% (docs/accuracy.md has the full matrix)."""
+    base = resolve_model(name)
+    model = replace(base, num_layers=layers, moe=replace(base.moe, first_dense_layers=0) if base.moe else None)
+    estimate = estimate_training(model, TrainSettings(**settings))
+    workload_settings = {k: v for k, v in settings.items() if k not in ("activation_model",)}
+    measured = measure_training(model, TrainWorkload(**workload_settings), "fake")
+    for key in ("weights", "master_weights", "optimizer_states", "gradients"):
+        assert estimate.component(key).bytes == pytest.approx(measured.components[key], rel=1e-3), key
+    assert estimate.component("activations").bytes == pytest.approx(measured.components["activations"], rel=0.05)
+    assert estimate.total == pytest.approx(measured.total, rel=0.03)
+
+
+def test_moe_with_shared_experts_and_dense_first_layer():
+    model = tiny(moe=MoEConfig(num_experts=4, experts_per_token=2, expert_intermediate_size=96, num_shared_experts=1,
+                               first_dense_layers=1), num_layers=3)
+    estimate = estimate_training(model, TrainSettings(precision="pure-bf16", seq_len=64, batch_size=2))
+    measured = measure_training(model, TrainWorkload(precision="pure-bf16", seq_len=64, batch_size=2), "fake")
+    assert estimate.component("activations").bytes == pytest.approx(measured.components["activations"], rel=0.05)
+    assert estimate.total == pytest.approx(measured.total, rel=0.03)
+
+
+def test_validate_cli_json(run_cli):
+    result = run_cli("validate", "llama-3.2-1b", "--device", "fake", "--num-layers", "2", "--seq", "128",
+                     "--tolerance", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    validation = document["validation"]
+    assert validation["device"] == "fake" and validation["within_tolerance"] is True
+    rows = {row["key"]: row for row in validation["rows"]}
+    # measured weights also hold the 128-byte rotary inv_freq buffer
+    assert rows["weights"]["measured"] - rows["weights"]["estimated"] == 128
+    assert abs(validation["total"]["error_percent"]) < 3
+    assert document["estimate"]["model"]["layers"] == 2
+
+
+def test_validate_cli_table(run_cli):
+    result = run_cli("validate", "gpt2", "--device", "fake", "--num-layers", "1", "--seq", "64")
+    assert result.exit_code == 0, result.stderr
+    assert "memcalc validate: gpt2 (1 layers) on fake" in result.stdout
+    assert "Peak during optimizer step" in result.stdout
+
+
+def test_validate_out_of_tolerance_exits_3(run_cli):
+    """The Megatron formula assumes unfused attention with dropout: far from an SDPA block's memory."""
+    result = run_cli("validate", "llama-3.2-1b", "--device", "fake", "--num-layers", "2", "--seq", "2048",
+                     "--activation-model", "megatron", "--tolerance", "0.5")
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: total off by") and "tolerance 0.5%" in result.stderr
+
+
+def test_validate_refuses_adam8bit(run_cli):
+    result = run_cli("validate", "gpt2", "--device", "fake", "--optimizer", "adam8bit")
+    assert result.exit_code == 2
+    assert "adam8bit cannot be measured" in result.stderr
+
+
+def test_validate_cuda_without_gpu_is_bad_input(run_cli):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = run_cli("validate", "gpt2", "--device", "cuda")
+    assert result.exit_code == 2
+    assert "no CUDA device is available" in result.stderr
+
+
+def test_validate_without_torch_says_how_to_install(run_cli, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    result = run_cli("validate", "gpt2", "--device", "fake")
+    assert result.exit_code == 2
+    assert result.stderr == "error: validation needs PyTorch: pip install 'memcalc[validate]'\n"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_measurement_matches_estimate():
+    model = replace(resolve_model("llama-3.2-1b"), num_layers=2)
+    settings = TrainSettings(precision="pure-bf16", seq_len=1024, batch_size=2)
+    measured = measure_training(model, TrainWorkload(precision="pure-bf16", seq_len=1024, batch_size=2), "cuda")
+    assert estimate_training(model, settings).total == pytest.approx(measured.total, rel=0.05)
+    assert measured.cuda["peak_allocated"] >= measured.total
