@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memcalc.config import ModelConfig, Optimizer, Recompute, TrainSettings, resolve_seq_len
+from memcalc.config import MLPKind, ModelConfig, Optimizer, Recompute, TrainSettings, resolve_seq_len
 from memcalc.dtypes import BITS_PER_ELEMENT, storage_bytes
 from memcalc.estimate.activations import (
     FP32_BYTES,
@@ -58,27 +58,42 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     )
     tokens, h, vocab = shape.tokens, model.hidden_size, model.vocab_size
     recompute = settings.recompute
-    attention = settings.attention.value
+    eager = settings.attention.value == "eager"
+    attention = "eager" if eager else "sdpa"
+    scores = model.num_attention_heads * seq_len * seq_len * settings.batch_size if eager else 0
+    # eager softmax in fp32: the raw and masked scores in the compute dtype, the fp32 copy of the
+    # masked scores (none when already fp32) and the fp32 softmax output
+    upcast_scores = 0 if e == FP32_BYTES else FP32_BYTES
+    # plus the causal mask: the filled square and its upper triangle, both in the compute dtype
+    scores_forward = scores * (2 * e + upcast_scores + FP32_BYTES) + (2 * e * seq_len * seq_len if eager else 0)
+    stream = tokens * h * shape.stream_bytes
 
-    def layer_bytes(moe_layer: bool) -> int:
-        saved = attention_saved_bytes(model, shape, attention, recompute) + mlp_saved_bytes(model, shape, moe_layer)
+    def layer(moe_layer: bool) -> tuple[int, int, int, int]:
+        """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
+        attention_part = attention_saved_bytes(model, shape, attention, recompute)
+        mlp_part = mlp_saved_bytes(model, shape, moe_layer)
+        saved = attention_part + mlp_part
         if recipe.autocast:
             saved += e * linear_weight_elements_per_layer(model, moe_layer)
-        return saved
+        q_width = model.num_attention_heads * model.attention_head_dim
+        before_scores = attention_part - tokens * q_width * e - (0 if eager else FP32_BYTES * tokens * model.num_attention_heads)
+        if eager and recompute is Recompute.NONE:
+            before_scores -= scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
+        transient = _mlp_backward_transient(model, shape, moe_layer)
+        return saved, before_scores, mlp_part, transient
 
-    dense_layers = model.num_layers - model.num_moe_layers
-    full_layers = [layer_bytes(False)] * dense_layers
+    dense = layer(False)
+    kinds = [dense] * (model.num_layers - model.num_moe_layers)
     if model.num_moe_layers:
-        full_layers += [layer_bytes(True)] * model.num_moe_layers
-    largest_layer = max(full_layers)
-    if recompute is Recompute.FULL:
-        # Each checkpointed layer keeps its input; one layer's activations exist while it runs.
-        layers = model.num_layers * tokens * h * shape.stream_bytes
-        in_layer_extra = largest_layer
-    else:
-        layers = sum(full_layers)
-        in_layer_extra = 0
+        kinds += [layer(True)] * model.num_moe_layers
+    last_saved, last_before_scores, last_mlp, last_transient = kinds[-1]
+    full = recompute is Recompute.FULL
+    # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
+    layers = model.num_layers * stream if full else sum(kind[0] for kind in kinds)
+    others = layers - (stream if full else last_saved)
+
     embedding = INDEX_BYTES * tokens * 2  # token ids and labels
+    head_grad = vocab * h * grad_bytes
     head_weight_copy = e * vocab * h if recipe.autocast else 0
     final = norm_saved_bytes(model, h, shape) + tokens * h * e + head_weight_copy
     saved = embedding + layers + final
@@ -86,26 +101,52 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     # Logits: the matmul output, its fp32 upcast for the loss (unless already fp32), the fp32
     # log-softmax output the cross-entropy keeps (transformers' ForCausalLMLoss upcasts first).
     logits = tokens * vocab
-    upcast = 0 if e == FP32_BYTES else FP32_BYTES
-    forward = saved + logits * (e + upcast + FP32_BYTES)
-    if attention == "eager" and recompute is Recompute.NONE:
-        scores = model.num_attention_heads * seq_len * seq_len * settings.batch_size
-        # inside the last layer: the raw scores and the masked scores, both in the compute dtype
-        forward = max(forward, embedding + layers + 2 * e * scores)
-    forward = max(forward, embedding + layers + in_layer_extra)
+    forward = saved + logits * (e + upcast_scores + FP32_BYTES)
+    if eager and recompute is not Recompute.FULL:
+        forward = max(forward, embedding + others + last_before_scores + scores_forward)
+    if full:
+        # a layer run without saving: its MLP intermediates (activation, up, product) at once
+        forward = max(forward, embedding + layers + 3 * e * tokens * _mlp_width(model) + scores_forward)
 
-    head_grad = vocab * h * grad_bytes
     # Backward opens with the loss gradients: log-softmax output + its gradient + the logits' fp32 gradient.
-    backward_start = saved + logits * 3 * FP32_BYTES
-    # The output layer's weight gradient before it is accumulated; a tied weight waits for the
-    # embedding's gradient, so it stays until the end of backward.
-    backward_head = saved + logits * e + head_grad + in_layer_extra
-    backward = max(backward_start, backward_head)
+    backward = max(saved + logits * 3 * FP32_BYTES,
+                   # the output layer's weight gradient before it is accumulated
+                   saved + logits * e + head_grad)
+    # A tied weight waits for the embedding's gradient: its head gradient stays until the end of backward.
+    held = head_grad if model.tie_word_embeddings else 0
+    # Inside the first layer backward reaches (recomputed first under full recompute): its MLP's
+    # gradients, then its attention's (eager: gradients of the scores, fp32 softmax gradients).
+    incoming = tokens * h * e
+    in_layer = embedding + others + held + incoming
+    backward = max(backward, in_layer + last_saved + last_transient)
+    if eager:
+        recomputed_scores = scores * (FP32_BYTES + e) if recompute is Recompute.SELECTIVE else 0
+        score_gradients = scores * (e + FP32_BYTES)
+        backward = max(backward, in_layer + last_saved - last_mlp + max(recomputed_scores + score_gradients,
+                                                                          scores_forward if recomputed_scores else 0))
     # At the end of backward a tied weight holds the head gradient, the embedding gradient and their sum.
     end_extra = 2 * head_grad if model.tie_word_embeddings else 0
     if model.tie_word_embeddings:
         backward = max(backward, 3 * head_grad)
     return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD)
+
+
+def _mlp_width(model: ModelConfig) -> int:
+    if model.moe is not None and model.num_moe_layers == model.num_layers:
+        return model.moe.expert_intermediate_size * model.moe.experts_per_token // model.moe.num_experts
+    return model.intermediate_size
+
+
+def _mlp_backward_transient(model: ModelConfig, shape: ActivationShape, moe_layer: bool) -> int:
+    """Gradients alive while the MLP runs backward: for a gated MLP the product's gradient and the
+    gradients of both of its operands; for a plain one the output's and the activation input's."""
+    e, tokens = shape.element_bytes, shape.tokens
+    if moe_layer:
+        moe = model.moe
+        per_expert = tokens * moe.experts_per_token // moe.num_experts
+        # one expert at a time, plus the full-size gradient of the gathered tokens being summed
+        return (3 if model.mlp is MLPKind.GATED else 2) * e * per_expert * moe.expert_intermediate_size + 2 * e * tokens * model.hidden_size
+    return (3 if model.mlp is MLPKind.GATED else 2) * e * tokens * model.intermediate_size
 
 
 def _megatron_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe, seq_len: int) -> ActivationPeaks:
