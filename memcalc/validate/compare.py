@@ -7,6 +7,13 @@ from typing import Any
 
 from memcalc.estimate.breakdown import Estimate
 
+# cuBLAS allocates its workspace through PyTorch's caching allocator, one per (handle, stream):
+# the forward runs on the main thread, backward on the autograd engine's device thread. The size
+# is PyTorch's default for Hopper and newer, CUBLAS_WORKSPACE_CONFIG=":4096:8" (4096 KiB x 8;
+# aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize).
+CUBLAS_WORKSPACE_BYTES = 4096 * 1024 * 8
+CUBLAS_WORKSPACES = 2
+
 # Rows compared for a training step: (key, label); phases and the total follow.
 TRAIN_ROWS = (
     ("weights", "Weights"),
@@ -69,7 +76,10 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
     notes = []
     if measurement.device == "cuda":
         cuda = measurement.cuda
-        rows.append(Row("cuda_peak_allocated", "CUDA max_memory_allocated", None, cuda.get("peak_allocated")))
+        workspaces = CUBLAS_WORKSPACE_BYTES * CUBLAS_WORKSPACES
+        rows.append(Row("cublas_workspaces", "cuBLAS workspaces (2 x 32 MiB default)", workspaces, None))
+        rows.append(Row("cuda_peak_allocated", "CUDA max_memory_allocated (peak + workspaces)",
+                        estimate.total + workspaces, cuda.get("peak_allocated")))
         rows.append(Row("cuda_reserved", "CUDA memory_reserved", None, cuda.get("reserved")))
         rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)", None,
                         cuda.get("process_overhead")))
