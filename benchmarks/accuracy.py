@@ -44,7 +44,7 @@ class Case:
         parts = [self.model + (f" L{self.layers}" if self.layers else ""), s.get("precision", "mixed-bf16"),
                  s.get("optimizer", "adamw") + "/" + s.get("optimizer_impl", "foreach"),
                  f"b{s.get('batch_size', 1)} s{s.get('seq_len')}", s.get("attention", "sdpa"),
-                 "rc-" + s.get("recompute", "none")]
+                 "rc-" + s.get("recompute", "none")] + (["loss-chunked"] if s.get("loss") == "chunked" else [])
         return " ".join(parts)
 
 
@@ -86,6 +86,8 @@ FAKE_MATRIX = [
     _case("phi-3-mini", "mixed-bf16", 2, 2048),
     _case("gemma-2b", "pure-bf16", 4, 2048),
     _case("gemma-7b", "mixed-bf16", 1, 2048, "eager"),
+    _case("llama-3-8b", "pure-bf16", 2, 4096, loss="chunked"),
+    _case("gemma-2b", "mixed-bf16", 2, 4096, recompute="full", loss="chunked"),
 ]
 
 # One H200 (141 GB), under five minutes: real models, the largest near 100 GiB at its peak.

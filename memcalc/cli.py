@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from memcalc.config import ActivationModel, Attention, KVDType, Optimizer, OptimizerImpl, Recompute, TrainDType
+from memcalc.config import ActivationModel, Attention, KVDType, Loss, Optimizer, OptimizerImpl, Recompute, TrainDType
 from memcalc.dtypes import DType
 from memcalc.errors import InputError, MemcalcError, ToleranceExceeded
 from memcalc.units import Unit
@@ -53,6 +53,8 @@ ActivationModelOption = Annotated[
     ActivationModel,
     typer.Option("--activation-model", help="arch: saved tensors of the actual block; megatron: Korthikanti et al. 2022."),
 ]
+LossOption = Annotated[Loss, typer.Option(help="full: all logits upcast to fp32 (transformers); chunked: fused/"
+                                            "chunked cross-entropy, 1024 tokens at a time.")]
 PrecisionOption = Annotated[
     str | None,
     typer.Option("--precision", show_default=False,
@@ -97,6 +99,7 @@ def train(
     attention: AttentionOption = Attention.SDPA,
     optimizer_impl: OptimizerImplOption = OptimizerImpl.FOREACH,
     activation_model: ActivationModelOption = ActivationModel.ARCH,
+    loss: LossOption = Loss.FULL,
     precision: PrecisionOption = None,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
@@ -117,7 +120,7 @@ def train(
 
     settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
                              seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
-                             activation_model=activation_model, precision=_recipe_name(precision))
+                             activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
     _emit("train", estimate_training(resolve_model(model), settings), units, as_json)
 
 
@@ -170,6 +173,7 @@ def validate(
     recompute: Annotated[Recompute, typer.Option(help="Activation recomputation.")] = Recompute.NONE,
     attention: AttentionOption = Attention.SDPA,
     activation_model: ActivationModelOption = ActivationModel.ARCH,
+    loss: LossOption = Loss.FULL,
     tolerance: Annotated[float | None, typer.Option(min=0, show_default=False,
                                                     help="Exit with code 3 when the total misses by more than this "
                                                     "percentage.")] = None,
@@ -197,7 +201,7 @@ def validate(
     config = with_layers(resolve_model(model), num_layers)
     settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
                              seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
-                             activation_model=activation_model, precision=_recipe_name(precision))
+                             activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
     estimate = estimate_training(config, settings)
     resolved_device = resolve_device(device)
     if as_json:

@@ -213,6 +213,11 @@ class OptimizerImpl(StrEnum):
     FOR_LOOP = "for-loop"
 
 
+class Loss(StrEnum):
+    FULL = "full"  # all logits upcast to fp32 at once (transformers' ForCausalLMLoss)
+    CHUNKED = "chunked"  # fused/chunked cross-entropy: one slice of tokens' logits at a time
+
+
 class ActivationModel(StrEnum):
     ARCH = "arch"  # saved tensors of the actual block (GQA, gated MLP, attention kernel, loss)
     MEGATRON = "megatron"  # Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) per layer
@@ -240,12 +245,13 @@ class TrainSettings:
     attention: Attention = Attention.SDPA
     optimizer_impl: OptimizerImpl = OptimizerImpl.FOREACH
     activation_model: ActivationModel = ActivationModel.ARCH
+    loss: Loss = Loss.FULL
     precision: str | None = None  # a named recipe (memcalc.precision.RECIPES); overrides dtype/master_weights
 
     def __post_init__(self) -> None:
         _coerce_enums(
             self, dtype=TrainDType, optimizer=Optimizer, recompute=Recompute, attention=Attention,
-            optimizer_impl=OptimizerImpl, activation_model=ActivationModel,
+            optimizer_impl=OptimizerImpl, activation_model=ActivationModel, loss=Loss,
         )
         _check_positive(self, "batch_size", "seq_len")
         if self.precision is not None:

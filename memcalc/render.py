@@ -72,8 +72,9 @@ def _activation_assumption(settings: dict[str, Any]) -> str:
     if settings["activation_model"] == "megatron":
         return (f"Megatron formula, {settings['activation_dtype']}: GPT block with unfused attention and dropout "
                 "(Korthikanti et al. 2022)")
+    loss = "chunked loss (1024 tokens at a time)" if settings["loss"] == "chunked" else "fp32 logits for the loss"
     return (f"saved tensors of the block, {settings['activation_dtype']}, {settings['attention']} attention, "
-            "no dropout, fp32 logits for the loss")
+            f"no dropout, {loss}")
 
 
 def _recipe_description(name: str) -> str:

@@ -87,6 +87,8 @@ CASES = [
     ("gpt2", 2, dict(precision="fp32", seq_len=256, batch_size=2, attention="eager", optimizer="sgd-momentum")),
     ("qwen2.5-0.5b", 2, dict(precision="mixed-fp16", seq_len=256, batch_size=2, optimizer_impl="fused")),
     ("mixtral-8x7b", 1, dict(precision="pure-bf16", seq_len=128, batch_size=1)),
+    ("llama-3.2-1b", 1, dict(precision="pure-bf16", seq_len=1024, batch_size=2, loss="chunked")),
+    ("gpt2", 2, dict(precision="fp32", seq_len=512, batch_size=1, loss="chunked")),
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memcalc.config import MLPKind, ModelConfig, Optimizer, Recompute, TrainSettings, resolve_seq_len
+from memcalc.config import Loss, MLPKind, ModelConfig, Optimizer, Recompute, TrainSettings, resolve_seq_len
 from memcalc.dtypes import BITS_PER_ELEMENT, storage_bytes
 from memcalc.estimate.activations import (
     FP32_BYTES,
@@ -29,6 +29,8 @@ from memcalc.estimate.params import ParamInventory, count_params
 from memcalc.precision import PrecisionRecipe, recipe_for
 
 KORTHIKANTI = "Korthikanti et al. 2022 (arXiv:2205.05198)"
+# Tokens per slice of the chunked loss (memcalc.validate.model.LOSS_CHUNK_TOKENS runs the same).
+LOSS_CHUNK_TOKENS = 1024
 AUTOGRAD = "PyTorch autograd saved tensors of the Hugging Face block (docs/formulas.md sec. 3.4)"
 
 
@@ -93,7 +95,6 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     others = layers - (stream if full else last_saved)
 
     embedding = INDEX_BYTES * tokens * 2  # token ids and labels
-    head_grad = vocab * h * grad_bytes
     head_weight_copy = e * vocab * h if recipe.autocast else 0
     final = norm_saved_bytes(model, h, shape) + tokens * h * e + head_weight_copy
     saved = embedding + layers + final
@@ -101,17 +102,32 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     # Logits: the matmul output, its fp32 upcast for the loss (unless already fp32), the fp32
     # log-softmax output the cross-entropy keeps (transformers' ForCausalLMLoss upcasts first).
     logits = tokens * vocab
-    forward = saved + logits * (e + upcast_scores + FP32_BYTES)
+    head_grad = vocab * h * grad_bytes
+    if settings.loss is Loss.CHUNKED:
+        # One slice at a time, run without saving: its logits in fp32 and their log-softmax.
+        chunk = min(LOSS_CHUNK_TOKENS, tokens)
+        forward = saved + chunk * vocab * 2 * FP32_BYTES
+        # Backward recomputes each slice: its loss gradients, the full-size gradient of the hidden
+        # states, and the head-weight gradients of earlier slices waiting to be summed.
+        gradient_of_hidden = tokens * h * e
+        several = tokens > chunk
+        waiting = head_grad if several else 0
+        # summing a slice's head-weight gradient into the earlier ones': both and their sum
+        summing = (3 if several else 1) * head_grad
+        backward_output = max(chunk * vocab * 3 * FP32_BYTES + waiting + gradient_of_hidden,
+                              summing + gradient_of_hidden + chunk * h * e)
+    else:
+        forward = saved + logits * (e + upcast_scores + FP32_BYTES)
+        # Backward opens with the loss gradients: log-softmax output + its gradient + the logits'
+        # fp32 gradient; then the output layer's weight gradient exists before it is accumulated.
+        backward_output = max(logits * 3 * FP32_BYTES, logits * e + head_grad)
     if eager and recompute is not Recompute.FULL:
         forward = max(forward, embedding + others + last_before_scores + scores_forward)
     if full:
         # a layer run without saving: its MLP intermediates (activation, up, product) at once
         forward = max(forward, embedding + layers + 3 * e * tokens * _mlp_width(model) + scores_forward)
 
-    # Backward opens with the loss gradients: log-softmax output + its gradient + the logits' fp32 gradient.
-    backward = max(saved + logits * 3 * FP32_BYTES,
-                   # the output layer's weight gradient before it is accumulated
-                   saved + logits * e + head_grad)
+    backward = saved + backward_output
     # A tied weight waits for the embedding's gradient: its head gradient stays until the end of backward.
     held = head_grad if model.tie_word_embeddings else 0
     # Inside the first layer backward reaches (recomputed first under full recompute): its MLP's
@@ -236,6 +252,7 @@ def estimate_training(model: ModelConfig, settings: TrainSettings) -> Estimate:
         "recompute": settings.recompute.value,
         "attention": settings.attention.value,
         "activation_model": settings.activation_model.value,
+        "loss": settings.loss.value,
         "activation_dtype": recipe.activation_dtype.value,
     }
     return Estimate(model, params, resolved, components, checkpoint=checkpoint, phases=phases)

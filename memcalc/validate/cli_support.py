@@ -73,6 +73,7 @@ def run_training_validation(
         seq_len=resolve_seq_len(model, settings.seq_len),
         attention=settings.attention.value,
         recompute=settings.recompute.value,
+        loss=settings.loss.value,
     )
     try:
         measurement = measure_training(model, workload, device, progress)

@@ -245,3 +245,25 @@ class Decoder(nn.Module):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """As transformers' ``ForCausalLMLoss``: upcast the logits to fp32, then cross-entropy."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+
+
+# Tokens per chunk of the chunked loss (Liger-Kernel's fused linear cross-entropy and torchtune's
+# chunked loss work on slices of the tokens; 1024 keeps one slice's logits small).
+from memcalc.estimate.training import LOSS_CHUNK_TOKENS  # noqa: E402  (one source for both)
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same loss without materialising all logits: each slice of tokens computes its logits and
+    loss under activation checkpointing, so only one slice's logits exist at a time."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
+        stop = start + LOSS_CHUNK_TOKENS
+        total = total + checkpoint(_chunk_loss_sum, hidden[start:stop], weight, labels[start:stop], use_reentrant=False)
+    return total / labels.numel()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from memcalc.config import ModelConfig
-from memcalc.validate.model import Decoder, causal_lm_loss
+from memcalc.validate.model import Decoder, causal_lm_loss, chunked_causal_lm_loss
 from memcalc.validate.tracker import CUDA_BLOCK_BYTES, LiveBytesTracker
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,6 +34,7 @@ class TrainWorkload:
     seq_len: int = 512
     attention: str = "sdpa"  # eager | sdpa (flash runs as sdpa: PyTorch picks the flash kernel on CUDA)
     recompute: str = "none"  # none | selective | full
+    loss: str = "full"  # full | chunked
     iterations: int = 2
 
 
@@ -154,9 +155,13 @@ def measure_training(
                 torch.autocast(torch_device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
             )
             with autocast:
-                logits = model(input_ids)
-            loss = causal_lm_loss(logits, labels)
-            del logits
+                if workload.loss == "chunked":
+                    loss = chunked_causal_lm_loss(model.hidden_states(input_ids), model.output_weight(), labels)
+                else:
+                    logits = model(input_ids)
+            if workload.loss != "chunked":
+                loss = causal_lm_loss(logits, labels)
+                del logits
             forward = meter.stop()
             progress(f"iteration {iteration + 1}/{workload.iterations}: backward")
             meter.start()
