@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from memcalc.config import TrainSettings  # noqa: E402
+from memcalc.config import InferSettings, TrainSettings  # noqa: E402
+from memcalc.estimate.inference import estimate_inference  # noqa: E402
 from memcalc.estimate.training import estimate_training  # noqa: E402
 from memcalc.library import resolve_model  # noqa: E402
 from memcalc.validate.cli_support import with_layers  # noqa: E402
@@ -37,15 +38,24 @@ class Case:
     model: str
     settings: dict = field(default_factory=dict)
     layers: int | None = None  # None: the full model
+    workload: str = "train"
 
     @property
     def label(self) -> str:
         s = self.settings
+        if self.workload == "infer":
+            return (f"{self.model}{f' L{self.layers}' if self.layers else ''} infer {s['dtype']} b{s['batch_size']} "
+                    f"prompt {s['prompt_len']} +{s['max_new_tokens']} beams {s.get('num_beams', 1)}")
         parts = [self.model + (f" L{self.layers}" if self.layers else ""), s.get("precision", "mixed-bf16"),
                  s.get("optimizer", "adamw") + "/" + s.get("optimizer_impl", "foreach"),
                  f"b{s.get('batch_size', 1)} s{s.get('seq_len')}", s.get("attention", "sdpa"),
                  "rc-" + s.get("recompute", "none")] + (["loss-chunked"] if s.get("loss") == "chunked" else [])
         return " ".join(parts)
+
+
+def _infer(model, dtype, batch, prompt, new_tokens, beams=1, layers=None):
+    settings = dict(dtype=dtype, batch_size=batch, prompt_len=prompt, max_new_tokens=new_tokens, num_beams=beams)
+    return Case(model, settings, layers, "infer")
 
 
 def _case(model, precision, batch, seq, attention="sdpa", recompute="none", layers=None, **extra):
@@ -88,6 +98,14 @@ FAKE_MATRIX = [
     _case("gemma-7b", "mixed-bf16", 1, 2048, "eager"),
     _case("llama-3-8b", "pure-bf16", 2, 4096, loss="chunked"),
     _case("gemma-2b", "mixed-bf16", 2, 4096, recompute="full", loss="chunked"),
+    _infer("llama-2-7b", "bf16", 4, 2048, 64),
+    _infer("llama-3-8b", "bf16", 1, 4096, 128, beams=4),
+    _infer("mistral-7b", "fp16", 8, 1024, 32),
+    _infer("mixtral-8x7b", "bf16", 2, 1024, 16, beams=2),
+    _infer("gpt2", "fp32", 1, 16, 256, beams=8),
+    _infer("qwen2.5-0.5b", "bf16", 16, 512, 64, beams=4),
+    _infer("gemma-2b", "bf16", 1, 4096, 32),
+    _infer("llama-3.2-1b", "fp32", 4, 1024, 64, beams=2),
 ]
 
 # One H200 (141 GB), under five minutes: real models, the largest near 100 GiB at its peak.
@@ -104,6 +122,8 @@ GPU_MATRIX = [
     _case("mistral-7b", "pure-bf16", 1, 4096, optimizer_impl="fused", layers=16),
     _case("llama-3-8b", "pure-bf16", 2, 4096),
     _case("mixtral-8x7b", "pure-bf16", 1, 2048, layers=4),
+    _infer("llama-3-8b", "bf16", 8, 4096, 64),
+    _infer("llama-3.2-1b", "bf16", 2, 1024, 128, beams=4),
 ]
 
 # Fast enough for CI: small models and few layers (tests/test_validate.py runs its own subset).
@@ -113,9 +133,13 @@ SUBSETS = {"all": FAKE_MATRIX, "gpu": GPU_MATRIX, "ci": CI_MATRIX}
 
 
 def run_case(case: Case, device: str):
-    from memcalc.validate.cli_support import run_training_validation
+    from memcalc.validate.cli_support import run_inference_validation, run_training_validation
 
     model = with_layers(resolve_model(case.model), case.layers)
+    if case.workload == "infer":
+        settings = InferSettings(**case.settings)
+        estimate = estimate_inference(model, settings)
+        return estimate, run_inference_validation(model, settings, estimate, device, force=False)
     settings = TrainSettings(**case.settings)
     estimate = estimate_training(model, settings)
     return estimate, run_training_validation(model, settings, estimate, device, force=False)
@@ -140,15 +164,22 @@ def write_csv(path: Path, results) -> None:
                                  "" if error is None else f"{error:.4f}"])
 
 
+def _row(comparison, key):
+    return next((row for row in comparison.rows if row.key == key), None)
+
+
 def summary(results) -> dict[str, float]:
     totals = [abs(c.total.error_percent) for _, c, _ in results]
-    activations = [abs(next(r for r in c.rows if r.key == "activations").error_percent) for _, c, _ in results]
-    states = [abs(r.error_percent) for _, c, _ in results for r in c.rows
+    training = [c for case, c, _ in results if case.workload == "train"]
+    inference = [c for case, c, _ in results if case.workload == "infer"]
+    activations = [abs(_row(c, "activations").error_percent) for c in training] or [0.0]
+    states = [abs(r.error_percent) for c in training for r in c.rows
               if r.key in ("weights", "master_weights", "optimizer_states", "gradients") and r.error_percent is not None]
+    kv = [abs(r.error_percent) for c in inference for r in c.rows if r.key.startswith("kv_cache")] or [0.0]
     return {
         "total_median": statistics.median(totals), "total_max": max(totals),
         "activations_median": statistics.median(activations), "activations_max": max(activations),
-        "states_max": max(states),
+        "states_max": max(states or [0.0]), "kv_cache_max": max(kv),
     }
 
 
@@ -167,9 +198,9 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         f"Device: {device} ({'fake tensors on the CPU: exact bytes of every tensor PyTorch allocates, no real memory' if device == 'fake' else torch.cuda.get_device_name()}); "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         "",
-        "Each row runs two training iterations of memcalc's reference decoder (the Hugging Face block "
+        "Each training row runs two training iterations of memcalc's reference decoder (the Hugging Face block "
         "structure, `memcalc/validate/model.py`) and compares the second with `memcalc train` for the same "
-        "settings. *Activations* is the peak, over forward and backward, of live bytes other than parameters, "
+        "settings; each inference row runs a generate() loop and compares it with `memcalc infer`. *Activations* is the peak, over forward and backward, of live bytes other than parameters, "
         "buffers, optimizer states and the gradients accumulated so far; *total* is the peak over forward, "
         "backward and the optimizer step.",
         "",
@@ -182,8 +213,10 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         f"| activations, median abs. error | {stats['activations_median']:.3f}% | {ACTIVATION_MEDIAN_TARGET}% | {verdict(stats['activations_median'], ACTIVATION_MEDIAN_TARGET)} |",
         f"| activations, max abs. error | {stats['activations_max']:.3f}% | | |",
         f"| weights, gradients, optimizer states, max abs. error | {stats['states_max']:.4f}% | {STATE_TARGET}% | {verdict(stats['states_max'], STATE_TARGET)} |",
+        f"| KV cache (inference), max abs. error | {stats['kv_cache_max']:.4f}% | {STATE_TARGET}% | {verdict(stats['kv_cache_max'], STATE_TARGET)} |",
         "",
-        f"{len(results)} configurations.",
+        f"{len(results)} configurations: {sum(case.workload == 'train' for case, _, _ in results)} training steps, "
+        f"{sum(case.workload == 'infer' for case, _, _ in results)} generate() runs.",
         "",
         "## Per configuration (GiB)",
         "",
@@ -192,6 +225,8 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
     ]
     gib = 2**30
     for case, comparison, _seconds in results:
+        if case.workload != "train":
+            continue
         activation = next(r for r in comparison.rows if r.key == "activations")
         phases = [r for r in comparison.rows if r.key.startswith("phase:")]
         estimated_phase = max(phases, key=lambda r: r.estimated).key.removeprefix("phase:")
@@ -200,6 +235,22 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
             f"| {case.label} | {comparison.total.estimated / gib:.2f} | {comparison.total.measured / gib:.2f} | "
             f"{comparison.total.error_percent:+.3f}% | {activation.estimated / gib:.2f} | {activation.measured / gib:.2f} | "
             f"{activation.error_percent:+.3f}% | {estimated_phase} / {measured_phase} |"
+        )
+    lines += [
+        "",
+        "## Inference (GiB): a transformers-style generate() with a concatenated cache",
+        "",
+        "| Configuration | Peak est. | Peak meas. | Error | KV cache est. | KV cache meas. | Error | Peak phase (est.) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for case, comparison, _seconds in results:
+        if case.workload != "infer":
+            continue
+        kv = _row(comparison, "kv_cache")
+        lines.append(
+            f"| {case.label} | {comparison.total.estimated / gib:.3f} | {comparison.total.measured / gib:.3f} | "
+            f"{comparison.total.error_percent:+.3f}% | {kv.estimated / gib:.3f} | {kv.measured / gib:.3f} | "
+            f"{kv.error_percent:+.3f}% | {comparison.total.label.removeprefix('Total (peak, ').rstrip(')')} |"
         )
     lines += [
         "",
@@ -236,9 +287,9 @@ def main() -> None:
             continue
         seconds = time.perf_counter() - started
         results.append((case, comparison, seconds))
-        activation = next(r for r in comparison.rows if r.key == "activations")
-        print(f"{case.label:70s} total {comparison.total.error_percent:+7.3f}%  activations "
-              f"{activation.error_percent:+7.3f}%  {seconds:5.1f}s", flush=True)
+        detail = _row(comparison, "activations") or _row(comparison, "kv_cache")
+        print(f"{case.label:70s} total {comparison.total.error_percent:+7.3f}%  {detail.key} "
+              f"{detail.error_percent:+7.3f}%  {seconds:5.1f}s", flush=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.csv, results)
     args.markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,27 @@ PrecisionOption = Annotated[
 ]
 
 
+ContextOption = Annotated[int | None, typer.Option("--context", "-c", min=1, show_default=False,
+                                                   help="Tokens per sequence held in the KV cache "
+                                                   "(default: min(2048, the model's maximum)).")]
+PromptOption = Annotated[int | None, typer.Option("--prompt", min=1, show_default=False,
+                                                  help="Prompt tokens per sequence (instead of --context).")]
+NewTokensOption = Annotated[int, typer.Option("--max-new-tokens", min=0, help="Tokens generated after the prompt.")]
+BeamsOption = Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1: greedy).")]
+
+
+def _infer_settings(dtype, kv_dtype, batch, context, prompt, max_new_tokens, num_beams):
+    from memcalc.config import InferSettings
+
+    if context is not None and prompt is not None:
+        raise InputError("--context and --prompt: give one (--context counts every cached token; --prompt with "
+                         "--max-new-tokens describes a generate() run)")
+    if max_new_tokens and prompt is None:
+        raise InputError("--max-new-tokens needs --prompt")
+    return InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context, prompt_len=prompt,
+                         max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+
 def _recipe_name(precision: str | None) -> str | None:
     from memcalc.precision import RECIPES
 
@@ -132,38 +153,43 @@ def infer(
                                                      help="KV-cache dtype (default: the weight dtype if a float "
                                                      "type, else bf16).")] = None,
     batch: BatchOption = 1,
-    context: Annotated[int | None, typer.Option("--context", "-c", min=1, show_default=False,
-                                                help="Tokens per sequence held in the KV cache "
-                                                "(default: min(2048, the model's maximum)).")] = None,
+    context: ContextOption = None,
+    prompt: PromptOption = None,
+    max_new_tokens: NewTokensOption = 0,
+    num_beams: BeamsOption = 1,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
-    """Memory to serve a model: weights and KV cache, with the 1.2x rule of thumb for reference.
+    """Memory to serve a model: weights, KV cache, prefill and decoding, with the 1.2x rule of thumb.
 
     Examples:
 
       memcalc infer llama-2-70b --dtype fp16 --batch 8 --context 4096
 
+      memcalc infer llama-3-8b --prompt 1024 --max-new-tokens 256 --num-beams 4
+
       memcalc infer mixtral-8x7b --dtype int4 --kv-dtype fp8 --json
     """
-    from memcalc.config import InferSettings
     from memcalc.estimate.inference import estimate_inference
     from memcalc.library import resolve_model
 
-    settings = InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context)
+    settings = _infer_settings(dtype, kv_dtype, batch, context, prompt, max_new_tokens, num_beams)
     _emit("infer", estimate_inference(resolve_model(model), settings), units, as_json)
 
 
 @app.command()
 def validate(
     model: ModelArgument,
+    workload: Annotated[str, typer.Option(help="train: one training step; infer: a generate() run "
+                                          "(--prompt, --max-new-tokens, --num-beams).")] = "train",
     device: Annotated[str, typer.Option(help="cuda (real allocations), fake (CPU fake tensors, no memory), cpu, "
                                         "or auto: cuda when available, else fake.")] = "auto",
     num_layers: Annotated[int | None, typer.Option("--num-layers", min=1, show_default=False,
                                                    help="Run the same blocks with fewer layers (cheaper).")] = None,
-    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    dtype: Annotated[TrainDType, typer.Option(help="Precision (train: 16-bit means mixed; infer: weights and cache).")]
+    = TrainDType.BF16,
     master_weights: Annotated[bool, typer.Option("--master-weights/--no-master-weights",
-                                                 help="16-bit: fp32 master copy or pure 16-bit.")] = True,
+                                                 help="16-bit training: fp32 master copy or pure 16-bit.")] = True,
     precision: PrecisionOption = None,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer (adam8bit cannot be measured).")] = Optimizer.ADAMW,
     optimizer_impl: OptimizerImplOption = OptimizerImpl.FOREACH,
@@ -174,6 +200,9 @@ def validate(
     attention: AttentionOption = Attention.SDPA,
     activation_model: ActivationModelOption = ActivationModel.ARCH,
     loss: LossOption = Loss.FULL,
+    prompt: PromptOption = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens generated (infer).")] = 16,
+    num_beams: BeamsOption = 1,
     tolerance: Annotated[float | None, typer.Option(min=0, show_default=False,
                                                     help="Exit with code 3 when the total misses by more than this "
                                                     "percentage.")] = None,
@@ -181,7 +210,7 @@ def validate(
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
-    """Run one real training step with PyTorch and compare its memory with the estimate.
+    """Run the workload with PyTorch and compare its memory with the estimate, part by part.
 
     Examples:
 
@@ -189,26 +218,44 @@ def validate(
 
       memcalc validate llama-3-8b --num-layers 4 --precision pure-bf16 --tolerance 3
 
-      memcalc validate gpt2 --device cuda --attention eager --json
+      memcalc validate gpt2 --workload infer --prompt 512 --max-new-tokens 64 --num-beams 4
     """
-    from memcalc.config import TrainSettings
-    from memcalc.estimate.training import estimate_training
     from memcalc.library import resolve_model
-    from memcalc.validate.cli_support import resolve_device, run_training_validation, with_layers
+    from memcalc.validate.cli_support import (
+        resolve_device,
+        run_inference_validation,
+        run_training_validation,
+        with_layers,
+    )
 
+    if workload not in ("train", "infer"):
+        raise InputError(f"--workload: {workload!r} is not one of train, infer")
     if device not in ("auto", "cuda", "fake", "cpu"):
         raise InputError(f"--device: {device!r} is not one of auto, cuda, fake, cpu")
     config = with_layers(resolve_model(model), num_layers)
-    settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
-                             seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
-                             activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
-    estimate = estimate_training(config, settings)
+    if workload == "train":
+        from memcalc.config import TrainSettings
+        from memcalc.estimate.training import estimate_training
+
+        settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
+                                 seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
+                                 activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
+        estimate = estimate_training(config, settings)
+        run = run_training_validation
+    else:
+        from memcalc.estimate.inference import estimate_inference
+
+        if prompt is None:
+            raise InputError("--workload infer needs --prompt (and --max-new-tokens) to describe the generate() run")
+        settings = _infer_settings(dtype.value, None, batch, None, prompt, max_new_tokens, num_beams)
+        estimate = estimate_inference(config, settings)
+        run = run_inference_validation
     resolved_device = resolve_device(device)
     if as_json:
-        comparison = run_training_validation(config, settings, estimate, resolved_device, force)
+        comparison = run(config, settings, estimate, resolved_device, force)
         from memcalc.report import estimate_document
 
-        document = {"estimate": estimate_document("train", estimate), "validation": comparison.document()}
+        document = {"estimate": estimate_document(workload, estimate), "validation": comparison.document()}
         if tolerance is not None:
             document["validation"]["tolerance_percent"] = tolerance
             document["validation"]["within_tolerance"] = comparison.within(tolerance)
@@ -217,7 +264,7 @@ def validate(
         from memcalc.render import print_comparison, progress_reporter
 
         with progress_reporter(f"measuring {config.name} on {resolved_device}") as progress:
-            comparison = run_training_validation(config, settings, estimate, resolved_device, force, progress)
+            comparison = run(config, settings, estimate, resolved_device, force, progress)
         print_comparison(estimate, comparison, units, tolerance)
     if tolerance is not None and not comparison.within(tolerance):
         raise ToleranceExceeded(

@@ -270,11 +270,18 @@ class InferSettings:
     dtype: DType = DType.BF16
     kv_dtype: KVDType | None = None  # default: the weight dtype when it is a float type, else bf16
     batch_size: PositiveInt = DEFAULT_BATCH_SIZE
-    context_len: PositiveInt | None = None
+    context_len: PositiveInt | None = None  # tokens cached per sequence when no prompt is given
+    prompt_len: PositiveInt | None = None  # tokens of the prompt (prefill); with max_new_tokens, a generate() run
+    max_new_tokens: NonNegativeInt = 0
+    num_beams: PositiveInt = 1  # beam search keeps this many sequences per prompt
 
     def __post_init__(self) -> None:
         _coerce_enums(self, dtype=DType, kv_dtype=KVDType)
-        _check_positive(self, "batch_size", "context_len")
+        _check_positive(self, "batch_size", "context_len", "prompt_len", "num_beams")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
+        if self.context_len is not None and self.prompt_len is not None:
+            raise ValueError("give either context_len or prompt_len (+ max_new_tokens), not both")
 
 
 def resolve_seq_len(model: ModelConfig, seq_len: int | None) -> int:

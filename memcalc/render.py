@@ -29,11 +29,14 @@ def _share(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-PHASE_LABELS = {"forward": "forward", "backward": "backward", "optimizer_step": "optimizer step"}
+PHASE_LABELS = {"forward": "forward", "backward": "backward", "optimizer_step": "optimizer step",
+                "prefill": "prefill", "decode": "decoding"}
 PHASE_CONTENTS = {
     "forward": "static + activations",
     "backward": "static + activations left + gradients",
     "optimizer_step": "static + gradients + temporaries",
+    "prefill": "weights + prompt KV + prefill act.",
+    "decode": "weights + KV + decode buffers",
 }
 
 
@@ -60,7 +63,12 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             ("weights", settings["dtype"]),
             ("KV cache", f"{settings['kv_dtype']}, {settings['kv_cache_bytes_per_token']:,} bytes/token, "
              f"{model.kv_heads} KV heads x {model.attention_head_dim} head dim x {model.num_layers} layers"),
-            ("batch x context", f"{settings['batch_size']} x {settings['context_len']} tokens"),
+            ("batch x context", f"{settings['batch_size']} x {settings['context_len']} tokens cached"
+             + (f" ({settings['prompt_len']} prompt + {settings['max_new_tokens']} new, the last not cached)"
+                if settings["max_new_tokens"] else "")),
+            ("decoding", "greedy" if settings["num_beams"] == 1 else f"beam search, {settings['num_beams']} beams "
+             "(the prompt's cache is repeated for every beam)"),
+            ("engine", "Hugging Face generate(): cache grown by concatenation, last-position logits copied to fp32"),
         ]
         if model.sliding_window:
             lines.append(("sliding window", f"{model.sliding_window} tokens, not applied: every token is cached"))
@@ -128,11 +136,13 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit) -> None:
 
     console = _console()
     console.print(table)
-    if estimate.phases:
+    if estimate.phases and command == "train":
         console.print(
             "Shares are of the peak. The peak is the largest phase, not the sum of the rows: activations are "
             "freed during backward, before the optimizer step allocates its temporaries."
         )
+    elif estimate.phases:
+        console.print("Shares are of the peak. The peak is the larger of prefill and decoding, not the sum of the rows.")
     other = Unit.GB if unit is Unit.GIB else Unit.GIB
     console.print(f"Total: {format_bytes(total, unit)} {label} ({format_bytes(total, other)} {UNIT_LABEL[other]})")
     console.print()
@@ -242,11 +252,17 @@ def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: floa
     console = _console()
     console.print(table)
     settings = estimate.settings
-    console.print(
-        f"{settings['precision']}, {settings['optimizer']} ({settings['optimizer_impl']}), batch {settings['batch_size']} "
-        f"x seq {settings['seq_len']}, {settings['attention']} attention, recompute {settings['recompute']}, "
-        f"activation model {settings['activation_model']}; measured on the second iteration."
-    )
+    if "optimizer" in settings:
+        console.print(
+            f"{settings['precision']}, {settings['optimizer']} ({settings['optimizer_impl']}), batch "
+            f"{settings['batch_size']} x seq {settings['seq_len']}, {settings['attention']} attention, recompute "
+            f"{settings['recompute']}, activation model {settings['activation_model']}; measured on the second iteration."
+        )
+    else:
+        console.print(
+            f"{settings['dtype']} weights and cache, batch {settings['batch_size']} x {settings['num_beams']} beams, "
+            f"prompt {settings['prompt_len']} + {settings['max_new_tokens']} new tokens (generate() as in transformers)."
+        )
     for note in comparison.notes:
         console.print(f"note: {note}")
     if tolerance is not None:

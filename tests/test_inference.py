@@ -55,6 +55,27 @@ def test_default_kv_dtype_follows_float_weights_else_bf16():
     assert estimate_inference(model, InferSettings(dtype="int4")).settings["kv_dtype"] == "bf16"
 
 
-def test_total_is_weights_plus_kv_cache():
+def test_context_only_total_is_prefill_peak_by_hand():
+    """Prefill of 8 x 4096 tokens: weights + the prompt's cache + one layer's no-grad forward,
+    e*T*(4h + 3f) = 2 * 32768 * (4*8192 + 3*28672) bytes (checked against measurement in test_validate)."""
     estimate = estimate_inference(resolve_model("llama-2-70b"), InferSettings(dtype="fp16", batch_size=8, context_len=4096))
-    assert estimate.total == 68_976_648_192 * 2 + 327_680 * 4096 * 8
+    assert estimate.phases == {"prefill": 68_976_648_192 * 2 + 327_680 * 4096 * 8 + 2 * 32768 * (4 * 8192 + 3 * 28672)}
+    assert estimate.total == estimate.phases["prefill"]
+
+
+def test_beams_multiply_the_cache_including_the_prompt():
+    """HF generate() repeats the prompt for every beam; the last new token is not cached."""
+    model = resolve_model("llama-3-8b")
+    greedy = estimate_inference(model, InferSettings(batch_size=2, prompt_len=1000, max_new_tokens=25))
+    beams = estimate_inference(model, InferSettings(batch_size=2, prompt_len=1000, max_new_tokens=25, num_beams=4))
+    assert greedy.component("kv_cache").bytes == 131_072 * (1000 + 24) * 2
+    assert beams.component("kv_cache").bytes == 4 * greedy.component("kv_cache").bytes
+
+
+def test_decode_phase_by_hand():
+    """Decoding: weights + full cache + one layer's cache copy + fp32 logits, log-softmax and scores for beams."""
+    model = resolve_model("gpt2")
+    estimate = estimate_inference(model, InferSettings(dtype="fp32", batch_size=1, prompt_len=16, max_new_tokens=65,
+                                                       num_beams=8))
+    kv = 2 * 12 * 12 * 64 * 4 * (16 + 64) * 8  # fp32 cache, 8 sequences
+    assert estimate.phases["decode"] == 124_439_808 * 4 + kv + kv // 12 + 8 * 50257 * 4 * 3

@@ -176,3 +176,43 @@ def test_cuda_measurement_matches_estimate():
     measured = measure_training(model, TrainWorkload(precision="pure-bf16", seq_len=1024, batch_size=2), "cuda")
     assert estimate_training(model, settings).total == pytest.approx(measured.total, rel=0.05)
     assert measured.cuda["peak_allocated"] >= measured.total
+
+
+INFER_CASES = [
+    ("gpt2", 2, dict(dtype="fp32", batch_size=1, prompt_len=16, max_new_tokens=48, num_beams=4)),
+    ("llama-3.2-1b", 2, dict(dtype="bf16", batch_size=2, prompt_len=256, max_new_tokens=8)),
+    ("qwen2.5-0.5b", 2, dict(dtype="bf16", batch_size=4, prompt_len=128, max_new_tokens=8, num_beams=2)),
+    ("mixtral-8x7b", 1, dict(dtype="bf16", batch_size=1, prompt_len=128, max_new_tokens=4)),
+]
+
+
+@pytest.mark.parametrize(("name", "layers", "settings"), INFER_CASES, ids=[c[0] for c in INFER_CASES])
+def test_inference_estimate_matches_fake_generate(name, layers, settings):
+    """KV caches exactly, the peak within 3% (a generate() loop with beams on fake tensors)."""
+    from memcalc.config import InferSettings
+    from memcalc.estimate.inference import estimate_inference
+    from memcalc.validate.run import InferWorkload, measure_inference
+
+    model = replace(resolve_model(name), num_layers=layers)
+    estimate = estimate_inference(model, InferSettings(**settings))
+    workload = InferWorkload(dtype=settings["dtype"], batch_size=settings["batch_size"],
+                             prompt_len=settings["prompt_len"], new_tokens=settings["max_new_tokens"],
+                             num_beams=settings.get("num_beams", 1))
+    measured = measure_inference(model, workload, "fake")
+    assert estimate.component("kv_cache").bytes == measured.components["kv_cache"]
+    assert estimate.total == pytest.approx(measured.total, rel=0.03)
+
+
+def test_validate_infer_cli_json(run_cli):
+    result = run_cli("validate", "gpt2", "--workload", "infer", "--device", "fake", "--num-layers", "2",
+                     "--prompt", "32", "--max-new-tokens", "8", "--num-beams", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {row["key"]: row for row in json.loads(result.stdout)["validation"]["rows"]}
+    assert rows["kv_cache_after_prefill"]["estimated"] == rows["kv_cache_after_prefill"]["measured"] == 2 * 2 * 12 * 64 * 2 * 32 * 2
+    assert rows["kv_cache"]["measured"] == 2 * 2 * 12 * 64 * 2 * (32 + 7) * 2
+
+
+def test_validate_infer_needs_a_prompt(run_cli):
+    result = run_cli("validate", "gpt2", "--workload", "infer", "--device", "fake")
+    assert result.exit_code == 2
+    assert "--workload infer needs --prompt" in result.stderr

@@ -8,11 +8,11 @@ from __future__ import annotations
 import gc
 from dataclasses import replace
 
-from memcalc.config import ModelConfig, Optimizer, TrainSettings, resolve_seq_len
+from memcalc.config import InferSettings, ModelConfig, Optimizer, TrainSettings, resolve_seq_len
 from memcalc.errors import InputError, MemcalcError
 from memcalc.estimate.breakdown import Estimate
 from memcalc.validate import require_torch
-from memcalc.validate.compare import Comparison, compare_training
+from memcalc.validate.compare import Comparison, compare_inference, compare_training
 
 # Refuse a CUDA run whose estimate leaves less than this share of free memory unused: the
 # allocator's fragmentation and library workspaces are not in the estimate.
@@ -53,12 +53,40 @@ def check_fits(estimate: Estimate, force: bool) -> None:
         )
 
 
+def _measure(device: str, run):
+    torch = require_torch()
+    try:
+        return run()
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(f"out of memory on {device}: {str(exc).splitlines()[0]}") from None
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_inference_validation(
+    model: ModelConfig, settings: InferSettings, estimate: Estimate, device: str, force: bool, progress=None
+) -> Comparison:
+    from memcalc.validate.run import TORCH_DTYPES, InferWorkload, measure_inference
+
+    if settings.dtype.value not in TORCH_DTYPES or (settings.kv_dtype and settings.kv_dtype.value != settings.dtype.value):
+        raise InputError("validation runs the reference model in fp32, fp16 or bf16 with a cache of the same dtype")
+    if settings.prompt_len is None:
+        raise InputError("--workload infer needs --prompt (and --max-new-tokens) to describe the generate() run")
+    if device == "cuda":
+        check_fits(estimate, force)
+    workload = InferWorkload(dtype=settings.dtype.value, batch_size=settings.batch_size, prompt_len=settings.prompt_len,
+                             new_tokens=max(settings.max_new_tokens, 1), num_beams=settings.num_beams)
+    measurement = _measure(device, lambda: measure_inference(model, workload, device, progress))
+    return compare_inference(estimate, measurement)
+
+
 def run_training_validation(
     model: ModelConfig, settings: TrainSettings, estimate: Estimate, device: str, force: bool, progress=None
 ) -> Comparison:
     if settings.optimizer is Optimizer.ADAM8BIT:
         raise InputError("--optimizer adam8bit cannot be measured here: bitsandbytes' kernels need a CUDA build")
-    torch = require_torch()
     from memcalc.precision import recipe_for
     from memcalc.validate.run import TrainWorkload, measure_training
 
@@ -75,12 +103,5 @@ def run_training_validation(
         recompute=settings.recompute.value,
         loss=settings.loss.value,
     )
-    try:
-        measurement = measure_training(model, workload, device, progress)
-    except torch.OutOfMemoryError as exc:
-        raise OutOfMemory(f"out of memory on {device}: {str(exc).splitlines()[0]}") from None
-    finally:
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    measurement = _measure(device, lambda: measure_training(model, workload, device, progress))
     return compare_training(estimate, measurement)

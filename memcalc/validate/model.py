@@ -89,7 +89,10 @@ class Attention(nn.Module):
         # backward; only eager attention stores scores, so only it has anything to drop.
         self.recompute_scores = recompute == "selective" and attention == "eager"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None,
+                layer_index: int = 0) -> torch.Tensor:
+        """``cache`` is a list of per-layer (keys, values) grown by concatenation (Hugging Face's
+        DynamicCache) when given; keys are cached after the rotary embedding, before repeat_kv."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -101,12 +104,18 @@ class Attention(nn.Module):
             cos, sin = rope
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            if cache[layer_index] is not None:
+                past_k, past_v = cache[layer_index]
+                k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+            cache[layer_index] = (k, v)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:  # repeat_kv, as the Hugging Face eager and SDPA paths do
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         if self.attention != "eager":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # a single new token attends to the whole cache: no mask
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
         elif self.recompute_scores and torch.is_grad_enabled():
             out = checkpoint(eager_attention, q, k, v, use_reentrant=False)
         else:
@@ -159,9 +168,9 @@ class MoE(nn.Module):
         # index sets derived from ``arange`` keep static shapes under fake tensors.
         num_experts, num_assignments = len(self.experts), tokens.shape[0] * self.top_k
         for expert_index, expert in enumerate(self.experts):
+            if expert_index >= num_assignments:  # fewer routed tokens than experts (decoding)
+                break
             assignment = torch.arange(expert_index, num_assignments, num_experts, device=x.device)
-            if assignment.numel() == 0:
-                continue
             token_index, slot = assignment // self.top_k, assignment % self.top_k
             expert_out = expert(tokens[token_index]) * weights[token_index, slot, None]
             out.index_add_(0, token_index, expert_out)
@@ -183,8 +192,8 @@ class Block(nn.Module):
         uses_experts = model.moe is not None and layer_index >= model.moe.first_dense_layers
         self.mlp = MoE(model) if uses_experts else MLP(model, model.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        attn_out = self.attn(self.input_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope, cache=None, layer_index: int = 0) -> torch.Tensor:
+        attn_out = self.attn(self.input_norm(x), rope, cache, layer_index)
         if len(self.extra_norms) == 2:  # Gemma-2 sandwich norms
             attn_out = self.extra_norms[0](attn_out)
         x = x + attn_out
@@ -240,6 +249,20 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype."""
         return F.linear(self.hidden_states(input_ids), self.output_weight())
+
+    def forward_with_cache(self, input_ids: torch.Tensor, cache: list, position: int) -> torch.Tensor:
+        """One generation step: ``input_ids`` are the new tokens at ``position``; logits for the last
+        position only (transformers' generate passes ``logits_to_keep=1``)."""
+        seq = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        if self.config.position_embedding is PositionKind.LEARNED:
+            x = x + self.embed_positions(torch.arange(position, position + seq, device=input_ids.device))
+        rope = self.rope(position + seq, x.dtype, x.device)
+        if rope is not None:
+            rope = (rope[0][position:], rope[1][position:])
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rope, cache, index)
+        return F.linear(self.final_norm(x[:, -1:, :]), self.output_weight())
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

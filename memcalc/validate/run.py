@@ -222,3 +222,86 @@ def _cuda_statistics() -> dict[str, int]:
         "device_used": total - free,
         "process_overhead": max(0, total - free - reserved),
     }
+
+
+@dataclass(frozen=True)
+class InferWorkload:
+    """A Hugging Face style ``generate()``: the prompt is repeated for every beam, the cache grows
+    by concatenation, prefill computes logits for the last position only, each step copies its
+    logits to fp32; beam search takes a log-softmax, keeps the best 2 x beams and reorders the cache."""
+
+    dtype: str = "bf16"
+    batch_size: int = 1
+    prompt_len: int = 512
+    new_tokens: int = 16
+    num_beams: int = 1
+
+
+@torch.no_grad()
+def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, tracker, on_prefill) -> list:
+    beams = workload.num_beams
+    sequences = input_ids.repeat_interleave(beams, dim=0)
+    caches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.layers)
+    position = 0
+    beam_scores = torch.zeros(input_ids.shape[0], beams, dtype=torch.float32)
+    tokens = sequences
+    for step in range(workload.new_tokens):
+        logits = model.forward_with_cache(tokens, caches, position)
+        position += tokens.shape[1]
+        if step == 0:
+            on_prefill(caches)
+        scores = logits[:, -1, :].to(dtype=torch.float32, copy=True)
+        del logits
+        if beams == 1:
+            next_tokens = scores.argmax(dim=-1, keepdim=True)
+        else:
+            vocab = scores.shape[-1]
+            log_probs = F.log_softmax(scores, dim=-1) + beam_scores.reshape(-1, 1)
+            top_scores, top_indices = torch.topk(log_probs.view(-1, beams * vocab), 2 * beams, dim=1)
+            del log_probs
+            beam_scores = top_scores[:, :beams]
+            source_beam = (top_indices[:, :beams] // vocab)
+            next_tokens = (top_indices[:, :beams] % vocab).reshape(-1, 1)
+            offsets = (torch.arange(source_beam.shape[0]) * beams).view(-1, 1)
+            beam_index = (source_beam + offsets).view(-1)
+            # DynamicCache.reorder_cache: layer by layer, so one layer's copy exists at a time
+            for index, (keys, values) in enumerate(caches):
+                caches[index] = (keys.index_select(0, beam_index), values.index_select(0, beam_index))
+        del scores
+        tokens = next_tokens
+    return caches
+
+
+def measure_inference(model_config: ModelConfig, workload: InferWorkload, device: str = "fake", progress=None):
+    progress = progress or (lambda description: None)
+    torch_device = "cuda" if device == "cuda" else "cpu"
+    tracker = LiveBytesTracker(round_to=CUDA_BLOCK_BYTES if device == "cuda" else 1)
+    meter = _Meter(device, tracker)
+    kv_after_prefill = 0
+    with _device_context(device), tracker, torch.device(torch_device):
+        with _default_dtype(TORCH_DTYPES[workload.dtype]):
+            model = Decoder(model_config)
+        model.eval()
+        weights = tracker.storage_bytes(list(model.parameters()) + list(model.buffers()))
+        tracker.static_bytes = weights
+        input_ids = torch.randint(0, model_config.vocab_size, (workload.batch_size, workload.prompt_len))
+
+        def on_prefill(caches) -> None:
+            nonlocal kv_after_prefill
+            kv_after_prefill = tracker.storage_bytes([t for pair in caches for t in pair])
+            progress("decoding")
+
+        progress("prefill")
+        meter.start()
+        caches = _generate(model, input_ids, workload, tracker, on_prefill)
+        generate = meter.stop()
+        cuda = {}
+        if device == "cuda":
+            cuda = _cuda_statistics()
+            cuda["peak_allocated"] = generate.cuda_peak_bytes
+        # prompt + new_tokens - 1 positions were fed through the model: the last token is chosen, not cached
+        kv_final = tracker.storage_bytes([t for pair in caches for t in pair])
+        del caches
+    phases = {"generate": generate}
+    components = {"weights": weights, "kv_cache_after_prefill": kv_after_prefill, "kv_cache": kv_final}
+    return Measurement(device, components, phases, cuda)
