@@ -258,6 +258,8 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         "",
         "- Per-token scalars the estimator rounds away (RMSNorm's fp32 reciprocal roots are counted, a few "
         "index tensors and the optimizer's `step` counters are not): a few kB per layer.",
+        "- Decoding with many beams: beam search's per-step bookkeeping (top-k outputs, index tensors, the "
+        "reordered tokens) is left out of the decode buffers; it shows in the small-model, 8-beam row.",
         "- MoE routing is balanced by construction in the reference model (assignment i goes to expert i mod E); "
         "real routing is data dependent and a hot expert holds more tokens than the k/E share estimated.",
         "- On CUDA, the allocator rounds each block to 512 bytes and cuBLAS allocates its workspace through "
