@@ -40,6 +40,16 @@ def test_reference_decoder_has_the_counted_parameters(name):
     assert sum(p.numel() for p in decoder.parameters()) == count_params(model).total
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-3.2-1b", "mixtral-8x7b", "gemma-2b"])
+def test_parameter_order_matches_the_reference_decoder(name):
+    from memcalc.estimate.params import parameter_sizes_in_order
+
+    model = resolve_model(name)
+    with torch.device("meta"):
+        decoder = Decoder(model)
+    assert [p.numel() for p in decoder.parameters()] == parameter_sizes_in_order(model)
+
+
 def test_tracker_counts_what_it_saw_on_a_real_cpu_run():
     """On real tensors the tracker's live bytes equal the bytes of the tensors alive."""
     tracker = LiveBytesTracker()
@@ -105,6 +115,29 @@ def test_estimate_matches_fake_measurement(name, layers, settings):
         assert estimate.component(key).bytes == pytest.approx(measured.components[key], rel=1e-3), key
     assert estimate.component("activations").bytes == pytest.approx(measured.components["activations"], rel=0.05)
     assert estimate.total == pytest.approx(measured.total, rel=0.03)
+
+
+# A small vocabulary moves the peak from the loss into a layer's backward; Qwen3's per-head norms
+# and Gemma-2's sandwich norms add saved tensors; a master-weight recipe with a fused optimizer
+# peaks while it converts gradients to fp32.
+SYNTHETIC = [
+    ("llama-3.2-1b", dict(num_layers=3, vocab_size=1024), dict(precision="pure-bf16", seq_len=256, batch_size=1)),
+    ("llama-3.2-1b", dict(num_layers=3, vocab_size=1024, qk_norm=True), dict(precision="pure-bf16", seq_len=256)),
+    ("llama-3.2-1b", dict(num_layers=3, vocab_size=1024, norms_per_layer=4), dict(precision="pure-bf16", seq_len=256)),
+    ("llama-3.2-1b", dict(num_layers=6), dict(precision="mixed-bf16", optimizer_impl="fused", seq_len=128)),
+    ("gpt2", dict(num_layers=3, vocab_size=1024), dict(precision="fp32", seq_len=256, batch_size=2)),
+]
+
+
+@pytest.mark.parametrize(("name", "changes", "settings"), SYNTHETIC, ids=[str(i) for i in range(len(SYNTHETIC))])
+def test_layer_backward_norms_and_conversion_peaks(name, changes, settings):
+    model = replace(resolve_model(name), **changes)
+    estimate = estimate_training(model, TrainSettings(**settings))
+    measured = measure_training(model, TrainWorkload(**settings), "fake")
+    assert estimate.component("activations").bytes == pytest.approx(measured.components["activations"], rel=0.01)
+    assert estimate.component("optimizer_step_temporaries").bytes == pytest.approx(
+        measured.components["optimizer_step_temporaries"], rel=0.001, abs=64)
+    assert estimate.total == pytest.approx(measured.total, rel=0.005)
 
 
 def test_moe_with_shared_experts_and_dense_first_layer():

@@ -14,7 +14,7 @@ Written per element size ``e`` (2 for fp16/bf16, 4 for fp32) with masks kept at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memcalc.config import MLPKind, ModelConfig, NormKind, Recompute
 
@@ -92,6 +92,12 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
     kv_width = q_width if model.kv_heads < model.num_attention_heads else model.kv_heads * model.attention_head_dim
     saved = norm_saved_bytes(model, model.hidden_size, shape) + _linear_inputs_bytes(shape, model.hidden_size, 3)
     saved += tokens * (q_width + 2 * kv_width) * e  # q (after rotary), k and v as attention reads them
+    if model.qk_norm:  # per-head norms of the projected queries and keys (Qwen3)
+        head_dim = model.attention_head_dim
+        saved += norm_saved_bytes(model, head_dim, replace(shape, tokens=tokens * model.num_attention_heads))
+        saved += norm_saved_bytes(model, head_dim, replace(shape, tokens=tokens * model.kv_heads))
+    if model.norms_per_layer >= 4:  # Gemma-2's norm of the attention output (before the residual add)
+        saved += norm_saved_bytes(model, model.hidden_size, shape)
     saved += tokens * q_width * e  # attention output = output-projection input
     if attention == "eager":
         if recompute is Recompute.NONE:
@@ -111,6 +117,8 @@ def _mlp_saved_bytes(model: ModelConfig, tokens: int, width: int, e: int) -> int
 def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool) -> int:
     tokens, e, h = shape.tokens, shape.element_bytes, model.hidden_size
     saved = norm_saved_bytes(model, h, shape)
+    if model.norms_per_layer >= 4:  # Gemma-2's norm of the MLP output
+        saved += norm_saved_bytes(model, h, shape)
     if not moe_layer:
         consumers = 2 if model.mlp is MLPKind.GATED else 1
         return saved + _linear_inputs_bytes(shape, h, consumers) + _mlp_saved_bytes(model, tokens, model.intermediate_size, e)

@@ -42,16 +42,19 @@ def _compute_bytes(weight_dtype: DType) -> int:
 def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
     """The most a no-grad forward holds inside one layer, beyond the cache: at the MLP's product
     the residual stream, the MLP input, the down projection's output and the new residual (4 x h)
-    beside the activation, up projection and product (3 x f; a plain MLP 2 x f). Checked against
-    fake-tensor runs of the reference decoder (tests/test_validate.py)."""
+    beside the activation, up projection and product (3 x f; a plain MLP 2 x f); the largest over
+    dense and MoE layers. Checked against fake-tensor runs of the reference decoder (tests/test_validate.py)."""
     h = model.hidden_size
-    if model.moe is not None and model.num_moe_layers:
+    width_factor = 3 if model.mlp is MLPKind.GATED else 2
+    peaks = []
+    if model.num_layers > model.num_moe_layers:
+        peaks.append(element_bytes * tokens * (4 * h + width_factor * model.intermediate_size))
+    if model.num_moe_layers:
         moe = model.moe
         per_expert = tokens * moe.experts_per_token // moe.num_experts
-        width_terms = (3 if model.mlp is MLPKind.GATED else 2) * moe.expert_intermediate_size
-        return element_bytes * (4 * tokens * h + per_expert * (3 * h + width_terms)) + FP32_BYTES * tokens * moe.num_experts
-    width_terms = (3 if model.mlp is MLPKind.GATED else 2) * model.intermediate_size
-    return element_bytes * tokens * (4 * h + width_terms)
+        routed = element_bytes * (4 * tokens * h + per_expert * (3 * h + width_factor * moe.expert_intermediate_size))
+        peaks.append(routed + FP32_BYTES * tokens * moe.num_experts)
+    return max(peaks)
 
 
 def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:

@@ -128,3 +128,47 @@ def count_params(model: ModelConfig) -> ParamInventory:
     if not model.tie_word_embeddings:
         groups.append(TensorGroup("lm_head.weight", ParamCategory.OUTPUT_HEAD, model.vocab_size * h, 1, 1))
     return ParamInventory(tuple(groups))
+
+
+def parameter_sizes_in_order(model: ModelConfig) -> list[int]:
+    """Element counts of the parameters in ``model.parameters()`` order (embedding first, then
+    each layer's norm, attention, norm, MLP, then the final norm and the output head), as the
+    reference decoder registers them. Per-tensor loops (a master-weight gradient conversion,
+    a for-loop optimizer) visit tensors in this order."""
+    h, norm_bias = model.hidden_size, model.norm is NormKind.LAYERNORM and model.norm_bias
+    q_width = model.num_attention_heads * model.attention_head_dim
+    kv_width = model.kv_heads * model.attention_head_dim
+
+    def linear(d_in: int, d_out: int, bias: bool) -> list[int]:
+        return [d_in * d_out] + ([d_out] if bias else [])
+
+    def norm(width: int) -> list[int]:
+        return [width] + ([width] if norm_bias else [])
+
+    def mlp(width: int) -> list[int]:
+        gate = linear(h, width, model.mlp_bias) if model.mlp is MLPKind.GATED else []
+        return gate + linear(h, width, model.mlp_bias) + linear(width, h, model.mlp_bias)
+
+    sizes = [model.vocab_size * h]
+    if model.position_embedding is PositionKind.LEARNED:
+        sizes.append(model.max_position_embeddings * h)
+    for index in range(model.num_layers):
+        sizes += norm(h)
+        sizes += linear(h, q_width, model.qkv_bias) + linear(h, kv_width, model.qkv_bias) * 2
+        sizes += linear(q_width, h, model.attn_output_bias)
+        if model.qk_norm:
+            sizes += norm(model.attention_head_dim) * 2
+        sizes += norm(h) * (model.norms_per_layer - 1)
+        moe = model.moe
+        if moe is None or index < moe.first_dense_layers:
+            sizes += mlp(model.intermediate_size)
+            continue
+        sizes += linear(h, moe.num_experts, False)
+        sizes += mlp(moe.expert_intermediate_size) * moe.num_experts
+        sizes += mlp(moe.shared_expert_intermediate_size or moe.expert_intermediate_size) * moe.num_shared_experts
+        if moe.shared_expert_gate:
+            sizes += linear(h, 1, False)
+    sizes += norm(h)
+    if not model.tie_word_embeddings:
+        sizes.append(model.vocab_size * h)
+    return sizes

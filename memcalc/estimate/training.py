@@ -25,7 +25,7 @@ from memcalc.estimate.activations import (
 )
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
-from memcalc.estimate.params import ParamInventory, count_params
+from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
 from memcalc.precision import PrecisionRecipe, recipe_for
 
 KORTHIKANTI = "Korthikanti et al. 2022 (arXiv:2205.05198)"
@@ -81,7 +81,7 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
         before_scores = attention_part - tokens * q_width * e - (0 if eager else FP32_BYTES * tokens * model.num_attention_heads)
         if eager and recompute is Recompute.NONE:
             before_scores -= scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
-        transient = _mlp_backward_transient(model, shape, moe_layer)
+        transient = _mlp_backward_transient(model, shape, moe_layer, grad_bytes)
         return saved, before_scores, mlp_part, transient
 
     dense = layer(False)
@@ -130,11 +130,19 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     backward = saved + backward_output
     # A tied weight waits for the embedding's gradient: its head gradient stays until the end of backward.
     held = head_grad if model.tie_word_embeddings else 0
-    # Inside the first layer backward reaches (recomputed first under full recompute): its MLP's
+    # Inside each layer backward reaches (recomputed first under full recompute): its MLP's
     # gradients, then its attention's (eager: gradients of the scores, fp32 softmax gradients).
+    # Layers of one kind peak at the last of them, which backward reaches with the most still saved.
     incoming = tokens * h * e
+    # a Gemma-2 style norm after the MLP has run its backward (and freed its inputs) by then
+    after_mlp_norm = norm_saved_bytes(model, h, shape) if model.norms_per_layer >= 4 else 0
+    below = 0  # saved by the layers before this one
+    for index, (layer_saved, _before_scores, _mlp, layer_transient) in enumerate(kinds):
+        if index + 1 == len(kinds) or kinds[index + 1] is not kinds[index]:
+            base = embedding + below + held + incoming
+            backward = max(backward, base + layer_saved - after_mlp_norm + layer_transient)
+        below += stream if full else layer_saved
     in_layer = embedding + others + held + incoming
-    backward = max(backward, in_layer + last_saved + last_transient)
     if eager:
         recomputed_scores = scores * (FP32_BYTES + e) if recompute is Recompute.SELECTIVE else 0
         score_gradients = scores * (e + FP32_BYTES)
@@ -153,16 +161,18 @@ def _mlp_width(model: ModelConfig) -> int:
     return model.intermediate_size
 
 
-def _mlp_backward_transient(model: ModelConfig, shape: ActivationShape, moe_layer: bool) -> int:
-    """Gradients alive while the MLP runs backward: for a gated MLP the product's gradient and the
-    gradients of both of its operands; for a plain one the output's and the activation input's."""
-    e, tokens = shape.element_bytes, shape.tokens
+def _mlp_backward_transient(model: ModelConfig, shape: ActivationShape, moe_layer: bool, grad_bytes: int) -> int:
+    """What the MLP's backward adds while its saved tensors still exist: the down projection's
+    weight gradient before the engine accumulates it, beside the gradient of that projection's
+    input (measured: the weight gradient is computed first, then the input gradient)."""
+    e, tokens, h = shape.element_bytes, shape.tokens, model.hidden_size
     if moe_layer:
         moe = model.moe
         per_expert = tokens * moe.experts_per_token // moe.num_experts
-        # one expert at a time, plus the full-size gradient of the gathered tokens being summed
-        return (3 if model.mlp is MLPKind.GATED else 2) * e * per_expert * moe.expert_intermediate_size + 2 * e * tokens * model.hidden_size
-    return (3 if model.mlp is MLPKind.GATED else 2) * e * tokens * model.intermediate_size
+        width = moe.expert_intermediate_size
+        # one expert at a time, plus the full-size gradients of the gathered tokens being summed
+        return grad_bytes * h * width + e * per_expert * width + 2 * e * tokens * h
+    return grad_bytes * h * model.intermediate_size + e * tokens * model.intermediate_size
 
 
 def _megatron_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe, seq_len: int) -> ActivationPeaks:
@@ -177,7 +187,7 @@ def _megatron_peaks(model: ModelConfig, settings: TrainSettings, recipe: Precisi
 
 
 def optimizer_step_temporaries(
-    settings: TrainSettings, recipe: PrecisionRecipe, params: ParamInventory
+    model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe, params: ParamInventory
 ) -> int:
     """Bytes the optimizer step allocates beyond the gradients it reads (torch.optim, PyTorch 2.x).
 
@@ -195,9 +205,12 @@ def optimizer_step_temporaries(
     if recipe.master_dtype is None:
         return temporaries
     master, grad = _bytes(recipe.master_dtype), _bytes(recipe.grad_dtype)
-    first, last = params.groups[0].numel, params.groups[-1].numel
-    # Converting gradient by gradient, in parameter order (embedding first, output head last).
-    conversion = max(master * first, (master - grad) * num_params + grad * last)
+    # Converting gradient by gradient in parameter order: after tensor k, the fp32 gradients of
+    # tensors 1..k and the 16-bit gradients of tensors k..N exist (tensor k's in both).
+    conversion, converted = 0, 0
+    for size in parameter_sizes_in_order(model):
+        conversion = max(conversion, master * (converted + size) - grad * converted)
+        converted += size
     return max(conversion, (master - grad) * num_params + temporaries)
 
 
@@ -214,7 +227,7 @@ def estimate_training(model: ModelConfig, settings: TrainSettings) -> Estimate:
     peaks = (_megatron_peaks if settings.activation_model.value == "megatron" else _arch_peaks)(
         model, settings, recipe, seq_len
     )
-    step_temporaries = optimizer_step_temporaries(settings, recipe, params)
+    step_temporaries = optimizer_step_temporaries(model, settings, recipe, params)
     static = weights + master + moments
     phases = {
         "forward": static + peaks.forward,
