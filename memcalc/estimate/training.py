@@ -170,8 +170,8 @@ def _mlp_backward_transient(model: ModelConfig, shape: ActivationShape, moe_laye
         moe = model.moe
         per_expert = tokens * moe.experts_per_token // moe.num_experts
         width = moe.expert_intermediate_size
-        # one expert at a time, plus the full-size gradients of the gathered tokens being summed
-        return grad_bytes * h * width + e * per_expert * width + 2 * e * tokens * h
+        # one expert at a time, plus the full-size gradient of the gathered tokens being summed
+        return grad_bytes * h * width + e * per_expert * width + e * tokens * h
     return grad_bytes * h * model.intermediate_size + e * tokens * model.intermediate_size
 
 
