@@ -186,6 +186,8 @@ def validate(
                                         "or auto: cuda when available, else fake.")] = "auto",
     num_layers: Annotated[int | None, typer.Option("--num-layers", min=1, show_default=False,
                                                    help="Run the same blocks with fewer layers (cheaper).")] = None,
+    impl: Annotated[str, typer.Option(help="reference: memcalc's PyTorch decoder; hf: the transformers model "
+                                      "class built from the config (training; transformers installed).")] = "reference",
     dtype: Annotated[TrainDType, typer.Option(help="Precision (train: 16-bit means mixed; infer: weights and cache).")]
     = TrainDType.BF16,
     master_weights: Annotated[bool, typer.Option("--master-weights/--no-master-weights",
@@ -230,6 +232,10 @@ def validate(
 
     if workload not in ("train", "infer"):
         raise InputError(f"--workload: {workload!r} is not one of train, infer")
+    if impl not in ("reference", "hf"):
+        raise InputError(f"--impl: {impl!r} is not one of reference, hf")
+    if impl == "hf" and workload == "infer":
+        raise InputError("--impl hf measures training steps; --workload infer runs the reference decoder")
     if device not in ("auto", "cuda", "fake", "cpu"):
         raise InputError(f"--device: {device!r} is not one of auto, cuda, fake, cpu")
     config = with_layers(resolve_model(model), num_layers)
@@ -241,7 +247,9 @@ def validate(
                                  seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
                                  activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
         estimate = estimate_training(config, settings)
-        run = run_training_validation
+
+        def run(*args, **kwargs):
+            return run_training_validation(*args, **kwargs, impl=impl)
     else:
         from memcalc.estimate.inference import estimate_inference
 

@@ -249,3 +249,33 @@ def test_validate_infer_needs_a_prompt(run_cli):
     result = run_cli("validate", "gpt2", "--workload", "infer", "--device", "fake")
     assert result.exit_code == 2
     assert "--workload infer needs --prompt" in result.stderr
+
+
+HF_CASES = [
+    ("llama-3.2-1b", dict(precision="pure-bf16", seq_len=256, batch_size=2)),
+    ("llama-3.2-1b", dict(precision="mixed-bf16", seq_len=256, attention="eager")),
+    ("qwen2.5-0.5b", dict(precision="pure-bf16", seq_len=256, recompute="full")),
+    ("gemma-2b", dict(precision="fp32", seq_len=128)),
+]
+
+
+@pytest.mark.parametrize(("name", "settings"), HF_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(HF_CASES)])
+def test_estimate_matches_the_transformers_model(name, settings):
+    """The transformers class built from the config (--impl hf), measured on fake tensors."""
+    pytest.importorskip("transformers")
+    from memcalc.validate.hf import build_hf_model
+
+    model = replace(resolve_model(name), num_layers=2)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in build_hf_model(model, "sdpa").parameters()) == count_params(model).total
+    estimate = estimate_training(model, TrainSettings(**settings))
+    measured = measure_training(model, TrainWorkload(impl="hf", **settings), "fake")
+    assert estimate.component("activations").bytes == pytest.approx(measured.components["activations"], rel=0.01)
+    assert estimate.total == pytest.approx(measured.total, rel=0.01)
+
+
+def test_validate_hf_refuses_moe_on_fake_tensors(run_cli):
+    pytest.importorskip("transformers")
+    result = run_cli("validate", "mixtral-8x7b", "--impl", "hf", "--device", "fake", "--num-layers", "1")
+    assert result.exit_code == 2
+    assert "transformers routes MoE tokens by their values" in result.stderr

@@ -88,8 +88,13 @@ def _linear_inputs_bytes(shape: ActivationShape, width: int, consumers: int) -> 
 def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention: str, recompute: Recompute) -> int:
     tokens, e = shape.tokens, shape.element_bytes
     q_width = model.num_attention_heads * model.attention_head_dim
-    # Grouped K/V heads are repeated to the query heads before attention (Hugging Face repeat_kv).
-    kv_width = q_width if model.kv_heads < model.num_attention_heads else model.kv_heads * model.attention_head_dim
+    # Eager attention repeats grouped K/V heads to the query heads first (Hugging Face repeat_kv);
+    # SDPA and flash kernels read the grouped heads directly.
+    # Under selective recompute the repeat happens inside the recomputed part, so only the
+    # grouped heads are kept.
+    grouped = model.kv_heads < model.num_attention_heads
+    repeated = grouped and attention == "eager" and recompute is Recompute.NONE
+    kv_width = q_width if repeated else model.kv_heads * model.attention_head_dim
     saved = norm_saved_bytes(model, model.hidden_size, shape) + _linear_inputs_bytes(shape, model.hidden_size, 3)
     saved += tokens * (q_width + 2 * kv_width) * e  # q (after rotary), k and v as attention reads them
     if model.qk_norm:  # per-head norms of the projected queries and keys (Qwen3)

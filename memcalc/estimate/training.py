@@ -69,17 +69,19 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     # plus the causal mask: the filled square and its upper triangle, both in the compute dtype
     scores_forward = scores * (2 * e + upcast_scores + FP32_BYTES) + (2 * e * seq_len * seq_len if eager else 0)
     stream = tokens * h * shape.stream_bytes
+    full = recompute is Recompute.FULL
 
     def layer(moe_layer: bool) -> tuple[int, int, int, int]:
         """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
-        attention_part = attention_saved_bytes(model, shape, attention, recompute)
+        # a fully recomputed layer saves, while it runs backward, what it would save without recompute
+        attention_part = attention_saved_bytes(model, shape, attention, Recompute.NONE if full else recompute)
         mlp_part = mlp_saved_bytes(model, shape, moe_layer)
         saved = attention_part + mlp_part
         if recipe.autocast:
             saved += e * linear_weight_elements_per_layer(model, moe_layer)
         q_width = model.num_attention_heads * model.attention_head_dim
         before_scores = attention_part - tokens * q_width * e - (0 if eager else FP32_BYTES * tokens * model.num_attention_heads)
-        if eager and recompute is Recompute.NONE:
+        if eager and (recompute is Recompute.NONE or full):
             before_scores -= scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
         transient = _mlp_backward_transient(model, shape, moe_layer, grad_bytes)
         return saved, before_scores, mlp_part, transient
@@ -89,7 +91,6 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     if model.num_moe_layers:
         kinds += [layer(True)] * model.num_moe_layers
     last_saved, last_before_scores, last_mlp, last_transient = kinds[-1]
-    full = recompute is Recompute.FULL
     # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
     layers = model.num_layers * stream if full else sum(kind[0] for kind in kinds)
     others = layers - (stream if full else last_saved)

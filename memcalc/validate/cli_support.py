@@ -83,10 +83,18 @@ def run_inference_validation(
 
 
 def run_training_validation(
-    model: ModelConfig, settings: TrainSettings, estimate: Estimate, device: str, force: bool, progress=None
+    model: ModelConfig, settings: TrainSettings, estimate: Estimate, device: str, force: bool, progress=None,
+    impl: str = "reference",
 ) -> Comparison:
     if settings.optimizer is Optimizer.ADAM8BIT:
         raise InputError("--optimizer adam8bit cannot be measured here: bitsandbytes' kernels need a CUDA build")
+    if impl == "hf":
+        if settings.loss.value == "chunked" or settings.recompute.value == "selective":
+            raise InputError("--impl hf measures transformers' own loss and recompute: use --loss full and "
+                             "--recompute none or full")
+        if model.moe is not None and device == "fake":
+            raise InputError("--impl hf: transformers routes MoE tokens by their values, which fake tensors do "
+                             "not have; use --device cuda or cpu, or --impl reference")
     from memcalc.precision import recipe_for
     from memcalc.validate.run import TrainWorkload, measure_training
 
@@ -102,6 +110,7 @@ def run_training_validation(
         attention=settings.attention.value,
         recompute=settings.recompute.value,
         loss=settings.loss.value,
+        impl=impl,
     )
     measurement = _measure(device, lambda: measure_training(model, workload, device, progress))
     return compare_training(estimate, measurement)

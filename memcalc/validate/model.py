@@ -62,7 +62,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention with materialised scores, as Hugging Face's ``eager_attention_forward``."""
+    """Causal attention with materialised scores, as Hugging Face's ``eager_attention_forward``
+    (grouped K/V heads repeated to the query heads first, ``repeat_kv``)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
     seq = q.shape[-2]
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
     mask = torch.full((seq, seq), float("-inf"), device=q.device, dtype=scores.dtype).triu(1)
@@ -110,12 +115,10 @@ class Attention(nn.Module):
                 k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
             cache[layer_index] = (k, v)
         groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # repeat_kv, as the Hugging Face eager and SDPA paths do
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         if self.attention != "eager":
-            # a single new token attends to the whole cache: no mask
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
+            # SDPA reads grouped K/V heads directly (enable_gqa, as transformers' sdpa_attention_forward
+            # on PyTorch >= 2.5); a single new token attends to the whole cache without a mask.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=groups > 1)
         elif self.recompute_scores and torch.is_grad_enabled():
             out = checkpoint(eager_attention, q, k, v, use_reentrant=False)
         else:

@@ -35,6 +35,7 @@ class TrainWorkload:
     attention: str = "sdpa"  # eager | sdpa (flash runs as sdpa: PyTorch picks the flash kernel on CUDA)
     recompute: str = "none"  # none | selective | full
     loss: str = "full"  # full | chunked
+    impl: str = "reference"  # reference (memcalc.validate.model) | hf (the transformers class)
     iterations: int = 2
 
 
@@ -126,7 +127,15 @@ def measure_training(
     with _device_context(device), tracker, torch.device(torch_device):
         with _default_dtype(weight_dtype):
             attention = "eager" if workload.attention == "eager" else "sdpa"
-            model = Decoder(model_config, attention=attention, recompute=workload.recompute)
+            if workload.impl == "hf":
+                from memcalc.validate.hf import build_hf_model
+
+                model = build_hf_model(model_config, attention)
+                if workload.recompute == "full":
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.train()
+            else:
+                model = Decoder(model_config, attention=attention, recompute=workload.recompute)
         params = list(model.parameters())
         weights = tracker.storage_bytes(params + list(model.buffers()))
         tracker.static_bytes = weights
@@ -155,11 +164,13 @@ def measure_training(
                 torch.autocast(torch_device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
             )
             with autocast:
-                if workload.loss == "chunked":
+                if workload.impl == "hf":
+                    loss = model(input_ids=input_ids, labels=labels).loss
+                elif workload.loss == "chunked":
                     loss = chunked_causal_lm_loss(model.hidden_states(input_ids), model.output_weight(), labels)
                 else:
                     logits = model(input_ids)
-            if workload.loss != "chunked":
+            if workload.impl != "hf" and workload.loss != "chunked":
                 loss = causal_lm_loss(logits, labels)
                 del logits
             forward = meter.stop()
