@@ -131,10 +131,11 @@ def count_params(model: ModelConfig) -> ParamInventory:
 
 
 def parameter_sizes_in_order(model: ModelConfig) -> list[int]:
-    """Element counts of the parameters in ``model.parameters()`` order (embedding first, then
-    each layer's norm, attention, norm, MLP, then the final norm and the output head), as the
-    reference decoder registers them. Per-tensor loops (a master-weight gradient conversion,
-    a for-loop optimizer) visit tensors in this order."""
+    """Element counts of the parameters in the reference decoder's ``parameters()`` order
+    (embedding first, then each layer's norm, attention, norm, MLP, then the final norm and the
+    output head). Per-tensor loops (a master-weight gradient conversion, a for-loop optimizer)
+    visit tensors in this order; Hugging Face's Llama registers a layer's norms after its MLP,
+    which moves the peak by a few hidden-size vectors at most."""
     h, norm_bias = model.hidden_size, model.norm is NormKind.LAYERNORM and model.norm_bias
     q_width = model.num_attention_heads * model.attention_head_dim
     kv_width = model.kv_heads * model.attention_head_dim
