@@ -42,28 +42,60 @@ class LiveBytesTracker(TorchDispatchMode):
         self.static_bytes = 0  # parameters, buffers, master copies, optimizer states
         self.gradient_bytes = 0  # gradients accumulated so far
         self.peak_activation_bytes = 0
-        self._storages: dict[int, tuple[weakref.ref, int]] = {}
+        self._storages: dict[int, tuple[weakref.ref, list[int]]] = {}
 
     def _size(self, storage) -> int:
         nbytes = storage.nbytes()
         return -(-nbytes // self.round_to) * self.round_to if self.round_to > 1 else nbytes
 
     def track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
+        self._track_storage(tensor.untyped_storage())
+
+    def _track_storage(self, storage) -> None:
         key = id(storage)
         if key in self._storages and self._storages[key][0]() is storage:
             return
-        size = self._size(storage)
+        record = [self._size(storage)]  # mutable: a resize changes what the release subtracts
 
-        def release(_ref, key=key, size=size) -> None:
+        def release(_ref, key=key, record=record) -> None:
             entry = self._storages.get(key)
             if entry is not None and entry[0] is _ref:
                 del self._storages[key]
-                self.live_bytes -= size
+                self.live_bytes -= record[0]
 
-        self._storages[key] = (weakref.ref(storage, release), size)
-        self.live_bytes += size
+        self._storages[key] = (weakref.ref(storage, release), record)
+        self.live_bytes += record[0]
         self._update_peaks()
+
+    def _resized(self, storage) -> None:
+        """FSDP2 frees and re-allocates unsharded parameters by resizing their storages in place."""
+        entry = self._storages.get(id(storage))
+        if entry is None or entry[0]() is not storage:
+            self._track_storage(storage)
+            return
+        record = entry[1]
+        new_size = self._size(storage)
+        self.live_bytes += new_size - record[0]
+        record[0] = new_size
+        self._update_peaks()
+
+    def __enter__(self):
+        # UntypedStorage.resize_ does not go through the dispatcher: wrap it while tracking
+        # (as torch.distributed._tools.mem_tracker does).
+        self._original_resize = torch.UntypedStorage.resize_
+        original, tracker = self._original_resize, self
+
+        def resize_(storage, size):
+            result = original(storage, size)
+            tracker._resized(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        torch.UntypedStorage.resize_ = self._original_resize
+        return super().__exit__(*exc_info)
 
     def _update_peaks(self) -> None:
         if self.live_bytes > self.peak_bytes:
