@@ -279,3 +279,29 @@ def test_validate_hf_refuses_moe_on_fake_tensors(run_cli):
     result = run_cli("validate", "mixtral-8x7b", "--impl", "hf", "--device", "fake", "--num-layers", "1")
     assert result.exit_code == 2
     assert "transformers routes MoE tokens by their values" in result.stderr
+
+
+def test_cuda_refuses_a_run_that_would_not_fit(monkeypatch):
+    """Before allocating: the estimate plus a 10% margin must fit in the free memory, unless --force."""
+    from memcalc.errors import InputError
+    from memcalc.validate.cli_support import check_fits
+
+    estimate = estimate_training(resolve_model("llama-2-7b"), TrainSettings())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2**30, 80 * 2**30))
+    with pytest.raises(InputError, match=r"the estimate \(.* GiB \+ 10% margin\) exceeds the 80.00 GiB free"):
+        check_fits(estimate, force=False)
+    check_fits(estimate, force=True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (400 * 2**30, 400 * 2**30))
+    check_fits(estimate, force=False)
+
+
+def test_out_of_memory_is_reported_and_freed(run_cli, monkeypatch):
+    import memcalc.validate.run as run_module
+
+    def exhausted(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(run_module, "measure_training", exhausted)
+    result = run_cli("validate", "gpt2", "--device", "fake", "--num-layers", "1", "--seq", "64")
+    assert result.exit_code == 1
+    assert result.stderr == "error: out of memory on fake: CUDA out of memory. Tried to allocate 2.00 GiB\n"

@@ -54,15 +54,19 @@ def check_fits(estimate: Estimate, force: bool) -> None:
 
 
 def _measure(device: str, run):
+    """Run, and on out-of-memory free everything before reporting: the exception's traceback would
+    otherwise keep the run's tensors (and their GPU memory) alive."""
     torch = require_torch()
+    message = None
     try:
         return run()
     except torch.OutOfMemoryError as exc:
-        raise OutOfMemory(f"out of memory on {device}: {str(exc).splitlines()[0]}") from None
+        message = str(exc).splitlines()[0]
     finally:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+    raise OutOfMemory(f"out of memory on {device}: {message}")
 
 
 def run_inference_validation(

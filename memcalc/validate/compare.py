@@ -73,6 +73,8 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
     rows += [
         Row(f"phase:{key}", label, estimate.phases[key], measurement.phases[key].peak_bytes) for key, label in PHASE_ROWS
     ]
+    static = sum(estimate.component(key).bytes for key in ("weights", "master_weights", "optimizer_states"))
+    rows.append(Row("steady_state", "Steady state (after zero_grad)", static, measurement.components.get("steady_state")))
     notes = []
     if measurement.device == "cuda":
         cuda = measurement.cuda
