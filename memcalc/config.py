@@ -12,16 +12,29 @@ from dataclasses import asdict, dataclass
 from enum import Enum, StrEnum
 from typing import Annotated, Any, TypeVar
 
-from annotated_types import Ge, Gt
-
 from memcalc.dtypes import DType
 
 # Sequence length used when none is given; capped by the model's maximum positions.
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_BATCH_SIZE = 1
 
-PositiveInt = Annotated[int, Gt(0)]
-NonNegativeInt = Annotated[int, Ge(0)]
+
+class _Bound:
+    """A lower bound pydantic applies when it builds a schema (``gt``/``ge`` on the int schema,
+    with its usual messages). Plain annotated_types metadata would do the same but cost its
+    import on every start of the CLI, which never validates bundled models with pydantic."""
+
+    def __init__(self, **bound: int) -> None:
+        self.bound = bound
+
+    def __get_pydantic_core_schema__(self, source, handler):
+        schema = handler(source)
+        schema.update(self.bound)
+        return schema
+
+
+PositiveInt = Annotated[int, _Bound(gt=0)]
+NonNegativeInt = Annotated[int, _Bound(ge=0)]
 
 # pydantic reads ``__pydantic_config__`` on standard-library dataclasses: unknown keys in a
 # memcalc file are errors (a misspelt ``hiden_size`` must not pass silently).
