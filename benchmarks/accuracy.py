@@ -27,7 +27,6 @@ from memcalc.estimate.inference import estimate_inference  # noqa: E402
 from memcalc.estimate.training import estimate_training  # noqa: E402
 from memcalc.library import resolve_model  # noqa: E402
 from memcalc.validate.cli_support import with_layers  # noqa: E402
-from memcalc.validate.compare import compare_training  # noqa: E402
 
 # Targets of issue 3 (the estimator is tuned, never the measurement).
 TOTAL_MEDIAN_TARGET, TOTAL_MAX_TARGET, ACTIVATION_MEDIAN_TARGET, STATE_TARGET = 3.0, 5.0, 5.0, 0.1

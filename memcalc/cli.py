@@ -47,6 +47,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 BatchOption = Annotated[int, typer.Option("--batch", "-b", min=1, help="Sequences per step (micro-batch).")]
 
 
+SeqOption = Annotated[int | None, typer.Option("--seq", "-s", min=1, show_default=False,
+                                               help="Tokens per sequence (default: min(2048, the model's maximum)).")]
+RecomputeOption = Annotated[Recompute, typer.Option(help="Activation recomputation.")]
+MasterWeightsOption = Annotated[bool, typer.Option("--master-weights/--no-master-weights",
+                                                   help="16-bit training: keep an fp32 master copy (mixed precision) "
+                                                   "or train in pure 16-bit.")]
 AttentionOption = Annotated[Attention, typer.Option(help="Attention kernel: eager keeps the a*s^2 scores.")]
 OptimizerImplOption = Annotated[OptimizerImpl, typer.Option("--optimizer-impl", help="torch.optim implementation.")]
 ActivationModelOption = Annotated[
@@ -107,16 +113,11 @@ def _emit(command: str, estimate, unit: Unit, as_json: bool) -> None:
 def train(
     model: ModelArgument,
     dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
-    master_weights: Annotated[
-        bool,
-        typer.Option("--master-weights/--no-master-weights", help="16-bit: keep an fp32 master copy (mixed precision) "
-                     "or train in pure 16-bit."),
-    ] = True,
+    master_weights: MasterWeightsOption = True,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
     batch: BatchOption = 1,
-    seq: Annotated[int | None, typer.Option("--seq", "-s", min=1, show_default=False,
-                                            help="Tokens per sequence (default: min(2048, the model's maximum)).")] = None,
-    recompute: Annotated[Recompute, typer.Option(help="Activation recomputation.")] = Recompute.NONE,
+    seq: SeqOption = None,
+    recompute: RecomputeOption = Recompute.NONE,
     attention: AttentionOption = Attention.SDPA,
     optimizer_impl: OptimizerImplOption = OptimizerImpl.FOREACH,
     activation_model: ActivationModelOption = ActivationModel.ARCH,
@@ -190,15 +191,13 @@ def validate(
                                       "class built from the config (training; transformers installed).")] = "reference",
     dtype: Annotated[TrainDType, typer.Option(help="Precision (train: 16-bit means mixed; infer: weights and cache).")]
     = TrainDType.BF16,
-    master_weights: Annotated[bool, typer.Option("--master-weights/--no-master-weights",
-                                                 help="16-bit training: fp32 master copy or pure 16-bit.")] = True,
+    master_weights: MasterWeightsOption = True,
     precision: PrecisionOption = None,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer (adam8bit cannot be measured).")] = Optimizer.ADAMW,
     optimizer_impl: OptimizerImplOption = OptimizerImpl.FOREACH,
     batch: BatchOption = 1,
-    seq: Annotated[int | None, typer.Option("--seq", "-s", min=1, show_default=False,
-                                            help="Tokens per sequence (default: min(2048, the model's maximum)).")] = None,
-    recompute: Annotated[Recompute, typer.Option(help="Activation recomputation.")] = Recompute.NONE,
+    seq: SeqOption = None,
+    recompute: RecomputeOption = Recompute.NONE,
     attention: AttentionOption = Attention.SDPA,
     activation_model: ActivationModelOption = ActivationModel.ARCH,
     loss: LossOption = Loss.FULL,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memcalc.config import Loss, MLPKind, ModelConfig, Optimizer, Recompute, TrainSettings, resolve_seq_len
+from memcalc.config import Loss, ModelConfig, Optimizer, Recompute, TrainSettings, resolve_seq_len
 from memcalc.dtypes import BITS_PER_ELEMENT, storage_bytes
 from memcalc.estimate.activations import (
     FP32_BYTES,
@@ -90,7 +90,7 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     kinds = [dense] * (model.num_layers - model.num_moe_layers)
     if model.num_moe_layers:
         kinds += [layer(True)] * model.num_moe_layers
-    last_saved, last_before_scores, last_mlp, last_transient = kinds[-1]
+    last_saved, last_before_scores, last_mlp, _last_transient = kinds[-1]
     # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
     layers = model.num_layers * stream if full else sum(kind[0] for kind in kinds)
     others = layers - (stream if full else last_saved)

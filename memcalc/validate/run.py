@@ -249,7 +249,7 @@ class InferWorkload:
 
 
 @torch.no_grad()
-def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, tracker, on_prefill) -> list:
+def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, on_prefill) -> list:
     beams = workload.num_beams
     sequences = input_ids.repeat_interleave(beams, dim=0)
     caches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.layers)
@@ -304,7 +304,7 @@ def measure_inference(model_config: ModelConfig, workload: InferWorkload, device
 
         progress("prefill")
         meter.start()
-        caches = _generate(model, input_ids, workload, tracker, on_prefill)
+        caches = _generate(model, input_ids, workload, on_prefill)
         generate = meter.stop()
         cuda = {}
         if device == "cuda":

@@ -10,8 +10,6 @@ is registered by the runner.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
-
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -19,18 +17,6 @@ from torch.utils._pytree import tree_leaves
 # The CUDA caching allocator rounds every block up to a multiple of 512 bytes
 # (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize).
 CUDA_BLOCK_BYTES = 512
-
-
-@dataclass
-class PhaseRecord:
-    """Live bytes when the phase ends, the peak during it, and the peak of activations
-    (live bytes less static state and accumulated gradients)."""
-
-    end_bytes: int = 0
-    peak_bytes: int = 0
-    peak_activation_bytes: int = 0
-    cuda_peak_bytes: int | None = None
-    cuda_reserved_bytes: int | None = None
 
 
 class LiveBytesTracker(TorchDispatchMode):
