@@ -10,6 +10,7 @@ is registered by the runner.
 from __future__ import annotations
 
 import weakref
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
