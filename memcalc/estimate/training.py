@@ -63,11 +63,12 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     eager = settings.attention.value == "eager"
     attention = "eager" if eager else "sdpa"
     scores = model.num_attention_heads * seq_len * seq_len * settings.batch_size if eager else 0
+    # bytes of the fp32 copy a 16-bit tensor gets before a softmax or the loss (none when already fp32)
+    upcast = 0 if e == FP32_BYTES else FP32_BYTES
     # eager softmax in fp32: the raw and masked scores in the compute dtype, the fp32 copy of the
-    # masked scores (none when already fp32) and the fp32 softmax output
-    upcast_scores = 0 if e == FP32_BYTES else FP32_BYTES
-    # plus the causal mask: the filled square and its upper triangle, both in the compute dtype
-    scores_forward = scores * (2 * e + upcast_scores + FP32_BYTES) + (2 * e * seq_len * seq_len if eager else 0)
+    # masked scores and the fp32 softmax output; plus the causal mask: the filled square and its
+    # upper triangle, both in the compute dtype
+    scores_forward = scores * (2 * e + upcast + FP32_BYTES) + (2 * e * seq_len * seq_len if eager else 0)
     stream = tokens * h * shape.stream_bytes
     full = recompute is Recompute.FULL
 
@@ -86,13 +87,12 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
         transient = _mlp_backward_transient(model, shape, moe_layer, grad_bytes)
         return saved, before_scores, mlp_part, transient
 
-    dense = layer(False)
-    kinds = [dense] * (model.num_layers - model.num_moe_layers)
-    if model.num_moe_layers:
-        kinds += [layer(True)] * model.num_moe_layers
-    last_saved, last_before_scores, last_mlp, _last_transient = kinds[-1]
+    # dense layers come first (MoE's first_dense_layers), then MoE layers
+    is_moe = [False] * (model.num_layers - model.num_moe_layers) + [True] * model.num_moe_layers
+    by_kind = {kind: layer(kind) for kind in set(is_moe)}
+    last_saved, last_before_scores, last_mlp, _last_transient = by_kind[is_moe[-1]]
     # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
-    layers = model.num_layers * stream if full else sum(kind[0] for kind in kinds)
+    layers = model.num_layers * stream if full else sum(by_kind[kind][0] for kind in is_moe)
     others = layers - (stream if full else last_saved)
 
     embedding = INDEX_BYTES * tokens * 2  # token ids and labels
@@ -118,7 +118,7 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
         backward_output = max(chunk * vocab * 3 * FP32_BYTES + waiting + gradient_of_hidden,
                               summing + gradient_of_hidden + chunk * h * e)
     else:
-        forward = saved + logits * (e + upcast_scores + FP32_BYTES)
+        forward = saved + logits * (e + upcast + FP32_BYTES)
         # Backward opens with the loss gradients: log-softmax output + its gradient + the logits'
         # fp32 gradient; then the output layer's weight gradient exists before it is accumulated.
         backward_output = max(logits * 3 * FP32_BYTES, logits * e + head_grad)
@@ -138,8 +138,9 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     # a Gemma-2 style norm after the MLP has run its backward (and freed its inputs) by then
     after_mlp_norm = norm_saved_bytes(model, h, shape) if model.norms_per_layer >= 4 else 0
     below = 0  # saved by the layers before this one
-    for index, (layer_saved, _before_scores, _mlp, layer_transient) in enumerate(kinds):
-        if index + 1 == len(kinds) or kinds[index + 1] is not kinds[index]:
+    for index, kind in enumerate(is_moe):
+        layer_saved, _before_scores, _mlp, layer_transient = by_kind[kind]
+        if index + 1 == len(is_moe) or is_moe[index + 1] != kind:
             base = embedding + below + held + incoming
             backward = max(backward, base + layer_saved - after_mlp_norm + layer_transient)
         below += stream if full else layer_saved
