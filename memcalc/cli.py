@@ -303,6 +303,29 @@ def models(as_json: JsonOption = False) -> None:
 
 
 @app.command()
+def gpus(as_json: JsonOption = False) -> None:
+    """List the GPU catalogue: memory as sold, dense bf16 throughput, FP8 support, interconnect.
+
+    Examples:
+
+      memcalc gpus
+
+      memcalc gpus --json
+    """
+    from dataclasses import asdict
+
+    from memcalc.gpus import gpu_catalogue
+
+    catalogue = list(gpu_catalogue().values())
+    if as_json:
+        print(json.dumps([asdict(spec) | {"memory_bytes": spec.memory_bytes} for spec in catalogue], indent=2))
+        return
+    from memcalc.render import print_gpus
+
+    print_gpus(catalogue)
+
+
+@app.command()
 def show(model: ModelArgument, as_json: JsonOption = False) -> None:
     """Print a model's configuration and its parameter count, part by part.
 

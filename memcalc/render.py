@@ -268,3 +268,18 @@ def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: floa
     if tolerance is not None:
         verdict = "within" if comparison.within(tolerance) else "OUTSIDE"
         console.print(f"Total error {comparison.total.error_percent:+.2f}%: {verdict} the {tolerance}% tolerance.")
+
+
+def print_gpus(catalogue) -> None:
+    from rich.table import Table
+
+    table = Table(title="memcalc gpus", title_justify="left")
+    for column in ("Name", "Memory GiB", "bf16 TFLOP/s", "FP8", "MXFP8", "Link GB/s", "Architecture", "Aliases"):
+        table.add_column(column, justify="right" if column in ("Memory GiB", "bf16 TFLOP/s", "Link GB/s") else "left")
+    for spec in catalogue:
+        table.add_row(
+            spec.name, f"{spec.memory_gib:g}", f"{spec.bf16_dense_tflops:g}", "yes" if spec.fp8 else "no",
+            "yes" if spec.mxfp8 else "no", f"{spec.intra_node_gbps:g}", spec.architecture, ", ".join(spec.aliases),
+        )
+    _console().print(table)
+    _console().print("Memory as sold: a datasheet's GB of HBM/GDDR are GiB (2^30 bytes); --json gives bytes.")
