@@ -24,6 +24,7 @@ class ShardedMeasurement:
     gradients: int  # this rank's gradient shards after backward
     optimizer_states: int
     peak: int  # the most live bytes on this rank over forward, backward and the optimizer step
+    phase_peaks: tuple[int, int, int] = (0, 0, 0)  # forward, backward, optimizer step
 
 
 def _fake_process_group(world_size: int):
@@ -60,12 +61,20 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
             labels = torch.randint(0, model_config.vocab_size, (batch_size, seq_len))
             for _iteration in range(2):
                 tracker.reset_peaks()
-                causal_lm_loss(model(input_ids), labels).backward()
+                loss = causal_lm_loss(model(input_ids), labels)
+                forward = tracker.peak_bytes
+                tracker.reset_peaks()
+                loss.backward()
+                del loss
+                backward = tracker.peak_bytes
                 gradients = tracker.storage_bytes([param.grad.to_local() for param in model.parameters()])
+                tracker.reset_peaks()
                 optimizer.step()
+                step = tracker.peak_bytes
                 optimizer.zero_grad(set_to_none=True)
             states = [value.to_local() if hasattr(value, "to_local") else value
                       for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
-            return ShardedMeasurement(world_size, weights, gradients, tracker.storage_bytes(states), tracker.peak_bytes)
+            return ShardedMeasurement(world_size, weights, gradients, tracker.storage_bytes(states),
+                                      max(forward, backward, step), (forward, backward, step))
     finally:
         dist.destroy_process_group()
