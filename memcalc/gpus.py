@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from memcalc.errors import InputError
-from memcalc.library import _read_yaml, configs_dir
+from memcalc.library import read_yaml, configs_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +33,7 @@ def gpu_catalogue() -> dict[str, GPUSpec]:
     from memcalc.config import parse
 
     path = configs_dir() / "gpus.yaml"
-    entries = _read_yaml(path)
+    entries = read_yaml(path)
     if not isinstance(entries, list):
         raise InputError(f"{path}: expected a list of GPUs")
     specs = [parse(GPUSpec, entry, f"{path}: GPU {index + 1}") for index, entry in enumerate(entries)]

@@ -30,7 +30,7 @@ def bundled_model_names() -> list[str]:
     return sorted(path.stem for path in models_dir().glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> object:
+def read_yaml(path: Path) -> object:
     import yaml
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -61,7 +61,7 @@ def _read_json(path: Path) -> object:
 
 
 def _read_model_mapping(path: Path) -> dict:
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of model fields, got {type(data).__name__}")
     data.setdefault("name", path.stem)

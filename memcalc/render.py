@@ -281,5 +281,6 @@ def print_gpus(catalogue) -> None:
             spec.name, f"{spec.memory_gib:g}", f"{spec.bf16_dense_tflops:g}", "yes" if spec.fp8 else "no",
             "yes" if spec.mxfp8 else "no", f"{spec.intra_node_gbps:g}", spec.architecture, ", ".join(spec.aliases),
         )
-    _console().print(table)
-    _console().print("Memory as sold: a datasheet's GB of HBM/GDDR are GiB (2^30 bytes); --json gives bytes.")
+    console = _console()
+    console.print(table)
+    console.print("Memory as sold: a datasheet's GB of HBM/GDDR are GiB (2^30 bytes); --json gives bytes.")
