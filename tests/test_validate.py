@@ -305,3 +305,16 @@ def test_out_of_memory_is_reported_and_freed(run_cli, monkeypatch):
     result = run_cli("validate", "gpt2", "--device", "fake", "--num-layers", "1", "--seq", "64")
     assert result.exit_code == 1
     assert result.stderr == "error: out of memory on fake: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--workload", "serve"], "--workload: 'serve' is not one of train, infer"),
+    (["--impl", "jax"], "--impl: 'jax' is not one of reference, hf"),
+    (["--device", "tpu"], "--device: 'tpu' is not one of auto, cuda, fake, cpu"),
+    (["--impl", "hf", "--workload", "infer", "--prompt", "8"], "--impl hf measures training steps"),
+    (["--precision", "fp64"], "--precision: 'fp64' is not one of"),
+])
+def test_validate_bad_options_are_one_line_exit_2(run_cli, args, message):
+    result = run_cli("validate", "gpt2", *args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
