@@ -55,6 +55,12 @@ RECIPES: dict[str, PrecisionRecipe] = {
             autocast=True,
         ),
         PrecisionRecipe(
+            "megatron-bf16", "bf16 weights, fp32 main gradients, fp32 master copy and moments",
+            DType.BF16, DType.FP32, DType.FP32, DType.FP32, DType.BF16,
+            "Megatron-LM (docs/user-guide/features/dist_optimizer.md): 2 B param + 4 B fp32 main grad + 12 B "
+            "(master + Adam moments) = 18 B/param; the distributed optimizer shards the 12",
+        ),
+        PrecisionRecipe(
             "pure-fp16", "fp16 weights, grads and moments, no master copy",
             DType.FP16, DType.FP16, None, DType.FP16, DType.FP16,
             "parameters cast to fp16; torch.optim keeps states in the parameter dtype: 2 + 2 + 4 B/param with Adam",

@@ -20,28 +20,39 @@ from memcalc.config import MLPKind, ModelConfig, NormKind, Recompute
 
 
 def megatron_layer_activation_bytes(
-    seq_len: int, batch_size: int, hidden_size: int, num_heads: int, element_bytes: int, recompute: Recompute
+    seq_len: int, batch_size: int, hidden_size: int, num_heads: int, element_bytes: int, recompute: Recompute,
+    tp: int = 1, sp: bool = False, cp: int = 1,
 ) -> int:
-    """Bytes one transformer layer keeps for backward (Korthikanti et al. 2022, sec. 4.1 and 5).
+    """Bytes one transformer layer keeps for backward on one rank (Korthikanti et al. 2022, sec. 4.1,
+    4.2 and Table 2).
 
-    Selective recompute drops the attention-score term (sec. 5: the ``5as/h`` part); full
-    recompute keeps only the layer input, ``2sbh`` at 16 bits (sec. 5, "full activation recomputation").
+    Of the ``sbh (16e + 2)`` bytes, ``sbh (4e + 2)`` stay whole on every TP rank without sequence
+    parallelism (the two LayerNorm inputs, the attention and MLP block inputs, two dropout masks:
+    the paper's 10 at e = 2); the other ``12e sbh`` (its 24) and the attention scores are split by
+    TP. Sequence parallelism splits the rest too. Context parallelism splits the sequence.
+    Selective recompute drops the score term (sec. 5); full recompute keeps only the layer input,
+    ``e sbh`` (``/t`` with SP).
     """
-    sbh = seq_len * batch_size * hidden_size
+    sbh = seq_len // cp * batch_size * hidden_size
     if recompute is Recompute.FULL:
-        return element_bytes * sbh
-    per_layer = sbh * (16 * element_bytes + 2)
+        return element_bytes * sbh // (tp if sp else 1)
+    replicated = sbh * (4 * element_bytes + 2)
+    split = sbh * 12 * element_bytes
+    per_layer = (replicated + split) // tp if sp else replicated + split // tp
     if recompute is Recompute.NONE:
-        per_layer += num_heads * seq_len * seq_len * batch_size * (2 * element_bytes + 1)
+        per_layer += num_heads * (seq_len // cp) * seq_len * batch_size * (2 * element_bytes + 1) // tp
     return per_layer
 
 
 def output_layer_activation_bytes(
-    seq_len: int, batch_size: int, hidden_size: int, vocab_size: int, element_bytes: int
+    seq_len: int, batch_size: int, hidden_size: int, vocab_size: int, element_bytes: int,
+    tp: int = 1, sp: bool = False, cp: int = 1,
 ) -> int:
     """Final norm input + output-layer input + fp32 logits for the cross-entropy:
-    ``4sbh(1 + V/h)`` bytes at 16 bits (Korthikanti et al. 2022, sec. 4.3)."""
-    return 2 * element_bytes * seq_len * batch_size * hidden_size + 4 * seq_len * batch_size * vocab_size
+    ``4sbh(1 + V/h)`` bytes at 16 bits (Korthikanti et al. 2022, sec. 4.3); the logits are split by
+    TP (vocabulary-parallel cross-entropy), the two inputs only with sequence parallelism."""
+    tokens = seq_len // cp * batch_size
+    return 2 * element_bytes * tokens * hidden_size // (tp if sp else 1) + 4 * tokens * vocab_size // tp
 
 
 # --- Architecture-aware model ---------------------------------------------------------------------
@@ -68,6 +79,16 @@ class ActivationShape:
     element_bytes: int
     stream_bytes: int
     autocast: bool
+    # Tokens of the hidden-size stream (norm inputs, block inputs) this rank keeps: the tokens
+    # divided by TP under sequence parallelism (Korthikanti et al. 2022 sec. 4.2.2), else all.
+    stream_tokens: int | None = None
+
+    @property
+    def stream(self) -> ActivationShape:
+        """The shape of a hidden-size stream tensor on this rank."""
+        if self.stream_tokens is None or self.stream_tokens == self.tokens:
+            return self
+        return replace(self, tokens=self.stream_tokens, stream_tokens=None)
 
 
 def norm_saved_bytes(model: ModelConfig, width: int, shape: ActivationShape) -> int:
@@ -95,14 +116,15 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
     grouped = model.kv_heads < model.num_attention_heads
     repeated = grouped and attention == "eager" and recompute is Recompute.NONE
     kv_width = q_width if repeated else model.kv_heads * model.attention_head_dim
-    saved = norm_saved_bytes(model, model.hidden_size, shape) + _linear_inputs_bytes(shape, model.hidden_size, 3)
+    stream = shape.stream
+    saved = norm_saved_bytes(model, model.hidden_size, stream) + _linear_inputs_bytes(stream, model.hidden_size, 3)
     saved += tokens * (q_width + 2 * kv_width) * e  # q (after rotary), k and v as attention reads them
     if model.qk_norm:  # per-head norms of the projected queries and keys (Qwen3)
         head_dim = model.attention_head_dim
         saved += norm_saved_bytes(model, head_dim, replace(shape, tokens=tokens * model.num_attention_heads))
         saved += norm_saved_bytes(model, head_dim, replace(shape, tokens=tokens * model.kv_heads))
     if model.norms_per_layer >= 4:  # Gemma-2's norm of the attention output (before the residual add)
-        saved += norm_saved_bytes(model, model.hidden_size, shape)
+        saved += norm_saved_bytes(model, model.hidden_size, stream)
     saved += tokens * q_width * e  # attention output = output-projection input
     if attention == "eager":
         if recompute is Recompute.NONE:
@@ -121,17 +143,22 @@ def _mlp_saved_bytes(model: ModelConfig, tokens: int, width: int, e: int) -> int
 
 def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool) -> int:
     tokens, e, h = shape.tokens, shape.element_bytes, model.hidden_size
-    saved = norm_saved_bytes(model, h, shape)
+    stream = shape.stream
+    saved = norm_saved_bytes(model, h, stream)
     if model.norms_per_layer >= 4:  # Gemma-2's norm of the MLP output
-        saved += norm_saved_bytes(model, h, shape)
+        saved += norm_saved_bytes(model, h, stream)
     if not moe_layer:
         consumers = 2 if model.mlp is MLPKind.GATED else 1
-        return saved + _linear_inputs_bytes(shape, h, consumers) + _mlp_saved_bytes(model, tokens, model.intermediate_size, e)
+        return saved + _linear_inputs_bytes(stream, h, consumers) + _mlp_saved_bytes(model, tokens, model.intermediate_size, e)
     moe = model.moe
-    assignments = tokens * moe.experts_per_token  # balanced routing: k/E of the tokens per expert
-    saved += _linear_inputs_bytes(shape, h, 1)  # router input (shared with the shared experts)
+    # Balanced routing: k/E of the tokens per expert. Under expert parallelism each rank's experts
+    # receive as many token copies as its own tokens send out, so the count per rank is unchanged;
+    # under sequence parallelism the routed tokens are gathered across TP first (Megatron-LM's
+    # token dispatcher with expert TP = TP), so they count every token of the sequence.
+    assignments = tokens * moe.experts_per_token
+    saved += _linear_inputs_bytes(stream, h, 1)  # router input (shared with the shared experts)
     # router: fp32 softmax output; top-k indices, weights and their sum; per-expert token and slot indices
-    saved += tokens * (FP32_BYTES * moe.num_experts + FP32_BYTES) + assignments * (INDEX_BYTES * 3 + FP32_BYTES)
+    saved += stream.tokens * (FP32_BYTES * moe.num_experts + FP32_BYTES) + assignments * (INDEX_BYTES * 3 + FP32_BYTES)
     # per routed token: its gathered input, the expert's output and the weighted output; the expert MLP
     saved += assignments * (3 * h * e) + _mlp_saved_bytes(model, assignments, moe.expert_intermediate_size, e)
     if moe.num_shared_experts:

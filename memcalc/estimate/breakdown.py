@@ -26,6 +26,26 @@ class Component:
     kind: Kind
     formula: str  # how the bytes were obtained, in the terms of the assumptions panel
     source: str  # paper or framework file the formula comes from
+    location: str = "gpu"  # "cpu" for state offloaded to host memory
+
+
+@dataclass(frozen=True)
+class RankView:
+    """What one rank of a parallel layout holds: its components and the live bytes of each phase."""
+
+    name: str  # "all ranks", "first stage", "last stage"
+    pipeline_rank: int
+    parameters: int  # parameters this rank holds before ZeRO sharding
+    components: tuple[Component, ...]
+    phases: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def cpu_total(self) -> int:
+        return sum(component.bytes for component in self.components if component.location == "cpu")
 
 
 @dataclass(frozen=True)
@@ -40,12 +60,20 @@ class Estimate:
     # Live bytes at the peak of each phase of a training step; empty when the components coexist
     # (inference), in which case the total is their sum.
     phases: dict[str, int] = field(default_factory=dict)
+    # Training under a parallel layout: every distinct rank (first and last pipeline stage); the
+    # components and phases above are the most loaded one's.
+    ranks: tuple[RankView, ...] = ()
+
+    @property
+    def cpu_total(self) -> int:
+        """Host memory this rank's offloaded state takes."""
+        return sum(component.bytes for component in self.components if component.location == "cpu")
 
     @property
     def total(self) -> int:
         if self.phases:
             return max(self.phases.values())
-        return sum(component.bytes for component in self.components)
+        return sum(component.bytes for component in self.components if component.location == "gpu")
 
     @property
     def peak_phase(self) -> str | None:

@@ -8,7 +8,7 @@ components below, so the breakdown and the total come from one model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memcalc.config import Loss, ModelConfig, Optimizer, Recompute, TrainSettings, resolve_seq_len
 from memcalc.dtypes import BITS_PER_ELEMENT, storage_bytes
@@ -23,10 +23,21 @@ from memcalc.estimate.activations import (
     norm_saved_bytes,
     output_layer_activation_bytes,
 )
-from memcalc.estimate.breakdown import Component, Estimate, Kind
+from memcalc.estimate.breakdown import Component, Estimate, Kind, RankView
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
-from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
-from memcalc.precision import PrecisionRecipe, recipe_for
+from memcalc.estimate.params import count_params, parameter_sizes_in_order
+from memcalc.parallel import (
+    ParallelConfig,
+    StageLayers,
+    check_layout,
+    inflight_chunks,
+    largest_unit_params,
+    padded_vocab,
+    pipeline_ranks,
+    rank_params,
+    stage_layers,
+)
+from memcalc.precision import RECIPES, PrecisionRecipe, recipe_for
 
 KORTHIKANTI = "Korthikanti et al. 2022 (arXiv:2205.05198)"
 # Tokens per slice of the chunked loss (memcalc.validate.model.LOSS_CHUNK_TOKENS runs the same).
@@ -51,14 +62,36 @@ class ActivationPeaks:
     source: str
 
 
-def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe, seq_len: int) -> ActivationPeaks:
+@dataclass(frozen=True)
+class StagePlan:
+    """What one rank computes: a TP-local view of its pipeline stage's layers (heads, MLP width
+    and vocabulary divided by TP), the sequence it holds under context parallelism, the stream
+    tokens it keeps under sequence parallelism, and the ends of the model it owns."""
+
+    model: ModelConfig  # the TP-local stage: its layers, local heads, widths and vocabulary
+    seq_len: int  # tokens per sequence on this rank (divided by CP)
+    stream_divisor: int  # TP under sequence parallelism, else 1
+    first: bool
+    last: bool
+    extra_layers: int  # layers of other micro-batches (or chunks) in flight beyond one pass of the stage
+
+
+def single_device_plan(model: ModelConfig, seq_len: int) -> StagePlan:
+    return StagePlan(model, seq_len, 1, True, True, 0)
+
+
+def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe) -> ActivationPeaks:
+    model, seq_len = plan.model, plan.seq_len
     e = _bytes(recipe.activation_dtype)
     grad_bytes = _bytes(recipe.grad_dtype)
+    tokens = seq_len * settings.batch_size
     shape = ActivationShape(
-        tokens=seq_len * settings.batch_size, seq_len=seq_len, batch_size=settings.batch_size,
+        tokens=tokens, seq_len=seq_len, batch_size=settings.batch_size,
         element_bytes=e, stream_bytes=_bytes(recipe.weight_dtype) if recipe.autocast else e, autocast=recipe.autocast,
+        stream_tokens=tokens // plan.stream_divisor,
     )
-    tokens, h, vocab = shape.tokens, model.hidden_size, model.vocab_size
+    stream_tokens = shape.stream.tokens
+    h, vocab = model.hidden_size, model.vocab_size
     recompute = settings.recompute
     eager = settings.attention.value == "eager"
     attention = "eager" if eager else "sdpa"
@@ -69,7 +102,7 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     # masked scores and the fp32 softmax output; plus the causal mask: the filled square and its
     # upper triangle, both in the compute dtype
     scores_forward = scores * (2 * e + upcast + FP32_BYTES) + (2 * e * seq_len * seq_len if eager else 0)
-    stream = tokens * h * shape.stream_bytes
+    stream = stream_tokens * h * shape.stream_bytes
     full = recompute is Recompute.FULL
 
     def layer(moe_layer: bool) -> tuple[int, int, int, int]:
@@ -93,18 +126,25 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     last_saved, last_before_scores, last_mlp, _last_transient = by_kind[is_moe[-1]]
     # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
     layers = model.num_layers * stream if full else sum(by_kind[kind][0] for kind in is_moe)
+    # Pipeline ranks also hold the saved tensors of micro-batches (chunks) still in flight.
+    average_layer = stream if full else sum(by_kind[kind][0] for kind in is_moe) // len(is_moe)
+    layers += plan.extra_layers * average_layer
     others = layers - (stream if full else last_saved)
 
-    embedding = INDEX_BYTES * tokens * 2  # token ids and labels
+    embedding = INDEX_BYTES * tokens * (plan.first + plan.last)  # token ids (first stage) and labels (last)
     head_weight_copy = e * vocab * h if recipe.autocast else 0
-    final = norm_saved_bytes(model, h, shape) + tokens * h * e + head_weight_copy
+    final = norm_saved_bytes(model, h, shape.stream) + stream_tokens * h * e + head_weight_copy if plan.last else 0
     saved = embedding + layers + final
 
     # Logits: the matmul output, its fp32 upcast for the loss (unless already fp32), the fp32
     # log-softmax output the cross-entropy keeps (transformers' ForCausalLMLoss upcasts first).
     logits = tokens * vocab
     head_grad = vocab * h * grad_bytes
-    if settings.loss is Loss.CHUNKED:
+    if not plan.last:
+        # A middle or first stage has no loss: backward starts from the gradient it receives.
+        forward = saved
+        backward_output = 0
+    elif settings.loss is Loss.CHUNKED:
         # One slice at a time, run without saving: its logits in fp32 and their log-softmax.
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
         forward = saved + chunk * vocab * 2 * FP32_BYTES
@@ -134,14 +174,14 @@ def _arch_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRe
     # Inside each layer backward reaches (recomputed first under full recompute): its MLP's
     # gradients, then its attention's (eager: gradients of the scores, fp32 softmax gradients).
     # Layers of one kind peak at the last of them, which backward reaches with the most still saved.
-    incoming = tokens * h * e
+    incoming = stream_tokens * h * e
     # a Gemma-2 style norm after the MLP has run its backward (and freed its inputs) by then
     after_mlp_norm = norm_saved_bytes(model, h, shape) if model.norms_per_layer >= 4 else 0
     below = 0  # saved by the layers before this one
     for index, kind in enumerate(is_moe):
         layer_saved, _before_scores, _mlp, layer_transient = by_kind[kind]
         if index + 1 == len(is_moe) or is_moe[index + 1] != kind:
-            base = embedding + below + held + incoming
+            base = embedding + below + held + incoming + plan.extra_layers * average_layer
             backward = max(backward, base + layer_saved - after_mlp_norm + layer_transient)
         below += stream if full else layer_saved
     in_layer = embedding + others + held + incoming
@@ -177,27 +217,35 @@ def _mlp_backward_transient(model: ModelConfig, shape: ActivationShape, moe_laye
     return grad_bytes * h * model.intermediate_size + e * tokens * model.intermediate_size
 
 
-def _megatron_peaks(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe, seq_len: int) -> ActivationPeaks:
+def _megatron_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe,
+                    parallel: ParallelConfig) -> ActivationPeaks:
+    """Korthikanti et al. 2022 Table 2 per layer, times the layers in flight on this rank (sec.
+    4.2.3), plus the output layer and loss on the last stage (sec. 4.3)."""
+    model = plan.model
     e = _bytes(recipe.activation_dtype)
+    tp, sp, cp = parallel.tp, parallel.sp, parallel.cp
+    seq_len = plan.seq_len * cp
     per_layer = megatron_layer_activation_bytes(
-        seq_len, settings.batch_size, model.hidden_size, model.num_attention_heads, e, settings.recompute
+        seq_len, settings.batch_size, model.hidden_size, model.num_attention_heads * tp, e, settings.recompute,
+        tp=tp, sp=sp, cp=cp,
     )
-    total = per_layer * model.num_layers + output_layer_activation_bytes(
-        seq_len, settings.batch_size, model.hidden_size, model.vocab_size, e
-    )
-    return ActivationPeaks(total, total, 0, _megatron_formula(settings.recompute, e), f"{KORTHIKANTI} sec. 4.1, 4.3, 5")
+    total = per_layer * (model.num_layers + plan.extra_layers)
+    if plan.last:
+        total += output_layer_activation_bytes(seq_len, settings.batch_size, model.hidden_size,
+                                               model.vocab_size * tp, e, tp=tp, sp=sp, cp=cp)
+    return ActivationPeaks(total, total, 0, _megatron_formula(settings.recompute, e, parallel),
+                           f"{KORTHIKANTI} sec. 4.1, 4.2 (Table 2), 4.3, 5")
 
 
-def optimizer_step_temporaries(
-    model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe, params: ParamInventory
-) -> int:
-    """Bytes the optimizer step allocates beyond the gradients it reads (torch.optim, PyTorch 2.x).
+def optimizer_step_temporaries(settings: TrainSettings, recipe: PrecisionRecipe, sizes: list[int]) -> int:
+    """Bytes the optimizer step allocates beyond the gradients it reads (torch.optim, PyTorch 2.x),
+    for the tensors ``sizes`` (element counts in the order the optimizer visits them).
 
     foreach Adam/AdamW: one state-sized list (``_foreach_sqrt`` of the second moment); the
     for-loop version: two temporaries the size of the largest tensor; fused kernels and SGD:
     none. A master-weight recipe first turns each 16-bit gradient into an fp32 one."""
-    num_params = params.total
-    largest = max(group.numel for group in params.groups)
+    num_params = sum(sizes)
+    largest = max(sizes, default=0)
     state_bytes = _bytes(recipe.optimizer_state_dtype)
     temporaries = 0
     if settings.optimizer in (Optimizer.ADAMW, Optimizer.ADAM):
@@ -210,46 +258,176 @@ def optimizer_step_temporaries(
     # Converting gradient by gradient in parameter order: after tensor k, the fp32 gradients of
     # tensors 1..k and the 16-bit gradients of tensors k..N exist (tensor k's in both).
     conversion, converted = 0, 0
-    for size in parameter_sizes_in_order(model):
+    for size in sizes:
         conversion = max(conversion, master * (converted + size) - grad * converted)
         converted += size
     return max(conversion, (master - grad) * num_params + temporaries)
 
 
-def estimate_training(model: ModelConfig, settings: TrainSettings) -> Estimate:
-    params = count_params(model)
-    recipe = recipe_for(settings.dtype, settings.master_weights, settings.precision)
-    seq_len = resolve_seq_len(model, settings.seq_len)
-    num_params = params.total
+def resolve_recipe(settings: TrainSettings, parallel: ParallelConfig) -> PrecisionRecipe:
+    """``--precision``, else ``--dtype``; Megatron's distributed optimizer implies its fp32 main
+    gradients (megatron-bf16) for bf16 mixed precision."""
+    if settings.precision is None and parallel.distributed_optimizer and settings.dtype.value == "bf16" \
+            and settings.master_weights:
+        return RECIPES["megatron-bf16"]
+    return recipe_for(settings.dtype, settings.master_weights, settings.precision)
 
+
+def _stage_plan(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers, seq_len: int) -> StagePlan:
+    tp, pp = parallel.tp, parallel.pp
+    extra = max(0, inflight_chunks(parallel, stage.rank) * model.num_layers // (pp * parallel.vpp) - stage.layers)
+    if tp == 1 and pp == 1 and parallel.cp == 1 and not parallel.vocab_padded:
+        return StagePlan(model, seq_len, 1, True, True, extra)
+    moe = model.moe
+    if moe is not None:
+        shared = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+        moe = replace(moe, expert_intermediate_size=moe.expert_intermediate_size // tp,
+                      shared_expert_intermediate_size=max(1, shared // tp), first_dense_layers=stage.dense_layers)
+    local = replace(
+        model, num_layers=stage.layers, num_attention_heads=model.num_attention_heads // tp,
+        num_kv_heads=model.kv_heads // tp, head_dim=model.attention_head_dim,
+        intermediate_size=model.intermediate_size // tp, vocab_size=padded_vocab(model, parallel) // tp, moe=moe,
+        # under pipelining a tied embedding is two copies, each with its own gradient
+        tie_word_embeddings=model.tie_word_embeddings and pp == 1,
+    )
+    return StagePlan(local, seq_len // parallel.cp, tp if parallel.sp else 1, stage.first, stage.last, extra)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig, recipe: PrecisionRecipe,
+               seq_len: int, stage: StageLayers) -> RankView:
+    held = rank_params(model, parallel, stage)
+    dense_shards, expert_shards = parallel.dense_shards, parallel.expert_shards
+
+    def per_rank(dense_bytes: int, expert_bytes: int, sharded: bool) -> int:
+        if not sharded:
+            return dense_bytes + expert_bytes
+        return _ceil_div(dense_bytes, dense_shards) + _ceil_div(expert_bytes, expert_shards)
+
+    def state(dtype, sharded: bool) -> int:
+        return per_rank(storage_bytes(held.dense.total, dtype), storage_bytes(held.experts.total, dtype), sharded)
+
+    weights = state(recipe.weight_dtype, parallel.shards_params)
+    offload_optimizer = parallel.offloads_optimizer
+    # ZeRO-Offload keeps the reduced gradients on the CPU in the master dtype, beside the optimizer.
+    grad_dtype = recipe.master_dtype if offload_optimizer and recipe.master_dtype else recipe.grad_dtype
+    gradients = state(grad_dtype, parallel.shards_gradients or offload_optimizer)
+    master = state(recipe.master_dtype, parallel.shards_optimizer) if recipe.master_dtype else 0
+    moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype),
+                       optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
+                       parallel.shards_optimizer)
+
+    plan = _stage_plan(model, parallel, stage, seq_len)
+    if settings.activation_model.value == "megatron":
+        peaks = _megatron_peaks(plan, settings, recipe, parallel)
+    else:
+        peaks = _arch_peaks(plan, settings, recipe)
+
+    if parallel.is_single_device:
+        sizes = parameter_sizes_in_order(model)
+    else:
+        sizes = []
+        for inventory, shards in ((held.dense, dense_shards), (held.experts, expert_shards)):
+            divisor = shards if parallel.shards_optimizer else 1
+            for group in inventory.groups:
+                sizes += [_ceil_div(group.numel, divisor)] * group.count
+    step_temporaries = optimizer_step_temporaries(settings, recipe, sizes)
+
+    # ZeRO-3 gathers a unit's parameters (and prefetches the next); ZeRO-2 and offload reduce a
+    # unit's full gradients before keeping (or sending away) their shard.
+    unit = largest_unit_params(model, parallel, stage)
+    gathered = unit * _bytes(recipe.weight_dtype) * (1 + parallel.prefetch) if parallel.shards_params else 0
+    unit_gradients = unit * _bytes(recipe.weight_dtype) if parallel.shards_gradients or offload_optimizer else 0
+    working_set = gathered + unit_gradients
+
+    on_cpu = {"master_weights": offload_optimizer, "optimizer_states": offload_optimizer,
+              "gradients": offload_optimizer, "optimizer_step_temporaries": offload_optimizer,
+              "weights": parallel.offloads_params}
+
+    def gpu(key: str, value: int) -> int:
+        return 0 if on_cpu.get(key) else value
+
+    static = gpu("weights", weights) + gpu("master_weights", master) + gpu("optimizer_states", moments)
+    gpu_gradients = gpu("gradients", gradients)
+    # Gradients live through the whole step when micro-batches accumulate into them (pipelines,
+    # gradient accumulation) or when the framework keeps persistent buffers (Megatron's grad buffer).
+    persistent = (parallel.pp > 1 or (parallel.microbatches or 1) > 1 or parallel.distributed_optimizer
+                  or recipe.name == "megatron-bf16")
+    if persistent:
+        forward = static + gpu_gradients + gathered + peaks.forward
+        backward = static + gpu_gradients + working_set + peaks.backward + peaks.end_of_backward_extra
+    else:
+        forward = static + gathered + peaks.forward
+        backward = static + working_set + max(peaks.backward, gpu_gradients + peaks.end_of_backward_extra)
+    phases = {"forward": forward, "backward": backward,
+              "optimizer_step": static + gpu_gradients + gpu("optimizer_step_temporaries", step_temporaries)}
+
+    sharding = _sharding_text(parallel, held.experts.total > 0)
+    moment_text = _moment_formula(settings.optimizer.value, MOMENTS_PER_PARAM[settings.optimizer],
+                                  recipe.optimizer_state_dtype.value)
+
+    def text(formula: str, sharded: bool) -> str:
+        return f"{formula}{sharding}" if sharded and sharding else formula
+
+    components = [
+        Component("weights", "Weights", weights, Kind.STATIC,
+                  text(f"P x {recipe.weight_dtype.value}", parallel.shards_params), recipe.source,
+                  "cpu" if on_cpu["weights"] else "gpu"),
+        Component("master_weights", "Master weights (fp32)", master, Kind.STATIC,
+                  text("P x fp32", parallel.shards_optimizer) if master else f"none ({recipe.name})", recipe.source,
+                  "cpu" if offload_optimizer else "gpu"),
+        Component("optimizer_states", "Optimizer states", moments, Kind.STATIC,
+                  text(moment_text, parallel.shards_optimizer), "torch.optim / bitsandbytes state layout",
+                  "cpu" if offload_optimizer else "gpu"),
+        Component("gradients", "Gradients", gradients, Kind.STATIC if persistent else Kind.DYNAMIC,
+                  text(f"P x {grad_dtype.value}", parallel.shards_gradients or offload_optimizer), recipe.source,
+                  "cpu" if offload_optimizer else "gpu"),
+        Component("activations", "Activations (peak)", max(peaks.forward, peaks.backward), Kind.DYNAMIC,
+                  peaks.formula, peaks.source),
+        Component("optimizer_step_temporaries", "Optimizer step temporaries", step_temporaries, Kind.DYNAMIC,
+                  f"{settings.optimizer.value} ({settings.optimizer_impl.value})", "torch.optim implementations",
+                  "cpu" if offload_optimizer else "gpu"),
+    ]
+    if working_set:
+        prefetch = f"(1 + {parallel.prefetch} prefetched) x " if gathered else ""
+        parts = [f"{prefetch}{unit / 1e6:,.0f}M-param largest unit x {recipe.weight_dtype.value}"] if gathered else []
+        if unit_gradients:
+            parts.append(f"its unsharded grads x {recipe.weight_dtype.value}")
+        components.append(Component(
+            "sharding_working_set", "Sharding working set", working_set, Kind.DYNAMIC, " + ".join(parts),
+            "DeepSpeed ZeRO-3 (estimate_zero3_model_states_mem_needs: 4 B x largest layer); FSDP2 prefetches "
+            "one unit (torch.distributed.fsdp.fully_shard)",
+        ))
+    name = "all ranks" if parallel.pp == 1 else ("first stage" if stage.first else "last stage")
+    return RankView(name, stage.rank, held.total, tuple(components), phases)
+
+
+def _sharding_text(parallel: ParallelConfig, has_experts: bool) -> str:
+    """How a sharded state is divided, e.g. `` / 8 ranks`` (experts over the expert-DP group)."""
+    text = f" / {parallel.dense_shards}" if parallel.dense_shards > 1 else ""
+    if has_experts and parallel.expert_shards != parallel.dense_shards:
+        text += f" (experts / {parallel.expert_shards})"
+    return text
+
+
+def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig | None = None) -> Estimate:
+    """Memory of one training step on the most loaded rank of ``parallel`` (one device by default)."""
+    parallel = parallel or ParallelConfig()
+    params = count_params(model)
+    recipe = resolve_recipe(settings, parallel)
+    seq_len = resolve_seq_len(model, settings.seq_len)
+    check_layout(model, parallel, seq_len, settings.attention)
+    views = tuple(_rank_view(model, settings, parallel, recipe, seq_len, stage_layers(model, parallel, rank))
+                  for rank in pipeline_ranks(parallel))
+    busiest = max(views, key=lambda view: view.total)
+
+    num_params = params.total
     weights = storage_bytes(num_params, recipe.weight_dtype)
-    gradients = storage_bytes(num_params, recipe.grad_dtype)
     master = storage_bytes(num_params, recipe.master_dtype) if recipe.master_dtype else 0
     moments = optimizer_state_bytes(settings.optimizer, params, recipe.optimizer_state_dtype)
-    peaks = (_megatron_peaks if settings.activation_model.value == "megatron" else _arch_peaks)(
-        model, settings, recipe, seq_len
-    )
-    step_temporaries = optimizer_step_temporaries(model, settings, recipe, params)
-    static = weights + master + moments
-    phases = {
-        "forward": static + peaks.forward,
-        "backward": static + max(peaks.backward, gradients + peaks.end_of_backward_extra),
-        "optimizer_step": static + gradients + step_temporaries,
-    }
-    activations = max(peaks.forward, peaks.backward)
-
-    moment_text = _moment_formula(settings.optimizer.value, MOMENTS_PER_PARAM[settings.optimizer], recipe.optimizer_state_dtype.value)
-    components = (
-        Component("weights", "Weights", weights, Kind.STATIC, f"P x {recipe.weight_dtype.value}", recipe.source),
-        Component("master_weights", "Master weights (fp32)", master, Kind.STATIC,
-                  "P x fp32" if master else f"none ({recipe.name})", recipe.source),
-        Component("optimizer_states", "Optimizer states", moments, Kind.STATIC, moment_text,
-                  "torch.optim / bitsandbytes state layout"),
-        Component("gradients", "Gradients", gradients, Kind.DYNAMIC, f"P x {recipe.grad_dtype.value}", recipe.source),
-        Component("activations", "Activations (peak)", activations, Kind.DYNAMIC, peaks.formula, peaks.source),
-        Component("optimizer_step_temporaries", "Optimizer step temporaries", step_temporaries, Kind.DYNAMIC,
-                  f"{settings.optimizer.value} ({settings.optimizer_impl.value})", "torch.optim implementations"),
-    )
     checkpoint = (
         Component("weights_only", "Weights only", weights, Kind.STATIC, f"P x {recipe.weight_dtype.value}", recipe.source),
         Component("training", "Resumable (weights + master + optimizer)", weights + master + moments, Kind.STATIC,
@@ -270,7 +448,25 @@ def estimate_training(model: ModelConfig, settings: TrainSettings) -> Estimate:
         "loss": settings.loss.value,
         "activation_dtype": recipe.activation_dtype.value,
     }
-    return Estimate(model, params, resolved, components, checkpoint=checkpoint, phases=phases)
+    if not parallel.is_single_device:
+        resolved["parallel"] = _layout_document(model, parallel, busiest)
+    return Estimate(model, params, resolved, busiest.components, checkpoint=checkpoint, phases=busiest.phases,
+                    ranks=views if not parallel.is_single_device else ())
+
+
+def _layout_document(model: ModelConfig, parallel: ParallelConfig, busiest: RankView) -> dict:
+    return {
+        "gpus": parallel.gpus, "dp": parallel.dp, "tp": parallel.tp, "pp": parallel.pp, "cp": parallel.cp,
+        "ep": parallel.ep, "sp": parallel.sp, "zero": parallel.zero,
+        "distributed_optimizer": parallel.distributed_optimizer, "vpp": parallel.vpp,
+        "microbatches": parallel.microbatches, "offload": parallel.offload.value,
+        "dense_shards": parallel.dense_shards if parallel.shards_optimizer else 1,
+        "expert_shards": parallel.expert_shards if parallel.shards_optimizer and model.moe else 1,
+        "vocab_size_padded": padded_vocab(model, parallel),
+        "prefetch_units": parallel.prefetch if parallel.shards_params else 0,
+        "inflight_chunks": {str(stage): inflight_chunks(parallel, stage) for stage in pipeline_ranks(parallel)},
+        "most_loaded_rank": busiest.name,
+    }
 
 
 def _moment_formula(optimizer: str, moments: int, state_dtype: str) -> str:
@@ -281,11 +477,21 @@ def _moment_formula(optimizer: str, moments: int, state_dtype: str) -> str:
     return f"P x {moments} x {state_dtype}"
 
 
-def _megatron_formula(recompute: Recompute, element_bytes: int) -> str:
-    output = f" + {2 * element_bytes}sbh + 4sbV"
+def _megatron_formula(recompute: Recompute, element_bytes: int, parallel: ParallelConfig | None = None) -> str:
+    tp = parallel.tp if parallel else 1
+    sp = parallel is not None and parallel.sp
+    t = f"/{tp}" if tp > 1 else ""
+    stream = t if sp else ""
+    output = f" + {2 * element_bytes}sbh{stream} + 4sbV{t}"
     if recompute is Recompute.FULL:
-        return f"L x {element_bytes}sbh{output}"
-    mask_and_tensors = 16 * element_bytes + 2
+        return f"L x {element_bytes}sbh{stream}{output}"
+    replicated, split = 4 * element_bytes + 2, 12 * element_bytes
+    if tp == 1:
+        layer = f"{replicated + split}"
+    elif sp:
+        layer = f"{replicated + split}/{tp}"
+    else:
+        layer = f"{replicated} + {split}/{tp}"
     if recompute is Recompute.SELECTIVE:
-        return f"L x {mask_and_tensors}sbh{output}"
-    return f"L x sbh({mask_and_tensors} + {2 * element_bytes + 1}as/h){output}"
+        return f"L x {layer}sbh{output}" if tp == 1 else f"L x sbh({layer}){output}"
+    return f"L x sbh({layer} + {2 * element_bytes + 1}as/h{t}){output}"

@@ -5,6 +5,14 @@ operator returns and subtracts it when the storage is freed (a weak-reference ca
 sees exactly what the program allocates, whatever the device. Gradients are told apart by
 post-accumulate hooks on the parameters; the static state (parameters, buffers, optimizer states)
 is registered by the runner.
+
+Tensor subclasses that wrap other tensors (``DTensor``, as FSDP2 and tensor parallelism use) own
+no memory of their own: the wrapper's storage reports the *global* size while the memory is the
+local shard's. Such outputs are counted through their inner tensors (``__tensor_flatten__``). The
+ops that a wrapper runs on its inner tensors are not seen one by one (this mode is popped while a
+subclass handles an op), only what they return; a wrapper's internal temporaries, if any, are
+missed, and so is its sharding propagation, which runs each op once more on global-size fake
+tensors that no device ever holds.
 """
 
 from __future__ import annotations
@@ -12,12 +20,21 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 # The CUDA caching allocator rounds every block up to a multiple of 512 bytes
 # (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize).
 CUDA_BLOCK_BYTES = 512
+
+
+def _memory_holders(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors whose storages hold ``tensor``'s memory: itself, or for a wrapper subclass
+    (``DTensor``: its local shard) the inner tensors, recursively."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _context = tensor.__tensor_flatten__()
+    return [holder for name in names for holder in _memory_holders(getattr(tensor, name))]
 
 
 class LiveBytesTracker(TorchDispatchMode):
@@ -36,7 +53,8 @@ class LiveBytesTracker(TorchDispatchMode):
         return -(-nbytes // self.round_to) * self.round_to if self.round_to > 1 else nbytes
 
     def track(self, tensor: torch.Tensor) -> None:
-        self._track_storage(tensor.untyped_storage())
+        for inner in _memory_holders(tensor):
+            self._track_storage(inner.untyped_storage())
 
     def _track_storage(self, storage) -> None:
         key = id(storage)
@@ -96,8 +114,9 @@ class LiveBytesTracker(TorchDispatchMode):
         seen: dict[int, int] = {}
         for tensor in tensors:
             if tensor is not None:
-                storage = tensor.untyped_storage()
-                seen[id(storage)] = self._size(storage)
+                for inner in _memory_holders(tensor):
+                    storage = inner.untyped_storage()
+                    seen[id(storage)] = self._size(storage)
         return sum(seen.values())
 
     def reset_peaks(self) -> None:

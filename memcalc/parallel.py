@@ -1,0 +1,373 @@
+"""The parallel layout of a training job and what one rank of it holds.
+
+A layout is ``dp x tp x pp x cp`` GPUs. Expert parallelism (EP) does not add GPUs: as in
+Megatron-LM (``megatron/core/parallel_state.py``), the EP group is carved out of the data- and
+context-parallel ranks, so expert weights are replicated over ``dp * cp / ep`` ranks (the expert
+data-parallel group) instead of ``dp * cp``. Expert weights are also split by TP (Megatron's
+default expert tensor-parallel size equals TP).
+
+Sources, per rule (docs/parallelism.md explains each):
+- Tensor parallelism: Shoeybi et al. 2019, "Megatron-LM" (arXiv:1909.08053): column-parallel
+  Q/K/V and MLP up/gate projections, row-parallel output and down projections (their biases are
+  added after the all-reduce and stay whole), norms replicated, the embedding and output layer
+  split by vocabulary with the vocabulary padded to a multiple of 128 x TP
+  (``megatron/training/tokenizer``: ``make_vocab_size_divisible_by``).
+- Pipeline parallelism: Narayanan et al. 2021 (arXiv:2104.04473), 1F1B and interleaved schedules;
+  in-flight micro-batches per rank from ``megatron/core/pipeline_parallel/schedules.py``.
+- ZeRO stages: Rajbhandari et al. 2020 (arXiv:1910.02054), sec. 5; FSDP's sharding strategies map
+  onto them (FULL_SHARD = 3, SHARD_GRAD_OP = 2, HYBRID_SHARD = 3 within a node).
+- Distributed optimizer: Megatron-LM ``docs/user-guide/features/dist_optimizer.md``: the fp32
+  master weights and moments are sharded over DP (x CP); parameters and gradients are not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated
+
+from memcalc.config import (
+    Attention,
+    ModelConfig,
+    NonNegativeInt,
+    PositiveInt,
+    _Bound,
+    _coerce_enums,
+    _FORBID_EXTRA,
+)
+from memcalc.errors import InputError
+from memcalc.estimate.params import ParamCategory, ParamInventory, TensorGroup, count_params
+
+# Megatron-LM pads the vocabulary to a multiple of this times TP (--make-vocab-size-divisible-by).
+VOCAB_PAD_MULTIPLE = 128
+# Layers (FSDP units) whose parameters are gathered ahead of use: FSDP2's default prefetches the
+# next unit in forward and backward; DeepSpeed's estimator (estimate_zero3_model_states_mem_needs)
+# counts none.
+DEFAULT_PREFETCH_UNITS = 1
+DEFAULT_GPUS_PER_NODE = 8
+
+ZeroStage = Annotated[int, _Bound(ge=0, le=3)]
+
+
+class Offload(StrEnum):
+    """ZeRO-Offload / ZeRO-Infinity (Ren et al. 2021, arXiv:2101.06840; Rajbhandari et al. 2021,
+    arXiv:2104.07857): optimizer offload moves fp32 gradients, master weights and moments, and the
+    optimizer step, to the CPU; parameter offload (ZeRO-3 only) moves the parameter shards too."""
+
+    NONE = "none"
+    OPTIMIZER = "optimizer"
+    PARAMS = "params"
+    BOTH = "both"
+
+
+class FSDPMode(StrEnum):
+    """PyTorch FSDP sharding strategies, as ZeRO stages."""
+
+    FULL = "full"  # FULL_SHARD: parameters, gradients and optimizer states (ZeRO-3)
+    GRAD_OP = "grad-op"  # SHARD_GRAD_OP: gradients and optimizer states (ZeRO-2)
+    HYBRID = "hybrid"  # HYBRID_SHARD: ZeRO-3 inside a node, replicated across nodes
+
+
+FSDP_ZERO_STAGE = {FSDPMode.FULL: 3, FSDPMode.GRAD_OP: 2, FSDPMode.HYBRID: 3}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """A training layout. ``microbatches=None`` means enough to fill the pipeline (m >= pp)."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    dp: PositiveInt = 1
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    cp: PositiveInt = 1
+    ep: PositiveInt = 1
+    sp: bool = False  # sequence parallelism (with TP): norms, dropout and block inputs split by TP
+    zero: ZeroStage = 0
+    shard_group: PositiveInt | None = None  # ranks a ZeRO stage shards over (hybrid: a node); default all
+    distributed_optimizer: bool = False
+    microbatches: PositiveInt | None = None
+    vpp: PositiveInt = 1  # virtual pipeline stages (model chunks) per rank
+    offload: Offload = Offload.NONE
+    pad_vocab: bool | None = None  # Megatron's vocabulary padding; default: when TP > 1
+    prefetch: NonNegativeInt = DEFAULT_PREFETCH_UNITS  # ZeRO-3 units gathered ahead
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, offload=Offload)
+        for name in ("dp", "tp", "pp", "cp", "ep", "vpp"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.zero <= 3:
+            raise InputError(f"--zero: {self.zero} is not one of 0, 1, 2, 3")
+
+    @property
+    def gpus(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def data_ranks(self) -> int:
+        """Ranks holding the same dense weights: data and context parallel (both reduce gradients)."""
+        return self.dp * self.cp
+
+    @property
+    def dense_shards(self) -> int:
+        """Ranks a ZeRO stage or the distributed optimizer shards dense state over."""
+        return min(self.shard_group or self.data_ranks, self.data_ranks)
+
+    @property
+    def expert_shards(self) -> int:
+        """Ranks sharing each expert's state: the expert data-parallel group."""
+        return max(1, min(self.shard_group or self.data_ranks, self.data_ranks) // self.ep)
+
+    @property
+    def shards_optimizer(self) -> bool:
+        return self.zero >= 1 or self.distributed_optimizer
+
+    @property
+    def shards_gradients(self) -> bool:
+        return self.zero >= 2
+
+    @property
+    def shards_params(self) -> bool:
+        return self.zero >= 3
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        return self.offload in (Offload.OPTIMIZER, Offload.BOTH)
+
+    @property
+    def offloads_params(self) -> bool:
+        return self.offload in (Offload.PARAMS, Offload.BOTH)
+
+    @property
+    def vocab_padded(self) -> bool:
+        return self.tp > 1 if self.pad_vocab is None else self.pad_vocab
+
+    @property
+    def is_single_device(self) -> bool:
+        return self.gpus == 1 and self.offload is Offload.NONE
+
+    def describe(self) -> str:
+        parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}"]
+        parts += [f"{name}={getattr(self, name)}" for name in ("cp", "ep", "vpp") if getattr(self, name) > 1]
+        if self.sp:
+            parts.append("sp")
+        if self.zero:
+            parts.append(f"zero={self.zero}")
+        if self.distributed_optimizer:
+            parts.append("distributed optimizer")
+        if self.offload is not Offload.NONE:
+            parts.append(f"offload={self.offload.value}")
+        return ", ".join(parts)
+
+
+def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int, attention: Attention,
+                 gpus: int | None = None) -> None:
+    """One ``InputError`` line for the first degree that does not divide what it splits."""
+    tp, pp, vpp = parallel.tp, parallel.pp, parallel.vpp
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise InputError(message)
+
+    if gpus is not None:
+        need(gpus == parallel.gpus, f"--gpus {gpus} is not dp x tp x pp x cp = {parallel.dp} x {tp} x {pp} x "
+             f"{parallel.cp} = {parallel.gpus}")
+    need(model.num_attention_heads % tp == 0,
+         f"--tp {tp} does not divide the {model.num_attention_heads} attention heads of {model.name}")
+    need(model.kv_heads % tp == 0, f"--tp {tp} does not divide the {model.kv_heads} key/value heads of {model.name}")
+    need(model.intermediate_size % tp == 0,
+         f"--tp {tp} does not divide the MLP width {model.intermediate_size} of {model.name}")
+    if model.moe is not None:
+        need(model.moe.expert_intermediate_size % tp == 0,
+             f"--tp {tp} does not divide the expert width {model.moe.expert_intermediate_size} of {model.name}")
+    need(vpp == 1 or pp > 1, "--vpp needs --pp > 1 (virtual stages interleave pipeline stages)")
+    need(model.num_layers % (pp * vpp) == 0,
+         f"--pp {pp} x --vpp {vpp} = {pp * vpp} does not divide the {model.num_layers} layers of {model.name}")
+    if parallel.ep > 1:
+        need(model.moe is not None, f"--ep {parallel.ep} needs a mixture-of-experts model; {model.name} is dense")
+        need(model.moe.num_experts % parallel.ep == 0,
+             f"--ep {parallel.ep} does not divide the {model.moe.num_experts} experts of {model.name}")
+        need(parallel.data_ranks % parallel.ep == 0,
+             f"--ep {parallel.ep} does not divide dp x cp = {parallel.data_ranks} (expert parallelism splits the "
+             "data-parallel ranks)")
+    need(seq_len % parallel.cp == 0, f"--cp {parallel.cp} does not divide the sequence length {seq_len}")
+    need(parallel.cp == 1 or attention is not Attention.EAGER,
+         "--cp needs a fused attention kernel (--attention sdpa or flash): context parallelism is ring attention")
+    if parallel.sp:
+        need(tp > 1, "--sp needs --tp > 1 (sequence parallelism splits along the tensor-parallel group)")
+        need((seq_len // parallel.cp) % tp == 0, f"--sp: --tp {tp} does not divide the sequence length "
+             f"{seq_len // parallel.cp} each context-parallel rank holds")
+    need(not (parallel.zero and parallel.distributed_optimizer),
+         "--distributed-optimizer is Megatron's ZeRO-1; do not combine it with --zero")
+    need(not (parallel.zero > 1 and pp > 1),
+         f"--zero {parallel.zero} with --pp {pp}: gradient and parameter sharding conflict with pipeline "
+         "gradient accumulation (DeepSpeed allows ZeRO-1 with pipelines)")
+    if parallel.offloads_optimizer:
+        need(parallel.shards_optimizer and not parallel.distributed_optimizer,
+             "--offload optimizer needs --zero 1, 2 or 3 (ZeRO-Offload)")
+    if parallel.offloads_params:
+        need(parallel.zero == 3, "--offload params needs --zero 3 (ZeRO-Infinity offloads parameter shards)")
+    if parallel.microbatches is not None and vpp > 1:
+        need(parallel.microbatches % pp == 0,
+             f"--microbatches {parallel.microbatches} must be a multiple of --pp {pp} with --vpp (interleaved schedule)")
+    if parallel.shard_group is not None:
+        need(parallel.data_ranks % parallel.shard_group == 0,
+             f"the sharding group ({parallel.shard_group} ranks) does not divide dp x cp = {parallel.data_ranks}")
+
+
+# --- What one pipeline rank holds ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageLayers:
+    """Layers on one pipeline rank (all its virtual chunks) and the ends it owns."""
+
+    rank: int
+    dense_layers: int
+    moe_layers: int
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm, the output layer and the loss
+
+    @property
+    def layers(self) -> int:
+        return self.dense_layers + self.moe_layers
+
+
+def stage_layers(model: ModelConfig, parallel: ParallelConfig, rank: int) -> StageLayers:
+    """Rank ``rank`` of ``pp`` holds chunks ``rank, rank + pp, ...`` of ``L / (pp * vpp)`` layers each."""
+    pp, vpp = parallel.pp, parallel.vpp
+    per_chunk = model.num_layers // (pp * vpp)
+    first_dense = model.num_layers - model.num_moe_layers
+    indices = [chunk * per_chunk + offset for chunk in range(rank, pp * vpp, pp) for offset in range(per_chunk)]
+    dense = sum(1 for index in indices if index < first_dense)
+    return StageLayers(rank, dense, len(indices) - dense, first=rank == 0, last=rank == pp - 1)
+
+
+def pipeline_ranks(parallel: ParallelConfig) -> list[int]:
+    """The ranks worth reporting: the first and the last stage (a middle stage holds less than the
+    first: fewer micro-batches in flight and no embedding)."""
+    return [0] if parallel.pp == 1 else [0, parallel.pp - 1]
+
+
+def inflight_chunks(parallel: ParallelConfig, rank: int) -> int:
+    """Model chunks whose activations rank ``rank`` holds at its peak, in units of one chunk of one
+    micro-batch (Megatron-LM ``schedules.py``: warm-up micro-batches plus the one in 1F1B).
+
+    1F1B: ``min(pp - rank, m)`` micro-batches of the whole stage; interleaved with ``v`` chunks:
+    ``min(2 (pp - rank - 1) + (v - 1) pp + 1, m v)`` chunks. For rank 0 the interleaved count times
+    ``L / (pp v)`` layers is ``L (1 + (pp - 1) / (pp v))``, Korthikanti et al. 2022 sec. 4.2.3."""
+    pp, vpp = parallel.pp, parallel.vpp
+    if pp == 1:
+        return 1
+    microbatches = parallel.microbatches if parallel.microbatches is not None else pp * vpp * pp
+    if vpp == 1:
+        return min(pp - rank, microbatches)
+    return min(2 * (pp - rank - 1) + (vpp - 1) * pp + 1, microbatches * vpp)
+
+
+def padded_vocab(model: ModelConfig, parallel: ParallelConfig) -> int:
+    if not parallel.vocab_padded:
+        return model.vocab_size
+    multiple = VOCAB_PAD_MULTIPLE * parallel.tp
+    return -(-model.vocab_size // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """The parameter tensors one rank holds before any ZeRO sharding, as local tensor groups."""
+
+    dense: ParamInventory  # replicated over the data-parallel (x CP) ranks
+    experts: ParamInventory  # replicated over the expert data-parallel ranks
+
+    @property
+    def total(self) -> int:
+        return self.dense.total + self.experts.total
+
+    @property
+    def groups(self) -> tuple[TensorGroup, ...]:
+        return self.dense.groups + self.experts.groups
+
+
+# Tensors split by TP along their output (column-parallel: weight and bias) or input (row-parallel:
+# weight only; the bias is added after the all-reduce on every rank).
+_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def _tp_divisor(name: str, tp: int) -> int:
+    module, _, kind = name.rpartition(".")
+    leaf = module.rpartition(".")[2]
+    if leaf in _COLUMN_PARALLEL or (leaf in _ROW_PARALLEL and kind == "weight"):
+        return tp
+    return 1
+
+
+def rank_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> RankParams:
+    """Local tensors of one rank of pipeline stage ``stage`` (any TP, DP or CP rank holds the same)."""
+    tp = parallel.tp
+    vocab = padded_vocab(model, parallel)
+    h = model.hidden_size
+    dense_layers_total = model.num_layers - model.num_moe_layers
+    dense: list[TensorGroup] = []
+    experts: list[TensorGroup] = []
+    for group in count_params(model).groups:
+        name = group.name
+        if name == "embed_tokens.weight":
+            if stage.first:
+                dense.append(TensorGroup(name, group.category, vocab * h // tp, 1, 1))
+            continue
+        if name == "embed_positions.weight":
+            if stage.first:  # Megatron keeps the position table whole on every TP rank
+                dense.append(group)
+            continue
+        if name.startswith("final_norm"):
+            if stage.last:
+                dense.append(group)
+            continue
+        if name == "lm_head.weight":
+            if stage.last:
+                dense.append(TensorGroup(name, group.category, vocab * h // tp, 1, 1))
+            continue
+        # layer tensors: scale the count to this stage's layers of the matching kind
+        if name.startswith("layers.moe."):
+            layers, on_stage = model.num_moe_layers, stage.moe_layers
+        elif name.startswith("layers.mlp."):
+            layers, on_stage = dense_layers_total, stage.dense_layers
+        else:
+            layers, on_stage = model.num_layers, stage.layers
+        if not on_stage:
+            continue
+        numel = group.numel // _tp_divisor(name, tp)
+        if name.startswith("layers.moe.experts."):
+            count = group.count // layers * on_stage // parallel.ep
+            active = group.active_count // layers * on_stage
+            experts.append(TensorGroup(name, group.category, numel, count, min(active, count)))
+        else:
+            count = group.count // layers * on_stage
+            dense.append(TensorGroup(name, group.category, numel, count, count))
+    if model.tie_word_embeddings and stage.last and not stage.first:
+        # Megatron keeps a copy of the tied embedding on the last stage for the output layer and
+        # all-reduces the two copies' gradients (LanguageModule.setup_embeddings_and_output_layer).
+        dense.append(TensorGroup("lm_head.weight (tied copy)", ParamCategory.OUTPUT_HEAD, vocab * h // tp, 1, 1))
+    return RankParams(ParamInventory(tuple(dense)), ParamInventory(tuple(experts)))
+
+
+def largest_unit_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> int:
+    """Parameters of the largest unit ZeRO-3 gathers at once on this rank: one decoder layer (the
+    FSDP wrapping of torchtitan and torchtune), the embedding, or the output layer."""
+    params = rank_params(model, parallel, stage)
+    per_layer: dict[str, int] = {}
+    ends = 0
+    for group in params.groups:
+        if group.name.startswith("layers."):
+            kind = "moe" if group.name.startswith("layers.moe.") else (
+                "dense" if group.name.startswith("layers.mlp.") else "any")
+            per_layer[kind] = per_layer.get(kind, 0) + group.total
+        else:
+            ends = max(ends, group.total)
+    layers = {"dense": stage.dense_layers, "moe": stage.moe_layers}
+    shared = per_layer.get("any", 0) // max(stage.layers, 1)
+    largest_layer = max((shared + per_layer.get(kind, 0) // count for kind, count in layers.items() if count),
+                        default=0)
+    return max(largest_layer, ends)
