@@ -69,6 +69,67 @@ PrecisionOption = Annotated[
 ]
 
 
+# Parallel layout (memcalc.parallel); every flag has the Scenario key of the same name.
+GpusOption = Annotated[int | None, typer.Option("--gpus", min=1, show_default=False, rich_help_panel="Parallelism",
+                                                help="GPUs in the job; must equal dp x tp x pp x cp (dp follows "
+                                                "from it when not given).")]
+DPOption = Annotated[int | None, typer.Option("--dp", min=1, show_default=False, rich_help_panel="Parallelism",
+                                              help="Data-parallel degree (default: --gpus / (tp x pp x cp), or 1).")]
+TPOption = Annotated[int, typer.Option("--tp", min=1, rich_help_panel="Parallelism",
+                                       help="Tensor-parallel degree (divides heads and KV heads).")]
+PPOption = Annotated[int, typer.Option("--pp", min=1, rich_help_panel="Parallelism",
+                                       help="Pipeline stages (pp x vpp divides the layers).")]
+CPOption = Annotated[int, typer.Option("--cp", min=1, rich_help_panel="Parallelism",
+                                       help="Context-parallel degree (ring attention; splits the sequence).")]
+EPOption = Annotated[int, typer.Option("--ep", min=1, rich_help_panel="Parallelism",
+                                       help="Expert-parallel degree (MoE; carved out of dp x cp, divides the experts).")]
+SPOption = Annotated[bool, typer.Option("--sp/--no-sp", rich_help_panel="Parallelism",
+                                        help="Sequence parallelism with TP: norms, dropout and block inputs split by TP.")]
+ZeroOption = Annotated[int | None, typer.Option("--zero", min=0, max=3, show_default=False, rich_help_panel="Parallelism",
+                                                help="ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters "
+                                                "sharded over the data-parallel ranks.")]
+FSDPOption = Annotated[str | None, typer.Option("--fsdp", show_default=False, rich_help_panel="Parallelism",
+                                                help="FSDP sharding: full (ZeRO-3), grad-op (ZeRO-2), hybrid (ZeRO-3 "
+                                                "inside a node).")]
+DistOptOption = Annotated[bool, typer.Option("--distributed-optimizer", rich_help_panel="Parallelism",
+                                             help="Megatron's distributed optimizer: fp32 master weights and moments "
+                                             "sharded over DP; with bf16, fp32 main grads (6 + 12/d B/param).")]
+MicrobatchesOption = Annotated[int | None, typer.Option("--microbatches", min=1, show_default=False,
+                                                        rich_help_panel="Parallelism",
+                                                        help="Micro-batches per step per data-parallel rank (default: "
+                                                        "enough to fill the pipeline).")]
+VPPOption = Annotated[int, typer.Option("--vpp", min=1, rich_help_panel="Parallelism",
+                                        help="Virtual pipeline stages per rank (interleaved 1F1B).")]
+OffloadOption = Annotated[str, typer.Option("--offload", rich_help_panel="Parallelism",
+                                            help="none, optimizer (ZeRO-Offload: fp32 grads, master, moments and the "
+                                            "step on the CPU), params (ZeRO-Infinity, --zero 3), both.")]
+PadVocabOption = Annotated[bool | None, typer.Option("--pad-vocab/--no-pad-vocab", show_default=False,
+                                                     rich_help_panel="Parallelism",
+                                                     help="Pad the vocabulary to a multiple of 128 x TP as Megatron "
+                                                     "does (default: when TP > 1).")]
+PrefetchOption = Annotated[int | None, typer.Option("--prefetch", min=0, show_default=False, rich_help_panel="Parallelism",
+                                                    help="ZeRO-3 units gathered ahead of use (default 1, FSDP2).")]
+GpusPerNodeOption = Annotated[int | None, typer.Option("--gpus-per-node", min=1, show_default=False,
+                                                       rich_help_panel="Parallelism",
+                                                       help="GPUs per node, for --fsdp hybrid (default 8).")]
+GPUOption = Annotated[str | None, typer.Option("--gpu", show_default=False,
+                                               help="A GPU from `memcalc gpus`: say whether the most loaded rank fits.")]
+
+
+def _layout_scenario(gpus, dp, tp, pp, cp, ep, sp, zero, fsdp, distributed_optimizer, microbatches, vpp, offload,
+                     pad_vocab, prefetch, gpus_per_node):
+    from memcalc.parallel import FSDPMode, Offload
+    from memcalc.scenario import Scenario
+
+    if fsdp is not None and fsdp not in {mode.value for mode in FSDPMode}:
+        raise InputError(f"--fsdp: {fsdp!r} is not one of {', '.join(mode.value for mode in FSDPMode)}")
+    if offload not in {mode.value for mode in Offload}:
+        raise InputError(f"--offload: {offload!r} is not one of {', '.join(mode.value for mode in Offload)}")
+    return Scenario(gpus=gpus, dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, sp=sp, zero=zero, fsdp=fsdp,
+                    distributed_optimizer=distributed_optimizer, microbatches=microbatches, vpp=vpp, offload=offload,
+                    pad_vocab=pad_vocab, prefetch=prefetch, gpus_per_node=gpus_per_node)
+
+
 ContextOption = Annotated[int | None, typer.Option("--context", "-c", min=1, show_default=False,
                                                    help="Tokens per sequence held in the KV cache "
                                                    "(default: min(2048, the model's maximum)).")]
@@ -98,15 +159,15 @@ def _recipe_name(precision: str | None) -> str | None:
     return precision
 
 
-def _emit(command: str, estimate, unit: Unit, as_json: bool) -> None:
+def _emit(command: str, estimate, unit: Unit, as_json: bool, gpu=None) -> None:
     if as_json:
         from memcalc.report import estimate_document
 
-        print(json.dumps(estimate_document(command, estimate), indent=2))
+        print(json.dumps(estimate_document(command, estimate, gpu), indent=2))
         return
     from memcalc.render import print_estimate
 
-    print_estimate(command, estimate, unit)
+    print_estimate(command, estimate, unit, gpu)
 
 
 @app.command()
@@ -123,10 +184,30 @@ def train(
     activation_model: ActivationModelOption = ActivationModel.ARCH,
     loss: LossOption = Loss.FULL,
     precision: PrecisionOption = None,
+    gpus: GpusOption = None,
+    dp: DPOption = None,
+    tp: TPOption = 1,
+    pp: PPOption = 1,
+    cp: CPOption = 1,
+    ep: EPOption = 1,
+    sp: SPOption = False,
+    zero: ZeroOption = None,
+    fsdp: FSDPOption = None,
+    distributed_optimizer: DistOptOption = False,
+    microbatches: MicrobatchesOption = None,
+    vpp: VPPOption = 1,
+    offload: OffloadOption = "none",
+    pad_vocab: PadVocabOption = None,
+    prefetch: PrefetchOption = None,
+    gpus_per_node: GpusPerNodeOption = None,
+    gpu: GPUOption = None,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
-    """Memory of one training step on one GPU: weights, gradients, optimizer states, activations.
+    """Memory of one training step per GPU: weights, gradients, optimizer states, activations.
+
+    Under a parallel layout the numbers are the most loaded GPU's; with pipeline stages the
+    first and the last stage are both shown.
 
     Examples:
 
@@ -134,16 +215,98 @@ def train(
 
       memcalc train mistral-7b --optimizer adam8bit --batch 4 --seq 4096 --recompute selective
 
-      memcalc train ./config.json --dtype fp32 --json
+      memcalc train llama-2-70b --gpus 64 --tp 8 --pp 2 --sp --distributed-optimizer --seq 4096
+
+      memcalc train llama-3-8b --gpus 8 --fsdp full --offload optimizer --json
     """
     from memcalc.config import TrainSettings
     from memcalc.estimate.training import estimate_training
     from memcalc.library import resolve_model
+    from memcalc.scenario import parallel_config
 
     settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
                              seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
                              activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
-    _emit("train", estimate_training(resolve_model(model), settings), units, as_json)
+    layout = parallel_config(_layout_scenario(gpus, dp, tp, pp, cp, ep, sp, zero, fsdp, distributed_optimizer,
+                                              microbatches, vpp, offload, pad_vocab, prefetch, gpus_per_node))
+    gpu_spec = _resolve_gpu(gpu)
+    estimate = estimate_training(resolve_model(model), settings, layout)
+    _emit("train", estimate, units, as_json, gpu_spec)
+
+
+def _resolve_gpu(name: str | None):
+    if name is None:
+        return None
+    from memcalc.gpus import resolve_gpu
+
+    return resolve_gpu(name)
+
+
+@app.command()
+def compare(
+    model: ModelArgument,
+    scenario: Annotated[list[str] | None, typer.Option("--scenario", show_default=False,
+                                                       help='One scenario, e.g. "gpus=8,tp=2,zero=1"; repeat for more. '
+                                                       "Keys: the train flags without dashes (gpus, dp, tp, pp, cp, ep, "
+                                                       "sp, zero, fsdp, distributed_optimizer, microbatches, vpp, "
+                                                       "offload, batch, seq, precision, recompute, ...), and name.")] = None,
+    file: Annotated[str | None, typer.Option("--file", show_default=False,
+                                             help="A YAML list of scenarios (mappings with the same keys).")] = None,
+    gpu: GPUOption = None,
+    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    master_weights: MasterWeightsOption = True,
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
+    batch: BatchOption = 1,
+    seq: SeqOption = None,
+    recompute: RecomputeOption = Recompute.NONE,
+    attention: AttentionOption = Attention.SDPA,
+    optimizer_impl: OptimizerImplOption = OptimizerImpl.FOREACH,
+    activation_model: ActivationModelOption = ActivationModel.ARCH,
+    loss: LossOption = Loss.FULL,
+    precision: PrecisionOption = None,
+    units: UnitsOption = Unit.GIB,
+    as_json: JsonOption = False,
+) -> None:
+    """Training scenarios side by side, one column each, per GPU of the most loaded rank.
+
+    The flags set what every scenario shares; each scenario overrides them.
+
+    Examples:
+
+      memcalc compare llama-2-70b --seq 4096 --gpu h100 --scenario "gpus=64,tp=8,pp=2,sp=true"
+      --scenario "gpus=64,fsdp=full" --scenario "gpus=64,tp=8,zero=1,recompute=full"
+
+      memcalc compare mixtral-8x7b --file scenarios.yaml --json
+    """
+    from memcalc.config import TrainSettings
+    from memcalc.estimate.training import estimate_training
+    from memcalc.library import resolve_model
+    from memcalc.scenario import parallel_config, parse_scenario, read_scenarios, train_settings
+
+    scenarios = [parse_scenario(text) for text in scenario or []]
+    if file is not None:
+        scenarios += read_scenarios(file)
+    if not scenarios:
+        raise InputError("compare needs at least one --scenario or a --file of scenarios")
+    base = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
+                         seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
+                         activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
+    config = resolve_model(model)
+    gpu_spec = _resolve_gpu(gpu)
+    results = []
+    for item in scenarios:
+        try:
+            results.append((item.label(), estimate_training(config, train_settings(item, base), parallel_config(item))))
+        except InputError as exc:
+            raise InputError(f"scenario {item.label()!r}: {exc}") from None
+    if as_json:
+        from memcalc.report import compare_document
+
+        print(json.dumps(compare_document(results, gpu_spec), indent=2))
+        return
+    from memcalc.render import print_scenarios
+
+    print_scenarios(config, results, units, gpu_spec)
 
 
 @app.command()

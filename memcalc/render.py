@@ -56,7 +56,7 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             ("batch x seq", f"{settings['batch_size']} x {settings['seq_len']} tokens"),
             ("recompute", settings["recompute"]),
             ("activations", _activation_assumption(settings)),
-            ("parallelism", "none: one device holds everything"),
+            ("parallelism", _parallel_assumption(estimate)),
         ]
     else:
         lines += [
@@ -85,41 +85,84 @@ def _activation_assumption(settings: dict[str, Any]) -> str:
             f"no dropout, {loss}")
 
 
+def _parallel_assumption(estimate: Estimate) -> str:
+    layout = estimate.settings.get("parallel")
+    if layout is None:
+        return "none: one device holds everything"
+    parts = [f"{layout['gpus']} GPUs = dp {layout['dp']} x tp {layout['tp']} x pp {layout['pp']} x cp {layout['cp']}"]
+    if layout["ep"] > 1:
+        parts.append(f"ep {layout['ep']} (experts split over {layout['ep']} of the dp x cp ranks)")
+    if layout["vpp"] > 1:
+        parts.append(f"{layout['vpp']} virtual stages per rank")
+    if layout["sp"]:
+        parts.append("sequence parallel")
+    if layout["zero"]:
+        parts.append(f"ZeRO-{layout['zero']} over {layout['dense_shards']} ranks")
+    if layout["distributed_optimizer"]:
+        parts.append(f"distributed optimizer over {layout['dense_shards']} ranks")
+    if layout["offload"] != "none":
+        parts.append(f"offload {layout['offload']} to CPU")
+    if layout["tp"] > 1 or layout["vocab_size_padded"] != estimate.model.vocab_size:
+        parts.append(f"vocabulary padded to {layout['vocab_size_padded']:,}")
+    if layout["pp"] > 1:
+        inflight = layout["inflight_chunks"]
+        unit = "chunks" if layout["vpp"] > 1 else "micro-batches"
+        parts.append(f"{unit} in flight: first stage {inflight['0']}, last {inflight[str(layout['pp'] - 1)]}")
+    busiest = next(view for view in estimate.ranks if view.name == layout["most_loaded_rank"])
+    parts.append(f"shown: the most loaded GPU ({busiest.name}, {format_count(busiest.parameters)} parameters "
+                 "before sharding = P in the formulas)")
+    return "; ".join(parts)
+
+
 def _recipe_description(name: str) -> str:
     from memcalc.precision import RECIPES
 
     return RECIPES[name].description
 
 
-def print_estimate(command: str, estimate: Estimate, unit: Unit) -> None:
+def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> None:
     from rich.table import Table
 
     label = UNIT_LABEL[unit]
     total = estimate.total
+    offloaded = estimate.cpu_total > 0
     table = Table(title=f"memcalc {command}: {estimate.model.name}", title_justify="left")
     table.add_column("Component")
-    table.add_column(label, justify="right")
+    if offloaded:
+        table.add_column(f"GPU {label}", justify="right")
+        table.add_column(f"CPU {label}", justify="right")
+    else:
+        table.add_column(label, justify="right")
     table.add_column("Share", justify="right")
     table.add_column("Kind")
     table.add_column("Formula")
+
+    def amounts(value: int, location: str = "gpu") -> list[str]:
+        if not offloaded:
+            return [format_bytes(value, unit)]
+        shown = format_bytes(value, unit)
+        return [shown, "-"] if location == "gpu" else ["-", shown]
+
     for component in estimate.components:
-        table.add_row(
-            component.label, format_bytes(component.bytes, unit), _share(component.bytes, total),
-            component.kind.value, component.formula,
-        )
+        share = _share(component.bytes, total) if component.location == "gpu" else "-"
+        table.add_row(component.label, *amounts(component.bytes, component.location), share,
+                      component.kind.value, component.formula)
     table.add_section()
     if estimate.phases:
         for phase, live in estimate.phases.items():
             marker = " (peak)" if phase == estimate.peak_phase else ""
-            table.add_row(f"During {PHASE_LABELS[phase]}{marker}", format_bytes(live, unit), _share(live, total),
+            table.add_row(f"During {PHASE_LABELS[phase]}{marker}", *amounts(live), _share(live, total),
                           "phase", PHASE_CONTENTS[phase])
         table.add_section()
-        table.add_row("Total (peak)", format_bytes(total, unit), "100.0%", "", f"largest phase: {PHASE_LABELS[estimate.peak_phase]}",
+        table.add_row("Total (peak)", *amounts(total), "100.0%", "", f"largest phase: {PHASE_LABELS[estimate.peak_phase]}",
                       style="bold")
+        if offloaded:
+            table.add_row("Host memory (this GPU's process)", "-", format_bytes(estimate.cpu_total, unit), "", "",
+                          "sum of the CPU rows", style="bold")
     else:
-        table.add_row("Total", format_bytes(total, unit), "100.0%", "", "sum of the rows above", style="bold")
+        table.add_row("Total", *amounts(total), "100.0%", "", "sum of the rows above", style="bold")
     for reference in estimate.references:
-        table.add_row(reference.label, format_bytes(reference.bytes, unit), "", "reference", reference.formula)
+        table.add_row(reference.label, *amounts(reference.bytes), "", "reference", reference.formula)
 
     assumptions = Table.grid(padding=(0, 2))
     assumptions.add_column(style="bold")
@@ -143,13 +186,96 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit) -> None:
         )
     elif estimate.phases:
         console.print("Shares are of the peak. The peak is the larger of prefill and decoding, not the sum of the rows.")
+    if len(estimate.ranks) > 1:
+        console.print(_ranks_table(estimate, unit))
     other = Unit.GB if unit is Unit.GIB else Unit.GIB
-    console.print(f"Total: {format_bytes(total, unit)} {label} ({format_bytes(total, other)} {UNIT_LABEL[other]})")
+    per_gpu = " per GPU (most loaded)" if estimate.ranks else ""
+    console.print(f"Total: {format_bytes(total, unit)} {label} ({format_bytes(total, other)} {UNIT_LABEL[other]}){per_gpu}")
+    if gpu is not None:
+        console.print(_fit_line(total, gpu, unit))
     console.print()
     console.print("Assumptions", style="bold underline")
     console.print(assumptions)
     console.print()
     console.print(checkpoint)
+
+
+def _fit_line(total: int, gpu, unit: Unit) -> str:
+    label = UNIT_LABEL[unit]
+    capacity = format_bytes(gpu.memory_bytes, unit)
+    if total <= gpu.memory_bytes:
+        return (f"Fits on {gpu.name} ({capacity} {label}): {format_bytes(gpu.memory_bytes - total, unit)} {label} "
+                "free before the CUDA context and allocator fragmentation.")
+    return f"Does not fit on {gpu.name} ({capacity} {label}): {format_bytes(total - gpu.memory_bytes, unit)} {label} over."
+
+
+def _ranks_table(estimate: Estimate, unit: Unit):
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    table = Table(title="Per pipeline stage", title_justify="left")
+    for column in ("Rank", "Parameters", *(f"{PHASE_LABELS[phase].capitalize()} {label}" for phase in
+                                           ("forward", "backward", "optimizer_step")), f"Peak {label}"):
+        table.add_column(column, justify="left" if column == "Rank" else "right")
+    busiest = max(estimate.ranks, key=lambda view: view.total)
+    for view in estimate.ranks:
+        table.add_row(f"{view.name} (pp rank {view.pipeline_rank})", format_count(view.parameters),
+                      *(format_bytes(view.phases[phase], unit) for phase in ("forward", "backward", "optimizer_step")),
+                      format_bytes(view.total, unit), style="bold" if view is busiest else None)
+    return table
+
+
+COMPARED = ("weights", "master_weights", "optimizer_states", "gradients", "activations", "optimizer_step_temporaries",
+            "sharding_working_set")
+
+
+def print_scenarios(model: ModelConfig, results: list[tuple[str, Estimate]], unit: Unit, gpu=None) -> None:
+    """``memcalc compare``: components as rows, one column per scenario (the most loaded GPU's)."""
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    table = Table(title=f"memcalc compare: {model.name} ({label} per GPU, most loaded rank)", title_justify="left")
+    table.add_column("")
+    for index, (name, _estimate) in enumerate(results, start=1):
+        table.add_column(f"{index}. {name}", justify="right", overflow="fold")
+
+    def row(title: str, values: list[str], style: str | None = None) -> None:
+        table.add_row(title, *values, style=style)
+
+    def component(estimate: Estimate, key: str) -> str:
+        try:
+            item = estimate.component(key)
+        except KeyError:
+            return "-"
+        where = " (CPU)" if item.location == "cpu" else ""
+        return f"{format_bytes(item.bytes, unit)}{where}"
+
+    first = results[0][1]
+    for key in COMPARED:
+        if all(key not in {c.key for c in estimate.components} for _name, estimate in results):
+            continue
+        row(next(c.label for _n, e in results for c in e.components if c.key == key),
+            [component(estimate, key) for _name, estimate in results])
+    table.add_section()
+    row("Total (peak)", [format_bytes(estimate.total, unit) for _name, estimate in results], "bold")
+    row("Peak phase", [PHASE_LABELS[estimate.peak_phase] for _name, estimate in results])
+    if any(estimate.cpu_total for _name, estimate in results):
+        row("Host memory", [format_bytes(estimate.cpu_total, unit) for _name, estimate in results])
+    row("Most loaded rank", [estimate.ranks and max(estimate.ranks, key=lambda v: v.total).name or "the only GPU"
+                             for _name, estimate in results])
+    row("GPUs", [str(estimate.settings.get("parallel", {}).get("gpus", 1)) for _name, estimate in results])
+    row("Batch x seq", [f"{e.settings['batch_size']} x {e.settings['seq_len']}" for _name, e in results])
+    row("Precision", [e.settings["precision"] for _name, e in results])
+    row("Recompute", [e.settings["recompute"] for _name, e in results])
+    if gpu is not None:
+        table.add_section()
+        row(f"Fits {gpu.name} ({format_bytes(gpu.memory_bytes, unit)})",
+            ["yes" if e.total <= gpu.memory_bytes else f"no (+{format_bytes(e.total - gpu.memory_bytes, unit)})"
+             for _name, e in results], "bold")
+    console = _console()
+    console.print(table)
+    console.print(f"{first.model.name}: {format_count(first.params.total)} parameters. Each column is the most loaded "
+                  "GPU of its layout; `memcalc train` with the same flags shows every component's formula.")
 
 
 def print_models(models: list[ModelConfig]) -> None:

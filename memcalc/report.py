@@ -38,20 +38,42 @@ def _component_dict(component: Component) -> dict[str, Any]:
         "kind": component.kind.value,
         "formula": component.formula,
         "source": component.source,
+        "location": component.location,
     }
 
 
-def estimate_document(command: str, estimate: Estimate) -> dict[str, Any]:
+def fit_document(total: int, gpu) -> dict[str, Any]:
+    """Whether ``total`` bytes fit on ``gpu`` (memory as sold)."""
+    return {"gpu": gpu.name, "gpu_memory": gpu.memory_bytes, "required": total, "fits": total <= gpu.memory_bytes,
+            "free": gpu.memory_bytes - total}
+
+
+def _rank_dict(view) -> dict[str, Any]:
+    return {
+        "name": view.name,
+        "pipeline_rank": view.pipeline_rank,
+        "parameters": view.parameters,
+        "memory": {component.key: component.bytes for component in view.components}
+        | {"total": view.total, "phases": dict(view.phases), "cpu_total": view.cpu_total},
+    }
+
+
+def estimate_document(command: str, estimate: Estimate, gpu=None) -> dict[str, Any]:
     """``memory`` holds each component's bytes and ``total``. For training, ``total`` is the largest
     of ``memory.phases`` (live bytes at each phase's peak, ``peak_phase`` names it); for inference it
-    is the sum of the components. Reference figures such as ``rule_of_thumb_total`` sit beside them."""
+    is the sum of the components. Reference figures such as ``rule_of_thumb_total`` sit beside them.
+    Under a parallel layout ``memory`` is the most loaded GPU's and ``ranks`` lists every distinct
+    rank (the first and last pipeline stage); ``memory.cpu_total`` is host memory per GPU's process
+    when state is offloaded. ``fits`` appears when a GPU is given."""
     memory: dict[str, Any] = {component.key: component.bytes for component in estimate.components}
     memory["total"] = estimate.total
     memory.update({reference.key: reference.bytes for reference in estimate.references})
     if estimate.phases:
         memory["phases"] = dict(estimate.phases)
         memory["peak_phase"] = estimate.peak_phase
-    return {
+    if estimate.cpu_total:
+        memory["cpu_total"] = estimate.cpu_total
+    document = {
         "command": command,
         "units": "bytes",
         "model": model_summary(estimate.model),
@@ -61,6 +83,22 @@ def estimate_document(command: str, estimate: Estimate) -> dict[str, Any]:
         "references": [_component_dict(reference) for reference in estimate.references],
         "checkpoint": {component.key: component.bytes for component in estimate.checkpoint},
     }
+    if estimate.ranks:
+        document["ranks"] = [_rank_dict(view) for view in estimate.ranks]
+    if gpu is not None:
+        document["fits"] = fit_document(estimate.total, gpu)
+    return document
+
+
+def compare_document(results: list[tuple[str, Estimate]], gpu=None) -> dict[str, Any]:
+    """``memcalc compare --json``: one ``train`` document per scenario, in order."""
+    scenarios = []
+    for label, estimate in results:
+        document = estimate_document("train", estimate, gpu)
+        scenarios.append({"scenario": label} | {key: document[key] for key in
+                                                 ("settings", "memory", "components", "ranks", "fits") if key in document})
+    return {"command": "compare", "units": "bytes", "model": model_summary(results[0][1].model),
+            "gpu": None if gpu is None else gpu.name, "scenarios": scenarios}
 
 
 def show_document(model: ModelConfig) -> dict[str, Any]:

@@ -17,6 +17,12 @@ GOLDEN_CASES = {
     "infer_llama-2-70b_fp16_b8_c4096": ["infer", "llama-2-70b", "--dtype", "fp16", "--batch", "8", "--context", "4096"],
     "show_mixtral-8x7b": ["show", "mixtral-8x7b"],
     "models": ["models"],
+    "train_llama-2-70b_tp8_pp2_sp_distopt": ["train", "llama-2-70b", "--gpus", "64", "--tp", "8", "--pp", "2", "--sp",
+                                             "--distributed-optimizer", "--seq", "4096", "--gpu", "h100"],
+    "train_llama-3-8b_fsdp_offload": ["train", "llama-3-8b", "--gpus", "8", "--fsdp", "full", "--offload", "optimizer"],
+    "compare_llama-2-70b": ["compare", "llama-2-70b", "--seq", "4096", "--gpu", "h100-80gb",
+                            "--scenario", "gpus=64,tp=8,pp=2,sp=true,distributed_optimizer=true",
+                            "--scenario", "name=fsdp,gpus=64,fsdp=full", "--scenario", "gpus=64,tp=8,zero=1,recompute=full"],
 }
 
 
@@ -136,7 +142,94 @@ BAD_INPUT = [
     (["train", "llama-13b", "--bogus"], "No such option: --bogus"),
     (["train"], "Missing argument 'model'."),
     (["show", "missing.yaml"], "missing.yaml: no such file or directory"),
+    (["train", "llama-3-8b", "--tp", "3"], "--tp 3 does not divide the 32 attention heads of llama-3-8b"),
+    (["train", "llama-3-8b", "--tp", "16"], "--tp 16 does not divide the 8 key/value heads of llama-3-8b"),
+    (["train", "llama-3-8b", "--pp", "3"], "--pp 3 x --vpp 1 = 3 does not divide the 32 layers of llama-3-8b"),
+    (["train", "llama-3-8b", "--pp", "4", "--vpp", "3"], "--pp 4 x --vpp 3 = 12 does not divide the 32 layers"),
+    (["train", "llama-3-8b", "--gpus", "6", "--tp", "4"], "--gpus 6 is not divisible by tp x pp x cp = 4 x 1 x 1"),
+    (["train", "llama-3-8b", "--gpus", "16", "--dp", "2", "--tp", "4"], "--gpus 16 is not dp x tp x pp x cp = 2 x 4 x 1 x 1 = 8"),
+    (["train", "llama-3-8b", "--ep", "2"], "--ep 2 needs a mixture-of-experts model; llama-3-8b is dense"),
+    (["train", "mixtral-8x7b", "--gpus", "6", "--ep", "3"], "--ep 3 does not divide the 8 experts of mixtral-8x7b"),
+    (["train", "mixtral-8x7b", "--ep", "2"], "--ep 2 does not divide dp x cp = 1"),
+    (["train", "llama-3-8b", "--cp", "2", "--attention", "eager"], "--cp needs a fused attention kernel"),
+    (["train", "llama-3-8b", "--zero", "4"], "Invalid value for '--zero': 4 is not in the range 0<=x<=3."),
+    (["train", "llama-3-8b", "--fsdp", "half"], "--fsdp: 'half' is not one of full, grad-op, hybrid"),
+    (["train", "llama-3-8b", "--fsdp", "full", "--zero", "1"], "--fsdp full is ZeRO stage 3; it contradicts --zero 1"),
+    (["train", "llama-3-8b", "--offload", "disk"], "--offload: 'disk' is not one of none, optimizer, params, both"),
+    (["train", "llama-3-8b", "--offload", "params", "--zero", "2"], "--offload params needs --zero 3"),
+    (["train", "llama-3-8b", "--zero", "1", "--distributed-optimizer"], "--distributed-optimizer is Megatron's ZeRO-1"),
+    (["train", "llama-3-8b", "--sp"], "--sp needs --tp > 1"),
+    (["train", "llama-3-8b", "--vpp", "2"], "--vpp needs --pp > 1"),
+    (["train", "llama-3-8b", "--gpu", "h1000"], "unknown GPU 'h1000'; did you mean"),
+    (["compare", "llama-3-8b"], "compare needs at least one --scenario or a --file of scenarios"),
+    (["compare", "llama-3-8b", "--scenario", "tpp=2"], "unknown key 'tpp' (did you mean tp?)"),
+    (["compare", "llama-3-8b", "--scenario", "tp=x"], "--scenario 'tp=x': tp: Input should be a valid integer"),
+    (["compare", "llama-3-8b", "--scenario", "tp"], "'tp' is not key=value"),
+    (["compare", "llama-3-8b", "--scenario", "tp=3"], "scenario 'tp=3': --tp 3 does not divide the 32 attention heads"),
+    (["compare", "llama-3-8b", "--file", "nowhere.yaml"], "--file: nowhere.yaml does not exist"),
 ]
+
+
+def test_train_parallel_json_document(run_cli):
+    """Megatron's distributed optimizer over dp = 64 / (8 x 2) = 4: bf16 weights and fp32 main grads
+    whole on the rank, fp32 master weights and moments a quarter each (docs: 6 + 12/d B/param)."""
+    document = _json(run_cli, "train", "llama-2-70b", "--gpus", "64", "--tp", "8", "--pp", "2", "--sp",
+                     "--distributed-optimizer", "--seq", "4096", "--gpu", "h100")
+    memory, layout = document["memory"], document["settings"]["parallel"]
+    assert layout["dp"] == 4 and layout["gpus"] == 64 and layout["dense_shards"] == 4
+    assert document["settings"]["precision"] == "megatron-bf16"
+    first, last = document["ranks"]
+    assert (first["name"], last["name"]) == ("first stage", "last stage")
+    # first stage: 40 of the 80 layers and the embedding, split by TP 8 except the two norms per
+    # layer; the 32000-row vocabulary is padded to a multiple of 128 x 8 = 1024: 32768 rows
+    layer = 8192 * (8192 + 1024 + 1024 + 8192) // 8 + 3 * 8192 * 28672 // 8 + 2 * 8192
+    params = 40 * layer + 32768 * 8192 // 8
+    assert first["parameters"] == params
+    assert first["memory"]["weights"] == 2 * params
+    assert first["memory"]["gradients"] == 4 * params
+    assert first["memory"]["master_weights"] == 4 * params // 4
+    assert first["memory"]["optimizer_states"] == 8 * params // 4
+    assert memory["total"] == max(first["memory"]["total"], last["memory"]["total"])
+    assert document["fits"] == {"gpu": "h100-80gb", "gpu_memory": 80 * 2**30, "required": memory["total"],
+                                "fits": memory["total"] <= 80 * 2**30, "free": 80 * 2**30 - memory["total"]}
+
+
+def test_train_offload_moves_optimizer_to_cpu(run_cli):
+    """ZeRO-3 + optimizer offload over 8 GPUs (DeepSpeed ZeRO-Offload): the GPU keeps bf16 parameter
+    shards; the CPU holds fp32 gradient, master and Adam moment shards, 16 B/param / 8."""
+    document = _json(run_cli, "train", "llama-3-8b", "--gpus", "8", "--fsdp", "full", "--offload", "optimizer")
+    params = 8_030_261_248
+    where = {component["key"]: component["location"] for component in document["components"]}
+    assert where["weights"] == "gpu" and where["optimizer_states"] == where["master_weights"] == "cpu"
+    assert document["memory"]["weights"] == 2 * params // 8
+    assert document["memory"]["cpu_total"] == 16 * params // 8
+
+
+def test_compare_json_matches_train(run_cli):
+    """Each compare column is the train estimate with the scenario's flags."""
+    compared = _json(run_cli, "compare", "llama-3-8b", "--scenario", "gpus=8,zero=3", "--scenario", "tp=2,seq=4096")
+    first = _json(run_cli, "train", "llama-3-8b", "--gpus", "8", "--zero", "3")
+    second = _json(run_cli, "train", "llama-3-8b", "--tp", "2", "--seq", "4096")
+    assert [item["scenario"] for item in compared["scenarios"]] == ["gpus=8,zero=3", "tp=2,seq=4096"]
+    assert compared["scenarios"][0]["memory"] == first["memory"]
+    assert compared["scenarios"][1]["memory"] == second["memory"]
+
+
+def test_compare_reads_a_scenario_file(run_cli, tmp_path):
+    path = tmp_path / "scenarios.yaml"
+    path.write_text("- {name: fsdp8, gpus: 8, fsdp: full}\n- {name: ddp, gpus: 8}\n")
+    compared = _json(run_cli, "compare", "llama-3-8b", "--file", str(path))
+    assert [item["scenario"] for item in compared["scenarios"]] == ["fsdp8", "ddp"]
+    fsdp, ddp = (item["memory"] for item in compared["scenarios"])
+    assert fsdp["optimizer_states"] * 8 == ddp["optimizer_states"] == 8 * 8_030_261_248
+
+
+def test_compare_file_errors_name_the_scenario(run_cli, tmp_path):
+    path = tmp_path / "scenarios.yaml"
+    path.write_text("- {gpus: 8}\n- {gpus: 8, zero: five}\n")
+    result = run_cli("compare", "llama-3-8b", "--file", str(path))
+    assert result.exit_code == 2
+    assert f"{path}: scenario 2: zero: Input should be a valid integer" in result.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT)

@@ -300,6 +300,7 @@ def _ceil_div(numerator: int, denominator: int) -> int:
 def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig, recipe: PrecisionRecipe,
                seq_len: int, stage: StageLayers) -> RankView:
     held = rank_params(model, parallel, stage)
+    offload_optimizer = parallel.offloads_optimizer
     dense_shards, expert_shards = parallel.dense_shards, parallel.expert_shards
 
     def per_rank(dense_bytes: int, expert_bytes: int, sharded: bool) -> int:
@@ -311,7 +312,6 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         return per_rank(storage_bytes(held.dense.total, dtype), storage_bytes(held.experts.total, dtype), sharded)
 
     weights = state(recipe.weight_dtype, parallel.shards_params)
-    offload_optimizer = parallel.offloads_optimizer
     # ZeRO-Offload keeps the reduced gradients on the CPU in the master dtype, beside the optimizer.
     grad_dtype = recipe.master_dtype if offload_optimizer and recipe.master_dtype else recipe.grad_dtype
     gradients = state(grad_dtype, parallel.shards_gradients or offload_optimizer)
@@ -334,7 +334,8 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
             divisor = shards if parallel.shards_optimizer else 1
             for group in inventory.groups:
                 sizes += [_ceil_div(group.numel, divisor)] * group.count
-    step_temporaries = optimizer_step_temporaries(settings, recipe, sizes)
+    # DeepSpeedCPUAdam updates the offloaded fp32 partition in place, in one C++ loop.
+    step_temporaries = 0 if offload_optimizer else optimizer_step_temporaries(settings, recipe, sizes)
 
     # ZeRO-3 gathers a unit's parameters (and prefetches the next); ZeRO-2 and offload reduce a
     # unit's full gradients before keeping (or sending away) their shard.
@@ -388,8 +389,9 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         Component("activations", "Activations (peak)", max(peaks.forward, peaks.backward), Kind.DYNAMIC,
                   peaks.formula, peaks.source),
         Component("optimizer_step_temporaries", "Optimizer step temporaries", step_temporaries, Kind.DYNAMIC,
-                  f"{settings.optimizer.value} ({settings.optimizer_impl.value})", "torch.optim implementations",
-                  "cpu" if offload_optimizer else "gpu"),
+                  "none: DeepSpeedCPUAdam updates in place" if offload_optimizer else
+                  f"{settings.optimizer.value} ({settings.optimizer_impl.value})",
+                  "DeepSpeed csrc/adam/cpu_adam.cpp" if offload_optimizer else "torch.optim implementations"),
     ]
     if working_set:
         prefetch = f"(1 + {parallel.prefetch} prefetched) x " if gathered else ""

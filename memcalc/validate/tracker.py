@@ -34,7 +34,8 @@ def _memory_holders(tensor: torch.Tensor) -> list[torch.Tensor]:
     if not is_traceable_wrapper_subclass(tensor):
         return [tensor]
     names, _context = tensor.__tensor_flatten__()
-    return [holder for name in names for holder in _memory_holders(getattr(tensor, name))]
+    inner = (getattr(tensor, name) for name in names)  # DTensor also lists its (non-tensor) device mesh
+    return [holder for value in inner if isinstance(value, torch.Tensor) for holder in _memory_holders(value)]
 
 
 class LiveBytesTracker(TorchDispatchMode):
