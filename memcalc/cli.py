@@ -57,7 +57,8 @@ AttentionOption = Annotated[Attention, typer.Option(help="Attention kernel: eage
 OptimizerImplOption = Annotated[OptimizerImpl, typer.Option("--optimizer-impl", help="torch.optim implementation.")]
 ActivationModelOption = Annotated[
     ActivationModel,
-    typer.Option("--activation-model", help="arch: saved tensors of the actual block; megatron: Korthikanti et al. 2022."),
+    typer.Option("--activation-model", help="arch: saved tensors of the actual block; megatron: Korthikanti et al. "
+                 "2022; both: arch, with the Megatron formula as a reference row."),
 ]
 LossOption = Annotated[Loss, typer.Option(help="full: all logits upcast to fp32 (transformers); chunked: fused/"
                                             "chunked cross-entropy, 1024 tokens at a time.")]

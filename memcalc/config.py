@@ -234,6 +234,7 @@ class Loss(StrEnum):
 class ActivationModel(StrEnum):
     ARCH = "arch"  # saved tensors of the actual block (GQA, gated MLP, attention kernel, loss)
     MEGATRON = "megatron"  # Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) per layer
+    BOTH = "both"  # arch for the total, the Megatron formula shown beside it
 
 
 def _check_positive(instance: Any, *names: str) -> None:

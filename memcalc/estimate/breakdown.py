@@ -38,6 +38,7 @@ class RankView:
     parameters: int  # parameters this rank holds before ZeRO sharding
     components: tuple[Component, ...]
     phases: dict[str, int]
+    references: tuple[Component, ...] = ()
 
     @property
     def total(self) -> int:

@@ -325,6 +325,7 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         peaks = _megatron_peaks(plan, settings, recipe, parallel)
     else:
         peaks = _arch_peaks(plan, settings, recipe)
+    megatron = _megatron_peaks(plan, settings, recipe, parallel) if settings.activation_model.value == "both" else None
 
     if parallel.is_single_device:
         sizes = parameter_sizes_in_order(model)
@@ -403,8 +404,12 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
             "DeepSpeed ZeRO-3 (estimate_zero3_model_states_mem_needs: 4 B x largest layer); FSDP2 prefetches "
             "one unit (torch.distributed.fsdp.fully_shard)",
         ))
+    references = ()
+    if megatron is not None:
+        references = (Component("activations_megatron", "Activations, Megatron formula (reference)", megatron.forward,
+                                Kind.DYNAMIC, megatron.formula, megatron.source),)
     name = "all ranks" if parallel.pp == 1 else ("first stage" if stage.first else "last stage")
-    return RankView(name, stage.rank, held.total, tuple(components), phases)
+    return RankView(name, stage.rank, held.total, tuple(components), phases, references)
 
 
 def _sharding_text(parallel: ParallelConfig, has_experts: bool) -> str:
@@ -452,8 +457,8 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
     }
     if not parallel.is_single_device:
         resolved["parallel"] = _layout_document(model, parallel, busiest)
-    return Estimate(model, params, resolved, busiest.components, checkpoint=checkpoint, phases=busiest.phases,
-                    ranks=views if not parallel.is_single_device else ())
+    return Estimate(model, params, resolved, busiest.components, references=busiest.references,
+                    checkpoint=checkpoint, phases=busiest.phases, ranks=views if not parallel.is_single_device else ())
 
 
 def _layout_document(model: ModelConfig, parallel: ParallelConfig, busiest: RankView) -> dict:
@@ -496,4 +501,5 @@ def _megatron_formula(recompute: Recompute, element_bytes: int, parallel: Parall
         layer = f"{replicated} + {split}/{tp}"
     if recompute is Recompute.SELECTIVE:
         return f"L x {layer}sbh{output}" if tp == 1 else f"L x sbh({layer}){output}"
-    return f"L x sbh({layer} + {2 * element_bytes + 1}as/h{t}){output}"
+    scores = f"{2 * element_bytes + 1}as/h" if tp == 1 else f"{2 * element_bytes + 1}as/({tp}h)"
+    return f"L x sbh({layer} + {scores}){output}"
