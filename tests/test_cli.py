@@ -205,6 +205,19 @@ def test_train_offload_moves_optimizer_to_cpu(run_cli):
     assert document["memory"]["cpu_total"] == 16 * params // 8
 
 
+def test_activation_model_both_shows_megatron_beside_arch(run_cli):
+    """``both``: the arch model sets the total; the reference row is what ``megatron`` computes."""
+    both = _json(run_cli, "train", "llama-2-7b", "--tp", "2", "--activation-model", "both")
+    arch = _json(run_cli, "train", "llama-2-7b", "--tp", "2")
+    megatron = _json(run_cli, "train", "llama-2-7b", "--tp", "2", "--activation-model", "megatron")
+    assert both["memory"]["total"] == arch["memory"]["total"]
+    assert both["memory"]["activations_megatron"] == megatron["memory"]["activations"]
+    # Korthikanti Table 2 at t = 2, s = 2048, b = 1, h = 4096, a = 32, L = 32: sbh(10 + 24/2 + 5as/(2h)),
+    # plus the output layer 4sbh + 4sbV/2 (V = 32000)
+    sbh = 2048 * 4096
+    assert megatron["memory"]["activations"] == 32 * sbh * (10 + 12 + 40) + 4 * sbh + 4 * 2048 * 32000 // 2
+
+
 def test_compare_json_matches_train(run_cli):
     """Each compare column is the train estimate with the scenario's flags."""
     compared = _json(run_cli, "compare", "llama-3-8b", "--scenario", "gpus=8,zero=3", "--scenario", "tp=2,seq=4096")
