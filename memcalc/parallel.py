@@ -145,7 +145,7 @@ class ParallelConfig:
 
     @property
     def is_single_device(self) -> bool:
-        return self.gpus == 1 and self.offload is Offload.NONE
+        return self.gpus == 1 and self.offload is Offload.NONE and not self.vocab_padded
 
     def describe(self) -> str:
         parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}"]
@@ -181,6 +181,9 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int, att
     if model.moe is not None:
         need(model.moe.expert_intermediate_size % tp == 0,
              f"--tp {tp} does not divide the expert width {model.moe.expert_intermediate_size} of {model.name}")
+        shared = model.moe.shared_expert_intermediate_size
+        need(not model.moe.num_shared_experts or shared is None or shared % tp == 0,
+             f"--tp {tp} does not divide the shared-expert width {shared} of {model.name}")
     need(vpp == 1 or pp > 1, "--vpp needs --pp > 1 (virtual stages interleave pipeline stages)")
     need(model.num_layers % (pp * vpp) == 0,
          f"--pp {pp} x --vpp {vpp} = {pp * vpp} does not divide the {model.num_layers} layers of {model.name}")

@@ -39,3 +39,58 @@ def test_fsdp2_peak_falls_as_ranks_grow(measurements):
     assert peaks == sorted(peaks, reverse=True)
     # the sharded state shrinks by 1/N; the activations and the gathered layers do not
     assert by_world[1].peak - by_world[8].peak < 8 * (by_world[1].weights - by_world[8].weights)
+
+
+def test_tracker_counts_a_dtensor_by_its_local_shard():
+    """A DTensor's own storage reports the global size; the memory is the local shard's. Counting
+    the wrapper once made FSDP2's parameters, AdamW moments and foreach temporaries look unsharded."""
+    import torch
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.tensor import DTensor, Shard
+
+    from memcalc.validate.fsdp import _fake_process_group
+    from memcalc.validate.tracker import LiveBytesTracker
+
+    mesh = _fake_process_group(4)
+    try:
+        with FakeTensorMode():
+            sharded = DTensor.from_local(torch.empty(250, 8), mesh, [Shard(0)], run_check=False)
+            assert sharded.untyped_storage().nbytes() == 1000 * 8 * 4  # the wrapper: global size
+            tracker = LiveBytesTracker()
+            with tracker:
+                moments = torch.zeros_like(sharded)
+                assert tracker.live_bytes == 250 * 8 * 4
+                assert tracker.storage_bytes([moments, sharded]) == 2 * 250 * 8 * 4
+                del moments
+                assert tracker.live_bytes == 0
+    finally:
+        dist.destroy_process_group()
+
+
+def _root_and_layer_params(inventory) -> tuple[int, int]:
+    root = sum(g.numel * g.count for g in inventory.groups if g.name in ("embed_tokens.weight", "final_norm.weight"))
+    return root, (inventory.total - root) // 2
+
+
+def test_fsdp2_working_set_above_the_sharded_state(measurements):
+    """What each phase adds to the parameter and optimizer-state shards (pure bf16, 2 bytes each)."""
+    params, by_world = measurements
+    root, layer = _root_and_layer_params(count_params(replace(resolve_model("llama-3.2-1b"), num_layers=2)))
+    small = 16 * 2**20  # activations of 128 tokens, token ids, the rotary buffer
+    for n in (1, 2, 4, 8):
+        measured = by_world[n]
+        forward, backward, step = measured.above_static
+        assert measured.static == measured.weights + measured.optimizer_states
+        # optimizer step: the gradient shards and foreach AdamW's one temporary per tensor (sqrt of v)
+        assert 2 * measured.gradients <= step < 2 * measured.gradients + 2**16
+        assert backward > forward
+        if n == 1:  # no all-gather buffers: the unsharded root is a copy of its shards
+            assert 2 * root < forward < by_world[2].above_static[0]
+        else:
+            # the root (embedding, final norm) stays unsharded through forward; at layer 0's
+            # copy-out the root's flat all-gather buffer is still alive beside layer 0's buffer
+            # and layer 0's unsharded parameters
+            assert 2 * (2 * root + 2 * layer) <= forward < 2 * (2 * root + 2 * layer) + small
+    # the unsharded working set does not shrink as ranks grow
+    assert by_world[2].above_static[0] == by_world[4].above_static[0] == by_world[8].above_static[0]

@@ -252,8 +252,8 @@ def optimizer_step_temporaries(settings: TrainSettings, recipe: PrecisionRecipe,
         temporaries = {"foreach": num_params * state_bytes, "for-loop": 2 * largest * state_bytes, "fused": 0}[
             settings.optimizer_impl.value
         ]
-    if recipe.master_dtype is None:
-        return temporaries
+    if recipe.master_dtype is None or recipe.master_dtype == recipe.grad_dtype:
+        return temporaries  # no conversion: the optimizer reads the gradients as they are
     master, grad = _bytes(recipe.master_dtype), _bytes(recipe.grad_dtype)
     # Converting gradient by gradient in parameter order: after tensor k, the fp32 gradients of
     # tensors 1..k and the 16-bit gradients of tensors k..N exist (tensor k's in both).
@@ -340,9 +340,13 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
 
     # ZeRO-3 gathers a unit's parameters (and prefetches the next); ZeRO-2 and offload reduce a
     # unit's full gradients before keeping (or sending away) their shard.
+    # Sharding over one rank is no sharding: nothing is gathered or reduce-scattered.
+    sharding = parallel.dense_shards > 1 or (held.experts.total > 0 and parallel.expert_shards > 1)
     unit = largest_unit_params(model, parallel, stage)
-    gathered = unit * _bytes(recipe.weight_dtype) * (1 + parallel.prefetch) if parallel.shards_params else 0
-    unit_gradients = unit * _bytes(recipe.weight_dtype) if parallel.shards_gradients or offload_optimizer else 0
+    gathered = unit * _bytes(recipe.weight_dtype) * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
+    streams_gradients = (parallel.shards_gradients and sharding) or offload_optimizer
+    # never more than every gradient of the rank unsharded
+    unit_gradients = min(unit, held.total) * _bytes(recipe.weight_dtype) if streams_gradients else 0
     working_set = gathered + unit_gradients
 
     on_cpu = {"master_weights": offload_optimizer, "optimizer_states": offload_optimizer,
@@ -362,17 +366,21 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         forward = static + gpu_gradients + gathered + peaks.forward
         backward = static + gpu_gradients + working_set + peaks.backward + peaks.end_of_backward_extra
     else:
+        # Gradients (with a unit's unsharded ones before their reduce-scatter) accumulate while
+        # activations are freed; the unsharded unit never makes them exceed the unsharded total.
+        unsharded = storage_bytes(held.total, recipe.grad_dtype)
+        accumulating = max(gpu_gradients, min(gpu_gradients + unit_gradients, unsharded))
         forward = static + gathered + peaks.forward
-        backward = static + working_set + max(peaks.backward, gpu_gradients + peaks.end_of_backward_extra)
+        backward = static + gathered + max(peaks.backward, accumulating + peaks.end_of_backward_extra)
     phases = {"forward": forward, "backward": backward,
               "optimizer_step": static + gpu_gradients + gpu("optimizer_step_temporaries", step_temporaries)}
 
-    sharding = _sharding_text(parallel, held.experts.total > 0)
+    sharding_text = _sharding_text(parallel, held.experts.total > 0)
     moment_text = _moment_formula(settings.optimizer.value, MOMENTS_PER_PARAM[settings.optimizer],
                                   recipe.optimizer_state_dtype.value)
 
     def text(formula: str, sharded: bool) -> str:
-        return f"{formula}{sharding}" if sharded and sharding else formula
+        return f"{formula}{sharding_text}" if sharded and sharding_text else formula
 
     components = [
         Component("weights", "Weights", weights, Kind.STATIC,

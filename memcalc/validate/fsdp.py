@@ -2,12 +2,42 @@
 process group: one process plays rank 0 of ``world_size``, with no GPUs and no communication.
 
 Each decoder layer is its own FSDP unit and the root holds the embedding, final norm and head,
-as torchtitan and torchtune wrap Llama models.
+as torchtitan and torchtune wrap Llama models; every ``fully_shard`` call uses FSDP2's defaults.
+
+FSDP2 keeps parameters, gradients and optimizer states as ``DTensor``s whose memory is the local
+shard: the tracker counts a ``DTensor`` by its local tensor, never by the wrapper, whose storage
+reports the global size (counting wrappers once made every parameter, AdamW moment and foreach
+temporary look unsharded). The all-gather and reduce-scatter buffers are the ones FSDP2 allocates
+itself, at the sizes a real rank allocates; the fake process group only skips the communication.
+
+What the measured phase peaks contain besides the sharded state is FSDP2's own behaviour (PyTorch
+2.13, ``torch/distributed/fsdp/_fully_shard``), not an artefact of the measurement:
+
+* The root stays unsharded from its pre-forward to the end of backward: its parameters are in use
+  for the whole forward (the embedding first, the head last), ``reshard_after_forward=None`` means
+  False for the root, and it reshards and reduce-scatters in the final backward callback. For a
+  Llama model that is the whole embedding and head (2 x vocab x hidden) on every rank.
+* Forward gathers one layer at a time (no forward prefetch by default; a layer reshards after its
+  forward), but an all-gather writes a flat buffer of the whole unit that is copied out into the
+  unsharded parameters, and the previous unit's flat buffer is freed only after the next unit's
+  copy-out (``FSDPParamGroup.wait_for_unshard`` defers it for overlap): at a layer's copy-out the
+  rank holds the previous unit's buffer, this unit's buffer and this unit's parameters.
+* Backward prefetches one unit: the next layer's all-gather buffer is allocated in the current
+  layer's pre-backward, beside the current layer's unsharded parameters and gradients.
+* A unit's reduce-scatter input is a new buffer of the full (padded) unit size in the gradient
+  dtype, filled from the unsharded gradients (both exist while it is filled) and kept until the
+  next reduce-scatter is issued (``reduce_scatter_states``); the sharded gradient is a view of the
+  reduce-scatter output.
+* At ``world_size == 1`` nothing is all-gathered: the unsharded parameters are copies of the shards.
+
+``ShardedMeasurement.above_static`` gives each phase's peak minus the sharded static state
+(parameter shards and optimizer-state shards): what forward, backward and the optimizer step add
+on top of it, to compare with an estimator's working set, activations and gradients.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +55,19 @@ class ShardedMeasurement:
     optimizer_states: int
     peak: int  # the most live bytes on this rank over forward, backward and the optimizer step
     phase_peaks: tuple[int, int, int] = (0, 0, 0)  # forward, backward, optimizer step
+
+    # Each phase's peak minus the sharded state held across iterations (parameter and optimizer-
+    # state shards; gradients are freed by ``zero_grad(set_to_none=True)`` and made again in
+    # backward). Forward: gathered parameters, all-gather buffers, activations. Backward: the same
+    # plus unsharded gradients, reduce-scatter buffers and the gradient shards made so far. Step:
+    # the gradient shards and the optimizer's temporaries.
+    static: int = field(init=False)
+    above_static: tuple[int, int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        static = self.weights + self.optimizer_states
+        object.__setattr__(self, "static", static)
+        object.__setattr__(self, "above_static", tuple(peak - static for peak in self.phase_peaks))
 
 
 def _fake_process_group(world_size: int):
@@ -54,8 +97,7 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
             for layer in model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            local = [param.to_local() for param in model.parameters()]
-            weights = tracker.storage_bytes(local)
+            weights = tracker.storage_bytes(model.parameters())  # a DTensor counts as its local shard
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
             input_ids = torch.randint(0, model_config.vocab_size, (batch_size, seq_len))
             labels = torch.randint(0, model_config.vocab_size, (batch_size, seq_len))
@@ -67,13 +109,13 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
                 loss.backward()
                 del loss
                 backward = tracker.peak_bytes
-                gradients = tracker.storage_bytes([param.grad.to_local() for param in model.parameters()])
+                gradients = tracker.storage_bytes(param.grad for param in model.parameters())
                 tracker.reset_peaks()
                 optimizer.step()
                 step = tracker.peak_bytes
                 optimizer.zero_grad(set_to_none=True)
-            states = [value.to_local() if hasattr(value, "to_local") else value
-                      for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
+            states = [value for state in optimizer.state.values() for value in state.values()
+                      if isinstance(value, torch.Tensor)]
             return ShardedMeasurement(world_size, weights, gradients, tracker.storage_bytes(states),
                                       max(forward, backward, step), (forward, backward, step))
     finally:

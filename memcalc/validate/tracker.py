@@ -10,9 +10,10 @@ Tensor subclasses that wrap other tensors (``DTensor``, as FSDP2 and tensor para
 no memory of their own: the wrapper's storage reports the *global* size while the memory is the
 local shard's. Such outputs are counted through their inner tensors (``__tensor_flatten__``). The
 ops that a wrapper runs on its inner tensors are not seen one by one (this mode is popped while a
-subclass handles an op), only what they return; a wrapper's internal temporaries, if any, are
-missed, and so is its sharding propagation, which runs each op once more on global-size fake
-tensors that no device ever holds.
+subclass handles an op), only what they return: temporaries inside one wrapper op would be missed
+(for FSDP2 with foreach AdamW there are none: letting DTensor desugar into local ops gives the same
+peaks), and so is DTensor's sharding propagation, which reruns ops on global-size fake tensors
+that no device ever holds.
 """
 
 from __future__ import annotations
