@@ -91,6 +91,7 @@ class ParallelConfig:
     offload: Offload = Offload.NONE
     pad_vocab: bool | None = None  # Megatron's vocabulary padding; default: when TP > 1
     prefetch: NonNegativeInt = DEFAULT_PREFETCH_UNITS  # ZeRO-3 units gathered ahead
+    fsdp: bool = False  # sharded by PyTorch FSDP2 (fully_shard per layer and root) rather than DeepSpeed
 
     def __post_init__(self) -> None:
         _coerce_enums(self, offload=Offload)
@@ -356,21 +357,40 @@ def rank_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers
     return RankParams(ParamInventory(tuple(dense)), ParamInventory(tuple(experts)))
 
 
-def largest_unit_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> int:
-    """Parameters of the largest unit ZeRO-3 gathers at once on this rank: one decoder layer (the
-    FSDP wrapping of torchtitan and torchtune), the embedding, or the output layer."""
+@dataclass(frozen=True)
+class ShardingUnits:
+    """The parameter groups ZeRO-3 gathers on one rank, in elements."""
+
+    largest_layer: int  # one decoder layer (a unit in torchtitan's and torchtune's FSDP wrapping)
+    ends: int  # everything outside the layers: embedding, position table, final norm, output layer
+    largest_end: int  # the largest single tensor outside the layers (DeepSpeed's largest module)
+
+    @property
+    def largest(self) -> int:
+        """DeepSpeed's largest module: a layer's or the embedding's own parameters."""
+        return max(self.largest_layer, self.largest_end)
+
+
+def sharding_units(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> ShardingUnits:
     params = rank_params(model, parallel, stage)
     per_layer: dict[str, int] = {}
-    ends = 0
+    ends = largest_end = 0
     for group in params.groups:
         if group.name.startswith("layers."):
             kind = "moe" if group.name.startswith("layers.moe.") else (
                 "dense" if group.name.startswith("layers.mlp.") else "any")
             per_layer[kind] = per_layer.get(kind, 0) + group.total
         else:
-            ends = max(ends, group.total)
+            ends += group.total
+            largest_end = max(largest_end, group.total)
     layers = {"dense": stage.dense_layers, "moe": stage.moe_layers}
     shared = per_layer.get("any", 0) // max(stage.layers, 1)
     largest_layer = max((shared + per_layer.get(kind, 0) // count for kind, count in layers.items() if count),
                         default=0)
-    return max(largest_layer, ends)
+    return ShardingUnits(largest_layer, ends, largest_end)
+
+
+def largest_unit_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> int:
+    """Parameters of the largest unit DeepSpeed's ZeRO-3 gathers at once on this rank: one decoder
+    layer, the embedding, or the output layer (``largest_layer_params``)."""
+    return sharding_units(model, parallel, stage).largest

@@ -117,6 +117,7 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
         distributed_optimizer=bool(scenario.distributed_optimizer), microbatches=scenario.microbatches,
         vpp=scenario.vpp or 1, offload=scenario.offload or Offload.NONE, pad_vocab=scenario.pad_vocab,
         prefetch=DEFAULT_PREFETCH_UNITS if scenario.prefetch is None else scenario.prefetch,
+        fsdp=scenario.fsdp is not None,
     )
 
 

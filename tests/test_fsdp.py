@@ -94,3 +94,24 @@ def test_fsdp2_working_set_above_the_sharded_state(measurements):
             assert 2 * (2 * root + 2 * layer) <= forward < 2 * (2 * root + 2 * layer) + small
     # the unsharded working set does not shrink as ranks grow
     assert by_world[2].above_static[0] == by_world[4].above_static[0] == by_world[8].above_static[0]
+
+
+@pytest.mark.parametrize(("seq_len", "world_size"), [(128, 2), (128, 8), (1024, 2), (1024, 8)])
+def test_fsdp2_phase_peaks_match_the_per_rank_estimate(seq_len, world_size):
+    """`memcalc train --fsdp full` against FSDP2 measured on rank 0: the sharded state exactly, the
+    optimizer step exactly, forward and backward within 10% (the estimate adds the gathered set and
+    the activation peak at their largest; the measured peaks of a 2-layer model fall in between)."""
+    from memcalc.config import TrainSettings
+    from memcalc.estimate.training import estimate_training
+    from memcalc.parallel import ParallelConfig
+
+    model = replace(resolve_model("llama-3.2-1b"), num_layers=2)
+    measured = measure_fsdp(model, world_size, seq_len=seq_len)
+    estimate = estimate_training(model, TrainSettings(precision="pure-bf16", seq_len=seq_len),
+                                 ParallelConfig(dp=world_size, zero=3, fsdp=True))
+    assert estimate.component("weights").bytes == measured.weights
+    assert estimate.component("gradients").bytes == measured.gradients
+    forward, backward, step = measured.phase_peaks
+    assert estimate.phases["optimizer_step"] == pytest.approx(step, rel=1e-3)
+    assert estimate.phases["forward"] == pytest.approx(forward, rel=0.10)
+    assert estimate.phases["backward"] == pytest.approx(backward, rel=0.10)

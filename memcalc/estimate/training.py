@@ -31,7 +31,7 @@ from memcalc.parallel import (
     StageLayers,
     check_layout,
     inflight_chunks,
-    largest_unit_params,
+    sharding_units,
     padded_vocab,
     pipeline_ranks,
     rank_params,
@@ -342,11 +342,26 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     # unit's full gradients before keeping (or sending away) their shard.
     # Sharding over one rank is no sharding: nothing is gathered or reduce-scattered.
     sharding = parallel.dense_shards > 1 or (held.experts.total > 0 and parallel.expert_shards > 1)
-    unit = largest_unit_params(model, parallel, stage)
-    gathered = unit * _bytes(recipe.weight_dtype) * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
-    streams_gradients = (parallel.shards_gradients and sharding) or offload_optimizer
-    # never more than every gradient of the rank unsharded
-    unit_gradients = min(unit, held.total) * _bytes(recipe.weight_dtype) if streams_gradients else 0
+    units = sharding_units(model, parallel, stage)
+    weight_bytes = _bytes(recipe.weight_dtype)
+    fsdp2 = parallel.fsdp and parallel.shards_params and sharding
+    if fsdp2:
+        # FSDP2 (docs/parallelism.md sec. 3, measured in memcalc/validate/fsdp.py): the root (embedding,
+        # final norm, head) stays gathered from forward to the end of backward; a layer's copy-out
+        # holds its flat all-gather buffer, its parameters and the previous unit's buffer; backward
+        # holds the current layer, the prefetched next one and the last reduce-scatter input.
+        root, layer = units.ends * weight_bytes, units.largest_layer * weight_bytes
+        root_gradient = units.largest_end * weight_bytes
+        forward_set = 2 * root + 2 * layer
+        backward_set = root + 3 * layer + root_gradient
+        gathered, unit_gradients = forward_set, backward_set - forward_set
+        unit = units.largest_layer
+    else:
+        unit = units.largest
+        gathered = unit * weight_bytes * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
+        streams_gradients = (parallel.shards_gradients and sharding) or offload_optimizer
+        # never more than every gradient of the rank unsharded
+        unit_gradients = min(unit, held.total) * weight_bytes if streams_gradients else 0
     working_set = gathered + unit_gradients
 
     on_cpu = {"master_weights": offload_optimizer, "optimizer_states": offload_optimizer,
@@ -365,6 +380,14 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     if persistent:
         forward = static + gpu_gradients + gathered + peaks.forward
         backward = static + gpu_gradients + working_set + peaks.backward + peaks.end_of_backward_extra
+    elif fsdp2:
+        # the gathered sets peak at a layer's copy-out, activations at the end of forward (root and
+        # the last layer's deferred buffer still held) and at the start of backward (root and the
+        # prefetched last layer)
+        layer_gradient_shard = _ceil_div(units.largest_layer * _bytes(recipe.grad_dtype), dense_shards)
+        forward = static + max(forward_set, root + layer + peaks.forward)
+        # (the activation peak of backward already holds the output layer's gradient)
+        backward = static + max(backward_set + layer_gradient_shard, root + layer + peaks.backward)
     else:
         # Gradients (with a unit's unsharded ones before their reduce-scatter) accumulate while
         # activations are freed; the unsharded unit never makes them exceed the unsharded total.
@@ -403,14 +426,19 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                   "DeepSpeed csrc/adam/cpu_adam.cpp" if offload_optimizer else "torch.optim implementations"),
     ]
     if working_set:
-        prefetch = f"(1 + {parallel.prefetch} prefetched) x " if gathered else ""
-        parts = [f"{prefetch}{unit / 1e6:,.0f}M-param largest unit x {recipe.weight_dtype.value}"] if gathered else []
-        if unit_gradients:
-            parts.append(f"its unsharded grads x {recipe.weight_dtype.value}")
+        if fsdp2:
+            formula = (f"FSDP2: 2 x (root {units.ends / 1e6:,.0f}M + layer {units.largest_layer / 1e6:,.0f}M params) "
+                       f"forward; root + 3 layers + a root grad backward, x {recipe.weight_dtype.value}")
+        else:
+            prefetch = f"(1 + {parallel.prefetch} prefetched) x " if gathered else ""
+            parts = [f"{prefetch}{unit / 1e6:,.0f}M-param largest unit x {recipe.weight_dtype.value}"] if gathered else []
+            if unit_gradients:
+                parts.append(f"its unsharded grads x {recipe.weight_dtype.value}")
+            formula = " + ".join(parts)
         components.append(Component(
-            "sharding_working_set", "Sharding working set", working_set, Kind.DYNAMIC, " + ".join(parts),
-            "DeepSpeed ZeRO-3 (estimate_zero3_model_states_mem_needs: 4 B x largest layer); FSDP2 prefetches "
-            "one unit (torch.distributed.fsdp.fully_shard)",
+            "sharding_working_set", "Sharding working set", max(working_set, gathered), Kind.DYNAMIC, formula,
+            "DeepSpeed ZeRO-3 (estimate_zero3_model_states_mem_needs: 4 B x largest layer); FSDP2 "
+            "(torch.distributed.fsdp.fully_shard), measured in memcalc/validate/fsdp.py",
         ))
     references = ()
     if megatron is not None:
