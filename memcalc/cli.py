@@ -113,22 +113,28 @@ PrefetchOption = Annotated[int | None, typer.Option("--prefetch", min=0, show_de
 GpusPerNodeOption = Annotated[int | None, typer.Option("--gpus-per-node", min=1, show_default=False,
                                                        rich_help_panel="Parallelism",
                                                        help="GPUs per node, for --fsdp hybrid (default 8).")]
+TPImplOption = Annotated[str, typer.Option("--tp-impl", rich_help_panel="Parallelism",
+                                           help="megatron (Megatron-LM/TE: Korthikanti Table 2) or dtensor (PyTorch "
+                                           "DTensor TP as torchtitan: whole embedding gradient, loss_parallel, SP "
+                                           "inputs saved gathered).")]
 GPUOption = Annotated[str | None, typer.Option("--gpu", show_default=False,
                                                help="A GPU from `memcalc gpus`: say whether the most loaded rank fits.")]
 
 
 def _layout_scenario(gpus, dp, tp, pp, cp, ep, sp, zero, fsdp, distributed_optimizer, microbatches, vpp, offload,
-                     pad_vocab, prefetch, gpus_per_node):
-    from memcalc.parallel import FSDPMode, Offload
+                     pad_vocab, prefetch, gpus_per_node, tp_impl):
+    from memcalc.parallel import FSDPMode, Offload, TPImpl
     from memcalc.scenario import Scenario
 
+    if tp_impl not in {impl.value for impl in TPImpl}:
+        raise InputError(f"--tp-impl: {tp_impl!r} is not one of {', '.join(impl.value for impl in TPImpl)}")
     if fsdp is not None and fsdp not in {mode.value for mode in FSDPMode}:
         raise InputError(f"--fsdp: {fsdp!r} is not one of {', '.join(mode.value for mode in FSDPMode)}")
     if offload not in {mode.value for mode in Offload}:
         raise InputError(f"--offload: {offload!r} is not one of {', '.join(mode.value for mode in Offload)}")
     return Scenario(gpus=gpus, dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, sp=sp, zero=zero, fsdp=fsdp,
                     distributed_optimizer=distributed_optimizer, microbatches=microbatches, vpp=vpp, offload=offload,
-                    pad_vocab=pad_vocab, prefetch=prefetch, gpus_per_node=gpus_per_node)
+                    pad_vocab=pad_vocab, prefetch=prefetch, gpus_per_node=gpus_per_node, tp_impl=tp_impl)
 
 
 ContextOption = Annotated[int | None, typer.Option("--context", "-c", min=1, show_default=False,
@@ -201,6 +207,7 @@ def train(
     pad_vocab: PadVocabOption = None,
     prefetch: PrefetchOption = None,
     gpus_per_node: GpusPerNodeOption = None,
+    tp_impl: TPImplOption = "megatron",
     gpu: GPUOption = None,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
@@ -229,7 +236,8 @@ def train(
                              seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
                              activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
     layout = parallel_config(_layout_scenario(gpus, dp, tp, pp, cp, ep, sp, zero, fsdp, distributed_optimizer,
-                                              microbatches, vpp, offload, pad_vocab, prefetch, gpus_per_node))
+                                              microbatches, vpp, offload, pad_vocab, prefetch, gpus_per_node,
+                                              tp_impl))
     gpu_spec = _resolve_gpu(gpu)
     estimate = estimate_training(resolve_model(model), settings, layout)
     _emit("train", estimate, units, as_json, gpu_spec)

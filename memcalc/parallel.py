@@ -60,6 +60,13 @@ class Offload(StrEnum):
     BOTH = "both"
 
 
+class TPImpl(StrEnum):
+    """Whose tensor parallelism: they keep different tensors per rank (docs/parallelism.md sec. 5)."""
+
+    MEGATRON = "megatron"  # Megatron-LM / Transformer Engine: Korthikanti et al. 2022 Table 2
+    DTENSOR = "dtensor"  # PyTorch DTensor TP with torchtitan's plan (parallelize_module, loss_parallel)
+
+
 class FSDPMode(StrEnum):
     """PyTorch FSDP sharding strategies, as ZeRO stages."""
 
@@ -89,12 +96,13 @@ class ParallelConfig:
     microbatches: PositiveInt | None = None
     vpp: PositiveInt = 1  # virtual pipeline stages (model chunks) per rank
     offload: Offload = Offload.NONE
-    pad_vocab: bool | None = None  # Megatron's vocabulary padding; default: when TP > 1
+    pad_vocab: bool | None = None  # Megatron's vocabulary padding; default: Megatron-style TP > 1
     prefetch: NonNegativeInt = DEFAULT_PREFETCH_UNITS  # ZeRO-3 units gathered ahead
     fsdp: bool = False  # sharded by PyTorch FSDP2 (fully_shard per layer and root) rather than DeepSpeed
+    tp_impl: TPImpl = TPImpl.MEGATRON
 
     def __post_init__(self) -> None:
-        _coerce_enums(self, offload=Offload)
+        _coerce_enums(self, offload=Offload, tp_impl=TPImpl)
         for name in ("dp", "tp", "pp", "cp", "ep", "vpp"):
             if getattr(self, name) <= 0:
                 raise InputError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -142,7 +150,9 @@ class ParallelConfig:
 
     @property
     def vocab_padded(self) -> bool:
-        return self.tp > 1 if self.pad_vocab is None else self.pad_vocab
+        if self.pad_vocab is None:  # Megatron pads; PyTorch's DTensor TP shards the vocabulary as it is
+            return self.tp > 1 and self.tp_impl is TPImpl.MEGATRON
+        return self.pad_vocab
 
     @property
     def is_single_device(self) -> bool:

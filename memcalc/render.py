@@ -96,6 +96,10 @@ def _parallel_assumption(estimate: Estimate) -> str:
         parts.append(f"{layout['vpp']} virtual stages per rank")
     if layout["sp"]:
         parts.append("sequence parallel")
+    if layout["tp"] > 1:
+        parts.append("Megatron-style TP" if layout["tp_impl"] == "megatron" else "PyTorch DTensor TP")
+    if layout["fsdp"]:
+        parts.append("FSDP2")
     if layout["zero"]:
         parts.append(f"ZeRO-{layout['zero']} over {layout['dense_shards']} ranks")
     if layout["distributed_optimizer"]:

@@ -27,6 +27,7 @@ from memcalc.parallel import (
     FSDPMode,
     Offload,
     ParallelConfig,
+    TPImpl,
     ZeroStage,
 )
 
@@ -54,6 +55,7 @@ class Scenario:
     pad_vocab: bool | None = None
     prefetch: NonNegativeInt | None = None
     gpus_per_node: PositiveInt | None = None
+    tp_impl: TPImpl | None = None
     # training settings
     batch: PositiveInt | None = None
     seq: PositiveInt | None = None
@@ -66,7 +68,7 @@ class Scenario:
     activation_model: ActivationModel | None = None
 
     def __post_init__(self) -> None:
-        _coerce_enums(self, fsdp=FSDPMode, offload=Offload, dtype=TrainDType, optimizer=Optimizer,
+        _coerce_enums(self, fsdp=FSDPMode, offload=Offload, tp_impl=TPImpl, dtype=TrainDType, optimizer=Optimizer,
                       recompute=Recompute, attention=Attention, loss=Loss, activation_model=ActivationModel)
 
     def over(self, base: Scenario) -> Scenario:
@@ -117,7 +119,7 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
         distributed_optimizer=bool(scenario.distributed_optimizer), microbatches=scenario.microbatches,
         vpp=scenario.vpp or 1, offload=scenario.offload or Offload.NONE, pad_vocab=scenario.pad_vocab,
         prefetch=DEFAULT_PREFETCH_UNITS if scenario.prefetch is None else scenario.prefetch,
-        fsdp=scenario.fsdp is not None,
+        fsdp=scenario.fsdp is not None, tp_impl=scenario.tp_impl or TPImpl.MEGATRON,
     )
 
 

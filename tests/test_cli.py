@@ -159,6 +159,7 @@ BAD_INPUT = [
     (["train", "llama-3-8b", "--offload", "params", "--zero", "2"], "--offload params needs --zero 3"),
     (["train", "llama-3-8b", "--zero", "1", "--distributed-optimizer"], "--distributed-optimizer is Megatron's ZeRO-1"),
     (["train", "llama-3-8b", "--sp"], "--sp needs --tp > 1"),
+    (["train", "llama-3-8b", "--tp-impl", "deepspeed"], "--tp-impl: 'deepspeed' is not one of megatron, dtensor"),
     (["train", "llama-3-8b", "--vpp", "2"], "--vpp needs --pp > 1"),
     (["train", "llama-3-8b", "--gpu", "h1000"], "unknown GPU 'h1000'; did you mean"),
     (["compare", "llama-3-8b"], "compare needs at least one --scenario or a --file of scenarios"),

@@ -82,6 +82,8 @@ class ActivationShape:
     # Tokens of the hidden-size stream (norm inputs, block inputs) this rank keeps: the tokens
     # divided by TP under sequence parallelism (Korthikanti et al. 2022 sec. 4.2.2), else all.
     stream_tokens: int | None = None
+    # PyTorch DTensor SP: the column-parallel matmuls save their all-gathered (whole) input
+    gathered_linear_inputs: bool = False
 
     @property
     def stream(self) -> ActivationShape:
@@ -89,6 +91,12 @@ class ActivationShape:
         if self.stream_tokens is None or self.stream_tokens == self.tokens:
             return self
         return replace(self, tokens=self.stream_tokens, stream_tokens=None)
+
+    @property
+    def linear_input(self) -> ActivationShape:
+        """The shape of the hidden-size input a column-parallel matmul saves: the rank's stream
+        shard (Megatron re-gathers it in backward) or, under DTensor SP, the gathered tensor."""
+        return self if self.gathered_linear_inputs else self.stream
 
 
 def norm_saved_bytes(model: ModelConfig, width: int, shape: ActivationShape) -> int:
@@ -117,7 +125,7 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
     repeated = grouped and attention == "eager" and recompute is Recompute.NONE
     kv_width = q_width if repeated else model.kv_heads * model.attention_head_dim
     stream = shape.stream
-    saved = norm_saved_bytes(model, model.hidden_size, stream) + _linear_inputs_bytes(stream, model.hidden_size, 3)
+    saved = norm_saved_bytes(model, model.hidden_size, stream) + _linear_inputs_bytes(shape.linear_input, model.hidden_size, 3)
     saved += tokens * (q_width + 2 * kv_width) * e  # q (after rotary), k and v as attention reads them
     if model.qk_norm:  # per-head norms of the projected queries and keys (Qwen3)
         head_dim = model.attention_head_dim
@@ -149,14 +157,15 @@ def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool)
         saved += norm_saved_bytes(model, h, stream)
     if not moe_layer:
         consumers = 2 if model.mlp is MLPKind.GATED else 1
-        return saved + _linear_inputs_bytes(stream, h, consumers) + _mlp_saved_bytes(model, tokens, model.intermediate_size, e)
+        return saved + _linear_inputs_bytes(shape.linear_input, h, consumers) + _mlp_saved_bytes(
+            model, tokens, model.intermediate_size, e)
     moe = model.moe
     # Balanced routing: k/E of the tokens per expert. Under expert parallelism each rank's experts
     # receive as many token copies as its own tokens send out, so the count per rank is unchanged;
     # under sequence parallelism the routed tokens are gathered across TP first (Megatron-LM's
     # token dispatcher with expert TP = TP), so they count every token of the sequence.
     assignments = tokens * moe.experts_per_token
-    saved += _linear_inputs_bytes(stream, h, 1)  # router input (shared with the shared experts)
+    saved += _linear_inputs_bytes(shape.linear_input, h, 1)  # router input (shared with the shared experts)
     # router: fp32 softmax output; top-k indices, weights and their sum; per-expert token and slot indices
     saved += stream.tokens * (FP32_BYTES * moe.num_experts + FP32_BYTES) + assignments * (INDEX_BYTES * 3 + FP32_BYTES)
     # per routed token: its gathered input, the expert's output and the weighted output; the expert MLP

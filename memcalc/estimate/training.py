@@ -29,6 +29,7 @@ from memcalc.estimate.params import count_params, parameter_sizes_in_order
 from memcalc.parallel import (
     ParallelConfig,
     StageLayers,
+    TPImpl,
     check_layout,
     inflight_chunks,
     sharding_units,
@@ -74,6 +75,9 @@ class StagePlan:
     first: bool
     last: bool
     extra_layers: int  # layers of other micro-batches (or chunks) in flight beyond one pass of the stage
+    # PyTorch DTensor TP: SP inputs saved gathered; loss_parallel keeps one more fp32 logits tensor
+    gathered_linear_inputs: bool = False
+    loss_parallel: bool = False
 
 
 def single_device_plan(model: ModelConfig, seq_len: int) -> StagePlan:
@@ -88,7 +92,7 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     shape = ActivationShape(
         tokens=tokens, seq_len=seq_len, batch_size=settings.batch_size,
         element_bytes=e, stream_bytes=_bytes(recipe.weight_dtype) if recipe.autocast else e, autocast=recipe.autocast,
-        stream_tokens=tokens // plan.stream_divisor,
+        stream_tokens=tokens // plan.stream_divisor, gathered_linear_inputs=plan.gathered_linear_inputs,
     )
     stream_tokens = shape.stream.tokens
     h, vocab = model.hidden_size, model.vocab_size
@@ -133,7 +137,8 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
 
     embedding = INDEX_BYTES * tokens * (plan.first + plan.last)  # token ids (first stage) and labels (last)
     head_weight_copy = e * vocab * h if recipe.autocast else 0
-    final = norm_saved_bytes(model, h, shape.stream) + stream_tokens * h * e + head_weight_copy if plan.last else 0
+    head_input = shape.linear_input.tokens * h * e
+    final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
     saved = embedding + layers + final
 
     # Logits: the matmul output, its fp32 upcast for the loss (unless already fp32), the fp32
@@ -158,10 +163,14 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         backward_output = max(chunk * vocab * 3 * FP32_BYTES + waiting + gradient_of_hidden,
                               summing + gradient_of_hidden + chunk * h * e)
     else:
-        forward = saved + logits * (e + upcast + FP32_BYTES)
+        # loss_parallel's log-softmax keeps the shifted logits beside its output, and its backward
+        # holds four fp32 logits-size tensors where aten's holds three (torch.distributed.tensor.
+        # parallel.loss, measured in memcalc/validate/tensor_parallel.py)
+        parallel_loss = FP32_BYTES if plan.loss_parallel else 0
+        forward = saved + logits * (e + upcast + FP32_BYTES + parallel_loss)
         # Backward opens with the loss gradients: log-softmax output + its gradient + the logits'
         # fp32 gradient; then the output layer's weight gradient exists before it is accumulated.
-        backward_output = max(logits * 3 * FP32_BYTES, logits * e + head_grad)
+        backward_output = max(logits * 3 * FP32_BYTES + logits * parallel_loss, logits * e + head_grad)
     if eager and recompute is not Recompute.FULL:
         forward = max(forward, embedding + others + last_before_scores + scores_forward)
     if full:
@@ -290,7 +299,9 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers
         # under pipelining a tied embedding is two copies, each with its own gradient
         tie_word_embeddings=model.tie_word_embeddings and pp == 1,
     )
-    return StagePlan(local, seq_len // parallel.cp, tp if parallel.sp else 1, stage.first, stage.last, extra)
+    dtensor = parallel.tp_impl is TPImpl.DTENSOR and tp > 1
+    return StagePlan(local, seq_len // parallel.cp, tp if parallel.sp else 1, stage.first, stage.last, extra,
+                     gathered_linear_inputs=dtensor and parallel.sp, loss_parallel=dtensor)
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
@@ -315,6 +326,13 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     # ZeRO-Offload keeps the reduced gradients on the CPU in the master dtype, beside the optimizer.
     grad_dtype = recipe.master_dtype if offload_optimizer and recipe.master_dtype else recipe.grad_dtype
     gradients = state(grad_dtype, parallel.shards_gradients or offload_optimizer)
+    # PyTorch DTensor has no vocabulary-sharded embedding backward: every TP rank computes (and
+    # keeps) the whole V x h embedding gradient (measured in memcalc/validate/tensor_parallel.py).
+    dtensor_embedding = parallel.tp_impl is TPImpl.DTENSOR and parallel.tp > 1 and stage.first
+    if dtensor_embedding:
+        vocab = padded_vocab(model, parallel)
+        replicated = storage_bytes((vocab - vocab // parallel.tp) * model.hidden_size, grad_dtype)
+        gradients += per_rank(replicated, 0, parallel.shards_gradients or offload_optimizer)
     master = state(recipe.master_dtype, parallel.shards_optimizer) if recipe.master_dtype else 0
     moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype),
                        optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
@@ -337,6 +355,12 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                 sizes += [_ceil_div(group.numel, divisor)] * group.count
     # DeepSpeedCPUAdam updates the offloaded fp32 partition in place, in one C++ loop.
     step_temporaries = 0 if offload_optimizer else optimizer_step_temporaries(settings, recipe, sizes)
+
+    if dtensor_embedding:
+        # the embedding gradient is computed last, beside the gradient of the embedding output
+        peaks = replace(peaks, end_of_backward_extra=peaks.end_of_backward_extra
+                        + seq_len // parallel.cp * settings.batch_size * model.hidden_size
+                        * _bytes(recipe.activation_dtype))
 
     # ZeRO-3 gathers a unit's parameters (and prefetches the next); ZeRO-2 and offload reduce a
     # unit's full gradients before keeping (or sending away) their shard.
@@ -503,6 +527,7 @@ def _layout_document(model: ModelConfig, parallel: ParallelConfig, busiest: Rank
         "ep": parallel.ep, "sp": parallel.sp, "zero": parallel.zero,
         "distributed_optimizer": parallel.distributed_optimizer, "vpp": parallel.vpp,
         "microbatches": parallel.microbatches, "offload": parallel.offload.value,
+        "tp_impl": parallel.tp_impl.value, "fsdp": parallel.fsdp,
         "dense_shards": parallel.dense_shards if parallel.shards_optimizer else 1,
         "expert_shards": parallel.expert_shards if parallel.shards_optimizer and model.moe else 1,
         "vocab_size_padded": padded_vocab(model, parallel),
