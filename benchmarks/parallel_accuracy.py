@@ -1,5 +1,6 @@
-"""Tensor- and sequence-parallel accuracy: the per-rank estimator against rank 0 of a TP group
-measured on fake tensors and a fake process group (memcalc.validate.tensor_parallel).
+"""Per-rank accuracy under parallel layouts: the estimator against rank 0 of a TP group
+(memcalc.validate.tensor_parallel) and of an FSDP2 group (memcalc.validate.fsdp), measured on fake
+tensors and a fake process group. docs/accuracy.md summarises the CSV (benchmarks/accuracy.py).
 
     python benchmarks/parallel_accuracy.py            # writes benchmarks/results/parallel_fake.csv
 
@@ -27,6 +28,7 @@ from memcalc.config import TrainSettings  # noqa: E402
 from memcalc.estimate.training import estimate_training  # noqa: E402
 from memcalc.library import resolve_model  # noqa: E402
 from memcalc.parallel import ParallelConfig  # noqa: E402
+from memcalc.validate.fsdp import measure_fsdp  # noqa: E402
 from memcalc.validate.tensor_parallel import measure_tensor_parallel  # noqa: E402
 
 MODELS = ("llama-2-7b", "llama-3-8b")
@@ -34,6 +36,7 @@ LAYERS = 2
 BATCH = 1
 SEQ_LENS = (1024, 2048)
 TPS = (1, 2, 4, 8)
+FSDP_RANKS = (2, 4, 8)
 COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "forward", "backward",
               "optimizer_step", "total")
 
@@ -73,6 +76,24 @@ def run_case(model_name: str, seq_len: int, tp: int, sp: bool) -> list[dict]:
     return rows
 
 
+def run_fsdp_case(model_name: str, seq_len: int, ranks: int) -> list[dict]:
+    """FSDP2 full sharding (``--fsdp full``), pure bf16: the estimate's phases against rank 0's."""
+    model = replace(resolve_model(model_name), num_layers=LAYERS)
+    settings = TrainSettings(precision="pure-bf16", batch_size=BATCH, seq_len=seq_len, attention="sdpa")
+    estimate = estimate_training(model, settings, ParallelConfig(dp=ranks, zero=3, fsdp=True))
+    measured = measure_fsdp(model, ranks, batch_size=BATCH, seq_len=seq_len)
+    estimated = {"weights": estimate.component("weights").bytes, "gradients": estimate.component("gradients").bytes,
+                 "optimizer_states": estimate.component("optimizer_states").bytes, **estimate.phases,
+                 "total": estimate.total}
+    observed = {"weights": measured.weights, "gradients": measured.gradients,
+                "optimizer_states": measured.optimizer_states, "forward": measured.phase_peaks[0],
+                "backward": measured.phase_peaks[1], "optimizer_step": measured.phase_peaks[2], "total": measured.peak}
+    return [{"model": model_name, "layers": LAYERS, "batch": BATCH, "seq": seq_len, "tp": 1, "sp": 0,
+             "fsdp_ranks": ranks, "component": name, "estimated_bytes": estimated[name],
+             "measured_bytes": observed[name], "error_percent": f"{_error(estimated[name], observed[name]):.4f}",
+             "megatron_estimate_bytes": "", "megatron_error_percent": ""} for name in observed]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=REPO / "benchmarks" / "results" / "parallel_fake.csv")
@@ -92,6 +113,18 @@ def main() -> None:
                           f"total {float(by['total']['error_percent']):+7.2f}% "
                           f"(megatron-style {float(by['total']['megatron_error_percent']):+6.2f}%)  "
                           f"{time.perf_counter() - start:4.1f}s", flush=True)
+    for row in rows:
+        row["fsdp_ranks"] = 0
+    for model_name in MODELS:
+        for seq_len in SEQ_LENS:
+            for ranks in FSDP_RANKS:
+                case = run_fsdp_case(model_name, seq_len, ranks)
+                rows += case
+                by = {row["component"]: row for row in case}
+                print(f"{model_name:11s} L{LAYERS} b{BATCH} s{seq_len:<5d} fsdp{ranks}  "
+                      f"forward {float(by['forward']['error_percent']):+6.2f}%  "
+                      f"backward {float(by['backward']['error_percent']):+6.2f}%  "
+                      f"total {float(by['total']['error_percent']):+6.2f}%", flush=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -99,10 +132,11 @@ def main() -> None:
         writer.writerows(rows)
 
     def summary(component: str, column: str) -> str:
-        errors = [abs(float(row[column])) for row in rows if row["component"] == component]
+        errors = [abs(float(row[column])) for row in rows if row["component"] == component and row[column] != ""]
         return f"median {statistics.median(errors):6.2f}%  max {max(errors):6.2f}%"
 
-    print(f"\n{len(rows) // len(COMPONENTS)} cases -> {args.csv.relative_to(REPO)}")
+    print(f"\n{len({(r['model'], r['seq'], r['tp'], r['sp'], r['fsdp_ranks']) for r in rows})} cases -> "
+          f"{args.csv.relative_to(REPO)}")
     for component in ("weights", "optimizer_states", "gradients", "activations", "total"):
         print(f"{component:17s} dtensor estimate: {summary(component, 'error_percent')}   "
               f"megatron-style: {summary(component, 'megatron_error_percent')}")

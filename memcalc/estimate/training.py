@@ -61,6 +61,7 @@ class ActivationPeaks:
     end_of_backward_extra: int
     formula: str
     source: str
+    layer: int = 0  # what the largest layer saves, with the stream into it: beside a gathered ZeRO-3 layer
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,9 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     end_extra = 2 * head_grad if model.tie_word_embeddings else 0
     if model.tie_word_embeddings:
         backward = max(backward, 3 * head_grad)
-    return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD)
+    largest_layer = stream if full else max(by_kind[kind][0] for kind in by_kind)
+    return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD,
+                           largest_layer + incoming)
 
 
 def _mlp_width(model: ModelConfig) -> int:
@@ -243,7 +246,7 @@ def _megatron_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionR
         total += output_layer_activation_bytes(seq_len, settings.batch_size, model.hidden_size,
                                                model.vocab_size * tp, e, tp=tp, sp=sp, cp=cp)
     return ActivationPeaks(total, total, 0, _megatron_formula(settings.recompute, e, parallel),
-                           f"{KORTHIKANTI} sec. 4.1, 4.2 (Table 2), 4.3, 5")
+                           f"{KORTHIKANTI} sec. 4.1, 4.2 (Table 2), 4.3, 5", per_layer)
 
 
 def optimizer_step_temporaries(settings: TrainSettings, recipe: PrecisionRecipe, sizes: list[int]) -> int:
@@ -405,13 +408,13 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         forward = static + gpu_gradients + gathered + peaks.forward
         backward = static + gpu_gradients + working_set + peaks.backward + peaks.end_of_backward_extra
     elif fsdp2:
-        # the gathered sets peak at a layer's copy-out, activations at the end of forward (root and
-        # the last layer's deferred buffer still held) and at the start of backward (root and the
-        # prefetched last layer)
+        # The gathered sets peak at a layer's copy-out, beside one layer's saved tensors and the
+        # stream into it; activations peak at the end of forward (root and the last layer's
+        # deferred buffer still held) and at the start of backward (root and the prefetched last
+        # layer; the activation peak already holds the output layer's gradient).
         layer_gradient_shard = _ceil_div(units.largest_layer * _bytes(recipe.grad_dtype), dense_shards)
-        forward = static + max(forward_set, root + layer + peaks.forward)
-        # (the activation peak of backward already holds the output layer's gradient)
-        backward = static + max(backward_set + layer_gradient_shard, root + layer + peaks.backward)
+        forward = static + max(forward_set + peaks.layer, root + layer + peaks.forward)
+        backward = static + max(backward_set + layer_gradient_shard + peaks.layer, root + layer + peaks.backward)
     else:
         # Gradients (with a unit's unsharded ones before their reduce-scatter) accumulate while
         # activations are freed; the unsharded unit never makes them exceed the unsharded total.
