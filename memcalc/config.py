@@ -86,6 +86,30 @@ class MoEConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434, sec. 2.1): keys and values are
+    projected from one compressed latent of ``kv_lora_rank`` values per token plus a shared
+    rotary key of ``qk_rope_head_dim``; that latent is what a serving engine caches."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    kv_lora_rank: PositiveInt  # compressed KV latent per token (512)
+    qk_rope_head_dim: PositiveInt  # rotary part of each query/key head, shared key (64)
+    qk_nope_head_dim: PositiveInt  # non-rotary part of each query/key head (128)
+    v_head_dim: PositiveInt  # value head width (128)
+    q_lora_rank: PositiveInt | None = None  # compressed query (DeepSeek-V3: 1536); None: direct q_proj
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_width(self) -> int:
+        """Values cached per token and layer by an engine that stores the latent (vLLM)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder-only transformer, described by the sizes that determine its memory.
 
@@ -120,7 +144,11 @@ class ModelConfig:
     mlp_bias: bool = False
     position_embedding: PositionKind = PositionKind.ROTARY
     sliding_window: PositiveInt | None = None
+    # Hugging Face's sliding_window_pattern: in each group of n layers the last attends globally
+    # (Gemma-2: 2, Gemma-3: 6); None with a sliding_window: every layer slides (Mistral v0.1)
+    sliding_window_pattern: PositiveInt | None = None
     moe: MoEConfig | None = None
+    mla: MLAConfig | None = None  # multi-head latent attention replaces q/k/v projections (DeepSeek-V2/V3)
 
     def __post_init__(self) -> None:
         _coerce_enums(self, mlp=MLPKind, norm=NormKind, position_embedding=PositionKind)
@@ -147,6 +175,15 @@ class ModelConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
+    def num_sliding_layers(self) -> int:
+        """Layers whose cache holds at most ``sliding_window`` tokens."""
+        if self.sliding_window is None:
+            return 0
+        if self.sliding_window_pattern is None:
+            return self.num_layers
+        return self.num_layers - self.num_layers // self.sliding_window_pattern
+
+    @property
     def num_moe_layers(self) -> int:
         return 0 if self.moe is None else self.num_layers - self.moe.first_dense_layers
 
@@ -154,11 +191,13 @@ class ModelConfig:
 def model_from_trusted(data: dict[str, Any]) -> ModelConfig:
     """Build a bundled model without pydantic. Its file is checked by ``parse`` in the tests
     (tests/test_library.py), which also checks that both paths give the same config."""
-    moe = data.get("moe")
+    moe, mla = data.get("moe"), data.get("mla")
     return ModelConfig(
-        **{key: value for key, value in data.items() if key not in ("aliases", "moe")},
+        **{key: value for key, value in data.items() if key not in ("aliases", "moe", "mla", "notes")},
         aliases=tuple(data.get("aliases", ())),
+        notes=tuple(data.get("notes", ())),
         moe=MoEConfig(**moe) if moe else None,
+        mla=MLAConfig(**mla) if mla else None,
     )
 
 
