@@ -146,7 +146,18 @@ NewTokensOption = Annotated[int, typer.Option("--max-new-tokens", min=0, help="T
 BeamsOption = Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1: greedy).")]
 
 
-def _infer_settings(dtype, kv_dtype, batch, context, prompt, max_new_tokens, num_beams):
+def _size(flag: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    from memcalc.units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise InputError(f"{flag}: {exc}") from None
+
+
+def _infer_settings(dtype, kv_dtype, batch, context, prompt, max_new_tokens, num_beams, **options):
     from memcalc.config import InferSettings
 
     if context is not None and prompt is not None:
@@ -154,8 +165,16 @@ def _infer_settings(dtype, kv_dtype, batch, context, prompt, max_new_tokens, num
                          "--max-new-tokens describes a generate() run)")
     if max_new_tokens and prompt is None:
         raise InputError("--max-new-tokens needs --prompt")
-    return InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context, prompt_len=prompt,
-                         max_new_tokens=max_new_tokens, num_beams=num_beams)
+    names = {"num_beams": "--num-beams", "top_p": "--top-p", "top_k": "--top-k", "temperature": "--temperature",
+             "num_return_sequences": "--num-return-sequences", "group_size": "--group-size", "decoding": "--decoding"}
+    try:
+        return InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context, prompt_len=prompt,
+                             max_new_tokens=max_new_tokens, num_beams=num_beams, **options)
+    except ValueError as exc:
+        message = str(exc)
+        for field, flag in names.items():
+            message = message.replace(field, flag)
+        raise InputError(message) from None
 
 
 def _recipe_name(precision: str | None) -> str | None:
@@ -321,19 +340,52 @@ def compare(
 @app.command()
 def infer(
     model: ModelArgument,
-    dtype: Annotated[DType, typer.Option(help="Weight dtype (fp8/int8/int4: every tensor, no scales yet).")] = DType.BF16,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype, and the weights' unless --weights names a format "
+                                         "(fp8/int8/int4 here: every tensor, no scales).")] = DType.BF16,
+    weights: Annotated[str | None, typer.Option("--weights", show_default=False,
+                                                help="Weight format: fp32, fp16, bf16, fp8, fp8-block, mxfp8, mxfp4, "
+                                                "nvfp4, int8 (LLM.int8), gptq, awq, bnb-nf4, bnb-fp4, or a GGUF type "
+                                                "(q4_0, q4_k, q6_k, q8_0, ...); see docs/weight-formats.md.")] = None,
+    group_size: Annotated[int, typer.Option("--group-size", help="GPTQ/AWQ group size (-1: per column).")] = 128,
     kv_dtype: Annotated[KVDType | None, typer.Option("--kv-dtype", show_default=False,
-                                                     help="KV-cache dtype (default: the weight dtype if a float "
+                                                     help="KV-cache dtype (default: the compute dtype if a float "
                                                      "type, else bf16).")] = None,
     batch: BatchOption = 1,
     context: ContextOption = None,
     prompt: PromptOption = None,
     max_new_tokens: NewTokensOption = 0,
+    decoding: Annotated[str | None, typer.Option("--decoding", show_default=False,
+                                                 help="greedy, beam or sample (default: beam with --num-beams > 1, "
+                                                 "else greedy).")] = None,
     num_beams: BeamsOption = 1,
+    num_return_sequences: Annotated[int, typer.Option("--num-return-sequences", min=1,
+                                                      help="Sampling: sequences per prompt (each cached).")] = 1,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, show_default=False, help="Sampling: top-k.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", show_default=False, help="Sampling: top-p (nucleus).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
+    prefill_logits: Annotated[str, typer.Option("--prefill-logits",
+                                                help="last: logits of the last prompt position (generate()); all: "
+                                                "every position, upcast to fp32.")] = "last",
+    prefill_chunk: Annotated[int | None, typer.Option("--prefill-chunk", min=1, show_default=False,
+                                                      help="Tokens per prefill forward (chunked prefill).")] = None,
+    attention: AttentionOption = Attention.SDPA,
+    engine: Annotated[str, typer.Option("--engine", help="hf: a Hugging Face generate() loop; paged: a paged server "
+                                        "(blocks, no cache copies).")] = "hf",
+    block_size: Annotated[int, typer.Option("--block-size", min=1, help="Paged engine: tokens per KV block.")] = 16,
+    tp: Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel GPUs (per-GPU numbers).")] = 1,
+    overhead: Annotated[str | None, typer.Option("--overhead", show_default=False,
+                                                 help="Runtime overhead per GPU, e.g. 1GiB (default: CUDA context "
+                                                 "400 MiB + cuBLAS workspace 32 MiB).")] = None,
+    gpu: GPUOption = None,
+    gpu_util: Annotated[float, typer.Option("--gpu-util", min=0.01, max=1.0,
+                                            help="With --gpu: the share of its memory the server may use.")] = 0.9,
+    kv_budget: Annotated[str | None, typer.Option("--kv-budget", show_default=False,
+                                                  help="Print the tokens and blocks this many bytes of KV cache hold, "
+                                                  "e.g. 4.6GiB.")] = None,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
-    """Memory to serve a model: weights, KV cache, prefill and decoding, with the 1.2x rule of thumb.
+    """Memory to serve a model: weights, KV cache, prefill and decoding, overhead, and what fits.
 
     Examples:
 
@@ -341,13 +393,55 @@ def infer(
 
       memcalc infer llama-3-8b --prompt 1024 --max-new-tokens 256 --num-beams 4
 
-      memcalc infer mixtral-8x7b --dtype int4 --kv-dtype fp8 --json
+      memcalc infer llama-3-8b --weights q4_k --context 32768 --gpu rtx-4090
+
+      memcalc infer mixtral-8x7b --weights gptq --kv-dtype fp8 --engine paged --tp 2 --gpu h100 --json
+
+      memcalc infer llama-3-8b --engine paged --kv-budget 4.6GiB
     """
+    from memcalc.config import Decoding, Engine, PrefillLogits
     from memcalc.estimate.inference import estimate_inference
     from memcalc.library import resolve_model
 
-    settings = _infer_settings(dtype, kv_dtype, batch, context, prompt, max_new_tokens, num_beams)
-    _emit("infer", estimate_inference(resolve_model(model), settings), units, as_json)
+    for flag, value, enum in (("--decoding", decoding, Decoding), ("--prefill-logits", prefill_logits, PrefillLogits),
+                              ("--engine", engine, Engine)):
+        if value is not None and value not in {item.value for item in enum}:
+            raise InputError(f"{flag}: {value!r} is not one of {', '.join(item.value for item in enum)}")
+    if weights is not None:
+        from memcalc.estimate.weights import parse_weight_format
+
+        try:
+            weights = parse_weight_format(weights).value
+        except ValueError as exc:
+            raise InputError(f"--weights: {exc}") from None
+    settings = _infer_settings(
+        dtype, kv_dtype, batch, context, prompt, max_new_tokens, num_beams, weights=weights, group_size=group_size,
+        decoding=decoding, num_return_sequences=num_return_sequences, top_k=top_k, top_p=top_p,
+        temperature=temperature, prefill_logits=prefill_logits, prefill_chunk=prefill_chunk, attention=attention,
+        engine=engine, block_size=block_size, tp=tp, overhead_bytes=_size("--overhead", overhead),
+    )
+    config = resolve_model(model)
+    estimate = estimate_inference(config, settings)
+    gpu_spec = _resolve_gpu(gpu)
+    fit = None
+    if gpu_spec is not None:
+        from memcalc.estimate.inference import fit_report
+
+        fit = fit_report(config, settings, gpu_spec.name, gpu_spec.memory_bytes, gpu_util)
+    capacity = None
+    budget = _size("--kv-budget", kv_budget)
+    if budget is not None:
+        from memcalc.estimate.inference import kv_capacity
+
+        capacity = kv_capacity(budget, estimate.settings["kv_cache_bytes_per_token"], block_size)
+    if as_json:
+        from memcalc.report import inference_document
+
+        print(json.dumps(inference_document(estimate, fit, capacity), indent=2))
+        return
+    from memcalc.render import print_inference
+
+    print_inference(estimate, units, fit, capacity)
 
 
 @app.command()

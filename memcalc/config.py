@@ -314,27 +314,95 @@ class TrainSettings:
                 raise ValueError(f"precision {self.precision!r} is not one of {', '.join(RECIPES)}")
 
 
+class Engine(StrEnum):
+    """hf: a plain Hugging Face generate() loop (the cache grows by concatenation); paged: a paged
+    server (vLLM-style blocks in a preallocated budget)."""
+
+    HF = "hf"
+    PAGED = "paged"
+
+
+class Decoding(StrEnum):
+    GREEDY = "greedy"
+    BEAM = "beam"
+    SAMPLE = "sample"
+
+
+class PrefillLogits(StrEnum):
+    LAST = "last"  # transformers' generate() since 4.45: logits_to_keep=1
+    ALL = "all"  # every prompt position (a forward without logits_to_keep), upcast to fp32
+
+
 @dataclass(frozen=True, kw_only=True)
 class InferSettings:
-    """What inference holds for ``batch_size`` sequences of ``context_len`` tokens each."""
+    """What inference holds for ``batch_size`` prompts of ``context_len`` tokens each, or a
+    generate() run of ``prompt_len`` + ``max_new_tokens``."""
 
     __pydantic_config__ = _FORBID_EXTRA
 
-    dtype: DType = DType.BF16
+    dtype: DType = DType.BF16  # compute dtype, and the weights' unless ``weights`` names a format
+    weights: str | None = None  # a weight format (memcalc.estimate.weights); default: dtype
+    group_size: int = 128  # GPTQ/AWQ group size (-1: one group per column)
     kv_dtype: KVDType | None = None  # default: the weight dtype when it is a float type, else bf16
     batch_size: PositiveInt = DEFAULT_BATCH_SIZE
     context_len: PositiveInt | None = None  # tokens cached per sequence when no prompt is given
     prompt_len: PositiveInt | None = None  # tokens of the prompt (prefill); with max_new_tokens, a generate() run
     max_new_tokens: NonNegativeInt = 0
+    decoding: Decoding | None = None  # default: beam with num_beams > 1, else greedy
     num_beams: PositiveInt = 1  # beam search keeps this many sequences per prompt
+    num_return_sequences: PositiveInt = 1  # sampling: sequences per prompt; beam: at most num_beams
+    top_k: PositiveInt | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+    prefill_logits: PrefillLogits = PrefillLogits.LAST
+    prefill_chunk: PositiveInt | None = None  # tokens per prefill forward (chunked prefill)
+    attention: Attention = Attention.SDPA
+    engine: Engine = Engine.HF
+    block_size: PositiveInt = 16  # paged engine: tokens per KV block
+    tp: PositiveInt = 1  # tensor-parallel ranks: weights, heads and KV heads split
+    overhead_bytes: NonNegativeInt | None = None  # CUDA context + library workspaces; default: documented
 
     def __post_init__(self) -> None:
-        _coerce_enums(self, dtype=DType, kv_dtype=KVDType)
-        _check_positive(self, "batch_size", "context_len", "prompt_len", "num_beams")
+        _coerce_enums(self, dtype=DType, kv_dtype=KVDType, decoding=Decoding, prefill_logits=PrefillLogits,
+                      attention=Attention, engine=Engine)
+        _check_positive(self, "batch_size", "context_len", "prompt_len", "num_beams", "num_return_sequences",
+                        "top_k", "prefill_chunk", "block_size", "tp")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
         if self.context_len is not None and self.prompt_len is not None:
             raise ValueError("give either context_len or prompt_len (+ max_new_tokens), not both")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
+        decoding = self.resolved_decoding
+        if self.decoding is Decoding.GREEDY and self.num_beams > 1:
+            raise ValueError(f"greedy decoding keeps one sequence; num_beams {self.num_beams} needs beam decoding")
+        warpers = self.top_k is not None or self.top_p is not None or self.temperature != 1.0
+        if warpers and decoding is not Decoding.SAMPLE:
+            raise ValueError("top_k, top_p and temperature apply to sampling (decoding sample)")
+        if decoding is Decoding.GREEDY and self.num_return_sequences > 1:
+            raise ValueError("greedy decoding returns one sequence per prompt; use sampling or beam search")
+        if decoding is Decoding.BEAM and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) exceeds num_beams ({self.num_beams})")
+
+    @property
+    def resolved_decoding(self) -> Decoding:
+        """Beam search with one beam is greedy decoding (transformers picks the mode the same way)."""
+        if self.decoding is Decoding.SAMPLE:
+            return self.decoding
+        return Decoding.BEAM if self.num_beams > 1 else Decoding.GREEDY
+
+    @property
+    def sequences_per_prompt(self) -> int:
+        """Sequences decoded (and cached) per prompt: beams, or returned samples (transformers'
+        ``_expand_inputs_for_generation``: expand_size = num_beams or num_return_sequences)."""
+        decoding = self.resolved_decoding
+        if decoding is Decoding.BEAM:
+            return self.num_beams
+        return self.num_return_sequences
 
 
 def resolve_seq_len(model: ModelConfig, seq_len: int | None) -> int:

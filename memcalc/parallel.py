@@ -280,6 +280,26 @@ def inflight_chunks(parallel: ParallelConfig, rank: int) -> int:
     return min(2 * (pp - rank - 1) + (vpp - 1) * pp + 1, microbatches * vpp)
 
 
+def tensor_parallel_model(model: ModelConfig, tp: int, vocab_size: int | None = None) -> ModelConfig:
+    """What one TP rank computes, as a model: query heads, MLP and expert widths and the vocabulary
+    divided by ``tp``; key/value heads too, replicated when ``tp`` exceeds them (vLLM's
+    ``get_num_kv_heads``: at least one per rank); the hidden size and norms whole."""
+    if tp == 1 and vocab_size in (None, model.vocab_size):
+        return model
+    from dataclasses import replace
+
+    moe = model.moe
+    if moe is not None:
+        shared = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+        moe = replace(moe, expert_intermediate_size=moe.expert_intermediate_size // tp,
+                      shared_expert_intermediate_size=max(1, shared // tp))
+    return replace(
+        model, num_attention_heads=model.num_attention_heads // tp, num_kv_heads=max(1, model.kv_heads // tp),
+        head_dim=model.attention_head_dim, intermediate_size=model.intermediate_size // tp,
+        vocab_size=(vocab_size or model.vocab_size) // tp, moe=moe,
+    )
+
+
 def padded_vocab(model: ModelConfig, parallel: ParallelConfig) -> int:
     if not parallel.vocab_padded:
         return model.vocab_size

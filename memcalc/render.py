@@ -59,19 +59,40 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             ("parallelism", _parallel_assumption(estimate)),
         ]
     else:
+        sequences = settings["sequences"]
+        decoding = settings["decoding"]
+        if decoding == "beam":
+            how = f"beam search, {settings['num_beams']} beams (the prompt's cache is repeated for every beam)"
+        elif decoding == "sample":
+            warpers = [f"{name} {settings[key]}" for name, key in (("temperature", "temperature"), ("top-k", "top_k"),
+                                                                   ("top-p", "top_p"))
+                       if settings[key] is not None and not (key == "temperature" and settings[key] == 1.0)]
+            how = (f"sampling, {settings['num_return_sequences']} sequence(s) per prompt"
+                   + (f" ({', '.join(warpers)})" if warpers else ""))
+        else:
+            how = "greedy"
+        engine = ("Hugging Face generate(): cache grown by concatenation, last-position logits copied to fp32"
+                  if settings["engine"] == "hf" else
+                  f"paged server: {settings['block_size']}-token blocks written in place, tokens rounded up to blocks")
         lines += [
-            ("weights", settings["dtype"]),
-            ("KV cache", f"{settings['kv_dtype']}, {settings['kv_cache_bytes_per_token']:,} bytes/token, "
-             f"{model.kv_heads} KV heads x {model.attention_head_dim} head dim x {model.num_layers} layers"),
+            ("weights", settings["weights"] + (f" (compute in {settings['dtype']})"
+                                               if settings["weights"] != settings["dtype"] else "")),
+            ("KV cache", f"{settings['kv_dtype']}, {settings['kv_cache_bytes_per_token']:,} bytes/token"
+             + _kv_geometry(model, settings)),
             ("batch x context", f"{settings['batch_size']} x {settings['context_len']} tokens cached"
              + (f" ({settings['prompt_len']} prompt + {settings['max_new_tokens']} new, the last not cached)"
-                if settings["max_new_tokens"] else "")),
-            ("decoding", "greedy" if settings["num_beams"] == 1 else f"beam search, {settings['num_beams']} beams "
-             "(the prompt's cache is repeated for every beam)"),
-            ("engine", "Hugging Face generate(): cache grown by concatenation, last-position logits copied to fp32"),
+                if settings["max_new_tokens"] else "") + f"; {sequences} sequence(s)"),
+            ("decoding", how),
+            ("prefill", f"{settings['attention']} attention, {settings['prefill_logits']}-position logits"
+             + (f", chunks of {settings['prefill_chunk']} tokens" if settings["prefill_chunk"] < settings["prompt_len"]
+                else "")),
+            ("engine", engine),
         ]
+        if settings["tp"] > 1:
+            lines.append(("parallelism", f"tensor parallel over {settings['tp']} GPUs: numbers per GPU"))
         if model.sliding_window:
-            lines.append(("sliding window", f"{model.sliding_window} tokens, not applied: every token is cached"))
+            lines.append(("sliding window", f"{model.sliding_window} tokens on {settings['sliding_layers']} of "
+                          f"{model.num_layers} layers (their cache holds at most the window)"))
     lines += [("note", note) for note in model.notes]
     return lines
 
@@ -83,6 +104,15 @@ def _activation_assumption(settings: dict[str, Any]) -> str:
     loss = "chunked loss (1024 tokens at a time)" if settings["loss"] == "chunked" else "fp32 logits for the loss"
     return (f"saved tensors of the block, {settings['activation_dtype']}, {settings['attention']} attention, "
             f"no dropout, {loss}")
+
+
+def _kv_geometry(model: ModelConfig, settings: dict[str, Any]) -> str:
+    if model.mla is not None:
+        if settings["engine"] == "paged":
+            return (f", MLA latent {model.mla.kv_lora_rank} + rope {model.mla.qk_rope_head_dim} x "
+                    f"{model.num_layers} layers (not split by TP)")
+        return f", MLA expanded per head by transformers ({model.num_attention_heads} heads x {model.num_layers} layers)"
+    return f", {model.kv_heads} KV heads x {model.attention_head_dim} head dim x {model.num_layers} layers"
 
 
 def _parallel_assumption(estimate: Estimate) -> str:
@@ -158,8 +188,10 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> No
             table.add_row(f"During {PHASE_LABELS[phase]}{marker}", *amounts(live), _share(live, total),
                           "phase", PHASE_CONTENTS[phase])
         table.add_section()
-        table.add_row("Total (peak)", *amounts(total), "100.0%", "", f"largest phase: {PHASE_LABELS[estimate.peak_phase]}",
-                      style="bold")
+        peak_text = f"largest phase: {PHASE_LABELS[estimate.peak_phase]}"
+        if estimate.runtime_bytes:
+            peak_text += " + runtime overhead"
+        table.add_row("Total (peak)", *amounts(total), "100.0%", "", peak_text, style="bold")
         if offloaded:
             table.add_row("Host memory (this GPU's process)", "-", format_bytes(estimate.cpu_total, unit), "", "",
                           "sum of the CPU rows", style="bold")
@@ -189,7 +221,8 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> No
             "freed during backward, before the optimizer step allocates its temporaries."
         )
     elif estimate.phases:
-        console.print("Shares are of the peak. The peak is the larger of prefill and decoding, not the sum of the rows.")
+        console.print("Shares are of the peak. The peak is the larger of prefill and decoding plus the runtime "
+                      "overhead, not the sum of the rows.")
     if len(estimate.ranks) > 1:
         console.print(_ranks_table(estimate, unit))
     other = Unit.GB if unit is Unit.GIB else Unit.GIB
@@ -280,6 +313,28 @@ def print_scenarios(model: ModelConfig, results: list[tuple[str, Estimate]], uni
     console.print(table)
     console.print(f"{first.model.name}: {format_count(first.params.total)} parameters. Each column is the most loaded "
                   "GPU of its layout; `memcalc train` with the same flags shows every component's formula.")
+
+
+def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None) -> None:
+    print_estimate("infer", estimate, unit)
+    label = UNIT_LABEL[unit]
+    console = _console()
+    if fit is not None:
+        console.print()
+        verdict = "fits" if fit.fits else "does not fit"
+        console.print(f"On {fit.gpu} ({format_bytes(fit.gpu_memory, unit)} {label}, using {fit.utilization:.0%}): "
+                      f"this workload {verdict} ({format_bytes(fit.required, unit)} {label}).", style="bold")
+        context_note = " (the model's maximum positions)" if fit.context_limited_by_model else ""
+        console.print(f"  largest batch at this context: {fit.max_batch}")
+        console.print(f"  largest context at this batch: {fit.max_context:,} tokens{context_note}")
+        console.print(f"  paged KV capacity: {fit.kv_tokens:,} tokens in {fit.kv_blocks:,} blocks "
+                      f"({format_bytes(max(fit.kv_budget, 0), unit)} {label} left after weights, activations, logits "
+                      "and overhead)")
+    if capacity is not None:
+        console.print()
+        console.print(f"A KV budget of {format_bytes(capacity.budget, unit)} {label} holds {capacity.tokens:,} tokens "
+                      f"in {capacity.blocks:,} blocks of {capacity.block_size} "
+                      f"tokens ({estimate.settings['kv_cache_bytes_per_token']:,} bytes/token).")
 
 
 def print_models(models: list[ModelConfig]) -> None:

@@ -90,6 +90,23 @@ def estimate_document(command: str, estimate: Estimate, gpu=None) -> dict[str, A
     return document
 
 
+def inference_document(estimate: Estimate, fit=None, capacity=None) -> dict[str, Any]:
+    """``memcalc infer --json``: ``memory.weights`` is the total of the weight lines; ``fits`` when a
+    GPU is given (with the largest batch and context and a paged server's KV capacity);
+    ``kv_budget`` when ``--kv-budget`` is given."""
+    from dataclasses import asdict
+
+    document = estimate_document("infer", estimate)
+    memory = document["memory"]
+    memory["weights"] = sum(component.bytes for component in estimate.components if component.key.startswith("weights"))
+    memory["peak_allocated"] = estimate.peak_allocated
+    if fit is not None:
+        document["fits"] = asdict(fit)
+    if capacity is not None:
+        document["kv_budget"] = asdict(capacity)
+    return document
+
+
 def compare_document(results: list[tuple[str, Estimate]], gpu=None) -> dict[str, Any]:
     """``memcalc compare --json``: one ``train`` document per scenario, in order."""
     scenarios = []

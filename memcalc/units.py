@@ -33,3 +33,22 @@ def format_bytes(num_bytes: int, unit: Unit, decimals: int = 2) -> str:
     if unit is Unit.BYTES:
         return f"{num_bytes:,}"
     return f"{num_bytes / UNIT_SIZE_BYTES[unit]:,.{decimals}f}"
+
+
+_SUFFIXES = {"": 1, "b": 1, "kib": 2**10, "kb": 10**3, "mib": 2**20, "mb": 10**6, "gib": 2**30, "gb": 10**9,
+             "tib": 2**40, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as ``4.6GiB``, ``500MiB``, ``80GB`` or ``1073741824`` as whole bytes (rounded
+    down). Raises ValueError naming the accepted suffixes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    suffix = match.group(2).lower() if match else ""
+    if not match or suffix not in _SUFFIXES:
+        raise ValueError(f"{text!r} is not a size: a number with an optional unit "
+                         f"({', '.join(s for s in ('B', 'KiB', 'KB', 'MiB', 'MB', 'GiB', 'GB', 'TiB', 'TB'))})")
+    from decimal import Decimal
+
+    return int(Decimal(match.group(1)) * _SUFFIXES[suffix])

@@ -94,7 +94,12 @@ def test_infer_json_document(run_cli):
     memory = document["memory"]
     assert memory["kv_cache"] == 131_072 * 8192 * 4
     assert memory["weights"] == 2 * 8_030_261_248
-    assert memory["total"] == max(memory["phases"].values()) == memory["phases"]["prefill"]
+    assert memory["peak_allocated"] == max(memory["phases"].values()) == memory["phases"]["prefill"]
+    # the runtime overhead is a line of its own, added to the allocator's peak
+    assert memory["overhead"] == (400 + 32) * 2**20
+    assert memory["total"] == memory["peak_allocated"] + memory["overhead"]
+    for key in ("weights", "kv_cache", "activations", "logits", "overhead", "total", "rule_of_thumb_total"):
+        assert isinstance(memory[key], int)
     assert memory["rule_of_thumb_total"] == 19_272_626_996  # 1.2 * 16,060,522,496 = 19,272,626,995.2, rounded up
     assert document["settings"]["kv_cache_bytes_per_token"] == 131_072
 

@@ -16,6 +16,7 @@ class Kind(StrEnum):
 
     STATIC = "static"
     DYNAMIC = "dynamic"
+    RUNTIME = "runtime"  # outside PyTorch's allocator (CUDA context, library workspaces): added to the peak
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,21 @@ class Estimate:
         return sum(component.bytes for component in self.components if component.location == "cpu")
 
     @property
-    def total(self) -> int:
+    def runtime_bytes(self) -> int:
+        return sum(component.bytes for component in self.components if component.kind is Kind.RUNTIME)
+
+    @property
+    def peak_allocated(self) -> int:
+        """The peak of what PyTorch allocates (what max_memory_allocated measures)."""
         if self.phases:
             return max(self.phases.values())
-        return sum(component.bytes for component in self.components if component.location == "gpu")
+        return sum(component.bytes for component in self.components
+                   if component.location == "gpu" and component.kind is not Kind.RUNTIME)
+
+    @property
+    def total(self) -> int:
+        """GPU memory at the peak: the allocated peak plus the runtime overhead."""
+        return self.peak_allocated + self.runtime_bytes
 
     @property
     def peak_phase(self) -> str | None:

@@ -1,24 +1,52 @@
-"""Inference memory: weights, the KV cache, and the activations of prefill and decoding.
+"""Inference memory: weights, the KV cache, and the activations and logits of prefill and decoding.
 
-The workload is a Hugging Face ``generate()``: the prompt is repeated for every beam and run in
-one forward (prefill), then each new token runs one step that appends to the cache by
-concatenation. The total is the larger of the prefill and decode peaks; the 1.2x rule of thumb
-is shown beside it for reference.
+Two engines. ``hf`` is a Hugging Face ``generate()``: the prompt is repeated for every beam (or
+returned sample) and run in one forward (prefill), then each new token runs one step that appends
+to the cache by concatenation. ``paged`` is a paged server (vLLM): the cache lives in blocks of
+``block_size`` tokens preallocated in place, so nothing is copied, and tokens round up to blocks.
+The total is the larger of the prefill and decode peaks plus the runtime overhead (CUDA context
+and library workspaces); the 1.2x rule of thumb is shown beside it for reference.
 """
 
 from __future__ import annotations
 
-from memcalc.config import InferSettings, MLPKind, ModelConfig, resolve_seq_len
+from dataclasses import dataclass
+
+from memcalc.config import Attention, Decoding, Engine, InferSettings, MLPKind, ModelConfig, PrefillLogits, resolve_seq_len
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 from memcalc.estimate.params import count_params
+from memcalc.errors import InputError
 
 _FLOAT_DTYPES = {DType.FP32, DType.FP16, DType.BF16}
 FP32_BYTES = 4
+INDEX_BYTES = 8
 
 # EleutherAI, "Transformer Math 101" (2023): inference needs about 20% over the weights;
 # repeated in the Hugging Face accelerate docs (usage_guides/model_size_estimator).
 RULE_OF_THUMB_FACTOR_NUMERATOR, RULE_OF_THUMB_FACTOR_DENOMINATOR = 6, 5
+
+# Runtime overhead outside PyTorch's allocator, per GPU process. CUDA context with lazy module
+# loading (the default since CUDA 11.7 / PyTorch 1.13): 287 MB measured in pytorch PR #86509,
+# "around 400MB" (pytorch issue #109888); memcalc takes 400 MiB. cuBLAS keeps a 32 MiB workspace
+# per handle and stream on Hopper and newer (aten/src/ATen/cuda/CublasHandlePool.cpp,
+# getChosenWorkspaceSize; 8.125 MiB on older GPUs). --overhead replaces the sum.
+CUDA_CONTEXT_BYTES = 400 * 2**20
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+DEFAULT_OVERHEAD_BYTES = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES
+# A paged server's share of GPU memory (vLLM's --gpu-memory-utilization default).
+DEFAULT_GPU_UTILIZATION = 0.9
+
+# transformers' sampling warpers (generation/logits_process.py), bytes per logit beyond the fp32
+# scores generate() keeps: each warper returns a new fp32 tensor and frees its input unless the
+# caller still holds it. Temperature: the scaled copy. Top-k: a bool mask and the filled copy.
+# Top-p: sort values (fp32) and int64 indices, the cumulative softmax, two bool masks and the
+# filled copy (22 B beside its input). Then softmax probabilities for multinomial.
+_TEMPERATURE_BYTES = FP32_BYTES
+_TOP_K_BYTES = 1 + FP32_BYTES
+_TOP_P_BYTES = FP32_BYTES + INDEX_BYTES + FP32_BYTES + 1 + 1 + FP32_BYTES
+# Beam search: the fp32 log-softmax and its sum with the beam scores beside the fp32 scores.
+_BEAM_BYTES = 2 * FP32_BYTES
 
 
 def kv_dtype_for(settings: InferSettings) -> DType:
@@ -28,15 +56,73 @@ def kv_dtype_for(settings: InferSettings) -> DType:
     return weights if weights in _FLOAT_DTYPES else DType.BF16
 
 
-def kv_cache_bytes_per_token(model: ModelConfig, kv_dtype: DType) -> int:
-    """Keys and values of every layer for one token: ``2 x L x kv_heads x head_dim x bytes``
-    (GQA/MQA store ``kv_heads`` heads, not ``num_attention_heads``)."""
-    return storage_bytes(2 * model.num_layers * model.kv_heads * model.attention_head_dim, kv_dtype)
+def tensor_parallel_view(model: ModelConfig, tp: int) -> ModelConfig:
+    """One TP rank's share of the model (memcalc.parallel.tensor_parallel_model), after checking
+    that ``tp`` splits the heads."""
+    from memcalc.parallel import tensor_parallel_model
+
+    if tp == 1:
+        return model
+    if model.num_attention_heads % tp:
+        raise InputError(f"--tp {tp} does not divide the {model.num_attention_heads} attention heads of {model.name}")
+    if model.kv_heads % tp and tp % model.kv_heads:
+        raise InputError(f"--tp {tp} and the {model.kv_heads} key/value heads of {model.name}: one must divide the "
+                         "other (KV heads are split, or replicated when TP exceeds them)")
+    if model.intermediate_size % tp:
+        raise InputError(f"--tp {tp} does not divide the MLP width {model.intermediate_size} of {model.name}")
+    return tensor_parallel_model(model, tp)
 
 
-def _compute_bytes(weight_dtype: DType) -> int:
-    """Activations run in the weight dtype when it is a float type; quantised weights compute in bf16."""
-    return BITS_PER_ELEMENT[weight_dtype] // 8 if weight_dtype in _FLOAT_DTYPES else 2
+def kv_values_per_token_per_layer(model: ModelConfig, engine: Engine = Engine.HF) -> int:
+    """Values one layer caches per token on one rank.
+
+    Multi-head/grouped/multi-query attention: a key and a value per KV head,
+    ``2 x kv_heads x head_dim``. Multi-head latent attention (DeepSeek-V2 sec. 2.1.2): a paged
+    server caches the compressed latent and the shared rotary key, ``kv_lora_rank +
+    qk_rope_head_dim`` (vLLM's MLAAttentionSpec, one "head", replicated on every TP rank);
+    transformers' DeepSeek classes cache the expanded per-head keys (qk_nope + qk_rope) and values."""
+    mla = model.mla
+    if mla is not None:
+        if engine is Engine.PAGED:
+            return mla.latent_width
+        return model.num_attention_heads * (mla.qk_head_dim + mla.v_head_dim)
+    return 2 * model.kv_heads * model.attention_head_dim
+
+
+def kv_cache_bytes_per_token(model: ModelConfig, kv_dtype: DType, tp: int = 1, engine: Engine = Engine.HF) -> int:
+    """Every layer's cache for one token on one rank: ``2 x L x kv_heads x head_dim x bytes`` (GQA
+    and MQA store ``kv_heads`` heads, not the query heads; TP splits them, or replicates one per
+    rank when TP exceeds them, as vLLM's get_num_kv_heads); MLA: the latent per layer."""
+    local = tensor_parallel_view(model, tp)
+    return storage_bytes(model.num_layers * kv_values_per_token_per_layer(local, engine), kv_dtype)
+
+
+def _round_up(tokens: int, block: int) -> int:
+    return -(-tokens // block) * block
+
+
+def cached_tokens_per_layer(model: ModelConfig, tokens: int, engine: Engine, block_size: int) -> tuple[int, int]:
+    """Tokens a full-attention layer and a sliding-window layer hold for a sequence of ``tokens``,
+    rounded up to whole blocks by a paged engine."""
+    window = min(tokens, model.sliding_window) if model.sliding_window else tokens
+    if engine is Engine.PAGED:
+        return _round_up(tokens, block_size), _round_up(window, block_size)
+    return tokens, window
+
+
+def kv_cache_bytes(model: ModelConfig, local: ModelConfig, tokens: int, sequences: int, kv_dtype: DType,
+                   engine: Engine, block_size: int) -> int:
+    """The cache of ``sequences`` sequences of ``tokens`` tokens each, on one rank; sliding-window
+    layers keep at most the window."""
+    full_tokens, window_tokens = cached_tokens_per_layer(model, tokens, engine, block_size)
+    sliding = model.num_sliding_layers
+    values = kv_values_per_token_per_layer(local, engine) * sequences
+    return storage_bytes(values * ((model.num_layers - sliding) * full_tokens + sliding * window_tokens), kv_dtype)
+
+
+def _compute_bytes(dtype: DType) -> int:
+    """Activations run in the compute dtype when it is a float type; integer weights compute in bf16."""
+    return BITS_PER_ELEMENT[dtype] // 8 if dtype in _FLOAT_DTYPES else 2
 
 
 def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
@@ -57,74 +143,256 @@ def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int
     return max(peaks)
 
 
-def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
-    params = count_params(model)
-    weight_dtype = DType(settings.dtype)
-    kv_dtype = kv_dtype_for(settings)
-    e = _compute_bytes(weight_dtype)
-    beams = settings.num_beams
-    sequences = settings.batch_size * beams
+def eager_scores_bytes(model: ModelConfig, sequences: int, queries: int, keys: int, element_bytes: int) -> int:
+    """Eager attention (transformers' eager_attention_forward) for one layer: the scores, the
+    masked scores, the fp32 softmax and its cast back, ``heads x queries x keys`` each."""
+    return model.num_attention_heads * sequences * queries * keys * (3 * element_bytes + FP32_BYTES)
+
+
+def sampling_bytes_per_logit(settings: InferSettings) -> int:
+    """fp32 bytes per logit the token choice holds at its peak, the fp32 scores included."""
+    decoding = settings.resolved_decoding
+    if decoding is Decoding.BEAM:
+        return FP32_BYTES + _BEAM_BYTES
+    if decoding is Decoding.GREEDY:
+        return FP32_BYTES
+    peak, holding_copy = 0, False  # holding_copy: the current scores are a warper's output
+    for applies, transient in ((settings.temperature != 1.0, _TEMPERATURE_BYTES),
+                               (settings.top_k is not None, _TOP_K_BYTES),
+                               (settings.top_p is not None and settings.top_p < 1.0, _TOP_P_BYTES)):
+        if applies:
+            peak = max(peak, FP32_BYTES * holding_copy + transient)
+            holding_copy = True
+    peak = max(peak, FP32_BYTES * holding_copy + FP32_BYTES)  # softmax probabilities for multinomial
+    return FP32_BYTES + peak
+
+
+@dataclass(frozen=True)
+class InferenceShape:
+    """The resolved workload: sequences, tokens, and what each phase holds."""
+
+    sequences: int  # batch x sequences per prompt
+    prompt: int
+    cached: int  # tokens per sequence in the cache after the last step
+    generating: bool
+
+
+def _shape(model: ModelConfig, settings: InferSettings) -> InferenceShape:
+    sequences = settings.batch_size * settings.sequences_per_prompt
     if settings.prompt_len is not None:
         prompt = settings.prompt_len
         # every fed token is cached; the last new token is chosen, not fed
         cached = prompt + max(settings.max_new_tokens - 1, 0)
     else:
         prompt = cached = resolve_seq_len(model, settings.context_len)
-    generating = settings.max_new_tokens > 1
+    return InferenceShape(sequences, prompt, cached, settings.max_new_tokens > 1)
 
-    weights = storage_bytes(params.total, weight_dtype)
-    per_token = kv_cache_bytes_per_token(model, kv_dtype)
-    kv_cache = per_token * cached * sequences
-    kv_prompt = per_token * prompt * sequences
-    vocab = model.vocab_size
-    # logits of the last position, and their fp32 copy (generate's next_token_logits)
-    step_logits = sequences * vocab * (e + FP32_BYTES)
-    # the layers' transients are gone by the time the last position's logits are computed
-    prefill = max(prefill_activation_bytes(model, sequences * prompt, e),
-                  e * sequences * prompt * model.hidden_size + step_logits)
-    # decoding: one layer's cache concatenated (old and new) or reordered for beams, the fp32
-    # logits, and for beam search their log-softmax and its sum with the beam scores
-    one_layer_cache = kv_cache // model.num_layers
-    decode = one_layer_cache + sequences * vocab * FP32_BYTES * (3 if beams > 1 else 1) if generating else 0
+
+def weight_components(local: ModelConfig, settings: InferSettings) -> tuple[int, list[Component]]:
+    """Weights on one rank. Without ``--weights``, every tensor in ``--dtype`` (for fp8/int8/int4:
+    no scales). A format (memcalc.estimate.weights, docs/weight-formats.md) stores the layers'
+    linear weights with its scales, zeros and indices and keeps the embedding, output head, norms
+    and biases in the compute dtype (GGUF types also quantise the embedding and head): two lines."""
+    dtype = DType(settings.dtype)
+    if settings.weights is None or settings.weights == dtype.value:
+        total = storage_bytes(count_params(local).total, dtype)
+        note = f"P x {dtype.value}" if dtype in _FLOAT_DTYPES else f"P x {dtype.value}, every tensor, no scales"
+        return total, [Component("weights", "Weights", total, Kind.STATIC, note, "parameter count x bytes per element")]
+    from memcalc.estimate.weights import FORMATS, weight_bytes
+
+    compute = dtype.value if dtype in _FLOAT_DTYPES else "bf16"
+    breakdown = weight_bytes(local, settings.weights, group_size=settings.group_size, compute_dtype=compute)
+    source = FORMATS[breakdown.format].source
+    if breakdown.format.value in ("fp32", "fp16", "bf16"):
+        return breakdown.total_bytes, [Component("weights", "Weights", breakdown.total_bytes, Kind.STATIC,
+                                                 f"P x {breakdown.format.value}", source)]
+    rows = [
+        Component("weights_quantised", f"Quantised weights ({breakdown.format.value})", breakdown.quantised_bytes,
+                  Kind.STATIC, f"{breakdown.quantised_params / 1e9:,.2f}B params x "
+                  f"{breakdown.bits_per_quantised_weight:.4g} bits incl. scales", source),
+        Component("weights_unquantised", f"Unquantised weights ({breakdown.compute_dtype.value})", breakdown.rest_bytes,
+                  Kind.STATIC, f"{breakdown.rest_params / 1e9:,.2f}B params: embedding, head, norms, biases",
+                  "kept in the compute dtype (docs/weight-formats.md)"),
+    ]
+    return breakdown.total_bytes, [row for row in rows if row.bytes]
+
+
+def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
+    params = count_params(model)
+    local = tensor_parallel_view(model, settings.tp)
+    compute_dtype = DType(settings.dtype)
+    kv_dtype = kv_dtype_for(settings)
+    e = _compute_bytes(compute_dtype)
+    shape = _shape(model, settings)
+    sequences, prompt = shape.sequences, shape.prompt
+    engine, block = settings.engine, settings.block_size
+
+    weights, weight_rows = weight_components(local, settings)
+    per_token = kv_cache_bytes_per_token(model, kv_dtype, settings.tp, engine)
+    kv_cache = kv_cache_bytes(model, local, shape.cached, sequences, kv_dtype, engine, block)
+    kv_prompt = kv_cache_bytes(model, local, prompt, sequences, kv_dtype, engine, block)
+    vocab = local.vocab_size
+
+    # Prefill: one forward over the prompt, or chunks of it; its layer transient, then the final
+    # hidden states and the logits (of the last position, or all), and the first token's choice.
+    chunk = min(settings.prefill_chunk or prompt, prompt)
+    layer = prefill_activation_bytes(local, sequences * chunk, e)
+    if settings.attention is Attention.EAGER:
+        layer += eager_scores_bytes(local, sequences, chunk, prompt, e)
+    logit_positions = chunk if settings.prefill_logits is PrefillLogits.ALL else 1
+    choice = sequences * vocab * sampling_bytes_per_logit(settings)
+    # the logits in the compute dtype and their fp32 upcast, then the fp32 scores for the choice
+    prefill_logits = max(sequences * logit_positions * vocab * (e + FP32_BYTES), sequences * vocab * e + choice)
+    prefill_activations = max(layer, e * sequences * chunk * local.hidden_size)
+    prefill = max(layer, e * sequences * chunk * local.hidden_size + prefill_logits)
+
+    # Decoding: a hf engine concatenates one layer's cache at a time (old and new exist together)
+    # or reorders it for beams; a paged engine writes in place. Then the step's fp32 logits and
+    # the token choice.
+    decode_copy = kv_cache // model.num_layers if shape.generating and engine is Engine.HF else 0
+    decode_logits = choice if shape.generating else 0
     phases = {"prefill": weights + kv_prompt + prefill}
-    if generating:
-        phases["decode"] = weights + kv_cache + decode
+    if shape.generating:
+        phases["decode"] = weights + kv_cache + decode_copy + decode_logits
+    overhead = DEFAULT_OVERHEAD_BYTES if settings.overhead_bytes is None else settings.overhead_bytes
     rule_of_thumb = -(-weights * RULE_OF_THUMB_FACTOR_NUMERATOR // RULE_OF_THUMB_FACTOR_DENOMINATOR)
 
-    weight_note = (
-        f"P x {weight_dtype.value}"
-        if weight_dtype in _FLOAT_DTYPES
-        else f"P x {weight_dtype.value}, every tensor, no quantisation scales"
-    )
     tokens_note = "(prompt+new-1)" if settings.prompt_len is not None else "context"
+    rounding = f", rounded to {block}-token blocks" if engine is Engine.PAGED else ""
+    window = f", sliding layers capped at {model.sliding_window}" if model.num_sliding_layers else ""
+    kv_formula = ("L x (kv_lora_rank + rope) latent" if model.mla is not None and engine is Engine.PAGED
+                  else "L x heads x (k + v head dims)" if model.mla is not None
+                  else "2L x kv_heads x head_dim")
+    decoding = settings.resolved_decoding
     components = (
-        Component("weights", "Weights", weights, Kind.STATIC, weight_note, "parameter count x bytes per element"),
+        *weight_rows,
         Component("kv_cache", "KV cache", kv_cache, Kind.DYNAMIC,
-                  f"2L x kv_heads x head_dim x {kv_dtype.value} x {tokens_note} x seqs",
-                  "one key and one value vector per layer, KV head and token"),
-        Component("prefill_activations", "Prefill activations", prefill, Kind.DYNAMIC,
-                  "one layer's forward, last logits", "reference decoder, fake-tensor measurement"),
-        Component("decode_buffers", "Decode buffers", decode, Kind.DYNAMIC,
-                  "layer cache copy, fp32 logits" + (", beam scores" if beams > 1 else ""),
-                  "transformers generate(), DynamicCache"),
+                  f"{kv_formula} x {kv_dtype.value} x {tokens_note} x seqs{rounding}{window}",
+                  "one key and one value vector per layer, KV head and token (MLA: DeepSeek-V2 sec. 2.1.2)"),
+        Component("activations", "Activations (peak)", max(prefill_activations, decode_copy), Kind.DYNAMIC,
+                  "one layer's prefill forward" + (", eager scores" if settings.attention is Attention.EAGER else "")
+                  + (f", {chunk}-token chunks" if chunk < prompt else "")
+                  + ("; decode: a layer's cache copy" if decode_copy else ""),
+                  "reference decoder, fake-tensor measurement (tests/test_validate.py)"),
+        Component("logits", "Logits and token choice", max(prefill_logits, decode_logits), Kind.DYNAMIC,
+                  f"{'all' if logit_positions > 1 else 'last'}-position logits, fp32 scores, {decoding.value}"
+                  + (f" ({sampling_bytes_per_logit(settings)} B/logit)" if decoding is Decoding.SAMPLE else ""),
+                  "transformers generate() and its logits warpers (generation/utils.py, logits_process.py)"),
+        Component("overhead", "Runtime overhead", overhead, Kind.RUNTIME,
+                  "CUDA context 400 MiB + cuBLAS workspace 32 MiB" if settings.overhead_bytes is None else "--overhead",
+                  "pytorch PR #86509 and issue #109888 (lazy-loaded context); CublasHandlePool.cpp"),
     )
     references = (
         Component("rule_of_thumb_total", "Rule of thumb (1.2 x weights)", rule_of_thumb, Kind.STATIC,
                   "1.2 x weights", "EleutherAI, Transformer Math 101 (2023)"),
     )
+    whole_model = weights if settings.tp == 1 else weight_components(model, settings)[0]
     checkpoint = (
-        Component("weights_only", "Weights only", weights, Kind.STATIC, weight_note, "parameter count x bytes per element"),
+        Component("weights_only", "Weights only", whole_model, Kind.STATIC,
+                  f"P x {settings.weights or compute_dtype.value}", "parameter count x bytes per element"),
     )
     resolved = {
-        "dtype": weight_dtype.value,
+        "dtype": compute_dtype.value,
+        "weights": settings.weights or compute_dtype.value,
         "kv_dtype": kv_dtype.value,
         "batch_size": settings.batch_size,
-        "num_beams": beams,
+        "decoding": decoding.value,
+        "num_beams": settings.num_beams,
+        "num_return_sequences": settings.num_return_sequences,
+        "sequences": sequences,
+        "top_k": settings.top_k,
+        "top_p": settings.top_p,
+        "temperature": settings.temperature,
         "prompt_len": prompt,
         "max_new_tokens": settings.max_new_tokens,
-        "context_len": cached,
+        "context_len": shape.cached,
+        "prefill_logits": settings.prefill_logits.value,
+        "prefill_chunk": chunk,
+        "attention": settings.attention.value,
+        "engine": engine.value,
+        "block_size": block if engine is Engine.PAGED else None,
+        "tp": settings.tp,
         "kv_cache_bytes_per_token": per_token,
-        "kv_cache_bytes_per_sequence": per_token * cached,
-        "sliding_window": "not applied: every token is cached",
+        "kv_cache_bytes_per_sequence": kv_cache // sequences,
+        "sliding_window": model.sliding_window,
+        "sliding_layers": model.num_sliding_layers,
+        "overhead_bytes": overhead,
     }
     return Estimate(model, params, resolved, components, references=references, checkpoint=checkpoint, phases=phases)
+
+
+# --- What fits ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVCapacity:
+    budget: int  # bytes for the cache
+    block_size: int
+    blocks: int
+    tokens: int
+
+
+def kv_capacity(budget: int, bytes_per_token: int, block_size: int) -> KVCapacity:
+    """Whole blocks of ``block_size`` tokens that ``budget`` bytes hold (vLLM:
+    ``num_blocks = available // page_size`` over all layers)."""
+    blocks = max(budget, 0) // (bytes_per_token * block_size)
+    return KVCapacity(budget, block_size, blocks, blocks * block_size)
+
+
+@dataclass(frozen=True)
+class FitReport:
+    gpu: str
+    gpu_memory: int
+    utilization: float
+    required: int
+    fits: bool
+    kv_budget: int  # what a paged server leaves for the cache: util x memory - weights - activations - overhead
+    kv_blocks: int
+    kv_tokens: int
+    max_batch: int  # at the given context
+    max_context: int  # at the given batch (capped by the model's positions)
+    context_limited_by_model: bool
+
+
+def _largest(fits, low: int, high: int) -> int:
+    """The largest n in [low, high] with fits(n), for a monotone fits; low - 1 if none."""
+    if not fits(low):
+        return low - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def fit_report(model: ModelConfig, settings: InferSettings, gpu_name: str, gpu_memory: int,
+               utilization: float = DEFAULT_GPU_UTILIZATION) -> FitReport:
+    """Whether the workload fits in ``utilization`` of ``gpu_memory``, the largest batch at its
+    context and the largest context at its batch (both by the same estimator), and the KV tokens
+    a paged server would allocate: the budget left after weights, the activation peak and the
+    runtime overhead, in whole blocks."""
+    from dataclasses import replace
+
+    limit = int(gpu_memory * utilization)
+    estimate = estimate_inference(model, settings)
+    components = {component.key: component.bytes for component in estimate.components}
+    weights = sum(value for key, value in components.items() if key.startswith("weights"))
+    budget = limit - weights - components["activations"] - components["logits"] - components["overhead"]
+    capacity = kv_capacity(budget, estimate.settings["kv_cache_bytes_per_token"], settings.block_size)
+
+    def total(changes) -> int:
+        return estimate_inference(model, replace(settings, **changes)).total
+
+    max_batch = _largest(lambda batch: total({"batch_size": batch}) <= limit, 1, 1 << 20)
+    positions = model.max_position_embeddings
+    if settings.prompt_len is not None:
+        new = settings.max_new_tokens
+        max_prompt = _largest(lambda tokens: total({"prompt_len": tokens}) <= limit, 1, max(positions - new, 1))
+        max_context = max_prompt + new if max_prompt > 0 else 0
+    else:
+        max_context = _largest(lambda tokens: total({"context_len": tokens}) <= limit, 1, positions)
+    return FitReport(gpu_name, gpu_memory, utilization, estimate.total, estimate.total <= limit, budget,
+                     capacity.blocks, capacity.tokens, max(max_batch, 0), max(max_context, 0),
+                     max_context >= positions)

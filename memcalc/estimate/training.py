@@ -37,6 +37,7 @@ from memcalc.parallel import (
     pipeline_ranks,
     rank_params,
     stage_layers,
+    tensor_parallel_model,
 )
 from memcalc.precision import RECIPES, PrecisionRecipe, recipe_for
 
@@ -290,18 +291,10 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers
     extra = max(0, inflight_chunks(parallel, stage.rank) * model.num_layers // (pp * parallel.vpp) - stage.layers)
     if tp == 1 and pp == 1 and parallel.cp == 1 and not parallel.vocab_padded:
         return StagePlan(model, seq_len, 1, True, True, extra)
-    moe = model.moe
-    if moe is not None:
-        shared = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
-        moe = replace(moe, expert_intermediate_size=moe.expert_intermediate_size // tp,
-                      shared_expert_intermediate_size=max(1, shared // tp), first_dense_layers=stage.dense_layers)
-    local = replace(
-        model, num_layers=stage.layers, num_attention_heads=model.num_attention_heads // tp,
-        num_kv_heads=model.kv_heads // tp, head_dim=model.attention_head_dim,
-        intermediate_size=model.intermediate_size // tp, vocab_size=padded_vocab(model, parallel) // tp, moe=moe,
-        # under pipelining a tied embedding is two copies, each with its own gradient
-        tie_word_embeddings=model.tie_word_embeddings and pp == 1,
-    )
+    local = tensor_parallel_model(model, tp, padded_vocab(model, parallel))
+    moe = local.moe and replace(local.moe, first_dense_layers=stage.dense_layers)
+    # under pipelining a tied embedding is two copies, each with its own gradient
+    local = replace(local, num_layers=stage.layers, moe=moe, tie_word_embeddings=model.tie_word_embeddings and pp == 1)
     dtensor = parallel.tp_impl is TPImpl.DTENSOR and tp > 1
     return StagePlan(local, seq_len // parallel.cp, tp if parallel.sp else 1, stage.first, stage.last, extra,
                      gathered_linear_inputs=dtensor and parallel.sp, loss_parallel=dtensor)

@@ -80,8 +80,14 @@ def run_inference_validation(
         raise InputError("--workload infer needs --prompt (and --max-new-tokens) to describe the generate() run")
     if device == "cuda":
         check_fits(estimate, force)
+    if settings.weights not in (None, settings.dtype.value) or settings.tp > 1 or settings.engine.value != "hf":
+        raise InputError("validation runs a Hugging Face style generate() of the reference model on one device: "
+                         "--weights, --tp and --engine paged are estimated only")
     workload = InferWorkload(dtype=settings.dtype.value, batch_size=settings.batch_size, prompt_len=settings.prompt_len,
-                             new_tokens=max(settings.max_new_tokens, 1), num_beams=settings.num_beams)
+                             new_tokens=max(settings.max_new_tokens, 1), num_beams=settings.num_beams,
+                             decoding=settings.resolved_decoding.value,
+                             num_return_sequences=settings.num_return_sequences, top_k=settings.top_k,
+                             top_p=settings.top_p, temperature=settings.temperature)
     measurement = _measure(device, lambda: measure_inference(model, workload, device, progress))
     return compare_inference(estimate, measurement)
 

@@ -93,7 +93,7 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
 def compare_inference(estimate: Estimate, measurement) -> Comparison:
     settings = estimate.settings
     per_token = settings["kv_cache_bytes_per_token"]
-    sequences = settings["batch_size"] * settings["num_beams"]
+    sequences = settings["sequences"]
     rows = [
         Row("weights", "Weights", estimate.component("weights").bytes, measurement.components["weights"]),
         Row("kv_cache_after_prefill", "KV cache after prefill", per_token * settings["prompt_len"] * sequences,
@@ -106,9 +106,9 @@ def compare_inference(estimate: Estimate, measurement) -> Comparison:
         workspaces = CUBLAS_WORKSPACE_BYTES
         rows.append(Row("cublas_workspaces", "cuBLAS workspace (32 MiB default)", workspaces, None))
         rows.append(Row("cuda_peak_allocated", "CUDA max_memory_allocated (peak + workspace)",
-                        estimate.total + workspaces, measurement.cuda.get("peak_allocated")))
+                        estimate.peak_allocated + workspaces, measurement.cuda.get("peak_allocated")))
         rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)", None,
                         measurement.cuda.get("process_overhead")))
         notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
-    total = Row("total", f"Total (peak, {estimate.peak_phase})", estimate.total, measurement.total)
+    total = Row("total", f"Allocated peak ({estimate.peak_phase})", estimate.peak_allocated, measurement.total)
     return Comparison(tuple(rows), total, measurement.device, tuple(notes))

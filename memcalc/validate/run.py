@@ -237,21 +237,54 @@ def _cuda_statistics() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class InferWorkload:
-    """A Hugging Face style ``generate()``: the prompt is repeated for every beam, the cache grows
-    by concatenation, prefill computes logits for the last position only, each step copies its
-    logits to fp32; beam search takes a log-softmax, keeps the best 2 x beams and reorders the cache."""
+    """A Hugging Face style ``generate()``: the prompt is repeated for every beam (or returned
+    sample), the cache grows by concatenation, prefill computes logits for the last position only,
+    each step copies its logits to fp32; beam search takes a log-softmax, keeps the best 2 x beams
+    and reorders the cache; sampling runs transformers' warpers (temperature, top-k, top-p) and
+    draws from the softmax."""
 
     dtype: str = "bf16"
     batch_size: int = 1
     prompt_len: int = 512
     new_tokens: int = 16
     num_beams: int = 1
+    decoding: str | None = None  # greedy | beam | sample; default: beam with num_beams > 1, else greedy
+    num_return_sequences: int = 1
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+
+
+def _sample(scores: torch.Tensor, workload: InferWorkload) -> torch.Tensor:
+    """transformers' LogitsProcessorList for sampling (generation/logits_process.py), in its order:
+    each warper returns a new tensor; the caller keeps ``scores`` until the token is drawn."""
+    processed = scores
+    if workload.temperature != 1.0:  # TemperatureLogitsWarper
+        processed = processed / workload.temperature
+    if workload.top_k is not None:  # TopKLogitsWarper
+        top_k = min(workload.top_k, processed.size(-1))
+        indices_to_remove = processed < torch.topk(processed, top_k)[0][..., -1, None]
+        processed = processed.masked_fill(indices_to_remove, -float("inf"))
+        del indices_to_remove
+    if workload.top_p is not None and workload.top_p < 1.0:  # TopPLogitsWarper
+        sorted_logits, sorted_indices = torch.sort(processed, descending=False)
+        cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_indices_to_remove = cumulative_probs <= (1 - workload.top_p)
+        sorted_indices_to_remove[..., -1:] = 0
+        indices_to_remove = sorted_indices_to_remove.scatter(1, sorted_indices, sorted_indices_to_remove)
+        processed = processed.masked_fill(indices_to_remove, -float("inf"))
+        del sorted_logits, sorted_indices, cumulative_probs, sorted_indices_to_remove, indices_to_remove
+    probs = F.softmax(processed, dim=-1)
+    del processed
+    return torch.multinomial(probs, num_samples=1)
 
 
 @torch.no_grad()
 def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, on_prefill) -> list:
-    beams = workload.num_beams
-    sequences = input_ids.repeat_interleave(beams, dim=0)
+    decoding = workload.decoding or ("beam" if workload.num_beams > 1 else "greedy")
+    beams = workload.num_beams if decoding == "beam" else 1
+    expand = beams if decoding == "beam" else workload.num_return_sequences
+    sequences = input_ids.repeat_interleave(expand, dim=0)
     caches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.layers)
     position = 0
     beam_scores = torch.zeros(input_ids.shape[0], beams, dtype=torch.float32)
@@ -263,7 +296,9 @@ def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, 
             on_prefill(caches)
         scores = logits[:, -1, :].to(dtype=torch.float32, copy=True)
         del logits
-        if beams == 1:
+        if decoding == "sample":
+            next_tokens = _sample(scores, workload)
+        elif beams == 1:
             next_tokens = scores.argmax(dim=-1, keepdim=True)
         else:
             vocab = scores.shape[-1]
