@@ -470,6 +470,13 @@ def validate(
     prompt: PromptOption = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens generated (infer).")] = 16,
     num_beams: BeamsOption = 1,
+    decoding: Annotated[str | None, typer.Option("--decoding", show_default=False,
+                                                 help="infer: greedy, beam or sample.")] = None,
+    num_return_sequences: Annotated[int, typer.Option("--num-return-sequences", min=1,
+                                                      help="infer, sampling: sequences per prompt.")] = 1,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, show_default=False, help="infer: top-k.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", show_default=False, help="infer: top-p.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="infer: sampling temperature.")] = 1.0,
     tolerance: Annotated[float | None, typer.Option(min=0, show_default=False,
                                                     help="Exit with code 3 when the total misses by more than this "
                                                     "percentage.")] = None,
@@ -520,7 +527,11 @@ def validate(
 
         if prompt is None:
             raise InputError("--workload infer needs --prompt (and --max-new-tokens) to describe the generate() run")
-        settings = _infer_settings(dtype.value, None, batch, None, prompt, max_new_tokens, num_beams)
+        if decoding is not None and decoding not in ("greedy", "beam", "sample"):
+            raise InputError(f"--decoding: {decoding!r} is not one of greedy, beam, sample")
+        settings = _infer_settings(dtype.value, None, batch, None, prompt, max_new_tokens, num_beams,
+                                   decoding=decoding, num_return_sequences=num_return_sequences, top_k=top_k,
+                                   top_p=top_p, temperature=temperature)
         estimate = estimate_inference(config, settings)
         run = run_inference_validation
     resolved_device = resolve_device(device)

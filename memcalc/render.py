@@ -445,8 +445,9 @@ def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: floa
         )
     else:
         console.print(
-            f"{settings['dtype']} weights and cache, batch {settings['batch_size']} x {settings['num_beams']} beams, "
-            f"prompt {settings['prompt_len']} + {settings['max_new_tokens']} new tokens (generate() as in transformers)."
+            f"{settings['dtype']} weights and cache, batch {settings['batch_size']}, {settings['decoding']} decoding "
+            f"({settings['sequences']} sequences), prompt {settings['prompt_len']} + {settings['max_new_tokens']} new "
+            "tokens (generate() as in transformers). The runtime overhead is outside the allocator and not compared."
         )
     for note in comparison.notes:
         console.print(f"note: {note}")
