@@ -70,6 +70,16 @@ PrecisionOption = Annotated[
 ]
 
 
+OptimizerDTypeOption = Annotated[TrainDType | None, typer.Option("--optimizer-dtype", show_default=False,
+                                                                 help="Dtype of the optimizer moments (default: "
+                                                                 "the recipe's, fp32 with mixed precision).")]
+OptimizerInBackwardOption = Annotated[bool, typer.Option("--optimizer-in-backward",
+                                                         help="Step each parameter as its gradient appears "
+                                                         "(torchtune): no gradient buffer.")]
+GradAccumOption = Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches accumulated per step.")]
+PagedOption = Annotated[bool, typer.Option("--paged", help="bitsandbytes paged optimizer states (unified memory "
+                                           "that may spill to the CPU under pressure; counted on the GPU).")]
+
 # Parallel layout (memcalc.parallel); every flag has the Scenario key of the same name.
 GpusOption = Annotated[int | None, typer.Option("--gpus", min=1, show_default=False, rich_help_panel="Parallelism",
                                                 help="GPUs in the job; must equal dp x tp x pp x cp (dp follows "
@@ -210,6 +220,10 @@ def train(
     activation_model: ActivationModelOption = ActivationModel.ARCH,
     loss: LossOption = Loss.FULL,
     precision: PrecisionOption = None,
+    optimizer_dtype: OptimizerDTypeOption = None,
+    optimizer_in_backward: OptimizerInBackwardOption = False,
+    grad_accum: GradAccumOption = 1,
+    paged: PagedOption = False,
     gpus: GpusOption = None,
     dp: DPOption = None,
     tp: TPOption = 1,
@@ -251,15 +265,30 @@ def train(
     from memcalc.library import resolve_model
     from memcalc.scenario import parallel_config
 
-    settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
-                             seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
-                             activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
+    settings = _train_settings(
+        dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch, seq_len=seq,
+        recompute=recompute, attention=attention, optimizer_impl=optimizer_impl, activation_model=activation_model,
+        loss=loss, precision=_recipe_name(precision), optimizer_dtype=optimizer_dtype,
+        optimizer_in_backward=optimizer_in_backward, grad_accum=grad_accum, paged_optimizer=paged)
     layout = parallel_config(_layout_scenario(gpus, dp, tp, pp, cp, ep, sp, zero, fsdp, distributed_optimizer,
                                               microbatches, vpp, offload, pad_vocab, prefetch, gpus_per_node,
                                               tp_impl))
     gpu_spec = _resolve_gpu(gpu)
     estimate = estimate_training(resolve_model(model), settings, layout)
     _emit("train", estimate, units, as_json, gpu_spec)
+
+
+def _train_settings(**fields):
+    from memcalc.config import TrainSettings
+
+    if fields.get("paged_optimizer") and fields.get("optimizer") is not Optimizer.ADAM8BIT:
+        raise InputError("--paged applies to bitsandbytes' 8-bit optimizers: use --optimizer adam8bit")
+    try:
+        return TrainSettings(**fields)
+    except ValueError as exc:
+        message = str(exc).replace("optimizer_in_backward", "--optimizer-in-backward").replace("grad_accum",
+                                                                                                "--grad-accum")
+        raise InputError(message) from None
 
 
 def _resolve_gpu(name: str | None):

@@ -239,6 +239,9 @@ class Optimizer(StrEnum):
     ADAMW = "adamw"
     ADAM = "adam"
     ADAM8BIT = "adam8bit"
+    ADAFACTOR = "adafactor"
+    LION = "lion"
+    ADEMAMIX = "ademamix"
     SGD = "sgd"
     SGD_MOMENTUM = "sgd-momentum"
 
@@ -300,13 +303,19 @@ class TrainSettings:
     activation_model: ActivationModel = ActivationModel.ARCH
     loss: Loss = Loss.FULL
     precision: str | None = None  # a named recipe (memcalc.precision.RECIPES); overrides dtype/master_weights
+    optimizer_dtype: TrainDType | None = None  # optimizer moments' dtype; default: the recipe's
+    optimizer_in_backward: bool = False  # step each parameter as its gradient appears (no gradient buffer)
+    grad_accum: PositiveInt = 1  # micro-batches accumulated into the gradients before a step
+    paged_optimizer: bool = False  # bitsandbytes paged states (unified memory that may spill to the CPU)
 
     def __post_init__(self) -> None:
         _coerce_enums(
             self, dtype=TrainDType, optimizer=Optimizer, recompute=Recompute, attention=Attention,
-            optimizer_impl=OptimizerImpl, activation_model=ActivationModel, loss=Loss,
+            optimizer_impl=OptimizerImpl, activation_model=ActivationModel, loss=Loss, optimizer_dtype=TrainDType,
         )
-        _check_positive(self, "batch_size", "seq_len")
+        _check_positive(self, "batch_size", "seq_len", "grad_accum")
+        if self.optimizer_in_backward and self.grad_accum > 1:
+            raise ValueError("optimizer_in_backward steps during backward: it cannot accumulate gradients (grad_accum)")
         if self.precision is not None:
             from memcalc.precision import RECIPES
 

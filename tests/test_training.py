@@ -177,3 +177,64 @@ def test_checkpoint_sizes():
 def test_optimizer_enum_covers_every_optimizer():
     for optimizer in Optimizer:
         assert _memory("gpt2", optimizer=optimizer.value)["optimizer_states"] >= 0
+
+
+# --- Optimizers, moment dtypes, gradient accumulation, optimizer in backward (issue 6) ------------
+
+LLAMA_2_7B = 6_738_415_616
+
+
+@pytest.mark.parametrize(
+    ("settings", "moment_bytes_per_param"),
+    [
+        ({"optimizer": "lion"}, 4),  # Chen et al. 2023: one momentum, fp32 beside the fp32 master
+        ({"optimizer": "ademamix"}, 12),  # Pagliardini et al. 2024: two EMAs and the second moment
+        ({"optimizer": "adamw", "optimizer_dtype": "bf16"}, 4),  # bf16 moments (DeepSeek-V3 style)
+        ({"optimizer": "lion", "precision": "pure-bf16"}, 2),  # states follow the bf16 parameters
+    ],
+)
+def test_optimizer_state_bytes_per_parameter(settings, moment_bytes_per_param):
+    assert _memory("llama-2-7b", **settings)["optimizer_states"] == moment_bytes_per_param * LLAMA_2_7B
+
+
+def test_adafactor_factors_the_second_moment_of_every_matrix():
+    """Shazeer & Stern 2018: a row and a column accumulator per matrix (fp32), vectors whole. By
+    hand for Llama-2-7B (h 4096, f 11008, V 32000, 32 layers, untied): per layer q, k, v, o 4 x
+    (4096 + 4096), gate and up 2 x (4096 + 11008), down (11008 + 4096); embedding and head
+    2 x (4096 + 32000); vectors: 65 norm weights of 4096."""
+    per_layer = 4 * 8192 + 3 * (4096 + 11008)
+    elements = 32 * per_layer + 2 * (4096 + 32000) + 65 * 4096
+    assert _memory("llama-2-7b", optimizer="adafactor")["optimizer_states"] == 4 * elements
+
+
+def test_gradient_accumulation_keeps_an_fp32_buffer_under_mixed_precision():
+    """DeepSpeed's bf16 optimizer accumulates micro-batch gradients in fp32: +4 B/param, alive
+    through forward; the step reads it, so no 16-bit gradient remains at the step."""
+    single = _memory("llama-2-7b")
+    accumulating = _memory("llama-2-7b", grad_accum=4)
+    assert accumulating["gradient_accumulation"] == 4 * LLAMA_2_7B
+    assert "gradient_accumulation" not in single
+    estimate = estimate_training(resolve_model("llama-2-7b"), TrainSettings(grad_accum=4))
+    baseline = estimate_training(resolve_model("llama-2-7b"), TrainSettings())
+    static = (2 + 4 + 8 + 4) * LLAMA_2_7B
+    assert estimate.phases["forward"] == baseline.phases["forward"] + 4 * LLAMA_2_7B
+    # the step: static (with the fp32 buffer) + foreach temporaries of the fp32 moments (4P), no conversion
+    assert estimate.phases["optimizer_step"] == static + 4 * LLAMA_2_7B
+
+
+def test_gradient_accumulation_in_pure_bf16_keeps_the_gradients_through_forward():
+    """Without a separate buffer, gradients accumulate in place: they exist during the next forward."""
+    once = estimate_training(resolve_model("llama-2-7b"), TrainSettings(precision="pure-bf16"))
+    twice = estimate_training(resolve_model("llama-2-7b"), TrainSettings(precision="pure-bf16", grad_accum=2))
+    assert twice.phases["forward"] - once.phases["forward"] == 2 * LLAMA_2_7B
+
+
+def test_optimizer_in_backward_holds_one_gradient_at_a_time():
+    """torchtune's optimizer-in-backward: each parameter steps as its gradient appears, so the
+    largest gradient is the embedding's (32000 x 4096, bf16), and the step adds a for-loop AdamW's
+    two temporaries of that tensor."""
+    memory = _memory("llama-2-7b", precision="pure-bf16", optimizer_in_backward=True)
+    assert memory["gradients"] == 2 * 32000 * 4096
+    assert memory["optimizer_step_temporaries"] == 2 * 2 * 32000 * 4096
+    with pytest.raises(ValueError, match="cannot accumulate gradients"):
+        TrainSettings(optimizer_in_backward=True, grad_accum=2)

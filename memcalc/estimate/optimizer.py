@@ -18,6 +18,12 @@ MOMENTS_PER_PARAM: dict[Optimizer, int] = {
     Optimizer.ADAMW: 2,  # exp_avg, exp_avg_sq
     Optimizer.ADAM: 2,
     Optimizer.ADAM8BIT: 2,
+    # Adafactor (Shazeer & Stern 2018, arXiv:1804.04235; transformers' Adafactor with beta1=None, its
+    # default): no first moment; the second moment of a matrix is factored into a row and a
+    # column vector, kept whole for vectors (factored_state_elements)
+    Optimizer.ADAFACTOR: 0,
+    Optimizer.LION: 1,  # exp_avg (Chen et al. 2023, arXiv:2302.06675: "only keeps track of the momentum")
+    Optimizer.ADEMAMIX: 3,  # fast and slow EMAs and the second moment (Pagliardini et al. 2024, arXiv:2409.03137)
     Optimizer.SGD: 0,
     Optimizer.SGD_MOMENTUM: 1,  # momentum_buffer
 }
@@ -31,9 +37,21 @@ def eight_bit_state_bytes(num_elements: int) -> int:
     return num_elements + storage_bytes(num_blocks, DType.FP32)
 
 
-def optimizer_state_bytes(optimizer: Optimizer, params: ParamInventory, state_dtype: DType) -> int:
-    """Moments for every trainable tensor. ``state_dtype`` applies to full-precision optimizers."""
+def factored_state_elements(matrices: list[tuple[int, int, int]], vector_elements: int) -> int:
+    """Adafactor's second moment: rows + columns per matrix (``(d_in, d_out, count)``), every
+    element of a vector (norms, biases)."""
+    return sum((d_in + d_out) * count for d_in, d_out, count in matrices) + vector_elements
+
+
+def optimizer_state_bytes(optimizer: Optimizer, params: ParamInventory, state_dtype: DType,
+                          matrices: list[tuple[int, int, int]] | None = None) -> int:
+    """Moments for every trainable tensor. ``state_dtype`` applies to full-precision optimizers;
+    Adafactor needs the matrices' shapes (``(d_in, d_out, count)``, the rest counted as vectors)."""
     moments = MOMENTS_PER_PARAM[optimizer]
     if optimizer is Optimizer.ADAM8BIT:
         return sum(moments * eight_bit_state_bytes(group.numel) * group.count for group in params.groups)
+    if optimizer is Optimizer.ADAFACTOR:
+        matrices = matrices or []
+        in_matrices = sum(d_in * d_out * count for d_in, d_out, count in matrices)
+        return storage_bytes(factored_state_elements(matrices, max(params.total - in_matrices, 0)), state_dtype)
     return moments * storage_bytes(params.total, state_dtype)

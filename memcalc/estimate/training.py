@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from memcalc.config import Loss, ModelConfig, Optimizer, Recompute, TrainSettings, resolve_seq_len
-from memcalc.dtypes import BITS_PER_ELEMENT, storage_bytes
+from memcalc.config import Loss, ModelConfig, Optimizer, OptimizerImpl, Recompute, TrainSettings, resolve_seq_len
+from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.activations import (
     FP32_BYTES,
     INDEX_BYTES,
@@ -282,8 +282,12 @@ def resolve_recipe(settings: TrainSettings, parallel: ParallelConfig) -> Precisi
     gradients (megatron-bf16) for bf16 mixed precision."""
     if settings.precision is None and parallel.distributed_optimizer and settings.dtype.value == "bf16" \
             and settings.master_weights:
-        return RECIPES["megatron-bf16"]
-    return recipe_for(settings.dtype, settings.master_weights, settings.precision)
+        recipe = RECIPES["megatron-bf16"]
+    else:
+        recipe = recipe_for(settings.dtype, settings.master_weights, settings.precision)
+    if settings.optimizer_dtype is not None:  # --optimizer-dtype: the moments' dtype, e.g. bf16 moments
+        recipe = replace(recipe, optimizer_state_dtype=DType(settings.optimizer_dtype.value))
+    return recipe
 
 
 def _stage_plan(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers, seq_len: int) -> StagePlan:
@@ -330,11 +334,17 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         replicated = storage_bytes((vocab - vocab // parallel.tp) * model.hidden_size, grad_dtype)
         gradients += per_rank(replicated, 0, parallel.shards_gradients or offload_optimizer)
     master = state(recipe.master_dtype, parallel.shards_optimizer) if recipe.master_dtype else 0
-    moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype),
-                       optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
-                       parallel.shards_optimizer)
-
     plan = _stage_plan(model, parallel, stage, seq_len)
+    if settings.optimizer is Optimizer.ADAFACTOR:
+        moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype,
+                                                 _matrices(plan.model, held, parallel.ep)),
+                           optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
+                           parallel.shards_optimizer)
+    else:
+        moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype),
+                           optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
+                           parallel.shards_optimizer)
+
     if settings.activation_model.value == "megatron":
         peaks = _megatron_peaks(plan, settings, recipe, parallel)
     else:
@@ -351,6 +361,23 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                 sizes += [_ceil_div(group.numel, divisor)] * group.count
     # DeepSpeedCPUAdam updates the offloaded fp32 partition in place, in one C++ loop.
     step_temporaries = 0 if offload_optimizer else optimizer_step_temporaries(settings, recipe, sizes)
+    in_backward = settings.optimizer_in_backward
+    if in_backward:
+        # torchtune's optimizer-in-backward: a hook steps each parameter as its gradient appears and
+        # frees it, so one tensor's gradient (and that tensor's step) exists at a time.
+        largest = max(sizes, default=0)
+        gradients = storage_bytes(largest, grad_dtype)
+        step_temporaries = optimizer_step_temporaries(replace(settings, optimizer_impl=OptimizerImpl.FOR_LOOP), recipe,
+                                                      [largest])
+    # Gradient accumulation: micro-batches add into the gradients, so they live through the step;
+    # a 16-bit recipe with fp32 master weights accumulates into an fp32 buffer (DeepSpeed's
+    # BF16_Optimizer fp32 gradient accumulation; nanotron's fp32 grad accumulation: +4 B/param).
+    accumulating_fp32 = (settings.grad_accum > 1 and recipe.master_dtype is not None
+                         and _bytes(recipe.grad_dtype) < _bytes(recipe.master_dtype))
+    accumulation_buffer = state(recipe.master_dtype, parallel.shards_gradients) if accumulating_fp32 else 0
+    if accumulating_fp32 and not offload_optimizer:
+        # the step reads the fp32 buffer: nothing to convert, and the 16-bit gradients are gone
+        step_temporaries = optimizer_step_temporaries(settings, replace(recipe, grad_dtype=recipe.master_dtype), sizes)
 
     if dtensor_embedding:
         # the embedding gradient is computed last, beside the gradient of the embedding output
@@ -386,18 +413,23 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
 
     on_cpu = {"master_weights": offload_optimizer, "optimizer_states": offload_optimizer,
               "gradients": offload_optimizer, "optimizer_step_temporaries": offload_optimizer,
-              "weights": parallel.offloads_params}
+              "gradient_accumulation": offload_optimizer, "weights": parallel.offloads_params}
 
     def gpu(key: str, value: int) -> int:
         return 0 if on_cpu.get(key) else value
 
-    static = gpu("weights", weights) + gpu("master_weights", master) + gpu("optimizer_states", moments)
+    static = (gpu("weights", weights) + gpu("master_weights", master) + gpu("optimizer_states", moments)
+              + gpu("gradient_accumulation", accumulation_buffer))
     gpu_gradients = gpu("gradients", gradients)
     # Gradients live through the whole step when micro-batches accumulate into them (pipelines,
     # gradient accumulation) or when the framework keeps persistent buffers (Megatron's grad buffer).
-    persistent = (parallel.pp > 1 or (parallel.microbatches or 1) > 1 or parallel.distributed_optimizer
-                  or recipe.name == "megatron-bf16")
-    if persistent:
+    persistent = not in_backward and (
+        parallel.pp > 1 or (parallel.microbatches or 1) > 1 or parallel.distributed_optimizer
+        or recipe.name == "megatron-bf16" or (settings.grad_accum > 1 and not accumulating_fp32))
+    if in_backward:
+        forward = static + gathered + peaks.forward
+        backward = static + gathered + max(peaks.backward, peaks.end_of_backward_extra) + gpu_gradients + step_temporaries
+    elif persistent:
         forward = static + gpu_gradients + gathered + peaks.forward
         backward = static + gpu_gradients + working_set + peaks.backward + peaks.end_of_backward_extra
     elif fsdp2:
@@ -415,8 +447,10 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         accumulating = max(gpu_gradients, min(gpu_gradients + unit_gradients, unsharded))
         forward = static + gathered + peaks.forward
         backward = static + gathered + max(peaks.backward, accumulating + peaks.end_of_backward_extra)
+    step_gradients = 0 if in_backward or accumulating_fp32 else gpu_gradients
     phases = {"forward": forward, "backward": backward,
-              "optimizer_step": static + gpu_gradients + gpu("optimizer_step_temporaries", step_temporaries)}
+              "optimizer_step": static + step_gradients
+              + (0 if in_backward else gpu("optimizer_step_temporaries", step_temporaries))}
 
     sharding_text = _sharding_text(parallel, held.experts.total > 0)
     moment_text = _moment_formula(settings.optimizer.value, MOMENTS_PER_PARAM[settings.optimizer],
@@ -436,6 +470,7 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                   text(moment_text, parallel.shards_optimizer), "torch.optim / bitsandbytes state layout",
                   "cpu" if offload_optimizer else "gpu"),
         Component("gradients", "Gradients", gradients, Kind.STATIC if persistent else Kind.DYNAMIC,
+                  f"largest tensor x {grad_dtype.value} (stepped in backward)" if in_backward else
                   text(f"P x {grad_dtype.value}", parallel.shards_gradients or offload_optimizer), recipe.source,
                   "cpu" if offload_optimizer else "gpu"),
         Component("activations", "Activations (peak)", max(peaks.forward, peaks.backward), Kind.DYNAMIC,
@@ -445,6 +480,11 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                   f"{settings.optimizer.value} ({settings.optimizer_impl.value})",
                   "DeepSpeed csrc/adam/cpu_adam.cpp" if offload_optimizer else "torch.optim implementations"),
     ]
+    if accumulation_buffer:
+        components.insert(4, Component(
+            "gradient_accumulation", "Gradient accumulation buffer (fp32)", accumulation_buffer, Kind.STATIC,
+            text("P x fp32", parallel.shards_gradients), "DeepSpeed BF16_Optimizer (fp32 gradient accumulation); "
+            "nanotron", "cpu" if offload_optimizer else "gpu"))
     if working_set:
         if fsdp2:
             formula = (f"FSDP2: 2 x (root {units.ends / 1e6:,.0f}M + layer {units.largest_layer / 1e6:,.0f}M params) "
@@ -466,6 +506,16 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                                 Kind.DYNAMIC, megatron.formula, megatron.source),)
     name = "all ranks" if parallel.pp == 1 else ("first stage" if stage.first else "last stage")
     return RankView(name, stage.rank, held.total, tuple(components), phases, references)
+
+
+def _matrices(local: ModelConfig, held, ep: int) -> list[tuple[int, int, int]]:
+    """The dense matrices (``(d_in, d_out, count)``) of a rank's TP-local stage, for Adafactor's
+    factored moments; experts are sharded by EP and counted with their own inventory."""
+    from memcalc.estimate.weights import embedding_weights, linear_weights
+
+    names = {group.name for group in held.dense.groups}
+    return [(shape.d_in, shape.d_out, shape.count) for shape in (*linear_weights(local), *embedding_weights(local))
+            if shape.name in names and not shape.name.startswith("layers.moe.experts.")]
 
 
 def _sharding_text(parallel: ParallelConfig, has_experts: bool) -> str:
@@ -510,6 +560,9 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         "activation_model": settings.activation_model.value,
         "loss": settings.loss.value,
         "activation_dtype": recipe.activation_dtype.value,
+        "optimizer_in_backward": settings.optimizer_in_backward,
+        "grad_accum": settings.grad_accum,
+        "paged_optimizer": settings.paged_optimizer,
     }
     if not parallel.is_single_device:
         resolved["parallel"] = _layout_document(model, parallel, busiest)
@@ -534,6 +587,8 @@ def _layout_document(model: ModelConfig, parallel: ParallelConfig, busiest: Rank
 
 
 def _moment_formula(optimizer: str, moments: int, state_dtype: str) -> str:
+    if optimizer == "adafactor":
+        return f"(rows + cols) per matrix + vectors, x {state_dtype}"
     if moments == 0:
         return f"none ({optimizer})"
     if optimizer == "adam8bit":
