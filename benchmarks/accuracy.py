@@ -251,6 +251,7 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
             f"{comparison.total.error_percent:+.3f}% | {kv.estimated / gib:.3f} | {kv.measured / gib:.3f} | "
             f"{kv.error_percent:+.3f}% | {comparison.total.label.removeprefix('Total (peak, ').rstrip(')')} |"
         )
+    lines += _parallel_section(REPO / "benchmarks" / "results" / "parallel_fake.csv")
     lines += [
         "",
         "## Where the remaining gaps come from",
@@ -267,6 +268,42 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def _parallel_section(path: Path) -> list[str]:
+    """Per-rank rows from ``benchmarks/parallel_accuracy.py`` (its CSV, committed beside this one)."""
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    cases: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        key = (row["model"], row["layers"], row["seq"], row["tp"], row["sp"], row["fsdp_ranks"])
+        cases.setdefault(key, {})[row["component"]] = row
+    gib = 2**30
+    lines = [
+        "",
+        "## Parallel layouts, per rank (GiB)",
+        "",
+        "Rank 0 of a tensor-parallel group (PyTorch DTensor TP with torchtitan's plan, compared with "
+        "`--tp-impl dtensor`; the error of the default Megatron-style estimate beside it) and of an FSDP2 group "
+        "(`--fsdp full`), measured on fake tensors under a fake process group by `python "
+        "benchmarks/parallel_accuracy.py` (`benchmarks/results/parallel_fake.csv`). Pure bf16, AdamW, batch 1.",
+        "",
+        "| Configuration | Total est. | Total meas. | Error | Megatron-style error | Gradients error | Peak phase (meas.) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for (model, layers, seq, tp, sp, ranks), by in cases.items():
+        layout = f"fsdp {ranks} ranks" if ranks != "0" else f"tp {tp}{' sp' if sp == '1' else ''}"
+        total = by["total"]
+        phases = {name: int(by[name]["measured_bytes"]) for name in ("forward", "backward", "optimizer_step")}
+        megatron = f"{float(total['megatron_error_percent']):+.2f}%" if total["megatron_error_percent"] else "-"
+        lines.append(
+            f"| {model} L{layers} s{seq} {layout} | {int(total['estimated_bytes']) / gib:.2f} | "
+            f"{int(total['measured_bytes']) / gib:.2f} | {float(total['error_percent']):+.2f}% | {megatron} | "
+            f"{float(by['gradients']['error_percent']):+.2f}% | {max(phases, key=phases.get)} |"
+        )
+    return lines
 
 
 def main() -> None:
