@@ -632,6 +632,31 @@ def gpus(as_json: JsonOption = False) -> None:
 
 
 @app.command()
+def formats(
+    names: Annotated[list[str] | None, typer.Argument(help="Formats to show (default: all), e.g. fp8-e4m3 bf16.",
+                                                      show_default=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Number formats from their bit layouts: range, precision and special values.
+
+    Examples:
+
+      memcalc formats
+
+      memcalc formats fp8-e4m3 fp8-e5m2 --json
+    """
+    from memcalc.formats import describe, format_table, json_document
+
+    rows = [describe(name) for name in names] if names else format_table()
+    if as_json:
+        print(json.dumps(json_document(rows), indent=2))
+        return
+    from memcalc.render import print_formats
+
+    print_formats(rows)
+
+
+@app.command()
 def show(model: ModelArgument, as_json: JsonOption = False) -> None:
     """Print a model's configuration and its parameter count, part by part.
 

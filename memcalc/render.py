@@ -337,6 +337,21 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None) -> 
                       f"tokens ({estimate.settings['kv_cache_bytes_per_token']:,} bytes/token).")
 
 
+def print_formats(rows) -> None:
+    from rich.table import Table
+
+    from memcalc.formats import COLUMNS, table_rows
+
+    table = Table(title="memcalc formats", title_justify="left")
+    for index, column in enumerate(COLUMNS):
+        table.add_column(column, justify="left" if index == 0 else "right", overflow="fold")
+    for cells in table_rows(rows):
+        table.add_row(*map(str, cells))
+    console = _console()
+    console.print(table)
+    console.print("Computed from each format's bit layout (memcalc/formats.py); sources in docs/precision.md.")
+
+
 def print_models(models: list[ModelConfig]) -> None:
     from rich.table import Table
 

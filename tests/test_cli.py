@@ -133,7 +133,8 @@ BAD_INPUT = [
     (["train", "llama13b"], "unknown model 'llama13b'; did you mean llama-13b, llama-2-13b?"),
     (["train", "llama-13b", "--dtype", "fp64"], "Invalid value for '--dtype': 'fp64' is not one of 'fp32', 'fp16', 'bf16'."),
     (["train", "llama-13b", "--optimizer", "adam9"],
-     "Invalid value for '--optimizer': 'adam9' is not one of 'adamw', 'adam', 'adam8bit', 'sgd', 'sgd-momentum'."),
+     "Invalid value for '--optimizer': 'adam9' is not one of 'adamw', 'adam', 'adam8bit', 'adafactor', 'lion', "
+     "'ademamix', 'sgd', 'sgd-momentum'."),
     (["train", "llama-13b", "--recompute", "some"], "'--recompute': 'some' is not one of 'none', 'selective', 'full'."),
     (["train", "llama-13b", "--batch", "0"], "Invalid value for '--batch' / '-b': 0 is not in the range x>=1."),
     (["train", "llama-13b", "--seq", "-5"], "Invalid value for '--seq' / '-s': -5 is not in the range x>=1."),
@@ -222,6 +223,17 @@ def test_activation_model_both_shows_megatron_beside_arch(run_cli):
     # plus the output layer 4sbh + 4sbV/2 (V = 32000)
     sbh = 2048 * 4096
     assert megatron["memory"]["activations"] == 32 * sbh * (10 + 12 + 40) + 4 * sbh + 4 * 2048 * 32000 // 2
+
+
+def test_formats_json_computed_from_bit_layouts(run_cli):
+    """OCP 8-bit FP spec / Micikevicius et al. 2022: E4M3 max 448, E5M2 max 57344; IEEE fp16 max 65504."""
+    document = _json(run_cli, "formats", "fp8-e4m3", "fp8-e5m2", "fp16")
+    by_name = {row["name"]: row for row in document["formats"]}
+    assert by_name["fp8-e4m3"]["max"] == 448
+    assert by_name["fp8-e5m2"]["max"] == 57344
+    assert by_name["fp16"]["max"] == 65504
+    result = run_cli("formats", "fp7")
+    assert result.exit_code == 2 and "fp7" in result.stderr
 
 
 def test_compare_json_matches_train(run_cli):
