@@ -35,6 +35,8 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2_moe": {**_LLAMA_STYLE, "qkv_bias": True},
     "qwen3": {**_LLAMA_STYLE, "qk_norm": True},
     "qwen3_moe": {**_LLAMA_STYLE, "qk_norm": True},
+    "deepseek_v2": _LLAMA_STYLE,
+    "deepseek_v3": _LLAMA_STYLE,
     "gemma": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh"},
     "gemma2": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh", "norms_per_layer": 4},
     "gpt2": dict(
@@ -48,6 +50,19 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
         position_embedding=PositionKind.LEARNED,
         tie_word_embeddings=True,
     ),
+}
+
+
+# The MLA and MoE defaults of transformers' DeepseekV2Config / DeepseekV3Config, used for keys a
+# config.json leaves out (configuration_deepseek_v2.py, configuration_deepseek_v3.py). A null
+# ``q_lora_rank`` in the file means a direct q_proj (DeepSeek-V2-Lite); an absent one, the default.
+_DEEPSEEK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": dict(kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                        v_head_dim=128, num_experts=64, num_shared_experts=2, moe_intermediate_size=1407,
+                        first_dense_layers=0),
+    "deepseek_v3": dict(kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                        v_head_dim=128, num_experts=256, num_shared_experts=1, moe_intermediate_size=2048,
+                        first_dense_layers=3, experts_per_token=8),
 }
 
 
@@ -96,6 +111,13 @@ class HFConfig(BaseModel):
     num_shared_experts: NonNegativeInt | None = Field(None, validation_alias="n_shared_experts")
     shared_expert_intermediate_size: PositiveInt | None = None
     first_dense_layers: NonNegativeInt | None = Field(None, validation_alias="first_k_dense_replace")
+    moe_layer_freq: PositiveInt | None = None
+    # multi-head latent attention (DeepSeek-V2/V3)
+    kv_lora_rank: PositiveInt | None = None
+    q_lora_rank: PositiveInt | None = None
+    qk_rope_head_dim: PositiveInt | None = None
+    qk_nope_head_dim: PositiveInt | None = None
+    v_head_dim: PositiveInt | None = None
 
     def to_model_config(self, name: str, source: str) -> ModelConfig:
         defaults = HF_MODEL_TYPE_DEFAULTS.get(self.model_type)
@@ -139,7 +161,9 @@ class HFConfig(BaseModel):
             fields["mlp_bias"] = self.mlp_bias
         if self.sliding_window is not None and self.use_sliding_window is not False:
             fields["sliding_window"] = self.sliding_window
-        if self.num_experts:
+        if self.model_type in _DEEPSEEK_DEFAULTS:
+            self._deepseek_fields(fields, notes)
+        elif self.num_experts:
             fields["moe"] = dict(
                 num_experts=self.num_experts,
                 experts_per_token=self.experts_per_token or 1,
@@ -151,3 +175,47 @@ class HFConfig(BaseModel):
             )
         fields["notes"] = tuple(notes)
         return parse(ModelConfig, fields, source)
+
+    def _deepseek_fields(self, fields: dict[str, Any], notes: list[str]) -> None:
+        """DeepSeek-V2/V3 as transformers builds them: MLA attention; every layer from
+        ``first_k_dense_replace`` on is MoE, with ``n_shared_experts`` shared experts run as one MLP
+        of ``n_shared_experts x moe_intermediate_size`` (``DeepseekV3MoE.shared_experts``)."""
+        defaults = _DEEPSEEK_DEFAULTS[self.model_type]
+        given = self.model_fields_set
+        keys = {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts",
+                "first_dense_layers": "first_k_dense_replace"}
+
+        def value(name: str) -> Any:
+            if name in given:
+                return getattr(self, name)
+            notes.append(f"{keys.get(name, name)} absent: {self.model_type} defaults to {defaults[name]}")
+            return defaults[name]
+
+        mla = {name: value(name) for name in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                                               "v_head_dim")}
+        fields["mla"] = mla
+        # transformers sets head_dim to the rotary width (used only by its rotary embedding);
+        # memcalc's head_dim is the per-head value width, the output projection's input per head.
+        fields["head_dim"] = mla["v_head_dim"]
+        experts = value("num_experts")
+        if experts is None:
+            return
+        experts_per_token = self.experts_per_token
+        if experts_per_token is None:
+            experts_per_token = defaults.get("experts_per_token", 1)
+            known = "experts_per_token" in defaults
+            notes.append(f"num_experts_per_tok absent: {self.model_type} "
+                         + (f"defaults to {experts_per_token}" if known else "has no default; assuming 1"))
+        width = value("moe_intermediate_size")
+        shared = value("num_shared_experts") or 0
+        if (self.moe_layer_freq or 1) != 1:
+            notes.append(f"moe_layer_freq {self.moe_layer_freq} is ignored, as transformers does: every layer from "
+                         "first_k_dense_replace on is MoE")
+        fields["moe"] = dict(
+            num_experts=experts,
+            experts_per_token=experts_per_token,
+            expert_intermediate_size=width,
+            num_shared_experts=1 if shared else 0,
+            shared_expert_intermediate_size=shared * width if shared else None,
+            first_dense_layers=min(value("first_dense_layers") or 0, self.num_layers),
+        )

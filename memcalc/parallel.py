@@ -325,7 +325,7 @@ class RankParams:
 
 # Tensors split by TP along their output (column-parallel: weight and bias) or input (row-parallel:
 # weight only; the bias is added after the all-reduce on every rank).
-_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj")
 _ROW_PARALLEL = ("o_proj", "down_proj")
 
 

@@ -35,10 +35,15 @@ PUBLISHED_PARAMS = {
     "gemma-2b": 2_506_172_416,
     "gemma-7b": 8_537_680_896,
     "phi-3-mini": 3_821_079_552,
+    # DeepSeek: derived tensor by tensor in tests/test_mla.py; V2-Lite's is the safetensors index's
+    # 31,412,968,448 bytes of bf16, V3's the "671B" main model (its MTP module is not loaded)
+    "deepseek-v2-lite": 15_706_484_224,
+    "deepseek-v3": 671_026_404_352,
 }
 
-# Mistral AI's announcements: Mixtral 8x7B "12.9B active", Mixtral 8x22B "39B active" parameters.
-PUBLISHED_ACTIVE = {"mixtral-8x7b": (12.9e9, 0.005), "mixtral-8x22b": (39e9, 0.01)}
+# Mistral AI's announcements: Mixtral 8x7B "12.9B active", Mixtral 8x22B "39B active" parameters;
+# DeepSeek-V3's model card "37B activated" (the inventory's 37.55B counts the whole embedding table).
+PUBLISHED_ACTIVE = {"mixtral-8x7b": (12.9e9, 0.005), "mixtral-8x22b": (39e9, 0.01), "deepseek-v3": (37e9, 0.02)}
 
 
 def test_every_bundled_model_has_a_published_count():

@@ -115,6 +115,8 @@ def _linear_inputs_bytes(shape: ActivationShape, width: int, consumers: int) -> 
 
 
 def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention: str, recompute: Recompute) -> int:
+    if model.mla is not None:
+        return mla_attention_saved_bytes(model, shape, attention, recompute)
     tokens, e = shape.tokens, shape.element_bytes
     q_width = model.num_attention_heads * model.attention_head_dim
     # Eager attention repeats grouped K/V heads to the query heads first (Hugging Face repeat_kv);
@@ -141,6 +143,75 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
             saved += scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
     else:
         saved += FP32_BYTES * tokens * model.num_attention_heads  # log-sum-exp per head and token
+    return saved
+
+
+def attention_output_width(model: ModelConfig) -> int:
+    """Elements per token of the attention output (the output projection's input)."""
+    if model.mla is not None:
+        return model.num_attention_heads * model.mla.v_head_dim
+    return model.num_attention_heads * model.attention_head_dim
+
+
+def _ceil_to(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# PyTorch's memory-efficient SDPA kernel (the one CUDA runs when value heads are narrower than
+# query/key heads, as in MLA: its flash kernel needs equal sizes) keeps a log-sum-exp row per head
+# padded to a multiple of 32 positions (aten/src/ATen/native/transformers/cuda/attention.cu).
+EFFICIENT_LSE_BLOCK = 32
+
+
+def mla_attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention: str, recompute: Recompute) -> int:
+    """Multi-head latent attention (``memcalc.validate.model.MLAttention``, as transformers'
+    DeepSeek-V2/V3): the input norm; the normed input read by the query (``q_proj`` or ``q_a_proj``)
+    and latent (``kv_a_proj_with_mqa``) projections; with a query LoRA rank the ``q_a_layernorm``
+    and ``q_b_proj``'s input; the latent norm and ``kv_b_proj``'s input; the per-head queries and
+    keys after the rotary part is concatenated (new tensors of ``qk_head_dim`` per head); the whole
+    ``kv_b_proj`` output, which the value view passed to an SDPA kernel keeps alive (``nope + v``
+    per head, not ``v``; eager attention saves a contiguous copy of the values); the attention
+    output (``o_proj``'s input); and the kernel's log-sum-exp or, eager, the softmax output. The
+    rotary products save only the shared cos/sin tables. Checked term by term against the
+    reference block on fake tensors (tests/test_mla.py): exact but for the memory-efficient
+    kernel's two int64 philox scalars (16 bytes a layer)."""
+    mla, heads = model.mla, model.num_attention_heads
+    tokens, e = shape.tokens, shape.element_bytes
+    h = model.hidden_size
+    # The latent norms read projection outputs in the compute dtype (under autocast too) and
+    # give fp32 under autocast, which the next projection casts once: one e-byte copy either way.
+    inner = replace(shape, stream_bytes=e, stream_tokens=None)
+    saved = norm_saved_bytes(model, h, shape.stream) + _linear_inputs_bytes(shape.linear_input, h, 2)
+    if mla.q_lora_rank is not None:
+        saved += norm_saved_bytes(model, mla.q_lora_rank, inner) + tokens * mla.q_lora_rank * e
+    saved += norm_saved_bytes(model, mla.kv_lora_rank, inner) + tokens * mla.kv_lora_rank * e
+    # The latent is a slice of kv_a_proj_with_mqa's output: where the norm saves that slice itself
+    # (RMSNorm's fp32 upcast is a no-op in fp32; LayerNorm keeps its input) the rotary key's
+    # columns stay alive with it.
+    if model.norm is NormKind.LAYERNORM or e == FP32_BYTES:
+        saved += tokens * mla.qk_rope_head_dim * e
+    # q and k as the kernel reads them. Under autocast the rotary part comes out in the dtype of
+    # the cos/sin tables (the weights'), so the concatenated q and k are in that dtype: kernels
+    # save their own low-precision casts, a checkpointed eager attention its fp32 inputs.
+    checkpointed_inputs = attention == "eager" and recompute is Recompute.SELECTIVE
+    qk_bytes = shape.stream_bytes if checkpointed_inputs and shape.autocast else e
+    saved += tokens * heads * 2 * mla.qk_head_dim * qk_bytes
+    # v is a strided view of kv_b_proj's output: SDPA kernels (and a checkpointed eager
+    # attention) save the view, keeping that whole output; eager's probs @ v reshapes the view
+    # into a contiguous copy, which is what it saves (the output itself is then freed).
+    copied_values = attention == "eager" and recompute is Recompute.NONE
+    value_width = mla.v_head_dim if copied_values else mla.qk_nope_head_dim + mla.v_head_dim
+    saved += tokens * heads * value_width * e
+    saved += tokens * heads * mla.v_head_dim * e  # attention output = o_proj input
+    if attention == "eager":
+        if recompute is Recompute.NONE:
+            scores = heads * shape.seq_len * shape.seq_len * shape.batch_size
+            saved += scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
+    else:
+        positions = shape.seq_len
+        if mla.qk_head_dim != mla.v_head_dim:
+            positions = _ceil_to(positions, EFFICIENT_LSE_BLOCK)
+        saved += FP32_BYTES * heads * positions * shape.batch_size
     return saved
 
 

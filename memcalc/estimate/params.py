@@ -84,8 +84,35 @@ def _mlp(prefix: str, category: ParamCategory, model: ModelConfig, width: int, c
     yield from _linear(f"{prefix}.down_proj", category, width, h, bias, count, active)
 
 
+def _mla_attention(model: ModelConfig, num_layers: int):
+    """Multi-head latent attention as transformers' ``DeepseekV2Attention``/``DeepseekV3Attention``:
+    queries straight from the hidden state (``q_proj``) or through a normalised low-rank bottleneck
+    (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``); keys and values from one latent of
+    ``kv_lora_rank`` values plus the shared rotary key (``kv_a_proj_with_mqa``), normalised
+    (``kv_a_layernorm``) and expanded to every head (``kv_b_proj``). ``attention_bias`` puts biases
+    on the two down projections and ``o_proj`` only (``qkv_bias``/``attn_output_bias`` here)."""
+    mla, h, heads = model.mla, model.hidden_size, model.num_attention_heads
+    attention = ParamCategory.ATTENTION
+    if mla.q_lora_rank is None:
+        yield from _linear("layers.attn.q_proj", attention, h, heads * mla.qk_head_dim, False, num_layers)
+    else:
+        yield from _linear("layers.attn.q_a_proj", attention, h, mla.q_lora_rank, model.qkv_bias, num_layers)
+        yield from _norm("layers.attn.q_a_layernorm", model, mla.q_lora_rank, num_layers)
+        yield from _linear("layers.attn.q_b_proj", attention, mla.q_lora_rank, heads * mla.qk_head_dim, False,
+                           num_layers)
+    yield from _linear("layers.attn.kv_a_proj_with_mqa", attention, h, mla.latent_width, model.qkv_bias, num_layers)
+    yield from _norm("layers.attn.kv_a_layernorm", model, mla.kv_lora_rank, num_layers)
+    yield from _linear("layers.attn.kv_b_proj", attention, mla.kv_lora_rank,
+                       heads * (mla.qk_nope_head_dim + mla.v_head_dim), False, num_layers)
+    yield from _linear("layers.attn.o_proj", attention, heads * mla.v_head_dim, h, model.attn_output_bias, num_layers)
+
+
 def count_params(model: ModelConfig) -> ParamInventory:
-    """Every parameter tensor of ``model``, grouped by shape and role."""
+    """Every parameter tensor of ``model``, grouped by shape and role.
+
+    Buffers are not parameters: DeepSeek-V3's router ``e_score_correction_bias`` (one value per
+    routed expert and MoE layer) is a buffer in transformers (``register_buffer`` in
+    ``DeepseekV3TopkRouter``) and is not counted, nor are the rotary ``inv_freq`` tables."""
     h, num_layers = model.hidden_size, model.num_layers
     q_width = model.num_attention_heads * model.attention_head_dim
     kv_width = model.kv_heads * model.attention_head_dim
@@ -95,10 +122,13 @@ def count_params(model: ModelConfig) -> ParamInventory:
         groups.append(TensorGroup("embed_positions.weight", ParamCategory.EMBEDDING, model.max_position_embeddings * h, 1, 1))
 
     groups += _norm("layers.norm", model, h, model.norms_per_layer * num_layers)
-    groups += _linear("layers.attn.q_proj", attention, h, q_width, model.qkv_bias, num_layers)
-    groups += _linear("layers.attn.k_proj", attention, h, kv_width, model.qkv_bias, num_layers)
-    groups += _linear("layers.attn.v_proj", attention, h, kv_width, model.qkv_bias, num_layers)
-    groups += _linear("layers.attn.o_proj", attention, q_width, h, model.attn_output_bias, num_layers)
+    if model.mla is not None:
+        groups += _mla_attention(model, num_layers)
+    else:
+        groups += _linear("layers.attn.q_proj", attention, h, q_width, model.qkv_bias, num_layers)
+        groups += _linear("layers.attn.k_proj", attention, h, kv_width, model.qkv_bias, num_layers)
+        groups += _linear("layers.attn.v_proj", attention, h, kv_width, model.qkv_bias, num_layers)
+        groups += _linear("layers.attn.o_proj", attention, q_width, h, model.attn_output_bias, num_layers)
     if model.qk_norm:
         groups += _norm("layers.attn.qk_norm", model, model.attention_head_dim, 2 * num_layers)
 
@@ -133,8 +163,10 @@ def count_params(model: ModelConfig) -> ParamInventory:
 def parameter_sizes_in_order(model: ModelConfig) -> list[int]:
     """Element counts of the parameters in the reference decoder's ``parameters()`` order
     (embedding first, then each layer's norm, attention, norm, MLP, then the final norm and the
-    output head). Per-tensor loops (a master-weight gradient conversion, a for-loop optimizer)
-    visit tensors in this order; Hugging Face's Llama registers a layer's norms after its MLP,
+    output head; multi-head latent attention in transformers' order: q_proj or q_a_proj,
+    q_a_layernorm, q_b_proj, then kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj).
+    Per-tensor loops (a master-weight gradient conversion, a for-loop optimizer) visit tensors in
+    this order; Hugging Face's Llama registers a layer's norms after its MLP,
     which moves the peak by a few hidden-size vectors at most."""
     h, norm_bias = model.hidden_size, model.norm is NormKind.LAYERNORM and model.norm_bias
     q_width = model.num_attention_heads * model.attention_head_dim
@@ -150,13 +182,26 @@ def parameter_sizes_in_order(model: ModelConfig) -> list[int]:
         gate = linear(h, width, model.mlp_bias) if model.mlp is MLPKind.GATED else []
         return gate + linear(h, width, model.mlp_bias) + linear(width, h, model.mlp_bias)
 
+    def attention() -> list[int]:
+        mla, heads = model.mla, model.num_attention_heads
+        if mla is None:
+            return (linear(h, q_width, model.qkv_bias) + linear(h, kv_width, model.qkv_bias) * 2
+                    + linear(q_width, h, model.attn_output_bias))
+        if mla.q_lora_rank is None:
+            query = linear(h, heads * mla.qk_head_dim, False)
+        else:
+            query = (linear(h, mla.q_lora_rank, model.qkv_bias) + norm(mla.q_lora_rank)
+                     + linear(mla.q_lora_rank, heads * mla.qk_head_dim, False))
+        return (query + linear(h, mla.latent_width, model.qkv_bias) + norm(mla.kv_lora_rank)
+                + linear(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), False)
+                + linear(heads * mla.v_head_dim, h, model.attn_output_bias))
+
     sizes = [model.vocab_size * h]
     if model.position_embedding is PositionKind.LEARNED:
         sizes.append(model.max_position_embeddings * h)
     for index in range(model.num_layers):
         sizes += norm(h)
-        sizes += linear(h, q_width, model.qkv_bias) + linear(h, kv_width, model.qkv_bias) * 2
-        sizes += linear(q_width, h, model.attn_output_bias)
+        sizes += attention()
         if model.qk_norm:
             sizes += norm(model.attention_head_dim) * 2
         sizes += norm(h) * (model.norms_per_layer - 1)

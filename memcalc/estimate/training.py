@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from memcalc.config import Loss, ModelConfig, Optimizer, OptimizerImpl, Recompute, TrainSettings, resolve_seq_len
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.activations import (
+    attention_output_width,
     FP32_BYTES,
     INDEX_BYTES,
     ActivationShape,
@@ -119,7 +120,7 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         saved = attention_part + mlp_part
         if recipe.autocast:
             saved += e * linear_weight_elements_per_layer(model, moe_layer)
-        q_width = model.num_attention_heads * model.attention_head_dim
+        q_width = attention_output_width(model)
         before_scores = attention_part - tokens * q_width * e - (0 if eager else FP32_BYTES * tokens * model.num_attention_heads)
         if eager and (recompute is Recompute.NONE or full):
             before_scores -= scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))

@@ -1,11 +1,13 @@
 """A compact reference decoder in plain PyTorch, built from any ``ModelConfig``.
 
 The blocks follow the Hugging Face implementations people train (``modeling_llama.py``,
-``modeling_gpt2.py``, ``modeling_mixtral.py``): pre-norm residual blocks, RMSNorm computed in
-fp32, rotary embeddings applied to queries and keys, key/value heads repeated for grouped-query
-attention, gated (SwiGLU/GeGLU) or plain GELU MLPs, top-k routed experts, and a causal-LM loss
-on fp32 logits. Parameter names and shapes match ``memcalc.estimate.params.count_params``
-tensor for tensor, so ``sum(p.numel())`` equals the estimator's count.
+``modeling_gpt2.py``, ``modeling_mixtral.py``, ``modeling_deepseek_v3.py``): pre-norm residual
+blocks, RMSNorm computed in fp32, rotary embeddings applied to queries and keys, key/value heads
+repeated for grouped-query attention, or multi-head latent attention (keys and values expanded per
+head from a normalised latent, the rotary key shared by all heads), gated (SwiGLU/GeGLU) or plain
+GELU MLPs, top-k routed experts with optional shared experts, and a causal-LM loss on fp32 logits.
+Parameter names and shapes match ``memcalc.estimate.params.count_params`` tensor for tensor, so
+``sum(p.numel())`` equals the estimator's count.
 """
 
 from __future__ import annotations
@@ -127,6 +129,108 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
+def unequal_head_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """SDPA where the value heads are narrower than the query/key heads (MLA: 192 vs 128).
+
+    On CUDA PyTorch's flash kernel refuses unequal head sizes and ``F.scaled_dot_product_attention``
+    runs the memory-efficient kernel (transformers' sdpa path does no padding); it saves its
+    inputs, output and a log-sum-exp padded to 32 positions. A CPU run falls back to the math
+    path, which materialises the scores: on fake tensors the memory-efficient kernel is called
+    directly (its meta function gives CUDA's shapes), so the measurement is the GPU's."""
+    if not _is_fake(q):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    device = q.device.type
+    if torch.is_autocast_enabled(device):  # autocast runs scaled_dot_product_attention in its low precision
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+    need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out, _lse, _seed, _offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, need_lse, 0.0, causal)
+    return out
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention as transformers' ``DeepseekV3Attention`` (eager and sdpa paths,
+    ``rope_interleave=False``; DeepSeek-V2's complex-number rotary gives the same shapes).
+
+    Queries come from ``q_proj``, or from ``q_b_proj(q_a_layernorm(q_a_proj(x)))`` with a query
+    LoRA rank; ``kv_a_proj_with_mqa`` gives the latent (``kv_lora_rank``) and one rotary key
+    (``qk_rope_head_dim``) per token; ``kv_b_proj`` expands the normalised latent to every head's
+    non-rotary key and value. The rotary key is broadcast to all heads and concatenated, so the
+    attention kernel reads ordinary per-head queries, keys and values; the cache keeps those
+    expanded keys and values (transformers' DynamicCache), not the latent."""
+
+    def __init__(self, model: ModelConfig, attention: str, recompute: str = "none"):
+        super().__init__()
+        mla, h = model.mla, model.hidden_size
+        self.num_heads = model.num_attention_heads
+        self.nope, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        self.kv_lora_rank, self.q_lora_rank = mla.kv_lora_rank, mla.q_lora_rank
+        qk = mla.qk_head_dim
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.num_heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, mla.q_lora_rank, bias=model.qkv_bias)
+            self.q_a_layernorm = make_norm(model, mla.q_lora_rank)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, self.num_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, mla.latent_width, bias=model.qkv_bias)
+        self.kv_a_layernorm = make_norm(model, mla.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=model.attn_output_bias)
+        self.attention = attention
+        self.recompute_scores = recompute == "selective" and attention == "eager"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None,
+                layer_index: int = 0) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        heads = self.num_heads
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(batch, seq, heads, self.nope + self.rope_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [self.nope, self.rope_dim], dim=-1)
+        compressed = self.kv_a_proj_with_mqa(x)
+        k_pass, k_rot = torch.split(compressed, [self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pass = self.kv_b_proj(self.kv_a_layernorm(k_pass)).view(batch, seq, heads, self.nope + self.v_dim)
+        k_pass, v = torch.split(k_pass.transpose(1, 2), [self.nope, self.v_dim], dim=-1)
+        k_rot = k_rot.view(batch, 1, seq, self.rope_dim)
+        if rope is not None:
+            cos, sin = rope
+            q_rot = q_rot * cos + rotate_half(q_rot) * sin
+            k_rot = k_rot * cos + rotate_half(k_rot) * sin
+        k_rot = k_rot.expand(*k_pass.shape[:-1], -1)
+        q = torch.cat((q_pass, q_rot), dim=-1)
+        k = torch.cat((k_pass, k_rot), dim=-1)
+        if cache is not None:
+            if cache[layer_index] is not None:
+                past_k, past_v = cache[layer_index]
+                k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+            else:
+                # v is a view of kv_b_proj's output (keys and values of every head): transformers'
+                # DynamicLayer concatenates onto an empty tensor, so its cache holds a copy of
+                # the values alone, not that whole output
+                v = v.contiguous()
+            cache[layer_index] = (k, v)
+        if self.attention != "eager":
+            if q.shape[-1] == v.shape[-1]:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
+            else:
+                out = unequal_head_sdpa(q, k, v, causal=seq > 1)
+        elif self.recompute_scores and torch.is_grad_enabled():
+            out = checkpoint(eager_attention, q, k, v, use_reentrant=False)
+        else:
+            out = eager_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, seq, heads * self.v_dim)
+        return self.o_proj(out)
+
+
 class MLP(nn.Module):
     def __init__(self, model: ModelConfig, width: int):
         super().__init__()
@@ -189,7 +293,7 @@ class Block(nn.Module):
     def __init__(self, model: ModelConfig, layer_index: int, attention: str, recompute: str = "none"):
         super().__init__()
         self.input_norm = make_norm(model, model.hidden_size)
-        self.attn = Attention(model, attention, recompute)
+        self.attn = (MLAttention if model.mla is not None else Attention)(model, attention, recompute)
         self.post_attention_norm = make_norm(model, model.hidden_size)
         self.extra_norms = nn.ModuleList(make_norm(model, model.hidden_size) for _ in range(model.norms_per_layer - 2))
         uses_experts = model.moe is not None and layer_index >= model.moe.first_dense_layers
@@ -219,7 +323,8 @@ class Decoder(nn.Module):
         self.final_norm = make_norm(model, model.hidden_size)
         self.lm_head = None if model.tie_word_embeddings else nn.Linear(model.hidden_size, model.vocab_size, bias=False)
         self.recompute = recompute
-        head_dim = model.attention_head_dim
+        # multi-head latent attention rotates only the qk_rope_head_dim part of queries and keys
+        head_dim = model.mla.qk_rope_head_dim if model.mla is not None else model.attention_head_dim
         self.register_buffer(
             "inv_freq", 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim),
             persistent=False,

@@ -268,6 +268,11 @@ def measure_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: boo
     ``explain=True`` also records the tensors live at the activation peak (``peak_tensors``).
     ``count_local_ops=False`` counts only what ``LiveBytesTracker`` sees by itself (the outputs of
     operators, not the temporaries of the local operators a ``DTensor`` operator runs)."""
+    if config.mla is not None and tp > 1:
+        from memcalc.errors import InputError
+
+        raise InputError("tensor-parallel measurement runs grouped-query attention; multi-head latent attention "
+                         "(DeepSeek) is estimated only")
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_context
