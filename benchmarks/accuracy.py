@@ -43,8 +43,14 @@ class Case:
     def label(self) -> str:
         s = self.settings
         if self.workload == "infer":
+            if s.get("decoding") == "sample":
+                warpers = "".join(f" {key.replace('_', '-')} {s[key]}" for key in ("temperature", "top_k", "top_p")
+                                  if key in s)
+                choice = f"sample x{s.get('num_return_sequences', 1)}{warpers}"
+            else:
+                choice = f"beams {s.get('num_beams', 1)}"
             return (f"{self.model}{f' L{self.layers}' if self.layers else ''} infer {s['dtype']} b{s['batch_size']} "
-                    f"prompt {s['prompt_len']} +{s['max_new_tokens']} beams {s.get('num_beams', 1)}")
+                    f"prompt {s['prompt_len']} +{s['max_new_tokens']} {choice}")
         parts = [self.model + (f" L{self.layers}" if self.layers else ""), s.get("precision", "mixed-bf16"),
                  s.get("optimizer", "adamw") + "/" + s.get("optimizer_impl", "foreach"),
                  f"b{s.get('batch_size', 1)} s{s.get('seq_len')}", s.get("attention", "sdpa"),
@@ -52,8 +58,9 @@ class Case:
         return " ".join(parts)
 
 
-def _infer(model, dtype, batch, prompt, new_tokens, beams=1, layers=None):
-    settings = dict(dtype=dtype, batch_size=batch, prompt_len=prompt, max_new_tokens=new_tokens, num_beams=beams)
+def _infer(model, dtype, batch, prompt, new_tokens, beams=1, layers=None, **extra):
+    settings = dict(dtype=dtype, batch_size=batch, prompt_len=prompt, max_new_tokens=new_tokens, num_beams=beams,
+                    **extra)
     return Case(model, settings, layers, "infer")
 
 
@@ -105,6 +112,10 @@ FAKE_MATRIX = [
     _infer("qwen2.5-0.5b", "bf16", 16, 512, 64, beams=4),
     _infer("gemma-2b", "bf16", 1, 4096, 32),
     _infer("llama-3.2-1b", "fp32", 4, 1024, 64, beams=2),
+    _infer("llama-3-8b", "bf16", 4, 1024, 16, decoding="sample", num_return_sequences=2, temperature=0.7, top_p=0.9),
+    _infer("qwen2.5-0.5b", "bf16", 8, 256, 32, decoding="sample", top_k=50),
+    _case("deepseek-v2-lite", "pure-bf16", 1, 2048),
+    _case("deepseek-v2-lite", "mixed-bf16", 2, 1024, recompute="full"),
 ]
 
 # One H200 (141 GB), under five minutes: real models, the largest near 100 GiB at its peak.

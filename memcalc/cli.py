@@ -376,6 +376,9 @@ def infer(
                                                 "nvfp4, int8 (LLM.int8), gptq, awq, bnb-nf4, bnb-fp4, or a GGUF type "
                                                 "(q4_0, q4_k, q6_k, q8_0, ...); see docs/weight-formats.md.")] = None,
     group_size: Annotated[int, typer.Option("--group-size", help="GPTQ/AWQ group size (-1: per column).")] = 128,
+    double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant",
+                                               help="bitsandbytes 4-bit: quantise the block constants too "
+                                               "(4.127 vs 4.5 bits).")] = True,
     kv_dtype: Annotated[KVDType | None, typer.Option("--kv-dtype", show_default=False,
                                                      help="KV-cache dtype (default: the compute dtype if a float "
                                                      "type, else bf16).")] = None,
@@ -445,6 +448,7 @@ def infer(
             raise InputError(f"--weights: {exc}") from None
     settings = _infer_settings(
         dtype, kv_dtype, batch, context, prompt, max_new_tokens, num_beams, weights=weights, group_size=group_size,
+        double_quant=double_quant,
         decoding=decoding, num_return_sequences=num_return_sequences, top_k=top_k, top_p=top_p,
         temperature=temperature, prefill_logits=prefill_logits, prefill_chunk=prefill_chunk, attention=attention,
         engine=engine, block_size=block_size, tp=tp, overhead_bytes=_size("--overhead", overhead),

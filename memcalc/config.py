@@ -352,6 +352,7 @@ class InferSettings:
     dtype: DType = DType.BF16  # compute dtype, and the weights' unless ``weights`` names a format
     weights: str | None = None  # a weight format (memcalc.estimate.weights); default: dtype
     group_size: int = 128  # GPTQ/AWQ group size (-1: one group per column)
+    double_quant: bool = True  # bitsandbytes 4-bit: quantise the absmax constants too (QLoRA)
     kv_dtype: KVDType | None = None  # default: the weight dtype when it is a float type, else bf16
     batch_size: PositiveInt = DEFAULT_BATCH_SIZE
     context_len: PositiveInt | None = None  # tokens cached per sequence when no prompt is given

@@ -188,6 +188,13 @@ def test_quantised_weights_keep_embedding_head_and_norms_in_16_bits():
     assert quantised * 8 / linear == pytest.approx(4.127, abs=0.001)
 
 
+def test_nf4_without_double_quantisation_is_4_5_bits():
+    """bitsandbytes quantize_4bit, blocksize 64: 4 bits + one fp32 absmax per 64 = 4.5 bits."""
+    estimate = estimate_inference(resolve_model("llama-3-8b"), InferSettings(weights="bnb-nf4", double_quant=False))
+    linear = 8_030_261_248 - 2 * 128_256 * 4096 - 65 * 4096
+    assert estimate.component("weights_quantised").bytes * 8 / linear == pytest.approx(4.5, abs=0.001)
+
+
 def test_fit_report_by_hand():
     """On a GPU of exactly 24 GiB at 90 %: the paged KV budget is what is left after weights,
     activations, logits and overhead, in whole 2 MiB blocks; the largest batch keeps the total

@@ -201,7 +201,8 @@ def weight_components(local: ModelConfig, settings: InferSettings) -> tuple[int,
     from memcalc.estimate.weights import FORMATS, weight_bytes
 
     compute = dtype.value if dtype in _FLOAT_DTYPES else "bf16"
-    breakdown = weight_bytes(local, settings.weights, group_size=settings.group_size, compute_dtype=compute)
+    breakdown = weight_bytes(local, settings.weights, group_size=settings.group_size, compute_dtype=compute,
+                             double_quant=settings.double_quant)
     source = FORMATS[breakdown.format].source
     if breakdown.format.value in ("fp32", "fp16", "bf16"):
         return breakdown.total_bytes, [Component("weights", "Weights", breakdown.total_bytes, Kind.STATIC,
