@@ -275,7 +275,20 @@ def train(
                                               tp_impl))
     gpu_spec = _resolve_gpu(gpu)
     estimate = estimate_training(resolve_model(model), settings, layout)
+    _warn_precision_support(estimate.settings["precision"], gpu_spec)
     _emit("train", estimate, units, as_json, gpu_spec)
+
+
+def _warn_precision_support(recipe_name: str, gpu_spec) -> None:
+    """A recipe needing FP8 (Hopper, Ada, Blackwell) or MXFP8 (Blackwell) on a GPU without it: a
+    warning on stderr, since the memory estimate itself still stands."""
+    from memcalc.precision import RECIPES
+
+    needs = RECIPES[recipe_name].requires
+    if gpu_spec is None or needs is None or getattr(gpu_spec, needs):
+        return
+    print(f"warning: {recipe_name} needs {needs.upper()} tensor cores, which {gpu_spec.name} "
+          f"({gpu_spec.architecture}) does not have", file=sys.stderr)
 
 
 def _train_settings(**fields):
@@ -633,6 +646,28 @@ def gpus(as_json: JsonOption = False) -> None:
     from memcalc.render import print_gpus
 
     print_gpus(catalogue)
+
+
+@app.command()
+def precisions(as_json: JsonOption = False) -> None:
+    """List the precision recipes: bytes per linear-layer weight with Adam, and their sources.
+
+    Examples:
+
+      memcalc precisions
+
+      memcalc precisions --json
+    """
+    from memcalc.precision import RECIPES
+
+    if as_json:
+        from memcalc.report import precisions_document
+
+        print(json.dumps(precisions_document(RECIPES.values()), indent=2))
+        return
+    from memcalc.render import print_precisions
+
+    print_precisions(RECIPES.values())
 
 
 @app.command()

@@ -337,6 +337,33 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None) -> 
                       f"tokens ({estimate.settings['kv_cache_bytes_per_token']:,} bytes/token).")
 
 
+def print_precisions(recipes) -> None:
+    from rich.table import Table
+
+    table = Table(title="memcalc precisions", title_justify="left")
+    for column in ("Recipe", "Linear weight B/param (Adam)", "Breakdown", "Cached GEMM input", "Needs", "Source"):
+        table.add_column(column, justify="right" if column.startswith("Linear") else "left", overflow="fold")
+    for recipe in recipes:
+        gemm = recipe.gemm
+        if gemm is None:
+            master = f" + master {recipe.master_dtype.value}" if recipe.master_dtype else ""
+            breakdown = (f"{recipe.weight_dtype.value} weight + {recipe.grad_dtype.value} grad{master} + 2 x "
+                         f"{recipe.optimizer_state_dtype.value} moments")
+        else:
+            parts = [("weight", gemm.weight), ("copies", gemm.copies), ("transpose (Hopper)", gemm.transpose),
+                     ("grad", gemm.gradient), ("master", gemm.master), ("m", gemm.first_moment),
+                     ("v", gemm.second_moment)]
+            breakdown = " + ".join(f"{name} {float(value):g}" for name, value in parts if value)
+        total, blackwell = recipe.linear_bytes_per_param(), recipe.linear_bytes_per_param(transpose=False)
+        value = f"{float(total):g}" + (f" ({float(blackwell):g} Blackwell)" if blackwell != total else "")
+        cached = f"{float(recipe.gemm_input_bytes):g} B" if recipe.gemm_input_bytes else recipe.activation_dtype.value
+        table.add_row(recipe.name, value, breakdown, cached, recipe.requires or "-", recipe.source)
+    console = _console()
+    console.print(table)
+    console.print("Embeddings, norms, biases and the output head follow each recipe's dtypes; docs/precision.md "
+                  "explains every row.")
+
+
 def print_formats(rows) -> None:
     from rich.table import Table
 

@@ -107,6 +107,27 @@ def inference_document(estimate: Estimate, fit=None, capacity=None) -> dict[str,
     return document
 
 
+def precisions_document(recipes) -> list[dict[str, Any]]:
+    """Each recipe's dtypes and its bytes per linear-layer weight with Adam (Hopper: with the FP8
+    transpose; Blackwell: without), as numbers."""
+    rows = []
+    for recipe in recipes:
+        gemm = recipe.gemm
+        rows.append({
+            "name": recipe.name, "description": recipe.description, "weights": recipe.weight_dtype.value,
+            "gradients": recipe.grad_dtype.value, "master": recipe.master_dtype.value if recipe.master_dtype else None,
+            "moments": recipe.optimizer_state_dtype.value, "activations": recipe.activation_dtype.value,
+            "linear_bytes_per_param_adam": float(recipe.linear_bytes_per_param()),
+            "linear_bytes_per_param_adam_blackwell": float(recipe.linear_bytes_per_param(transpose=False)),
+            "linear_breakdown": None if gemm is None else {
+                key: float(getattr(gemm, key)) for key in
+                ("weight", "copies", "transpose", "gradient", "master", "first_moment", "second_moment")},
+            "cached_gemm_input_bytes": float(recipe.gemm_input_bytes) if recipe.gemm_input_bytes else None,
+            "requires": recipe.requires, "source": recipe.source,
+        })
+    return rows
+
+
 def compare_document(results: list[tuple[str, Estimate]], gpu=None) -> dict[str, Any]:
     """``memcalc compare --json``: one ``train`` document per scenario, in order."""
     scenarios = []
