@@ -380,6 +380,60 @@ def compare(
 
 
 @app.command()
+def sweep(
+    model: ModelArgument,
+    over: Annotated[str, typer.Option("--over", show_default=False,
+                                      help="What to sweep: seq=1k..128k (powers of two), batch=1..64, gpus=8..1024, "
+                                      "grad_accum=1..16, or a list such as seq=2048,8192.")],
+    scenario: Annotated[str | None, typer.Option("--scenario", show_default=False,
+                                                 help='The layout and settings every point shares, e.g. '
+                                                 '"tp=8,pp=2,zero=1" (keys as in compare).')] = None,
+    gpu: GPUOption = None,
+    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    master_weights: MasterWeightsOption = True,
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
+    batch: BatchOption = 1,
+    seq: SeqOption = None,
+    recompute: RecomputeOption = Recompute.NONE,
+    attention: AttentionOption = Attention.SDPA,
+    loss: LossOption = Loss.FULL,
+    precision: PrecisionOption = None,
+    units: UnitsOption = Unit.GIB,
+    as_json: JsonOption = False,
+) -> None:
+    """Training memory per component across a range, and where it stops fitting on --gpu.
+
+    Examples:
+
+      memcalc sweep llama-3-8b --over seq=1k..128k --gpu h100 --recompute full
+
+      memcalc sweep llama-2-70b --over gpus=8..512 --scenario "tp=8,fsdp=full" --seq 4096 --gpu h100
+    """
+    from memcalc.config import TrainSettings
+    from memcalc.library import resolve_model
+    from memcalc.scenario import Scenario, parse_scenario
+    from memcalc.sweep import first_over, parse_over, run_sweep
+
+    key, values = parse_over(over)
+    layout = parse_scenario(scenario) if scenario else Scenario()
+    base = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
+                         seq_len=seq, recompute=recompute, attention=attention, loss=loss,
+                         precision=_recipe_name(precision))
+    config = resolve_model(model)
+    gpu_spec = _resolve_gpu(gpu)
+    points = run_sweep(config, base, layout, key, values)
+    over_point = first_over(points, gpu_spec.memory_bytes) if gpu_spec else None
+    if as_json:
+        from memcalc.report import sweep_document
+
+        print(json.dumps(sweep_document(config, key, points, gpu_spec, over_point), indent=2))
+        return
+    from memcalc.render import print_sweep
+
+    print_sweep(config, key, points, units, gpu_spec, over_point)
+
+
+@app.command()
 def infer(
     model: ModelArgument,
     dtype: Annotated[DType, typer.Option(help="Compute dtype, and the weights' unless --weights names a format "

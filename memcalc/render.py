@@ -337,6 +337,47 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None) -> 
                       f"tokens ({estimate.settings['kv_cache_bytes_per_token']:,} bytes/token).")
 
 
+def print_sweep(model: ModelConfig, key: str, points, unit: Unit, gpu=None, over_point=None) -> None:
+    """One row per swept value, the components as columns, the most loaded GPU's peak last."""
+    from rich.table import Table
+
+    from memcalc.sweep import SWEEPABLE
+
+    label = UNIT_LABEL[unit]
+    keys = [k for k in COMPARED if any(p.estimate is not None and k in {c.key for c in p.estimate.components}
+                                       for p in points)]
+    titles = {"weights": "Weights", "master_weights": "Master", "optimizer_states": "Optimizer",
+              "gradients": "Grads", "activations": "Activations", "optimizer_step_temporaries": "Step temp.",
+              "sharding_working_set": "ZeRO-3 set"}
+    table = Table(title=f"memcalc sweep: {model.name} over {key} ({SWEEPABLE[key]}), {label} per GPU",
+                  title_justify="left")
+    table.add_column(key, justify="right")
+    for item in keys:
+        table.add_column(titles[item], justify="right")
+    table.add_column(f"Total {label}", justify="right")
+    table.add_column("Peak phase")
+    if gpu is not None:
+        table.add_column(f"Fits {gpu.name}")
+    for point in points:
+        if point.estimate is None:
+            table.add_row(f"{point.value:,}", *(["-"] * len(keys)), "-", point.error, *([""] if gpu else []))
+            continue
+        estimate = point.estimate
+        parts = {component.key: component.bytes for component in estimate.components}
+        cells = [format_bytes(parts[item], unit) if item in parts else "-" for item in keys]
+        fits = ([("yes" if estimate.total <= gpu.memory_bytes else "no")] if gpu else [])
+        table.add_row(f"{point.value:,}", *cells, format_bytes(estimate.total, unit), PHASE_LABELS[estimate.peak_phase],
+                      *fits, style="bold" if point is over_point else None)
+    console = _console()
+    console.print(table)
+    if gpu is not None:
+        if over_point is None:
+            console.print(f"Every point fits on {gpu.name} ({format_bytes(gpu.memory_bytes, unit)} {label}).")
+        else:
+            console.print(f"Stops fitting on {gpu.name} ({format_bytes(gpu.memory_bytes, unit)} {label}) at "
+                          f"{key} = {over_point.value:,}.")
+
+
 def print_precisions(recipes) -> None:
     from rich.table import Table
 

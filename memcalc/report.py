@@ -128,6 +128,22 @@ def precisions_document(recipes) -> list[dict[str, Any]]:
     return rows
 
 
+def sweep_document(model, key: str, points, gpu=None, over_point=None) -> dict[str, Any]:
+    """``memcalc sweep --json``: the swept key, each point's ``memory`` (as in ``train``) or its
+    ``error``, and with a GPU the first value that does not fit."""
+    rows = []
+    for point in points:
+        if point.estimate is None:
+            rows.append({"value": point.value, "error": point.error})
+            continue
+        memory = estimate_document("train", point.estimate)["memory"]
+        rows.append({"value": point.value, "memory": memory}
+                    | ({"fits": memory["total"] <= gpu.memory_bytes} if gpu else {}))
+    return {"command": "sweep", "units": "bytes", "model": model_summary(model), "over": key, "points": rows,
+            "gpu": None if gpu is None else gpu.name,
+            "first_not_fitting": None if over_point is None else over_point.value}
+
+
 def compare_document(results: list[tuple[str, Estimate]], gpu=None) -> dict[str, Any]:
     """``memcalc compare --json``: one ``train`` document per scenario, in order."""
     scenarios = []
