@@ -716,7 +716,7 @@ class _Search:
                 continue
             if level < f_level or layout.micro_batch < f_mbs:
                 continue
-            if layout.microbatches == 1 and not f_single and scope not in (_ALL, _ON_GPU):
+            if layout.microbatches == 1 and not f_single:
                 continue  # without accumulation gradients are not persistent: not comparable
             return True
         return False
@@ -752,27 +752,32 @@ class _Search:
         return True
 
     def floors(self, family: Family, members: list[Layout], options: list[Sharding]) -> list[Layout]:
-        """The family's leanest layouts: full recompute (or the most allowed), the smallest
-        micro-batch, no interleaving, with the leanest sharding without offload, with optimizer
-        offload and with every offload allowed."""
-        first = min(members, key=lambda x: (x.vpp, _RECOMPUTE_LEVEL[x.recompute], x.micro_batch))
-        out = []
+        """The family's leanest layouts: full recompute (or the most allowed), no interleaving, the
+        smallest micro-batch and, where it differs, the whole local batch in one micro-batch (no
+        accumulation: gradients need not persist), each with the leanest sharding without offload,
+        with optimizer offload and with every offload allowed."""
+        def key(x: Layout) -> tuple:
+            return x.vpp, _RECOMPUTE_LEVEL[x.recompute], x.micro_batch
+
+        bases = [min(members, key=key)]
+        single = [x for x in members if x.microbatches == 1]
+        if single and bases[0].microbatches != 1:
+            bases.append(min(single, key=key))
         candidates = [_lean(options, family.pp, on_gpu=True)]
         if family.pp == 1:
             candidates += [Sharding(3, False, "optimizer"), Sharding(2, False, "optimizer"), Sharding(1, False, "optimizer")]
         else:
             candidates += [Sharding(1, False, "optimizer")]
         candidates.append(_lean(options, family.pp, on_gpu=False))
-        seen = set()
+        chosen: list[Sharding] = []
         for option in candidates:
-            if option is None or option not in options or option in seen:
+            if option is None or option not in options or option in chosen:
                 continue
-            if option.offload == "optimizer" and any(o in seen and o.offload == "optimizer" for o in seen):
+            if option.offload == "optimizer" and any(o.offload == "optimizer" for o in chosen):
                 continue  # one optimizer-offload floor: the most sharded one
-            seen.add(option)
-            out.append(first._replace(zero=option.zero, distributed_optimizer=option.distributed_optimizer,
-                                      offload=option.offload))
-        return out
+            chosen.append(option)
+        return [base._replace(zero=option.zero, distributed_optimizer=option.distributed_optimizer,
+                              offload=option.offload) for base in bases for option in chosen]
 
     def verdict(self, family: Family, members: list[Layout], options: list[Sharding]) -> tuple[bool, list[Layout]]:
         """Whether some floor of the family fits (GPU and host), and the floors estimated."""

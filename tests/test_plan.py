@@ -168,6 +168,36 @@ def test_pruned_search_matches_brute_force(name, gpu_name, gpus, seq_len, global
     assert {(r.tp, r.pp) for r in result.rejected} == {pair for pair, ok in feasible.items() if not ok}
 
 
+@settings(max_examples=15, deadline=None)
+@given(name=st.sampled_from(["llama-3.2-1b", "gemma-7b", "llama-3-8b", "qwen2.5-7b", "phi-3-mini"]),
+       gpu_name=st.sampled_from(["rtx-4090-24gb", "l40s-48gb", "a100-40gb"]), gpus=st.sampled_from([1, 2, 4]),
+       seq_len=st.sampled_from([1024, 4096, 8192]), global_batch=st.sampled_from([1, 2, 4, 8]),
+       fsdp=st.booleans(), offload=st.booleans(), precision=st.sampled_from([None, "pure-bf16"]),
+       host=st.sampled_from([None, 16 * GIB]))
+def test_pruned_search_matches_brute_force_anywhere(name, gpu_name, gpus, seq_len, global_batch, fsdp, offload,
+                                                    precision, host):
+    model, gpu = resolve_model(name), resolve_gpu(gpu_name)
+    base = TrainSettings(precision=precision)
+    host = host or DEFAULT_HOST_MEMORY_PER_GPU
+    result = plan(model, gpu, gpus, seq_len=seq_len, global_batch=global_batch, top_k=3, distinct=False,
+                  fsdp=fsdp, offload=offload, settings=base, host_memory_bytes=host)
+    layouts = list(enumerate_layouts(model, gpus, seq_len=seq_len, global_batch=global_batch, offload=offload))
+    timer = StepTimeModel(model, gpu, seq_len=seq_len, global_batch=global_batch, settings=base)
+    order = sorted(range(len(layouts)), key=lambda i: (*timer.total(layouts[i]), layouts[i].microbatches, i))
+    expected, feasible = [], {}
+    for i in order:
+        layout = layouts[i]
+        pair = (layout.tp, layout.pp)
+        if len(expected) >= 3 and feasible.get(pair):
+            continue
+        fits = _fits(model, gpu, layout, seq_len, fsdp=fsdp, base=base, host=host)
+        feasible[pair] = feasible.get(pair, False) or fits
+        if fits and len(expected) < 3:
+            expected.append(layout)
+    assert [entry.layout for entry in result.top] == expected
+    assert {(r.tp, r.pp) for r in result.rejected} == {pair for pair, ok in feasible.items() if not ok}
+
+
 # --- The step-time model ---------------------------------------------------------------------------
 
 
