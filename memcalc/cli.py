@@ -380,6 +380,63 @@ def compare(
 
 
 @app.command()
+def plan(
+    model: ModelArgument,
+    gpu: Annotated[str, typer.Option("--gpu", show_default=False, help="A GPU from `memcalc gpus`.")],
+    gpus: Annotated[int, typer.Option("--gpus", min=1, show_default=False, help="GPUs in the job.")],
+    global_batch: Annotated[int, typer.Option("--global-batch", min=1, show_default=False,
+                                              help="Sequences per optimizer step.")],
+    seq: SeqOption = None,
+    headroom: Annotated[float, typer.Option("--headroom", min=0.0, max=0.99,
+                                            help="Share of GPU memory left free.")] = 0.10,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Layouts listed.")] = 10,
+    mfu: Annotated[float | None, typer.Option("--mfu", min=0.01, max=1.0, show_default=False,
+                                              help="Assumed efficiency of the executed FLOPs (docs/plan.md; "
+                                              "default 0.6).")] = None,
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", min=1, help="GPUs per node.")] = 8,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Model ZeRO-2/3 as PyTorch FSDP2 rather than DeepSpeed.")] = False,
+    no_offload: Annotated[bool, typer.Option("--no-offload", help="Leave CPU offload out of the search.")] = False,
+    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    master_weights: MasterWeightsOption = True,
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
+    attention: AttentionOption = Attention.SDPA,
+    loss: LossOption = Loss.FULL,
+    precision: PrecisionOption = None,
+    units: UnitsOption = Unit.GIB,
+    as_json: JsonOption = False,
+) -> None:
+    """Search every parallel layout of --gpus GPUs and rank those that fit by estimated step time.
+
+    Examples:
+
+      memcalc plan llama-3-70b --gpu h100 --gpus 256 --seq 8192 --global-batch 1024
+
+      memcalc plan gpt3-175b --gpu a100-80gb --gpus 8 --seq 2048 --global-batch 64 --json
+    """
+    from memcalc.config import TrainSettings, resolve_seq_len
+    from memcalc.gpus import resolve_gpu
+    from memcalc.library import resolve_model
+    from memcalc.plan import DEFAULT_MFU
+    from memcalc.plan import plan as search
+
+    config = resolve_model(model)
+    spec = resolve_gpu(gpu)
+    base = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, attention=attention,
+                         loss=loss, precision=_recipe_name(precision))
+    result = search(config, spec, gpus, seq_len=resolve_seq_len(config, seq), global_batch=global_batch,
+                    headroom=headroom, top_k=top_k, settings=base, gpus_per_node=gpus_per_node,
+                    mfu=DEFAULT_MFU if mfu is None else mfu, fsdp=fsdp, offload=not no_offload)
+    if as_json:
+        from memcalc.report import plan_document
+
+        print(json.dumps(plan_document(result), indent=2))
+        return
+    from memcalc.render import print_plan
+
+    print_plan(result, units)
+
+
+@app.command()
 def sweep(
     model: ModelArgument,
     over: Annotated[str, typer.Option("--over", show_default=False,

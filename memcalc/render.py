@@ -337,6 +337,36 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None) -> 
                       f"tokens ({estimate.settings['kv_cache_bytes_per_token']:,} bytes/token).")
 
 
+def print_plan(result, unit: Unit) -> None:
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    table = Table(title=f"memcalc plan: {result.model.name} on {result.gpus} x {result.gpu.name}, seq {result.seq_len}, "
+                        f"global batch {result.global_batch}", title_justify="left")
+    for column in ("#", "Layout", f"Memory {label}", f"Host {label}", "Step s", "Tokens/s", "MFU"):
+        table.add_column(column, justify="left" if column == "Layout" else "right", overflow="fold")
+    for index, item in enumerate(result.top, start=1):
+        table.add_row(str(index), item.layout.describe(), format_bytes(item.memory_bytes, unit),
+                      format_bytes(item.host_bytes, unit) if item.host_bytes else "-", f"{item.step_time_s:.2f}",
+                      f"{item.tokens_per_s:,.0f}", f"{item.mfu:.1%}")
+    console = _console()
+    console.print(table)
+    limit = format_bytes(result.limit_bytes, unit)
+    if not result.top:
+        console.print(f"No layout fits in {limit} {label} per GPU ({result.headroom:.0%} headroom).", style="bold")
+    else:
+        console.print(f"Memory is the most loaded GPU's, from the same estimator as `memcalc train`; limit {limit} "
+                      f"{label} ({result.headroom:.0%} headroom). Step time: docs/plan.md.")
+    if result.rejected:
+        console.print("Families that do not fit:", style="bold")
+        for item in result.rejected:
+            console.print(f"  {item.reason}")
+    counts = result.counts
+    console.print(f"{counts.valid:,} valid layouts, {counts.estimated:,} estimated, {counts.fitting:,} confirmed to "
+                  f"fit, in {result.elapsed_s:.2f} s. Assumptions: "
+                  + ", ".join(f"{key} {value}" for key, value in result.assumptions.items()))
+
+
 def print_sweep(model: ModelConfig, key: str, points, unit: Unit, gpu=None, over_point=None) -> None:
     """One row per swept value, the components as columns, the most loaded GPU's peak last."""
     from rich.table import Table

@@ -128,6 +128,29 @@ def precisions_document(recipes) -> list[dict[str, Any]]:
     return rows
 
 
+def plan_document(result) -> dict[str, Any]:
+    """``memcalc plan --json``: the fitting layouts fastest first (memory from the train
+    estimator), the families that do not fit with their reasons, and the search counts."""
+    from dataclasses import asdict
+
+    def layout(item) -> dict[str, Any]:
+        return {"layout": item.layout.describe(), "parallel": item.estimate.settings.get("parallel"),
+                "recompute": item.layout.recompute.value, "micro_batch": item.layout.micro_batch,
+                "microbatches": item.layout.microbatches, "memory": estimate_document("train", item.estimate)["memory"],
+                "host_bytes": item.host_bytes, "step_time_s": item.step_time_s, "tokens_per_s": item.tokens_per_s,
+                "mfu": item.mfu, "step": asdict(item.step)}
+
+    def rejection(item) -> dict[str, Any]:
+        return {"tp": item.tp, "pp": item.pp, "reason": item.reason, "best_bytes": item.best_bytes}
+
+    return {"command": "plan", "units": "bytes", "model": model_summary(result.model), "gpu": result.gpu.name,
+            "gpus": result.gpus, "seq_len": result.seq_len, "global_batch": result.global_batch,
+            "headroom": result.headroom, "limit_bytes": result.limit_bytes, "fits": result.fits,
+            "top": [layout(item) for item in result.top], "rejected": [rejection(item) for item in result.rejected],
+            "invalid": [rejection(item) for item in result.invalid], "counts": asdict(result.counts),
+            "assumptions": result.assumptions, "elapsed_s": result.elapsed_s}
+
+
 def sweep_document(model, key: str, points, gpu=None, over_point=None) -> dict[str, Any]:
     """``memcalc sweep --json``: the swept key, each point's ``memory`` (as in ``train``) or its
     ``error``, and with a GPU the first value that does not fit."""

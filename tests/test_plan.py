@@ -4,6 +4,7 @@ agreeing with brute force, and the step-time model against published throughput.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -313,3 +314,18 @@ def test_bad_arguments_are_input_errors():
         plan(model, gpu, 8, seq_len=1024, global_batch=8, mfu=0)
     with pytest.raises(InputError):
         plan(model, gpu, 0, seq_len=1024, global_batch=8)
+
+
+def test_plan_cli_json(run_cli):
+    """The CLI's top layout fits under the headroom by the train estimator's own total; a model
+    that fits nowhere says so with the families' reasons."""
+    result = run_cli("plan", "llama-2-7b", "--gpu", "h100", "--gpus", "8", "--seq", "2048", "--global-batch", "64",
+                     "--top-k", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["fits"] and 1 <= len(document["top"]) <= 3
+    for item in document["top"]:
+        assert item["memory"]["total"] <= document["limit_bytes"] == int(0.9 * 80 * 2**30)
+    none = json.loads(run_cli("plan", "gpt3-175b", "--gpu", "a100-80gb", "--gpus", "8", "--seq", "2048",
+                              "--global-batch", "64", "--json").stdout)
+    assert not none["fits"] and none["top"] == [] and none["rejected"]
