@@ -195,15 +195,22 @@ def _recipe_name(precision: str | None) -> str | None:
     return precision
 
 
-def _emit(command: str, estimate, unit: Unit, as_json: bool, gpu=None) -> None:
+def _emit(command: str, estimate, unit: Unit, as_json: bool, gpu=None, advice=None) -> None:
     if as_json:
         from memcalc.report import estimate_document
 
-        print(json.dumps(estimate_document(command, estimate, gpu), indent=2))
+        document = estimate_document(command, estimate, gpu)
+        if advice is not None:
+            from dataclasses import asdict
+
+            document["advice"] = [asdict(item) for item in advice]
+        print(json.dumps(document, indent=2))
         return
-    from memcalc.render import print_estimate
+    from memcalc.render import print_advice, print_estimate
 
     print_estimate(command, estimate, unit, gpu)
+    if advice is not None:
+        print_advice(advice, unit)
 
 
 @app.command()
@@ -274,9 +281,15 @@ def train(
                                               microbatches, vpp, offload, pad_vocab, prefetch, gpus_per_node,
                                               tp_impl))
     gpu_spec = _resolve_gpu(gpu)
-    estimate = estimate_training(resolve_model(model), settings, layout)
+    config = resolve_model(model)
+    estimate = estimate_training(config, settings, layout)
     _warn_precision_support(estimate.settings["precision"], gpu_spec)
-    _emit("train", estimate, units, as_json, gpu_spec)
+    advice = None
+    if gpu_spec is not None and estimate.total > gpu_spec.memory_bytes:
+        from memcalc.advice import advise
+
+        advice = advise(config, settings, layout, gpu_spec.memory_bytes)
+    _emit("train", estimate, units, as_json, gpu_spec, advice)
 
 
 def _warn_precision_support(recipe_name: str, gpu_spec) -> None:

@@ -337,6 +337,25 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None) -> 
                       f"tokens ({estimate.settings['kv_cache_bytes_per_token']:,} bytes/token).")
 
 
+def print_advice(advice, unit: Unit) -> None:
+    """What would make it fit, in the seed's order, each change alone."""
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    console = _console()
+    console.print()
+    if not advice:
+        console.print("No single change lowers the peak; see `memcalc plan` for layouts over more GPUs.")
+        return
+    table = Table(title="What would make it fit (each change alone, same estimator)", title_justify="left")
+    for column in ("Change", f"Saves {label}", f"Peak {label}", "Fits", "Cost"):
+        table.add_column(column, justify="right" if label in column else "left", overflow="fold")
+    for item in advice:
+        table.add_row(item.change, format_bytes(item.saved, unit), format_bytes(item.total, unit),
+                      "yes" if item.fits else "no", item.cost)
+    console.print(table)
+
+
 def print_plan(result, unit: Unit) -> None:
     from rich.table import Table
 
