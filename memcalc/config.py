@@ -279,6 +279,27 @@ class ActivationModel(StrEnum):
     BOTH = "both"  # arch for the total, the Megatron formula shown beside it
 
 
+# The projections LoRA can target (PEFT target_modules, by the Hugging Face Llama module names)
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+DEFAULT_LORA_TARGETS = ("q", "v")  # peft/utils/constants.py: "llama": ["q_proj", "v_proj"]
+
+
+def parse_lora_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"q,v"`` or ``("q", "v")`` (``q_proj`` also accepted) as a tuple in the canonical order
+    q, k, v, o, gate, up, down; a ValueError names the allowed values."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    names = []
+    for item in items:
+        name = str(item).strip().lower()
+        name = name[: -len("_proj")] if name.endswith("_proj") else name
+        if name not in LORA_TARGETS:
+            raise ValueError(f"lora target {str(item).strip()!r} is not one of {', '.join(LORA_TARGETS)}")
+        names.append(name)
+    if not names:
+        raise ValueError(f"lora_targets is empty; choose from {', '.join(LORA_TARGETS)}")
+    return tuple(name for name in LORA_TARGETS if name in names)
+
+
 def _check_positive(instance: Any, *names: str) -> None:
     for name in names:
         value = getattr(instance, name)
@@ -307,13 +328,22 @@ class TrainSettings:
     optimizer_in_backward: bool = False  # step each parameter as its gradient appears (no gradient buffer)
     grad_accum: PositiveInt = 1  # micro-batches accumulated into the gradients before a step
     paged_optimizer: bool = False  # bitsandbytes paged states (unified memory that may spill to the CPU)
+    # LoRA (Hu et al. 2021) as PEFT applies it: the base model frozen, rank-r adapters on the targets
+    lora_rank: PositiveInt | None = None  # None: full fine-tuning
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # projections that get adapters (PEFT's Llama default)
+    lora_dtype: TrainDType = TrainDType.FP32  # adapters' dtype: PEFT's autocast_adapter_dtype=True upcasts to fp32
+    qlora: bool = False  # base linear weights in bitsandbytes NF4 with double quantisation (QLoRA)
 
     def __post_init__(self) -> None:
         _coerce_enums(
             self, dtype=TrainDType, optimizer=Optimizer, recompute=Recompute, attention=Attention,
             optimizer_impl=OptimizerImpl, activation_model=ActivationModel, loss=Loss, optimizer_dtype=TrainDType,
+            lora_dtype=TrainDType,
         )
-        _check_positive(self, "batch_size", "seq_len", "grad_accum")
+        _check_positive(self, "batch_size", "seq_len", "grad_accum", "lora_rank")
+        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
+        if self.qlora and self.lora_rank is None:
+            raise ValueError("qlora trains LoRA adapters on a 4-bit base: give lora_rank too")
         if self.optimizer_in_backward and self.grad_accum > 1:
             raise ValueError("optimizer_in_backward steps during backward: it cannot accumulate gradients (grad_accum)")
         if self.precision is not None:

@@ -26,9 +26,12 @@ from memcalc.estimate.activations import (
 )
 from memcalc.estimate.breakdown import Component, Estimate, Kind, RankView
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
-from memcalc.estimate.params import count_params, parameter_sizes_in_order
+from memcalc.errors import InputError
+from memcalc.estimate import lora as lora_module
+from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
 from memcalc.parallel import (
     ParallelConfig,
+    RankParams,
     StageLayers,
     TPImpl,
     check_layout,
@@ -112,8 +115,17 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     stream = stream_tokens * h * shape.stream_bytes
     full = recompute is Recompute.FULL
 
-    def layer(moe_layer: bool) -> tuple[int, int, int, int]:
+    lora = settings.lora_rank is not None
+    adapter_bytes = _bytes(DType(settings.lora_dtype.value)) if lora else 0
+    lora_live = {False: 0, True: 0}  # LoRA: alive, not saved, when a layer's forward computes its scores
+
+    def layer(moe_layer: bool, first: bool = False) -> tuple[int, int, int, int]:
         """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
+        if lora:  # a frozen base with adapters; the first layer's input needs no gradient
+            part = lora_module.lora_layer(model, shape, attention, Recompute.NONE if full else recompute, settings,
+                                          adapter_bytes, moe_layer, input_grad=not first)
+            lora_live[first] = part.forward_live
+            return part.saved, part.before_scores, part.mlp, part.transient
         # a fully recomputed layer saves, while it runs backward, what it would save without recompute
         attention_part = attention_saved_bytes(model, shape, attention, Recompute.NONE if full else recompute)
         mlp_part = mlp_saved_bytes(model, shape, moe_layer)
@@ -127,9 +139,12 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         transient = _mlp_backward_transient(model, shape, moe_layer, grad_bytes)
         return saved, before_scores, mlp_part, transient
 
-    # dense layers come first (MoE's first_dense_layers), then MoE layers
-    is_moe = [False] * (model.num_layers - model.num_moe_layers) + [True] * model.num_moe_layers
-    by_kind = {kind: layer(kind) for kind in set(is_moe)}
+    # dense layers come first (MoE's first_dense_layers), then MoE layers; under LoRA the first
+    # layer is a kind of its own (its input, the frozen embedding's output, needs no gradient)
+    is_moe = [(False, False)] * (model.num_layers - model.num_moe_layers) + [(True, False)] * model.num_moe_layers
+    if lora:
+        is_moe[0] = (is_moe[0][0], True)
+    by_kind = {kind: layer(*kind) for kind in set(is_moe)}
     last_saved, last_before_scores, last_mlp, _last_transient = by_kind[is_moe[-1]]
     # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
     layers = model.num_layers * stream if full else sum(by_kind[kind][0] for kind in is_moe)
@@ -142,12 +157,14 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     head_weight_copy = e * vocab * h if recipe.autocast else 0
     head_input = shape.linear_input.tokens * h * e
     final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
+    if lora:  # a frozen final norm; the frozen head keeps no input
+        final = lora_module.frozen_norm_bytes(model, h, stream_tokens, shape.stream_bytes)
     saved = embedding + layers + final
 
     # Logits: the matmul output, its fp32 upcast for the loss (unless already fp32), the fp32
     # log-softmax output the cross-entropy keeps (transformers' ForCausalLMLoss upcasts first).
     logits = tokens * vocab
-    head_grad = vocab * h * grad_bytes
+    head_grad = 0 if lora else vocab * h * grad_bytes  # a frozen head has no weight gradient
     if not plan.last:
         # A middle or first stage has no loss: backward starts from the gradient it receives.
         forward = saved
@@ -156,6 +173,8 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         # One slice at a time, run without saving: its logits in fp32 and their log-softmax.
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
         forward = saved + chunk * vocab * 2 * FP32_BYTES
+        if lora:  # the final hidden states, which the frozen head does not save, held by the loss loop
+            forward += tokens * h * e
         # Backward recomputes each slice: its loss gradients, the full-size gradient of the hidden
         # states, and the head-weight gradients of earlier slices waiting to be summed.
         gradient_of_hidden = tokens * h * e
@@ -175,10 +194,18 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         # fp32 gradient; then the output layer's weight gradient exists before it is accumulated.
         backward_output = max(logits * 3 * FP32_BYTES + logits * parallel_loss, logits * e + head_grad)
     if eager and recompute is not Recompute.FULL:
-        forward = max(forward, embedding + others + last_before_scores + scores_forward)
-    if full:
+        forward = max(forward, embedding + others + last_before_scores + lora_live[is_moe[-1][1]] + scores_forward)
+    if full and lora and not is_moe[-1][0]:
+        forward = max(forward, embedding + layers + scores_forward
+                      + lora_module.recompute_forward_bytes(model, shape, settings, adapter_bytes))
+    elif full:
         # a layer run without saving: its MLP intermediates (activation, up, product) at once
         forward = max(forward, embedding + layers + 3 * e * tokens * _mlp_width(model) + scores_forward)
+    if lora and not full and not is_moe[-1][0]:
+        # the last layer's down projection: with a small vocabulary (or a dequantised NF4 weight)
+        # this, not the loss, is the forward peak
+        forward = max(forward, embedding + layers + lora_module.mlp_forward_transient(model, shape, settings,
+                                                                                      adapter_bytes))
 
     backward = saved + backward_output
     # A tied weight waits for the embedding's gradient: its head gradient stays until the end of backward.
@@ -194,14 +221,28 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         layer_saved, _before_scores, _mlp, layer_transient = by_kind[kind]
         if index + 1 == len(is_moe) or is_moe[index + 1] != kind:
             base = embedding + below + held + incoming + plan.extra_layers * average_layer
+            if lora and full:
+                base += stream  # the recomputed layer's input, kept by its checkpoint
+                if not kind[0]:  # recomputing its forward (saving this time) holds the MLP's forward transients
+                    backward = max(backward, base - stream + layer_saved + lora_module.mlp_forward_transient(
+                        model, shape, settings, adapter_bytes))
             backward = max(backward, base + layer_saved - after_mlp_norm + layer_transient)
         below += stream if full else layer_saved
     in_layer = embedding + others + held + incoming
+    if lora and eager and recompute is Recompute.SELECTIVE:
+        # recomputing the last layer's scores: what its forward had saved by then, beside the
+        # gradients of the layer's output and of the attention output
+        backward = max(backward, embedding + others + incoming + tokens * attention_output_width(model) * e
+                       + last_before_scores + scores_forward)
     if eager:
         recomputed_scores = scores * (FP32_BYTES + e) if recompute is Recompute.SELECTIVE else 0
         score_gradients = scores * (e + FP32_BYTES)
         backward = max(backward, in_layer + last_saved - last_mlp + max(recomputed_scores + score_gradients,
                                                                           scores_forward if recomputed_scores else 0))
+    if lora and plan.last:
+        # the frozen final norm's backward, once the loss and the head have run theirs
+        backward = max(backward, saved + lora_module.final_norm_backward_bytes(model, stream_tokens, e,
+                                                                               shape.stream_bytes))
     # At the end of backward a tied weight holds the head gradient, the embedding gradient and their sum.
     end_extra = 2 * head_grad if model.tie_word_embeddings else 0
     if model.tie_word_embeddings:
@@ -311,7 +352,16 @@ def _ceil_div(numerator: int, denominator: int) -> int:
 
 def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig, recipe: PrecisionRecipe,
                seq_len: int, stage: StageLayers) -> RankView:
-    held = rank_params(model, parallel, stage)
+    lora = settings.lora_rank is not None
+    base_recipe = recipe
+    if lora:
+        # LoRA (memcalc.estimate.lora): only the adapters train; the frozen base is weights alone
+        if not parallel.is_single_device:
+            raise InputError("LoRA is modelled on one device: drop the parallel layout")
+        held = RankParams(lora_module.adapter_inventory(model, settings), ParamInventory(()))
+        recipe = lora_module.adapter_recipe(settings, recipe)
+    else:
+        held = rank_params(model, parallel, stage)
     offload_optimizer = parallel.offloads_optimizer
     dense_shards, expert_shards = parallel.dense_shards, parallel.expert_shards
 
@@ -324,6 +374,8 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         return per_rank(storage_bytes(held.dense.total, dtype), storage_bytes(held.experts.total, dtype), sharded)
 
     weights = state(recipe.weight_dtype, parallel.shards_params)
+    base_weights = lora_module.base_weight_bytes(model, settings, base_recipe.weight_dtype) if lora else 0
+    weights += base_weights
     # ZeRO-Offload keeps the reduced gradients on the CPU in the master dtype, beside the optimizer.
     grad_dtype = recipe.master_dtype if offload_optimizer and recipe.master_dtype else recipe.grad_dtype
     gradients = state(grad_dtype, parallel.shards_gradients or offload_optimizer)
@@ -337,8 +389,9 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     master = state(recipe.master_dtype, parallel.shards_optimizer) if recipe.master_dtype else 0
     plan = _stage_plan(model, parallel, stage, seq_len)
     if settings.optimizer is Optimizer.ADAFACTOR:
+        matrices = lora_module.adapter_matrices(model, settings) if lora else _matrices(plan.model, held, parallel.ep)
         moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype,
-                                                 _matrices(plan.model, held, parallel.ep)),
+                                                 matrices),
                            optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
                            parallel.shards_optimizer)
     else:
@@ -347,12 +400,15 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                            parallel.shards_optimizer)
 
     if settings.activation_model.value == "megatron":
-        peaks = _megatron_peaks(plan, settings, recipe, parallel)
+        peaks = _megatron_peaks(plan, settings, base_recipe, parallel)
     else:
-        peaks = _arch_peaks(plan, settings, recipe)
-    megatron = _megatron_peaks(plan, settings, recipe, parallel) if settings.activation_model.value == "both" else None
+        peaks = _arch_peaks(plan, settings, base_recipe)
+    megatron = (_megatron_peaks(plan, settings, base_recipe, parallel)
+                if settings.activation_model.value == "both" else None)
 
-    if parallel.is_single_device:
+    if lora:
+        sizes = lora_module.adapter_sizes_in_order(model, settings)
+    elif parallel.is_single_device:
         sizes = parameter_sizes_in_order(model)
     else:
         sizes = []
@@ -460,20 +516,31 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     def text(formula: str, sharded: bool) -> str:
         return f"{formula}{sharding_text}" if sharded and sharding_text else formula
 
+    if lora:
+        base_text = "NF4 linear weights (double quant) + rest" if settings.qlora else "P"
+        weights_component = Component(
+            "weights", "Weights (frozen base + adapters)", weights, Kind.STATIC,
+            f"{base_text} x {base_recipe.weight_dtype.value} = {base_weights:,} B + {held.total:,} adapter "
+            f"params x {recipe.weight_dtype.value}",
+            lora_module.QLORA if settings.qlora else lora_module.PEFT)
+    else:
+        weights_component = Component(
+            "weights", "Weights", weights, Kind.STATIC,
+            text(f"P x {recipe.weight_dtype.value}", parallel.shards_params), recipe.source,
+            "cpu" if on_cpu["weights"] else "gpu")
+    adapters_only = " (adapters only)" if lora else ""
     components = [
-        Component("weights", "Weights", weights, Kind.STATIC,
-                  text(f"P x {recipe.weight_dtype.value}", parallel.shards_params), recipe.source,
-                  "cpu" if on_cpu["weights"] else "gpu"),
+        weights_component,
         Component("master_weights", "Master weights (fp32)", master, Kind.STATIC,
                   text("P x fp32", parallel.shards_optimizer) if master else f"none ({recipe.name})", recipe.source,
                   "cpu" if offload_optimizer else "gpu"),
         Component("optimizer_states", "Optimizer states", moments, Kind.STATIC,
-                  text(moment_text, parallel.shards_optimizer), "torch.optim / bitsandbytes state layout",
-                  "cpu" if offload_optimizer else "gpu"),
+                  text(moment_text, parallel.shards_optimizer) + adapters_only,
+                  "torch.optim / bitsandbytes state layout", "cpu" if offload_optimizer else "gpu"),
         Component("gradients", "Gradients", gradients, Kind.STATIC if persistent else Kind.DYNAMIC,
                   f"largest tensor x {grad_dtype.value} (stepped in backward)" if in_backward else
-                  text(f"P x {grad_dtype.value}", parallel.shards_gradients or offload_optimizer), recipe.source,
-                  "cpu" if offload_optimizer else "gpu"),
+                  text(f"P x {grad_dtype.value}", parallel.shards_gradients or offload_optimizer) + adapters_only,
+                  recipe.source, "cpu" if offload_optimizer else "gpu"),
         Component("activations", "Activations (peak)", max(peaks.forward, peaks.backward), Kind.DYNAMIC,
                   peaks.formula, peaks.source),
         Component("optimizer_step_temporaries", "Optimizer step temporaries", step_temporaries, Kind.DYNAMIC,
@@ -506,7 +573,8 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         references = (Component("activations_megatron", "Activations, Megatron formula (reference)", megatron.forward,
                                 Kind.DYNAMIC, megatron.formula, megatron.source),)
     name = "all ranks" if parallel.pp == 1 else ("first stage" if stage.first else "last stage")
-    return RankView(name, stage.rank, held.total, tuple(components), phases, references)
+    parameters = held.total + (count_params(model).total if lora else 0)
+    return RankView(name, stage.rank, parameters, tuple(components), phases, references)
 
 
 def _matrices(local: ModelConfig, held, ep: int) -> list[tuple[int, int, int]]:
@@ -547,6 +615,18 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         Component("training", "Resumable (weights + master + optimizer)", weights + master + moments, Kind.STATIC,
                   "weights + master weights + optimizer states", "DeepSpeed / Megatron-LM checkpoint layout"),
     )
+    lora = None
+    if settings.lora_rank is not None:
+        lora = lora_module.summary(model, settings, recipe)
+        checkpoint = (
+            Component("weights_only", "Adapters only (adapter_model.safetensors)", lora["adapter_bytes"], Kind.STATIC,
+                      f"{lora['trainable_params']:,} adapter params x {settings.lora_dtype.value}", lora_module.PEFT),
+            Component("training", "Resumable (adapters + master + optimizer)",
+                      lora["adapter_bytes"] + sum(c.bytes for c in busiest.components
+                                                  if c.key in ("master_weights", "optimizer_states")), Kind.STATIC,
+                      "adapters + their master copy + optimizer states (the frozen base is not saved)",
+                      "PEFT save_pretrained; transformers Trainer checkpoints"),
+        )
     resolved = {
         "dtype": settings.dtype.value,
         "precision": recipe.name,
@@ -565,6 +645,8 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         "grad_accum": settings.grad_accum,
         "paged_optimizer": settings.paged_optimizer,
     }
+    if lora is not None:
+        resolved["lora"] = lora
     if not parallel.is_single_device:
         resolved["parallel"] = _layout_document(model, parallel, busiest)
     return Estimate(model, params, resolved, busiest.components, references=busiest.references,

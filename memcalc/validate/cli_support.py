@@ -98,6 +98,8 @@ def run_training_validation(
 ) -> Comparison:
     if settings.optimizer is Optimizer.ADAM8BIT:
         raise InputError("--optimizer adam8bit cannot be measured here: bitsandbytes' kernels need a CUDA build")
+    if impl == "hf" and settings.lora_rank is not None:
+        raise InputError("LoRA is measured on the reference decoder: use --impl reference")
     if impl == "hf":
         if settings.loss.value == "chunked" or settings.recompute.value == "selective":
             raise InputError("--impl hf measures transformers' own loss and recompute: use --loss full and "
@@ -121,6 +123,10 @@ def run_training_validation(
         recompute=settings.recompute.value,
         loss=settings.loss.value,
         impl=impl,
+        lora_rank=settings.lora_rank,
+        lora_targets=settings.lora_targets,
+        lora_dtype=settings.lora_dtype.value,
+        qlora=settings.qlora,
     )
     measurement = _measure(device, lambda: measure_training(model, workload, device, progress))
     return compare_training(estimate, measurement)

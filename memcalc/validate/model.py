@@ -398,3 +398,195 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         stop = start + LOSS_CHUNK_TOKENS
         total = total + checkpoint(_chunk_loss_sum, hidden[start:stop], weight, labels[start:stop], use_reentrant=False)
     return total / labels.numel()
+
+
+# --- LoRA and QLoRA ------------------------------------------------------------------------------
+#
+# PEFT's LoRA (peft/tuners/lora/layer.py, class Linear) wraps a frozen base linear layer:
+# ``result = base(x) + lora_B(lora_A(dropout(x))) * scaling`` with ``scaling = lora_alpha / r``,
+# ``lora_A: d_in -> r`` and ``lora_B: r -> d_out`` (no bias; lora_dropout=0 makes dropout an
+# nn.Identity). ``get_peft_model(..., autocast_adapter_dtype=True)`` (the default) upcasts fp16/bf16
+# adapters to fp32 (peft/tuners/tuners_utils.py, cast_adapter_dtype); the forward then casts the
+# input to the adapter dtype (``_cast_input_dtype``) and the sum back to the base output's dtype.
+# QLoRA's base is bitsandbytes' Linear4bit (NF4, blocks of 64, double quantisation), wrapped by
+# peft/tuners/lora/bnb.py's Linear4bit, whose forward clones the base output and casts the adapter
+# output back before adding it.
+
+LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+NF4_BLOCK = 64  # bitsandbytes Params4bit blocksize
+NESTED_BLOCK = 256  # double quantisation of the absmax: quantize_blockwise(blocksize=256)
+# The 16 NF4 levels (QLoRA, arXiv:2305.14314, appendix E; bitsandbytes get_4bit_type("nf4")).
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+@torch.library.custom_op("memcalc::dequantize_blockwise", mutates_args=())
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """bitsandbytes ``dequantize_blockwise``: one fp32 value per uint8 code. A custom op, so its
+    inner work is invisible to the tracker, as a CUDA kernel's would be."""
+    scale = absmax.repeat_interleave(blocksize)[: codes.numel()]
+    return code[codes.long()] * scale
+
+
+@dequantize_blockwise.register_fake
+def _(codes, absmax, code, blocksize):
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+@torch.library.custom_op("memcalc::dequantize_4bit", mutates_args=())
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes ``dequantize_4bit``: the whole [d_out, d_in] weight in ``dtype``."""
+    numel = shape[0] * shape[1]
+    packed = packed.reshape(-1)
+    indices = torch.stack(((packed >> 4) & 15, packed & 15), dim=-1).reshape(-1)[:numel].long()
+    scale = absmax.repeat_interleave(blocksize)[:numel]
+    return (code[indices] * scale).to(dtype).reshape(shape)
+
+
+@dequantize_4bit.register_fake
+def _(packed, absmax, code, blocksize, shape, dtype):
+    return torch.empty(shape, dtype=dtype, device=packed.device)
+
+
+class NF4Linear(nn.Module):
+    """A bitsandbytes ``Linear4bit`` (NF4, ``compress_statistics=True``) simulated in plain
+    PyTorch, so that it runs on fake tensors and the CPU. It stores what bitsandbytes stores: the
+    packed weight (uint8, two 4-bit codes a byte, shape [(n + 1) // 2, 1]) as a frozen parameter,
+    and the quantisation state as buffers: the absmax of each 64 weights as uint8 codes, one fp32
+    absmax per 256 codes, the fp32 offset (their mean), the 16-entry NF4 table and the 256-entry
+    table of the nested quantisation. The byte counts are ``weights.FORMATS["bnb-nf4"]``'s."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
+        super().__init__()
+        self.bias = linear.bias  # bitsandbytes keeps a bias in the compute dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = compute_dtype
+        device = linear.weight.device
+        flat = linear.weight.detach().reshape(-1).float()
+        numel = flat.numel()
+        blocks = -(-numel // NF4_BLOCK)
+        padded = torch.cat((flat, flat.new_zeros(blocks * NF4_BLOCK - numel))).view(blocks, NF4_BLOCK)
+        absmax = padded.abs().amax(dim=1).clamp_min(1e-12)
+        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+        indices = (padded / absmax[:, None]).unsqueeze(-1).sub(levels).abs().argmin(-1).reshape(-1)[:numel]
+        if numel % 2:
+            indices = torch.cat((indices, indices.new_zeros(1)))
+        pairs = indices.view(-1, 2).to(torch.uint8)
+        packed = (pairs[:, 0] << 4) | pairs[:, 1]
+        self.weight = nn.Parameter(packed.view(-1, 1), requires_grad=False)
+        # double quantisation: absmax - mean, quantised to 8 bits in blocks of 256
+        offset = absmax.mean()
+        centred = absmax - offset
+        nested_blocks = -(-blocks // NESTED_BLOCK)
+        padded_absmax = torch.cat((centred, centred.new_zeros(nested_blocks * NESTED_BLOCK - blocks)))
+        nested_absmax = padded_absmax.view(nested_blocks, NESTED_BLOCK).abs().amax(dim=1).clamp_min(1e-12)
+        nested_code = torch.linspace(-1.0, 1.0, 256, dtype=torch.float32, device=device)
+        normalised = centred / nested_absmax.repeat_interleave(NESTED_BLOCK)[:blocks]
+        codes = ((normalised + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        self.register_buffer("absmax", codes)
+        self.register_buffer("nested_absmax", nested_absmax)
+        self.register_buffer("offset", offset.reshape(()))
+        self.register_buffer("code", levels)
+        self.register_buffer("nested_code", nested_code)
+
+    def linear_fallback(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward path of bitsandbytes' ``gemm_4bit`` for many tokens
+        (``backends/cuda/ops.py: _dequant_linear_fallback``): the absmax codes to fp32, plus the
+        offset (a new tensor), the weight in the compute dtype, then ``F.linear``; all three
+        temporaries live until the matmul returns."""
+        absmax_dq = torch.ops.memcalc.dequantize_blockwise(self.absmax, self.nested_absmax, self.nested_code,
+                                                           NESTED_BLOCK)
+        absmax = absmax_dq + self.offset
+        weight = torch.ops.memcalc.dequantize_4bit(self.weight, absmax, self.code, NF4_BLOCK,
+                                                   [self.out_features, self.in_features], self.compute_dtype)
+        return F.linear(x, weight, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """``bitsandbytes.functional.dequantize_4bit`` (the backward's path): absmax codes to fp32,
+        the offset added in place, then the weight."""
+        absmax = torch.ops.memcalc.dequantize_blockwise(self.absmax, self.nested_absmax, self.nested_code,
+                                                        NESTED_BLOCK)
+        absmax += self.offset
+        return torch.ops.memcalc.dequantize_4bit(self.weight, absmax, self.code, NF4_BLOCK,
+                                                 [self.out_features, self.in_features], self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _MatMul4Bit.apply(x, self.weight, self).to(input_dtype)
+        return self.linear_fallback(x).to(input_dtype)
+
+
+class _MatMul4Bit(torch.autograd.Function):
+    """bitsandbytes ``MatMul4Bit``: the forward dequantises the weight for one matmul; nothing
+    but the packed weight is kept (``ctx.tensors = (None, B)``: the input is not saved, no weight
+    gradient exists); the backward dequantises again for the input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, packed, module):
+        ctx.module = module
+        return module.linear_fallback(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = ctx.module.dequantize()
+        return torch.matmul(grad_output, weight.to(grad_output.dtype)), None, None
+
+
+class LoRALinear(nn.Module):
+    """PEFT's ``lora.Linear`` (or, over an ``NF4Linear``, ``lora.bnb.Linear4bit``) with one adapter."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dtype: torch.dtype):
+        super().__init__()
+        self.base_layer = base_layer
+        device = next(base_layer.parameters()).device
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, dtype=dtype, device=device)
+        nn.init.zeros_(self.lora_B.weight)  # PEFT's init_lora_weights=True: B = 0, A kaiming-uniform
+        self.scaling = alpha / rank
+        self.quantized = isinstance(base_layer, NF4Linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.quantized:  # peft/tuners/lora/bnb.py, Linear4bit.forward (no autocast)
+            result = result.clone()
+            expected_dtype = result.dtype
+            x = x.to(self.lora_A.weight.dtype)
+            output = self.lora_B(self.lora_A(x)) * self.scaling
+            output = output.to(expected_dtype)
+            return result + output
+        result_dtype = result.dtype  # peft/tuners/lora/layer.py, Linear.forward
+        x = x.to(self.lora_A.weight.dtype)
+        result = result + self.lora_B(self.lora_A(x)) * self.scaling
+        return result.to(result_dtype)
+
+
+def apply_lora(decoder: Decoder, targets: tuple[str, ...], rank: int, alpha: float | None = None,
+               dtype: torch.dtype = torch.float32, qlora: bool = False) -> Decoder:
+    """Freeze every parameter of ``decoder`` and give the ``targets`` projections (see
+    ``LORA_MODULES``; routed and shared experts included) rank-``rank`` adapters in ``dtype``.
+    ``qlora``: every linear weight of the layers (``estimate.weights.linear_weights``: attention,
+    MLP, experts; not the routers, embeddings or head) becomes an ``NF4Linear`` first, computing in
+    the decoder's dtype."""
+    if decoder.config.mla is not None:
+        raise ValueError("LoRA on multi-head latent attention is not modelled")
+    for param in decoder.parameters():
+        param.requires_grad_(False)
+    names = {LORA_MODULES[target] for target in targets}
+    quantised = set(LORA_MODULES.values())
+    compute_dtype = decoder.embed_tokens.weight.dtype
+    for layer in decoder.layers:
+        for parent in list(layer.modules()):
+            for child_name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear) or child_name not in quantised:
+                    continue
+                base = NF4Linear(child, compute_dtype) if qlora else child
+                if child_name in names:
+                    base = LoRALinear(base, rank, float(alpha if alpha is not None else rank), dtype)
+                setattr(parent, child_name, base)
+    return decoder

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from memcalc.config import ModelConfig
-from memcalc.validate.model import Decoder, causal_lm_loss, chunked_causal_lm_loss
+from memcalc.validate.model import Decoder, apply_lora, causal_lm_loss, chunked_causal_lm_loss
 from memcalc.validate.tracker import CUDA_BLOCK_BYTES, LiveBytesTracker
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,6 +37,11 @@ class TrainWorkload:
     loss: str = "full"  # full | chunked
     impl: str = "reference"  # reference (memcalc.validate.model) | hf (the transformers class)
     iterations: int = 2
+    # LoRA (memcalc.validate.model.apply_lora): the base frozen, adapters of this rank on the targets
+    lora_rank: int | None = None
+    lora_targets: tuple[str, ...] = ("q", "v")
+    lora_dtype: str = "fp32"  # the adapters' dtype (PEFT's autocast_adapter_dtype=True: fp32)
+    qlora: bool = False  # the layers' linear weights in (simulated) bitsandbytes NF4
 
 
 @dataclass
@@ -136,10 +141,18 @@ def measure_training(
                 model.train()
             else:
                 model = Decoder(model_config, attention=attention, recompute=workload.recompute)
-        params = list(model.parameters())
-        weights = tracker.storage_bytes(params + list(model.buffers()))
+            if workload.lora_rank is not None:
+                if workload.impl == "hf" or recipe.autocast:
+                    raise ValueError("LoRA is measured on the reference decoder without autocast")
+                apply_lora(model, tuple(workload.lora_targets), workload.lora_rank,
+                           dtype=TORCH_DTYPES[workload.lora_dtype], qlora=workload.qlora)
+        weights = tracker.storage_bytes(list(model.parameters()) + list(model.buffers()))
+        # only trainable parameters get gradients, master copies and optimizer states (LoRA: the adapters)
+        params = [p for p in model.parameters() if p.requires_grad]
         tracker.static_bytes = weights
-        masters = [p.detach().float() for p in params] if recipe.master_dtype is not None else []
+        # a master copy for parameters narrower than the recipe's master dtype (LoRA's fp32 adapters have none)
+        needs_master = recipe.master_dtype is not None and any(p.element_size() < 4 for p in params)
+        masters = [p.detach().float() for p in params] if needs_master else []
         for master in masters:
             master.requires_grad_(True)
         master_bytes = tracker.storage_bytes(masters)
