@@ -80,6 +80,26 @@ GradAccumOption = Annotated[int, typer.Option("--grad-accum", min=1, help="Micro
 PagedOption = Annotated[bool, typer.Option("--paged", help="bitsandbytes paged optimizer states (unified memory "
                                            "that may spill to the CPU under pressure; counted on the GPU).")]
 
+LoraRankOption = Annotated[int | None, typer.Option("--lora-rank", min=1, show_default=False, rich_help_panel="LoRA",
+                                                    help="Train LoRA adapters of this rank; the base is frozen.")]
+LoraTargetsOption = Annotated[str, typer.Option("--lora-targets", rich_help_panel="LoRA",
+                                                help="Projections with adapters: q,k,v,o,gate,up,down or all.")]
+LoraDTypeOption = Annotated[TrainDType, typer.Option("--lora-dtype", rich_help_panel="LoRA",
+                                                     help="Adapter dtype (PEFT upcasts adapters to fp32).")]
+QLoraOption = Annotated[bool, typer.Option("--qlora", rich_help_panel="LoRA",
+                                           help="Base linear weights in bitsandbytes NF4 with double quantisation.")]
+
+
+def _lora_fields(rank, targets, dtype, qlora) -> dict:
+    if rank is None:
+        if qlora:
+            raise InputError("--qlora needs --lora-rank")
+        return {}
+    if targets.strip() == "all":
+        targets = "q,k,v,o,gate,up,down"
+    return {"lora_rank": rank, "lora_targets": targets, "lora_dtype": dtype, "qlora": qlora}
+
+
 # Parallel layout (memcalc.parallel); every flag has the Scenario key of the same name.
 GpusOption = Annotated[int | None, typer.Option("--gpus", min=1, show_default=False, rich_help_panel="Parallelism",
                                                 help="GPUs in the job; must equal dp x tp x pp x cp (dp follows "
@@ -231,6 +251,10 @@ def train(
     optimizer_in_backward: OptimizerInBackwardOption = False,
     grad_accum: GradAccumOption = 1,
     paged: PagedOption = False,
+    lora_rank: LoraRankOption = None,
+    lora_targets: LoraTargetsOption = "q,v",
+    lora_dtype: LoraDTypeOption = TrainDType.FP32,
+    qlora: QLoraOption = False,
     gpus: GpusOption = None,
     dp: DPOption = None,
     tp: TPOption = 1,
@@ -276,7 +300,8 @@ def train(
         dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch, seq_len=seq,
         recompute=recompute, attention=attention, optimizer_impl=optimizer_impl, activation_model=activation_model,
         loss=loss, precision=_recipe_name(precision), optimizer_dtype=optimizer_dtype,
-        optimizer_in_backward=optimizer_in_backward, grad_accum=grad_accum, paged_optimizer=paged)
+        optimizer_in_backward=optimizer_in_backward, grad_accum=grad_accum, paged_optimizer=paged,
+        **_lora_fields(lora_rank, lora_targets, lora_dtype, qlora))
     layout = parallel_config(_layout_scenario(gpus, dp, tp, pp, cp, ep, sp, zero, fsdp, distributed_optimizer,
                                               microbatches, vpp, offload, pad_vocab, prefetch, gpus_per_node,
                                               tp_impl))
@@ -312,8 +337,11 @@ def _train_settings(**fields):
     try:
         return TrainSettings(**fields)
     except ValueError as exc:
-        message = str(exc).replace("optimizer_in_backward", "--optimizer-in-backward").replace("grad_accum",
-                                                                                                "--grad-accum")
+        message = str(exc)
+        for field, flag in (("optimizer_in_backward", "--optimizer-in-backward"), ("grad_accum", "--grad-accum"),
+                            ("lora_targets", "--lora-targets"), ("lora target", "--lora-targets"),
+                            ("lora_rank", "--lora-rank"), ("qlora", "--qlora")):
+            message = message.replace(field, flag)
         raise InputError(message) from None
 
 
@@ -647,6 +675,10 @@ def validate(
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, show_default=False, help="infer: top-k.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", show_default=False, help="infer: top-p.")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="infer: sampling temperature.")] = 1.0,
+    lora_rank: LoraRankOption = None,
+    lora_targets: LoraTargetsOption = "q,v",
+    lora_dtype: LoraDTypeOption = TrainDType.FP32,
+    qlora: QLoraOption = False,
     tolerance: Annotated[float | None, typer.Option(min=0, show_default=False,
                                                     help="Exit with code 3 when the total misses by more than this "
                                                     "percentage.")] = None,
@@ -685,9 +717,11 @@ def validate(
         from memcalc.config import TrainSettings
         from memcalc.estimate.training import estimate_training
 
-        settings = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
-                                 seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
-                                 activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
+        settings = _train_settings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
+                                   seq_len=seq, recompute=recompute, attention=attention,
+                                   optimizer_impl=optimizer_impl, activation_model=activation_model, loss=loss,
+                                   precision=_recipe_name(precision),
+                                   **_lora_fields(lora_rank, lora_targets, lora_dtype, qlora))
         estimate = estimate_training(config, settings)
 
         def run(*args, **kwargs):

@@ -58,6 +58,11 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             ("activations", _activation_assumption(settings)),
             ("parallelism", _parallel_assumption(estimate)),
         ]
+        lora = settings.get("lora")
+        if lora:
+            lines.append(("fine-tuning", f"{'QLoRA' if lora['qlora'] else 'LoRA'} rank {lora['rank']} on "
+                          f"{', '.join(lora['targets'])}: {lora['trainable_params']:,} trainable parameters in "
+                          f"{lora['adapter_dtype']}; the base is frozen ({lora['base_format']})"))
     else:
         sequences = settings["sequences"]
         decoding = settings["decoding"]

@@ -165,6 +165,7 @@ BAD_INPUT = [
     (["train", "llama-3-8b", "--offload", "params", "--zero", "2"], "--offload params needs --zero 3"),
     (["train", "llama-3-8b", "--zero", "1", "--distributed-optimizer"], "--distributed-optimizer is Megatron's ZeRO-1"),
     (["train", "llama-3-8b", "--sp"], "--sp needs --tp > 1"),
+    (["train", "llama-3-8b", "--lora-rank", "8", "--lora-targets", "q,x"], "--lora-targets 'x' is not one of q, k"),
     (["train", "llama-3-8b", "--tp-impl", "deepspeed"], "--tp-impl: 'deepspeed' is not one of megatron, dtensor"),
     (["train", "llama-3-8b", "--vpp", "2"], "--vpp needs --pp > 1"),
     (["train", "llama-3-8b", "--gpu", "h1000"], "unknown GPU 'h1000'; did you mean"),
@@ -234,6 +235,21 @@ def test_formats_json_computed_from_bit_layouts(run_cli):
     assert by_name["fp16"]["max"] == 65504
     result = run_cli("formats", "fp7")
     assert result.exit_code == 2 and "fp7" in result.stderr
+
+
+def test_train_lora_flags(run_cli):
+    """PEFT prints 4,194,304 trainable parameters for Llama-2-7B with r = 8 on q_proj and v_proj:
+    32 layers x 2 x 8 x (4096 + 4096). Gradients and AdamW states exist for those only (fp32)."""
+    document = _json(run_cli, "train", "llama-2-7b", "--lora-rank", "8", "--lora-targets", "q,v")
+    lora = document["settings"]["lora"]
+    assert lora["trainable_params"] == 32 * 2 * 8 * (4096 + 4096) == 4_194_304
+    assert document["memory"]["gradients"] == 4 * 4_194_304
+    assert document["memory"]["optimizer_states"] == 8 * 4_194_304
+    every = _json(run_cli, "train", "llama-2-7b", "--lora-rank", "8", "--lora-targets", "all")
+    # q, k, v, o: 4 x (4096 + 4096); gate, up: 2 x (4096 + 11008); down: (11008 + 4096)
+    assert every["settings"]["lora"]["trainable_params"] == 32 * 8 * (4 * 8192 + 3 * (4096 + 11008))
+    result = run_cli("train", "llama-2-7b", "--qlora")
+    assert result.exit_code == 2 and "--qlora needs --lora-rank" in result.stderr
 
 
 def test_compare_json_matches_train(run_cli):
