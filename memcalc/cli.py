@@ -306,6 +306,10 @@ def train(
                                               microbatches, vpp, offload, pad_vocab, prefetch, gpus_per_node,
                                               tp_impl))
     gpu_spec = _resolve_gpu(gpu)
+    if gpu_spec is not None and "blackwell" in gpu_spec.architecture.lower():
+        from dataclasses import replace
+
+        settings = replace(settings, fp8_transpose=False)  # one FP8 layout serves both GEMM directions
     config = resolve_model(model)
     estimate = estimate_training(config, settings, layout)
     _warn_precision_support(estimate.settings["precision"], gpu_spec)

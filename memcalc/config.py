@@ -328,6 +328,7 @@ class TrainSettings:
     optimizer_in_backward: bool = False  # step each parameter as its gradient appears (no gradient buffer)
     grad_accum: PositiveInt = 1  # micro-batches accumulated into the gradients before a step
     paged_optimizer: bool = False  # bitsandbytes paged states (unified memory that may spill to the CPU)
+    fp8_transpose: bool = True  # FP8 recipes: keep a transposed FP8 weight copy (Hopper, Ada; not Blackwell)
     # LoRA (Hu et al. 2021) as PEFT applies it: the base model frozen, rank-r adapters on the targets
     lora_rank: PositiveInt | None = None  # None: full fine-tuning
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # projections that get adapters (PEFT's Llama default)

@@ -63,3 +63,55 @@ def test_every_fp8_recipe_names_its_gpu_requirement_and_source():
         assert recipe.source
         if recipe.gemm is not None or recipe.gemm_input_bytes is not None:
             assert recipe.requires in ("fp8", "mxfp8")
+
+
+# --- The recipes in a training estimate ------------------------------------------------------------
+
+LLAMA_3_8B = 8_030_261_248
+LINEAR = LLAMA_3_8B - 2 * 128_256 * 4096 - 65 * 4096  # every layer projection: 6,979,321,856
+REST = LLAMA_3_8B - LINEAR  # embedding, head, norms
+
+
+def _components(precision: str, **settings) -> dict[str, int]:
+    from memcalc.config import TrainSettings
+    from memcalc.estimate.training import estimate_training
+    from memcalc.library import resolve_model
+
+    estimate = estimate_training(resolve_model("llama-3-8b"), TrainSettings(precision=precision, **settings))
+    return {component.key: component.bytes for component in estimate.components}
+
+
+@pytest.mark.parametrize(
+    ("precision", "weights", "gradients", "master", "moments"),
+    [
+        # TE on Hopper: bf16 weights + FP8 copy + FP8 transpose for the projections
+        ("te-fp8", 2 * REST + 4 * LINEAR, 2 * LLAMA_3_8B, 4 * LLAMA_3_8B, 8 * LLAMA_3_8B),
+        # DeepSeek-V3: the projections exist as FP8 with 128x128 block scales only; fp32 master and
+        # gradients, bf16 moments
+        ("deepseek-fp8", 2 * REST + LINEAR + LINEAR * 4 // 16384, 4 * LLAMA_3_8B, 4 * LLAMA_3_8B, 4 * LLAMA_3_8B),
+        # MS-AMP O2: fp16 projections, FP8 gradients, FP8 m + fp16 v, no master for them
+        ("msamp-o2", 2 * LLAMA_3_8B, 2 * REST + LINEAR, 4 * REST, 8 * REST + 3 * LINEAR),
+    ],
+)
+def test_recipe_states_split_projections_from_the_rest(precision, weights, gradients, master, moments):
+    memory = _components(precision)
+    assert (memory["weights"], memory["gradients"], memory["master_weights"], memory["optimizer_states"]) == (
+        weights, gradients, master, moments)
+
+
+def test_blackwell_drops_the_transpose_copy():
+    hopper, blackwell = _components("te-fp8"), _components("te-fp8", fp8_transpose=False)
+    assert hopper["weights"] - blackwell["weights"] == LINEAR
+
+
+def test_fp8_caches_the_gemm_inputs_in_one_byte():
+    """Transformer Engine's documented 1024 x 1024 Linear over 1024 tokens: BF16 keeps the 2 MB
+    weight, a 2 MB saved input and a 2 MB output (6 MB); FP8 with BF16 weights keeps the 2 MB
+    weight, a 1 MB FP8 weight, a 1 MB FP8 saved input and the 2 MB output: still 6 MB."""
+    mib = 2**20
+    bf16 = 2 * mib + 2 * mib + 2 * mib
+    te = RECIPES["te-fp8"]
+    fp8 = (te.gemm.weight + te.gemm.copies) * mib + te.gemm_input_bytes * mib + 2 * mib
+    assert bf16 == fp8 == 6 * mib
+    # and in a model: the FP8 recipe saves less activation memory than bf16 with the same block
+    assert _components("te-fp8", seq_len=2048)["activations"] < _components("mixed-bf16", seq_len=2048)["activations"]

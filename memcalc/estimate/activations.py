@@ -15,6 +15,8 @@ Written per element size ``e`` (2 for fp16/bf16, 4 for fp32) with masks kept at 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from fractions import Fraction
+from math import ceil
 
 from memcalc.config import MLPKind, ModelConfig, NormKind, Recompute
 
@@ -84,6 +86,8 @@ class ActivationShape:
     stream_tokens: int | None = None
     # PyTorch DTensor SP: the column-parallel matmuls save their all-gathered (whole) input
     gathered_linear_inputs: bool = False
+    # FP8 recipes: bytes per element of the quantised GEMM inputs saved for backward (None: e)
+    gemm_input_bytes: Fraction | None = None
 
     @property
     def stream(self) -> ActivationShape:
@@ -109,7 +113,11 @@ def norm_saved_bytes(model: ModelConfig, width: int, shape: ActivationShape) -> 
 
 
 def _linear_inputs_bytes(shape: ActivationShape, width: int, consumers: int) -> int:
-    """A tensor read by ``consumers`` linear layers is kept once; autocast casts it once per layer."""
+    """A tensor read by ``consumers`` linear layers is kept once; autocast casts it once per layer.
+    FP8 recipes keep the quantised input instead, once for the fused projections (Transformer
+    Engine's LayerNormLinear / LayerNormMLP)."""
+    if shape.gemm_input_bytes is not None:
+        return ceil(shape.tokens * width * shape.gemm_input_bytes)
     copies = consumers if shape.autocast else 1
     return copies * shape.tokens * width * shape.element_bytes
 
@@ -136,6 +144,8 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
     if model.norms_per_layer >= 4:  # Gemma-2's norm of the attention output (before the residual add)
         saved += norm_saved_bytes(model, model.hidden_size, stream)
     saved += tokens * q_width * e  # attention output = output-projection input
+    if shape.gemm_input_bytes is not None:  # FP8: the output projection keeps a quantised copy beside it
+        saved += ceil(tokens * q_width * shape.gemm_input_bytes)
     if attention == "eager":
         if recompute is Recompute.NONE:
             scores = model.num_attention_heads * shape.seq_len * shape.seq_len * shape.batch_size
@@ -215,9 +225,13 @@ def mla_attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attent
     return saved
 
 
-def _mlp_saved_bytes(model: ModelConfig, tokens: int, width: int, e: int) -> int:
-    """Gated: gate output, activation output, up output, their product. Plain: up output, activation output."""
-    return tokens * width * e * (4 if model.mlp is MLPKind.GATED else 2)
+def _mlp_saved_bytes(model: ModelConfig, tokens: int, width: int, e: int, gemm_input: Fraction | None = None) -> int:
+    """Gated: gate output, activation output, up output, their product. Plain: up output, activation
+    output. The last is the down projection's input: FP8 recipes keep it quantised."""
+    tensors = 4 if model.mlp is MLPKind.GATED else 2
+    if gemm_input is None:
+        return tokens * width * e * tensors
+    return tokens * width * e * (tensors - 1) + ceil(tokens * width * gemm_input)
 
 
 def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool) -> int:
@@ -229,7 +243,7 @@ def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool)
     if not moe_layer:
         consumers = 2 if model.mlp is MLPKind.GATED else 1
         return saved + _linear_inputs_bytes(shape.linear_input, h, consumers) + _mlp_saved_bytes(
-            model, tokens, model.intermediate_size, e)
+            model, tokens, model.intermediate_size, e, shape.gemm_input_bytes)
     moe = model.moe
     # Balanced routing: k/E of the tokens per expert. Under expert parallelism each rank's experts
     # receive as many token copies as its own tokens send out, so the count per rank is unchanged;
@@ -240,10 +254,11 @@ def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool)
     # router: fp32 softmax output; top-k indices, weights and their sum; per-expert token and slot indices
     saved += stream.tokens * (FP32_BYTES * moe.num_experts + FP32_BYTES) + assignments * (INDEX_BYTES * 3 + FP32_BYTES)
     # per routed token: its gathered input, the expert's output and the weighted output; the expert MLP
-    saved += assignments * (3 * h * e) + _mlp_saved_bytes(model, assignments, moe.expert_intermediate_size, e)
+    saved += assignments * (3 * h * e) + _mlp_saved_bytes(model, assignments, moe.expert_intermediate_size, e,
+                                                          shape.gemm_input_bytes)
     if moe.num_shared_experts:
         width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
-        saved += moe.num_shared_experts * _mlp_saved_bytes(model, tokens, width, e)
+        saved += moe.num_shared_experts * _mlp_saved_bytes(model, tokens, width, e, shape.gemm_input_bytes)
     return saved
 
 

@@ -99,6 +99,7 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         tokens=tokens, seq_len=seq_len, batch_size=settings.batch_size,
         element_bytes=e, stream_bytes=_bytes(recipe.weight_dtype) if recipe.autocast else e, autocast=recipe.autocast,
         stream_tokens=tokens // plan.stream_divisor, gathered_linear_inputs=plan.gathered_linear_inputs,
+        gemm_input_bytes=recipe.gemm_input_bytes,
     )
     stream_tokens = shape.stream.tokens
     h, vocab = model.hidden_size, model.vocab_size
@@ -387,6 +388,9 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         replicated = storage_bytes((vocab - vocab // parallel.tp) * model.hidden_size, grad_dtype)
         gradients += per_rank(replicated, 0, parallel.shards_gradients or offload_optimizer)
     master = state(recipe.master_dtype, parallel.shards_optimizer) if recipe.master_dtype else 0
+    fp8 = recipe.gemm is not None and not lora
+    if fp8:
+        weights, gradients, master, gemm_moments = _gemm_states(recipe, settings, held, per_rank, parallel)
     plan = _stage_plan(model, parallel, stage, seq_len)
     if settings.optimizer is Optimizer.ADAFACTOR:
         matrices = lora_module.adapter_matrices(model, settings) if lora else _matrices(plan.model, held, parallel.ep)
@@ -399,6 +403,8 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                            optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
                            parallel.shards_optimizer)
 
+    if fp8 and gemm_moments is not None:
+        moments = gemm_moments
     if settings.activation_model.value == "megatron":
         peaks = _megatron_peaks(plan, settings, base_recipe, parallel)
     else:
@@ -575,6 +581,50 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     name = "all ranks" if parallel.pp == 1 else ("first stage" if stage.first else "last stage")
     parameters = held.total + (count_params(model).total if lora else 0)
     return RankView(name, stage.rank, parameters, tuple(components), phases, references)
+
+
+def _is_gemm_weight(group) -> bool:
+    """A linear layer's weight inside the decoder layers (attention, MLP and expert projections)."""
+    from memcalc.estimate.params import ParamCategory
+
+    return (group.category in (ParamCategory.ATTENTION, ParamCategory.MLP, ParamCategory.EXPERTS)
+            and group.name.endswith(".weight") and "norm" not in group.name)
+
+
+def _gemm_states(recipe: PrecisionRecipe, settings: TrainSettings, held, per_rank, parallel: ParallelConfig):
+    """Weights, gradients, master weights and (Adam) moments of a recipe that keeps linear-layer
+    weights its own way (memcalc.precision.GemmWeights); every other parameter follows the
+    recipe's dtypes. ``settings.fp8_transpose`` (Hopper and Ada; not Blackwell) adds the FP8
+    transpose copy."""
+    from fractions import Fraction
+    from math import ceil
+
+    gemm = recipe.gemm
+
+    def split(inventory) -> tuple[int, int]:
+        linear = sum(group.total for group in inventory.groups if _is_gemm_weight(group))
+        return linear, inventory.total - linear
+
+    dense, experts = split(held.dense), split(held.experts)
+
+    def mixed(rest_bytes: Fraction, linear_bytes: Fraction, sharded: bool) -> int:
+        def total(linear_rest):
+            linear, rest = linear_rest
+            return ceil(rest * rest_bytes + linear * linear_bytes)
+        return per_rank(total(dense), total(experts), sharded)
+
+    def size(dtype) -> Fraction:
+        return Fraction(BITS_PER_ELEMENT[dtype], 8) if dtype is not None else Fraction(0)
+
+    copies = gemm.weight + gemm.copies + (gemm.transpose if settings.fp8_transpose else 0)
+    weights = mixed(size(recipe.weight_dtype), copies, parallel.shards_params)
+    gradients = mixed(size(recipe.grad_dtype), gemm.gradient, parallel.shards_gradients)
+    master = mixed(size(recipe.master_dtype), gemm.master, parallel.shards_optimizer)
+    moments = None
+    if settings.optimizer in (Optimizer.ADAMW, Optimizer.ADAM):
+        moments = mixed(2 * size(recipe.optimizer_state_dtype), gemm.first_moment + gemm.second_moment,
+                        parallel.shards_optimizer)
+    return weights, gradients, master, moments
 
 
 def _matrices(local: ModelConfig, held, ep: int) -> list[tuple[int, int, int]]:
