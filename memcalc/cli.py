@@ -683,6 +683,7 @@ def validate(
     lora_targets: LoraTargetsOption = "q,v",
     lora_dtype: LoraDTypeOption = TrainDType.FP32,
     qlora: QLoraOption = False,
+    grad_accum: GradAccumOption = 1,
     tolerance: Annotated[float | None, typer.Option(min=0, show_default=False,
                                                     help="Exit with code 3 when the total misses by more than this "
                                                     "percentage.")] = None,
@@ -724,7 +725,7 @@ def validate(
         settings = _train_settings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
                                    seq_len=seq, recompute=recompute, attention=attention,
                                    optimizer_impl=optimizer_impl, activation_model=activation_model, loss=loss,
-                                   precision=_recipe_name(precision),
+                                   precision=_recipe_name(precision), grad_accum=grad_accum,
                                    **_lora_fields(lora_rank, lora_targets, lora_dtype, qlora))
         estimate = estimate_training(config, settings)
 

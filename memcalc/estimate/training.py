@@ -494,7 +494,7 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         backward = static + gathered + max(peaks.backward, peaks.end_of_backward_extra) + gpu_gradients + step_temporaries
     elif persistent:
         forward = static + gpu_gradients + gathered + peaks.forward
-        backward = static + gpu_gradients + working_set + peaks.backward + peaks.end_of_backward_extra
+        backward = static + gpu_gradients + working_set + max(peaks.backward, peaks.end_of_backward_extra)
     elif fsdp2:
         # The gathered sets peak at a layer's copy-out, beside one layer's saved tensors and the
         # stream into it; activations peak at the end of forward (root and the last layer's

@@ -127,6 +127,16 @@ def run_training_validation(
         lora_targets=settings.lora_targets,
         lora_dtype=settings.lora_dtype.value,
         qlora=settings.qlora,
+        grad_accum=settings.grad_accum,
     )
+    if settings.optimizer_in_backward or settings.optimizer_dtype is not None or settings.paged_optimizer:
+        raise InputError("validation measures torch.optim steps after backward with states in the parameters' "
+                         "dtype: --optimizer-in-backward, --optimizer-dtype and --paged are estimated only")
+    if settings.optimizer.value in ("lion", "ademamix"):
+        raise InputError(f"--optimizer {settings.optimizer.value} is not in torch.optim: it is estimated only")
+    from memcalc.precision import RECIPES
+
+    if RECIPES[recipe.name].gemm is not None or RECIPES[recipe.name].gemm_input_bytes is not None:
+        raise InputError(f"--precision {recipe.name} needs FP8 kernels: it is estimated only")
     measurement = _measure(device, lambda: measure_training(model, workload, device, progress))
     return compare_training(estimate, measurement)

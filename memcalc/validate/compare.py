@@ -73,7 +73,8 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
     rows += [
         Row(f"phase:{key}", label, estimate.phases[key], measurement.phases[key].peak_bytes) for key, label in PHASE_ROWS
     ]
-    static = sum(estimate.component(key).bytes for key in ("weights", "master_weights", "optimizer_states"))
+    static = sum(component.bytes for component in estimate.components
+                 if component.key in ("weights", "master_weights", "optimizer_states", "gradient_accumulation"))
     rows.append(Row("steady_state", "Steady state (after zero_grad)", static, measurement.components.get("steady_state")))
     notes = []
     if measurement.device == "cuda":

@@ -42,6 +42,9 @@ class TrainWorkload:
     lora_targets: tuple[str, ...] = ("q", "v")
     lora_dtype: str = "fp32"  # the adapters' dtype (PEFT's autocast_adapter_dtype=True: fp32)
     qlora: bool = False  # the layers' linear weights in (simulated) bitsandbytes NF4
+    # micro-batches per step; with master weights they accumulate into persistent fp32 gradient
+    # buffers (DeepSpeed's BF16_Optimizer), otherwise into the parameters' gradients
+    grad_accum: int = 1
 
 
 @dataclass
@@ -159,8 +162,13 @@ def measure_training(
         tracker.static_bytes += master_bytes
         optimizer = _make_optimizer(workload.optimizer, workload.optimizer_impl, masters or params)
 
+        counted: dict[int, int] = {}
+
         def count_gradient(param: torch.Tensor) -> None:
-            tracker.gradient_bytes += tracker.storage_bytes([param.grad])
+            # a gradient accumulated into again (grad_accum) is counted once
+            size = tracker.storage_bytes([param.grad])
+            tracker.gradient_bytes += size - counted.get(id(param), 0)
+            counted[id(param)] = size
 
         for param in params:
             param.register_post_accumulate_grad_hook(count_gradient)
@@ -168,34 +176,51 @@ def measure_training(
         input_ids = torch.randint(0, model_config.vocab_size, (workload.batch_size, workload.seq_len))
         labels = torch.randint(0, model_config.vocab_size, (workload.batch_size, workload.seq_len))
         optimizer_bytes = 0
+        accumulate_fp32 = bool(masters) and workload.grad_accum > 1
         for iteration in range(workload.iterations):
             measured = iteration == workload.iterations - 1
-            progress(f"iteration {iteration + 1}/{workload.iterations}: forward")
-            tracker.gradient_bytes = 0
-            meter.start()
-            autocast = (
-                torch.autocast(torch_device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-            )
-            with autocast:
-                if workload.impl == "hf":
-                    loss = model(input_ids=input_ids, labels=labels).loss
-                elif workload.loss == "chunked":
-                    loss = chunked_causal_lm_loss(model.hidden_states(input_ids), model.output_weight(), labels)
-                else:
-                    logits = model(input_ids)
-            if workload.impl != "hf" and workload.loss != "chunked":
-                loss = causal_lm_loss(logits, labels)
-                del logits
-            forward = meter.stop()
-            progress(f"iteration {iteration + 1}/{workload.iterations}: backward")
-            meter.start()
-            loss.backward()
-            del loss
-            backward = meter.stop()
-            gradients = tracker.storage_bytes([p.grad for p in params])
+            forward_phases, backward_phases = [], []
+            for micro in range(workload.grad_accum):
+                progress(f"iteration {iteration + 1}/{workload.iterations}: forward")
+                if micro == 0:  # the previous step's gradients are gone
+                    tracker.gradient_bytes = 0
+                    counted.clear()
+                meter.start()
+                autocast = (torch.autocast(torch_device, dtype=autocast_dtype) if autocast_dtype is not None
+                            else contextlib.nullcontext())
+                with autocast:
+                    if workload.impl == "hf":
+                        loss = model(input_ids=input_ids, labels=labels).loss
+                    elif workload.loss == "chunked":
+                        loss = chunked_causal_lm_loss(model.hidden_states(input_ids), model.output_weight(), labels)
+                    else:
+                        logits = model(input_ids)
+                if workload.impl != "hf" and workload.loss != "chunked":
+                    loss = causal_lm_loss(logits, labels)
+                    del logits
+                forward_phases.append(meter.stop())
+                progress(f"iteration {iteration + 1}/{workload.iterations}: backward")
+                meter.start()
+                loss.backward()
+                del loss
+                if accumulate_fp32:
+                    # the micro-batch's 16-bit gradients join the persistent fp32 buffers
+                    with torch.no_grad():
+                        for param, master in zip(params, masters):
+                            if master.grad is None:
+                                master.grad = param.grad.float()
+                            else:
+                                master.grad.add_(param.grad)
+                            param.grad = None
+                    tracker.gradient_bytes = 0
+                    counted.clear()
+                backward_phases.append(meter.stop())
+            forward = max(forward_phases, key=lambda phase: phase.peak_bytes)
+            backward = max(backward_phases, key=lambda phase: phase.peak_bytes)
+            gradients = tracker.storage_bytes([p.grad for p in params]) if not accumulate_fp32 else 0
             progress(f"iteration {iteration + 1}/{workload.iterations}: optimizer step")
             meter.start()
-            if masters:
+            if masters and not accumulate_fp32:
                 # Classic mixed precision: 16-bit gradients become the fp32 master's gradients
                 # one tensor at a time, the optimizer updates the masters, the 16-bit weights copy them.
                 for param, master in zip(params, masters):
@@ -207,13 +232,17 @@ def measure_training(
                     for param, master in zip(params, masters):
                         param.copy_(master)
             step = meter.stop()
-            optimizer.zero_grad(set_to_none=True)
+            # accumulating: the fp32 buffers persist (zeroed), like DeepSpeed's
+            optimizer.zero_grad(set_to_none=not accumulate_fp32)
             model.zero_grad(set_to_none=True)
             if iteration == 0:
                 states = [value for state in optimizer.state.values() for value in state.values()
                           if isinstance(value, torch.Tensor)]
                 optimizer_bytes = tracker.storage_bytes(states)
                 tracker.static_bytes += optimizer_bytes
+                if accumulate_fp32:
+                    buffer_bytes = tracker.storage_bytes([master.grad for master in masters])
+                    tracker.static_bytes += buffer_bytes
             if measured:
                 phases = {"forward": forward, "backward": backward, "optimizer_step": step}
         steady = tracker.live_bytes
@@ -223,6 +252,8 @@ def measure_training(
 
     activations = max(phases["forward"].peak_activation_bytes, phases["backward"].peak_activation_bytes)
     static = weights + master_bytes + optimizer_bytes
+    buffer_bytes = buffer_bytes if accumulate_fp32 else 0
+    static += buffer_bytes
     components = {
         "weights": weights,
         "master_weights": master_bytes,
@@ -232,6 +263,8 @@ def measure_training(
         "optimizer_step_temporaries": max(0, phases["optimizer_step"].peak_bytes - static - gradients),
         "steady_state": steady,
     }
+    if buffer_bytes:
+        components["gradient_accumulation"] = buffer_bytes
     return Measurement(device, components, phases, cuda)
 
 
