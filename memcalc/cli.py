@@ -65,8 +65,8 @@ LossOption = Annotated[Loss, typer.Option(help="full: all logits upcast to fp32 
 PrecisionOption = Annotated[
     str | None,
     typer.Option("--precision", show_default=False,
-                 help="A named recipe (fp32, mixed-bf16, mixed-fp16, pure-bf16, pure-fp16, amp-bf16, amp-fp16); "
-                 "overrides --dtype and --master-weights."),
+                 help="A named recipe (`memcalc precisions`: mixed-bf16, pure-bf16, amp-bf16, megatron-bf16, "
+                 "te-fp8, deepseek-fp8, msamp-o2, mxfp8, ...); overrides --dtype and --master-weights."),
 ]
 
 

@@ -53,13 +53,17 @@ class PrecisionRecipe:
     gemm: GemmWeights | None = None  # linear-layer weights kept differently (FP8 recipes)
     gemm_input_bytes: Fraction | None = None  # bytes per element of cached GEMM inputs (FP8 activations)
     requires: str | None = None  # "fp8" or "mxfp8": the GPU must support it (memcalc gpus)
+    # a copy of the gradients the optimizer keeps in this dtype, sharded like its states
+    # (Megatron's fp16 optimizer: fp32 main gradients made from the fp16 ones)
+    optimizer_grad_copy: DType | None = None
 
     def linear_bytes_per_param(self, transpose: bool = True) -> Fraction:
         """Bytes per linear-layer weight with Adam: weights, copies, gradient, master and moments."""
         if self.gemm is not None:
             return self.gemm.total(transpose)
         master = _b(self.master_dtype) if self.master_dtype else 0
-        return _b(self.weight_dtype) + _b(self.grad_dtype) + master + 2 * _b(self.optimizer_state_dtype)
+        copy = _b(self.optimizer_grad_copy) if self.optimizer_grad_copy else 0
+        return _b(self.weight_dtype) + _b(self.grad_dtype) + master + copy + 2 * _b(self.optimizer_state_dtype)
 
 
 _FP8 = Fraction(1)
@@ -105,6 +109,13 @@ RECIPES: dict[str, PrecisionRecipe] = {
             DType.BF16, DType.FP32, DType.FP32, DType.FP32, DType.BF16,
             "Megatron-LM (docs/user-guide/features/dist_optimizer.md): 2 B param + 4 B fp32 main grad + 12 B "
             "(master + Adam moments) = 18 B/param; the distributed optimizer shards the 12",
+        ),
+        PrecisionRecipe(
+            "megatron-fp16", "fp16 weights and gradients; the optimizer keeps fp32 gradients, master and moments",
+            DType.FP16, DType.FP16, DType.FP32, DType.FP32, DType.FP16,
+            "Megatron-LM (docs/user-guide/features/dist_optimizer.md): fp16 params and grads, 20 B/param "
+            "(4 + 16/d with the distributed optimizer: fp32 grads, master and moments sharded)",
+            optimizer_grad_copy=DType.FP32,
         ),
         PrecisionRecipe(
             "te-fp8", "Transformer Engine FP8: bf16 weights plus FP8 working copies, FP8-cached GEMM inputs",

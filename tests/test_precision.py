@@ -21,6 +21,8 @@ from memcalc.precision import RECIPES
         ("msamp-o3", 7),
         # Megatron-LM dist_optimizer.md: bf16 params with fp32 main grads, non-distributed: 18
         ("megatron-bf16", 18),
+        # ... and fp16 params with fp16 grads: 20 (fp32 gradient copy, master and moments: 16)
+        ("megatron-fp16", 20),
         # ZeRO paper sec. 3.1: mixed-precision Adam 2 + 2 + 12 = 16
         ("mixed-bf16", 16),
         ("mixed-fp16", 16),
@@ -115,3 +117,21 @@ def test_fp8_caches_the_gemm_inputs_in_one_byte():
     assert bf16 == fp8 == 6 * mib
     # and in a model: the FP8 recipe saves less activation memory than bf16 with the same block
     assert _components("te-fp8", seq_len=2048)["activations"] < _components("mixed-bf16", seq_len=2048)["activations"]
+
+
+@pytest.mark.parametrize("dp", [1, 2, 8, 64])
+def test_megatron_distributed_optimizer_fp16_row(dp):
+    """Megatron dist_optimizer.md: fp16 params and grads: 4 + 16/d bytes/param with the distributed
+    optimizer (the fp32 gradient copy, master and moments sharded over d)."""
+    from memcalc.config import TrainSettings
+    from memcalc.estimate.training import estimate_training
+    from memcalc.library import resolve_model
+    from memcalc.parallel import ParallelConfig
+
+    estimate = estimate_training(resolve_model("llama-2-7b"), TrainSettings(precision="megatron-fp16"),
+                                 ParallelConfig(dp=dp, distributed_optimizer=True))
+    memory = {component.key: component.bytes for component in estimate.components}
+    states = sum(memory[key] for key in ("weights", "gradients", "master_weights", "optimizer_states",
+                                         "optimizer_grad_copy"))
+    params = 6_738_415_616
+    assert states == pytest.approx((4 + Fraction(16, dp)) * params, abs=4 * dp)

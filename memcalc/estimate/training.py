@@ -321,11 +321,12 @@ def optimizer_step_temporaries(settings: TrainSettings, recipe: PrecisionRecipe,
 
 
 def resolve_recipe(settings: TrainSettings, parallel: ParallelConfig) -> PrecisionRecipe:
-    """``--precision``, else ``--dtype``; Megatron's distributed optimizer implies its fp32 main
-    gradients (megatron-bf16) for bf16 mixed precision."""
-    if settings.precision is None and parallel.distributed_optimizer and settings.dtype.value == "bf16" \
+    """``--precision``, else ``--dtype``; Megatron's distributed optimizer implies Megatron's
+    gradient handling (megatron-bf16: fp32 main gradients; megatron-fp16: an fp32 copy) for mixed
+    precision."""
+    if settings.precision is None and parallel.distributed_optimizer and settings.dtype.value in ("bf16", "fp16") \
             and settings.master_weights:
-        recipe = RECIPES["megatron-bf16"]
+        recipe = RECIPES[f"megatron-{settings.dtype.value}"]
     else:
         recipe = recipe_for(settings.dtype, settings.master_weights, settings.precision)
     if settings.optimizer_dtype is not None:  # --optimizer-dtype: the moments' dtype, e.g. bf16 moments
@@ -388,6 +389,7 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         replicated = storage_bytes((vocab - vocab // parallel.tp) * model.hidden_size, grad_dtype)
         gradients += per_rank(replicated, 0, parallel.shards_gradients or offload_optimizer)
     master = state(recipe.master_dtype, parallel.shards_optimizer) if recipe.master_dtype else 0
+    grad_copy = state(recipe.optimizer_grad_copy, parallel.shards_optimizer) if recipe.optimizer_grad_copy else 0
     fp8 = recipe.gemm is not None and not lora
     if fp8:
         weights, gradients, master, gemm_moments = _gemm_states(recipe, settings, held, per_rank, parallel)
@@ -422,8 +424,10 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
             divisor = shards if parallel.shards_optimizer else 1
             for group in inventory.groups:
                 sizes += [_ceil_div(group.numel, divisor)] * group.count
-    # DeepSpeedCPUAdam updates the offloaded fp32 partition in place, in one C++ loop.
-    step_temporaries = 0 if offload_optimizer else optimizer_step_temporaries(settings, recipe, sizes)
+    # DeepSpeedCPUAdam updates the offloaded fp32 partition in place, in one C++ loop. An optimizer
+    # gradient copy is the conversion, made persistent: the step reads it as it is.
+    step_recipe = replace(recipe, grad_dtype=recipe.optimizer_grad_copy) if grad_copy else recipe
+    step_temporaries = 0 if offload_optimizer else optimizer_step_temporaries(settings, step_recipe, sizes)
     in_backward = settings.optimizer_in_backward
     if in_backward:
         # torchtune's optimizer-in-backward: a hook steps each parameter as its gradient appears and
@@ -476,19 +480,20 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
 
     on_cpu = {"master_weights": offload_optimizer, "optimizer_states": offload_optimizer,
               "gradients": offload_optimizer, "optimizer_step_temporaries": offload_optimizer,
-              "gradient_accumulation": offload_optimizer, "weights": parallel.offloads_params}
+              "gradient_accumulation": offload_optimizer, "optimizer_grad_copy": offload_optimizer,
+              "weights": parallel.offloads_params}
 
     def gpu(key: str, value: int) -> int:
         return 0 if on_cpu.get(key) else value
 
     static = (gpu("weights", weights) + gpu("master_weights", master) + gpu("optimizer_states", moments)
-              + gpu("gradient_accumulation", accumulation_buffer))
+              + gpu("gradient_accumulation", accumulation_buffer) + gpu("optimizer_grad_copy", grad_copy))
     gpu_gradients = gpu("gradients", gradients)
     # Gradients live through the whole step when micro-batches accumulate into them (pipelines,
     # gradient accumulation) or when the framework keeps persistent buffers (Megatron's grad buffer).
     persistent = not in_backward and (
         parallel.pp > 1 or (parallel.microbatches or 1) > 1 or parallel.distributed_optimizer
-        or recipe.name == "megatron-bf16" or (settings.grad_accum > 1 and not accumulating_fp32))
+        or recipe.name.startswith("megatron-") or (settings.grad_accum > 1 and not accumulating_fp32))
     if in_backward:
         forward = static + gathered + peaks.forward
         backward = static + gathered + max(peaks.backward, peaks.end_of_backward_extra) + gpu_gradients + step_temporaries
@@ -554,6 +559,11 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
                   f"{settings.optimizer.value} ({settings.optimizer_impl.value})",
                   "DeepSpeed csrc/adam/cpu_adam.cpp" if offload_optimizer else "torch.optim implementations"),
     ]
+    if grad_copy:
+        components.insert(3, Component(
+            "optimizer_grad_copy", f"Optimizer gradient copy ({recipe.optimizer_grad_copy.value})", grad_copy,
+            Kind.STATIC, text(f"P x {recipe.optimizer_grad_copy.value}", parallel.shards_optimizer), recipe.source,
+            "cpu" if offload_optimizer else "gpu"))
     if accumulation_buffer:
         components.insert(4, Component(
             "gradient_accumulation", "Gradient accumulation buffer (fp32)", accumulation_buffer, Kind.STATIC,
