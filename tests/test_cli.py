@@ -20,6 +20,16 @@ GOLDEN_CASES = {
     "train_llama-2-70b_tp8_pp2_sp_distopt": ["train", "llama-2-70b", "--gpus", "64", "--tp", "8", "--pp", "2", "--sp",
                                              "--distributed-optimizer", "--seq", "4096", "--gpu", "h100"],
     "train_llama-3-8b_fsdp_offload": ["train", "llama-3-8b", "--gpus", "8", "--fsdp", "full", "--offload", "optimizer"],
+    "infer_llama-3-8b_q4_k_rtx4090": ["infer", "llama-3-8b", "--weights", "q4_k", "--context", "8192", "--gpu",
+                                      "rtx-4090-24gb"],
+    "infer_deepseek-v3_paged_tp8": ["infer", "deepseek-v3", "--weights", "fp8-block", "--engine", "paged", "--tp", "8",
+                                    "--batch", "16", "--context", "32768", "--gpu", "h200"],
+    "sweep_llama-3-8b_seq": ["sweep", "llama-3-8b", "--over", "seq=1k..8k", "--recompute", "full", "--gpu", "h100"],
+    "train_llama-2-7b_qlora": ["train", "llama-2-7b", "--qlora", "--lora-rank", "16", "--lora-targets", "all",
+                               "--seq", "1024"],
+    "train_llama-3-8b_te-fp8_no_fit": ["train", "llama-3-8b", "--precision", "te-fp8", "--seq", "4096", "--gpu", "h100"],
+    "precisions": ["precisions"],
+    "formats": ["formats"],
     "compare_llama-2-70b": ["compare", "llama-2-70b", "--seq", "4096", "--gpu", "h100-80gb",
                             "--scenario", "gpus=64,tp=8,pp=2,sp=true,distributed_optimizer=true",
                             "--scenario", "name=fsdp,gpus=64,fsdp=full", "--scenario", "gpus=64,tp=8,zero=1,recompute=full"],
@@ -250,6 +260,15 @@ def test_train_lora_flags(run_cli):
     assert every["settings"]["lora"]["trainable_params"] == 32 * 8 * (4 * 8192 + 3 * (4096 + 11008))
     result = run_cli("train", "llama-2-7b", "--qlora")
     assert result.exit_code == 2 and "--qlora needs --lora-rank" in result.stderr
+
+
+def test_paged_optimizer_needs_adam8bit_and_stays_on_the_gpu(run_cli):
+    """bitsandbytes pages states to the host only under memory pressure: counted on the GPU."""
+    paged = _json(run_cli, "train", "llama-2-7b", "--optimizer", "adam8bit", "--paged")
+    plain = _json(run_cli, "train", "llama-2-7b", "--optimizer", "adam8bit")
+    assert paged["memory"] == plain["memory"] and paged["settings"]["paged_optimizer"]
+    result = run_cli("train", "llama-2-7b", "--paged")
+    assert result.exit_code == 2 and "--paged applies to bitsandbytes' 8-bit optimizers" in result.stderr
 
 
 def test_compare_json_matches_train(run_cli):
