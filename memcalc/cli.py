@@ -147,6 +147,9 @@ TPImplOption = Annotated[str, typer.Option("--tp-impl", rich_help_panel="Paralle
                                            help="megatron (Megatron-LM/TE: Korthikanti Table 2) or dtensor (PyTorch "
                                            "DTensor TP as torchtitan: whole embedding gradient, loss_parallel, SP "
                                            "inputs saved gathered).")]
+PlotOption = Annotated[str | None, typer.Option("--plot", show_default=False,
+                                               help="Also draw the numbers to FILE.png or FILE.svg "
+                                               "(pip install 'memcalc[plot]').")]
 GPUOption = Annotated[str | None, typer.Option("--gpu", show_default=False,
                                                help="A GPU from `memcalc gpus`: say whether the most loaded rank fits.")]
 
@@ -273,6 +276,7 @@ def train(
     gpus_per_node: GpusPerNodeOption = None,
     tp_impl: TPImplOption = "megatron",
     gpu: GPUOption = None,
+    plot: PlotOption = None,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
@@ -318,6 +322,11 @@ def train(
         from memcalc.advice import advise
 
         advice = advise(config, settings, layout, gpu_spec.memory_bytes)
+    if plot is not None:
+        from memcalc.plot import component_bars
+
+        component_bars(plot, [config.name], [estimate], gpu_spec.memory_bytes if gpu_spec else None,
+                       f"memcalc train: {config.name}")
     _emit("train", estimate, units, as_json, gpu_spec, advice)
 
 
@@ -368,6 +377,7 @@ def compare(
     file: Annotated[str | None, typer.Option("--file", show_default=False,
                                              help="A YAML list of scenarios (mappings with the same keys).")] = None,
     gpu: GPUOption = None,
+    plot: PlotOption = None,
     dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
     master_weights: MasterWeightsOption = True,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
@@ -414,6 +424,11 @@ def compare(
             results.append((item.label(), estimate_training(config, train_settings(item, base), parallel_config(item))))
         except InputError as exc:
             raise InputError(f"scenario {item.label()!r}: {exc}") from None
+    if plot is not None:
+        from memcalc.plot import component_bars
+
+        component_bars(plot, [label for label, _ in results], [estimate for _, estimate in results],
+                       gpu_spec.memory_bytes if gpu_spec else None, f"memcalc compare: {config.name}")
     if as_json:
         from memcalc.report import compare_document
 
@@ -441,6 +456,7 @@ def plan(
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", min=1, help="GPUs per node.")] = 8,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Model ZeRO-2/3 as PyTorch FSDP2 rather than DeepSpeed.")] = False,
     no_offload: Annotated[bool, typer.Option("--no-offload", help="Leave CPU offload out of the search.")] = False,
+    plot: PlotOption = None,
     dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
     master_weights: MasterWeightsOption = True,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
@@ -471,6 +487,11 @@ def plan(
     result = search(config, spec, gpus, seq_len=resolve_seq_len(config, seq), global_batch=global_batch,
                     headroom=headroom, top_k=top_k, settings=base, gpus_per_node=gpus_per_node,
                     mfu=DEFAULT_MFU if mfu is None else mfu, fsdp=fsdp, offload=not no_offload)
+    if plot is not None:
+        from memcalc.plot import component_bars
+
+        component_bars(plot, [f"#{index}" for index in range(1, len(result.top) + 1)],
+                       [item.estimate for item in result.top], spec.memory_bytes, f"memcalc plan: {config.name}")
     if as_json:
         from memcalc.report import plan_document
 
@@ -491,6 +512,7 @@ def sweep(
                                                  help='The layout and settings every point shares, e.g. '
                                                  '"tp=8,pp=2,zero=1" (keys as in compare).')] = None,
     gpu: GPUOption = None,
+    plot: PlotOption = None,
     dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
     master_weights: MasterWeightsOption = True,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
@@ -525,6 +547,11 @@ def sweep(
     gpu_spec = _resolve_gpu(gpu)
     points = run_sweep(config, base, layout, key, values)
     over_point = first_over(points, gpu_spec.memory_bytes) if gpu_spec else None
+    if plot is not None:
+        from memcalc.plot import sweep_lines
+
+        sweep_lines(plot, key, [point.value for point in points], [point.estimate for point in points],
+                    gpu_spec.memory_bytes if gpu_spec else None, f"memcalc sweep: {config.name}")
     if as_json:
         from memcalc.report import sweep_document
 
@@ -684,6 +711,7 @@ def validate(
     lora_dtype: LoraDTypeOption = TrainDType.FP32,
     qlora: QLoraOption = False,
     grad_accum: GradAccumOption = 1,
+    optimizer_dtype: OptimizerDTypeOption = None,
     tolerance: Annotated[float | None, typer.Option(min=0, show_default=False,
                                                     help="Exit with code 3 when the total misses by more than this "
                                                     "percentage.")] = None,
@@ -726,6 +754,7 @@ def validate(
                                    seq_len=seq, recompute=recompute, attention=attention,
                                    optimizer_impl=optimizer_impl, activation_model=activation_model, loss=loss,
                                    precision=_recipe_name(precision), grad_accum=grad_accum,
+                                   optimizer_dtype=optimizer_dtype,
                                    **_lora_fields(lora_rank, lora_targets, lora_dtype, qlora))
         estimate = estimate_training(config, settings)
 

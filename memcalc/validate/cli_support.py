@@ -128,10 +128,15 @@ def run_training_validation(
         lora_dtype=settings.lora_dtype.value,
         qlora=settings.qlora,
         grad_accum=settings.grad_accum,
+        optimizer_dtype=settings.optimizer_dtype.value if settings.optimizer_dtype is not None else None,
     )
-    if settings.optimizer_in_backward or settings.optimizer_dtype is not None or settings.paged_optimizer:
-        raise InputError("validation measures torch.optim steps after backward with states in the parameters' "
-                         "dtype: --optimizer-in-backward, --optimizer-dtype and --paged are estimated only")
+    if settings.optimizer_in_backward or settings.paged_optimizer:
+        raise InputError("validation measures torch.optim steps after backward: --optimizer-in-backward and "
+                         "--paged are estimated only")
+    if settings.optimizer_dtype is not None and (settings.optimizer.value not in ("adamw", "adam")
+                                                 or settings.optimizer_impl.value != "foreach"):
+        raise InputError("--optimizer-dtype is measured for --optimizer adamw or adam with --optimizer-impl "
+                         "foreach only: otherwise it is estimated only")
     if settings.optimizer.value in ("lion", "ademamix"):
         raise InputError(f"--optimizer {settings.optimizer.value} is not in torch.optim: it is estimated only")
     from memcalc.precision import RECIPES

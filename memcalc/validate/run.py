@@ -45,6 +45,8 @@ class TrainWorkload:
     # micro-batches per step; with master weights they accumulate into persistent fp32 gradient
     # buffers (DeepSpeed's BF16_Optimizer), otherwise into the parameters' gradients
     grad_accum: int = 1
+    # AdamW/Adam moments in this dtype (fp32 | bf16 | fp16) instead of the parameters' (--optimizer-dtype)
+    optimizer_dtype: str | None = None
 
 
 @dataclass
@@ -106,8 +108,77 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def _make_optimizer(name: str, impl: str, params):
+class StateDtypeAdam(torch.optim.Optimizer):
+    """Adam/AdamW with its moments in ``state_dtype``, whatever the parameters' dtype (bf16 moments
+    beside fp32 masters, fp32 moments beside bf16 parameters).
+
+    It mirrors torch's foreach step (``_multi_tensor_adam`` in torch/optim/adam.py, non-capturable)
+    op for op, so that it allocates what torch would: fp32 step counters, ``exp_avg`` and
+    ``exp_avg_sq`` updated in place (``_foreach_lerp_``, ``_foreach_mul_``, ``_foreach_addcmul_``),
+    then one state-sized list, ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)``, divided and
+    added to in place, and ``_foreach_addcdiv_`` into the parameters. Gradients arrive in the
+    parameters' dtype: those of another dtype become a list of state-dtype copies (``lerp`` needs
+    equal dtypes), dropped before the square root as torch drops ``device_grads``, so the cast list
+    and the square-root list are never alive together.
+    """
+
+    def __init__(self, params, state_dtype: torch.dtype, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=1e-2, decoupled_weight_decay=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay))
+        self.state_dtype = state_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for param in params:
+                state = self.state[param]
+                if not state:  # as torch's _init_group: an fp32 scalar step on the CPU, zeroed moments
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, dtype=self.state_dtype,
+                                                        memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=self.state_dtype,
+                                                           memory_format=torch.preserve_format)
+                    state["steps"] = 0  # a Python copy of the count: fake tensors have no values to read
+            states = [self.state[p] for p in params]
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+            for state in states:
+                state["steps"] += 1
+            grads = [p.grad if p.grad.dtype == self.state_dtype else p.grad.to(self.state_dtype) for p in params]
+            if weight_decay != 0:
+                if group["decoupled_weight_decay"]:
+                    torch._foreach_mul_(params, 1 - lr * weight_decay)
+                else:
+                    grads = torch._foreach_add(grads, [p.to(self.state_dtype) for p in params], alpha=weight_decay)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            del grads
+            bias_correction1 = [1 - beta1 ** s["steps"] for s in states]
+            bias_correction2 = [1 - beta2 ** s["steps"] for s in states]
+            step_size = [(lr / bc) * -1 for bc in bias_correction1]
+            bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
+            exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(exp_avg_sq_sqrt, bias_correction2_sqrt)
+            torch._foreach_add_(exp_avg_sq_sqrt, eps)
+            # into parameters of another dtype: one tensor at a time, cast on the fly (no copies on CUDA)
+            torch._foreach_addcdiv_(params, exp_avgs, exp_avg_sq_sqrt, step_size)
+            del exp_avg_sq_sqrt
+
+
+def _make_optimizer(name: str, impl: str, params, state_dtype: str | None = None):
     flags = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}[impl]
+    if state_dtype is not None:
+        if name not in ("adamw", "adam") or impl != "foreach":
+            raise ValueError("a state dtype is measured for foreach adamw and adam only")
+        return StateDtypeAdam(params, TORCH_DTYPES[state_dtype], weight_decay=1e-2 if name == "adamw" else 0.0,
+                              decoupled_weight_decay=name == "adamw")
     if name in ("adamw", "adam"):
         optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         return optimizer_class(params, lr=1e-4, **flags)
@@ -160,7 +231,8 @@ def measure_training(
             master.requires_grad_(True)
         master_bytes = tracker.storage_bytes(masters)
         tracker.static_bytes += master_bytes
-        optimizer = _make_optimizer(workload.optimizer, workload.optimizer_impl, masters or params)
+        optimizer = _make_optimizer(workload.optimizer, workload.optimizer_impl, masters or params,
+                                    workload.optimizer_dtype)
 
         counted: dict[int, int] = {}
 
