@@ -29,6 +29,18 @@ def _share(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
+SHARE_BAR_WIDTH = 10  # characters for 100%
+
+
+def _share_bar(part: int, whole: int) -> str:
+    """The share as a bar of block characters (eighths) beside its percentage."""
+    if not whole:
+        return "-"
+    eighths = round(8 * SHARE_BAR_WIDTH * part / whole)
+    bar = "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
+    return f"{bar:<{SHARE_BAR_WIDTH}} {100 * part / whole:5.1f}%"
+
+
 PHASE_LABELS = {"forward": "forward", "backward": "backward", "optimizer_step": "optimizer step",
                 "prefill": "prefill", "decode": "decoding"}
 PHASE_CONTENTS = {
@@ -183,7 +195,7 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> No
         return [shown, "-"] if location == "gpu" else ["-", shown]
 
     for component in estimate.components:
-        share = _share(component.bytes, total) if component.location == "gpu" else "-"
+        share = _share_bar(component.bytes, total) if component.location == "gpu" else "-"
         table.add_row(component.label, *amounts(component.bytes, component.location), share,
                       component.kind.value, component.formula)
     table.add_section()

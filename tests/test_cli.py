@@ -373,3 +373,14 @@ def test_json_path_does_not_render_with_rich():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     json.loads(result.stdout)
     assert result.stderr.strip() == "False"
+
+
+@pytest.mark.parametrize(("part", "whole", "expected"), [
+    (1, 2, "█████" + " " * 7 + "50.0%"), (1, 1, "██████████ 100.0%"), (1, 16, "▌" + " " * 12 + "6.2%"),
+    (0, 5, " " * 13 + "0.0%"),
+])
+def test_share_bar_draws_the_share_in_eighths(part, whole, expected):
+    """Ten characters for 100%: 50% is five full blocks; 6.25% is five eighths of one."""
+    from memcalc.render import _share_bar
+
+    assert _share_bar(part, whole) == expected
