@@ -178,13 +178,13 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> No
     total = estimate.total
     offloaded = estimate.cpu_total > 0
     table = Table(title=f"memcalc {command}: {estimate.model.name}", title_justify="left")
-    table.add_column("Component")
+    table.add_column("Component", no_wrap=True)
     if offloaded:
         table.add_column(f"GPU {label}", justify="right")
         table.add_column(f"CPU {label}", justify="right")
     else:
         table.add_column(label, justify="right")
-    table.add_column("Share", justify="right")
+    table.add_column("Share", justify="right", no_wrap=True)
     table.add_column("Kind")
     table.add_column("Formula")
 

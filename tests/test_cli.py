@@ -376,7 +376,7 @@ def test_json_path_does_not_render_with_rich():
 
 
 @pytest.mark.parametrize(("part", "whole", "expected"), [
-    (1, 2, "█████" + " " * 7 + "50.0%"), (1, 1, "██████████ 100.0%"), (1, 16, "▌" + " " * 12 + "6.2%"),
+    (1, 2, "█████" + " " * 7 + "50.0%"), (1, 1, "██████████ 100.0%"), (1, 16, "▋" + " " * 12 + "6.2%"),
     (0, 5, " " * 13 + "0.0%"),
 ])
 def test_share_bar_draws_the_share_in_eighths(part, whole, expected):
