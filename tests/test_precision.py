@@ -115,6 +115,10 @@ def test_fp8_caches_the_gemm_inputs_in_one_byte():
     te = RECIPES["te-fp8"]
     fp8 = (te.gemm.weight + te.gemm.copies) * mib + te.gemm_input_bytes * mib + 2 * mib
     assert bf16 == fp8 == 6 * mib
+    # FP8 inference with FP8 weights (te-fp8-params' primary FP8 weight): 1 MB weight + 2 MB output, no
+    # saved input
+    params = RECIPES["te-fp8-params"]
+    assert params.gemm.weight * mib + 2 * mib == 3 * mib
     # and in a model: the FP8 recipe saves less activation memory than bf16 with the same block
     assert _components("te-fp8", seq_len=2048)["activations"] < _components("mixed-bf16", seq_len=2048)["activations"]
 
