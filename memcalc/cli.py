@@ -507,7 +507,7 @@ def sweep(
     model: ModelArgument,
     over: Annotated[str, typer.Option("--over", show_default=False,
                                       help="What to sweep: seq=1k..128k (powers of two), batch=1..64, gpus=8..1024, "
-                                      "grad_accum=1..16, or a list such as seq=2048,8192.")],
+                                      "grad_accum=1..16, lora_rank=8..256, or a list such as seq=2048,8192.")],
     scenario: Annotated[str | None, typer.Option("--scenario", show_default=False,
                                                  help='The layout and settings every point shares, e.g. '
                                                  '"tp=8,pp=2,zero=1" (keys as in compare).')] = None,

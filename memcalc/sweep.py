@@ -12,7 +12,7 @@ from memcalc.estimate.breakdown import Estimate
 from memcalc.scenario import Scenario, parallel_config, train_settings
 
 SWEEPABLE = {"seq": "tokens per sequence", "batch": "micro-batch", "gpus": "GPUs (data parallelism grows)",
-             "grad_accum": "micro-batches accumulated"}
+             "grad_accum": "micro-batches accumulated", "lora_rank": "LoRA rank (the base frozen)"}
 MAX_POINTS = 64
 
 
@@ -74,6 +74,8 @@ def run_sweep(model: ModelConfig, base: TrainSettings, scenario: Scenario, key: 
             settings, layout = replace(base, batch_size=value), scenario
         elif key == "grad_accum":
             settings, layout = replace(base, grad_accum=value), scenario
+        elif key == "lora_rank":
+            settings, layout = replace(base, lora_rank=value), scenario
         else:  # gpus: the layout's other degrees stay, data parallelism absorbs the rest
             settings, layout = base, replace(scenario, gpus=value, dp=None)
         try:

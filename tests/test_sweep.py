@@ -24,7 +24,7 @@ def test_parse_over(text, key, values):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("heads=1..4", "KEY one of seq, batch, gpus, grad_accum"),
+    ("heads=1..4", "KEY one of seq, batch, gpus, grad_accum, lora_rank"),
     ("seq=8k..1k", "runs backwards"),
     ("seq=1x", "is not a whole number"),
     ("seq=" + ",".join(str(n) for n in range(1, 70)), "at most 64"),
@@ -57,3 +57,11 @@ def test_sweep_reports_the_first_value_that_does_not_fit(run_cli):
     assert totals == sorted(totals, reverse=True)
     assert document["first_not_fitting"] == next(n for n in (8, 64, 128)
                                                   if by_value[n]["memory"]["total"] > 80 * 2**30)
+
+
+def test_sweep_lora_rank_grows_only_the_adapters(run_cli):
+    """Adapters on q and v of Llama-2-7B: 32 layers x 2 x r x (4096 + 4096) trainable parameters,
+    their fp32 gradients (4 B each) growing linearly with r."""
+    document = json.loads(run_cli("sweep", "llama-2-7b", "--over", "lora_rank=8,64", "--json").stdout)
+    gradients = {point["value"]: point["memory"]["gradients"] for point in document["points"]}
+    assert gradients == {r: 4 * 32 * 2 * r * 8192 for r in (8, 64)}
