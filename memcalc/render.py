@@ -33,11 +33,12 @@ SHARE_BAR_WIDTH = 10  # characters for 100%
 
 
 def _share_bar(part: int, whole: int) -> str:
-    """The share as a bar of block characters (eighths) beside its percentage."""
+    """The share as a bar beside its percentage: one ``#`` per tenth, ``+`` for a half. ASCII on
+    purpose: wide or block characters make rich load its Unicode width tables on every run."""
     if not whole:
         return "-"
-    eighths = round(8 * SHARE_BAR_WIDTH * part / whole)
-    bar = "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
+    halves = round(2 * SHARE_BAR_WIDTH * part / whole)
+    bar = "#" * (halves // 2) + ("+" if halves % 2 else "")
     return f"{bar:<{SHARE_BAR_WIDTH}} {100 * part / whole:5.1f}%"
 
 

@@ -376,11 +376,11 @@ def test_json_path_does_not_render_with_rich():
 
 
 @pytest.mark.parametrize(("part", "whole", "expected"), [
-    (1, 2, "█████" + " " * 7 + "50.0%"), (1, 1, "██████████ 100.0%"), (1, 16, "▋" + " " * 12 + "6.2%"),
-    (0, 5, " " * 13 + "0.0%"),
+    (1, 2, "#####" + " " * 7 + "50.0%"), (1, 1, "########## 100.0%"), (1, 16, "+" + " " * 12 + "6.2%"),
+    (3, 20, "#+" + " " * 10 + "15.0%"), (0, 5, " " * 13 + "0.0%"),
 ])
-def test_share_bar_draws_the_share_in_eighths(part, whole, expected):
-    """Ten characters for 100%: 50% is five full blocks; 6.25% is five eighths of one."""
+def test_share_bar_draws_the_share_in_halves_of_tenths(part, whole, expected):
+    """Ten characters for 100%: 50% is five #; 6.25% rounds to one half (+); 15% is # and +."""
     from memcalc.render import _share_bar
 
     assert _share_bar(part, whole) == expected
