@@ -50,6 +50,8 @@ BatchOption = Annotated[int, typer.Option("--batch", "-b", min=1, help="Sequence
 SeqOption = Annotated[int | None, typer.Option("--seq", "-s", min=1, show_default=False,
                                                help="Tokens per sequence (default: min(2048, the model's maximum)).")]
 RecomputeOption = Annotated[Recompute, typer.Option(help="Activation recomputation.")]
+TrainDTypeOption = Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")]
+OptimizerOption = Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")]
 MasterWeightsOption = Annotated[bool, typer.Option("--master-weights/--no-master-weights",
                                                    help="16-bit training: keep an fp32 master copy (mixed precision) "
                                                    "or train in pure 16-bit.")]
@@ -239,9 +241,9 @@ def _emit(command: str, estimate, unit: Unit, as_json: bool, gpu=None, advice=No
 @app.command()
 def train(
     model: ModelArgument,
-    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    dtype: TrainDTypeOption = TrainDType.BF16,
     master_weights: MasterWeightsOption = True,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
+    optimizer: OptimizerOption = Optimizer.ADAMW,
     batch: BatchOption = 1,
     seq: SeqOption = None,
     recompute: RecomputeOption = Recompute.NONE,
@@ -378,9 +380,9 @@ def compare(
                                              help="A YAML list of scenarios (mappings with the same keys).")] = None,
     gpu: GPUOption = None,
     plot: PlotOption = None,
-    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    dtype: TrainDTypeOption = TrainDType.BF16,
     master_weights: MasterWeightsOption = True,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
+    optimizer: OptimizerOption = Optimizer.ADAMW,
     batch: BatchOption = 1,
     seq: SeqOption = None,
     recompute: RecomputeOption = Recompute.NONE,
@@ -457,9 +459,9 @@ def plan(
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Model ZeRO-2/3 as PyTorch FSDP2 rather than DeepSpeed.")] = False,
     no_offload: Annotated[bool, typer.Option("--no-offload", help="Leave CPU offload out of the search.")] = False,
     plot: PlotOption = None,
-    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    dtype: TrainDTypeOption = TrainDType.BF16,
     master_weights: MasterWeightsOption = True,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
+    optimizer: OptimizerOption = Optimizer.ADAMW,
     attention: AttentionOption = Attention.SDPA,
     loss: LossOption = Loss.FULL,
     precision: PrecisionOption = None,
@@ -513,9 +515,9 @@ def sweep(
                                                  '"tp=8,pp=2,zero=1" (keys as in compare).')] = None,
     gpu: GPUOption = None,
     plot: PlotOption = None,
-    dtype: Annotated[TrainDType, typer.Option(help="Training precision; 16-bit means mixed precision.")] = TrainDType.BF16,
+    dtype: TrainDTypeOption = TrainDType.BF16,
     master_weights: MasterWeightsOption = True,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer whose states are counted.")] = Optimizer.ADAMW,
+    optimizer: OptimizerOption = Optimizer.ADAMW,
     batch: BatchOption = 1,
     seq: SeqOption = None,
     recompute: RecomputeOption = Recompute.NONE,
