@@ -139,11 +139,11 @@ def test_gguf_one_block_per_row(fmt, weights, nbytes):
 
 
 def test_gguf_row_must_be_whole_blocks():
-    # Qwen2.5-0.5B: hidden 896 is not a multiple of QK_K = 256 (llama-quantize falls back to another type)
-    model = resolve_model("qwen2.5-0.5b")
+    # Qwen2.5-0.5B: hidden 896 is not a multiple of QK_K = 256: a single q4_k tensor of that row
+    # length is an error; a whole model falls back per tensor (next test), as llama-quantize does
     with pytest.raises(InputError, match=r"q4_k: layers\.attn\.q_proj\.weight .* 896"):
-        weight_bytes(model, "q4_k")
-    assert weight_bytes(model, "q4_0").total_bytes > 0  # 896 = 28 blocks of 32
+        tensor_bytes("q4_k", 896, 896, name="layers.attn.q_proj.weight")
+    assert weight_bytes(resolve_model("qwen2.5-0.5b"), "q4_0").total_bytes > 0  # 896 = 28 blocks of 32
 
 
 def test_gptq_group_must_divide_input():
@@ -337,3 +337,15 @@ def test_every_format_has_a_source_and_layout():
     assert set(FORMATS) == set(WeightFormat)
     for spec in FORMATS.values():
         assert spec.source and spec.layout
+
+
+def test_gguf_k_quant_falls_back_for_rows_that_are_not_whole_blocks():
+    """llama-quantize (llama-quant.cpp) stores a tensor whose rows are not whole 256-value k-quant
+    blocks in q5_0 when q4_K was asked for. Qwen2.5-0.5B's hidden size 896 = 3.5 x 256 = 28 x 32:
+    its q_proj (896 x 896) becomes q5_0, 22 bytes per 32 weights."""
+    from memcalc.estimate.weights import weight_bytes
+    from memcalc.library import resolve_model
+
+    breakdown = weight_bytes(resolve_model("qwen2.5-0.5b"), "q4_k")
+    q_proj = next(tensor for tensor in breakdown.tensors if tensor.name == "layers.attn.q_proj.weight")
+    assert q_proj.data_bytes + q_proj.overhead_bytes == 896 * 896 // 32 * 22 * q_proj.count

@@ -235,6 +235,9 @@ FORMATS: dict[WeightFormat, FormatSpec] = {
 }
 
 GGUF_FORMATS = frozenset(GGUF_BLOCKS)
+GGUF_FALLBACK = {WeightFormat.Q2_K: WeightFormat.Q4_0, WeightFormat.Q3_K: WeightFormat.Q4_0,
+                 WeightFormat.Q4_K: WeightFormat.Q5_0, WeightFormat.Q5_K: WeightFormat.Q5_1,
+                 WeightFormat.Q6_K: WeightFormat.Q8_0}
 # Tensors outside the layers that a format may quantise, and so the names keep_16bit accepts.
 KEEPABLE = (ParamCategory.EMBEDDING.value, ParamCategory.OUTPUT_HEAD.value)
 _REST_DTYPES = (DType.FP32, DType.FP16, DType.BF16)
@@ -512,9 +515,23 @@ def weight_bytes(
     by_part: dict[str, int] = {}
     tensors = []
     for shape in shapes:
-        check_shape(spec.format, shape.name, shape.d_in, shape.d_out, group_size)
+        tensor_parts = parts
+        try:
+            check_shape(spec.format, shape.name, shape.d_in, shape.d_out, group_size)
+        except InputError:
+            fallback = GGUF_FALLBACK.get(spec.format)
+            if fallback is None:
+                raise
+            # llama-quantize stores a tensor whose rows are not whole k-quant blocks in a fallback
+            # type (llama-quant.cpp: q4_K -> q5_0, q5_K -> q5_1, q6_K -> q8_0, q2_K/q3_K -> iq4_nl,
+            # whose 18-byte block of 32 is q4_0's size), or in f16 when that does not fit either
+            try:
+                check_shape(fallback, shape.name, shape.d_in, shape.d_out, group_size)
+                tensor_parts = _active_parts(FORMATS[fallback], double_quant)
+            except InputError:
+                tensor_parts = (Part("f16", PartKind.DATA, 16),)
         data = overhead = 0
-        for part in parts:
+        for part in tensor_parts:
             nbytes = part_bytes(part, shape.d_in, shape.d_out, group_size) * shape.count
             totals[part.kind] += nbytes
             by_part[part.name] = by_part.get(part.name, 0) + nbytes
