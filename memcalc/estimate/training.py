@@ -86,10 +86,6 @@ class StagePlan:
     loss_parallel: bool = False
 
 
-def single_device_plan(model: ModelConfig, seq_len: int) -> StagePlan:
-    return StagePlan(model, seq_len, 1, True, True, 0)
-
-
 def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe) -> ActivationPeaks:
     model, seq_len = plan.model, plan.seq_len
     e = _bytes(recipe.activation_dtype)
