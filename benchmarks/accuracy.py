@@ -55,6 +55,12 @@ class Case:
                  s.get("optimizer", "adamw") + "/" + s.get("optimizer_impl", "foreach"),
                  f"b{s.get('batch_size', 1)} s{s.get('seq_len')}", s.get("attention", "sdpa"),
                  "rc-" + s.get("recompute", "none")] + (["loss-chunked"] if s.get("loss") == "chunked" else [])
+        if s.get("lora_rank"):
+            parts.append(f"{'qlora' if s.get('qlora') else 'lora'}-r{s['lora_rank']}-{s.get('lora_targets', 'q,v')}")
+        if s.get("grad_accum", 1) > 1:
+            parts.append(f"accum-{s['grad_accum']}")
+        if s.get("optimizer_dtype"):
+            parts.append(f"moments-{s['optimizer_dtype']}")
         return " ".join(parts)
 
 
@@ -114,6 +120,11 @@ FAKE_MATRIX = [
     _infer("llama-3.2-1b", "fp32", 4, 1024, 64, beams=2),
     _infer("llama-3-8b", "bf16", 4, 1024, 16, decoding="sample", num_return_sequences=2, temperature=0.7, top_p=0.9),
     _infer("qwen2.5-0.5b", "bf16", 8, 256, 32, decoding="sample", top_k=50),
+    _case("llama-2-7b", "mixed-bf16", 2, 1024, lora_rank=8, lora_targets="q,v"),
+    _case("llama-3-8b", "mixed-bf16", 1, 2048, recompute="full", lora_rank=16, lora_targets="q,k,v,o,gate,up,down",
+          qlora=True),
+    _case("llama-3.2-1b", "mixed-bf16", 4, 1024, grad_accum=4),
+    _case("llama-3.2-3b", "mixed-bf16", 2, 1024, optimizer_dtype="bf16"),
     _case("deepseek-v2-lite", "pure-bf16", 1, 2048),
     _case("deepseek-v2-lite", "mixed-bf16", 2, 1024, recompute="full"),
 ]
