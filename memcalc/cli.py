@@ -206,10 +206,15 @@ def _infer_settings(dtype, kv_dtype, batch, context, prompt, max_new_tokens, num
         return InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context, prompt_len=prompt,
                              max_new_tokens=max_new_tokens, num_beams=num_beams, **options)
     except ValueError as exc:
-        message = str(exc)
-        for field, flag in names.items():
-            message = message.replace(field, flag)
-        raise InputError(message) from None
+        raise _flag_error(exc, names) from None
+
+
+def _flag_error(exc: ValueError, flags: dict[str, str]) -> InputError:
+    """A settings schema's message with its field names replaced by the flags that set them."""
+    message = str(exc)
+    for field, flag in flags.items():
+        message = message.replace(field, flag)
+    return InputError(message)
 
 
 def _recipe_name(precision: str | None) -> str | None:
@@ -352,12 +357,9 @@ def _train_settings(**fields):
     try:
         return TrainSettings(**fields)
     except ValueError as exc:
-        message = str(exc)
-        for field, flag in (("optimizer_in_backward", "--optimizer-in-backward"), ("grad_accum", "--grad-accum"),
-                            ("lora_targets", "--lora-targets"), ("lora target", "--lora-targets"),
-                            ("lora_rank", "--lora-rank"), ("qlora", "--qlora")):
-            message = message.replace(field, flag)
-        raise InputError(message) from None
+        raise _flag_error(exc, {"optimizer_in_backward": "--optimizer-in-backward", "grad_accum": "--grad-accum",
+                                "lora_targets": "--lora-targets", "lora target": "--lora-targets",
+                                "lora_rank": "--lora-rank", "qlora": "--qlora"}) from None
 
 
 def _resolve_gpu(name: str | None):
