@@ -36,7 +36,8 @@ from memcalc.config import (
     _FORBID_EXTRA,
 )
 from memcalc.errors import InputError
-from memcalc.estimate.params import ParamCategory, ParamInventory, TensorGroup, count_params
+from memcalc.estimate.inventory import MLPRole, Split, Tensor, build_inventory, layer_roles
+from memcalc.estimate.params import ParamCategory, ParamInventory, TensorGroup, group_tensors
 
 # Megatron-LM pads the vocabulary to a multiple of this times TP (--make-vocab-size-divisible-by).
 VOCAB_PAD_MULTIPLE = 128
@@ -242,6 +243,7 @@ class StageLayers:
     moe_layers: int
     first: bool  # holds the embedding
     last: bool  # holds the final norm, the output layer and the loss
+    indices: tuple[int, ...] = ()  # the model's layer indices on this rank, in order
 
     @property
     def layers(self) -> int:
@@ -252,10 +254,10 @@ def stage_layers(model: ModelConfig, parallel: ParallelConfig, rank: int) -> Sta
     """Rank ``rank`` of ``pp`` holds chunks ``rank, rank + pp, ...`` of ``L / (pp * vpp)`` layers each."""
     pp, vpp = parallel.pp, parallel.vpp
     per_chunk = model.num_layers // (pp * vpp)
-    first_dense = model.num_layers - model.num_moe_layers
-    indices = [chunk * per_chunk + offset for chunk in range(rank, pp * vpp, pp) for offset in range(per_chunk)]
-    dense = sum(1 for index in indices if index < first_dense)
-    return StageLayers(rank, dense, len(indices) - dense, first=rank == 0, last=rank == pp - 1)
+    roles = layer_roles(model)
+    indices = tuple(chunk * per_chunk + offset for chunk in range(rank, pp * vpp, pp) for offset in range(per_chunk))
+    dense = sum(1 for index in indices if roles[index] is MLPRole.DENSE)
+    return StageLayers(rank, dense, len(indices) - dense, first=rank == 0, last=rank == pp - 1, indices=indices)
 
 
 def pipeline_ranks(parallel: ParallelConfig) -> list[int]:
@@ -323,68 +325,38 @@ class RankParams:
         return self.dense.groups + self.experts.groups
 
 
-# Tensors split by TP along their output (column-parallel: weight and bias) or input (row-parallel:
-# weight only; the bias is added after the all-reduce on every rank).
-_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj")
-_ROW_PARALLEL = ("o_proj", "down_proj")
-
-
-def _tp_divisor(name: str, tp: int) -> int:
-    module, _, kind = name.rpartition(".")
-    leaf = module.rpartition(".")[2]
-    if leaf in _COLUMN_PARALLEL or (leaf in _ROW_PARALLEL and kind == "weight"):
-        return tp
-    return 1
+def _local_numel(tensor: Tensor, tp: int, vocab: int) -> int:
+    """Elements of ``tensor`` on one TP rank: column- and row-parallel tensors split, the
+    vocabulary rows of the embedding and head split after padding, the rest whole."""
+    if tensor.split is Split.VOCAB:
+        return vocab * tensor.numel // tensor.shape[0] // tp
+    if tensor.split in (Split.COLUMN, Split.ROW):
+        return tensor.numel // tp
+    return tensor.numel
 
 
 def rank_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> RankParams:
-    """Local tensors of one rank of pipeline stage ``stage`` (any TP, DP or CP rank holds the same)."""
-    tp = parallel.tp
+    """Local tensors of one rank of pipeline stage ``stage`` (any TP, DP or CP rank holds the same):
+    its layers' tensors from the inventory, TP-split by their role, routed experts divided by EP."""
+    tp, ep = parallel.tp, parallel.ep
     vocab = padded_vocab(model, parallel)
-    h = model.hidden_size
-    dense_layers_total = model.num_layers - model.num_moe_layers
-    dense: list[TensorGroup] = []
-    experts: list[TensorGroup] = []
-    for group in count_params(model).groups:
-        name = group.name
-        if name == "embed_tokens.weight":
-            if stage.first:
-                dense.append(TensorGroup(name, group.category, vocab * h // tp, 1, 1))
-            continue
-        if name == "embed_positions.weight":
-            if stage.first:  # Megatron keeps the position table whole on every TP rank
-                dense.append(group)
-            continue
-        if name.startswith("final_norm"):
-            if stage.last:
-                dense.append(group)
-            continue
-        if name == "lm_head.weight":
-            if stage.last:
-                dense.append(TensorGroup(name, group.category, vocab * h // tp, 1, 1))
-            continue
-        # layer tensors: scale the count to this stage's layers of the matching kind
-        if name.startswith("layers.moe."):
-            layers, on_stage = model.num_moe_layers, stage.moe_layers
-        elif name.startswith("layers.mlp."):
-            layers, on_stage = dense_layers_total, stage.dense_layers
-        else:
-            layers, on_stage = model.num_layers, stage.layers
-        if not on_stage:
-            continue
-        numel = group.numel // _tp_divisor(name, tp)
-        if name.startswith("layers.moe.experts."):
-            count = group.count // layers * on_stage // parallel.ep
-            active = group.active_count // layers * on_stage
-            experts.append(TensorGroup(name, group.category, numel, count, min(active, count)))
-        else:
-            count = group.count // layers * on_stage
-            dense.append(TensorGroup(name, group.category, numel, count, count))
+    inventory = build_inventory(model)
+    tensors = [*(inventory.embeddings if stage.first else ())]
+    for index in stage.indices:
+        tensors += inventory.layers[index].tensors
+    tensors += inventory.final if stage.last else ()
+
+    def numel(tensor: Tensor) -> int:
+        return _local_numel(tensor, tp, vocab)
+
+    dense = group_tensors((t for t in tensors if not t.expert), numel)
+    experts = group_tensors((t for t in tensors if t.expert), numel, lambda tensor: tensor.count // ep)
     if model.tie_word_embeddings and stage.last and not stage.first:
         # Megatron keeps a copy of the tied embedding on the last stage for the output layer and
         # all-reduces the two copies' gradients (LanguageModule.setup_embeddings_and_output_layer).
-        dense.append(TensorGroup("lm_head.weight (tied copy)", ParamCategory.OUTPUT_HEAD, vocab * h // tp, 1, 1))
-    return RankParams(ParamInventory(tuple(dense)), ParamInventory(tuple(experts)))
+        copy = TensorGroup("lm_head.weight (tied copy)", ParamCategory.OUTPUT_HEAD, vocab * model.hidden_size // tp, 1, 1)
+        dense = ParamInventory(dense.groups + (copy,))
+    return RankParams(dense, experts)
 
 
 @dataclass(frozen=True)
@@ -402,22 +374,17 @@ class ShardingUnits:
 
 
 def sharding_units(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> ShardingUnits:
+    tp, ep = parallel.tp, parallel.ep
+    vocab = padded_vocab(model, parallel)
+    inventory = build_inventory(model)
+
+    def local(tensors) -> int:
+        return sum(_local_numel(t, tp, vocab) * (t.count // ep if t.expert else t.count) for t in tensors)
+
+    largest_layer = max((local(inventory.layers[index].tensors) for index in stage.indices), default=0)
     params = rank_params(model, parallel, stage)
-    per_layer: dict[str, int] = {}
-    ends = largest_end = 0
-    for group in params.groups:
-        if group.name.startswith("layers."):
-            kind = "moe" if group.name.startswith("layers.moe.") else (
-                "dense" if group.name.startswith("layers.mlp.") else "any")
-            per_layer[kind] = per_layer.get(kind, 0) + group.total
-        else:
-            ends += group.total
-            largest_end = max(largest_end, group.total)
-    layers = {"dense": stage.dense_layers, "moe": stage.moe_layers}
-    shared = per_layer.get("any", 0) // max(stage.layers, 1)
-    largest_layer = max((shared + per_layer.get(kind, 0) // count for kind, count in layers.items() if count),
-                        default=0)
-    return ShardingUnits(largest_layer, ends, largest_end)
+    ends = [group.total for group in params.groups if not group.name.startswith("layers.")]
+    return ShardingUnits(largest_layer, sum(ends), max(ends, default=0))
 
 
 def largest_unit_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> int:

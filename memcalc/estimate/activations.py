@@ -263,19 +263,10 @@ def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool)
 
 
 def linear_weight_elements_per_layer(model: ModelConfig, moe_layer: bool) -> int:
-    """Elements of the weights a layer's matmuls read (autocast keeps a 16-bit copy of each)."""
-    from memcalc.estimate.params import count_params
+    """Elements of the weights a layer's matmuls read (autocast keeps a 16-bit copy of each),
+    from the tensor inventory; 0 when the model has no layer of that kind."""
+    from memcalc.estimate.inventory import MLPRole, build_inventory
 
-    inventory = count_params(model)
-    per_layer = 0
-    for group in inventory.groups:
-        if not group.name.startswith("layers.") or not group.name.endswith(".weight") or "norm" in group.name:
-            continue
-        is_moe = group.name.startswith("layers.moe.")
-        is_dense_mlp = group.name.startswith("layers.mlp.")
-        if moe_layer and is_dense_mlp or not moe_layer and is_moe:
-            continue
-        layers = model.num_moe_layers if is_moe else (
-            model.num_layers - model.num_moe_layers if is_dense_mlp else model.num_layers)
-        per_layer += group.numel * group.count // max(layers, 1)
-    return per_layer
+    role = MLPRole.MOE if moe_layer else MLPRole.DENSE
+    layer = next((layer for layer in build_inventory(model).layers if layer.mlp is role), None)
+    return 0 if layer is None else layer.matmul_elements()

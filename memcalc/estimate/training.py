@@ -28,6 +28,7 @@ from memcalc.estimate.breakdown import Component, Estimate, Kind, RankView
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
 from memcalc.errors import InputError
 from memcalc.estimate import lora as lora_module
+from memcalc.estimate.inventory import MLPRole, layer_roles
 from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
 from memcalc.parallel import (
     ParallelConfig,
@@ -138,7 +139,7 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
 
     # dense layers come first (MoE's first_dense_layers), then MoE layers; under LoRA the first
     # layer is a kind of its own (its input, the frozen embedding's output, needs no gradient)
-    is_moe = [(False, False)] * (model.num_layers - model.num_moe_layers) + [(True, False)] * model.num_moe_layers
+    is_moe = [(role is MLPRole.MOE, False) for role in layer_roles(model)]
     if lora:
         is_moe[0] = (is_moe[0][0], True)
     by_kind = {kind: layer(*kind) for kind in set(is_moe)}
@@ -388,7 +389,7 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     grad_copy = state(recipe.optimizer_grad_copy, parallel.shards_optimizer) if recipe.optimizer_grad_copy else 0
     fp8 = recipe.gemm is not None and not lora
     if fp8:
-        weights, gradients, master, gemm_moments = _gemm_states(recipe, settings, held, per_rank, parallel)
+        weights, gradients, master, gemm_moments = _gemm_states(model, recipe, settings, held, per_rank, parallel)
     plan = _stage_plan(model, parallel, stage, seq_len)
     if settings.optimizer is Optimizer.ADAFACTOR:
         matrices = lora_module.adapter_matrices(model, settings) if lora else _matrices(plan.model, held, parallel.ep)
@@ -589,15 +590,16 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     return RankView(name, stage.rank, parameters, tuple(components), phases, references)
 
 
-def _is_gemm_weight(group) -> bool:
-    """A linear layer's weight inside the decoder layers (attention, MLP and expert projections)."""
-    from memcalc.estimate.params import ParamCategory
+def _linear_weight_names(model: ModelConfig) -> frozenset[str]:
+    """Names of the linear layers' weights inside the decoder layers (attention, MLP and expert
+    projections), which FP8 recipes store their own way."""
+    from memcalc.estimate.inventory import build_inventory
 
-    return (group.category in (ParamCategory.ATTENTION, ParamCategory.MLP, ParamCategory.EXPERTS)
-            and group.name.endswith(".weight") and "norm" not in group.name)
+    return frozenset(tensor.name for layer in build_inventory(model).layers for tensor in layer.tensors if tensor.linear)
 
 
-def _gemm_states(recipe: PrecisionRecipe, settings: TrainSettings, held, per_rank, parallel: ParallelConfig):
+def _gemm_states(model: ModelConfig, recipe: PrecisionRecipe, settings: TrainSettings, held, per_rank,
+                 parallel: ParallelConfig):
     """Weights, gradients, master weights and (Adam) moments of a recipe that keeps linear-layer
     weights its own way (memcalc.precision.GemmWeights); every other parameter follows the
     recipe's dtypes. ``settings.fp8_transpose`` (Hopper and Ada; not Blackwell) adds the FP8
@@ -606,9 +608,10 @@ def _gemm_states(recipe: PrecisionRecipe, settings: TrainSettings, held, per_ran
     from math import ceil
 
     gemm = recipe.gemm
+    linear_names = _linear_weight_names(model)
 
     def split(inventory) -> tuple[int, int]:
-        linear = sum(group.total for group in inventory.groups if _is_gemm_weight(group))
+        linear = sum(group.total for group in inventory.groups if group.name in linear_names)
         return linear, inventory.total - linear
 
     dense, experts = split(held.dense), split(held.experts)

@@ -21,9 +21,10 @@ from enum import StrEnum
 from fractions import Fraction
 from typing import NamedTuple
 
-from memcalc.config import MLPKind, ModelConfig
+from memcalc.config import ModelConfig
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.errors import InputError
+from memcalc.estimate.inventory import Split, build_inventory
 from memcalc.estimate.params import ParamCategory, count_params
 
 
@@ -270,61 +271,34 @@ class LinearShape(NamedTuple):
         return self.d_in * self.d_out * self.count
 
 
-def _mlp_shapes(prefix: str, category: ParamCategory, model: ModelConfig, width: int, count: int):
-    h = model.hidden_size
-    if model.mlp is MLPKind.GATED:
-        yield LinearShape(f"{prefix}.gate_proj.weight", category, h, width, count)
-    yield LinearShape(f"{prefix}.up_proj.weight", category, h, width, count)
-    yield LinearShape(f"{prefix}.down_proj.weight", category, width, h, count)
-
-
 def linear_weights(model: ModelConfig) -> Iterator[LinearShape]:
-    """Every linear weight inside the decoder layers, with the names and counts of
-    ``memcalc.estimate.params.count_params``. Multi-head latent attention follows Hugging Face's
-    ``DeepseekV3Attention`` (q_a/q_b or q, kv_a_proj_with_mqa, kv_b, o projections)."""
-    h, layers, attention = model.hidden_size, model.num_layers, ParamCategory.ATTENTION
-    mla = model.mla
-    if mla is None:
-        q_width = model.num_attention_heads * model.attention_head_dim
-        kv_width = model.kv_heads * model.attention_head_dim
-        yield LinearShape("layers.attn.q_proj.weight", attention, h, q_width, layers)
-        yield LinearShape("layers.attn.k_proj.weight", attention, h, kv_width, layers)
-        yield LinearShape("layers.attn.v_proj.weight", attention, h, kv_width, layers)
-        yield LinearShape("layers.attn.o_proj.weight", attention, q_width, h, layers)
-    else:
-        heads = model.num_attention_heads
-        if mla.q_lora_rank is None:
-            yield LinearShape("layers.attn.q_proj.weight", attention, h, heads * mla.qk_head_dim, layers)
-        else:
-            yield LinearShape("layers.attn.q_a_proj.weight", attention, h, mla.q_lora_rank, layers)
-            yield LinearShape("layers.attn.q_b_proj.weight", attention, mla.q_lora_rank, heads * mla.qk_head_dim, layers)
-        yield LinearShape("layers.attn.kv_a_proj_with_mqa.weight", attention, h, mla.latent_width, layers)
-        yield LinearShape("layers.attn.kv_b_proj.weight", attention, mla.kv_lora_rank,
-                          heads * (mla.qk_nope_head_dim + mla.v_head_dim), layers)
-        yield LinearShape("layers.attn.o_proj.weight", attention, heads * mla.v_head_dim, h, layers)
-
-    dense_layers = layers - model.num_moe_layers
-    if dense_layers:
-        yield from _mlp_shapes("layers.mlp", ParamCategory.MLP, model, model.intermediate_size, dense_layers)
-    moe = model.moe
-    if moe is not None and model.num_moe_layers:
-        moe_layers = model.num_moe_layers
-        yield from _mlp_shapes("layers.moe.experts", ParamCategory.EXPERTS, model, moe.expert_intermediate_size,
-                               moe.num_experts * moe_layers)
-        if moe.num_shared_experts:
-            width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
-            yield from _mlp_shapes("layers.moe.shared_experts", ParamCategory.EXPERTS, model, width,
-                                   moe.num_shared_experts * moe_layers)
+    """Every linear weight inside the decoder layers (attention, MLP and expert projections; not
+    routers), with the names and counts of ``memcalc.estimate.params.count_params``, read from the
+    tensor inventory. Multi-head latent attention follows Hugging Face's ``DeepseekV3Attention``
+    (q_a/q_b or q, kv_a_proj_with_mqa, kv_b, o projections)."""
+    inventory = build_inventory(model)
+    shapes: dict[str, list] = {}
+    for layer in inventory.layers:
+        for tensor in layer.tensors:
+            if not tensor.linear:
+                continue
+            entry = shapes.get(tensor.name)
+            if entry is None:
+                shapes[tensor.name] = [tensor, tensor.count]
+            else:
+                entry[1] += tensor.count
+    for name, (tensor, count) in shapes.items():
+        yield LinearShape(name, tensor.category, tensor.d_in, tensor.d_out, count)
 
 
 def embedding_weights(model: ModelConfig) -> Iterator[LinearShape]:
     """The token embedding and the untied output head as matrices of rows of ``hidden_size``
     (ggml's token_embd and output are ``[hidden, vocab]`` with ``ne[0] = hidden``). Learned position
     embeddings are not listed: llama-quantize leaves ``position_embd`` unquantised."""
-    h, vocab = model.hidden_size, model.vocab_size
-    yield LinearShape("embed_tokens.weight", ParamCategory.EMBEDDING, h, vocab, 1)
-    if not model.tie_word_embeddings:
-        yield LinearShape("lm_head.weight", ParamCategory.OUTPUT_HEAD, h, vocab, 1)
+    inventory = build_inventory(model)
+    for tensor in (*inventory.embeddings, *inventory.final):
+        if tensor.split is Split.VOCAB:
+            yield LinearShape(tensor.name, tensor.category, tensor.d_in, tensor.d_out, tensor.count)
 
 
 # --- Bytes -----------------------------------------------------------------------------------------

@@ -1,0 +1,242 @@
+"""The tensor inventory: every parameter tensor of a model, layer by layer, built once from its config.
+
+Each decoder layer is described by the tensors of its token mixer (attention), its MLP or
+mixture of experts and its norms, each with its role: its shape, how tensor parallelism splits it,
+whether a matmul reads it (autocast keeps a 16-bit copy) and whether weight formats and FP8
+recipes store it their own way (a linear layer's weight). The parameter count
+(``memcalc.estimate.params``), weight formats (``memcalc.estimate.weights``), TP/EP/pipeline
+sharding (``memcalc.parallel``) and the activation model's per-layer weights all read this one
+inventory instead of enumerating the architecture again.
+
+Layers of one structure share one ``LayerTensors`` object, so a 61-layer model with 256 experts
+per layer costs a handful of objects. Shapes follow PyTorch (``nn.Linear.weight`` is
+``(out_features, in_features)``) and the tensors of the reference implementations (Hugging Face
+``modeling_*.py``), so the total equals ``sum(p.numel() for p in model.parameters())``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+from math import prod
+
+from memcalc.config import MLPKind, ModelConfig, NormKind, PositionKind
+
+
+class ParamCategory(StrEnum):
+    EMBEDDING = "embedding"
+    ATTENTION = "attention"
+    MLP = "mlp"
+    EXPERTS = "experts"
+    ROUTER = "router"
+    NORMS = "norms"
+    OUTPUT_HEAD = "output_head"
+
+
+class Split(StrEnum):
+    """How tensor parallelism divides a tensor (Megatron-LM's column- and row-parallel linears)."""
+
+    NONE = "none"  # replicated on every TP rank (norms, routers, latent down-projections)
+    COLUMN = "column"  # the output dimension: weight and bias
+    ROW = "row"  # the input dimension: the weight (its bias is added after the all-reduce, whole)
+    VOCAB = "vocab"  # the vocabulary rows of the embedding and the output head
+
+
+class MLPRole(StrEnum):
+    """What a decoder layer's feed-forward part is."""
+
+    DENSE = "dense"
+    MOE = "moe"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """``count`` parameter tensors of one name and ``shape`` (routed experts: one per expert), of
+    which ``active`` serve one token."""
+
+    name: str  # the aggregate name shared by every layer's copy, e.g. "layers.attn.q_proj.weight"
+    category: ParamCategory
+    shape: tuple[int, ...]
+    count: int = 1
+    active: int | None = None  # default: all ``count``
+    split: Split = Split.NONE
+    matmul: bool = False  # a matmul reads it as its weight (autocast casts it once per forward)
+    linear: bool = False  # a linear layer's weight: quantised by weight formats, FP8 recipes' own bytes
+    expert: bool = False  # a routed expert's: divided by expert parallelism
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def active_count(self) -> int:
+        return self.count if self.active is None else self.active
+
+    @property
+    def d_in(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def d_out(self) -> int:
+        return self.shape[0]
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """One decoder layer's parameters in the order ``parameters()`` visits them."""
+
+    mlp: MLPRole
+    tensors: tuple[Tensor, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(tensor.numel * tensor.count for tensor in self.tensors)
+
+    def matmul_elements(self) -> int:
+        """Elements of the weights the layer's matmuls read (one copy of each expert)."""
+        return sum(tensor.numel * tensor.count for tensor in self.tensors if tensor.matmul)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Every parameter of a model: the embeddings, each decoder layer, the final norm and head."""
+
+    embeddings: tuple[Tensor, ...]
+    layers: tuple[LayerTensors, ...]
+    final: tuple[Tensor, ...]
+
+    def tensors_in_order(self, layer_indices=None):
+        """Each tensor as ``parameters()`` visits it: embeddings, layers (``layer_indices`` only,
+        when given), then the final norm and head."""
+        yield from self.embeddings
+        layers = self.layers if layer_indices is None else (self.layers[index] for index in layer_indices)
+        for layer in layers:
+            yield from layer.tensors
+        yield from self.final
+
+
+# --- Building blocks ------------------------------------------------------------------------------
+
+
+def _linear(name: str, category: ParamCategory, d_in: int, d_out: int, bias: bool, split: Split = Split.NONE,
+            *, linear: bool = True, count: int = 1, active: int | None = None, expert: bool = False):
+    """``nn.Linear(d_in, d_out)``: its weight and, with ``bias``, its bias (split with the output
+    under column parallelism, whole under row parallelism)."""
+    yield Tensor(f"{name}.weight", category, (d_out, d_in), count, active, split, True, linear, expert)
+    if bias:
+        bias_split = Split.COLUMN if split is Split.COLUMN else Split.NONE
+        yield Tensor(f"{name}.bias", category, (d_out,), count, active, bias_split, expert=expert)
+
+
+def _norm(name: str, model: ModelConfig, width: int, count: int = 1):
+    yield Tensor(f"{name}.weight", ParamCategory.NORMS, (width,), count)
+    if model.norm is NormKind.LAYERNORM and model.norm_bias:
+        yield Tensor(f"{name}.bias", ParamCategory.NORMS, (width,), count)
+
+
+def _mlp(prefix: str, category: ParamCategory, model: ModelConfig, width: int, count: int = 1,
+         active: int | None = None, expert: bool = False):
+    h, bias = model.hidden_size, model.mlp_bias
+    if model.mlp is MLPKind.GATED:
+        yield from _linear(f"{prefix}.gate_proj", category, h, width, bias, Split.COLUMN, count=count, active=active,
+                           expert=expert)
+    yield from _linear(f"{prefix}.up_proj", category, h, width, bias, Split.COLUMN, count=count, active=active,
+                       expert=expert)
+    yield from _linear(f"{prefix}.down_proj", category, width, h, bias, Split.ROW, count=count, active=active,
+                       expert=expert)
+
+
+def _attention(model: ModelConfig):
+    """q, k, v and o projections (Llama, GPT-2's fused ``c_attn`` holds the same elements)."""
+    h, attention = model.hidden_size, ParamCategory.ATTENTION
+    q_width = model.num_attention_heads * model.attention_head_dim
+    kv_width = model.kv_heads * model.attention_head_dim
+    yield from _linear("layers.attn.q_proj", attention, h, q_width, model.qkv_bias, Split.COLUMN)
+    yield from _linear("layers.attn.k_proj", attention, h, kv_width, model.qkv_bias, Split.COLUMN)
+    yield from _linear("layers.attn.v_proj", attention, h, kv_width, model.qkv_bias, Split.COLUMN)
+    yield from _linear("layers.attn.o_proj", attention, q_width, h, model.attn_output_bias, Split.ROW)
+
+
+def _mla_attention(model: ModelConfig):
+    """Multi-head latent attention as transformers' ``DeepseekV2Attention``/``DeepseekV3Attention``:
+    queries straight from the hidden state (``q_proj``) or through a normalised low-rank bottleneck
+    (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``); keys and values from one latent of
+    ``kv_lora_rank`` values plus the shared rotary key (``kv_a_proj_with_mqa``), normalised
+    (``kv_a_layernorm``) and expanded to every head (``kv_b_proj``). ``attention_bias`` puts biases
+    on the two down projections and ``o_proj`` only (``qkv_bias``/``attn_output_bias`` here). The
+    down projections and their norms are replicated under TP; the up projections split by head."""
+    mla, h, heads = model.mla, model.hidden_size, model.num_attention_heads
+    attention = ParamCategory.ATTENTION
+    if mla.q_lora_rank is None:
+        yield from _linear("layers.attn.q_proj", attention, h, heads * mla.qk_head_dim, False, Split.COLUMN)
+    else:
+        yield from _linear("layers.attn.q_a_proj", attention, h, mla.q_lora_rank, model.qkv_bias)
+        yield from _norm("layers.attn.q_a_layernorm", model, mla.q_lora_rank)
+        yield from _linear("layers.attn.q_b_proj", attention, mla.q_lora_rank, heads * mla.qk_head_dim, False,
+                           Split.COLUMN)
+    yield from _linear("layers.attn.kv_a_proj_with_mqa", attention, h, mla.latent_width, model.qkv_bias)
+    yield from _norm("layers.attn.kv_a_layernorm", model, mla.kv_lora_rank)
+    yield from _linear("layers.attn.kv_b_proj", attention, mla.kv_lora_rank,
+                       heads * (mla.qk_nope_head_dim + mla.v_head_dim), False, Split.COLUMN)
+    yield from _linear("layers.attn.o_proj", attention, heads * mla.v_head_dim, h, model.attn_output_bias, Split.ROW)
+
+
+def _moe(model: ModelConfig):
+    """A mixture-of-experts MLP: the router, the routed experts (``experts_per_token`` of them
+    active), the shared experts and the shared experts' sigmoid gate (Qwen2-MoE)."""
+    moe, h = model.moe, model.hidden_size
+    yield from _linear("layers.moe.router", ParamCategory.ROUTER, h, moe.num_experts, False, linear=False)
+    yield from _mlp("layers.moe.experts", ParamCategory.EXPERTS, model, moe.expert_intermediate_size,
+                    moe.num_experts, moe.experts_per_token, expert=True)
+    if moe.num_shared_experts:
+        width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+        yield from _mlp("layers.moe.shared_experts", ParamCategory.EXPERTS, model, width, moe.num_shared_experts)
+    if moe.shared_expert_gate:
+        yield from _linear("layers.moe.shared_expert_gate", ParamCategory.ROUTER, h, 1, False, linear=False)
+
+
+def _layer(model: ModelConfig, role: MLPRole) -> LayerTensors:
+    """A pre-norm decoder layer in the reference decoder's order: the input norm, attention, the
+    per-head query and key norms (Qwen3), the remaining norms (post-attention; Gemma-2's four),
+    then the MLP or the experts."""
+    h = model.hidden_size
+    tensors = [*_norm("layers.norm", model, h)]
+    tensors += _attention(model) if model.mla is None else _mla_attention(model)
+    if model.qk_norm:
+        tensors += _norm("layers.attn.qk_norm", model, model.attention_head_dim, 2)
+    if model.norms_per_layer > 1:
+        tensors += _norm("layers.norm", model, h, model.norms_per_layer - 1)
+    if role is MLPRole.MOE:
+        tensors += _moe(model)
+    else:
+        tensors += _mlp("layers.mlp", ParamCategory.MLP, model, model.intermediate_size)
+    return LayerTensors(role, tuple(tensors))
+
+
+def layer_roles(model: ModelConfig) -> tuple[MLPRole, ...]:
+    """Each layer's feed-forward role: MoE models keep ``first_dense_layers`` dense layers first."""
+    dense = model.num_layers - model.num_moe_layers
+    return (MLPRole.DENSE,) * dense + (MLPRole.MOE,) * model.num_moe_layers
+
+
+@lru_cache(maxsize=256)
+def build_inventory(model: ModelConfig) -> Inventory:
+    """Every parameter tensor of ``model``, layer by layer.
+
+    Buffers are not parameters: DeepSeek-V3's router ``e_score_correction_bias`` (one value per
+    routed expert and MoE layer) is a buffer in transformers (``register_buffer`` in
+    ``DeepseekV3TopkRouter``) and is not counted, nor are the rotary ``inv_freq`` tables."""
+    h = model.hidden_size
+    embeddings = [Tensor("embed_tokens.weight", ParamCategory.EMBEDDING, (model.vocab_size, h), split=Split.VOCAB)]
+    if model.position_embedding is PositionKind.LEARNED:
+        # Megatron keeps the position table whole on every TP rank
+        embeddings.append(Tensor("embed_positions.weight", ParamCategory.EMBEDDING, (model.max_position_embeddings, h)))
+    roles = layer_roles(model)
+    kinds = {role: _layer(model, role) for role in set(roles)}
+    layers = tuple(kinds[role] for role in roles)
+    final = list(_norm("final_norm", model, h))
+    if not model.tie_word_embeddings:
+        final.append(Tensor("lm_head.weight", ParamCategory.OUTPUT_HEAD, (model.vocab_size, h), split=Split.VOCAB,
+                            matmul=True))
+    return Inventory(tuple(embeddings), layers, tuple(final))
