@@ -36,12 +36,16 @@ def _complete_model(incomplete: str) -> list[str]:
 ModelArgument = Annotated[
     str,
     typer.Argument(
-        help="A bundled model name or alias (see `memcalc models`), a memcalc .yaml file, "
-        "or a Hugging Face config.json (or a directory holding one).",
+        help="A bundled model name or alias (see `memcalc models`), a memcalc .yaml file, a Hugging Face "
+        "config.json (or a directory holding one), a Hub id such as Qwen/Qwen3-8B, or a .gguf file.",
         autocompletion=_complete_model,
         show_default=False,
     ),
 ]
+RevisionOption = Annotated[str | None, typer.Option("--revision", show_default=False,
+                                                   help="Hub ids: the branch, tag or commit to read (default: main).")]
+AssumeLlamaOption = Annotated[bool, typer.Option("--assume-llama",
+                                                 help="Read a config.json of an unknown model_type as a Llama block.")]
 UnitsOption = Annotated[Unit, typer.Option("--units", help="Display unit (JSON is always in bytes).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object (integer bytes) instead of tables.")]
 BatchOption = Annotated[int, typer.Option("--batch", "-b", min=1, help="Sequences per step (micro-batch).")]
@@ -284,6 +288,8 @@ def train(
     tp_impl: TPImplOption = "megatron",
     gpu: GPUOption = None,
     plot: PlotOption = None,
+    revision: RevisionOption = None,
+    assume_llama: AssumeLlamaOption = False,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
@@ -321,7 +327,7 @@ def train(
         from dataclasses import replace
 
         settings = replace(settings, fp8_transpose=False)  # one FP8 layout serves both GEMM directions
-    config = resolve_model(model)
+    config = resolve_model(model, revision=revision, assume_llama=assume_llama)
     estimate = estimate_training(config, settings, layout)
     _warn_precision_support(estimate.settings["precision"], gpu_spec)
     advice = None
@@ -362,6 +368,10 @@ def _train_settings(**fields):
                                 "lora_rank": "--lora-rank", "qlora": "--qlora"}) from None
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _resolve_gpu(name: str | None):
     if name is None:
         return None
@@ -393,6 +403,8 @@ def compare(
     activation_model: ActivationModelOption = ActivationModel.ARCH,
     loss: LossOption = Loss.FULL,
     precision: PrecisionOption = None,
+    revision: RevisionOption = None,
+    assume_llama: AssumeLlamaOption = False,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
@@ -420,7 +432,7 @@ def compare(
     base = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
                          seq_len=seq, recompute=recompute, attention=attention, optimizer_impl=optimizer_impl,
                          activation_model=activation_model, loss=loss, precision=_recipe_name(precision))
-    config = resolve_model(model)
+    config = resolve_model(model, revision=revision, assume_llama=assume_llama)
     gpu_spec = _resolve_gpu(gpu)
     results = []
     for item in scenarios:
@@ -467,6 +479,8 @@ def plan(
     attention: AttentionOption = Attention.SDPA,
     loss: LossOption = Loss.FULL,
     precision: PrecisionOption = None,
+    revision: RevisionOption = None,
+    assume_llama: AssumeLlamaOption = False,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
@@ -484,7 +498,7 @@ def plan(
     from memcalc.plan import DEFAULT_MFU
     from memcalc.plan import plan as search
 
-    config = resolve_model(model)
+    config = resolve_model(model, revision=revision, assume_llama=assume_llama)
     spec = resolve_gpu(gpu)
     base = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, attention=attention,
                          loss=loss, precision=_recipe_name(precision))
@@ -526,6 +540,8 @@ def sweep(
     attention: AttentionOption = Attention.SDPA,
     loss: LossOption = Loss.FULL,
     precision: PrecisionOption = None,
+    revision: RevisionOption = None,
+    assume_llama: AssumeLlamaOption = False,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
@@ -547,7 +563,7 @@ def sweep(
     base = TrainSettings(dtype=dtype, master_weights=master_weights, optimizer=optimizer, batch_size=batch,
                          seq_len=seq, recompute=recompute, attention=attention, loss=loss,
                          precision=_recipe_name(precision))
-    config = resolve_model(model)
+    config = resolve_model(model, revision=revision, assume_llama=assume_llama)
     gpu_spec = _resolve_gpu(gpu)
     points = run_sweep(config, base, layout, key, values)
     over_point = first_over(points, gpu_spec.memory_bytes) if gpu_spec else None
@@ -614,10 +630,14 @@ def infer(
     kv_budget: Annotated[str | None, typer.Option("--kv-budget", show_default=False,
                                                   help="Print the tokens and blocks this many bytes of KV cache hold, "
                                                   "e.g. 4.6GiB.")] = None,
+    revision: RevisionOption = None,
+    assume_llama: AssumeLlamaOption = False,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
     """Memory to serve a model: weights, KV cache, prefill and decoding, overhead, and what fits.
+
+    Without --weights, a .gguf file or a checkpoint with safetensors counts its weights as stored.
 
     Examples:
 
@@ -630,6 +650,8 @@ def infer(
       memcalc infer mixtral-8x7b --weights gptq --kv-dtype fp8 --engine paged --tp 2 --gpu h100 --json
 
       memcalc infer llama-3-8b --engine paged --kv-budget 4.6GiB
+
+      memcalc infer ./model.gguf --context 8192
     """
     from memcalc.config import Decoding, Engine, PrefillLogits
     from memcalc.estimate.inference import estimate_inference
@@ -653,11 +675,24 @@ def infer(
         temperature=temperature, prefill_logits=prefill_logits, prefill_chunk=prefill_chunk, attention=attention,
         engine=engine, block_size=block_size, tp=tp, overhead_bytes=_size("--overhead", overhead),
     )
-    config = resolve_model(model)
+    config = resolve_model(model, revision=revision, assume_llama=assume_llama)
     estimate = estimate_inference(config, settings)
+    stored = None
+    if weights is None:  # the checkpoint's own bytes, unless --weights asks for another format
+        from memcalc.library import stored_weights
+
+        stored = stored_weights(model, revision=revision, warn=_warn)
+    if stored is not None:
+        from memcalc.estimate.measured import with_stored_weights
+
+        estimate = with_stored_weights(estimate, stored)
     gpu_spec = _resolve_gpu(gpu)
     fit = None
-    if gpu_spec is not None:
+    if gpu_spec is not None and stored is not None:
+        from memcalc.estimate.measured import measured_fit_report
+
+        fit = measured_fit_report(config, settings, stored, gpu_spec.name, gpu_spec.memory_bytes, gpu_util)
+    elif gpu_spec is not None:
         from memcalc.estimate.inference import fit_report
 
         fit = fit_report(config, settings, gpu_spec.name, gpu_spec.memory_bytes, gpu_util)
@@ -720,6 +755,8 @@ def validate(
                                                     help="Exit with code 3 when the total misses by more than this "
                                                     "percentage.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Run on CUDA even if the estimate says it will not fit.")] = False,
+    revision: RevisionOption = None,
+    assume_llama: AssumeLlamaOption = False,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
 ) -> None:
@@ -749,7 +786,7 @@ def validate(
         raise InputError("--impl hf measures training steps; --workload infer runs the reference decoder")
     if device not in ("auto", "cuda", "fake", "cpu"):
         raise InputError(f"--device: {device!r} is not one of auto, cuda, fake, cpu")
-    config = with_layers(resolve_model(model), num_layers)
+    config = with_layers(resolve_model(model, revision=revision, assume_llama=assume_llama), num_layers)
     if workload == "train":
         from memcalc.config import TrainSettings
         from memcalc.estimate.training import estimate_training
@@ -892,19 +929,32 @@ def formats(
 
 
 @app.command()
-def show(model: ModelArgument, as_json: JsonOption = False) -> None:
+def show(model: ModelArgument, revision: RevisionOption = None, assume_llama: AssumeLlamaOption = False,
+         as_json: JsonOption = False) -> None:
     """Print a model's configuration and its parameter count, part by part.
+
+    A model directory, a cached Hub id or a .gguf file adds its stored tensors, read from the headers.
 
     Examples:
 
       memcalc show llama-3-8b
 
       memcalc show ./config.json --json
-    """
-    from memcalc.library import resolve_model
-    from memcalc.report import show_document
 
-    document = show_document(resolve_model(model))
+      memcalc show ./local-checkpoint-dir
+    """
+    from memcalc.library import resolve_model, stored_weights
+    from memcalc.report import checkpoint_document, show_document
+
+    config = resolve_model(model, revision=revision, assume_llama=assume_llama)
+    document = show_document(config)
+    stored = stored_weights(model, revision=revision, warn=_warn)
+    if stored is not None:
+        document["checkpoint"] = checkpoint_document(config, stored)
+        if stored.checkpoint is not None and not document["checkpoint"]["matches"]:
+            check = document["checkpoint"]
+            _warn(f"checkpoint headers hold {check['language_model_params']:,} parameters, the config gives "
+                  f"{check['config_params']:,}: estimates count the config's ({check['location']})")
     if as_json:
         print(json.dumps(document, indent=2))
         return

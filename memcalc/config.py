@@ -10,31 +10,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import Enum, StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
+from memcalc.bounds import NonNegativeInt, PositiveInt
 from memcalc.dtypes import DType
+from memcalc.vision import VisionTower
 
 # Sequence length used when none is given; capped by the model's maximum positions.
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_BATCH_SIZE = 1
-
-
-class _Bound:
-    """A lower bound pydantic applies when it builds a schema (``gt``/``ge`` on the int schema,
-    with its usual messages). Plain annotated_types metadata would do the same but cost its
-    import on every start of the CLI, which never validates bundled models with pydantic."""
-
-    def __init__(self, **bound: int) -> None:
-        self.bound = bound
-
-    def __get_pydantic_core_schema__(self, source, handler):
-        schema = handler(source)
-        schema.update(self.bound)
-        return schema
-
-
-PositiveInt = Annotated[int, _Bound(gt=0)]
-NonNegativeInt = Annotated[int, _Bound(ge=0)]
 
 # pydantic reads ``__pydantic_config__`` on standard-library dataclasses: unknown keys in a
 # memcalc file are errors (a misspelt ``hiden_size`` must not pass silently).
@@ -44,6 +28,7 @@ _FORBID_EXTRA = {"extra": "forbid"}
 class MLPKind(StrEnum):
     GATED = "gated"  # SwiGLU / GeGLU: gate, up and down projections
     PLAIN = "plain"  # up projection, activation, down projection (GPT-2, GPT-3)
+    NONE = "none"  # no MLP: the layer is a norm and its mixer (Mamba-2 blocks)
 
 
 class NormKind(StrEnum):
@@ -54,6 +39,30 @@ class NormKind(StrEnum):
 class PositionKind(StrEnum):
     ROTARY = "rotary"  # no parameters
     LEARNED = "learned"  # a max_positions x hidden table (GPT-2, GPT-3)
+
+
+class LayerType(StrEnum):
+    """A decoder layer's token mixer (Hugging Face ``layer_types`` values)."""
+
+    FULL_ATTENTION = "full_attention"
+    SLIDING_ATTENTION = "sliding_attention"  # attends to the last ``sliding_window`` tokens
+    CHUNKED_ATTENTION = "chunked_attention"  # attends within blocks of ``attention_chunk_size`` (Llama 4)
+    LINEAR_ATTENTION = "linear_attention"  # gated delta net with a fixed recurrent state (Qwen3-Next)
+    MAMBA = "mamba"  # a Mamba or Mamba-2 mixer with conv and SSM state (Jamba, Granite-4.0-H, Codestral)
+
+
+ATTENTION_LAYER_TYPES = (LayerType.FULL_ATTENTION, LayerType.SLIDING_ATTENTION, LayerType.CHUNKED_ATTENTION)
+
+
+class NormPlacement(StrEnum):
+    PRE = "pre"  # a norm before attention and before the MLP (Llama)
+    POST = "post"  # a norm of each sublayer's output before the residual add, none before (OLMo 2)
+    SANDWICH = "sandwich"  # both: four norms a layer (Gemma 2 and 3)
+
+
+class QKNormScope(StrEnum):
+    HEAD = "head"  # an RMSNorm of head_dim on every query and key head (Qwen3, Gemma 3)
+    FULL = "full"  # one RMSNorm over all query heads' and one over all key heads' width (OLMo 2)
 
 
 def _coerce_enums(instance: Any, **enum_fields: type[Enum]) -> None:
@@ -77,8 +86,18 @@ class MoEConfig:
     shared_expert_intermediate_size: PositiveInt | None = None  # default: the routed expert width
     first_dense_layers: NonNegativeInt = 0  # leading layers with a dense MLP instead of experts
     shared_expert_gate: bool = False  # a hidden_size -> 1 sigmoid gate on the shared experts (Qwen2-MoE)
+    # indices of the MoE layers when they are not all layers from first_dense_layers on (Llama 4's
+    # interleave_moe_layer_step, Qwen-MoE's decoder_sparse_step/mlp_only_layers, Jamba's period)
+    layers: tuple[NonNegativeInt, ...] = ()
+    router_bias: bool = False  # the router linear has a bias (gpt-oss)
+    expert_bias: bool = False  # each expert's projections have biases (gpt-oss)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("moe.layers lists a layer twice")
+        if self.layers and self.first_dense_layers:
+            raise ValueError("give moe.layers or moe.first_dense_layers, not both")
         if self.experts_per_token > self.num_experts:
             raise ValueError(
                 f"experts_per_token ({self.experts_per_token}) exceeds num_experts ({self.num_experts})"
@@ -109,6 +128,109 @@ class MLAConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
 
+class MambaVersion(StrEnum):
+    MAMBA1 = "mamba1"  # Gu & Dao 2023 (arXiv:2312.00752): selective scan over expand x hidden channels (Jamba)
+    MAMBA2 = "mamba2"  # Dao & Gu 2024 (arXiv:2405.21060): SSD heads with grouped B/C (Codestral, Granite-4.0-H)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MambaConfig:
+    """A Mamba mixer (transformers' ``MambaMixer``/``JambaMambaMixer`` or ``Mamba2Mixer``/
+    ``GraniteMoeHybridMambaLayer``). Its inference state is a causal-conv window and an SSM state
+    per sequence, whatever the sequence length."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    version: MambaVersion
+    intermediate_size: PositiveInt  # channels of the mixer (expand x hidden_size)
+    state_size: PositiveInt  # SSM state per channel (mamba1) or per head dimension (mamba2): d_state
+    conv_kernel: PositiveInt  # causal depthwise convolution width (d_conv)
+    conv_bias: bool = True
+    proj_bias: bool = False  # in_proj and out_proj biases
+    dt_rank: PositiveInt | None = None  # mamba1: the low-rank dt projection's width
+    inner_norms: bool = False  # mamba1: Jamba's RMSNorms of dt, B and C
+    num_heads: PositiveInt | None = None  # mamba2: SSD heads
+    head_dim: PositiveInt | None = None  # mamba2: channels per head (intermediate_size / num_heads)
+    n_groups: PositiveInt = 1  # mamba2: groups sharing B and C
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, version=MambaVersion)
+        if self.version is MambaVersion.MAMBA1 and self.dt_rank is None:
+            raise ValueError("mamba1 needs dt_rank")
+        if self.version is MambaVersion.MAMBA2:
+            if self.num_heads is None:
+                raise ValueError("mamba2 needs num_heads")
+            if self.intermediate_size % self.num_heads:
+                raise ValueError(f"mamba num_heads ({self.num_heads}) must divide intermediate_size "
+                                 f"({self.intermediate_size})")
+
+    @property
+    def conv_channels(self) -> int:
+        """Channels of the causal convolution: x (mamba1); x, B and C (mamba2)."""
+        if self.version is MambaVersion.MAMBA1:
+            return self.intermediate_size
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+    @property
+    def ssm_state_values(self) -> int:
+        """Values of the SSM state per sequence and layer: channels x d_state."""
+        return self.intermediate_size * self.state_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearAttentionConfig:
+    """Gated delta net (Yang et al. 2024, arXiv:2412.06464) as Qwen3-Next runs it
+    (transformers' ``Qwen3NextGatedDeltaNet``): q/k/v/z and b/a projections, a causal conv over
+    q, k and v, and a recurrent state of key_head_dim x value_head_dim per value head."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    num_key_heads: PositiveInt
+    num_value_heads: PositiveInt
+    key_head_dim: PositiveInt
+    value_head_dim: PositiveInt
+    conv_kernel: PositiveInt
+
+    def __post_init__(self) -> None:
+        if self.num_value_heads % self.num_key_heads:
+            raise ValueError(f"linear_attention num_key_heads ({self.num_key_heads}) must divide num_value_heads "
+                             f"({self.num_value_heads})")
+
+    @property
+    def key_width(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_width(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_width + self.value_width
+
+    @property
+    def recurrent_state_values(self) -> int:
+        return self.num_value_heads * self.key_head_dim * self.value_head_dim
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointFormat:
+    """How the published checkpoint stores its weights (config.json's ``torch_dtype``/``dtype`` and
+    ``quantization_config``): the default of ``memcalc infer --weights``."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    dtype: DType | None = None  # the unquantised tensors' dtype
+    weights: str | None = None  # a memcalc weight format for the quantised linear weights (memcalc.estimate.weights)
+    group_size: int | None = None  # GPTQ/AWQ
+    unquantized: tuple[str, ...] = ()  # parameter categories whose linear weights stay in dtype (e.g. attention)
+    source: str = ""  # what was read, e.g. "quantization_config.quant_method mxfp4"
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, dtype=DType)
+        object.__setattr__(self, "unquantized", tuple(self.unquantized))
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder-only transformer, described by the sizes that determine its memory.
@@ -128,7 +250,7 @@ class ModelConfig:
     num_attention_heads: PositiveInt
     num_kv_heads: PositiveInt | None = None  # key/value heads (GQA/MQA); default: attention heads
     head_dim: PositiveInt | None = None  # default: hidden_size / num_attention_heads
-    intermediate_size: PositiveInt  # MLP hidden width of a dense layer
+    intermediate_size: PositiveInt | None = None  # MLP hidden width of a dense layer (required unless mlp: none)
     vocab_size: PositiveInt
     max_position_embeddings: PositiveInt
     tie_word_embeddings: bool
@@ -149,9 +271,26 @@ class ModelConfig:
     sliding_window_pattern: PositiveInt | None = None
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None  # multi-head latent attention replaces q/k/v projections (DeepSeek-V2/V3)
+    # Heterogeneous layers (Hugging Face ``layer_types``): one mixer per layer; empty: every layer
+    # attends, sliding as sliding_window and sliding_window_pattern say
+    layer_types: tuple[LayerType, ...] = ()
+    attention_chunk_size: PositiveInt | None = None  # chunked_attention layers' block (Llama 4: 8192)
+    norm_placement: NormPlacement | None = None  # None: pre-norm (sandwich with norms_per_layer 4)
+    qk_norm_scope: QKNormScope | None = None  # with qk_norm; None: per head
+    attention_sinks: bool = False  # a learned sink logit per head and layer (gpt-oss)
+    attn_output_gate: bool = False  # q_proj also gives a sigmoid gate of the attention output (Qwen3-Next)
+    mamba: MambaConfig | None = None  # the mixer of the mamba layers
+    linear_attention: LinearAttentionConfig | None = None  # the mixer of the linear_attention layers
+    vision: VisionTower | None = None  # a multimodal checkpoint's vision tower and projector
+    checkpoint: CheckpointFormat | None = None  # the published checkpoint's dtype and quantisation
 
     def __post_init__(self) -> None:
-        _coerce_enums(self, mlp=MLPKind, norm=NormKind, position_embedding=PositionKind)
+        _coerce_enums(self, mlp=MLPKind, norm=NormKind, position_embedding=PositionKind,
+                      norm_placement=NormPlacement, qk_norm_scope=QKNormScope)
+        object.__setattr__(self, "layer_types", tuple(LayerType(kind) for kind in self.layer_types))
+        if self.intermediate_size is None and self.mlp is not MLPKind.NONE and len(self.moe_layer_indices) < self.num_layers:
+            raise ValueError("intermediate_size is required for dense MLP layers")
+        self._check_layers()
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(
                 f"num_kv_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})"
@@ -166,6 +305,42 @@ class ModelConfig:
                 f"moe.first_dense_layers ({self.moe.first_dense_layers}) exceeds num_layers ({self.num_layers})"
             )
 
+    def _check_layers(self) -> None:
+        types = self.layer_types
+        if types and len(types) != self.num_layers:
+            raise ValueError(f"layer_types lists {len(types)} layers; num_layers is {self.num_layers}")
+        needs = {LayerType.SLIDING_ATTENTION: ("sliding_window", self.sliding_window),
+                 LayerType.CHUNKED_ATTENTION: ("attention_chunk_size", self.attention_chunk_size),
+                 LayerType.LINEAR_ATTENTION: ("linear_attention", self.linear_attention),
+                 LayerType.MAMBA: ("mamba", self.mamba)}
+        for kind in set(types):
+            field, value = needs.get(kind, (None, True))
+            if value is None:
+                raise ValueError(f"layer_types has {kind.value} layers: give {field}")
+        if self.moe is not None and any(index >= self.num_layers for index in self.moe.layers):
+            raise ValueError(f"moe.layers names a layer beyond num_layers ({self.num_layers})")
+
+    @property
+    def resolved_layer_types(self) -> tuple[LayerType, ...]:
+        """Each layer's mixer. Without ``layer_types``: sliding on every layer with a window but no
+        pattern (Mistral v0.1), else on all but the last of each ``sliding_window_pattern`` layers."""
+        if self.layer_types:
+            return self.layer_types
+        if self.sliding_window is None:
+            return (LayerType.FULL_ATTENTION,) * self.num_layers
+        pattern = self.sliding_window_pattern
+        return tuple(LayerType.FULL_ATTENTION if pattern and (index + 1) % pattern == 0
+                     else LayerType.SLIDING_ATTENTION for index in range(self.num_layers))
+
+    @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        """Layers whose MLP is a mixture of experts."""
+        if self.moe is None:
+            return ()
+        if self.moe.layers:
+            return tuple(sorted(self.moe.layers))
+        return tuple(range(min(self.moe.first_dense_layers, self.num_layers), self.num_layers))
+
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_attention_heads
@@ -177,27 +352,32 @@ class ModelConfig:
     @property
     def num_sliding_layers(self) -> int:
         """Layers whose cache holds at most ``sliding_window`` tokens."""
-        if self.sliding_window is None:
-            return 0
-        if self.sliding_window_pattern is None:
-            return self.num_layers
-        return self.num_layers - self.num_layers // self.sliding_window_pattern
+        return self.resolved_layer_types.count(LayerType.SLIDING_ATTENTION)
 
     @property
     def num_moe_layers(self) -> int:
-        return 0 if self.moe is None else self.num_layers - self.moe.first_dense_layers
+        return len(self.moe_layer_indices)
+
+    @property
+    def is_uniform(self) -> bool:
+        """Every layer attends and has the same MLP kind after the leading dense layers: the
+        structure the activation model and the reference decoder were measured on."""
+        attention = all(kind in ATTENTION_LAYER_TYPES for kind in self.resolved_layer_types)
+        return attention and (self.moe is None or not self.moe.layers) and self.mamba is None \
+            and self.linear_attention is None
 
 
 def model_from_trusted(data: dict[str, Any]) -> ModelConfig:
     """Build a bundled model without pydantic. Its file is checked by ``parse`` in the tests
     (tests/test_library.py), which also checks that both paths give the same config."""
-    moe, mla = data.get("moe"), data.get("mla")
+    nested = {"moe": MoEConfig, "mla": MLAConfig, "mamba": MambaConfig, "linear_attention": LinearAttentionConfig,
+              "vision": VisionTower, "checkpoint": CheckpointFormat}
     return ModelConfig(
-        **{key: value for key, value in data.items() if key not in ("aliases", "moe", "mla", "notes")},
+        **{key: value for key, value in data.items() if key not in ("aliases", "notes", "layer_types", *nested)},
         aliases=tuple(data.get("aliases", ())),
         notes=tuple(data.get("notes", ())),
-        moe=MoEConfig(**moe) if moe else None,
-        mla=MLAConfig(**mla) if mla else None,
+        layer_types=tuple(data.get("layer_types", ())),
+        **{key: schema(**data[key]) for key, schema in nested.items() if data.get(key)},
     )
 
 

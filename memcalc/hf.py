@@ -1,30 +1,48 @@
-"""Hugging Face ``config.json`` import: key aliases and per-``model_type`` defaults.
+"""Hugging Face ``config.json`` import: key aliases, per-``model_type`` structure and defaults.
+
+Each known ``model_type`` has a reader that turns its keys into memcalc's architecture (layer
+types, MoE layout, Mamba and linear-attention mixers, norm placement, multimodal parts), with
+the defaults of the transformers configuration class for keys the file leaves out. A
+``model_type`` memcalc does not know, or a key that changes the structure and that the reader
+for that type does not read, is refused with the keys named: a guessed structure gives a wrong
+number with exit 0, the worst thing memcalc can print. ``--assume-llama`` keeps the old guess.
 
 Imported only when a config.json is read, so pydantic's model machinery stays off the hot path.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from memcalc.config import (
     DEFAULT_SEQ_LEN,
+    LayerType,
+    MambaVersion,
     MLPKind,
     ModelConfig,
     NonNegativeInt,
     NormKind,
+    NormPlacement,
     PositionKind,
     PositiveInt,
+    QKNormScope,
     parse,
 )
+from memcalc.errors import InputError
 
 # What each model_type implies when config.json is silent. ``tie_word_embeddings`` follows each
 # transformers configuration class's own default (PretrainedConfig defaults to True; Llama,
 # Mistral, Mixtral, Qwen2 and Phi-3 override it to False).
 _LLAMA_STYLE: dict[str, Any] = dict(
     mlp=MLPKind.GATED, norm=NormKind.RMSNORM, position_embedding=PositionKind.ROTARY, tie_word_embeddings=False
+)
+_GPT2_STYLE: dict[str, Any] = dict(
+    mlp=MLPKind.PLAIN, hidden_act="gelu_tanh", norm=NormKind.LAYERNORM, norm_bias=True, qkv_bias=True,
+    attn_output_bias=True, mlp_bias=True, position_embedding=PositionKind.LEARNED, tie_word_embeddings=True,
 )
 HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": _LLAMA_STYLE,
@@ -35,34 +53,47 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2_moe": {**_LLAMA_STYLE, "qkv_bias": True},
     "qwen3": {**_LLAMA_STYLE, "qk_norm": True},
     "qwen3_moe": {**_LLAMA_STYLE, "qk_norm": True},
+    "qwen3_next": {**_LLAMA_STYLE, "qk_norm": True, "attn_output_gate": True},
     "deepseek_v2": _LLAMA_STYLE,
     "deepseek_v3": _LLAMA_STYLE,
+    "kimi_k2": _LLAMA_STYLE,  # DeepseekV3ForCausalLM under another name (Kimi K2)
+    "glm4_moe": {**_LLAMA_STYLE},
     "gemma": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh"},
     "gemma2": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh", "norms_per_layer": 4},
-    "gpt2": dict(
-        mlp=MLPKind.PLAIN,
-        hidden_act="gelu_tanh",
-        norm=NormKind.LAYERNORM,
-        norm_bias=True,
-        qkv_bias=True,
-        attn_output_bias=True,
-        mlp_bias=True,
-        position_embedding=PositionKind.LEARNED,
-        tie_word_embeddings=True,
-    ),
+    "gemma3_text": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh", "norms_per_layer": 4,
+                    "qk_norm": True},
+    "gpt_oss": {**_LLAMA_STYLE, "attention_sinks": True},
+    "olmo2": {**_LLAMA_STYLE, "qk_norm": True, "qk_norm_scope": QKNormScope.FULL,
+              "norm_placement": NormPlacement.POST},
+    "olmo3": {**_LLAMA_STYLE, "qk_norm": True, "qk_norm_scope": QKNormScope.FULL,
+              "norm_placement": NormPlacement.POST},
+    "smollm3": {**_LLAMA_STYLE, "tie_word_embeddings": True},
+    "llama4_text": {**_LLAMA_STYLE},
+    "jamba": {**_LLAMA_STYLE},
+    "granitemoehybrid": {**_LLAMA_STYLE},
+    "mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE},
+    "falcon_mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE},
+    "mamba2": {**_LLAMA_STYLE, "mlp": MLPKind.NONE},
+    "gpt2": _GPT2_STYLE,
 }
+
+# Multimodal wrappers: the language model is ``text_config``; the vision tower is read by
+# memcalc.vision. The text model_type transformers uses when text_config names none.
+_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "llama4": "llama4_text", "mistral3": "mistral"}
 
 
 # The MLA and MoE defaults of transformers' DeepseekV2Config / DeepseekV3Config, used for keys a
 # config.json leaves out (configuration_deepseek_v2.py, configuration_deepseek_v3.py). A null
 # ``q_lora_rank`` in the file means a direct q_proj (DeepSeek-V2-Lite); an absent one, the default.
+_DEEPSEEK_V3 = dict(kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                    v_head_dim=128, num_experts=256, num_shared_experts=1, moe_intermediate_size=2048,
+                    first_dense_layers=3, experts_per_token=8)
 _DEEPSEEK_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
                         v_head_dim=128, num_experts=64, num_shared_experts=2, moe_intermediate_size=1407,
                         first_dense_layers=0),
-    "deepseek_v3": dict(kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
-                        v_head_dim=128, num_experts=256, num_shared_experts=1, moe_intermediate_size=2048,
-                        first_dense_layers=3, experts_per_token=8),
+    "deepseek_v3": _DEEPSEEK_V3,
+    "kimi_k2": _DEEPSEEK_V3,
 }
 
 
@@ -75,6 +106,29 @@ _ACTIVATION_NAMES = {
 }
 
 
+# Keys that change a model's structure. A reader that does not consume a key present with a
+# non-trivial value refuses the file: the key would otherwise be ignored and the count be wrong.
+STRUCTURAL_KEYS = frozenset({
+    "layer_types", "layers_block_type", "layer_block_type", "hybrid_override_pattern", "block_types",
+    "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "n_shared_experts",
+    "shared_expert_intermediate_size", "shared_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+    "moe_layer_freq", "first_k_dense_replace", "interleave_moe_layer_step", "moe_layers", "expert_layer_period",
+    "expert_layer_offset", "moe_every_k_layers", "num_expert_group",
+    "attn_layer_period", "attn_layer_offset", "attn_layer_indices", "mamba_d_state", "mamba_d_conv",
+    "mamba_expand", "mamba_n_heads", "mamba_d_ssm", "ssm_state_size", "state_size", "linear_num_value_heads",
+    "linear_key_head_dim", "full_attention_interval", "kv_lora_rank", "q_lora_rank",
+    "sliding_window_pattern", "_sliding_window_pattern", "attention_chunk_size", "use_qk_norm", "qk_layernorm",
+    "parallel_attn", "parallel_residual", "new_decoder_architecture", "multi_query", "alibi",
+    "intermediate_size_mlp", "num_nextn_predict_layers", "cross_attention_layers", "vision_config",
+    "audio_config", "use_parallel_residual", "shared_attention_norm",
+})
+
+
+def _trivial(value: Any) -> bool:
+    """A value that leaves the structure as a plain decoder has it."""
+    return value is None or value is False or value == 0 or value == [] or value == {}
+
+
 class HFConfig(BaseModel):
     """The subset of a Hugging Face ``config.json`` memcalc reads; other keys are ignored."""
 
@@ -83,7 +137,7 @@ class HFConfig(BaseModel):
     model_type: str = ""
     hidden_size: PositiveInt = Field(validation_alias=AliasChoices("hidden_size", "n_embd", "d_model"))
     num_layers: PositiveInt = Field(validation_alias=AliasChoices("num_hidden_layers", "n_layer", "num_layers"))
-    num_attention_heads: PositiveInt = Field(validation_alias=AliasChoices("num_attention_heads", "n_head"))
+    num_attention_heads: PositiveInt | None = Field(None, validation_alias=AliasChoices("num_attention_heads", "n_head"))
     num_kv_heads: PositiveInt | None = Field(None, validation_alias=AliasChoices("num_key_value_heads", "num_kv_heads"))
     head_dim: PositiveInt | None = None
     intermediate_size: PositiveInt | None = Field(
@@ -101,15 +155,15 @@ class HFConfig(BaseModel):
     layer_norm_epsilon: float | None = Field(None, validation_alias=AliasChoices("layer_norm_epsilon", "layer_norm_eps"))
     attention_bias: bool | None = None
     mlp_bias: bool | None = None
-    sliding_window: PositiveInt | None = None
+    sliding_window: NonNegativeInt | None = None  # 0: none (Qwen2-MoE's default)
     use_sliding_window: bool | None = None
-    num_experts: PositiveInt | None = Field(
+    num_experts: NonNegativeInt | None = Field(
         None, validation_alias=AliasChoices("num_local_experts", "n_routed_experts", "num_experts")
     )
     experts_per_token: PositiveInt | None = Field(None, validation_alias="num_experts_per_tok")
     moe_intermediate_size: PositiveInt | None = None
     num_shared_experts: NonNegativeInt | None = Field(None, validation_alias="n_shared_experts")
-    shared_expert_intermediate_size: PositiveInt | None = None
+    shared_expert_intermediate_size: NonNegativeInt | None = None
     first_dense_layers: NonNegativeInt | None = Field(None, validation_alias="first_k_dense_replace")
     moe_layer_freq: PositiveInt | None = None
     # multi-head latent attention (DeepSeek-V2/V3)
@@ -119,103 +173,476 @@ class HFConfig(BaseModel):
     qk_nope_head_dim: PositiveInt | None = None
     v_head_dim: PositiveInt | None = None
 
-    def to_model_config(self, name: str, source: str) -> ModelConfig:
-        defaults = HF_MODEL_TYPE_DEFAULTS.get(self.model_type)
-        notes: list[str] = []
-        if defaults is None:
-            defaults = _LLAMA_STYLE
-            notes.append(f"model_type {self.model_type or '(missing)'!r} is not known: assuming a Llama-style block")
-        fields: dict[str, Any] = {**defaults}
-        fields.update(
-            name=name,
-            source=source,
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            vocab_size=self.vocab_size,
-        )
-        # GPT-2's n_inner is null, meaning four times the hidden size.
-        fields["intermediate_size"] = self.intermediate_size or 4 * self.hidden_size
-        if self.intermediate_size is None:
-            notes.append("intermediate_size absent: assuming 4 x hidden_size")
-        if self.max_position_embeddings is None:
-            notes.append(f"max_position_embeddings absent: assuming {DEFAULT_SEQ_LEN}")
-        fields["max_position_embeddings"] = self.max_position_embeddings or DEFAULT_SEQ_LEN
-        if self.tie_word_embeddings is None:
-            notes.append(
-                f"tie_word_embeddings absent: {self.model_type or 'this model type'} defaults to "
-                f"{fields['tie_word_embeddings']}"
-            )
-        else:
-            fields["tie_word_embeddings"] = self.tie_word_embeddings
-        # Gemma's legacy ``hidden_act: gelu`` runs the tanh approximation (modeling_gemma.py).
-        if self.hidden_act and not (self.model_type.startswith("gemma") and self.hidden_act == "gelu"):
-            fields["hidden_act"] = _ACTIVATION_NAMES.get(self.hidden_act, self.hidden_act)
-        if self.layer_norm_epsilon is not None and self.rms_norm_eps is None and fields["norm"] is NormKind.RMSNORM:
-            fields.update(norm=NormKind.LAYERNORM, norm_bias=True)
-        if self.attention_bias is not None:
-            fields.update(qkv_bias=self.attention_bias, attn_output_bias=self.attention_bias)
-        if self.mlp_bias is not None:
-            fields["mlp_bias"] = self.mlp_bias
-        if self.sliding_window is not None and self.use_sliding_window is not False:
-            fields["sliding_window"] = self.sliding_window
-        if self.model_type in _DEEPSEEK_DEFAULTS:
-            self._deepseek_fields(fields, notes)
-        elif self.num_experts:
-            fields["moe"] = dict(
-                num_experts=self.num_experts,
-                experts_per_token=self.experts_per_token or 1,
-                expert_intermediate_size=self.moe_intermediate_size or fields["intermediate_size"],
-                num_shared_experts=self.num_shared_experts or (1 if self.shared_expert_intermediate_size else 0),
-                shared_expert_intermediate_size=self.shared_expert_intermediate_size,
-                first_dense_layers=self.first_dense_layers or 0,
-                shared_expert_gate=self.model_type == "qwen2_moe",
-            )
-        fields["notes"] = tuple(notes)
-        return parse(ModelConfig, fields, source)
 
-    def _deepseek_fields(self, fields: dict[str, Any], notes: list[str]) -> None:
-        """DeepSeek-V2/V3 as transformers builds them: MLA attention; every layer from
-        ``first_k_dense_replace`` on is MoE, with ``n_shared_experts`` shared experts run as one MLP
-        of ``n_shared_experts x moe_intermediate_size`` (``DeepseekV3MoE.shared_experts``)."""
-        defaults = _DEEPSEEK_DEFAULTS[self.model_type]
-        given = self.model_fields_set
-        keys = {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts",
-                "first_dense_layers": "first_k_dense_replace"}
+class _Reader:
+    """Reads one config.json mapping into ModelConfig fields, recording what it consumed."""
 
-        def value(name: str) -> Any:
-            if name in given:
-                return getattr(self, name)
-            notes.append(f"{keys.get(name, name)} absent: {self.model_type} defaults to {defaults[name]}")
-            return defaults[name]
+    def __init__(self, data: dict[str, Any], hf: HFConfig, source: str) -> None:
+        self.data, self.hf, self.source = data, hf, source
+        self.notes: list[str] = []
+        self.consumed: set[str] = set()
 
-        mla = {name: value(name) for name in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
-                                               "v_head_dim")}
-        fields["mla"] = mla
-        # transformers sets head_dim to the rotary width (used only by its rotary embedding);
-        # memcalc's head_dim is the per-head value width, the output projection's input per head.
-        fields["head_dim"] = mla["v_head_dim"]
-        experts = value("num_experts")
-        if experts is None:
+    def get(self, key: str, default: Any = None, kind: type | tuple[type, ...] | None = None) -> Any:
+        """A key's value (``default`` when absent or null), type-checked; the key counts as read."""
+        self.consumed.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return default
+        kinds = () if kind is None else kind if isinstance(kind, tuple) else (kind,)
+        # a JSON true is an int to Python: accept it only where a bool is expected
+        if kinds and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+            raise InputError(f"{self.source}: {key}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        return value
+
+    def positive(self, key: str, default: int | None = None) -> int | None:
+        value = self.get(key, default, int)
+        if value is not None and value <= 0:
+            raise InputError(f"{self.source}: {key}: must be positive, got {value}")
+        return value
+
+    def index_list(self, key: str, num_layers: int) -> list[int]:
+        values = self.get(key, [], list)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_layers for v in values):
+            raise InputError(f"{self.source}: {key}: expected layer indices below num_hidden_layers ({num_layers})")
+        return values
+
+    def layer_types(self, mapping: dict[str, LayerType], num_layers: int, key: str = "layer_types") -> list[LayerType] | None:
+        values = self.get(key, None, list)
+        if values is None:
+            return None
+        if len(values) != num_layers:
+            raise InputError(f"{self.source}: {key}: lists {len(values)} layers; num_hidden_layers is {num_layers}")
+        unknown = sorted({str(v) for v in values} - set(mapping))
+        if unknown:
+            raise InputError(f"{self.source}: {key}: layer type {', '.join(map(repr, unknown))} is not modelled "
+                             f"(memcalc reads {', '.join(sorted(mapping))})")
+        return [mapping[v] for v in values]
+
+
+_ATTENTION_TYPES = {"full_attention": LayerType.FULL_ATTENTION, "sliding_attention": LayerType.SLIDING_ATTENTION,
+                    "chunked_attention": LayerType.CHUNKED_ATTENTION}
+
+
+def _sliding_layer_types(reader: _Reader, fields: dict[str, Any]) -> None:
+    """``layer_types`` of full, sliding and chunked attention (Gemma 2/3, gpt-oss, OLMo 3, Qwen3,
+    SmolLM3), or Gemma's ``sliding_window_pattern``: the last of each group of n layers attends
+    globally."""
+    num_layers = fields["num_layers"]
+    types = reader.layer_types(_ATTENTION_TYPES, num_layers)
+    pattern = reader.get("sliding_window_pattern", None, int) or reader.get("_sliding_window_pattern", None, int)
+    window = reader.hf.sliding_window or None
+    reader.consumed.update({"sliding_window", "use_sliding_window"})
+    if types is None and pattern and window:
+        types = [LayerType.FULL_ATTENTION if (i + 1) % pattern == 0 else LayerType.SLIDING_ATTENTION
+                 for i in range(num_layers)]
+    if types is None:
+        if window is not None and reader.hf.use_sliding_window is not False:
+            fields["sliding_window"] = window
+        return
+    if LayerType.SLIDING_ATTENTION in types:
+        if window is None:
+            raise InputError(f"{reader.source}: layer_types has sliding_attention layers but sliding_window is null")
+        fields["sliding_window"] = window
+    if any(kind is not LayerType.FULL_ATTENTION for kind in types):
+        fields["layer_types"] = types
+
+
+def _sparse_moe_layers(reader: _Reader, num_layers: int) -> list[int]:
+    """Qwen-MoE's rule (modeling_qwen2_moe.py / qwen3_moe / qwen3_next): layer i has experts unless
+    it is in ``mlp_only_layers``, when ``(i + 1) % decoder_sparse_step == 0``."""
+    step = reader.positive("decoder_sparse_step", 1)
+    dense = set(reader.index_list("mlp_only_layers", num_layers))
+    return [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+
+
+def _moe_fields(reader: _Reader, fields: dict[str, Any], *, layers: list[int] | None = None,
+                width: int | None = None, shared_width: int | None = None, **extra: Any) -> None:
+    hf = reader.hf
+    reader.consumed.update({"num_local_experts", "n_routed_experts", "num_experts", "num_experts_per_tok",
+                            "moe_intermediate_size"})
+    if not hf.num_experts:
+        return
+    moe: dict[str, Any] = dict(
+        num_experts=hf.num_experts,
+        experts_per_token=hf.experts_per_token or 1,
+        expert_intermediate_size=width or hf.moe_intermediate_size or fields["intermediate_size"],
+        **extra,
+    )
+    if hf.experts_per_token is None:
+        reader.notes.append("num_experts_per_tok absent: assuming 1")
+    if shared_width:
+        moe.update(num_shared_experts=1, shared_expert_intermediate_size=shared_width)
+    if layers is not None and layers != list(range(fields["num_layers"])):
+        if not layers:
             return
-        experts_per_token = self.experts_per_token
-        if experts_per_token is None:
-            experts_per_token = defaults.get("experts_per_token", 1)
-            known = "experts_per_token" in defaults
-            notes.append(f"num_experts_per_tok absent: {self.model_type} "
-                         + (f"defaults to {experts_per_token}" if known else "has no default; assuming 1"))
-        width = value("moe_intermediate_size")
-        shared = value("num_shared_experts") or 0
-        if (self.moe_layer_freq or 1) != 1:
-            notes.append(f"moe_layer_freq {self.moe_layer_freq} is ignored, as transformers does: every layer from "
-                         "first_k_dense_replace on is MoE")
-        fields["moe"] = dict(
-            num_experts=experts,
-            experts_per_token=experts_per_token,
-            expert_intermediate_size=width,
-            num_shared_experts=1 if shared else 0,
-            shared_expert_intermediate_size=shared * width if shared else None,
-            first_dense_layers=min(value("first_dense_layers") or 0, self.num_layers),
-        )
+        moe["layers"] = layers
+    fields["moe"] = moe
+
+
+# --- Per-family readers -------------------------------------------------------------------------
+
+
+def _read_decoder(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Llama, Mistral, Phi-3, Qwen2/3, Gemma, GPT-2, SmolLM3, OLMo 2/3: attention layers, a
+    dense MLP or Mixtral-style experts on every layer."""
+    _sliding_layer_types(reader, fields)
+    if fields["model_type"].startswith("qwen3"):
+        reader.get("use_qk_norm")  # Qwen3 attention always normalises q and k per head
+    if fields["model_type"] == "smollm3":
+        reader.get("no_rope_layers")  # NoPE layers hold no parameters of their own
+        reader.get("no_rope_layer_interval")
+    _moe_fields(reader, fields)
+
+
+def _read_qwen_moe(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Qwen2-MoE, Qwen3-MoE: experts on the layers of ``decoder_sparse_step``/``mlp_only_layers``;
+    Qwen2-MoE adds a shared expert with a sigmoid gate."""
+    _sliding_layer_types(reader, fields)
+    reader.get("use_qk_norm")  # Qwen3-MoE normalises q and k per head whatever the key says
+    layers = _sparse_moe_layers(reader, fields["num_layers"])
+    shared = reader.positive("shared_expert_intermediate_size") if fields["model_type"] == "qwen2_moe" else None
+    _moe_fields(reader, fields, layers=layers, shared_width=shared, shared_expert_gate=bool(shared))
+
+
+def _read_qwen3_next(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Qwen3-Next (modeling_qwen3_next.py): gated delta net layers with gated full attention every
+    ``full_attention_interval`` layers (default 4); MoE with a gated shared expert."""
+    num_layers = fields["num_layers"]
+    types = reader.layer_types({"full_attention": LayerType.FULL_ATTENTION,
+                                "linear_attention": LayerType.LINEAR_ATTENTION}, num_layers)
+    if types is None:
+        interval = reader.positive("full_attention_interval", 4)
+        types = [LayerType.FULL_ATTENTION if (i + 1) % interval == 0 else LayerType.LINEAR_ATTENTION
+                 for i in range(num_layers)]
+    reader.consumed.add("full_attention_interval")
+    fields["layer_types"] = types
+    fields["linear_attention"] = dict(
+        num_key_heads=reader.positive("linear_num_key_heads", 16), num_value_heads=reader.positive(
+            "linear_num_value_heads", 32), key_head_dim=reader.positive("linear_key_head_dim", 128),
+        value_head_dim=reader.positive("linear_value_head_dim", 128),
+        conv_kernel=reader.positive("linear_conv_kernel_dim", 4))
+    layers = _sparse_moe_layers(reader, num_layers)
+    shared = reader.positive("shared_expert_intermediate_size")
+    _moe_fields(reader, fields, layers=layers, shared_width=shared, shared_expert_gate=bool(shared))
+
+
+def _read_gpt_oss(reader: _Reader, fields: dict[str, Any]) -> None:
+    """gpt-oss (modeling_gpt_oss.py): alternating sliding and full attention with biases and a
+    learned sink per head; experts on every layer with biased router and projections."""
+    _sliding_layer_types(reader, fields)
+    fields["intermediate_size"] = None
+    fields["mlp"] = MLPKind.GATED
+    width = reader.hf.intermediate_size or 2880
+    _moe_fields(reader, fields, width=width, router_bias=True, expert_bias=True)
+
+
+def _read_gemma3(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Gemma 3 text (modeling_gemma3.py): four norms a layer, per-head q/k norms, five sliding
+    layers to one global (``layer_types`` or ``sliding_window_pattern`` 6)."""
+    if "layer_types" not in reader.data and not reader.data.get("sliding_window_pattern"):
+        reader.data = {**reader.data, "sliding_window_pattern": 6}
+        reader.data.setdefault("sliding_window", 4096)
+        reader.hf = reader.hf.model_copy(update={"sliding_window": reader.data["sliding_window"]})
+    _sliding_layer_types(reader, fields)
+
+
+def _read_llama4(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Llama 4 text (modeling_llama4.py): experts with one shared expert on ``moe_layers`` (or
+    every ``interleave_moe_layer_step``-th layer), dense layers of ``intermediate_size_mlp``;
+    rotary layers attend in chunks of ``attention_chunk_size``, every ``no_rope_layer_interval``-th
+    layer (NoPE) globally. Its q/k norm is a weightless L2 norm."""
+    num_layers = fields["num_layers"]
+    step = reader.positive("interleave_moe_layer_step", 1)
+    layers = reader.index_list("moe_layers", num_layers) or list(range(step - 1, num_layers, step))
+    width = reader.hf.intermediate_size or 8192
+    fields["intermediate_size"] = reader.positive("intermediate_size_mlp", 16384)
+    _moe_fields(reader, fields, layers=layers, width=width, shared_width=width)
+    chunk = reader.positive("attention_chunk_size", 8192)
+    types = reader.layer_types(_ATTENTION_TYPES, num_layers)
+    if types is None:
+        interval = reader.positive("no_rope_layer_interval", 4)
+        rope = reader.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+        types = [LayerType.CHUNKED_ATTENTION if uses_rope else LayerType.FULL_ATTENTION for uses_rope in rope]
+    reader.consumed.update({"no_rope_layers", "no_rope_layer_interval", "use_qk_norm"})
+    if LayerType.CHUNKED_ATTENTION in types:
+        fields["attention_chunk_size"] = chunk
+    fields["layer_types"] = types
+
+
+def _read_deepseek(reader: _Reader, fields: dict[str, Any]) -> None:
+    """DeepSeek-V2/V3 and Kimi K2 as transformers builds them: MLA attention; every layer from
+    ``first_k_dense_replace`` on is MoE, with ``n_shared_experts`` shared experts run as one MLP
+    of ``n_shared_experts x moe_intermediate_size`` (``DeepseekV3MoE.shared_experts``)."""
+    hf, notes = reader.hf, reader.notes
+    model_type = fields["model_type"]
+    defaults = _DEEPSEEK_DEFAULTS[model_type]
+    given = hf.model_fields_set
+    keys = {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts",
+            "first_dense_layers": "first_k_dense_replace"}
+    reader.consumed.update({"kv_lora_rank", "q_lora_rank", "n_routed_experts", "n_shared_experts",
+                            "first_k_dense_replace", "moe_intermediate_size", "moe_layer_freq", "num_experts_per_tok",
+                            "num_nextn_predict_layers"})
+
+    def value(name: str) -> Any:
+        if name in given:
+            return getattr(hf, name)
+        notes.append(f"{keys.get(name, name)} absent: {model_type} defaults to {defaults[name]}")
+        return defaults[name]
+
+    if reader.data.get("num_nextn_predict_layers"):
+        notes.append(f"num_nextn_predict_layers {reader.data['num_nextn_predict_layers']}: the multi-token "
+                     "prediction layers are not counted, as transformers does not build them")
+    mla = {name: value(name) for name in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                                           "v_head_dim")}
+    fields["mla"] = mla
+    # transformers sets head_dim to the rotary width (used only by its rotary embedding);
+    # memcalc's head_dim is the per-head value width, the output projection's input per head.
+    fields["head_dim"] = mla["v_head_dim"]
+    experts = value("num_experts")
+    if experts is None:
+        return
+    experts_per_token = hf.experts_per_token
+    if experts_per_token is None:
+        experts_per_token = defaults.get("experts_per_token", 1)
+        known = "experts_per_token" in defaults
+        notes.append(f"num_experts_per_tok absent: {model_type} "
+                     + (f"defaults to {experts_per_token}" if known else "has no default; assuming 1"))
+    width = value("moe_intermediate_size")
+    shared = value("num_shared_experts") or 0
+    if (hf.moe_layer_freq or 1) != 1:
+        notes.append(f"moe_layer_freq {hf.moe_layer_freq} is ignored, as transformers does: every layer from "
+                     "first_k_dense_replace on is MoE")
+    fields["moe"] = dict(
+        num_experts=experts,
+        experts_per_token=experts_per_token,
+        expert_intermediate_size=width,
+        num_shared_experts=1 if shared else 0,
+        shared_expert_intermediate_size=shared * width if shared else None,
+        first_dense_layers=min(value("first_dense_layers") or 0, fields["num_layers"]),
+    )
+
+
+def _read_glm4_moe(reader: _Reader, fields: dict[str, Any]) -> None:
+    """GLM-4.5 (modeling_glm4_moe.py): biases on q, k and v but not o; optional per-head q/k norms;
+    dense layers before ``first_k_dense_replace``, then experts with ``n_shared_experts`` shared
+    ones as one MLP. The multi-token-prediction layer is not built by transformers."""
+    fields["attn_output_bias"] = False
+    fields["qk_norm"] = bool(reader.get("use_qk_norm", False, bool))
+    shared = reader.get("n_shared_experts", 1, int)
+    width = reader.hf.moe_intermediate_size or 1408
+    first = reader.get("first_k_dense_replace", 1, int)
+    if reader.data.get("num_nextn_predict_layers"):
+        reader.notes.append(f"num_nextn_predict_layers {reader.data['num_nextn_predict_layers']}: the multi-token "
+                            "prediction layer is not counted, as transformers does not build it")
+    reader.consumed.add("num_nextn_predict_layers")
+    _moe_fields(reader, fields, width=width, shared_width=shared * width if shared else None)
+    if "moe" in fields:
+        fields["moe"]["first_dense_layers"] = min(first, fields["num_layers"])
+
+
+def _read_jamba(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Jamba (modeling_jamba.py): attention on layers ``i % attn_layer_period == attn_layer_offset``,
+    Mamba-1 mixers elsewhere (with RMSNorms of dt, B and C); experts on layers ``i %
+    expert_layer_period == expert_layer_offset``."""
+    num_layers, h = fields["num_layers"], fields["hidden_size"]
+    attn_period, attn_offset = reader.positive("attn_layer_period", 8), reader.get("attn_layer_offset", 4, int)
+    moe_period, moe_offset = reader.positive("expert_layer_period", 2), reader.get("expert_layer_offset", 1, int)
+    fields["layer_types"] = [LayerType.FULL_ATTENTION if i % attn_period == attn_offset else LayerType.MAMBA
+                             for i in range(num_layers)]
+    expand = reader.positive("mamba_expand", 2)
+    dt_rank = reader.get("mamba_dt_rank", "auto", (int, str))
+    fields["mamba"] = dict(
+        version=MambaVersion.MAMBA1, intermediate_size=expand * h, state_size=reader.positive("mamba_d_state", 16),
+        conv_kernel=reader.positive("mamba_d_conv", 4), conv_bias=reader.get("mamba_conv_bias", True, bool),
+        proj_bias=reader.get("mamba_proj_bias", False, bool),
+        dt_rank=math.ceil(h / 16) if dt_rank == "auto" else dt_rank, inner_norms=True)
+    layers = [i for i in range(num_layers) if i % moe_period == moe_offset]
+    _moe_fields(reader, fields, layers=layers, width=fields["intermediate_size"])
+
+
+def _mamba2_fields(reader: _Reader, h: int, *, heads: str, head_dim: str, groups: str, state: str, conv: str,
+                   expand: str, conv_bias: str, proj_bias: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        version=MambaVersion.MAMBA2, intermediate_size=int(reader.positive(expand, defaults["expand"]) * h),
+        state_size=reader.positive(state, defaults["state"]), conv_kernel=reader.positive(conv, defaults["conv"]),
+        conv_bias=reader.get(conv_bias, True, bool), proj_bias=reader.get(proj_bias, False, bool),
+        num_heads=reader.positive(heads, defaults["heads"]), head_dim=reader.positive(head_dim, defaults["head_dim"]),
+        n_groups=reader.positive(groups, defaults["groups"]))
+
+
+def _read_granite_hybrid(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Granite-4.0-H (modeling_granitemoehybrid.py): ``layer_types`` of mamba (Mamba-2) and
+    attention layers; every layer has a shared MLP of ``shared_intermediate_size`` and, with
+    ``num_local_experts > 0``, experts of ``intermediate_size`` beside it."""
+    num_layers, h = fields["num_layers"], fields["hidden_size"]
+    # the Hub files say mamba/attention; transformers 5 writes linear_attention/full_attention
+    types = reader.layer_types({"mamba": LayerType.MAMBA, "linear_attention": LayerType.MAMBA,
+                                "attention": LayerType.FULL_ATTENTION, "full_attention": LayerType.FULL_ATTENTION},
+                               num_layers)
+    fields["layer_types"] = types or [LayerType.MAMBA] * num_layers
+    if LayerType.MAMBA in fields["layer_types"]:
+        fields["mamba"] = _mamba2_fields(
+            reader, h, heads="mamba_n_heads", head_dim="mamba_d_head", groups="mamba_n_groups", state="mamba_d_state",
+            conv="mamba_d_conv", expand="mamba_expand", conv_bias="mamba_conv_bias", proj_bias="mamba_proj_bias",
+            defaults=dict(heads=128, head_dim=64, groups=1, state=256, conv=4, expand=2))
+    reader.consumed.add("position_embedding_type")  # rope or nope: no parameters either way
+    shared = reader.positive("shared_intermediate_size", 1024)
+    if reader.hf.num_experts:
+        _moe_fields(reader, fields, width=fields["intermediate_size"], shared_width=shared)
+    else:
+        reader.consumed.update({"num_local_experts", "num_experts_per_tok"})
+        fields["intermediate_size"] = shared
+
+
+def _read_mamba(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Mamba and Falcon-Mamba (modeling_mamba.py, modeling_falcon_mamba.py): blocks of a norm and a
+    Mamba-1 mixer, no attention and no MLP. Falcon-Mamba's RMSNorms of B, C and dt have no weights."""
+    h, num_layers = fields["hidden_size"], fields["num_layers"]
+    expand = reader.positive("expand", 2)
+    inner = reader.positive("intermediate_size", expand * h)
+    dt_rank = reader.get("time_step_rank", "auto", (int, str))
+    fields.update(intermediate_size=None, num_attention_heads=1, layer_types=[LayerType.MAMBA] * num_layers)
+    fields["mamba"] = dict(
+        version=MambaVersion.MAMBA1, intermediate_size=inner, state_size=reader.positive("state_size", 16),
+        conv_kernel=reader.positive("conv_kernel", 4), conv_bias=reader.get("use_conv_bias", True, bool),
+        proj_bias=reader.get("use_bias", False, bool), dt_rank=math.ceil(h / 16) if dt_rank == "auto" else dt_rank)
+
+
+def _read_mamba2(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Mamba-2 (modeling_mamba2.py, Mamba-Codestral): blocks of a norm and a Mamba-2 mixer."""
+    h, num_layers = fields["hidden_size"], fields["num_layers"]
+    fields.update(intermediate_size=None, layer_types=[LayerType.MAMBA] * num_layers)
+    fields["mamba"] = _mamba2_fields(
+        reader, h, heads="num_heads", head_dim="head_dim", groups="n_groups", state="state_size", conv="conv_kernel",
+        expand="expand", conv_bias="use_conv_bias", proj_bias="use_bias",
+        defaults=dict(heads=128, head_dim=64, groups=8, state=128, conv=4, expand=2))
+    fields["head_dim"] = None
+    fields["num_attention_heads"] = fields["mamba"]["num_heads"]
+
+
+_READERS: dict[str, Callable[[_Reader, dict[str, Any]], None]] = {
+    **{model_type: _read_decoder for model_type in ("llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "gemma",
+                                                    "gemma2", "gpt2", "olmo2", "olmo3", "smollm3")},
+    "qwen2_moe": _read_qwen_moe,
+    "qwen3_moe": _read_qwen_moe,
+    "qwen3_next": _read_qwen3_next,
+    "gpt_oss": _read_gpt_oss,
+    "gemma3_text": _read_gemma3,
+    "llama4_text": _read_llama4,
+    "deepseek_v2": _read_deepseek,
+    "deepseek_v3": _read_deepseek,
+    "kimi_k2": _read_deepseek,
+    "glm4_moe": _read_glm4_moe,
+    "jamba": _read_jamba,
+    "granitemoehybrid": _read_granite_hybrid,
+    "mamba": _read_mamba,
+    "falcon_mamba": _read_mamba,
+    "mamba2": _read_mamba2,
+}
+KNOWN_MODEL_TYPES = tuple(sorted(set(_READERS) | set(_MULTIMODAL_TEXT_TYPES)))
+
+
+def _common_fields(reader: _Reader, model_type: str, name: str, source: str) -> dict[str, Any]:
+    hf, notes = reader.hf, reader.notes
+    fields: dict[str, Any] = {**HF_MODEL_TYPE_DEFAULTS.get(model_type, _LLAMA_STYLE)}
+    fields.update(
+        name=name, source=source, model_type=model_type, hidden_size=hf.hidden_size, num_layers=hf.num_layers,
+        num_attention_heads=hf.num_attention_heads, num_kv_heads=hf.num_kv_heads, head_dim=hf.head_dim,
+        vocab_size=hf.vocab_size,
+    )
+    # GPT-2's n_inner is null, meaning four times the hidden size.
+    fields["intermediate_size"] = hf.intermediate_size or 4 * hf.hidden_size
+    if hf.intermediate_size is None and fields["mlp"] is not MLPKind.NONE:
+        notes.append("intermediate_size absent: assuming 4 x hidden_size")
+    if hf.max_position_embeddings is None:
+        notes.append(f"max_position_embeddings absent: assuming {DEFAULT_SEQ_LEN}")
+    fields["max_position_embeddings"] = hf.max_position_embeddings or DEFAULT_SEQ_LEN
+    if hf.tie_word_embeddings is None:
+        notes.append(f"tie_word_embeddings absent: {model_type or 'this model type'} defaults to "
+                     f"{fields['tie_word_embeddings']}")
+    else:
+        fields["tie_word_embeddings"] = hf.tie_word_embeddings
+    # Gemma's legacy ``hidden_act: gelu`` runs the tanh approximation (modeling_gemma.py).
+    if hf.hidden_act and not (model_type.startswith("gemma") and hf.hidden_act == "gelu"):
+        fields["hidden_act"] = _ACTIVATION_NAMES.get(hf.hidden_act, hf.hidden_act)
+    if hf.layer_norm_epsilon is not None and hf.rms_norm_eps is None and fields["norm"] is NormKind.RMSNORM \
+            and model_type not in ("mamba", "falcon_mamba", "mamba2"):
+        fields.update(norm=NormKind.LAYERNORM, norm_bias=True)
+    if hf.attention_bias is not None:
+        fields.update(qkv_bias=hf.attention_bias, attn_output_bias=hf.attention_bias)
+    if hf.mlp_bias is not None:
+        fields["mlp_bias"] = hf.mlp_bias
+    return fields
+
+
+def _refuse_unread_keys(reader: _Reader, model_type: str) -> None:
+    unread = sorted(key for key in STRUCTURAL_KEYS - reader.consumed
+                    if key in reader.data and not _trivial(reader.data[key])
+                    and not (key == "decoder_sparse_step" and reader.data[key] == 1))
+    if unread:
+        raise InputError(f"{reader.source}: {', '.join(unread)} change the structure of a {model_type} model in a way "
+                         "memcalc does not model; refusing rather than guessing (--assume-llama ignores them)")
+
+
+def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama: bool = False) -> ModelConfig:
+    """A ``config.json`` mapping as a memcalc model; errors name ``source`` and the key."""
+    from pydantic import ValidationError
+
+    from memcalc.errors import describe_validation_error
+
+    outer_type = str(data.get("model_type", ""))
+    vision = None
+    text_config = data.get("text_config")
+    if isinstance(text_config, dict):
+        # Multimodal configs nest the language model; the vision tower is a part of its own.
+        from memcalc.vision import vision_tower_from_hf
+
+        try:
+            vision = vision_tower_from_hf(outer_type, data)
+        except ValueError as exc:
+            raise InputError(f"{source}: vision_config: {exc}") from None
+        if vision is None and data.get("vision_config") and not assume_llama:
+            raise InputError(f"{source}: the vision tower of model_type {outer_type!r} is not modelled "
+                             f"(memcalc reads gemma3, llama4 and mistral3 towers); --assume-llama counts the text "
+                             "model alone")
+        text_type = text_config.get("model_type") or _MULTIMODAL_TEXT_TYPES.get(outer_type, outer_type)
+        outer, data = data, {**text_config, "model_type": text_type}
+        # the wrapper's own tie_word_embeddings decides whether its lm_head is tied (transformers 5
+        # ties the ForConditionalGeneration head by the top-level config; measured on the meta device)
+        if outer.get("tie_word_embeddings") is not None:
+            data["tie_word_embeddings"] = outer["tie_word_embeddings"]
+    try:
+        hf_config = HFConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(describe_validation_error(exc, source)) from None
+    model_type = hf_config.model_type
+    reader = _Reader(data, hf_config, source)
+    read = _READERS.get(model_type)
+    if read is None:
+        if not assume_llama:
+            raise InputError(f"{source}: model_type {model_type or '(missing)'!r} is not modelled by memcalc "
+                             f"(known: {', '.join(KNOWN_MODEL_TYPES)}); --assume-llama reads it as a Llama block")
+        reader.notes.append(f"model_type {model_type or '(missing)'!r} is not known: assuming a Llama-style block "
+                            "(--assume-llama)")
+        read = _read_decoder
+    fields = _common_fields(reader, model_type, name, source)
+    if fields["num_attention_heads"] is None and model_type not in ("mamba", "falcon_mamba", "mamba2"):
+        raise InputError(f"{source}: num_attention_heads: field required")
+    read(reader, fields)
+    if not assume_llama:
+        _refuse_unread_keys(reader, model_type)
+    fields.pop("model_type")
+    if vision is not None:
+        fields["vision"] = vision
+    _checkpoint_format(data, fields, reader.notes, source)
+    fields["notes"] = tuple(reader.notes)
+    return parse(ModelConfig, fields, source)
+
+
+def _checkpoint_format(data: dict[str, Any], fields: dict[str, Any], notes: list[str], source: str) -> None:
+    """The checkpoint's dtype (``torch_dtype``/``dtype``) and quantisation (``quantization_config``)."""
+    from memcalc.quantization import checkpoint_format
+
+    checkpoint = checkpoint_format(data, notes)
+    if checkpoint is not None:
+        fields["checkpoint"] = checkpoint

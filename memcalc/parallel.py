@@ -31,10 +31,10 @@ from memcalc.config import (
     ModelConfig,
     NonNegativeInt,
     PositiveInt,
-    _Bound,
     _coerce_enums,
     _FORBID_EXTRA,
 )
+from memcalc.bounds import _Bound
 from memcalc.errors import InputError
 from memcalc.estimate.inventory import MLPRole, Split, Tensor, build_inventory, layer_roles
 from memcalc.estimate.params import ParamCategory, ParamInventory, TensorGroup, group_tensors
@@ -188,7 +188,7 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int, att
     need(model.num_attention_heads % tp == 0,
          f"--tp {tp} does not divide the {model.num_attention_heads} attention heads of {model.name}")
     need(model.kv_heads % tp == 0, f"--tp {tp} does not divide the {model.kv_heads} key/value heads of {model.name}")
-    need(model.intermediate_size % tp == 0,
+    need(model.intermediate_size is None or model.intermediate_size % tp == 0,
          f"--tp {tp} does not divide the MLP width {model.intermediate_size} of {model.name}")
     if model.moe is not None:
         need(model.moe.expert_intermediate_size % tp == 0,
@@ -297,7 +297,7 @@ def tensor_parallel_model(model: ModelConfig, tp: int, vocab_size: int | None = 
                       shared_expert_intermediate_size=max(1, shared // tp))
     return replace(
         model, num_attention_heads=model.num_attention_heads // tp, num_kv_heads=max(1, model.kv_heads // tp),
-        head_dim=model.attention_head_dim, intermediate_size=model.intermediate_size // tp,
+        head_dim=model.attention_head_dim, intermediate_size=model.intermediate_size and model.intermediate_size // tp,
         vocab_size=(vocab_size or model.vocab_size) // tp, moe=moe,
     )
 
@@ -341,7 +341,8 @@ def rank_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers
     tp, ep = parallel.tp, parallel.ep
     vocab = padded_vocab(model, parallel)
     inventory = build_inventory(model)
-    tensors = [*(inventory.embeddings if stage.first else ())]
+    # a multimodal checkpoint's vision tower and projector run before the first layer, replicated
+    tensors = [*(inventory.vision + inventory.embeddings if stage.first else ())]
     for index in stage.indices:
         tensors += inventory.layers[index].tensors
     tensors += inventory.final if stage.last else ()

@@ -515,7 +515,7 @@ def print_show(document: dict[str, Any]) -> None:
         if key in ("name", "notes") or value in (None, [], ()):
             continue
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if v not in (None, [], ()))
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
         config.add_row(key, str(value))
@@ -537,8 +537,51 @@ def print_show(document: dict[str, Any]) -> None:
     console = _console()
     console.print(config)
     console.print(parameters)
+    if "checkpoint" in document:
+        table, summary = _checkpoint_table(document["checkpoint"])
+        console.print(table)
+        console.print(summary)
     for note in document["model"]["notes"]:
         console.print(f"note: {note}")
+
+
+_PART_LABELS = {"language_model": "language model", "vision": "vision tower", "projector": "projector",
+                "mtp": "MTP layers"}
+
+
+def _checkpoint_table(check: dict[str, Any]):
+    """What the files store, from their headers: by dtype (GGUF: ggml type), then by part."""
+    from rich.table import Table
+
+    files = check.get("files", [])
+    where = f"{len(files)} files" if len(files) > 1 else check["location"]
+    kind = "GGUF tensor infos" if check["format"] == "gguf" else "safetensors headers"
+    table = Table(title=f"Checkpoint ({kind}: {where})", title_justify="left")
+    table.add_column("Stored as")
+    table.add_column("Parameters", justify="right")
+    table.add_column("Bytes", justify="right")
+    table.add_column("GiB", justify="right")
+    rows = check.get("by_type") or check.get("by_dtype") or {}
+    for name, row in sorted(rows.items(), key=lambda item: -item[1]["bytes"]):
+        table.add_row(name, f"{row['params']:,}", f"{row['bytes']:,}", format_bytes(row["bytes"], Unit.GIB))
+    table.add_section()
+    parts = check.get("parts", {})
+    if len(parts) > 1:
+        for part, row in parts.items():
+            table.add_row(_PART_LABELS.get(part, part), f"{row['logical_params']:,}", f"{row['bytes']:,}",
+                          format_bytes(row["bytes"], Unit.GIB))
+        table.add_section()
+    table.add_row("total", f"{check['stored_params']:,}", f"{check['stored_bytes']:,}",
+                  format_bytes(check["stored_bytes"], Unit.GIB), style="bold")
+    if check["format"] == "gguf":
+        summary = f"GGUF architecture {check['architecture']}" + (
+            f", file type {check['file_type']}" if check["file_type"] else "")
+    else:
+        schemes = ", ".join(check["quantization"]) or "none"
+        verdict = "match" if check["matches"] else "differ from"
+        summary = (f"quantization: {schemes}; the language model's {check['language_model_params']:,} parameters "
+                   f"{verdict} the config's {check['config_params']:,}")
+    return table, summary
 
 
 

@@ -190,3 +190,45 @@ def show_document(model: ModelConfig) -> dict[str, Any]:
             for group in params.groups
         ],
     }
+
+
+def checkpoint_document(model: ModelConfig, stored) -> dict[str, Any]:
+    """``memcalc show --json``'s ``checkpoint``: what a model's files store (``StoredWeights``), read
+    from their headers. For safetensors, by dtype, quantisation scheme and part (language model,
+    vision, projector, MTP), with ``matches``: the language model's parameters equal the config's
+    count. For GGUF, by ggml type."""
+    document: dict[str, Any] = {"format": stored.format, "location": stored.location}
+    if stored.gguf is not None:
+        gguf = stored.gguf
+        params, nbytes = gguf.params_by_type(), gguf.bytes_by_type()
+        return document | {
+            "architecture": gguf.architecture, "file_type": gguf.file_type_name,
+            "stored_bytes": gguf.total_bytes, "stored_params": gguf.total_params,
+            "by_type": {name: {"params": params[name], "bytes": nbytes[name]} for name in nbytes},
+        }
+    checkpoint = stored.checkpoint
+    nbytes, params = checkpoint.bytes_by_dtype(), _params_by_dtype(checkpoint)
+    parts = checkpoint.split_by_part(model.num_layers)
+    language = next((tensors for part, tensors in parts.items() if part.value == "language_model"), None)
+    language_params = language.logical_params if language is not None else 0
+    config_params = count_params(model).total
+    return document | {
+        "files": list(checkpoint.files),
+        "stored_bytes": checkpoint.total_bytes,
+        "stored_params": checkpoint.total_params,
+        "logical_params": checkpoint.logical_params,
+        "by_dtype": {name: {"params": params[name], "bytes": nbytes[name]} for name in nbytes},
+        "quantization": list(checkpoint.quantization_schemes()),
+        "parts": {part.value: {"bytes": tensors.total_bytes, "stored_params": tensors.total_params,
+                               "logical_params": tensors.logical_params} for part, tensors in parts.items()},
+        "language_model_params": language_params,
+        "config_params": config_params,
+        "matches": language_params == config_params,
+    }
+
+
+def _params_by_dtype(checkpoint) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for tensor in checkpoint.tensors:
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel
+    return counts

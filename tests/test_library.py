@@ -51,7 +51,8 @@ def test_hf_config_matches_bundled_yaml(file_name):
     """The bundled YAML and the repository's config.json describe the same architecture."""
     from_hf = resolve_model(str(HF_DIR / file_name))
     bundled = resolve_model(file_name.removesuffix(".json"))
-    ignore = {"name", "aliases", "source", "notes", "sliding_window", "num_kv_heads", "head_dim"}
+    # the checkpoint's storage dtype (torch_dtype) is not architecture
+    ignore = {"name", "aliases", "source", "notes", "sliding_window", "num_kv_heads", "head_dim", "checkpoint"}
     assert _without(config_as_dict(from_hf), ignore) == _without(config_as_dict(bundled), ignore)
     assert (from_hf.kv_heads, from_hf.attention_head_dim) == (bundled.kv_heads, bundled.attention_head_dim)
 
@@ -93,10 +94,18 @@ def test_nested_text_config(tmp_path):
     assert count_params(resolve_model(str(tmp_path / "config.json"))).total == 6_738_415_616
 
 
-def test_unknown_model_type_is_assumed_llama_style_with_a_note(tmp_path):
+def test_unknown_model_type_is_refused_naming_it(tmp_path):
     data = json.loads((HF_DIR / "llama-2-7b.json").read_text()) | {"model_type": "newfangled"}
     (tmp_path / "config.json").write_text(json.dumps(data))
-    model = resolve_model(str(tmp_path))
+    with pytest.raises(InputError, match=r"model_type 'newfangled' is not modelled.*--assume-llama") as info:
+        resolve_model(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_assume_llama_keeps_the_llama_reading_with_a_note(tmp_path):
+    data = json.loads((HF_DIR / "llama-2-7b.json").read_text()) | {"model_type": "newfangled"}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    model = resolve_model(str(tmp_path), assume_llama=True)
     assert count_params(model).total == 6_738_415_616
     assert any("newfangled" in note for note in model.notes)
 

@@ -68,7 +68,7 @@ def tensor_parallel_view(model: ModelConfig, tp: int) -> ModelConfig:
     if model.kv_heads % tp and tp % model.kv_heads:
         raise InputError(f"--tp {tp} and the {model.kv_heads} key/value heads of {model.name}: one must divide the "
                          "other (KV heads are split, or replicated when TP exceeds them)")
-    if model.intermediate_size % tp:
+    if model.intermediate_size is not None and model.intermediate_size % tp:
         raise InputError(f"--tp {tp} does not divide the MLP width {model.intermediate_size} of {model.name}")
     return tensor_parallel_model(model, tp)
 

@@ -21,7 +21,16 @@ from enum import StrEnum
 from functools import lru_cache
 from math import prod
 
-from memcalc.config import MLPKind, ModelConfig, NormKind, PositionKind
+from memcalc.config import (
+    LayerType,
+    MambaVersion,
+    MLPKind,
+    ModelConfig,
+    NormKind,
+    NormPlacement,
+    PositionKind,
+    QKNormScope,
+)
 
 
 class ParamCategory(StrEnum):
@@ -32,6 +41,8 @@ class ParamCategory(StrEnum):
     ROUTER = "router"
     NORMS = "norms"
     OUTPUT_HEAD = "output_head"
+    VISION_TOWER = "vision_tower"  # a multimodal checkpoint's image encoder
+    PROJECTOR = "projector"  # its image-to-text projector
 
 
 class Split(StrEnum):
@@ -48,6 +59,7 @@ class MLPRole(StrEnum):
 
     DENSE = "dense"
     MOE = "moe"
+    NONE = "none"  # no feed-forward part (Mamba-2 blocks)
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ class LayerTensors:
 
     mlp: MLPRole
     tensors: tuple[Tensor, ...]
+    mixer: LayerType = LayerType.FULL_ATTENTION
 
     @property
     def total(self) -> int:
@@ -105,10 +118,13 @@ class Inventory:
     embeddings: tuple[Tensor, ...]
     layers: tuple[LayerTensors, ...]
     final: tuple[Tensor, ...]
+    vision: tuple[Tensor, ...] = ()  # a multimodal checkpoint's vision tower and projector
 
     def tensors_in_order(self, layer_indices=None):
-        """Each tensor as ``parameters()`` visits it: embeddings, layers (``layer_indices`` only,
-        when given), then the final norm and head."""
+        """Each tensor as ``parameters()`` visits it: a vision tower and projector (multimodal
+        checkpoints), embeddings, layers (``layer_indices`` only, when given), then the final norm
+        and head."""
+        yield from self.vision
         yield from self.embeddings
         layers = self.layers if layer_indices is None else (self.layers[index] for index in layer_indices)
         for layer in layers:
@@ -136,8 +152,9 @@ def _norm(name: str, model: ModelConfig, width: int, count: int = 1):
 
 
 def _mlp(prefix: str, category: ParamCategory, model: ModelConfig, width: int, count: int = 1,
-         active: int | None = None, expert: bool = False):
-    h, bias = model.hidden_size, model.mlp_bias
+         active: int | None = None, expert: bool = False, bias: bool | None = None):
+    h = model.hidden_size
+    bias = model.mlp_bias if bias is None else bias
     if model.mlp is MLPKind.GATED:
         yield from _linear(f"{prefix}.gate_proj", category, h, width, bias, Split.COLUMN, count=count, active=active,
                            expert=expert)
@@ -152,7 +169,9 @@ def _attention(model: ModelConfig):
     h, attention = model.hidden_size, ParamCategory.ATTENTION
     q_width = model.num_attention_heads * model.attention_head_dim
     kv_width = model.kv_heads * model.attention_head_dim
-    yield from _linear("layers.attn.q_proj", attention, h, q_width, model.qkv_bias, Split.COLUMN)
+    # a gated attention's q_proj gives each head's queries and its output gate (Qwen3NextAttention)
+    q_out = 2 * q_width if model.attn_output_gate else q_width
+    yield from _linear("layers.attn.q_proj", attention, h, q_out, model.qkv_bias, Split.COLUMN)
     yield from _linear("layers.attn.k_proj", attention, h, kv_width, model.qkv_bias, Split.COLUMN)
     yield from _linear("layers.attn.v_proj", attention, h, kv_width, model.qkv_bias, Split.COLUMN)
     yield from _linear("layers.attn.o_proj", attention, q_width, h, model.attn_output_bias, Split.ROW)
@@ -184,11 +203,12 @@ def _mla_attention(model: ModelConfig):
 
 def _moe(model: ModelConfig):
     """A mixture-of-experts MLP: the router, the routed experts (``experts_per_token`` of them
-    active), the shared experts and the shared experts' sigmoid gate (Qwen2-MoE)."""
+    active), the shared experts and the shared experts' sigmoid gate (Qwen2-MoE). gpt-oss puts
+    biases on the router and on every expert projection (``GptOssExperts.gate_up_proj_bias``)."""
     moe, h = model.moe, model.hidden_size
-    yield from _linear("layers.moe.router", ParamCategory.ROUTER, h, moe.num_experts, False, linear=False)
+    yield from _linear("layers.moe.router", ParamCategory.ROUTER, h, moe.num_experts, moe.router_bias, linear=False)
     yield from _mlp("layers.moe.experts", ParamCategory.EXPERTS, model, moe.expert_intermediate_size,
-                    moe.num_experts, moe.experts_per_token, expert=True)
+                    moe.num_experts, moe.experts_per_token, expert=True, bias=moe.expert_bias or model.mlp_bias)
     if moe.num_shared_experts:
         width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
         yield from _mlp("layers.moe.shared_experts", ParamCategory.EXPERTS, model, width, moe.num_shared_experts)
@@ -196,28 +216,112 @@ def _moe(model: ModelConfig):
         yield from _linear("layers.moe.shared_expert_gate", ParamCategory.ROUTER, h, 1, False, linear=False)
 
 
-def _layer(model: ModelConfig, role: MLPRole) -> LayerTensors:
-    """A pre-norm decoder layer in the reference decoder's order: the input norm, attention, the
-    per-head query and key norms (Qwen3), the remaining norms (post-attention; Gemma-2's four),
-    then the MLP or the experts."""
+def _qk_norms(model: ModelConfig):
+    """Query and key norms: per head (Qwen3, Gemma 3: two head_dim vectors) or over all query heads
+    and all key heads at once (OLMo 2's q_norm and k_norm of the projection widths)."""
+    if not model.qk_norm:
+        return
+    if model.qk_norm_scope is QKNormScope.FULL:
+        head_dim = model.attention_head_dim
+        yield from _norm("layers.attn.q_norm", model, model.num_attention_heads * head_dim)
+        yield from _norm("layers.attn.k_norm", model, model.kv_heads * head_dim)
+    else:
+        yield from _norm("layers.attn.qk_norm", model, model.attention_head_dim, 2)
+
+
+def _attention_mixer(model: ModelConfig):
+    yield from _attention(model) if model.mla is None else _mla_attention(model)
+    yield from _qk_norms(model)
+    if model.attention_sinks:  # one learned logit per head (GptOssAttention.sinks)
+        yield Tensor("layers.attn.sinks", ParamCategory.ATTENTION, (model.num_attention_heads,), split=Split.COLUMN)
+
+
+def _gated_delta_net(model: ModelConfig):
+    """Qwen3-Next's linear attention (transformers' ``Qwen3NextGatedDeltaNet``): ``in_proj_qkvz``
+    (queries, keys, values and the output gate z), ``in_proj_ba`` (beta and the decay input a, one
+    per value head), a depthwise causal ``conv1d`` over q, k and v without bias, per-head
+    ``dt_bias`` and ``A_log``, the gated RMSNorm of a value head, and ``out_proj``."""
+    la, h, mixer = model.linear_attention, model.hidden_size, ParamCategory.ATTENTION
+    yield from _linear("layers.linear_attn.in_proj_qkvz", mixer, h, 2 * la.key_width + 2 * la.value_width, False,
+                       Split.COLUMN)
+    yield from _linear("layers.linear_attn.in_proj_ba", mixer, h, 2 * la.num_value_heads, False, Split.COLUMN)
+    yield Tensor("layers.linear_attn.conv1d.weight", mixer, (la.conv_channels, 1, la.conv_kernel), split=Split.COLUMN)
+    yield Tensor("layers.linear_attn.dt_bias", mixer, (la.num_value_heads,), split=Split.COLUMN)
+    yield Tensor("layers.linear_attn.A_log", mixer, (la.num_value_heads,), split=Split.COLUMN)
+    yield Tensor("layers.linear_attn.norm.weight", ParamCategory.NORMS, (la.value_head_dim,))
+    yield from _linear("layers.linear_attn.out_proj", mixer, la.value_width, h, False, Split.ROW)
+
+
+def _mamba(model: ModelConfig):
+    """A Mamba mixer. Mamba-1 (``MambaMixer``, ``JambaMambaMixer``): ``in_proj`` to x and the gate
+    z, a depthwise ``conv1d``, ``x_proj`` to dt (low rank) and B, C, ``dt_proj``, ``A_log`` of
+    channels x d_state, ``D``, ``out_proj``; Jamba adds RMSNorms of dt, B and C. Mamba-2
+    (``Mamba2Mixer``, ``GraniteMoeHybridMambaLayer``): one ``in_proj`` to z, x, B, C and dt, a
+    ``conv1d`` over x, B and C, per-head ``dt_bias``, ``A_log`` and ``D``, the gated RMSNorm of the
+    channels, ``out_proj``."""
+    m, h, mixer = model.mamba, model.hidden_size, ParamCategory.ATTENTION
+    inner = m.intermediate_size
+    if m.version is MambaVersion.MAMBA1:
+        yield from _linear("layers.mamba.in_proj", mixer, h, 2 * inner, m.proj_bias, Split.COLUMN)
+        yield Tensor("layers.mamba.conv1d.weight", mixer, (inner, 1, m.conv_kernel), split=Split.COLUMN)
+        if m.conv_bias:
+            yield Tensor("layers.mamba.conv1d.bias", mixer, (inner,), split=Split.COLUMN)
+        yield from _linear("layers.mamba.x_proj", mixer, inner, m.dt_rank + 2 * m.state_size, False, Split.ROW)
+        yield from _linear("layers.mamba.dt_proj", mixer, m.dt_rank, inner, True, Split.COLUMN)
+        yield Tensor("layers.mamba.A_log", mixer, (inner, m.state_size), split=Split.COLUMN)
+        yield Tensor("layers.mamba.D", mixer, (inner,), split=Split.COLUMN)
+        yield from _linear("layers.mamba.out_proj", mixer, inner, h, m.proj_bias, Split.ROW)
+        if m.inner_norms:
+            yield from _norm("layers.mamba.dt_layernorm", model, m.dt_rank)
+            yield from _norm("layers.mamba.bc_layernorm", model, m.state_size, 2)
+        return
+    heads = m.num_heads
+    yield from _linear("layers.mamba.in_proj", mixer, h, inner + m.conv_channels + heads, m.proj_bias, Split.COLUMN)
+    yield Tensor("layers.mamba.conv1d.weight", mixer, (m.conv_channels, 1, m.conv_kernel), split=Split.COLUMN)
+    if m.conv_bias:
+        yield Tensor("layers.mamba.conv1d.bias", mixer, (m.conv_channels,), split=Split.COLUMN)
+    yield Tensor("layers.mamba.dt_bias", mixer, (heads,), split=Split.COLUMN)
+    yield Tensor("layers.mamba.A_log", mixer, (heads,), split=Split.COLUMN)
+    yield Tensor("layers.mamba.D", mixer, (heads,), split=Split.COLUMN)
+    yield Tensor("layers.mamba.norm.weight", ParamCategory.NORMS, (inner,), split=Split.COLUMN)
+    yield from _linear("layers.mamba.out_proj", mixer, inner, h, m.proj_bias, Split.ROW)
+
+
+def _mixer(model: ModelConfig, kind: LayerType):
+    if kind is LayerType.LINEAR_ATTENTION:
+        return _gated_delta_net(model)
+    if kind is LayerType.MAMBA:
+        return _mamba(model)
+    return _attention_mixer(model)
+
+
+def _layer(model: ModelConfig, role: MLPRole, kind: LayerType = LayerType.FULL_ATTENTION) -> LayerTensors:
+    """A decoder layer in the reference decoder's order. Pre-norm: the input norm, the mixer (with
+    its query and key norms), the remaining norms (post-attention; Gemma-2/3's four), then the MLP
+    or the experts. Post-norm (OLMo 2): the mixer and its output norm, the MLP and its output
+    norm. A layer without an MLP (Mamba-2 blocks): its norm and its mixer."""
     h = model.hidden_size
-    tensors = [*_norm("layers.norm", model, h)]
-    tensors += _attention(model) if model.mla is None else _mla_attention(model)
-    if model.qk_norm:
-        tensors += _norm("layers.attn.qk_norm", model, model.attention_head_dim, 2)
+    mixer = list(_mixer(model, kind))
+    if role is MLPRole.NONE:
+        return LayerTensors(role, (*_norm("layers.norm", model, h), *mixer), kind)
+    feed_forward = list(_moe(model) if role is MLPRole.MOE else
+                        _mlp("layers.mlp", ParamCategory.MLP, model, model.intermediate_size))
+    if model.norm_placement is NormPlacement.POST:
+        tensors = [*mixer, *_norm("layers.norm", model, h), *feed_forward, *_norm("layers.norm", model, h)]
+        return LayerTensors(role, tuple(tensors), kind)
+    tensors = [*_norm("layers.norm", model, h), *mixer]
     if model.norms_per_layer > 1:
         tensors += _norm("layers.norm", model, h, model.norms_per_layer - 1)
-    if role is MLPRole.MOE:
-        tensors += _moe(model)
-    else:
-        tensors += _mlp("layers.mlp", ParamCategory.MLP, model, model.intermediate_size)
-    return LayerTensors(role, tuple(tensors))
+    return LayerTensors(role, tuple(tensors + feed_forward), kind)
 
 
 def layer_roles(model: ModelConfig) -> tuple[MLPRole, ...]:
-    """Each layer's feed-forward role: MoE models keep ``first_dense_layers`` dense layers first."""
-    dense = model.num_layers - model.num_moe_layers
-    return (MLPRole.DENSE,) * dense + (MLPRole.MOE,) * model.num_moe_layers
+    """Each layer's feed-forward role: experts on ``model.moe_layer_indices``, no MLP in a model
+    of Mamba-2 blocks, else a dense MLP."""
+    if model.mlp is MLPKind.NONE and model.moe is None:
+        return (MLPRole.NONE,) * model.num_layers
+    moe = set(model.moe_layer_indices)
+    return tuple(MLPRole.MOE if index in moe else MLPRole.DENSE for index in range(model.num_layers))
 
 
 @lru_cache(maxsize=256)
@@ -232,11 +336,21 @@ def build_inventory(model: ModelConfig) -> Inventory:
     if model.position_embedding is PositionKind.LEARNED:
         # Megatron keeps the position table whole on every TP rank
         embeddings.append(Tensor("embed_positions.weight", ParamCategory.EMBEDDING, (model.max_position_embeddings, h)))
-    roles = layer_roles(model)
-    kinds = {role: _layer(model, role) for role in set(roles)}
-    layers = tuple(kinds[role] for role in roles)
+    keys = tuple(zip(layer_roles(model), model.resolved_layer_types, strict=True))
+    kinds = {key: _layer(model, key[0], key[1]) for key in set(keys)}
+    layers = tuple(kinds[key] for key in keys)
     final = list(_norm("final_norm", model, h))
     if not model.tie_word_embeddings:
         final.append(Tensor("lm_head.weight", ParamCategory.OUTPUT_HEAD, (model.vocab_size, h), split=Split.VOCAB,
                             matmul=True))
-    return Inventory(tuple(embeddings), layers, tuple(final))
+    return Inventory(tuple(embeddings), layers, tuple(final), _vision_tensors(model))
+
+
+def _vision_tensors(model: ModelConfig) -> tuple[Tensor, ...]:
+    """The vision tower and projector (``memcalc.vision``) as tensors of their own parts."""
+    if model.vision is None:
+        return ()
+    from memcalc.vision import vision_tower_groups, projector_groups
+
+    groups = (*vision_tower_groups(model.vision), *projector_groups(model.vision))
+    return tuple(Tensor(group.name, ParamCategory(group.part), (group.numel,), group.count) for group in groups)
