@@ -97,7 +97,10 @@ def load_hf_config(path: Path, *, assume_llama: bool = False, name: str | None =
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     if name is None:
-        name = data.get("_name_or_path") or (path.parent.resolve().name if path.name == "config.json" else path.stem)
+        # _name_or_path is a Hub id when the file was saved from one; a local save writes its path ("./")
+        saved_as = str(data.get("_name_or_path") or "")
+        local_save = saved_as.startswith((".", "/", "~")) or saved_as.strip("./") == ""
+        name = saved_as if not local_save else (path.parent.resolve().name if path.name == "config.json" else path.stem)
     return model_from_hf(data, name=str(name), source=source or str(path), assume_llama=assume_llama)
 
 

@@ -94,7 +94,9 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
                   f"paged server: {settings['block_size']}-token blocks written in place, tokens rounded up to blocks")
         lines += [
             ("weights", settings["weights"] + (f" (compute in {settings['dtype']})"
-                                               if settings["weights"] != settings["dtype"] else "")),
+                                               if settings["weights"] != settings["dtype"] else "")
+             + (f", from the checkpoint's {settings['weights_from']}"
+                if str(settings.get("weights_from", "")).startswith("quantization_config") else "")),
             ("KV cache", f"{settings['kv_dtype']}, {settings['kv_cache_bytes_per_token']:,} bytes/token"
              + _kv_geometry(model, settings)),
             ("batch x context", f"{settings['batch_size']} x {settings['context_len']} tokens cached"

@@ -12,7 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memcalc.config import Attention, Decoding, Engine, InferSettings, MLPKind, ModelConfig, PrefillLogits, resolve_seq_len
+from memcalc.config import (
+    ATTENTION_LAYER_TYPES,
+    Attention,
+    Decoding,
+    Engine,
+    InferSettings,
+    LayerType,
+    MLPKind,
+    ModelConfig,
+    PrefillLogits,
+    resolve_seq_len,
+)
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 from memcalc.estimate.params import count_params
@@ -89,35 +100,68 @@ def kv_values_per_token_per_layer(model: ModelConfig, engine: Engine = Engine.HF
     return 2 * model.kv_heads * model.attention_head_dim
 
 
+def attention_layers(model: ModelConfig) -> int:
+    """Layers that cache keys and values (full, sliding and chunked attention)."""
+    return sum(1 for kind in model.resolved_layer_types if kind in ATTENTION_LAYER_TYPES)
+
+
 def kv_cache_bytes_per_token(model: ModelConfig, kv_dtype: DType, tp: int = 1, engine: Engine = Engine.HF) -> int:
-    """Every layer's cache for one token on one rank: ``2 x L x kv_heads x head_dim x bytes`` (GQA
-    and MQA store ``kv_heads`` heads, not the query heads; TP splits them, or replicates one per
-    rank when TP exceeds them, as vLLM's get_num_kv_heads); MLA: the latent per layer."""
+    """Every attention layer's cache for one token on one rank: ``2 x L_attn x kv_heads x head_dim
+    x bytes`` (GQA and MQA store ``kv_heads`` heads, not the query heads; TP splits them, or
+    replicates one per rank when TP exceeds them, as vLLM's get_num_kv_heads); MLA: the latent per
+    layer. Mamba and linear-attention layers keep a fixed state instead (``state_cache_bytes``)."""
     local = tensor_parallel_view(model, tp)
-    return storage_bytes(model.num_layers * kv_values_per_token_per_layer(local, engine), kv_dtype)
+    return storage_bytes(attention_layers(model) * kv_values_per_token_per_layer(local, engine), kv_dtype)
 
 
 def _round_up(tokens: int, block: int) -> int:
     return -(-tokens // block) * block
 
 
-def cached_tokens_per_layer(model: ModelConfig, tokens: int, engine: Engine, block_size: int) -> tuple[int, int]:
-    """Tokens a full-attention layer and a sliding-window layer hold for a sequence of ``tokens``,
-    rounded up to whole blocks by a paged engine."""
-    window = min(tokens, model.sliding_window) if model.sliding_window else tokens
-    if engine is Engine.PAGED:
-        return _round_up(tokens, block_size), _round_up(window, block_size)
-    return tokens, window
+def cached_tokens(model: ModelConfig, kind: LayerType, tokens: int, engine: Engine, block_size: int) -> int:
+    """Tokens one layer of ``kind`` holds for a sequence of ``tokens``: all of them (full attention),
+    at most the window (sliding; transformers' DynamicSlidingWindowLayer, vLLM's SlidingWindowSpec)
+    or at most one chunk (Llama 4's chunked attention: vLLM's ChunkedLocalAttentionSpec, transformers'
+    chunked cache of attention_chunk_size), rounded up to whole blocks by a paged engine."""
+    limit = {LayerType.SLIDING_ATTENTION: model.sliding_window,
+             LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
+    held = min(tokens, limit) if limit else tokens
+    return _round_up(held, block_size) if engine is Engine.PAGED else held
 
 
 def kv_cache_bytes(model: ModelConfig, local: ModelConfig, tokens: int, sequences: int, kv_dtype: DType,
                    engine: Engine, block_size: int) -> int:
-    """The cache of ``sequences`` sequences of ``tokens`` tokens each, on one rank; sliding-window
-    layers keep at most the window."""
-    full_tokens, window_tokens = cached_tokens_per_layer(model, tokens, engine, block_size)
-    sliding = model.num_sliding_layers
+    """The key/value cache of ``sequences`` sequences of ``tokens`` tokens each, on one rank, layer
+    by layer: sliding-window layers keep at most the window, chunked layers at most a chunk."""
     values = kv_values_per_token_per_layer(local, engine) * sequences
-    return storage_bytes(values * ((model.num_layers - sliding) * full_tokens + sliding * window_tokens), kv_dtype)
+    held = sum(cached_tokens(model, kind, tokens, engine, block_size)
+               for kind in model.resolved_layer_types if kind in ATTENTION_LAYER_TYPES)
+    return storage_bytes(values * held, kv_dtype)
+
+
+def state_values_per_sequence(model: ModelConfig, engine: Engine = Engine.HF) -> int:
+    """Values of the fixed state every Mamba and linear-attention layer keeps per sequence,
+    whatever its length: the causal-conv window (transformers keeps conv_kernel columns,
+    cache_utils.LinearAttentionLayer; vLLM's MambaSpec keeps conv_kernel - 1) over the conv channels,
+    and the SSM state (channels x d_state) or the gated delta net's recurrent state (value heads x
+    key_head_dim x value_head_dim)."""
+    trim = 1 if engine is Engine.PAGED else 0
+    types = model.resolved_layer_types
+    total = 0
+    if model.mamba is not None:
+        m = model.mamba
+        total += types.count(LayerType.MAMBA) * (m.conv_channels * (m.conv_kernel - trim) + m.ssm_state_values)
+    if model.linear_attention is not None:
+        la = model.linear_attention
+        total += types.count(LayerType.LINEAR_ATTENTION) * (la.conv_channels * (la.conv_kernel - trim)
+                                                            + la.recurrent_state_values)
+    return total
+
+
+def state_cache_bytes(model: ModelConfig, sequences: int, dtype: DType, engine: Engine, tp: int = 1) -> int:
+    """The recurrent state of ``sequences`` sequences on one rank (TP splits its channels and heads),
+    in the cache dtype (transformers and vLLM keep it in the model dtype by default)."""
+    return storage_bytes(sequences * state_values_per_sequence(model, engine) // tp, dtype)
 
 
 def _compute_bytes(dtype: DType) -> int:
@@ -129,17 +173,40 @@ def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int
     """The most a no-grad forward holds inside one layer, beyond the cache: at the MLP's product
     the residual stream, the MLP input, the down projection's output and the new residual (4 x h)
     beside the activation, up projection and product (3 x f; a plain MLP 2 x f); the largest over
-    dense and MoE layers. Checked against fake-tensor runs of the reference decoder (tests/test_validate.py)."""
+    dense and MoE layers. Checked against fake-tensor runs of the reference decoder (tests/test_validate.py).
+    Mamba and linear-attention mixers: their projection, conv, scan and gated outputs beside the
+    stream (``recurrent_mixer_elements``; sized from the tensors, not measured)."""
+    from memcalc.estimate.inventory import MLPRole, layer_roles
+
     h = model.hidden_size
     width_factor = 3 if model.mlp is MLPKind.GATED else 2
-    peaks = []
-    if model.num_layers > model.num_moe_layers:
+    roles = set(layer_roles(model))
+    peaks = [element_bytes * tokens * recurrent_mixer_elements(model)]
+    if MLPRole.DENSE in roles:
         peaks.append(element_bytes * tokens * (4 * h + width_factor * model.intermediate_size))
-    if model.num_moe_layers:
+    if MLPRole.MOE in roles:
         moe = model.moe
         per_expert = tokens * moe.experts_per_token // moe.num_experts
         routed = element_bytes * (4 * tokens * h + per_expert * (3 * h + width_factor * moe.expert_intermediate_size))
         peaks.append(routed + FP32_BYTES * tokens * moe.num_experts)
+    return max(peaks)
+
+
+def recurrent_mixer_elements(model: ModelConfig) -> int:
+    """Elements per token a Mamba or gated-delta-net mixer holds at once in a no-grad forward: the
+    stream and the residual (2 x h), the input projection's output, the conv output, the scan
+    output and the gated (normed) output. 0 for a model without such layers. An upper bound from
+    the tensor sizes of transformers' mixers; not yet measured."""
+    h, types = model.hidden_size, model.resolved_layer_types
+    peaks = [0]
+    if model.mamba is not None and LayerType.MAMBA in types:
+        m = model.mamba
+        projected = 2 * m.intermediate_size + (0 if m.num_heads is None else 2 * m.n_groups * m.state_size + m.num_heads)
+        peaks.append(2 * h + projected + m.conv_channels + 2 * m.intermediate_size)
+    if model.linear_attention is not None and LayerType.LINEAR_ATTENTION in types:
+        la = model.linear_attention
+        projected = 2 * la.key_width + 2 * la.value_width + 2 * la.num_value_heads
+        peaks.append(2 * h + projected + la.conv_channels + 2 * la.value_width)
     return max(peaks)
 
 
@@ -188,21 +255,31 @@ def _shape(model: ModelConfig, settings: InferSettings) -> InferenceShape:
     return InferenceShape(sequences, prompt, cached, settings.max_new_tokens > 1)
 
 
+def checkpoint_weights(model: ModelConfig, settings: InferSettings) -> tuple[str | None, int, tuple[str, ...]]:
+    """The weight format, group size and unquantised parts: ``--weights`` when given, else the
+    checkpoint's own quantisation (config.json's quantization_config), else None (``--dtype``)."""
+    checkpoint = model.checkpoint
+    if settings.weights is not None or checkpoint is None or checkpoint.weights is None:
+        return settings.weights, settings.group_size, ()
+    return checkpoint.weights, checkpoint.group_size or settings.group_size, checkpoint.unquantized
+
+
 def weight_components(local: ModelConfig, settings: InferSettings) -> tuple[int, list[Component]]:
     """Weights on one rank. Without ``--weights``, every tensor in ``--dtype`` (for fp8/int8/int4:
     no scales). A format (memcalc.estimate.weights, docs/weight-formats.md) stores the layers'
     linear weights with its scales, zeros and indices and keeps the embedding, output head, norms
     and biases in the compute dtype (GGUF types also quantise the embedding and head): two lines."""
     dtype = DType(settings.dtype)
-    if settings.weights is None or settings.weights == dtype.value:
+    fmt, group_size, keep = checkpoint_weights(local, settings)
+    if fmt is None or fmt == dtype.value:
         total = storage_bytes(count_params(local).total, dtype)
         note = f"P x {dtype.value}" if dtype in _FLOAT_DTYPES else f"P x {dtype.value}, every tensor, no scales"
         return total, [Component("weights", "Weights", total, Kind.STATIC, note, "parameter count x bytes per element")]
     from memcalc.estimate.weights import FORMATS, weight_bytes
 
     compute = dtype.value if dtype in _FLOAT_DTYPES else "bf16"
-    breakdown = weight_bytes(local, settings.weights, group_size=settings.group_size, compute_dtype=compute,
-                             double_quant=settings.double_quant)
+    breakdown = weight_bytes(local, fmt, group_size=group_size, compute_dtype=compute,
+                             double_quant=settings.double_quant, keep_16bit=keep)
     source = FORMATS[breakdown.format].source
     if breakdown.format.value in ("fp32", "fp16", "bf16"):
         return breakdown.total_bytes, [Component("weights", "Weights", breakdown.total_bytes, Kind.STATIC,
@@ -232,6 +309,8 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     per_token = kv_cache_bytes_per_token(model, kv_dtype, settings.tp, engine)
     kv_cache = kv_cache_bytes(model, local, shape.cached, sequences, kv_dtype, engine, block)
     kv_prompt = kv_cache_bytes(model, local, prompt, sequences, kv_dtype, engine, block)
+    # Mamba and linear-attention layers: a fixed state per sequence, beside the growing KV cache
+    state = state_cache_bytes(model, sequences, kv_dtype, engine, settings.tp)
     vocab = local.vocab_size
 
     # Prefill: one forward over the prompt, or chunks of it; its layer transient, then the final
@@ -250,11 +329,11 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     # Decoding: a hf engine concatenates one layer's cache at a time (old and new exist together)
     # or reorders it for beams; a paged engine writes in place. Then the step's fp32 logits and
     # the token choice.
-    decode_copy = kv_cache // model.num_layers if shape.generating and engine is Engine.HF else 0
+    decode_copy = kv_cache // max(attention_layers(model), 1) if shape.generating and engine is Engine.HF else 0
     decode_logits = choice if shape.generating else 0
-    phases = {"prefill": weights + kv_prompt + prefill}
+    phases = {"prefill": weights + kv_prompt + state + prefill}
     if shape.generating:
-        phases["decode"] = weights + kv_cache + decode_copy + decode_logits
+        phases["decode"] = weights + kv_cache + state + decode_copy + decode_logits
     overhead = DEFAULT_OVERHEAD_BYTES if settings.overhead_bytes is None else settings.overhead_bytes
     rule_of_thumb = -(-weights * RULE_OF_THUMB_FACTOR_NUMERATOR // RULE_OF_THUMB_FACTOR_DENOMINATOR)
 
@@ -264,14 +343,25 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     kv_formula = ("L x (kv_lora_rank + rope) latent" if model.mla is not None and engine is Engine.PAGED
                   else "L x heads x (k + v head dims)" if model.mla is not None
                   else "2L x kv_heads x head_dim")
+    if attention_layers(model) != model.num_layers:  # only the attention layers cache keys and values
+        kv_formula = f"{attention_layers(model)} of {model.num_layers} layers: " + kv_formula.replace("2L", "2").replace(
+            "L x ", "")
+    if LayerType.CHUNKED_ATTENTION in model.resolved_layer_types:
+        window += f", chunked layers capped at {model.attention_chunk_size}"
     decoding = settings.resolved_decoding
     components = (
         *weight_rows,
         Component("kv_cache", "KV cache", kv_cache, Kind.DYNAMIC,
                   f"{kv_formula} x {kv_dtype.value} x {tokens_note} x seqs{rounding}{window}",
                   "one key and one value vector per layer, KV head and token (MLA: DeepSeek-V2 sec. 2.1.2)"),
+        Component("state_cache", "Recurrent state (conv + SSM)", state, Kind.DYNAMIC,
+                  f"{model.num_layers - attention_layers(model)} Mamba/linear-attention layers x (conv window + "
+                  f"state) x {kv_dtype.value} x seqs",
+                  "transformers cache_utils.LinearAttentionLayer; vLLM MambaSpec (conv_kernel - 1 columns)"),
         Component("activations", "Activations (peak)", max(prefill_activations, decode_copy), Kind.DYNAMIC,
                   "one layer's prefill forward" + (", eager scores" if settings.attention is Attention.EAGER else "")
+                  + (" (Mamba/linear-attention mixer sized from its tensors, unmeasured)"
+                     if recurrent_mixer_elements(model) else "")
                   + (f", {chunk}-token chunks" if chunk < prompt else "")
                   + ("; decode: a layer's cache copy" if decode_copy else ""),
                   "reference decoder, fake-tensor measurement (tests/test_validate.py)"),
@@ -290,11 +380,14 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     whole_model = weights if settings.tp == 1 else weight_components(model, settings)[0]
     checkpoint = (
         Component("weights_only", "Weights only", whole_model, Kind.STATIC,
-                  f"P x {settings.weights or compute_dtype.value}", "parameter count x bytes per element"),
+                  f"P x {checkpoint_weights(model, settings)[0] or compute_dtype.value}",
+                  "parameter count x bytes per element"),
     )
     resolved = {
         "dtype": compute_dtype.value,
-        "weights": settings.weights or compute_dtype.value,
+        "weights": checkpoint_weights(model, settings)[0] or compute_dtype.value,
+        "weights_from": ("--weights" if settings.weights else model.checkpoint.source
+                         if checkpoint_weights(model, settings)[0] else "--dtype"),
         "kv_dtype": kv_dtype.value,
         "batch_size": settings.batch_size,
         "decoding": decoding.value,
@@ -317,8 +410,11 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
         "kv_cache_bytes_per_sequence": kv_cache // sequences,
         "sliding_window": model.sliding_window,
         "sliding_layers": model.num_sliding_layers,
+        "attention_layers": attention_layers(model),
+        "state_bytes_per_sequence": state // sequences,
         "overhead_bytes": overhead,
     }
+    components = tuple(component for component in components if component.bytes or component.key != "state_cache")
     return Estimate(model, params, resolved, components, references=references, checkpoint=checkpoint, phases=phases)
 
 

@@ -240,7 +240,10 @@ GGUF_FALLBACK = {WeightFormat.Q2_K: WeightFormat.Q4_0, WeightFormat.Q3_K: Weight
                  WeightFormat.Q4_K: WeightFormat.Q5_0, WeightFormat.Q5_K: WeightFormat.Q5_1,
                  WeightFormat.Q6_K: WeightFormat.Q8_0}
 # Tensors outside the layers that a format may quantise, and so the names keep_16bit accepts.
-KEEPABLE = (ParamCategory.EMBEDDING.value, ParamCategory.OUTPUT_HEAD.value)
+# Parts a checkpoint may keep unquantised: the embedding and head (GGUF), or the attention or
+# dense-MLP projections (gpt-oss's mxfp4 checkpoint quantises only its experts)
+KEEPABLE = (ParamCategory.EMBEDDING.value, ParamCategory.OUTPUT_HEAD.value, ParamCategory.ATTENTION.value,
+            ParamCategory.MLP.value)
 _REST_DTYPES = (DType.FP32, DType.FP16, DType.BF16)
 
 
@@ -472,7 +475,7 @@ def weight_bytes(
             raise InputError(f"compute_dtype must be one of fp32, fp16, bf16; got {rest_dtype.value}")
     keep = _keep_set(keep_16bit)
 
-    shapes = list(linear_weights(model))
+    shapes = [shape for shape in linear_weights(model) if shape.category.value not in keep]
     if spec.quantises_embeddings:
         shapes += [s for s in embedding_weights(model) if s.category.value not in keep]
 
