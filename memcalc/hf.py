@@ -291,7 +291,8 @@ def _read_decoder(reader: _Reader, fields: dict[str, Any]) -> None:
     if fields["model_type"] == "smollm3":
         reader.get("no_rope_layers")  # NoPE layers hold no parameters of their own
         reader.get("no_rope_layer_interval")
-    _moe_fields(reader, fields)
+    if fields["model_type"] == "mixtral":  # the other types' classes build no experts, whatever the keys say
+        _moe_fields(reader, fields)
 
 
 def _read_qwen_moe(reader: _Reader, fields: dict[str, Any]) -> None:

@@ -135,3 +135,25 @@ def test_family_counts_equal_transformers(key):
         data["layer_types"] = overrides["layer_types"]
     model = model_from_hf(data, name=key, source=key)
     assert count_params(model).total == _meta_count(config, multimodal=model_type in ("gemma3", "llama4", "mistral3"))
+
+
+# Bundled models written from these files by scripts/yaml_from_hf.py
+BUNDLED_FROM_CORPUS = {
+    "qwen3-0.6b": "Qwen--Qwen3-0.6B.json", "qwen3-8b": "Qwen--Qwen3-8B.json", "qwen3-32b": "Qwen--Qwen3-32B.json",
+    "qwen3-30b-a3b": "Qwen--Qwen3-30B-A3B.json", "qwen3-235b-a22b": "Qwen--Qwen3-235B-A22B.json",
+    "llama-3.1-8b": "meta-llama--Llama-3.1-8B.json", "gpt-oss-20b": "openai--gpt-oss-20b.json",
+    "gpt-oss-120b": "openai--gpt-oss-120b.json", "phi-4": "microsoft--phi-4.json",
+    "kimi-k2": "moonshotai--Kimi-K2-Instruct.json", "jamba-1.5-mini": "ai21labs--AI21-Jamba-1.5-Mini.json",
+}
+
+
+@pytest.mark.parametrize(("name", "file_name"), sorted(BUNDLED_FROM_CORPUS.items()))
+def test_bundled_yaml_is_the_checkpoints_config(name, file_name):
+    from dataclasses import replace
+
+    from memcalc.library import resolve_model
+
+    bundled, from_file = resolve_model(name), _model(file_name)
+    assert replace(bundled, name="", aliases=(), source="", notes=()) == replace(
+        from_file, name="", aliases=(), source="", notes=())
+    assert BY_FILE[file_name]["repo"] in bundled.aliases

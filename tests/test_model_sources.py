@@ -109,8 +109,8 @@ def test_hub_id_from_cache_matches_the_same_config_by_path(run_cli, hub_cache, t
 
 
 def test_uncached_hub_id_offline_is_one_line(run_cli, hub_cache):
-    stderr = _one_line_error(run_cli("train", "Qwen/Qwen3-8B"))
-    assert "Qwen/Qwen3-8B is not in the Hugging Face cache and HF_HUB_OFFLINE is set" in stderr
+    stderr = _one_line_error(run_cli("train", "Qwen/Qwen3-14B"))
+    assert "Qwen/Qwen3-14B is not in the Hugging Face cache and HF_HUB_OFFLINE is set" in stderr
 
 
 def test_revision_selects_its_snapshot(run_cli, hub_cache):

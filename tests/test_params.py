@@ -39,6 +39,20 @@ PUBLISHED_PARAMS = {
     # 31,412,968,448 bytes of bf16, V3's the "671B" main model (its MTP module is not loaded)
     "deepseek-v2-lite": 15_706_484_224,
     "deepseek-v3": 671_026_404_352,
+    # 2025 checkpoints written from their own config.json: sum(p.numel()) of the transformers class
+    # on the meta device (tests/data/hf_configs/manifest.yaml, rebuilt live and checked against the
+    # model cards in tests/test_hf_corpus.py); gpt-oss: the model card's 20.91B and 116.83B
+    "qwen3-0.6b": 596_049_920,
+    "qwen3-8b": 8_190_735_360,
+    "qwen3-32b": 32_762_123_264,
+    "qwen3-30b-a3b": 30_532_122_624,
+    "qwen3-235b-a22b": 235_093_634_560,
+    "llama-3.1-8b": 8_030_261_248,
+    "gpt-oss-20b": 20_914_757_184,
+    "gpt-oss-120b": 116_829_156_672,
+    "phi-4": 14_659_507_200,
+    "kimi-k2": 1_026_408_209_408,
+    "jamba-1.5-mini": 51_570_323_328,
 }
 
 # Mistral AI's announcements: Mixtral 8x7B "12.9B active", Mixtral 8x22B "39B active" parameters;

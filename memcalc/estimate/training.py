@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from memcalc.config import Loss, ModelConfig, Optimizer, OptimizerImpl, Recompute, TrainSettings, resolve_seq_len
+from memcalc.config import LayerType, Loss, ModelConfig, Optimizer, OptimizerImpl, Recompute, TrainSettings, resolve_seq_len
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.activations import (
     attention_output_width,
@@ -336,13 +336,36 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers
     extra = max(0, inflight_chunks(parallel, stage.rank) * model.num_layers // (pp * parallel.vpp) - stage.layers)
     if tp == 1 and pp == 1 and parallel.cp == 1 and not parallel.vocab_padded:
         return StagePlan(model, seq_len, 1, True, True, extra)
-    local = tensor_parallel_model(model, tp, padded_vocab(model, parallel))
-    moe = local.moe and replace(local.moe, first_dense_layers=stage.dense_layers)
+    local = _stage_layers_model(tensor_parallel_model(model, tp, padded_vocab(model, parallel)), stage)
     # under pipelining a tied embedding is two copies, each with its own gradient
-    local = replace(local, num_layers=stage.layers, moe=moe, tie_word_embeddings=model.tie_word_embeddings and pp == 1)
+    local = replace(local, tie_word_embeddings=model.tie_word_embeddings and pp == 1)
     dtensor = parallel.tp_impl is TPImpl.DTENSOR and tp > 1
     return StagePlan(local, seq_len // parallel.cp, tp if parallel.sp else 1, stage.first, stage.last, extra,
                      gathered_linear_inputs=dtensor and parallel.sp, loss_parallel=dtensor)
+
+
+def _stage_layers_model(model: ModelConfig, stage: StageLayers) -> ModelConfig:
+    """``model`` cut to the layers of ``stage``, in order: their layer types, and their MoE layers
+    (leading dense layers stay leading; an explicit MoE layer list is renumbered)."""
+    moe = model.moe
+    if moe is not None and moe.layers:
+        on_stage = set(moe.layers)
+        kept = tuple(position for position, index in enumerate(stage.indices) if index in on_stage)
+        moe = replace(moe, layers=kept) if kept else None
+    elif moe is not None:
+        moe = replace(moe, first_dense_layers=stage.dense_layers)
+    types = tuple(model.layer_types[index] for index in stage.indices) if model.layer_types else ()
+    return replace(model, num_layers=stage.layers, moe=moe, layer_types=types)
+
+
+def check_trainable(model: ModelConfig) -> None:
+    """The activation model was built and measured on attention blocks; a Mamba or gated-delta-net
+    layer saves other tensors, so a training estimate of such a model is refused, not guessed."""
+    recurrent = [kind.value for kind in dict.fromkeys(model.resolved_layer_types)
+                 if kind in (LayerType.MAMBA, LayerType.LINEAR_ATTENTION)]
+    if recurrent:
+        raise InputError(f"{model.name}: training activations of {' and '.join(recurrent)} layers are not modelled "
+                         "yet; `memcalc infer` and `memcalc show` cover this model (weights, KV cache and state)")
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
@@ -657,6 +680,7 @@ def _sharding_text(parallel: ParallelConfig, has_experts: bool) -> str:
 def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig | None = None) -> Estimate:
     """Memory of one training step on the most loaded rank of ``parallel`` (one device by default)."""
     parallel = parallel or ParallelConfig()
+    check_trainable(model)
     params = count_params(model)
     recipe = resolve_recipe(settings, parallel)
     seq_len = resolve_seq_len(model, settings.seq_len)

@@ -1,0 +1,122 @@
+"""Heterogeneous layers: KV cache and recurrent state per layer type, checkpoint formats, refusals,
+and pipeline stages over interleaved MoE layers. Expected values are derived by hand from the
+checkpoints' config.json (tests/data/hf_configs/) and the formats' definitions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from memcalc.config import Engine, InferSettings, LayerType, TrainSettings
+from memcalc.dtypes import DType
+from memcalc.errors import InputError
+from memcalc.estimate.inference import estimate_inference, kv_cache_bytes_per_token, state_values_per_sequence
+from memcalc.estimate.params import count_params
+from memcalc.estimate.training import estimate_training
+from memcalc.hf import model_from_hf
+from memcalc.library import resolve_model
+from memcalc.parallel import ParallelConfig, pipeline_ranks, rank_params, stage_layers
+
+CORPUS = Path(__file__).parent / "data" / "hf_configs"
+
+
+def _corpus(file_name: str):
+    return model_from_hf(json.loads((CORPUS / file_name).read_text()), name=file_name, source=file_name)
+
+
+def _component(estimate, key: str) -> int:
+    return next(component.bytes for component in estimate.components if component.key == key)
+
+
+def test_gpt_oss_alternates_sliding_and_full_layers():
+    """gpt-oss-20b: 12 sliding layers (window 128) and 12 full; 8 KV heads x 64 x 2 (k, v) x 2 B =
+    2,048 B per layer and token. At 131,072 tokens: 12 x 131,072 x 2,048 + 12 x 128 x 2,048."""
+    model = resolve_model("gpt-oss-20b")
+    assert model.resolved_layer_types.count(LayerType.SLIDING_ATTENTION) == 12
+    estimate = estimate_inference(model, InferSettings(context_len=131_072))
+    assert _component(estimate, "kv_cache") == 12 * 131_072 * 2_048 + 12 * 128 * 2_048
+    assert kv_cache_bytes_per_token(model, DType.BF16) == 24 * 2_048
+
+
+def test_gpt_oss_checkpoint_is_mxfp4_experts_by_default():
+    """quantization_config mxfp4 with attention kept in bf16: the 24 x 32 experts' three
+    2,880 x 2,880 projections in MXFP4 (4-bit values + one E8M0 scale per 32: 17/32 bytes a value),
+    everything else in bf16."""
+    model = resolve_model("gpt-oss-20b")
+    estimate = estimate_inference(model, InferSettings(context_len=1024))
+    experts = 24 * 32 * 3 * 2_880 * 2_880
+    assert _component(estimate, "weights_quantised") == experts * 17 // 32
+    assert _component(estimate, "weights_unquantised") == 2 * (count_params(model).total - experts)
+    assert estimate.settings["weights"] == "mxfp4"
+    given = estimate_inference(model, InferSettings(context_len=1024, weights="bf16"))
+    assert _component(given, "weights") == 2 * count_params(model).total
+
+
+def test_jamba_state_per_sequence():
+    """Jamba-1.5-Mini: 28 Mamba layers of 8,192 channels, d_state 16, d_conv 4. transformers keeps
+    the whole conv window (4 columns), vLLM 3; the SSM state is 8,192 x 16 per layer."""
+    model = resolve_model("jamba-1.5-mini")
+    assert state_values_per_sequence(model, Engine.HF) == 28 * (8_192 * 4 + 8_192 * 16)
+    assert state_values_per_sequence(model, Engine.PAGED) == 28 * (8_192 * 3 + 8_192 * 16)
+    estimate = estimate_inference(model, InferSettings(context_len=4096, batch_size=3))
+    assert _component(estimate, "state_cache") == 3 * 2 * 28 * (8_192 * 4 + 8_192 * 16)
+    # only the 4 attention layers cache keys and values: 8 KV heads x 128 x 2 x 2 B
+    assert _component(estimate, "kv_cache") == 3 * 4096 * 4 * 8 * 128 * 2 * 2
+
+
+def test_falcon_mamba_has_no_kv_cache():
+    model = _corpus("tiiuae--falcon-mamba-7b.json")
+    estimate = estimate_inference(model, InferSettings(context_len=32_768))
+    assert _component(estimate, "kv_cache") == 0
+    # 64 layers x (8,192 channels x 4 conv columns + 8,192 x 16 state) x 2 bytes
+    assert _component(estimate, "state_cache") == 64 * (8_192 * 4 + 8_192 * 16) * 2
+
+
+def test_llama4_chunked_layers_hold_one_chunk():
+    """Llama 4 (transformers' Llama4TextConfig defaults: Scout's 48 layers, a NoPE full-attention
+    layer every 4, the others attending in chunks of 8,192)."""
+    transformers = pytest.importorskip("transformers")
+    data = json.loads(transformers.Llama4TextConfig().to_json_string())
+    model = model_from_hf(data, name="scout", source="defaults")
+    assert model.resolved_layer_types.count(LayerType.FULL_ATTENTION) == 12
+    per_layer_token = 8 * 128 * 2 * 2
+    estimate = estimate_inference(model, InferSettings(context_len=100_000))
+    assert _component(estimate, "kv_cache") == per_layer_token * (12 * 100_000 + 36 * 8_192)
+
+
+def test_training_refuses_recurrent_layers():
+    with pytest.raises(InputError, match="training activations of mamba layers are not modelled"):
+        estimate_training(resolve_model("jamba-1.5-mini"), TrainSettings(seq_len=1024))
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"num_local_experts": 8}, "num_local_experts change the structure of a llama model"),
+    ({"layer_types": ["full_attention", "banded"]}, "layer type 'banded' is not modelled"),
+    ({"model_type": "falcon_h1"}, "model_type 'falcon_h1' is not modelled"),
+])
+def test_structure_memcalc_does_not_read_is_refused(data, message):
+    base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "vocab_size": 100, "tie_word_embeddings": False}
+    with pytest.raises(InputError, match=message) as info:
+        model_from_hf(base | data, name="x", source="x.json")
+    assert "\n" not in str(info.value)
+
+
+def test_pipeline_stages_of_interleaved_moe_hold_every_parameter_once():
+    """Experts on odd layers only (Llama-4-Maverick's interleave step 2): the stages' tensors add
+    up to the model's, and each stage's MoE layers are the ones its indices name."""
+    model = _corpus("Qwen--Qwen3-30B-A3B.json")
+    moe = replace(model.moe, layers=tuple(range(1, model.num_layers, 2)))
+    model = replace(model, moe=moe, intermediate_size=6144)
+    parallel = ParallelConfig(pp=4, microbatches=8)
+    held = 0
+    for rank in range(parallel.pp):
+        stage = stage_layers(model, parallel, rank)
+        assert stage.moe_layers == sum(1 for index in stage.indices if index in moe.layers)
+        held += rank_params(model, parallel, stage).total
+    assert held == count_params(model).total
+    estimate = estimate_training(model, TrainSettings(seq_len=1024), parallel)
+    assert [view.pipeline_rank for view in estimate.ranks] == pipeline_ranks(parallel)
