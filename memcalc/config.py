@@ -49,6 +49,7 @@ class LayerType(StrEnum):
     CHUNKED_ATTENTION = "chunked_attention"  # attends within blocks of ``attention_chunk_size`` (Llama 4)
     LINEAR_ATTENTION = "linear_attention"  # gated delta net with a fixed recurrent state (Qwen3-Next)
     MAMBA = "mamba"  # a Mamba or Mamba-2 mixer with conv and SSM state (Jamba, Granite-4.0-H, Codestral)
+    NONE = "none"  # no token mixer: an MLP or MoE block of its own (Nemotron-H's "-" and "E" blocks)
 
 
 ATTENTION_LAYER_TYPES = (LayerType.FULL_ATTENTION, LayerType.SLIDING_ATTENTION, LayerType.CHUNKED_ATTENTION)
@@ -282,6 +283,8 @@ class ModelConfig:
     mamba: MambaConfig | None = None  # the mixer of the mamba layers
     linear_attention: LinearAttentionConfig | None = None  # the mixer of the linear_attention layers
     vision: VisionTower | None = None  # a multimodal checkpoint's vision tower and projector
+    # each layer is a norm and either its mixer or its MLP/MoE, never both (Nemotron-H's blocks)
+    separate_blocks: bool = False
     checkpoint: CheckpointFormat | None = None  # the published checkpoint's dtype and quantisation
 
     def __post_init__(self) -> None:
@@ -313,6 +316,7 @@ class ModelConfig:
                  LayerType.CHUNKED_ATTENTION: ("attention_chunk_size", self.attention_chunk_size),
                  LayerType.LINEAR_ATTENTION: ("linear_attention", self.linear_attention),
                  LayerType.MAMBA: ("mamba", self.mamba)}
+        needs[LayerType.NONE] = ("separate_blocks: true", self.separate_blocks or None)
         for kind in set(types):
             field, value = needs.get(kind, (None, True))
             if value is None:

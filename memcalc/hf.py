@@ -74,8 +74,12 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE},
     "falcon_mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE},
     "mamba2": {**_LLAMA_STYLE, "mlp": MLPKind.NONE},
+    "nemotron_h": {**_LLAMA_STYLE},
     "gpt2": _GPT2_STYLE,
 }
+
+# Types whose norms are RMSNorms though their files name the epsilon layer_norm_epsilon.
+_RMS_ONLY = frozenset({"mamba", "falcon_mamba", "mamba2", "nemotron_h"})
 
 # Multimodal wrappers: the language model is ``text_config``; the vision tower is read by
 # memcalc.vision. The text model_type transformers uses when text_config names none.
@@ -521,7 +525,48 @@ def _read_mamba2(reader: _Reader, fields: dict[str, Any]) -> None:
     fields["num_attention_heads"] = fields["mamba"]["num_heads"]
 
 
+_NEMOTRON_BLOCKS = {"M": LayerType.MAMBA, "*": LayerType.FULL_ATTENTION, "-": LayerType.NONE, "E": LayerType.NONE}
+_NEMOTRON_NAMES = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-",
+                   "moe": "E"}
+
+
+def _read_nemotron_h(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Nemotron-H (modeling_nemotron_h.py): every block is one norm and one of a Mamba-2 mixer (M),
+    attention (*), a plain relu2 MLP (-) or experts with a shared expert (E), in the order of
+    ``hybrid_override_pattern`` (or ``layers_block_type``)."""
+    num_layers, h = fields["num_layers"], fields["hidden_size"]
+    pattern = reader.get("hybrid_override_pattern", None, str)
+    names = reader.get("layers_block_type", None, list)
+    reader.consumed.add("layer_types")
+    if pattern is None and names is not None:
+        unknown = sorted({str(name) for name in names} - set(_NEMOTRON_NAMES))
+        if unknown:
+            raise InputError(f"{reader.source}: layers_block_type: block {', '.join(map(repr, unknown))} is not modelled")
+        pattern = "".join(_NEMOTRON_NAMES[name] for name in names)
+    if pattern is None or len(pattern) != num_layers or set(pattern) - set(_NEMOTRON_BLOCKS):
+        raise InputError(f"{reader.source}: hybrid_override_pattern: expected {num_layers} blocks of "
+                         f"{''.join(_NEMOTRON_BLOCKS)}, got {pattern!r}")
+    fields.update(layer_types=[_NEMOTRON_BLOCKS[block] for block in pattern], separate_blocks=True, mlp=MLPKind.PLAIN,
+                  hidden_act=reader.get("mlp_hidden_act", "relu2", str))
+    fields["head_dim"] = reader.positive("attention_head_dim") or reader.hf.head_dim
+    if "M" in pattern:
+        heads, head_dim = reader.positive("mamba_num_heads", 128), reader.positive("mamba_head_dim", 64)
+        fields["mamba"] = dict(
+            version=MambaVersion.MAMBA2, intermediate_size=heads * head_dim,
+            state_size=reader.positive("ssm_state_size", 128), conv_kernel=reader.positive("conv_kernel", 4),
+            conv_bias=reader.get("use_conv_bias", True, bool), proj_bias=reader.get("use_bias", False, bool),
+            num_heads=heads, head_dim=head_dim, n_groups=reader.positive("n_groups", 8))
+    reader.consumed.update({"expand", "mamba_proj_bias", "n_shared_experts", "moe_shared_expert_intermediate_size"})
+    if "E" in pattern:
+        shared = reader.positive("moe_shared_expert_intermediate_size") if reader.get("n_shared_experts", 1, int) else None
+        layers = [index for index, block in enumerate(pattern) if block == "E"]
+        _moe_fields(reader, fields, layers=layers, shared_width=shared)
+    if reader.get("moe_latent_size"):
+        raise InputError(f"{reader.source}: moe_latent_size: latent expert projections are not modelled")
+
+
 _READERS: dict[str, Callable[[_Reader, dict[str, Any]], None]] = {
+    "nemotron_h": _read_nemotron_h,
     **{model_type: _read_decoder for model_type in ("llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "gemma",
                                                     "gemma2", "gpt2", "olmo2", "olmo3", "smollm3")},
     "qwen2_moe": _read_qwen_moe,
@@ -567,7 +612,7 @@ def _common_fields(reader: _Reader, model_type: str, name: str, source: str) -> 
     if hf.hidden_act and not (model_type.startswith("gemma") and hf.hidden_act == "gelu"):
         fields["hidden_act"] = _ACTIVATION_NAMES.get(hf.hidden_act, hf.hidden_act)
     if hf.layer_norm_epsilon is not None and hf.rms_norm_eps is None and fields["norm"] is NormKind.RMSNORM \
-            and model_type not in ("mamba", "falcon_mamba", "mamba2"):
+            and model_type not in _RMS_ONLY:
         fields.update(norm=NormKind.LAYERNORM, norm_bias=True)
     if hf.attention_bias is not None:
         fields.update(qkv_bias=hf.attention_bias, attn_output_bias=hf.attention_bias)
@@ -612,6 +657,11 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
         # ties the ForConditionalGeneration head by the top-level config; measured on the meta device)
         if outer.get("tie_word_embeddings") is not None:
             data["tie_word_embeddings"] = outer["tie_word_embeddings"]
+    if data.get("model_type") == "nemotron_h" and "num_hidden_layers" not in data:
+        # transformers 5 writes the blocks and derives the layer count from them
+        blocks = data.get("hybrid_override_pattern") or data.get("layers_block_type")
+        if isinstance(blocks, (str, list)):
+            data = {**data, "num_hidden_layers": len(blocks)}
     try:
         hf_config = HFConfig.model_validate(data)
     except ValidationError as exc:

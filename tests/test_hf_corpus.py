@@ -28,8 +28,6 @@ REFUSED = {
     "Qwen--Qwen2.5-VL-7B-Instruct.json": "model_type 'qwen2_5_vl' is not modelled",
     "Qwen--Qwen3-VL-8B-Instruct.json": "the vision tower of model_type 'qwen3_vl' is not modelled",
     "Qwen--Qwen3-VL-30B-A3B-Instruct.json": "the vision tower of model_type 'qwen3_vl_moe' is not modelled",
-    "nvidia--Nemotron-H-56B-Base-8K.json": "model_type 'nemotron_h' is not modelled",
-    "nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json": "model_type 'nemotron_h' is not modelled",
 }
 COUNTED = sorted(set(BY_FILE) - set(REFUSED))
 
@@ -110,7 +108,7 @@ def test_live_meta_device_build(file_name):
 FAMILIES = {
     "qwen3_next": {}, "olmo2": {}, "olmo3": {}, "gemma3_text": {}, "gemma3": {}, "llama4_text": {}, "llama4": {},
     "mamba2": {}, "mamba": {}, "smollm3": {}, "mistral3": {}, "gpt_oss": {}, "jamba": {}, "qwen3_moe": {},
-    "qwen2_moe": {"num_hidden_layers": 4}, "gemma2": {},
+    "qwen2_moe": {"num_hidden_layers": 4}, "gemma2": {}, "nemotron_h": {},
     "granitemoehybrid": {"layer_types": ["mamba", "mamba", "attention", "mamba"], "num_hidden_layers": 4},
     "granitemoehybrid#dense": {"layer_types": ["mamba", "attention"], "num_hidden_layers": 2, "num_local_experts": 0},
     "glm4_moe": {"head_dim": 128, "num_hidden_layers": 4, "use_qk_norm": True, "attention_bias": True},

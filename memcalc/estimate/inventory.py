@@ -288,6 +288,8 @@ def _mamba(model: ModelConfig):
 
 
 def _mixer(model: ModelConfig, kind: LayerType):
+    if kind is LayerType.NONE:
+        return iter(())
     if kind is LayerType.LINEAR_ATTENTION:
         return _gated_delta_net(model)
     if kind is LayerType.MAMBA:
@@ -299,13 +301,16 @@ def _layer(model: ModelConfig, role: MLPRole, kind: LayerType = LayerType.FULL_A
     """A decoder layer in the reference decoder's order. Pre-norm: the input norm, the mixer (with
     its query and key norms), the remaining norms (post-attention; Gemma-2/3's four), then the MLP
     or the experts. Post-norm (OLMo 2): the mixer and its output norm, the MLP and its output
-    norm. A layer without an MLP (Mamba-2 blocks): its norm and its mixer."""
+    norm. A layer without an MLP (Mamba-2 blocks) or without a mixer (Nemotron-H's MLP blocks):
+    its norm and the one part it has."""
     h = model.hidden_size
     mixer = list(_mixer(model, kind))
     if role is MLPRole.NONE:
         return LayerTensors(role, (*_norm("layers.norm", model, h), *mixer), kind)
     feed_forward = list(_moe(model) if role is MLPRole.MOE else
                         _mlp("layers.mlp", ParamCategory.MLP, model, model.intermediate_size))
+    if model.separate_blocks:  # an MLP block: its norm and its MLP or experts
+        return LayerTensors(role, (*_norm("layers.norm", model, h), *feed_forward), kind)
     if model.norm_placement is NormPlacement.POST:
         tensors = [*mixer, *_norm("layers.norm", model, h), *feed_forward, *_norm("layers.norm", model, h)]
         return LayerTensors(role, tuple(tensors), kind)
@@ -321,7 +326,11 @@ def layer_roles(model: ModelConfig) -> tuple[MLPRole, ...]:
     if model.mlp is MLPKind.NONE and model.moe is None:
         return (MLPRole.NONE,) * model.num_layers
     moe = set(model.moe_layer_indices)
-    return tuple(MLPRole.MOE if index in moe else MLPRole.DENSE for index in range(model.num_layers))
+    roles = tuple(MLPRole.MOE if index in moe else MLPRole.DENSE for index in range(model.num_layers))
+    if model.separate_blocks:  # a mixer block has no MLP
+        roles = tuple(role if kind is LayerType.NONE else MLPRole.NONE
+                      for role, kind in zip(roles, model.resolved_layer_types, strict=True))
+    return roles
 
 
 @lru_cache(maxsize=256)
