@@ -37,6 +37,7 @@ from memcalc.parallel import (
     TPImpl,
     check_layout,
     inflight_chunks,
+    ShardingUnits,
     sharding_units,
     padded_vocab,
     pipeline_ranks,
@@ -372,8 +373,63 @@ def _ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig, recipe: PrecisionRecipe,
-               seq_len: int, stage: StageLayers) -> RankView:
+@dataclass(frozen=True)
+class StaticStates:
+    """Stage 1 of a rank's step: the persistent bytes of the parameters it holds, per rank."""
+
+    held: RankParams  # the trained tensors (LoRA: the adapters) before ZeRO sharding
+    recipe: PrecisionRecipe  # the trained tensors' recipe (LoRA: the adapters')
+    base_recipe: PrecisionRecipe  # the model's recipe (LoRA: the frozen base's)
+    weights: int
+    base_weights: int  # LoRA: the frozen base
+    grad_dtype: DType
+    gradients: int
+    master: int
+    grad_copy: int  # an optimizer's own gradient copy (Megatron fp16)
+    moments: int
+    dtensor_embedding: bool  # DTensor TP keeps the whole embedding gradient on every rank
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Stage 2: the optimizer step and how gradients live (in backward, accumulated)."""
+
+    sizes: tuple[int, ...]  # element counts in the order the optimizer visits them
+    temporaries: int
+    gradients: int  # the gradient bytes held (one tensor's when stepped in backward)
+    in_backward: bool
+    accumulating_fp32: bool
+    accumulation_buffer: int
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    """Stage 4: what ZeRO-3/FSDP gathers and what ZeRO-2/offload reduces, per rank."""
+
+    units: ShardingUnits
+    fsdp2: bool
+    unit: int  # parameters of the gathered unit
+    gathered: int  # bytes of gathered parameters
+    unit_gradients: int  # bytes of a unit's unsharded gradients
+    root: int = 0  # FSDP2: the root's and a layer's gathered bytes, and the two gathered sets
+    layer: int = 0
+    forward_set: int = 0
+    backward_set: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.gathered + self.unit_gradients
+
+
+def _per_rank(parallel: ParallelConfig, dense_bytes: int, expert_bytes: int, sharded: bool) -> int:
+    """Bytes on one rank of a state split into dense and expert parts, sharded or not."""
+    if not sharded:
+        return dense_bytes + expert_bytes
+    return _ceil_div(dense_bytes, parallel.dense_shards) + _ceil_div(expert_bytes, parallel.expert_shards)
+
+
+def _static_states(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig, recipe: PrecisionRecipe,
+                   stage: StageLayers, plan: StagePlan) -> StaticStates:
     lora = settings.lora_rank is not None
     base_recipe = recipe
     if lora:
@@ -384,17 +440,14 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         recipe = lora_module.adapter_recipe(settings, recipe)
     else:
         held = rank_params(model, parallel, stage)
-    offload_optimizer = parallel.offloads_optimizer
-    dense_shards, expert_shards = parallel.dense_shards, parallel.expert_shards
 
     def per_rank(dense_bytes: int, expert_bytes: int, sharded: bool) -> int:
-        if not sharded:
-            return dense_bytes + expert_bytes
-        return _ceil_div(dense_bytes, dense_shards) + _ceil_div(expert_bytes, expert_shards)
+        return _per_rank(parallel, dense_bytes, expert_bytes, sharded)
 
     def state(dtype, sharded: bool) -> int:
         return per_rank(storage_bytes(held.dense.total, dtype), storage_bytes(held.experts.total, dtype), sharded)
 
+    offload_optimizer = parallel.offloads_optimizer
     weights = state(recipe.weight_dtype, parallel.shards_params)
     base_weights = lora_module.base_weight_bytes(model, settings, base_recipe.weight_dtype) if lora else 0
     weights += base_weights
@@ -411,9 +464,9 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     master = state(recipe.master_dtype, parallel.shards_optimizer) if recipe.master_dtype else 0
     grad_copy = state(recipe.optimizer_grad_copy, parallel.shards_optimizer) if recipe.optimizer_grad_copy else 0
     fp8 = recipe.gemm is not None and not lora
+    gemm_moments = None
     if fp8:
         weights, gradients, master, gemm_moments = _gemm_states(model, recipe, settings, held, per_rank, parallel)
-    plan = _stage_plan(model, parallel, stage, seq_len)
     if settings.optimizer is Optimizer.ADAFACTOR:
         matrices = lora_module.adapter_matrices(model, settings) if lora else _matrices(plan.model, held, parallel.ep)
         moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype,
@@ -424,62 +477,82 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype),
                            optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
                            parallel.shards_optimizer)
-
-    if fp8 and gemm_moments is not None:
+    if gemm_moments is not None:
         moments = gemm_moments
+    return StaticStates(held, recipe, base_recipe, weights, base_weights, grad_dtype, gradients, master, grad_copy,
+                        moments, dtensor_embedding)
+
+
+def _step_costs(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
+                states: StaticStates) -> StepCosts:
+    recipe, held = states.recipe, states.held
+    if settings.lora_rank is not None:
+        sizes = lora_module.adapter_sizes_in_order(model, settings)
+    elif parallel.is_single_device:
+        sizes = parameter_sizes_in_order(model)
+    else:
+        sizes = []
+        for inventory, shards in ((held.dense, parallel.dense_shards), (held.experts, parallel.expert_shards)):
+            divisor = shards if parallel.shards_optimizer else 1
+            for group in inventory.groups:
+                sizes += [_ceil_div(group.numel, divisor)] * group.count
+    offload_optimizer = parallel.offloads_optimizer
+    # DeepSpeedCPUAdam updates the offloaded fp32 partition in place, in one C++ loop. An optimizer
+    # gradient copy is the conversion, made persistent: the step reads it as it is.
+    step_recipe = replace(recipe, grad_dtype=recipe.optimizer_grad_copy) if states.grad_copy else recipe
+    temporaries = 0 if offload_optimizer else optimizer_step_temporaries(settings, step_recipe, sizes)
+    gradients = states.gradients
+    in_backward = settings.optimizer_in_backward
+    if in_backward:
+        # torchtune's optimizer-in-backward: a hook steps each parameter as its gradient appears and
+        # frees it, so one tensor's gradient (and that tensor's step) exists at a time.
+        largest = max(sizes, default=0)
+        gradients = storage_bytes(largest, states.grad_dtype)
+        temporaries = optimizer_step_temporaries(replace(settings, optimizer_impl=OptimizerImpl.FOR_LOOP), recipe,
+                                                 [largest])
+    # Gradient accumulation: micro-batches add into the gradients, so they live through the step;
+    # a 16-bit recipe with fp32 master weights accumulates into an fp32 buffer (DeepSpeed's
+    # BF16_Optimizer fp32 gradient accumulation; nanotron's fp32 grad accumulation: +4 B/param).
+    accumulating_fp32 = (settings.grad_accum > 1 and recipe.master_dtype is not None
+                         and _bytes(recipe.grad_dtype) < _bytes(recipe.master_dtype))
+    accumulation_buffer = 0
+    if accumulating_fp32:
+        accumulation_buffer = _per_rank(parallel, storage_bytes(held.dense.total, recipe.master_dtype),
+                                        storage_bytes(held.experts.total, recipe.master_dtype),
+                                        parallel.shards_gradients)
+    if accumulating_fp32 and not offload_optimizer:
+        # the step reads the fp32 buffer: nothing to convert, and the 16-bit gradients are gone
+        temporaries = optimizer_step_temporaries(settings, replace(recipe, grad_dtype=recipe.master_dtype), sizes)
+    return StepCosts(tuple(sizes), temporaries, gradients, in_backward, accumulating_fp32, accumulation_buffer)
+
+
+def _activation_peaks(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig, plan: StagePlan,
+                      states: StaticStates, seq_len: int) -> tuple[ActivationPeaks, ActivationPeaks | None]:
+    """Stage 3: the activation model's peaks (and the Megatron formula beside them with ``both``)."""
+    base_recipe = states.base_recipe
     if settings.activation_model.value == "megatron":
         peaks = _megatron_peaks(plan, settings, base_recipe, parallel)
     else:
         peaks = _arch_peaks(plan, settings, base_recipe)
     megatron = (_megatron_peaks(plan, settings, base_recipe, parallel)
                 if settings.activation_model.value == "both" else None)
-
-    if lora:
-        sizes = lora_module.adapter_sizes_in_order(model, settings)
-    elif parallel.is_single_device:
-        sizes = parameter_sizes_in_order(model)
-    else:
-        sizes = []
-        for inventory, shards in ((held.dense, dense_shards), (held.experts, expert_shards)):
-            divisor = shards if parallel.shards_optimizer else 1
-            for group in inventory.groups:
-                sizes += [_ceil_div(group.numel, divisor)] * group.count
-    # DeepSpeedCPUAdam updates the offloaded fp32 partition in place, in one C++ loop. An optimizer
-    # gradient copy is the conversion, made persistent: the step reads it as it is.
-    step_recipe = replace(recipe, grad_dtype=recipe.optimizer_grad_copy) if grad_copy else recipe
-    step_temporaries = 0 if offload_optimizer else optimizer_step_temporaries(settings, step_recipe, sizes)
-    in_backward = settings.optimizer_in_backward
-    if in_backward:
-        # torchtune's optimizer-in-backward: a hook steps each parameter as its gradient appears and
-        # frees it, so one tensor's gradient (and that tensor's step) exists at a time.
-        largest = max(sizes, default=0)
-        gradients = storage_bytes(largest, grad_dtype)
-        step_temporaries = optimizer_step_temporaries(replace(settings, optimizer_impl=OptimizerImpl.FOR_LOOP), recipe,
-                                                      [largest])
-    # Gradient accumulation: micro-batches add into the gradients, so they live through the step;
-    # a 16-bit recipe with fp32 master weights accumulates into an fp32 buffer (DeepSpeed's
-    # BF16_Optimizer fp32 gradient accumulation; nanotron's fp32 grad accumulation: +4 B/param).
-    accumulating_fp32 = (settings.grad_accum > 1 and recipe.master_dtype is not None
-                         and _bytes(recipe.grad_dtype) < _bytes(recipe.master_dtype))
-    accumulation_buffer = state(recipe.master_dtype, parallel.shards_gradients) if accumulating_fp32 else 0
-    if accumulating_fp32 and not offload_optimizer:
-        # the step reads the fp32 buffer: nothing to convert, and the 16-bit gradients are gone
-        step_temporaries = optimizer_step_temporaries(settings, replace(recipe, grad_dtype=recipe.master_dtype), sizes)
-
-    if dtensor_embedding:
+    if states.dtensor_embedding:
         # the embedding gradient is computed last, beside the gradient of the embedding output
         peaks = replace(peaks, end_of_backward_extra=peaks.end_of_backward_extra
                         + seq_len // parallel.cp * settings.batch_size * model.hidden_size
-                        * _bytes(recipe.activation_dtype))
+                        * _bytes(states.recipe.activation_dtype))
+    return peaks, megatron
 
-    # ZeRO-3 gathers a unit's parameters (and prefetches the next); ZeRO-2 and offload reduce a
-    # unit's full gradients before keeping (or sending away) their shard.
-    # Sharding over one rank is no sharding: nothing is gathered or reduce-scattered.
+
+def _working_set(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers, states: StaticStates) -> WorkingSet:
+    """ZeRO-3 gathers a unit's parameters (and prefetches the next); ZeRO-2 and offload reduce a
+    unit's full gradients before keeping (or sending away) their shard. Sharding over one rank is
+    no sharding: nothing is gathered or reduce-scattered."""
+    held = states.held
     sharding = parallel.dense_shards > 1 or (held.experts.total > 0 and parallel.expert_shards > 1)
     units = sharding_units(model, parallel, stage)
-    weight_bytes = _bytes(recipe.weight_dtype)
-    fsdp2 = parallel.fsdp and parallel.shards_params and sharding
-    if fsdp2:
+    weight_bytes = _bytes(states.recipe.weight_dtype)
+    if parallel.fsdp and parallel.shards_params and sharding:
         # FSDP2 (docs/parallelism.md sec. 3, measured in memcalc/validate/fsdp.py): the root (embedding,
         # final norm, head) stays gathered from forward to the end of backward; a layer's copy-out
         # holds its flat all-gather buffer, its parameters and the previous unit's buffer; backward
@@ -488,58 +561,79 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
         root_gradient = units.largest_end * weight_bytes
         forward_set = 2 * root + 2 * layer
         backward_set = root + 3 * layer + root_gradient
-        gathered, unit_gradients = forward_set, backward_set - forward_set
-        unit = units.largest_layer
-    else:
-        unit = units.largest
-        gathered = unit * weight_bytes * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
-        streams_gradients = (parallel.shards_gradients and sharding) or offload_optimizer
-        # never more than every gradient of the rank unsharded
-        unit_gradients = min(unit, held.total) * weight_bytes if streams_gradients else 0
-    working_set = gathered + unit_gradients
+        return WorkingSet(units, True, units.largest_layer, forward_set, backward_set - forward_set, root, layer,
+                          forward_set, backward_set)
+    unit = units.largest
+    gathered = unit * weight_bytes * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
+    streams_gradients = (parallel.shards_gradients and sharding) or parallel.offloads_optimizer
+    # never more than every gradient of the rank unsharded
+    unit_gradients = min(unit, held.total) * weight_bytes if streams_gradients else 0
+    return WorkingSet(units, False, unit, gathered, unit_gradients)
 
-    on_cpu = {"master_weights": offload_optimizer, "optimizer_states": offload_optimizer,
-              "gradients": offload_optimizer, "optimizer_step_temporaries": offload_optimizer,
-              "gradient_accumulation": offload_optimizer, "optimizer_grad_copy": offload_optimizer,
-              "weights": parallel.offloads_params}
+
+def _on_cpu(parallel: ParallelConfig) -> dict[str, bool]:
+    """Components an offloading layout keeps in host memory."""
+    offload = parallel.offloads_optimizer
+    return {"master_weights": offload, "optimizer_states": offload, "gradients": offload,
+            "optimizer_step_temporaries": offload, "gradient_accumulation": offload, "optimizer_grad_copy": offload,
+            "weights": parallel.offloads_params}
+
+
+def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticStates, step: StepCosts,
+            peaks: ActivationPeaks, working: WorkingSet) -> tuple[dict[str, int], bool]:
+    """Stage 5: the live GPU bytes at the peak of forward, backward and the optimizer step, and
+    whether gradients persist through the whole step."""
+    on_cpu = _on_cpu(parallel)
 
     def gpu(key: str, value: int) -> int:
         return 0 if on_cpu.get(key) else value
 
-    static = (gpu("weights", weights) + gpu("master_weights", master) + gpu("optimizer_states", moments)
-              + gpu("gradient_accumulation", accumulation_buffer) + gpu("optimizer_grad_copy", grad_copy))
-    gpu_gradients = gpu("gradients", gradients)
+    recipe, in_backward = states.recipe, step.in_backward
+    static = (gpu("weights", states.weights) + gpu("master_weights", states.master)
+              + gpu("optimizer_states", states.moments) + gpu("gradient_accumulation", step.accumulation_buffer)
+              + gpu("optimizer_grad_copy", states.grad_copy))
+    gpu_gradients = gpu("gradients", step.gradients)
+    gathered = working.gathered
     # Gradients live through the whole step when micro-batches accumulate into them (pipelines,
     # gradient accumulation) or when the framework keeps persistent buffers (Megatron's grad buffer).
     persistent = not in_backward and (
         parallel.pp > 1 or (parallel.microbatches or 1) > 1 or parallel.distributed_optimizer
-        or recipe.name.startswith("megatron-") or (settings.grad_accum > 1 and not accumulating_fp32))
+        or recipe.name.startswith("megatron-") or (settings.grad_accum > 1 and not step.accumulating_fp32))
     if in_backward:
         forward = static + gathered + peaks.forward
-        backward = static + gathered + max(peaks.backward, peaks.end_of_backward_extra) + gpu_gradients + step_temporaries
+        backward = (static + gathered + max(peaks.backward, peaks.end_of_backward_extra) + gpu_gradients
+                    + step.temporaries)
     elif persistent:
         forward = static + gpu_gradients + gathered + peaks.forward
-        backward = static + gpu_gradients + working_set + max(peaks.backward, peaks.end_of_backward_extra)
-    elif fsdp2:
+        backward = static + gpu_gradients + working.total + max(peaks.backward, peaks.end_of_backward_extra)
+    elif working.fsdp2:
         # The gathered sets peak at a layer's copy-out, beside one layer's saved tensors and the
         # stream into it; activations peak at the end of forward (root and the last layer's
         # deferred buffer still held) and at the start of backward (root and the prefetched last
         # layer; the activation peak already holds the output layer's gradient).
-        layer_gradient_shard = _ceil_div(units.largest_layer * _bytes(recipe.grad_dtype), dense_shards)
-        forward = static + max(forward_set + peaks.layer, root + layer + peaks.forward)
-        backward = static + max(backward_set + layer_gradient_shard + peaks.layer, root + layer + peaks.backward)
+        layer_gradient_shard = _ceil_div(working.units.largest_layer * _bytes(recipe.grad_dtype), parallel.dense_shards)
+        forward = static + max(working.forward_set + peaks.layer, working.root + working.layer + peaks.forward)
+        backward = static + max(working.backward_set + layer_gradient_shard + peaks.layer,
+                                working.root + working.layer + peaks.backward)
     else:
         # Gradients (with a unit's unsharded ones before their reduce-scatter) accumulate while
         # activations are freed; the unsharded unit never makes them exceed the unsharded total.
-        unsharded = storage_bytes(held.total, recipe.grad_dtype)
-        accumulating = max(gpu_gradients, min(gpu_gradients + unit_gradients, unsharded))
+        unsharded = storage_bytes(states.held.total, recipe.grad_dtype)
+        accumulating = max(gpu_gradients, min(gpu_gradients + working.unit_gradients, unsharded))
         forward = static + gathered + peaks.forward
         backward = static + gathered + max(peaks.backward, accumulating + peaks.end_of_backward_extra)
-    step_gradients = 0 if in_backward or accumulating_fp32 else gpu_gradients
+    step_gradients = 0 if in_backward or step.accumulating_fp32 else gpu_gradients
     phases = {"forward": forward, "backward": backward,
               "optimizer_step": static + step_gradients
-              + (0 if in_backward else gpu("optimizer_step_temporaries", step_temporaries))}
+              + (0 if in_backward else gpu("optimizer_step_temporaries", step.temporaries))}
+    return phases, persistent
 
+
+def _components(settings: TrainSettings, parallel: ParallelConfig, states: StaticStates, step: StepCosts,
+                peaks: ActivationPeaks, working: WorkingSet, persistent: bool) -> list[Component]:
+    """Stage 6: the breakdown rows, each with its formula and source."""
+    recipe, held, lora = states.recipe, states.held, settings.lora_rank is not None
+    offload_optimizer = parallel.offloads_optimizer
     sharding_text = _sharding_text(parallel, held.experts.total > 0)
     moment_text = _moment_formula(settings.optimizer.value, MOMENTS_PER_PARAM[settings.optimizer],
                                   recipe.optimizer_state_dtype.value)
@@ -550,66 +644,83 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     if lora:
         base_text = "NF4 linear weights (double quant) + rest" if settings.qlora else "P"
         weights_component = Component(
-            "weights", "Weights (frozen base + adapters)", weights, Kind.STATIC,
-            f"{base_text} x {base_recipe.weight_dtype.value} = {base_weights:,} B + {held.total:,} adapter "
-            f"params x {recipe.weight_dtype.value}",
+            "weights", "Weights (frozen base + adapters)", states.weights, Kind.STATIC,
+            f"{base_text} x {states.base_recipe.weight_dtype.value} = {states.base_weights:,} B + {held.total:,} "
+            f"adapter params x {recipe.weight_dtype.value}",
             lora_module.QLORA if settings.qlora else lora_module.PEFT)
     else:
         weights_component = Component(
-            "weights", "Weights", weights, Kind.STATIC,
+            "weights", "Weights", states.weights, Kind.STATIC,
             text(f"P x {recipe.weight_dtype.value}", parallel.shards_params), recipe.source,
-            "cpu" if on_cpu["weights"] else "gpu")
+            "cpu" if _on_cpu(parallel)["weights"] else "gpu")
     adapters_only = " (adapters only)" if lora else ""
+    where = "cpu" if offload_optimizer else "gpu"
     components = [
         weights_component,
-        Component("master_weights", "Master weights (fp32)", master, Kind.STATIC,
-                  text("P x fp32", parallel.shards_optimizer) if master else f"none ({recipe.name})", recipe.source,
-                  "cpu" if offload_optimizer else "gpu"),
-        Component("optimizer_states", "Optimizer states", moments, Kind.STATIC,
+        Component("master_weights", "Master weights (fp32)", states.master, Kind.STATIC,
+                  text("P x fp32", parallel.shards_optimizer) if states.master else f"none ({recipe.name})",
+                  recipe.source, where),
+        Component("optimizer_states", "Optimizer states", states.moments, Kind.STATIC,
                   text(moment_text, parallel.shards_optimizer) + adapters_only,
-                  "torch.optim / bitsandbytes state layout", "cpu" if offload_optimizer else "gpu"),
-        Component("gradients", "Gradients", gradients, Kind.STATIC if persistent else Kind.DYNAMIC,
-                  f"largest tensor x {grad_dtype.value} (stepped in backward)" if in_backward else
-                  text(f"P x {grad_dtype.value}", parallel.shards_gradients or offload_optimizer) + adapters_only,
-                  recipe.source, "cpu" if offload_optimizer else "gpu"),
+                  "torch.optim / bitsandbytes state layout", where),
+        Component("gradients", "Gradients", step.gradients, Kind.STATIC if persistent else Kind.DYNAMIC,
+                  f"largest tensor x {states.grad_dtype.value} (stepped in backward)" if step.in_backward else
+                  text(f"P x {states.grad_dtype.value}", parallel.shards_gradients or offload_optimizer)
+                  + adapters_only, recipe.source, where),
         Component("activations", "Activations (peak)", max(peaks.forward, peaks.backward), Kind.DYNAMIC,
                   peaks.formula, peaks.source),
-        Component("optimizer_step_temporaries", "Optimizer step temporaries", step_temporaries, Kind.DYNAMIC,
+        Component("optimizer_step_temporaries", "Optimizer step temporaries", step.temporaries, Kind.DYNAMIC,
                   "none: DeepSpeedCPUAdam updates in place" if offload_optimizer else
                   f"{settings.optimizer.value} ({settings.optimizer_impl.value})",
                   "DeepSpeed csrc/adam/cpu_adam.cpp" if offload_optimizer else "torch.optim implementations"),
     ]
-    if grad_copy:
+    if states.grad_copy:
         components.insert(3, Component(
-            "optimizer_grad_copy", f"Optimizer gradient copy ({recipe.optimizer_grad_copy.value})", grad_copy,
+            "optimizer_grad_copy", f"Optimizer gradient copy ({recipe.optimizer_grad_copy.value})", states.grad_copy,
             Kind.STATIC, text(f"P x {recipe.optimizer_grad_copy.value}", parallel.shards_optimizer), recipe.source,
-            "cpu" if offload_optimizer else "gpu"))
-    if accumulation_buffer:
+            where))
+    if step.accumulation_buffer:
         components.insert(4, Component(
-            "gradient_accumulation", "Gradient accumulation buffer (fp32)", accumulation_buffer, Kind.STATIC,
+            "gradient_accumulation", "Gradient accumulation buffer (fp32)", step.accumulation_buffer, Kind.STATIC,
             text("P x fp32", parallel.shards_gradients), "DeepSpeed BF16_Optimizer (fp32 gradient accumulation); "
-            "nanotron", "cpu" if offload_optimizer else "gpu"))
-    if working_set:
-        if fsdp2:
+            "nanotron", where))
+    if working.total:
+        units, gathered = working.units, working.gathered
+        if working.fsdp2:
             formula = (f"FSDP2: 2 x (root {units.ends / 1e6:,.0f}M + layer {units.largest_layer / 1e6:,.0f}M params) "
                        f"forward; root + 3 layers + a root grad backward, x {recipe.weight_dtype.value}")
         else:
             prefetch = f"(1 + {parallel.prefetch} prefetched) x " if gathered else ""
-            parts = [f"{prefetch}{unit / 1e6:,.0f}M-param largest unit x {recipe.weight_dtype.value}"] if gathered else []
-            if unit_gradients:
+            parts = ([f"{prefetch}{working.unit / 1e6:,.0f}M-param largest unit x {recipe.weight_dtype.value}"]
+                     if gathered else [])
+            if working.unit_gradients:
                 parts.append(f"its unsharded grads x {recipe.weight_dtype.value}")
             formula = " + ".join(parts)
         components.append(Component(
-            "sharding_working_set", "Sharding working set", max(working_set, gathered), Kind.DYNAMIC, formula,
+            "sharding_working_set", "Sharding working set", max(working.total, gathered), Kind.DYNAMIC, formula,
             "DeepSpeed ZeRO-3 (estimate_zero3_model_states_mem_needs: 4 B x largest layer); FSDP2 "
             "(torch.distributed.fsdp.fully_shard), measured in memcalc/validate/fsdp.py",
         ))
+    return components
+
+
+def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig, recipe: PrecisionRecipe,
+               seq_len: int, stage: StageLayers) -> RankView:
+    """One rank's step in named stages: static states, the optimizer step, activation peaks, the
+    sharding working set, the phases, then the breakdown rows."""
+    plan = _stage_plan(model, parallel, stage, seq_len)
+    states = _static_states(model, settings, parallel, recipe, stage, plan)
+    step = _step_costs(model, settings, parallel, states)
+    peaks, megatron = _activation_peaks(model, settings, parallel, plan, states, seq_len)
+    working = _working_set(model, parallel, stage, states)
+    phases, persistent = _phases(settings, parallel, states, step, peaks, working)
+    components = _components(settings, parallel, states, step, peaks, working, persistent)
     references = ()
     if megatron is not None:
         references = (Component("activations_megatron", "Activations, Megatron formula (reference)", megatron.forward,
                                 Kind.DYNAMIC, megatron.formula, megatron.source),)
     name = "all ranks" if parallel.pp == 1 else ("first stage" if stage.first else "last stage")
-    parameters = held.total + (count_params(model).total if lora else 0)
+    parameters = states.held.total + (count_params(model).total if settings.lora_rank is not None else 0)
     return RankView(name, stage.rank, parameters, tuple(components), phases, references)
 
 
