@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -47,3 +49,41 @@ def run_cli(capsys, monkeypatch):
 @pytest.fixture
 def update_golden(request) -> bool:
     return bool(request.config.getoption("--update-golden"))
+
+
+# --- An offline Hugging Face cache on disk (tests/hub_cache.py writes into it) -------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Record and refuse every connection or DNS look-up; the test fails if there was one, even
+    when huggingface_hub caught the refusal."""
+    attempts: list[str] = []
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            attempts.append(f"{what}{args[1:] if what == 'connect' else args[:1]}")
+            raise OSError(f"network disabled in tests ({what})")
+        return refused
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    yield attempts
+    assert attempts == [], f"the test reached for the network: {attempts}"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, no_network) -> Path:
+    """An empty Hugging Face cache, offline, as both the environment and huggingface_hub see it."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_used")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -9,11 +9,8 @@ Every test fails if a socket connects or a host name is looked up.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from hub_cache import add_to_cache
 from memcalc import hub
 from memcalc.checkpoint import TensorRole
 from memcalc.errors import InputError
@@ -32,58 +30,6 @@ COMMIT_OLD = "c" * 40
 CONFIG_MAIN = {"model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 36}
 CONFIG_DEV = {"model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 40}
 CONFIG_OLD = {"model_type": "qwen3", "hidden_size": 2048, "num_hidden_layers": 28}
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Record and refuse every connection or DNS look-up; the test fails if there was one, even
-    when huggingface_hub caught the refusal."""
-    attempts: list[str] = []
-
-    def refuse(what):
-        def refused(*args, **kwargs):
-            attempts.append(f"{what}{args[1:] if what == 'connect' else args[:1]}")
-            raise OSError(f"network disabled in tests ({what})")
-        return refused
-
-    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect"))
-    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
-    yield attempts
-    assert attempts == [], f"the test reached for the network: {attempts}"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch, no_network) -> Path:
-    """An empty Hugging Face cache, offline, as both the environment and huggingface_hub see it."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_used")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def add_to_cache(cache: Path, repo_id: str, commit: str, files: dict[str, bytes],
-                 refs: tuple[str, ...] = ("main",)) -> Path:
-    """Write ``files`` as huggingface_hub would have downloaded them; returns the snapshot folder."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    for filename, content in files.items():
-        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
-        blob.write_bytes(content)
-        link = snapshot / filename
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 def json_bytes(data: dict) -> bytes:

@@ -8,16 +8,14 @@ by the safetensors and gguf packages; expected bytes are the sizes those package
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import socket
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hub_cache import add_to_cache
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FF, VOCAB, CONTEXT = 64, 2, 4, 2, 128, 96, 256
@@ -45,54 +43,6 @@ def _one_line_error(result, code: int = 2) -> str:
 
 
 # --- Hub ids from an on-disk cache, offline --------------------------------------------------------
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    attempts: list[str] = []
-
-    def refuse(what):
-        def refused(*args, **kwargs):
-            attempts.append(what)
-            raise OSError(f"network disabled in tests ({what})")
-        return refused
-
-    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect"))
-    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
-    yield attempts
-    assert attempts == [], f"the test reached for the network: {attempts}"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch, no_network) -> Path:
-    pytest.importorskip("huggingface_hub")
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def add_to_cache(cache: Path, repo_id: str, commit: str, files: dict[str, bytes], refs=("main",)) -> Path:
-    """Files laid out as huggingface_hub downloads them: blobs, a snapshot of links, refs."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    for filename, content in files.items():
-        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
-        blob.write_bytes(content)
-        link = snapshot / filename
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 def test_hub_id_from_cache_matches_the_same_config_by_path(run_cli, hub_cache, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,17 @@ def test_wheel_installs_and_finds_configs(tmp_path):
     )
     (wheel,) = dist.glob("memcalc-*.whl")
     venv = tmp_path / "venv"
-    # System site-packages provide typer, rich, pydantic and yaml; memcalc itself comes from the wheel,
-    # whose site-packages precede any editable install of this checkout on sys.path.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # typer, rich, pydantic and yaml come from the environment running the tests: its own
+    # site-packages, named in a .pth file (--system-site-packages would give the base
+    # interpreter's when the tests run inside a virtual environment). A .pth line only appends a
+    # directory, so an editable install of this checkout there is not activated: memcalc comes
+    # from the wheel, whose site-packages precede those directories on sys.path.
+    venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (Path(venv_site) / "memcalc_test_dependencies.pth").write_text("\n".join(ours) + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
         check=True,
