@@ -38,10 +38,14 @@ class Case:
     settings: dict = field(default_factory=dict)
     layers: int | None = None  # None: the full model
     workload: str = "train"
+    impl: str = "reference"  # hf: the transformers class built from the config.json (memcalc.validate.hf)
+    name: str | None = None  # the label's model name (default: ``model``)
 
     @property
     def label(self) -> str:
         s = self.settings
+        if self.name is not None:
+            return f"{self.name} hf " + replace(self, name=None, model="").label.lstrip()
         if self.workload == "infer":
             if s.get("decoding") == "sample":
                 warpers = "".join(f" {key.replace('_', '-')} {s[key]}" for key in ("temperature", "top_k", "top_p")
@@ -129,6 +133,32 @@ FAKE_MATRIX = [
     _case("deepseek-v2-lite", "mixed-bf16", 2, 1024, recompute="full"),
 ]
 
+HF_CONFIGS = "tests/data/hf_configs/"
+
+
+def _hf(name, path, layers, precision, recompute="none", seq=1024):
+    """A config.json run through its own transformers class on fake tensors (``--impl hf``)."""
+    return Case(HF_CONFIGS + path, dict(precision=precision, batch_size=1, seq_len=seq, attention="sdpa",
+                                        recompute=recompute), layers, impl="hf", name=name)
+
+
+# 2024-2025 families through transformers' own classes, layer-reduced (each layer kind kept:
+# Gemma 3's sixth layer is its global one). "synthetic/" files are transformers' configuration
+# defaults, not Hub files. gpt-oss is left out: transformers routes its experts by value.
+HF_MATRIX = [
+    _hf("Qwen3-8B", "Qwen--Qwen3-8B.json", 4, "pure-bf16"),
+    _hf("Qwen3-8B", "Qwen--Qwen3-8B.json", 4, "amp-bf16"),
+    _hf("Qwen3-8B", "Qwen--Qwen3-8B.json", 4, "pure-bf16", "full", seq=2048),
+    _hf("Gemma3-text (defaults)", "synthetic/gemma3_text-defaults.json", 6, "pure-bf16"),
+    _hf("Gemma3-text (defaults)", "synthetic/gemma3_text-defaults.json", 6, "amp-bf16"),
+    _hf("OLMo2 (defaults)", "synthetic/olmo2-defaults.json", 4, "pure-bf16"),
+    _hf("OLMo2 (defaults)", "synthetic/olmo2-defaults.json", 4, "pure-bf16", "full"),
+    _hf("SmolLM3 (defaults)", "synthetic/smollm3-defaults.json", 4, "pure-bf16"),
+    _hf("SmolLM3 (defaults)", "synthetic/smollm3-defaults.json", 4, "amp-bf16", "full"),
+    _hf("Llama4-text dense (defaults)", "synthetic/llama4_text-dense-defaults.json", 4, "pure-bf16"),
+]
+FAKE_MATRIX += HF_MATRIX
+
 # One H200 (141 GB), under five minutes: real models, the largest near 100 GiB at its peak.
 GPU_MATRIX = [
     _case("gpt2", "mixed-bf16", 8, 1024),
@@ -150,7 +180,7 @@ GPU_MATRIX = [
 # Fast enough for CI: small models and few layers (tests/test_validate.py runs its own subset).
 CI_MATRIX = [replace(case, layers=2) for case in FAKE_MATRIX[:8]]
 
-SUBSETS = {"all": FAKE_MATRIX, "gpu": GPU_MATRIX, "ci": CI_MATRIX}
+SUBSETS = {"all": FAKE_MATRIX, "gpu": GPU_MATRIX, "ci": CI_MATRIX, "hf": HF_MATRIX}
 
 
 def run_case(case: Case, device: str):
@@ -163,7 +193,7 @@ def run_case(case: Case, device: str):
         return estimate, run_inference_validation(model, settings, estimate, device, force=False)
     settings = TrainSettings(**case.settings)
     estimate = estimate_training(model, settings)
-    return estimate, run_training_validation(model, settings, estimate, device, force=False)
+    return estimate, run_training_validation(model, settings, estimate, device, force=False, impl=case.impl)
 
 
 def _percent(row) -> float | None:
@@ -221,7 +251,9 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         "",
         "Each training row runs two training iterations of memcalc's reference decoder (the Hugging Face block "
         "structure, `memcalc/validate/model.py`) and compares the second with `memcalc train` for the same "
-        "settings; each inference row runs a generate() loop and compares it with `memcalc infer`. *Activations* is the peak, over forward and backward, of live bytes other than parameters, "
+        "settings (rows marked *hf* run the transformers class built from the config.json itself, "
+        "`--impl hf`; files under `synthetic/` are transformers' configuration defaults, not Hub files); "
+        "each inference row runs a generate() loop and compares it with `memcalc infer`. *Activations* is the peak, over forward and backward, of live bytes other than parameters, "
         "buffers, optimizer states and the gradients accumulated so far; *total* is the peak over forward, "
         "backward and the optimizer step.",
         "",

@@ -64,6 +64,7 @@ class NormPlacement(StrEnum):
 class QKNormScope(StrEnum):
     HEAD = "head"  # an RMSNorm of head_dim on every query and key head (Qwen3, Gemma 3)
     FULL = "full"  # one RMSNorm over all query heads' and one over all key heads' width (OLMo 2)
+    L2 = "l2"  # a weightless L2 norm of each head on the rotary (chunked-attention) layers (Llama 4)
 
 
 def _coerce_enums(instance: Any, **enum_fields: type[Enum]) -> None:
@@ -260,6 +261,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     norm: NormKind = NormKind.RMSNORM
     norm_bias: bool = False  # LayerNorm with a bias vector
+    norm_weight_offset: bool = False  # Gemma's RMSNorm: x * (1 + weight), normalised and scaled in fp32
     norms_per_layer: PositiveInt = 2  # 2 for pre-norm blocks, 4 for Gemma-2 sandwich norms
     qk_norm: bool = False  # RMSNorm of head_dim on each query and key head (Qwen3)
     qkv_bias: bool = False
@@ -646,7 +648,10 @@ def parse(schema: type[Schema], data: Any, source: str = "", names: dict[str, st
 
     from memcalc.errors import InputError, describe_validation_error
 
+    from dataclasses import fields, is_dataclass
+
     try:
         return TypeAdapter(schema).validate_python(data)
     except ValidationError as exc:
-        raise InputError(describe_validation_error(exc, source, names)) from None
+        known = tuple(field.name for field in fields(schema)) if is_dataclass(schema) else ()
+        raise InputError(describe_validation_error(exc, source, names, known)) from None

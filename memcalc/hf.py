@@ -53,15 +53,16 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2_moe": {**_LLAMA_STYLE, "qkv_bias": True},
     "qwen3": {**_LLAMA_STYLE, "qk_norm": True},
     "qwen3_moe": {**_LLAMA_STYLE, "qk_norm": True},
-    "qwen3_next": {**_LLAMA_STYLE, "qk_norm": True, "attn_output_gate": True},
+    "qwen3_next": {**_LLAMA_STYLE, "qk_norm": True, "attn_output_gate": True, "norm_weight_offset": True},
     "deepseek_v2": _LLAMA_STYLE,
     "deepseek_v3": _LLAMA_STYLE,
     "kimi_k2": _LLAMA_STYLE,  # DeepseekV3ForCausalLM under another name (Kimi K2)
     "glm4_moe": {**_LLAMA_STYLE},
-    "gemma": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh"},
-    "gemma2": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh", "norms_per_layer": 4},
+    "gemma": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh", "norm_weight_offset": True},
+    "gemma2": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh", "norms_per_layer": 4,
+               "norm_weight_offset": True},
     "gemma3_text": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh", "norms_per_layer": 4,
-                    "qk_norm": True},
+                    "qk_norm": True, "norm_weight_offset": True},
     "gpt_oss": {**_LLAMA_STYLE, "attention_sinks": True},
     "olmo2": {**_LLAMA_STYLE, "qk_norm": True, "qk_norm_scope": QKNormScope.FULL,
               "norm_placement": NormPlacement.POST},
@@ -358,7 +359,9 @@ def _read_llama4(reader: _Reader, fields: dict[str, Any]) -> None:
     layer (NoPE) globally. Its q/k norm is a weightless L2 norm."""
     num_layers = fields["num_layers"]
     step = reader.positive("interleave_moe_layer_step", 1)
-    layers = reader.index_list("moe_layers", num_layers) or list(range(step - 1, num_layers, step))
+    given = reader.data.get("moe_layers")
+    layers = reader.index_list("moe_layers", num_layers) if given is not None else list(range(step - 1, num_layers,
+                                                                                               step))
     width = reader.hf.intermediate_size or 8192
     fields["intermediate_size"] = reader.positive("intermediate_size_mlp", 16384)
     _moe_fields(reader, fields, layers=layers, width=width, shared_width=width)
@@ -368,7 +371,9 @@ def _read_llama4(reader: _Reader, fields: dict[str, Any]) -> None:
         interval = reader.positive("no_rope_layer_interval", 4)
         rope = reader.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
         types = [LayerType.CHUNKED_ATTENTION if uses_rope else LayerType.FULL_ATTENTION for uses_rope in rope]
-    reader.consumed.update({"no_rope_layers", "no_rope_layer_interval", "use_qk_norm"})
+    reader.consumed.update({"no_rope_layers", "no_rope_layer_interval"})
+    if reader.get("use_qk_norm", True, bool):  # Llama4TextL2Norm on the rotary layers, no weight
+        fields.update(qk_norm=True, qk_norm_scope=QKNormScope.L2)
     if LayerType.CHUNKED_ATTENTION in types:
         fields["attention_chunk_size"] = chunk
     fields["layer_types"] = types
@@ -534,7 +539,7 @@ def _read_nemotron_h(reader: _Reader, fields: dict[str, Any]) -> None:
     """Nemotron-H (modeling_nemotron_h.py): every block is one norm and one of a Mamba-2 mixer (M),
     attention (*), a plain relu2 MLP (-) or experts with a shared expert (E), in the order of
     ``hybrid_override_pattern`` (or ``layers_block_type``)."""
-    num_layers, h = fields["num_layers"], fields["hidden_size"]
+    num_layers = fields["num_layers"]
     pattern = reader.get("hybrid_override_pattern", None, str)
     names = reader.get("layers_block_type", None, list)
     reader.consumed.add("layer_types")
@@ -657,6 +662,10 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
         # ties the ForConditionalGeneration head by the top-level config; measured on the meta device)
         if outer.get("tie_word_embeddings") is not None:
             data["tie_word_embeddings"] = outer["tie_word_embeddings"]
+    if data.get("model_type") not in _READERS and not assume_llama:  # before its fields: the type is the problem
+        model_type = data.get("model_type")
+        raise InputError(f"{source}: model_type {model_type or '(missing)'!r} is not modelled by memcalc "
+                         f"(known: {', '.join(KNOWN_MODEL_TYPES)}); --assume-llama reads it as a Llama block")
     if data.get("model_type") == "nemotron_h" and "num_hidden_layers" not in data:
         # transformers 5 writes the blocks and derives the layer count from them
         blocks = data.get("hybrid_override_pattern") or data.get("layers_block_type")
@@ -685,6 +694,8 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
     fields.pop("model_type")
     if vision is not None:
         fields["vision"] = vision
+        reader.notes.append("the vision tower and projector are counted in weights, gradients and optimizer states; "
+                            "training activations assume text-only batches")
     _checkpoint_format(data, fields, reader.notes, source)
     fields["notes"] = tuple(reader.notes)
     return parse(ModelConfig, fields, source)
@@ -694,6 +705,9 @@ def _checkpoint_format(data: dict[str, Any], fields: dict[str, Any], notes: list
     """The checkpoint's dtype (``torch_dtype``/``dtype``) and quantisation (``quantization_config``)."""
     from memcalc.quantization import checkpoint_format
 
-    checkpoint = checkpoint_format(data, notes)
+    try:
+        checkpoint = checkpoint_format(data, notes)
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
     if checkpoint is not None:
         fields["checkpoint"] = checkpoint

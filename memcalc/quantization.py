@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from memcalc.errors import InputError
+
 _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -54,7 +56,11 @@ def checkpoint_format(data: dict[str, Any], notes: list[str]) -> dict[str, Any] 
     method = str(config.get("quant_method", "")).lower()
     weights = group_size = None
     what = f"quantization_config.quant_method {method}"
-    modules = [str(m) for m in config.get("modules_to_not_convert") or config.get("ignore") or []]
+    modules = config.get("modules_to_not_convert") or config.get("ignore") or []
+    if not isinstance(modules, list):
+        raise InputError(f"quantization_config.modules_to_not_convert: expected a list of module names, got "
+                         f"{modules!r}")
+    modules = [str(module) for module in modules]
     if method == "mxfp4":
         weights = "mxfp4"
     elif method == "fp8":

@@ -507,6 +507,20 @@ def print_models(models: list[ModelConfig]) -> None:
     _console().print(table)
 
 
+def _layer_types_summary(types: list[str]) -> str:
+    """``28 mamba, 4 full_attention (layers 4, 12, 20, 28)``: each kind's count, the layers of the
+    rarer kinds."""
+    counts = {kind: types.count(kind) for kind in dict.fromkeys(types)}
+    common = max(counts, key=counts.get)
+    parts = [f"{counts[common]} {common}"]
+    for kind, count in counts.items():
+        if kind != common:
+            layers = [str(index) for index, item in enumerate(types) if item == kind]
+            shown = ", ".join(layers) if len(layers) <= 8 else f"{', '.join(layers[:8])}, ..."
+            parts.append(f"{count} {kind} (layers {shown})")
+    return ", ".join(parts)
+
+
 def print_show(document: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -517,7 +531,9 @@ def print_show(document: dict[str, Any]) -> None:
         if key in ("name", "notes") or value in (None, [], ()):
             continue
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items() if v not in (None, [], ()))
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if v not in (None, [], (), ""))
+        elif key == "layer_types":
+            value = _layer_types_summary(value)
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
         config.add_row(key, str(value))

@@ -14,6 +14,7 @@ from memcalc.scenario import Scenario, parallel_config, train_settings
 SWEEPABLE = {"seq": "tokens per sequence", "batch": "micro-batch", "gpus": "GPUs (data parallelism grows)",
              "grad_accum": "micro-batches accumulated", "lora_rank": "LoRA rank (the base frozen)"}
 MAX_POINTS = 64
+MAX_VALUE = 1024**3  # beyond a billion tokens, sequences or GPUs a value is a typo
 
 
 def _number(text: str, key: str) -> int:
@@ -24,6 +25,8 @@ def _number(text: str, key: str) -> int:
     value = int(match.group(1)) * scale
     if value <= 0:
         raise InputError(f"--over {key}: values must be positive, got {text!r}")
+    if value > MAX_VALUE:
+        raise InputError(f"--over {key}: {text!r} exceeds {MAX_VALUE:,} (1024^3)")
     return value
 
 

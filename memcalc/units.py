@@ -39,6 +39,9 @@ _SUFFIXES = {"": 1, "b": 1, "kib": 2**10, "kb": 10**3, "mib": 2**20, "mb": 10**6
              "tib": 2**40, "tb": 10**12}
 
 
+MAX_SIZE_BYTES = 2**60  # 1 EiB: past any GPU, node or cluster memory; a larger size is a typo
+
+
 def parse_bytes(text: str) -> int:
     """A size such as ``4.6GiB``, ``500MiB``, ``80GB`` or ``1073741824`` as whole bytes (rounded
     down). Raises ValueError naming the accepted suffixes."""
@@ -51,4 +54,10 @@ def parse_bytes(text: str) -> int:
                          f"({', '.join(s for s in ('B', 'KiB', 'KB', 'MiB', 'MB', 'GiB', 'GB', 'TiB', 'TB'))})")
     from decimal import Decimal
 
-    return int(Decimal(match.group(1)) * _SUFFIXES[suffix])
+    try:
+        amount = Decimal(match.group(1)) * _SUFFIXES[suffix]
+    except ArithmeticError:  # decimal.Overflow past the context's exponent range
+        amount = None
+    if amount is None or amount > MAX_SIZE_BYTES:
+        raise ValueError(f"{text!r} is larger than any memory memcalc sizes (at most 1 EiB)")
+    return int(amount)

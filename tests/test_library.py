@@ -176,7 +176,7 @@ def test_non_positive_size_is_rejected(tmp_path):
 
 def test_kv_heads_must_divide_heads(tmp_path):
     text = _valid_yaml().replace("num_kv_heads: 32", "num_kv_heads: 5")
-    with pytest.raises(InputError, match=r"Value error, num_kv_heads \(5\) must divide num_attention_heads \(32\)"):
+    with pytest.raises(InputError, match=r"bad.yaml: num_kv_heads \(5\) must divide num_attention_heads \(32\)$"):
         load_model_file(_write(tmp_path, "bad.yaml", text))
 
 

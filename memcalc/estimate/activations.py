@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from math import ceil
 
-from memcalc.config import MLPKind, ModelConfig, NormKind, Recompute
+from memcalc.config import MLPKind, ModelConfig, NormKind, NormPlacement, QKNormScope, Recompute
 
 
 def megatron_layer_activation_bytes(
@@ -103,13 +103,64 @@ class ActivationShape:
         return self if self.gathered_linear_inputs else self.stream
 
 
+def gemma_norm(model: ModelConfig) -> bool:
+    """Gemma's RMSNorm (modeling_gemma.py / gemma2 / gemma3 ``GemmaRMSNorm``): ``norm(x.float()) *
+    (1.0 + weight.float())``, cast back last (``ModelConfig.norm_weight_offset``)."""
+    return model.norm is NormKind.RMSNORM and model.norm_weight_offset
+
+
+def norm_scales_in_fp32(model: ModelConfig) -> bool:
+    """RMSNorms that multiply by their weight before casting back to the input dtype, so the
+    product saves the fp32 normalised tensor: Gemma's ``(1 + weight)`` and OLMo 2's
+    ``(self.weight * hidden_states).to(input_dtype)`` (modeling_olmo2.py ``Olmo2RMSNorm``); Llama's
+    casts first (``self.weight * hidden_states.to(input_dtype)``) and saves the cast."""
+    return model.norm is NormKind.RMSNORM and (gemma_norm(model) or model.norm_placement is NormPlacement.POST)
+
+
 def norm_saved_bytes(model: ModelConfig, width: int, shape: ActivationShape) -> int:
     """RMSNorm as Llama's: the fp32 upcast input and the normalised tensor cast back to the stream
-    dtype, plus the fp32 reciprocal root per token. LayerNorm: its input and fp32 mean and rstd."""
+    dtype, plus the fp32 reciprocal root per token; as Gemma's and OLMo 2's (``norm_scales_in_fp32``)
+    the normalised tensor stays fp32, and Gemma's ``1 + weight.float()`` is one fp32 vector a call.
+    LayerNorm: its input and fp32 mean and rstd. Measured against transformers' Gemma 3 and OLMo 2
+    classes on fake tensors (tests/test_validate_hf_families.py)."""
     tokens = shape.tokens
     if model.norm is NormKind.LAYERNORM:
         return tokens * width * shape.stream_bytes + 2 * FP32_BYTES * tokens
-    return tokens * width * (FP32_BYTES + shape.stream_bytes) + FP32_BYTES * tokens
+    normalised = FP32_BYTES if norm_scales_in_fp32(model) else shape.stream_bytes
+    weight = FP32_BYTES * width if gemma_norm(model) else 0
+    return tokens * width * (FP32_BYTES + normalised) + FP32_BYTES * tokens + weight
+
+
+def pre_norms(model: ModelConfig) -> bool:
+    """A norm before attention and before the MLP (every placement but OLMo 2's post-norm)."""
+    return model.norm_placement is not NormPlacement.POST
+
+
+def post_norms(model: ModelConfig) -> bool:
+    """A norm of each sublayer's output before the residual add: Gemma 2/3's sandwich, OLMo 2's post."""
+    return model.norms_per_layer >= 4 or model.norm_placement is NormPlacement.POST
+
+
+def qk_norm_saved_bytes(model: ModelConfig, shape: ActivationShape) -> int:
+    """The query and key norms: per head over ``head_dim`` (Qwen3, Gemma 3), or over the whole
+    projection width (OLMo 2's ``q_norm`` of heads x head_dim, ``k_norm`` of kv_heads x head_dim).
+    They read the projections' outputs, in the compute dtype."""
+    tokens, head_dim = shape.tokens, model.attention_head_dim
+    heads, kv_heads = model.num_attention_heads, model.kv_heads
+    if model.qk_norm_scope is QKNormScope.FULL:
+        return (norm_saved_bytes(model, heads * head_dim, shape)
+                + norm_saved_bytes(model, kv_heads * head_dim, shape))
+    return (norm_saved_bytes(model, head_dim, replace(shape, tokens=tokens * heads))
+            + norm_saved_bytes(model, head_dim, replace(shape, tokens=tokens * kv_heads)))
+
+
+def l2_qk_norm_saved_bytes(model: ModelConfig, shape: ActivationShape) -> int:
+    """Llama 4's weightless q/k norm on its rotary layers (modeling_llama4.py ``Llama4TextL2Norm``:
+    ``x * rsqrt(mean(x^2) + eps)`` on ``x.float()``): the fp32 rotated queries and keys and one fp32
+    root per head and token (``qk_norm_scope`` l2, on the chunked-attention layers: the ones with
+    rotary positions)."""
+    heads = model.num_attention_heads + model.kv_heads
+    return shape.tokens * heads * FP32_BYTES * (model.attention_head_dim + 1)
 
 
 def _linear_inputs_bytes(shape: ActivationShape, width: int, consumers: int) -> int:
@@ -135,13 +186,12 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
     repeated = grouped and attention == "eager" and recompute is Recompute.NONE
     kv_width = q_width if repeated else model.kv_heads * model.attention_head_dim
     stream = shape.stream
-    saved = norm_saved_bytes(model, model.hidden_size, stream) + _linear_inputs_bytes(shape.linear_input, model.hidden_size, 3)
+    saved = norm_saved_bytes(model, model.hidden_size, stream) if pre_norms(model) else 0
+    saved += _linear_inputs_bytes(shape.linear_input, model.hidden_size, 3)
     saved += tokens * (q_width + 2 * kv_width) * e  # q (after rotary), k and v as attention reads them
-    if model.qk_norm:  # per-head norms of the projected queries and keys (Qwen3)
-        head_dim = model.attention_head_dim
-        saved += norm_saved_bytes(model, head_dim, replace(shape, tokens=tokens * model.num_attention_heads))
-        saved += norm_saved_bytes(model, head_dim, replace(shape, tokens=tokens * model.kv_heads))
-    if model.norms_per_layer >= 4:  # Gemma-2's norm of the attention output (before the residual add)
+    if model.qk_norm and model.qk_norm_scope is not QKNormScope.L2:  # Qwen3, Gemma 3: per head; OLMo 2: whole
+        saved += qk_norm_saved_bytes(model, shape)
+    if post_norms(model):  # Gemma-2/3's and OLMo 2's norm of the attention output (before the residual add)
         saved += norm_saved_bytes(model, model.hidden_size, stream)
     saved += tokens * q_width * e  # attention output = output-projection input
     if shape.gemm_input_bytes is not None:  # FP8: the output projection keeps a quantised copy beside it
@@ -237,8 +287,8 @@ def _mlp_saved_bytes(model: ModelConfig, tokens: int, width: int, e: int, gemm_i
 def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool) -> int:
     tokens, e, h = shape.tokens, shape.element_bytes, model.hidden_size
     stream = shape.stream
-    saved = norm_saved_bytes(model, h, stream)
-    if model.norms_per_layer >= 4:  # Gemma-2's norm of the MLP output
+    saved = norm_saved_bytes(model, h, stream) if pre_norms(model) else 0
+    if post_norms(model):  # Gemma-2/3's and OLMo 2's norm of the MLP output
         saved += norm_saved_bytes(model, h, stream)
     if not moe_layer:
         consumers = 2 if model.mlp is MLPKind.GATED else 1
@@ -270,3 +320,15 @@ def linear_weight_elements_per_layer(model: ModelConfig, moe_layer: bool) -> int
     role = MLPRole.MOE if moe_layer else MLPRole.DENSE
     layer = next((layer for layer in build_inventory(model).layers if layer.mlp is role), None)
     return 0 if layer is None else layer.matmul_elements()
+
+
+def autocast_weight_cache_bytes(model: ModelConfig, element_bytes: int) -> int:
+    """The 16-bit copies of every layer's matmul weights that autocast keeps in its cast cache
+    until the autocast region ends (the whole forward: ``at::autocast`` caches casts of leaf tensors
+    that need gradients). Under full recompute the layers save none of them, but the forward still
+    holds all of them at its end (measured with transformers' classes on fake tensors: Qwen3-8B,
+    OLMo 2, Llama 4 text, 4 layers, amp-bf16)."""
+    from memcalc.estimate.inventory import MLPRole, layer_roles
+
+    return element_bytes * sum(linear_weight_elements_per_layer(model, role is MLPRole.MOE)
+                               for role in layer_roles(model))

@@ -36,6 +36,7 @@ from memcalc.config import (
 class ParamCategory(StrEnum):
     EMBEDDING = "embedding"
     ATTENTION = "attention"
+    MIXER = "mixer"  # Mamba and gated-delta-net mixers: the token mixers that are not attention
     MLP = "mlp"
     EXPERTS = "experts"
     ROUTER = "router"
@@ -219,7 +220,7 @@ def _moe(model: ModelConfig):
 def _qk_norms(model: ModelConfig):
     """Query and key norms: per head (Qwen3, Gemma 3: two head_dim vectors) or over all query heads
     and all key heads at once (OLMo 2's q_norm and k_norm of the projection widths)."""
-    if not model.qk_norm:
+    if not model.qk_norm or model.qk_norm_scope is QKNormScope.L2:  # Llama 4's L2 norm has no weight
         return
     if model.qk_norm_scope is QKNormScope.FULL:
         head_dim = model.attention_head_dim
@@ -241,7 +242,7 @@ def _gated_delta_net(model: ModelConfig):
     (queries, keys, values and the output gate z), ``in_proj_ba`` (beta and the decay input a, one
     per value head), a depthwise causal ``conv1d`` over q, k and v without bias, per-head
     ``dt_bias`` and ``A_log``, the gated RMSNorm of a value head, and ``out_proj``."""
-    la, h, mixer = model.linear_attention, model.hidden_size, ParamCategory.ATTENTION
+    la, h, mixer = model.linear_attention, model.hidden_size, ParamCategory.MIXER
     yield from _linear("layers.linear_attn.in_proj_qkvz", mixer, h, 2 * la.key_width + 2 * la.value_width, False,
                        Split.COLUMN)
     yield from _linear("layers.linear_attn.in_proj_ba", mixer, h, 2 * la.num_value_heads, False, Split.COLUMN)
@@ -259,7 +260,7 @@ def _mamba(model: ModelConfig):
     (``Mamba2Mixer``, ``GraniteMoeHybridMambaLayer``): one ``in_proj`` to z, x, B, C and dt, a
     ``conv1d`` over x, B and C, per-head ``dt_bias``, ``A_log`` and ``D``, the gated RMSNorm of the
     channels, ``out_proj``."""
-    m, h, mixer = model.mamba, model.hidden_size, ParamCategory.ATTENTION
+    m, h, mixer = model.mamba, model.hidden_size, ParamCategory.MIXER
     inner = m.intermediate_size
     if m.version is MambaVersion.MAMBA1:
         yield from _linear("layers.mamba.in_proj", mixer, h, 2 * inner, m.proj_bias, Split.COLUMN)

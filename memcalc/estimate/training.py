@@ -10,9 +10,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from memcalc.config import LayerType, Loss, ModelConfig, Optimizer, OptimizerImpl, Recompute, TrainSettings, resolve_seq_len
+from memcalc.config import (
+    LayerType,
+    Loss,
+    ModelConfig,
+    Optimizer,
+    OptimizerImpl,
+    QKNormScope,
+    Recompute,
+    TrainSettings,
+    resolve_seq_len,
+)
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.activations import (
+    autocast_weight_cache_bytes,
+    l2_qk_norm_saved_bytes,
+    post_norms,
     attention_output_width,
     FP32_BYTES,
     INDEX_BYTES,
@@ -118,7 +131,7 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     adapter_bytes = _bytes(DType(settings.lora_dtype.value)) if lora else 0
     lora_live = {False: 0, True: 0}  # LoRA: alive, not saved, when a layer's forward computes its scores
 
-    def layer(moe_layer: bool, first: bool = False) -> tuple[int, int, int, int]:
+    def layer(moe_layer: bool, first: bool = False, l2_qk_norm: bool = False) -> tuple[int, int, int, int]:
         """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
         if lora:  # a frozen base with adapters; the first layer's input needs no gradient
             part = lora_module.lora_layer(model, shape, attention, Recompute.NONE if full else recompute, settings,
@@ -127,6 +140,8 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
             return part.saved, part.before_scores, part.mlp, part.transient
         # a fully recomputed layer saves, while it runs backward, what it would save without recompute
         attention_part = attention_saved_bytes(model, shape, attention, Recompute.NONE if full else recompute)
+        if l2_qk_norm:  # Llama 4's rotary layers: the weightless L2 norm of q and k
+            attention_part += l2_qk_norm_saved_bytes(model, shape)
         mlp_part = mlp_saved_bytes(model, shape, moe_layer)
         saved = attention_part + mlp_part
         if recipe.autocast:
@@ -140,9 +155,11 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
 
     # dense layers come first (MoE's first_dense_layers), then MoE layers; under LoRA the first
     # layer is a kind of its own (its input, the frozen embedding's output, needs no gradient)
-    is_moe = [(role is MLPRole.MOE, False) for role in layer_roles(model)]
+    l2 = model.qk_norm and model.qk_norm_scope is QKNormScope.L2
+    is_moe = [(role is MLPRole.MOE, False, l2 and kind is LayerType.CHUNKED_ATTENTION)
+              for role, kind in zip(layer_roles(model), model.resolved_layer_types, strict=True)]
     if lora:
-        is_moe[0] = (is_moe[0][0], True)
+        is_moe[0] = (is_moe[0][0], True, is_moe[0][2])
     by_kind = {kind: layer(*kind) for kind in set(is_moe)}
     last_saved, last_before_scores, last_mlp, _last_transient = by_kind[is_moe[-1]]
     # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
@@ -206,6 +223,10 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         forward = max(forward, embedding + layers + lora_module.mlp_forward_transient(model, shape, settings,
                                                                                       adapter_bytes))
 
+    if full and recipe.autocast and not lora:
+        # autocast's cast cache keeps every layer's 16-bit weight copies to the end of the forward,
+        # though the checkpointed layers save none of them (measured with transformers' classes)
+        forward += autocast_weight_cache_bytes(model, e)
     backward = saved + backward_output
     # A tied weight waits for the embedding's gradient: its head gradient stays until the end of backward.
     held = head_grad if model.tie_word_embeddings else 0
@@ -214,7 +235,7 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     # Layers of one kind peak at the last of them, which backward reaches with the most still saved.
     incoming = stream_tokens * h * e
     # a Gemma-2 style norm after the MLP has run its backward (and freed its inputs) by then
-    after_mlp_norm = norm_saved_bytes(model, h, shape) if model.norms_per_layer >= 4 else 0
+    after_mlp_norm = norm_saved_bytes(model, h, shape) if post_norms(model) else 0
     below = 0  # saved by the layers before this one
     for index, kind in enumerate(is_moe):
         layer_saved, _before_scores, _mlp, layer_transient = by_kind[kind]

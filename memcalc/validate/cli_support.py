@@ -30,7 +30,12 @@ def with_layers(model: ModelConfig, num_layers: int | None) -> ModelConfig:
     moe = model.moe
     if moe is not None and moe.first_dense_layers > num_layers:
         moe = replace(moe, first_dense_layers=num_layers)
-    return replace(model, num_layers=num_layers, moe=moe, name=f"{model.name} ({num_layers} layers)")
+    if moe is not None and moe.layers:
+        # the first num_layers layers, as memcalc.validate.hf.reduce_layers cuts the config.json
+        kept = tuple(index for index in moe.layers if index < num_layers)
+        moe = replace(moe, layers=kept) if kept else None
+    return replace(model, num_layers=num_layers, moe=moe, layer_types=model.layer_types[:num_layers],
+                   name=f"{model.name} ({num_layers} layers)")
 
 
 def resolve_device(device: str) -> str:

@@ -3,10 +3,21 @@ weights are downloaded, the parameters are random or fake)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from memcalc.config import MLPKind, ModelConfig, PositionKind
 from memcalc.errors import InputError
+
+# Per-layer lists of a config.json, cut with num_hidden_layers (transformers checks that
+# layer_types has one entry a layer; the others index or list layers).
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
+# Keys that make transformers build something other than the plain model class: quantised
+# checkpoints (gpt-oss's mxfp4 wants its kernels), and bookkeeping of the file.
+DROPPED_KEYS = ("quantization_config", "architectures", "transformers_version", "_name_or_path", "auto_map",
+                "torch_dtype", "dtype")  # the run chooses the weights' dtype
 
 
 def transformers_config(model: ModelConfig) -> Any:
@@ -43,9 +54,73 @@ def transformers_config(model: ModelConfig) -> Any:
     return transformers.LlamaConfig(attention_bias=model.attn_output_bias, mlp_bias=model.mlp_bias, **llama_like)
 
 
+def _source_path(source: str) -> Path | None:
+    """The local config.json a model was read from: a path, or a Hub id's cached file."""
+    if source.startswith("hf://"):
+        from memcalc.hub import resolve_config
+
+        repo_id, _, revision = source.removeprefix("hf://").partition("@")
+        return resolve_config(repo_id, revision or None)
+    path = Path(source) if source else None
+    if path is not None and path.is_dir():
+        path = path / "config.json"
+    return path if path is not None and path.suffix == ".json" and path.is_file() else None
+
+
+def reduce_layers(data: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """``data`` (a config.json mapping) with its first ``num_layers`` layers: per-layer lists cut,
+    layer-index lists filtered, so layer i is the file's layer i (as memcalc's ``with_layers``)."""
+    total = data.get("num_hidden_layers")
+    if total is None or num_layers == total:
+        return dict(data)
+    if num_layers > total:
+        raise InputError(f"--num-layers {num_layers}: the config has {total} layers")
+    reduced = {**data, "num_hidden_layers": num_layers}
+    for key in PER_LAYER_LISTS:
+        if isinstance(data.get(key), list):
+            reduced[key] = data[key][:num_layers]
+    for key in LAYER_INDEX_LISTS:
+        if isinstance(data.get(key), list):
+            reduced[key] = [index for index in data[key] if index < num_layers]
+    return reduced
+
+
+def transformers_config_from_file(path: str | Path, num_layers: int | None = None) -> Any:
+    """The transformers configuration of a config.json, reduced to ``num_layers`` layers: the
+    file's own ``model_type`` class (``AutoConfig.for_model``), so every family transformers knows
+    is built as published, not as memcalc re-describes it. Multimodal files give their
+    ``text_config`` (the language model is what training steps measure)."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("--impl hf needs transformers: pip install transformers") from None
+    data = json.loads(Path(path).read_text())
+    if isinstance(data.get("text_config"), dict):
+        data = data["text_config"]
+    data = {key: value for key, value in data.items() if key not in DROPPED_KEYS and not key.startswith("_synthetic")}
+    if num_layers is not None:
+        data = reduce_layers(data, num_layers)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise InputError(f"{path}: no model_type: --impl hf cannot choose a transformers class")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **data)
+    except ValueError as exc:
+        raise InputError(f"--impl hf: transformers {transformers.__version__} has no class for "
+                         f"model_type {model_type!r} ({exc})") from None
+
+
+def hf_config_for(model: ModelConfig) -> Any:
+    """From the config.json the model was read from when there is one, else rebuilt from memcalc's fields."""
+    path = _source_path(model.source)
+    if path is not None:
+        return transformers_config_from_file(path, model.num_layers)
+    return transformers_config(model)
+
+
 def build_hf_model(model: ModelConfig, attention: str):
     import transformers
 
-    config = transformers_config(model)
+    config = hf_config_for(model)
     config._attn_implementation = "eager" if attention == "eager" else "sdpa"
     return transformers.AutoModelForCausalLM.from_config(config)

@@ -52,10 +52,27 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
+class GemmaRMSNorm(nn.Module):
+    """As ``GemmaRMSNorm`` (modeling_gemma.py, gemma2, gemma3): normalise in fp32, scale by
+    ``1 + weight`` in fp32, cast back."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = x.float()
+        output = output * torch.rsqrt(output.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (output * (1.0 + self.weight.float())).type_as(x)
+
+
 def make_norm(model: ModelConfig, width: int) -> nn.Module:
+    from memcalc.estimate.activations import gemma_norm
+
     if model.norm is NormKind.LAYERNORM:
         return nn.LayerNorm(width, eps=1e-5, bias=model.norm_bias)
-    return RMSNorm(width)
+    return GemmaRMSNorm(width) if gemma_norm(model) else RMSNorm(width)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
