@@ -120,12 +120,20 @@ def _round_up(tokens: int, block: int) -> int:
 
 def cached_tokens(model: ModelConfig, kind: LayerType, tokens: int, engine: Engine, block_size: int) -> int:
     """Tokens one layer of ``kind`` holds for a sequence of ``tokens``: all of them (full attention),
-    at most the window (sliding; transformers' DynamicSlidingWindowLayer, vLLM's SlidingWindowSpec)
-    or at most one chunk (Llama 4's chunked attention: vLLM's ChunkedLocalAttentionSpec, transformers'
-    chunked cache of attention_chunk_size), rounded up to whole blocks by a paged engine."""
+    at most the window (sliding; vLLM's SlidingWindowSpec; transformers keeps window - 1) or at
+    most one chunk (Llama 4's chunked attention: vLLM's ChunkedLocalAttentionSpec; transformers
+    keeps chunk - 1), rounded up to whole blocks by a paged engine."""
     limit = {LayerType.SLIDING_ATTENTION: model.sliding_window,
              LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
-    held = min(tokens, limit) if limit else tokens
+    if not limit:
+        held = tokens
+    elif engine is Engine.PAGED:
+        held = min(tokens, limit)
+    else:
+        # transformers' DynamicSlidingWindowLayer keeps the last window - 1 tokens (the new one
+        # completes the window); chunked layers use the same class with the chunk as window
+        # (measured with the transformers classes: tests/test_cache_hf.py)
+        held = min(tokens, limit - 1)
     return _round_up(held, block_size) if engine is Engine.PAGED else held
 
 
