@@ -27,5 +27,5 @@ def test_ci_runs_the_readme_commands_verbatim_in_a_fresh_venv():
     run, test = _readme_commands()
     assert run in lines and test in lines
     assert lines.index(run) < lines.index(test)
-    venv = lines.index("python -m venv .venv")
-    assert venv < lines.index("source .venv/bin/activate") < lines.index(run)
+    venv = lines.index("python -m venv .venv-ci")
+    assert venv < lines.index("source .venv-ci/bin/activate") < lines.index(run)
