@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import Enum, StrEnum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from memcalc.bounds import NonNegativeInt, PositiveInt
 from memcalc.dtypes import DType
-from memcalc.vision import VisionTower
+
+if TYPE_CHECKING:  # imported when a file is validated (parse) or built (model_from_trusted): not on start-up
+    from memcalc.vision import VisionTower
 
 # Sequence length used when none is given; capped by the model's maximum positions.
 DEFAULT_SEQ_LEN = 2048
@@ -377,7 +379,11 @@ def model_from_trusted(data: dict[str, Any]) -> ModelConfig:
     """Build a bundled model without pydantic. Its file is checked by ``parse`` in the tests
     (tests/test_library.py), which also checks that both paths give the same config."""
     nested = {"moe": MoEConfig, "mla": MLAConfig, "mamba": MambaConfig, "linear_attention": LinearAttentionConfig,
-              "vision": VisionTower, "checkpoint": CheckpointFormat}
+              "checkpoint": CheckpointFormat}
+    if data.get("vision"):
+        from memcalc.vision import VisionTower
+
+        nested["vision"] = VisionTower
     return ModelConfig(
         **{key: value for key, value in data.items() if key not in ("aliases", "notes", "layer_types", *nested)},
         aliases=tuple(data.get("aliases", ())),
@@ -645,6 +651,12 @@ def parse(schema: type[Schema], data: Any, source: str = "", names: dict[str, st
     """Validate ``data`` against ``schema`` with pydantic; errors become one ``InputError`` line
     (``source: field.path: message; ...``), with top-level fields renamed by ``names``."""
     from pydantic import TypeAdapter, ValidationError
+
+    from memcalc.vision import VisionTower
+
+    # ModelConfig's annotation names VisionTower, which start-up does not import: pydantic resolves
+    # it from this module's namespace when it builds the schema
+    globals().setdefault("VisionTower", VisionTower)
 
     from memcalc.errors import InputError, describe_validation_error
 

@@ -356,7 +356,8 @@ def test_bundled_model_path_skips_pydantic_schema_machinery():
     code = (
         "import sys; from memcalc.cli import main\n"
         "try:\n    main(['train', 'llama-13b', '--seq', '4096'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('pydantic.main', 'pydantic.type_adapter', 'torch', 'numpy') if m in sys.modules),"
+        "print(sorted(m for m in ('pydantic.main', 'pydantic.type_adapter', 'torch', 'numpy', 'memcalc.vision',"
+        " 'memcalc.hf', 'huggingface_hub') if m in sys.modules),"
         " file=sys.stderr)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
