@@ -101,10 +101,53 @@ class StagePlan:
     loss_parallel: bool = False
 
 
-def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe) -> ActivationPeaks:
+@dataclass(frozen=True)
+class ActivationContext:
+    """Stage 1 of the activation model: the sizes every term reads, for one rank's stage."""
+
+    plan: StagePlan
+    settings: TrainSettings
+    recipe: PrecisionRecipe
+    shape: ActivationShape
+    e: int  # bytes of a saved activation
+    grad_bytes: int
+    tokens: int
+    stream_tokens: int  # tokens of the hidden-size stream on this rank (divided by TP under SP)
+    stream: int  # bytes of one hidden-size stream tensor
+    eager: bool
+    attention: str  # "eager" or "sdpa"
+    scores: int  # elements of one layer's eager attention scores (0 with a fused kernel)
+    upcast: int  # bytes of the fp32 copy a 16-bit tensor gets before a softmax or the loss
+    scores_forward: int  # an eager softmax's live bytes while it runs
+    full: bool  # full recompute
+    lora: bool
+    adapter_bytes: int
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.plan.model
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """Stage 2: what the stage's layers save, by kind of layer (MoE or dense MLP, LoRA's first
+    layer, Llama 4's L2-normed rotary layers), in order."""
+
+    kinds: tuple[tuple[bool, bool, bool], ...]  # per layer: (MoE, LoRA's first layer, L2 q/k norm)
+    by_kind: dict  # kind -> (saved, saved before its attention scores, its MLP part, its backward transient)
+    lora_live: dict  # LoRA: bytes alive, not saved, while a layer's forward computes its scores
+    layers: int  # bytes the layers keep at the end of forward (micro-batches in flight included)
+    average_layer: int
+    others: int  # the layers but the last one
+
+    @property
+    def last(self) -> tuple[int, int, int, int]:
+        return self.by_kind[self.kinds[-1]]
+
+
+def _activation_context(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe) -> ActivationContext:
     model, seq_len = plan.model, plan.seq_len
     e = _bytes(recipe.activation_dtype)
-    grad_bytes = _bytes(recipe.grad_dtype)
     tokens = seq_len * settings.batch_size
     shape = ActivationShape(
         tokens=tokens, seq_len=seq_len, batch_size=settings.batch_size,
@@ -112,34 +155,35 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         stream_tokens=tokens // plan.stream_divisor, gathered_linear_inputs=plan.gathered_linear_inputs,
         gemm_input_bytes=recipe.gemm_input_bytes,
     )
-    stream_tokens = shape.stream.tokens
-    h, vocab = model.hidden_size, model.vocab_size
-    recompute = settings.recompute
     eager = settings.attention.value == "eager"
-    attention = "eager" if eager else "sdpa"
     scores = model.num_attention_heads * seq_len * seq_len * settings.batch_size if eager else 0
-    # bytes of the fp32 copy a 16-bit tensor gets before a softmax or the loss (none when already fp32)
     upcast = 0 if e == FP32_BYTES else FP32_BYTES
     # eager softmax in fp32: the raw and masked scores in the compute dtype, the fp32 copy of the
     # masked scores and the fp32 softmax output; plus the causal mask: the filled square and its
     # upper triangle, both in the compute dtype
     scores_forward = scores * (2 * e + upcast + FP32_BYTES) + (2 * e * seq_len * seq_len if eager else 0)
-    stream = stream_tokens * h * shape.stream_bytes
-    full = recompute is Recompute.FULL
-
     lora = settings.lora_rank is not None
-    adapter_bytes = _bytes(DType(settings.lora_dtype.value)) if lora else 0
-    lora_live = {False: 0, True: 0}  # LoRA: alive, not saved, when a layer's forward computes its scores
+    return ActivationContext(
+        plan, settings, recipe, shape, e, _bytes(recipe.grad_dtype), tokens, shape.stream.tokens,
+        shape.stream.tokens * model.hidden_size * shape.stream_bytes, eager, "eager" if eager else "sdpa", scores,
+        upcast, scores_forward, settings.recompute is Recompute.FULL, lora,
+        _bytes(DType(settings.lora_dtype.value)) if lora else 0)
+
+
+def _layer_stack(ctx: ActivationContext) -> LayerStack:
+    model, shape, e, settings, recipe = ctx.model, ctx.shape, ctx.e, ctx.settings, ctx.recipe
+    recompute, full, eager, tokens = settings.recompute, ctx.full, ctx.eager, ctx.tokens
+    lora_live = {False: 0, True: 0}
 
     def layer(moe_layer: bool, first: bool = False, l2_qk_norm: bool = False) -> tuple[int, int, int, int]:
         """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
-        if lora:  # a frozen base with adapters; the first layer's input needs no gradient
-            part = lora_module.lora_layer(model, shape, attention, Recompute.NONE if full else recompute, settings,
-                                          adapter_bytes, moe_layer, input_grad=not first)
+        if ctx.lora:  # a frozen base with adapters; the first layer's input needs no gradient
+            part = lora_module.lora_layer(model, shape, ctx.attention, Recompute.NONE if full else recompute, settings,
+                                          ctx.adapter_bytes, moe_layer, input_grad=not first)
             lora_live[first] = part.forward_live
             return part.saved, part.before_scores, part.mlp, part.transient
         # a fully recomputed layer saves, while it runs backward, what it would save without recompute
-        attention_part = attention_saved_bytes(model, shape, attention, Recompute.NONE if full else recompute)
+        attention_part = attention_saved_bytes(model, shape, ctx.attention, Recompute.NONE if full else recompute)
         if l2_qk_norm:  # Llama 4's rotary layers: the weightless L2 norm of q and k
             attention_part += l2_qk_norm_saved_bytes(model, shape)
         mlp_part = mlp_saved_bytes(model, shape, moe_layer)
@@ -149,47 +193,44 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         q_width = attention_output_width(model)
         before_scores = attention_part - tokens * q_width * e - (0 if eager else FP32_BYTES * tokens * model.num_attention_heads)
         if eager and (recompute is Recompute.NONE or full):
-            before_scores -= scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
-        transient = _mlp_backward_transient(model, shape, moe_layer, grad_bytes)
+            before_scores -= ctx.scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
+        transient = _mlp_backward_transient(model, shape, moe_layer, ctx.grad_bytes)
         return saved, before_scores, mlp_part, transient
 
     # dense layers come first (MoE's first_dense_layers), then MoE layers; under LoRA the first
     # layer is a kind of its own (its input, the frozen embedding's output, needs no gradient)
     l2 = model.qk_norm and model.qk_norm_scope is QKNormScope.L2
-    is_moe = [(role is MLPRole.MOE, False, l2 and kind is LayerType.CHUNKED_ATTENTION)
-              for role, kind in zip(layer_roles(model), model.resolved_layer_types, strict=True)]
-    if lora:
-        is_moe[0] = (is_moe[0][0], True, is_moe[0][2])
-    by_kind = {kind: layer(*kind) for kind in set(is_moe)}
-    last_saved, last_before_scores, last_mlp, _last_transient = by_kind[is_moe[-1]]
+    kinds = [(role is MLPRole.MOE, False, l2 and kind is LayerType.CHUNKED_ATTENTION)
+             for role, kind in zip(layer_roles(model), model.resolved_layer_types, strict=True)]
+    if ctx.lora:
+        kinds[0] = (kinds[0][0], True, kinds[0][2])
+    by_kind = {kind: layer(*kind) for kind in set(kinds)}
     # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
-    layers = model.num_layers * stream if full else sum(by_kind[kind][0] for kind in is_moe)
+    layers = model.num_layers * ctx.stream if full else sum(by_kind[kind][0] for kind in kinds)
     # Pipeline ranks also hold the saved tensors of micro-batches (chunks) still in flight.
-    average_layer = stream if full else sum(by_kind[kind][0] for kind in is_moe) // len(is_moe)
-    layers += plan.extra_layers * average_layer
-    others = layers - (stream if full else last_saved)
+    average_layer = ctx.stream if full else sum(by_kind[kind][0] for kind in kinds) // len(kinds)
+    layers += ctx.plan.extra_layers * average_layer
+    others = layers - (ctx.stream if full else by_kind[kinds[-1]][0])
+    return LayerStack(tuple(kinds), by_kind, lora_live, layers, average_layer, others)
 
-    embedding = INDEX_BYTES * tokens * (plan.first + plan.last)  # token ids (first stage) and labels (last)
-    head_weight_copy = e * vocab * h if recipe.autocast else 0
-    head_input = shape.linear_input.tokens * h * e
-    final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
-    if lora:  # a frozen final norm; the frozen head keeps no input
-        final = lora_module.frozen_norm_bytes(model, h, stream_tokens, shape.stream_bytes)
-    saved = embedding + layers + final
 
+def _output_terms(ctx: ActivationContext, saved: int) -> tuple[int, int, int]:
+    """Stage 3: the loss side. (forward peak at the loss, backward's opening bytes, the head's
+    weight gradient)."""
+    model, plan, e, tokens, settings = ctx.model, ctx.plan, ctx.e, ctx.tokens, ctx.settings
+    h, vocab = model.hidden_size, model.vocab_size
     # Logits: the matmul output, its fp32 upcast for the loss (unless already fp32), the fp32
     # log-softmax output the cross-entropy keeps (transformers' ForCausalLMLoss upcasts first).
     logits = tokens * vocab
-    head_grad = 0 if lora else vocab * h * grad_bytes  # a frozen head has no weight gradient
+    head_grad = 0 if ctx.lora else vocab * h * ctx.grad_bytes  # a frozen head has no weight gradient
     if not plan.last:
         # A middle or first stage has no loss: backward starts from the gradient it receives.
-        forward = saved
-        backward_output = 0
-    elif settings.loss is Loss.CHUNKED:
+        return saved, 0, head_grad
+    if settings.loss is Loss.CHUNKED:
         # One slice at a time, run without saving: its logits in fp32 and their log-softmax.
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
         forward = saved + chunk * vocab * 2 * FP32_BYTES
-        if lora:  # the final hidden states, which the frozen head does not save, held by the loss loop
+        if ctx.lora:  # the final hidden states, which the frozen head does not save, held by the loss loop
             forward += tokens * h * e
         # Backward recomputes each slice: its loss gradients, the full-size gradient of the hidden
         # states, and the head-weight gradients of earlier slices waiting to be summed.
@@ -200,74 +241,113 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         summing = (3 if several else 1) * head_grad
         backward_output = max(chunk * vocab * 3 * FP32_BYTES + waiting + gradient_of_hidden,
                               summing + gradient_of_hidden + chunk * h * e)
-    else:
-        # loss_parallel's log-softmax keeps the shifted logits beside its output, and its backward
-        # holds four fp32 logits-size tensors where aten's holds three (torch.distributed.tensor.
-        # parallel.loss, measured in memcalc/validate/tensor_parallel.py)
-        parallel_loss = FP32_BYTES if plan.loss_parallel else 0
-        forward = saved + logits * (e + upcast + FP32_BYTES + parallel_loss)
-        # Backward opens with the loss gradients: log-softmax output + its gradient + the logits'
-        # fp32 gradient; then the output layer's weight gradient exists before it is accumulated.
-        backward_output = max(logits * 3 * FP32_BYTES + logits * parallel_loss, logits * e + head_grad)
-    if eager and recompute is not Recompute.FULL:
-        forward = max(forward, embedding + others + last_before_scores + lora_live[is_moe[-1][1]] + scores_forward)
-    if full and lora and not is_moe[-1][0]:
-        forward = max(forward, embedding + layers + scores_forward
-                      + lora_module.recompute_forward_bytes(model, shape, settings, adapter_bytes))
+        return forward, backward_output, head_grad
+    # loss_parallel's log-softmax keeps the shifted logits beside its output, and its backward
+    # holds four fp32 logits-size tensors where aten's holds three (torch.distributed.tensor.
+    # parallel.loss, measured in memcalc/validate/tensor_parallel.py)
+    parallel_loss = FP32_BYTES if plan.loss_parallel else 0
+    forward = saved + logits * (e + ctx.upcast + FP32_BYTES + parallel_loss)
+    # Backward opens with the loss gradients: log-softmax output + its gradient + the logits'
+    # fp32 gradient; then the output layer's weight gradient exists before it is accumulated.
+    backward_output = max(logits * 3 * FP32_BYTES + logits * parallel_loss, logits * e + head_grad)
+    return forward, backward_output, head_grad
+
+
+def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_loss: int) -> int:
+    """Stage 4: the forward peak: at the loss, inside the last layer's eager scores, or inside a
+    layer run without saving under full recompute."""
+    model, shape, settings, e, tokens, full = ctx.model, ctx.shape, ctx.settings, ctx.e, ctx.tokens, ctx.full
+    last_moe, last_first = stack.kinds[-1][0], stack.kinds[-1][1]
+    forward = at_loss
+    if ctx.eager and settings.recompute is not Recompute.FULL:
+        forward = max(forward, embedding + stack.others + stack.last[1] + stack.lora_live[last_first]
+                      + ctx.scores_forward)
+    if full and ctx.lora and not last_moe:
+        forward = max(forward, embedding + stack.layers + ctx.scores_forward
+                      + lora_module.recompute_forward_bytes(model, shape, settings, ctx.adapter_bytes))
     elif full:
         # a layer run without saving: its MLP intermediates (activation, up, product) at once
-        forward = max(forward, embedding + layers + 3 * e * tokens * _mlp_width(model) + scores_forward)
-    if lora and not full and not is_moe[-1][0]:
+        forward = max(forward, embedding + stack.layers + 3 * e * tokens * _mlp_width(model) + ctx.scores_forward)
+    if ctx.lora and not full and not last_moe:
         # the last layer's down projection: with a small vocabulary (or a dequantised NF4 weight)
         # this, not the loss, is the forward peak
-        forward = max(forward, embedding + layers + lora_module.mlp_forward_transient(model, shape, settings,
-                                                                                      adapter_bytes))
-
-    if full and recipe.autocast and not lora:
+        forward = max(forward, embedding + stack.layers + lora_module.mlp_forward_transient(
+            model, shape, settings, ctx.adapter_bytes))
+    if full and ctx.recipe.autocast and not ctx.lora:
         # autocast's cast cache keeps every layer's 16-bit weight copies to the end of the forward,
         # though the checkpointed layers save none of them (measured with transformers' classes)
         forward += autocast_weight_cache_bytes(model, e)
+    return forward
+
+
+def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, saved: int, backward_output: int,
+                   head_grad: int) -> tuple[int, int]:
+    """Stage 5: the backward peak, layer by layer, and the extra bytes at its end (a tied head)."""
+    model, shape, settings, e, tokens, full = ctx.model, ctx.shape, ctx.settings, ctx.e, ctx.tokens, ctx.full
+    h, recompute, scores = model.hidden_size, settings.recompute, ctx.scores
     backward = saved + backward_output
     # A tied weight waits for the embedding's gradient: its head gradient stays until the end of backward.
     held = head_grad if model.tie_word_embeddings else 0
     # Inside each layer backward reaches (recomputed first under full recompute): its MLP's
     # gradients, then its attention's (eager: gradients of the scores, fp32 softmax gradients).
     # Layers of one kind peak at the last of them, which backward reaches with the most still saved.
-    incoming = stream_tokens * h * e
+    incoming = ctx.stream_tokens * h * e
     # a Gemma-2 style norm after the MLP has run its backward (and freed its inputs) by then
     after_mlp_norm = norm_saved_bytes(model, h, shape) if post_norms(model) else 0
     below = 0  # saved by the layers before this one
-    for index, kind in enumerate(is_moe):
-        layer_saved, _before_scores, _mlp, layer_transient = by_kind[kind]
-        if index + 1 == len(is_moe) or is_moe[index + 1] != kind:
-            base = embedding + below + held + incoming + plan.extra_layers * average_layer
-            if lora and full:
-                base += stream  # the recomputed layer's input, kept by its checkpoint
+    kinds = stack.kinds
+    for index, kind in enumerate(kinds):
+        layer_saved, _before_scores, _mlp, layer_transient = stack.by_kind[kind]
+        if index + 1 == len(kinds) or kinds[index + 1] != kind:
+            base = embedding + below + held + incoming + ctx.plan.extra_layers * stack.average_layer
+            if ctx.lora and full:
+                base += ctx.stream  # the recomputed layer's input, kept by its checkpoint
                 if not kind[0]:  # recomputing its forward (saving this time) holds the MLP's forward transients
-                    backward = max(backward, base - stream + layer_saved + lora_module.mlp_forward_transient(
-                        model, shape, settings, adapter_bytes))
+                    backward = max(backward, base - ctx.stream + layer_saved + lora_module.mlp_forward_transient(
+                        model, shape, settings, ctx.adapter_bytes))
             backward = max(backward, base + layer_saved - after_mlp_norm + layer_transient)
-        below += stream if full else layer_saved
-    in_layer = embedding + others + held + incoming
-    if lora and eager and recompute is Recompute.SELECTIVE:
+        below += ctx.stream if full else layer_saved
+    last_saved, last_before_scores, last_mlp, _ = stack.last
+    in_layer = embedding + stack.others + held + incoming
+    if ctx.lora and ctx.eager and recompute is Recompute.SELECTIVE:
         # recomputing the last layer's scores: what its forward had saved by then, beside the
         # gradients of the layer's output and of the attention output
-        backward = max(backward, embedding + others + incoming + tokens * attention_output_width(model) * e
-                       + last_before_scores + scores_forward)
-    if eager:
+        backward = max(backward, embedding + stack.others + incoming + tokens * attention_output_width(model) * e
+                       + last_before_scores + ctx.scores_forward)
+    if ctx.eager:
         recomputed_scores = scores * (FP32_BYTES + e) if recompute is Recompute.SELECTIVE else 0
         score_gradients = scores * (e + FP32_BYTES)
         backward = max(backward, in_layer + last_saved - last_mlp + max(recomputed_scores + score_gradients,
-                                                                          scores_forward if recomputed_scores else 0))
-    if lora and plan.last:
+                                                                          ctx.scores_forward if recomputed_scores else 0))
+    if ctx.lora and ctx.plan.last:
         # the frozen final norm's backward, once the loss and the head have run theirs
-        backward = max(backward, saved + lora_module.final_norm_backward_bytes(model, stream_tokens, e,
+        backward = max(backward, saved + lora_module.final_norm_backward_bytes(model, ctx.stream_tokens, e,
                                                                                shape.stream_bytes))
     # At the end of backward a tied weight holds the head gradient, the embedding gradient and their sum.
     end_extra = 2 * head_grad if model.tie_word_embeddings else 0
     if model.tie_word_embeddings:
         backward = max(backward, 3 * head_grad)
-    largest_layer = stream if full else max(by_kind[kind][0] for kind in by_kind)
+    return backward, end_extra
+
+
+def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe) -> ActivationPeaks:
+    """The architecture-aware activation model in stages: the sizes, what the layers save, the
+    loss side, then the forward and backward peaks."""
+    ctx = _activation_context(plan, settings, recipe)
+    model, shape, e, h = ctx.model, ctx.shape, ctx.e, ctx.model.hidden_size
+    stack = _layer_stack(ctx)
+    embedding = INDEX_BYTES * ctx.tokens * (plan.first + plan.last)  # token ids (first stage) and labels (last)
+    head_weight_copy = e * model.vocab_size * h if recipe.autocast else 0
+    head_input = shape.linear_input.tokens * h * e
+    final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
+    if ctx.lora:  # a frozen final norm; the frozen head keeps no input
+        final = lora_module.frozen_norm_bytes(model, h, ctx.stream_tokens, shape.stream_bytes)
+    saved = embedding + stack.layers + final
+    at_loss, backward_output, head_grad = _output_terms(ctx, saved)
+    forward = _forward_peak(ctx, stack, embedding, at_loss)
+    backward, end_extra = _backward_peak(ctx, stack, embedding, saved, backward_output, head_grad)
+    incoming = ctx.stream_tokens * h * e
+    largest_layer = ctx.stream if ctx.full else max(parts[0] for parts in stack.by_kind.values())
     return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD,
                            largest_layer + incoming)
 
