@@ -52,9 +52,13 @@ class LayerType(StrEnum):
     LINEAR_ATTENTION = "linear_attention"  # gated delta net with a fixed recurrent state (Qwen3-Next)
     MAMBA = "mamba"  # a Mamba or Mamba-2 mixer with conv and SSM state (Jamba, Granite-4.0-H, Codestral)
     NONE = "none"  # no token mixer: an MLP or MoE block of its own (Nemotron-H's "-" and "E" blocks)
+    ATTENTION_MAMBA = "attention_mamba"  # attention and a Mamba-2 mixer side by side on one input (Falcon-H1)
 
 
 ATTENTION_LAYER_TYPES = (LayerType.FULL_ATTENTION, LayerType.SLIDING_ATTENTION, LayerType.CHUNKED_ATTENTION)
+# Layers that cache keys and values, and layers that keep a Mamba state
+KV_LAYER_TYPES = (*ATTENTION_LAYER_TYPES, LayerType.ATTENTION_MAMBA)
+MAMBA_LAYER_TYPES = (LayerType.MAMBA, LayerType.ATTENTION_MAMBA)
 
 
 class NormPlacement(StrEnum):
@@ -156,6 +160,8 @@ class MambaConfig:
     num_heads: PositiveInt | None = None  # mamba2: SSD heads
     head_dim: PositiveInt | None = None  # mamba2: channels per head (intermediate_size / num_heads)
     n_groups: PositiveInt = 1  # mamba2: groups sharing B and C
+    gated_norm: bool = True  # mamba2: the gated RMSNorm of the channels (Falcon-H1's mamba_rms_norm can drop it)
+    out_proj_bias: bool | None = None  # out_proj's bias when it differs from in_proj's (Falcon-H1's projectors_bias)
 
     def __post_init__(self) -> None:
         _coerce_enums(self, version=MambaVersion)
@@ -319,7 +325,7 @@ class ModelConfig:
         needs = {LayerType.SLIDING_ATTENTION: ("sliding_window", self.sliding_window),
                  LayerType.CHUNKED_ATTENTION: ("attention_chunk_size", self.attention_chunk_size),
                  LayerType.LINEAR_ATTENTION: ("linear_attention", self.linear_attention),
-                 LayerType.MAMBA: ("mamba", self.mamba)}
+                 LayerType.MAMBA: ("mamba", self.mamba), LayerType.ATTENTION_MAMBA: ("mamba", self.mamba)}
         needs[LayerType.NONE] = ("separate_blocks: true", self.separate_blocks or None)
         for kind in set(types):
             field, value = needs.get(kind, (None, True))

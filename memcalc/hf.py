@@ -76,6 +76,7 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "falcon_mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE},
     "mamba2": {**_LLAMA_STYLE, "mlp": MLPKind.NONE},
     "nemotron_h": {**_LLAMA_STYLE},
+    "falcon_h1": {**_LLAMA_STYLE},
     "gpt2": _GPT2_STYLE,
 }
 
@@ -570,7 +571,28 @@ def _read_nemotron_h(reader: _Reader, fields: dict[str, Any]) -> None:
         raise InputError(f"{reader.source}: moe_latent_size: latent expert projections are not modelled")
 
 
+def _read_falcon_h1(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Falcon-H1 (modeling_falcon_h1.py): every layer runs attention and a Mamba-2 mixer side by
+    side on the normed input, then a gated MLP. The mixer's width is ``mamba_d_ssm`` (else
+    ``mamba_expand x hidden``); its gated norm exists only with ``mamba_rms_norm``; ``out_proj``'s
+    bias follows ``projectors_bias``. The multipliers scale activations and hold no parameters."""
+    num_layers, h = fields["num_layers"], fields["hidden_size"]
+    fields["layer_types"] = [LayerType.ATTENTION_MAMBA] * num_layers
+    reader.consumed.add("layer_types")
+    inner = reader.positive("mamba_d_ssm") or int(reader.positive("mamba_expand", 2) * h)
+    heads = reader.positive("mamba_n_heads", 128)
+    fields["mamba"] = dict(
+        version=MambaVersion.MAMBA2, intermediate_size=inner, state_size=reader.positive("mamba_d_state", 256),
+        conv_kernel=reader.positive("mamba_d_conv", 4), conv_bias=reader.get("mamba_conv_bias", True, bool),
+        proj_bias=reader.get("mamba_proj_bias", False, bool), num_heads=heads,
+        head_dim=reader.positive("mamba_d_head") or inner // heads, n_groups=reader.positive("mamba_n_groups", 1),
+        gated_norm=reader.get("mamba_rms_norm", False, bool),
+        out_proj_bias=reader.get("projectors_bias", False, bool))
+    reader.consumed.add("mamba_expand")
+
+
 _READERS: dict[str, Callable[[_Reader, dict[str, Any]], None]] = {
+    "falcon_h1": _read_falcon_h1,
     "nemotron_h": _read_nemotron_h,
     **{model_type: _read_decoder for model_type in ("llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "gemma",
                                                     "gemma2", "gpt2", "olmo2", "olmo3", "smollm3")},

@@ -96,7 +96,7 @@ def test_training_refuses_recurrent_layers():
 @pytest.mark.parametrize(("data", "message"), [
     ({"num_local_experts": 8}, "num_local_experts change the structure of a llama model"),
     ({"layer_types": ["full_attention", "banded"]}, "layer type 'banded' is not modelled"),
-    ({"model_type": "falcon_h1"}, "model_type 'falcon_h1' is not modelled"),
+    ({"model_type": "bamba"}, "model_type 'bamba' is not modelled"),
 ])
 def test_structure_memcalc_does_not_read_is_refused(data, message):
     base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -121,3 +121,17 @@ def test_pipeline_stages_of_interleaved_moe_hold_every_parameter_once():
     assert held == count_params(model).total
     estimate = estimate_training(model, TrainSettings(seq_len=1024), parallel)
     assert [view.pipeline_rank for view in estimate.ranks] == pipeline_ranks(parallel)
+
+
+def test_falcon_h1_layers_cache_keys_and_keep_a_state():
+    """Falcon-H1 (transformers' FalconH1Config defaults): every layer caches keys and values (8 KV
+    heads x 128 x 2 x 2 B = 4,096 B a token) and keeps a Mamba-2 state: conv over 1,024 + 2 x 256
+    channels x 4 columns, SSM 1,024 x 256."""
+    transformers = pytest.importorskip("transformers")
+    data = json.loads(transformers.FalconH1Config().to_json_string())
+    model = model_from_hf(data, name="falcon-h1", source="defaults")
+    estimate = estimate_inference(model, InferSettings(context_len=1000))
+    assert _component(estimate, "kv_cache") == 32 * 1000 * 4_096
+    assert _component(estimate, "state_cache") == 32 * 2 * ((1_024 + 2 * 256) * 4 + 1_024 * 256)
+    with pytest.raises(InputError, match="attention_mamba layers are not modelled"):
+        estimate_training(model, TrainSettings(seq_len=256))

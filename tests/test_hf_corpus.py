@@ -108,7 +108,10 @@ def test_live_meta_device_build(file_name):
 FAMILIES = {
     "qwen3_next": {}, "olmo2": {}, "olmo3": {}, "gemma3_text": {}, "gemma3": {}, "llama4_text": {}, "llama4": {},
     "mamba2": {}, "mamba": {}, "smollm3": {}, "mistral3": {}, "gpt_oss": {}, "jamba": {}, "qwen3_moe": {},
-    "qwen2_moe": {"num_hidden_layers": 4}, "gemma2": {}, "nemotron_h": {},
+    "qwen2_moe": {"num_hidden_layers": 4}, "gemma2": {}, "nemotron_h": {}, "falcon_h1": {},
+    "falcon_h1#biases": {"num_hidden_layers": 2, "mamba_rms_norm": True, "projectors_bias": True,
+                         "mamba_proj_bias": True, "attention_bias": True},
+    "falcon_h1#expand": {"num_hidden_layers": 2, "mamba_d_ssm": None, "mamba_d_head": 64},
     "granitemoehybrid": {"layer_types": ["mamba", "mamba", "attention", "mamba"], "num_hidden_layers": 4},
     "granitemoehybrid#dense": {"layer_types": ["mamba", "attention"], "num_hidden_layers": 2, "num_local_experts": 0},
     "glm4_moe": {"head_dim": 128, "num_hidden_layers": 4, "use_qk_norm": True, "attention_bias": True},

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memcalc.config import (
-    ATTENTION_LAYER_TYPES,
+    KV_LAYER_TYPES,
+    MAMBA_LAYER_TYPES,
     Attention,
     Decoding,
     Engine,
@@ -102,7 +103,12 @@ def kv_values_per_token_per_layer(model: ModelConfig, engine: Engine = Engine.HF
 
 def attention_layers(model: ModelConfig) -> int:
     """Layers that cache keys and values (full, sliding and chunked attention)."""
-    return sum(1 for kind in model.resolved_layer_types if kind in ATTENTION_LAYER_TYPES)
+    return sum(1 for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES)
+
+
+def recurrent_layers(model: ModelConfig) -> int:
+    """Layers that keep a fixed state per sequence (Mamba mixers, gated delta nets)."""
+    return sum(1 for kind in model.resolved_layer_types if kind in (*MAMBA_LAYER_TYPES, LayerType.LINEAR_ATTENTION))
 
 
 def kv_cache_bytes_per_token(model: ModelConfig, kv_dtype: DType, tp: int = 1, engine: Engine = Engine.HF) -> int:
@@ -143,7 +149,7 @@ def kv_cache_bytes(model: ModelConfig, local: ModelConfig, tokens: int, sequence
     by layer: sliding-window layers keep at most the window, chunked layers at most a chunk."""
     values = kv_values_per_token_per_layer(local, engine) * sequences
     held = sum(cached_tokens(model, kind, tokens, engine, block_size)
-               for kind in model.resolved_layer_types if kind in ATTENTION_LAYER_TYPES)
+               for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES)
     return storage_bytes(values * held, kv_dtype)
 
 
@@ -158,7 +164,8 @@ def state_values_per_sequence(model: ModelConfig, engine: Engine = Engine.HF) ->
     total = 0
     if model.mamba is not None:
         m = model.mamba
-        total += types.count(LayerType.MAMBA) * (m.conv_channels * (m.conv_kernel - trim) + m.ssm_state_values)
+        layers = sum(1 for kind in types if kind in MAMBA_LAYER_TYPES)
+        total += layers * (m.conv_channels * (m.conv_kernel - trim) + m.ssm_state_values)
     if model.linear_attention is not None:
         la = model.linear_attention
         total += types.count(LayerType.LINEAR_ATTENTION) * (la.conv_channels * (la.conv_kernel - trim)
@@ -207,7 +214,7 @@ def recurrent_mixer_elements(model: ModelConfig) -> int:
     the tensor sizes of transformers' mixers; not yet measured."""
     h, types = model.hidden_size, model.resolved_layer_types
     peaks = [0]
-    if model.mamba is not None and LayerType.MAMBA in types:
+    if model.mamba is not None and any(kind in MAMBA_LAYER_TYPES for kind in types):
         m = model.mamba
         projected = 2 * m.intermediate_size + (0 if m.num_heads is None else 2 * m.n_groups * m.state_size + m.num_heads)
         peaks.append(2 * h + projected + m.conv_channels + 2 * m.intermediate_size)
@@ -363,7 +370,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
                   f"{kv_formula} x {kv_dtype.value} x {tokens_note} x seqs{rounding}{window}",
                   "one key and one value vector per layer, KV head and token (MLA: DeepSeek-V2 sec. 2.1.2)"),
         Component("state_cache", "Recurrent state (conv + SSM)", state, Kind.DYNAMIC,
-                  f"{model.num_layers - attention_layers(model)} Mamba/linear-attention layers x (conv window + "
+                  f"{recurrent_layers(model)} Mamba/linear-attention layers x (conv window + "
                   f"state) x {kv_dtype.value} x seqs",
                   "transformers cache_utils.LinearAttentionLayer; vLLM MambaSpec (conv_kernel - 1 columns)"),
         Component("activations", "Activations (peak)", max(prefill_activations, decode_copy), Kind.DYNAMIC,

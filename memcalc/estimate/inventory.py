@@ -284,8 +284,10 @@ def _mamba(model: ModelConfig):
     yield Tensor("layers.mamba.dt_bias", mixer, (heads,), split=Split.COLUMN)
     yield Tensor("layers.mamba.A_log", mixer, (heads,), split=Split.COLUMN)
     yield Tensor("layers.mamba.D", mixer, (heads,), split=Split.COLUMN)
-    yield Tensor("layers.mamba.norm.weight", ParamCategory.NORMS, (inner,), split=Split.COLUMN)
-    yield from _linear("layers.mamba.out_proj", mixer, inner, h, m.proj_bias, Split.ROW)
+    if m.gated_norm:
+        yield Tensor("layers.mamba.norm.weight", ParamCategory.NORMS, (inner,), split=Split.COLUMN)
+    out_bias = m.proj_bias if m.out_proj_bias is None else m.out_proj_bias
+    yield from _linear("layers.mamba.out_proj", mixer, inner, h, out_bias, Split.ROW)
 
 
 def _mixer(model: ModelConfig, kind: LayerType):
@@ -295,6 +297,8 @@ def _mixer(model: ModelConfig, kind: LayerType):
         return _gated_delta_net(model)
     if kind is LayerType.MAMBA:
         return _mamba(model)
+    if kind is LayerType.ATTENTION_MAMBA:  # both mixers read the same normed input (FalconH1DecoderLayer)
+        return (*_attention_mixer(model), *_mamba(model))
     return _attention_mixer(model)
 
 

@@ -464,7 +464,7 @@ def check_trainable(model: ModelConfig) -> None:
     """The activation model was built and measured on attention blocks; a Mamba or gated-delta-net
     layer saves other tensors, so a training estimate of such a model is refused, not guessed."""
     recurrent = [kind.value for kind in dict.fromkeys(model.resolved_layer_types)
-                 if kind in (LayerType.MAMBA, LayerType.LINEAR_ATTENTION)]
+                 if kind in (LayerType.MAMBA, LayerType.ATTENTION_MAMBA, LayerType.LINEAR_ATTENTION)]
     if recurrent:
         raise InputError(f"{model.name}: training activations of {' and '.join(recurrent)} layers are not modelled "
                          "yet; `memcalc infer` and `memcalc show` cover this model (weights, KV cache and state)")
