@@ -335,23 +335,24 @@ def _local_numel(tensor: Tensor, tp: int, vocab: int) -> int:
     return tensor.numel
 
 
+def _local_count(tensor: Tensor, ep: int) -> int:
+    """Copies of ``tensor`` on one rank: a routed expert's divided by expert parallelism."""
+    return tensor.count // ep if tensor.expert else tensor.count
+
+
 def rank_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> RankParams:
     """Local tensors of one rank of pipeline stage ``stage`` (any TP, DP or CP rank holds the same):
     its layers' tensors from the inventory, TP-split by their role, routed experts divided by EP."""
     tp, ep = parallel.tp, parallel.ep
     vocab = padded_vocab(model, parallel)
-    inventory = build_inventory(model)
     # a multimodal checkpoint's vision tower and projector run before the first layer, replicated
-    tensors = [*(inventory.vision + inventory.embeddings if stage.first else ())]
-    for index in stage.indices:
-        tensors += inventory.layers[index].tensors
-    tensors += inventory.final if stage.last else ()
+    tensors = list(build_inventory(model).tensors_in_order(stage.indices, first=stage.first, last=stage.last))
 
     def numel(tensor: Tensor) -> int:
         return _local_numel(tensor, tp, vocab)
 
     dense = group_tensors((t for t in tensors if not t.expert), numel)
-    experts = group_tensors((t for t in tensors if t.expert), numel, lambda tensor: tensor.count // ep)
+    experts = group_tensors((t for t in tensors if t.expert), numel, lambda tensor: _local_count(tensor, ep))
     if model.tie_word_embeddings and stage.last and not stage.first:
         # Megatron keeps a copy of the tied embedding on the last stage for the output layer and
         # all-reduces the two copies' gradients (LanguageModule.setup_embeddings_and_output_layer).
@@ -380,7 +381,7 @@ def sharding_units(model: ModelConfig, parallel: ParallelConfig, stage: StageLay
     inventory = build_inventory(model)
 
     def local(tensors) -> int:
-        return sum(_local_numel(t, tp, vocab) * (t.count // ep if t.expert else t.count) for t in tensors)
+        return sum(_local_numel(t, tp, vocab) * _local_count(t, ep) for t in tensors)
 
     largest_layer = max((local(inventory.layers[index].tensors) for index in stage.indices), default=0)
     params = rank_params(model, parallel, stage)

@@ -321,6 +321,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     engine, block = settings.engine, settings.block_size
 
     weights, weight_rows = weight_components(local, settings)
+    weight_format = checkpoint_weights(model, settings)[0]
     per_token = kv_cache_bytes_per_token(model, kv_dtype, settings.tp, engine)
     kv_cache = kv_cache_bytes(model, local, shape.cached, sequences, kv_dtype, engine, block)
     kv_prompt = kv_cache_bytes(model, local, prompt, sequences, kv_dtype, engine, block)
@@ -395,14 +396,13 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     whole_model = weights if settings.tp == 1 else weight_components(model, settings)[0]
     checkpoint = (
         Component("weights_only", "Weights only", whole_model, Kind.STATIC,
-                  f"P x {checkpoint_weights(model, settings)[0] or compute_dtype.value}",
+                  f"P x {weight_format or compute_dtype.value}",
                   "parameter count x bytes per element"),
     )
     resolved = {
         "dtype": compute_dtype.value,
-        "weights": checkpoint_weights(model, settings)[0] or compute_dtype.value,
-        "weights_from": ("--weights" if settings.weights else model.checkpoint.source
-                         if checkpoint_weights(model, settings)[0] else "--dtype"),
+        "weights": weight_format or compute_dtype.value,
+        "weights_from": ("--weights" if settings.weights else model.checkpoint.source if weight_format else "--dtype"),
         "kv_dtype": kv_dtype.value,
         "batch_size": settings.batch_size,
         "decoding": decoding.value,

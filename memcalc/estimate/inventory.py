@@ -103,10 +103,6 @@ class LayerTensors:
     tensors: tuple[Tensor, ...]
     mixer: LayerType = LayerType.FULL_ATTENTION
 
-    @property
-    def total(self) -> int:
-        return sum(tensor.numel * tensor.count for tensor in self.tensors)
-
     def matmul_elements(self) -> int:
         """Elements of the weights the layer's matmuls read (one copy of each expert)."""
         return sum(tensor.numel * tensor.count for tensor in self.tensors if tensor.matmul)
@@ -121,16 +117,18 @@ class Inventory:
     final: tuple[Tensor, ...]
     vision: tuple[Tensor, ...] = ()  # a multimodal checkpoint's vision tower and projector
 
-    def tensors_in_order(self, layer_indices=None):
+    def tensors_in_order(self, layer_indices=None, *, first: bool = True, last: bool = True):
         """Each tensor as ``parameters()`` visits it: a vision tower and projector (multimodal
-        checkpoints), embeddings, layers (``layer_indices`` only, when given), then the final norm
-        and head."""
-        yield from self.vision
-        yield from self.embeddings
+        checkpoints) and the embeddings (``first``), the layers (``layer_indices`` only, when
+        given), then the final norm and head (``last``): a pipeline stage's share."""
+        if first:
+            yield from self.vision
+            yield from self.embeddings
         layers = self.layers if layer_indices is None else (self.layers[index] for index in layer_indices)
         for layer in layers:
             yield from layer.tensors
-        yield from self.final
+        if last:
+            yield from self.final
 
 
 # --- Building blocks ------------------------------------------------------------------------------

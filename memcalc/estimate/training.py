@@ -828,9 +828,9 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
 def _linear_weight_names(model: ModelConfig) -> frozenset[str]:
     """Names of the linear layers' weights inside the decoder layers (attention, MLP and expert
     projections), which FP8 recipes store their own way."""
-    from memcalc.estimate.inventory import build_inventory
+    from memcalc.estimate.weights import linear_weights
 
-    return frozenset(tensor.name for layer in build_inventory(model).layers for tensor in layer.tensors if tensor.linear)
+    return frozenset(shape.name for shape in linear_weights(model))
 
 
 def _gemm_states(model: ModelConfig, recipe: PrecisionRecipe, settings: TrainSettings, held, per_rank,

@@ -279,19 +279,13 @@ def linear_weights(model: ModelConfig) -> Iterator[LinearShape]:
     routers), with the names and counts of ``memcalc.estimate.params.count_params``, read from the
     tensor inventory. Multi-head latent attention follows Hugging Face's ``DeepseekV3Attention``
     (q_a/q_b or q, kv_a_proj_with_mqa, kv_b, o projections)."""
-    inventory = build_inventory(model)
-    shapes: dict[str, list] = {}
-    for layer in inventory.layers:
-        for tensor in layer.tensors:
-            if not tensor.linear:
-                continue
-            entry = shapes.get(tensor.name)
-            if entry is None:
-                shapes[tensor.name] = [tensor, tensor.count]
-            else:
-                entry[1] += tensor.count
-    for name, (tensor, count) in shapes.items():
-        yield LinearShape(name, tensor.category, tensor.d_in, tensor.d_out, count)
+    from memcalc.estimate.params import group_tensors
+
+    linear = [tensor for layer in build_inventory(model).layers for tensor in layer.tensors if tensor.linear]
+    by_name = {tensor.name: tensor for tensor in linear}
+    for group in group_tensors(linear).groups:
+        tensor = by_name[group.name]
+        yield LinearShape(group.name, group.category, tensor.d_in, tensor.d_out, group.count)
 
 
 def embedding_weights(model: ModelConfig) -> Iterator[LinearShape]:
