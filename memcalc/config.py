@@ -669,7 +669,26 @@ def parse(schema: type[Schema], data: Any, source: str = "", names: dict[str, st
     from dataclasses import fields, is_dataclass
 
     try:
-        return TypeAdapter(schema).validate_python(data)
+        result = TypeAdapter(schema).validate_python(data)
     except ValidationError as exc:
         known = tuple(field.name for field in fields(schema)) if is_dataclass(schema) else ()
         raise InputError(describe_validation_error(exc, source, names, known)) from None
+    if isinstance(result, ModelConfig):
+        _check_model_size(result, source)
+    return result
+
+
+# Ten thousand times the largest published model (Kimi K2, 1.03e12): a count past it is a typo in
+# the file (say num_experts 2**31), not a model, and would print absurd sizes with exit 0.
+MAX_PARAMETERS = 10**16
+
+
+def _check_model_size(model: ModelConfig, source: str) -> None:
+    from memcalc.errors import InputError
+    from memcalc.estimate.params import count_params
+
+    total = count_params(model).total
+    if total > MAX_PARAMETERS:
+        raise InputError(f"{source}: these sizes give {total:.3g} parameters, more than any model "
+                         f"(memcalc stops at {MAX_PARAMETERS:.0e}); check hidden_size, num_layers, the vocabulary "
+                         "and the expert counts")

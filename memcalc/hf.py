@@ -684,9 +684,10 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
         # ties the ForConditionalGeneration head by the top-level config; measured on the meta device)
         if outer.get("tie_word_embeddings") is not None:
             data["tie_word_embeddings"] = outer["tie_word_embeddings"]
+    if data.get("model_type") is not None and not isinstance(data["model_type"], str):
+        raise InputError(f"{source}: model_type: expected a string, got {data['model_type']!r}")
     if data.get("model_type") not in _READERS and not assume_llama:  # before its fields: the type is the problem
-        model_type = data.get("model_type")
-        raise InputError(f"{source}: model_type {model_type or '(missing)'!r} is not modelled by memcalc "
+        raise InputError(f"{source}: model_type {data.get('model_type') or '(missing)'!r} is not modelled by memcalc "
                          f"(known: {', '.join(KNOWN_MODEL_TYPES)}); --assume-llama reads it as a Llama block")
     if data.get("model_type") == "nemotron_h" and "num_hidden_layers" not in data:
         # transformers 5 writes the blocks and derives the layer count from them
@@ -700,10 +701,7 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
     model_type = hf_config.model_type
     reader = _Reader(data, hf_config, source)
     read = _READERS.get(model_type)
-    if read is None:
-        if not assume_llama:
-            raise InputError(f"{source}: model_type {model_type or '(missing)'!r} is not modelled by memcalc "
-                             f"(known: {', '.join(KNOWN_MODEL_TYPES)}); --assume-llama reads it as a Llama block")
+    if read is None:  # only with --assume-llama: the unknown type was refused above otherwise
         reader.notes.append(f"model_type {model_type or '(missing)'!r} is not known: assuming a Llama-style block "
                             "(--assume-llama)")
         read = _read_decoder

@@ -97,6 +97,10 @@ def test_training_refuses_recurrent_layers():
     ({"num_local_experts": 8}, "num_local_experts change the structure of a llama model"),
     ({"layer_types": ["full_attention", "banded"]}, "layer type 'banded' is not modelled"),
     ({"model_type": "bamba"}, "model_type 'bamba' is not modelled"),
+    ({"model_type": ["llama"]}, r"model_type: expected a string, got \['llama'\]"),
+    ({"model_type": "mixtral", "num_local_experts": 2**31, "num_experts_per_tok": 2, "hidden_size": 4096,
+      "num_attention_heads": 32, "intermediate_size": 14336},
+     r"these sizes give 7.57e\+17 parameters, more than any model"),
 ])
 def test_structure_memcalc_does_not_read_is_refused(data, message):
     base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
