@@ -48,6 +48,8 @@ AssumeLlamaOption = Annotated[bool, typer.Option("--assume-llama",
                                                  help="Read a config.json of an unknown model_type as a Llama block.")]
 UnitsOption = Annotated[Unit, typer.Option("--units", help="Display unit (JSON is always in bytes).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object (integer bytes) instead of tables.")]
+ExplainOption = Annotated[bool, typer.Option("--explain", help="List how each row is computed when the terminal is "
+                                             "too narrow for the Formula column.")]
 BatchOption = Annotated[int, typer.Option("--batch", "-b", min=1, help="Sequences per step (micro-batch).")]
 
 
@@ -229,7 +231,7 @@ def _recipe_name(precision: str | None) -> str | None:
     return precision
 
 
-def _emit(command: str, estimate, unit: Unit, as_json: bool, gpu=None, advice=None) -> None:
+def _emit(command: str, estimate, unit: Unit, as_json: bool, gpu=None, advice=None, explain: bool = False) -> None:
     if as_json:
         from memcalc.report import estimate_document
 
@@ -242,7 +244,7 @@ def _emit(command: str, estimate, unit: Unit, as_json: bool, gpu=None, advice=No
         return
     from memcalc.render import print_advice, print_estimate
 
-    print_estimate(command, estimate, unit, gpu)
+    print_estimate(command, estimate, unit, gpu, explain)
     if advice is not None:
         print_advice(advice, unit)
 
@@ -292,6 +294,7 @@ def train(
     assume_llama: AssumeLlamaOption = False,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
+    explain: ExplainOption = False,
 ) -> None:
     """Memory of one training step per GPU: weights, gradients, optimizer states, activations.
 
@@ -340,7 +343,7 @@ def train(
 
         component_bars(plot, [config.name], [estimate], gpu_spec.memory_bytes if gpu_spec else None,
                        f"memcalc train: {config.name}")
-    _emit("train", estimate, units, as_json, gpu_spec, advice)
+    _emit("train", estimate, units, as_json, gpu_spec, advice, explain)
 
 
 def _warn_precision_support(recipe_name: str, gpu_spec) -> None:
@@ -634,6 +637,7 @@ def infer(
     assume_llama: AssumeLlamaOption = False,
     units: UnitsOption = Unit.GIB,
     as_json: JsonOption = False,
+    explain: ExplainOption = False,
 ) -> None:
     """Memory to serve a model: weights, KV cache, prefill and decoding, overhead, and what fits.
 
@@ -709,7 +713,7 @@ def infer(
         return
     from memcalc.render import print_inference
 
-    print_inference(estimate, units, fit, capacity)
+    print_inference(estimate, units, fit, capacity, explain)
 
 
 @app.command()
@@ -882,7 +886,11 @@ def gpus(as_json: JsonOption = False) -> None:
 
 
 @app.command()
-def precisions(as_json: JsonOption = False) -> None:
+def precisions(
+    as_json: JsonOption = False,
+    explain: Annotated[bool, typer.Option("--explain", help="List each recipe's source when the terminal is too "
+                                          "narrow for the Source column.")] = False,
+) -> None:
     """List the precision recipes: bytes per linear-layer weight with Adam, and their sources.
 
     Examples:
@@ -900,7 +908,7 @@ def precisions(as_json: JsonOption = False) -> None:
         return
     from memcalc.render import print_precisions
 
-    print_precisions(RECIPES.values())
+    print_precisions(RECIPES.values(), explain)
 
 
 @app.command()

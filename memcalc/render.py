@@ -18,6 +18,25 @@ def _console():
     return Console(highlight=False, emoji=False)
 
 
+def _natural_width(console, renderable) -> int:
+    """The width ``renderable`` takes with no cell wrapped (columns with a ``max_width`` wrap at it)."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(10_000), renderable).maximum
+
+
+def _first_fitting(console, builds):
+    """The first table from ``builds`` (the fullest first) that fits the console without wrapping
+    a cell past its column's ``max_width``: a narrower terminal loses optional columns instead of
+    folding numbers or truncating words. The last one is used when none fits."""
+    table = None
+    for build in builds:
+        table = build()
+        if _natural_width(console, table) <= console.width:
+            return table
+    return table
+
+
 def format_count(count: int) -> str:
     """A parameter count in billions or millions, e.g. ``13.02B``."""
     if count >= 10**9:
@@ -29,17 +48,20 @@ def _share(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-SHARE_BAR_WIDTH = 10  # characters for 100%
+SHARE_BAR_WIDTHS = (10, 5, 0)  # characters for 100%, the widest that fits the terminal
 
 
-def _share_bar(part: int, whole: int) -> str:
-    """The share as a bar beside its percentage: one ``#`` per tenth, ``+`` for a half. ASCII on
-    purpose: wide or block characters make rich load its Unicode width tables on every run."""
+def _share_bar(part: int, whole: int, width: int = SHARE_BAR_WIDTHS[0]) -> str:
+    """The share as a bar beside its percentage: ``width`` characters for 100%, ``#`` for a full
+    character and ``+`` for a half. ASCII on purpose: wide or block characters make rich load its
+    Unicode width tables on every run."""
     if not whole:
         return "-"
-    halves = round(2 * SHARE_BAR_WIDTH * part / whole)
+    if not width:
+        return f"{100 * part / whole:.1f}%"
+    halves = round(2 * width * part / whole)
     bar = "#" * (halves // 2) + ("+" if halves % 2 else "")
-    return f"{bar:<{SHARE_BAR_WIDTH}} {100 * part / whole:5.1f}%"
+    return f"{bar:<{width}} {100 * part / whole:5.1f}%"
 
 
 PHASE_LABELS = {"forward": "forward", "backward": "backward", "optimizer_step": "optimizer step",
@@ -174,7 +196,29 @@ def _recipe_description(name: str) -> str:
     return RECIPES[name].description
 
 
-def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> None:
+FORMULA_WIDTH = 46  # the Formula column wraps at this width when the terminal has room for it
+
+
+def _estimate_rows(estimate: Estimate) -> list[tuple[str, str]]:
+    """Every row of the main table with its formula, in table order (the ``--explain`` view)."""
+    rows = [(component.label, component.formula) for component in estimate.components]
+    if estimate.phases:
+        rows += [(f"During {PHASE_LABELS[phase]}", PHASE_CONTENTS[phase]) for phase in estimate.phases]
+        rows.append(("Total (peak)", _peak_text(estimate)))
+        if estimate.cpu_total > 0:
+            rows.append(("Host memory", "sum of the CPU rows"))
+    else:
+        rows.append(("Total", "sum of the rows above"))
+    rows += [(reference.label, reference.formula) for reference in estimate.references]
+    return rows
+
+
+def _peak_text(estimate: Estimate) -> str:
+    text = f"largest phase: {PHASE_LABELS[estimate.peak_phase]}"
+    return text + " + runtime overhead" if estimate.runtime_bytes else text
+
+
+def _estimate_table(command: str, estimate: Estimate, unit: Unit, formula: bool, bar_width: int, kind: bool):
     from rich.table import Table
 
     label = UNIT_LABEL[unit]
@@ -183,13 +227,19 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> No
     table = Table(title=f"memcalc {command}: {estimate.model.name}", title_justify="left")
     table.add_column("Component", no_wrap=True)
     if offloaded:
-        table.add_column(f"GPU {label}", justify="right")
-        table.add_column(f"CPU {label}", justify="right")
+        table.add_column(f"GPU {label}", justify="right", no_wrap=True)
+        table.add_column(f"CPU {label}", justify="right", no_wrap=True)
     else:
-        table.add_column(label, justify="right")
+        table.add_column(label, justify="right", no_wrap=True)
     table.add_column("Share", justify="right", no_wrap=True)
-    table.add_column("Kind")
-    table.add_column("Formula")
+    if kind:
+        table.add_column("Kind", no_wrap=True)
+    if formula:
+        table.add_column("Formula", max_width=FORMULA_WIDTH)
+
+    def add(title: str, values: list[str], share: str, kind_text: str, formula_text: str, style=None) -> None:
+        table.add_row(title, *values, share, *([kind_text] if kind else []), *([formula_text] if formula else []),
+                      style=style)
 
     def amounts(value: int, location: str = "gpu") -> list[str]:
         if not offloaded:
@@ -198,42 +248,62 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> No
         return [shown, "-"] if location == "gpu" else ["-", shown]
 
     for component in estimate.components:
-        share = _share_bar(component.bytes, total) if component.location == "gpu" else "-"
-        table.add_row(component.label, *amounts(component.bytes, component.location), share,
-                      component.kind.value, component.formula)
+        share = _share_bar(component.bytes, total, bar_width) if component.location == "gpu" else "-"
+        add(component.label, amounts(component.bytes, component.location), share, component.kind.value,
+            component.formula)
     table.add_section()
     if estimate.phases:
         for phase, live in estimate.phases.items():
             marker = " (peak)" if phase == estimate.peak_phase else ""
-            table.add_row(f"During {PHASE_LABELS[phase]}{marker}", *amounts(live), _share(live, total),
-                          "phase", PHASE_CONTENTS[phase])
+            add(f"During {PHASE_LABELS[phase]}{marker}", amounts(live), _share(live, total), "phase",
+                PHASE_CONTENTS[phase])
         table.add_section()
-        peak_text = f"largest phase: {PHASE_LABELS[estimate.peak_phase]}"
-        if estimate.runtime_bytes:
-            peak_text += " + runtime overhead"
-        table.add_row("Total (peak)", *amounts(total), "100.0%", "", peak_text, style="bold")
+        add("Total (peak)", amounts(total), "100.0%", "", _peak_text(estimate), style="bold")
         if offloaded:
-            table.add_row("Host memory (this GPU's process)", "-", format_bytes(estimate.cpu_total, unit), "", "",
-                          "sum of the CPU rows", style="bold")
+            table.add_row("Host memory", "-", format_bytes(estimate.cpu_total, unit), "",
+                          *([""] if kind else []), *(["sum of the CPU rows"] if formula else []), style="bold")
     else:
-        table.add_row("Total", *amounts(total), "100.0%", "", "sum of the rows above", style="bold")
+        add("Total", amounts(total), "100.0%", "", "sum of the rows above", style="bold")
     for reference in estimate.references:
-        table.add_row(reference.label, *amounts(reference.bytes), "", "reference", reference.formula)
+        add(reference.label, amounts(reference.bytes), "", "reference", reference.formula)
+    return table
+
+
+def _formulas_grid(estimate: Estimate):
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for title, formula in _estimate_rows(estimate):
+        grid.add_row(title, formula)
+    return grid
+
+
+def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None, explain: bool = False) -> None:
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    total = estimate.total
+    console = _console()
+    variants = [(True, SHARE_BAR_WIDTHS[0], True)] + [(False, bar, kind) for kind in (True, False)
+                                                     for bar in SHARE_BAR_WIDTHS]
+    table = _first_fitting(console, [lambda v=v: _estimate_table(command, estimate, unit, *v) for v in variants])
+    formula_shown = any(column.header == "Formula" for column in table.columns)
 
     assumptions = Table.grid(padding=(0, 2))
-    assumptions.add_column(style="bold")
+    assumptions.add_column(style="bold", no_wrap=True)
     assumptions.add_column()
     for key, value in _assumptions(command, estimate):
         assumptions.add_row(key, value)
 
     checkpoint = Table(title="Checkpoint size on disk", title_justify="left")
     checkpoint.add_column("Checkpoint")
-    checkpoint.add_column(label, justify="right")
-    checkpoint.add_column("Contents")
+    checkpoint.add_column(label, justify="right", no_wrap=True)
+    checkpoint.add_column("Contents", max_width=FORMULA_WIDTH)
     for component in estimate.checkpoint:
         checkpoint.add_row(component.label, format_bytes(component.bytes, unit), component.formula)
 
-    console = _console()
     console.print(table)
     if estimate.phases and command == "train":
         console.print(
@@ -243,6 +313,14 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None) -> No
     elif estimate.phases:
         console.print("Shares are of the peak. The peak is the larger of prefill and decoding plus the runtime "
                       "overhead, not the sum of the rows.")
+    if not formula_shown:
+        if explain:
+            console.print()
+            console.print("How each row is computed", style="bold underline")
+            console.print(_formulas_grid(estimate))
+        else:
+            wide = _natural_width(console, _estimate_table(command, estimate, unit, *variants[0]))
+            console.print(f"Formulas: add --explain, or widen the terminal to {wide} columns.")
     if len(estimate.ranks) > 1:
         console.print(_ranks_table(estimate, unit))
     other = Unit.GB if unit is Unit.GIB else Unit.GIB
@@ -269,11 +347,9 @@ def _fit_line(total: int, gpu, unit: Unit) -> str:
 def _ranks_table(estimate: Estimate, unit: Unit):
     from rich.table import Table
 
-    label = UNIT_LABEL[unit]
-    table = Table(title="Per pipeline stage", title_justify="left")
-    for column in ("Rank", "Parameters", *(f"{PHASE_LABELS[phase].capitalize()} {label}" for phase in
-                                           ("forward", "backward", "optimizer_step")), f"Peak {label}"):
-        table.add_column(column, justify="left" if column == "Rank" else "right")
+    table = Table(title=f"Per pipeline stage ({UNIT_LABEL[unit]})", title_justify="left")
+    for column in ("Rank", "Params", "Forward", "Backward", "Opt. step", "Peak"):
+        table.add_column(column, justify="left" if column == "Rank" else "right", no_wrap=True)
     busiest = max(estimate.ranks, key=lambda view: view.total)
     for view in estimate.ranks:
         table.add_row(f"{view.name} (pp rank {view.pipeline_rank})", format_count(view.parameters),
@@ -282,19 +358,22 @@ def _ranks_table(estimate: Estimate, unit: Unit):
     return table
 
 
+SCENARIO_HEADER_WIDTH = 16  # longer scenario names move under the compare table
+
 COMPARED = ("weights", "master_weights", "optimizer_states", "gradients", "activations", "optimizer_step_temporaries",
             "sharding_working_set")
 
 
-def print_scenarios(model: ModelConfig, results: list[tuple[str, Estimate]], unit: Unit, gpu=None) -> None:
-    """``memcalc compare``: components as rows, one column per scenario (the most loaded GPU's)."""
+def _scenario_table(model: ModelConfig, results: list[tuple[int, str, Estimate]], unit: Unit, gpu, title: str):
     from rich.table import Table
 
-    label = UNIT_LABEL[unit]
-    table = Table(title=f"memcalc compare: {model.name} ({label} per GPU, most loaded rank)", title_justify="left")
-    table.add_column("")
-    for index, (name, _estimate) in enumerate(results, start=1):
-        table.add_column(f"{index}. {name}", justify="right", overflow="fold")
+    table = Table(title=title, title_justify="left")
+    table.add_column("", no_wrap=True)
+    for index, name, _estimate in results:
+        # A long scenario is numbered in the header and spelled out under the table.
+        header = f"{index}. {name}" if len(name) <= SCENARIO_HEADER_WIDTH else f"#{index}"
+        table.add_column(header, justify="right", no_wrap=True)
+    estimates = [estimate for _index, _name, estimate in results]
 
     def row(title: str, values: list[str], style: str | None = None) -> None:
         table.add_row(title, *values, style=style)
@@ -307,36 +386,56 @@ def print_scenarios(model: ModelConfig, results: list[tuple[str, Estimate]], uni
         where = " (CPU)" if item.location == "cpu" else ""
         return f"{format_bytes(item.bytes, unit)}{where}"
 
-    first = results[0][1]
     for key in COMPARED:
-        if all(key not in {c.key for c in estimate.components} for _name, estimate in results):
+        if all(key not in {c.key for c in estimate.components} for estimate in estimates):
             continue
-        row(next(c.label for _n, e in results for c in e.components if c.key == key),
-            [component(estimate, key) for _name, estimate in results])
+        row(next(c.label for e in estimates for c in e.components if c.key == key),
+            [component(estimate, key) for estimate in estimates])
     table.add_section()
-    row("Total (peak)", [format_bytes(estimate.total, unit) for _name, estimate in results], "bold")
-    row("Peak phase", [PHASE_LABELS[estimate.peak_phase] for _name, estimate in results])
-    if any(estimate.cpu_total for _name, estimate in results):
-        row("Host memory", [format_bytes(estimate.cpu_total, unit) for _name, estimate in results])
+    row("Total (peak)", [format_bytes(estimate.total, unit) for estimate in estimates], "bold")
+    row("Peak phase", [PHASE_LABELS[estimate.peak_phase] for estimate in estimates])
+    if any(estimate.cpu_total for estimate in estimates):
+        row("Host memory", [format_bytes(estimate.cpu_total, unit) for estimate in estimates])
     row("Most loaded rank", [estimate.ranks and max(estimate.ranks, key=lambda v: v.total).name or "the only GPU"
-                             for _name, estimate in results])
-    row("GPUs", [str(estimate.settings.get("parallel", {}).get("gpus", 1)) for _name, estimate in results])
-    row("Batch x seq", [f"{e.settings['batch_size']} x {e.settings['seq_len']}" for _name, e in results])
-    row("Precision", [e.settings["precision"] for _name, e in results])
-    row("Recompute", [e.settings["recompute"] for _name, e in results])
+                             for estimate in estimates])
+    row("GPUs", [str(estimate.settings.get("parallel", {}).get("gpus", 1)) for estimate in estimates])
+    row("Batch x seq", [f"{e.settings['batch_size']} x {e.settings['seq_len']}" for e in estimates])
+    row("Precision", [e.settings["precision"] for e in estimates])
+    row("Recompute", [e.settings["recompute"] for e in estimates])
     if gpu is not None:
         table.add_section()
-        row(f"Fits {gpu.name} ({format_bytes(gpu.memory_bytes, unit)})",
+        row(f"Fits {gpu.name}",
             ["yes" if e.total <= gpu.memory_bytes else f"no (+{format_bytes(e.total - gpu.memory_bytes, unit)})"
-             for _name, e in results], "bold")
+             for e in estimates], "bold")
+    return table
+
+
+def print_scenarios(model: ModelConfig, results: list[tuple[str, Estimate]], unit: Unit, gpu=None) -> None:
+    """``memcalc compare``: components as rows, one column per scenario (the most loaded GPU's); more
+    scenarios than the terminal holds side by side continue in a second table."""
+    label = UNIT_LABEL[unit]
     console = _console()
-    console.print(table)
+    numbered = [(index, name, estimate) for index, (name, estimate) in enumerate(results, start=1)]
+    title = f"memcalc compare: {model.name} ({label} per GPU, most loaded rank)"
+    per_table = len(numbered)
+    while per_table > 1 and _natural_width(console, _scenario_table(model, numbered[:per_table], unit, gpu,
+                                                                    title)) > console.width:
+        per_table -= 1
+    for start in range(0, len(numbered), per_table):
+        console.print(_scenario_table(model, numbered[start:start + per_table], unit, gpu,
+                                      title if start == 0 else f"memcalc compare (continued): {model.name}"))
+    for index, name, _estimate in numbered:
+        if len(name) > SCENARIO_HEADER_WIDTH:
+            console.print(f"#{index}: {name}")
+    if gpu is not None:
+        console.print(f"{gpu.name}: {format_bytes(gpu.memory_bytes, unit)} {label}.")
+    first = results[0][1]
     console.print(f"{first.model.name}: {format_count(first.params.total)} parameters. Each column is the most loaded "
                   "GPU of its layout; `memcalc train` with the same flags shows every component's formula.")
 
 
-def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None) -> None:
-    print_estimate("infer", estimate, unit)
+def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None, explain: bool = False) -> None:
+    print_estimate("infer", estimate, unit, explain=explain)
     label = UNIT_LABEL[unit]
     console = _console()
     if fit is not None:
@@ -357,6 +456,9 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None) -> 
                       f"tokens ({estimate.settings['kv_cache_bytes_per_token']:,} bytes/token).")
 
 
+ADVICE_PROSE_WIDTH = 28
+
+
 def print_advice(advice, unit: Unit) -> None:
     """What would make it fit, in the seed's order, each change alone."""
     from rich.table import Table
@@ -369,11 +471,16 @@ def print_advice(advice, unit: Unit) -> None:
         return
     table = Table(title="What would make it fit (each change alone, same estimator)", title_justify="left")
     for column in ("Change", f"Saves {label}", f"Peak {label}", "Fits", "Cost"):
-        table.add_column(column, justify="right" if label in column else "left", overflow="fold")
+        prose = column in ("Change", "Cost")
+        table.add_column(column, justify="left" if prose or column == "Fits" else "right", no_wrap=not prose,
+                         max_width=ADVICE_PROSE_WIDTH if prose else None)
     for item in advice:
         table.add_row(item.change, format_bytes(item.saved, unit), format_bytes(item.total, unit),
                       "yes" if item.fits else "no", item.cost)
     console.print(table)
+
+
+PLAN_LAYOUT_WIDTH = 36  # the layout wraps at this width, between its settings
 
 
 def print_plan(result, unit: Unit) -> None:
@@ -382,8 +489,10 @@ def print_plan(result, unit: Unit) -> None:
     label = UNIT_LABEL[unit]
     table = Table(title=f"memcalc plan: {result.model.name} on {result.gpus} x {result.gpu.name}, seq {result.seq_len}, "
                         f"global batch {result.global_batch}", title_justify="left")
-    for column in ("#", "Layout", f"Memory {label}", f"Host {label}", "Step s", "Tokens/s", "MFU"):
-        table.add_column(column, justify="left" if column == "Layout" else "right", overflow="fold")
+    for column in ("#", "Layout", f"{label}", f"Host {label}", "Step s", "Tokens/s", "MFU"):
+        layout = column == "Layout"
+        table.add_column(column, justify="left" if layout else "right", no_wrap=not layout,
+                         max_width=PLAN_LAYOUT_WIDTH if layout else None)
     for index, item in enumerate(result.top, start=1):
         table.add_row(str(index), item.layout.describe(), format_bytes(item.memory_bytes, unit),
                       format_bytes(item.host_bytes, unit) if item.host_bytes else "-", f"{item.step_time_s:.2f}",
@@ -406,39 +515,66 @@ def print_plan(result, unit: Unit) -> None:
                   + ", ".join(f"{key} {value}" for key, value in result.assumptions.items()))
 
 
-def print_sweep(model: ModelConfig, key: str, points, unit: Unit, gpu=None, over_point=None) -> None:
-    """One row per swept value, the components as columns, the most loaded GPU's peak last."""
+_SWEEP_TITLES = {"weights": "Weights", "master_weights": "Master", "optimizer_states": "Optim.",
+                 "gradients": "Grads", "activations": "Activ.", "optimizer_step_temporaries": "Step tmp",
+                 "sharding_working_set": "ZeRO-3"}
+_STATIC = ("weights", "master_weights", "optimizer_states", "gradients")
+
+
+def _sweep_table(model: ModelConfig, key: str, points, unit: Unit, gpu, over_point, keys: list[str], merged: bool,
+                 phase: bool):
     from rich.table import Table
 
     from memcalc.sweep import SWEEPABLE
 
     label = UNIT_LABEL[unit]
-    keys = [k for k in COMPARED if any(p.estimate is not None and k in {c.key for c in p.estimate.components}
-                                       for p in points)]
-    titles = {"weights": "Weights", "master_weights": "Master", "optimizer_states": "Optimizer",
-              "gradients": "Grads", "activations": "Activations", "optimizer_step_temporaries": "Step temp.",
-              "sharding_working_set": "ZeRO-3 set"}
     table = Table(title=f"memcalc sweep: {model.name} over {key} ({SWEEPABLE[key]}), {label} per GPU",
                   title_justify="left")
-    table.add_column(key, justify="right")
-    for item in keys:
-        table.add_column(titles[item], justify="right")
-    table.add_column(f"Total {label}", justify="right")
-    table.add_column("Peak phase")
+    table.add_column(key, justify="right", no_wrap=True)
+    columns = ([k for k in keys if k not in _STATIC] if merged else keys)
+    if merged:
+        table.add_column("Static", justify="right", no_wrap=True)
+    for item in columns:
+        table.add_column(_SWEEP_TITLES[item], justify="right", no_wrap=True)
+    table.add_column("Total", justify="right", no_wrap=True)
+    if phase:
+        table.add_column("Peak phase", no_wrap=True)
     if gpu is not None:
-        table.add_column(f"Fits {gpu.name}")
+        table.add_column("Fits", no_wrap=True)
     for point in points:
         if point.estimate is None:
-            table.add_row(f"{point.value:,}", *(["-"] * len(keys)), "-", point.error, *([""] if gpu else []))
+            table.add_row(f"{point.value:,}", *(["-"] * (len(columns) + merged)), "-",
+                          *([point.error] if phase else []), *(["-"] if gpu else []))
             continue
         estimate = point.estimate
         parts = {component.key: component.bytes for component in estimate.components}
-        cells = [format_bytes(parts[item], unit) if item in parts else "-" for item in keys]
+        cells = [format_bytes(parts[item], unit) if item in parts else "-" for item in columns]
+        if merged:
+            cells.insert(0, format_bytes(sum(parts.get(item, 0) for item in _STATIC), unit))
         fits = ([("yes" if estimate.total <= gpu.memory_bytes else "no")] if gpu else [])
-        table.add_row(f"{point.value:,}", *cells, format_bytes(estimate.total, unit), PHASE_LABELS[estimate.peak_phase],
-                      *fits, style="bold" if point is over_point else None)
+        table.add_row(f"{point.value:,}", *cells, format_bytes(estimate.total, unit),
+                      *([PHASE_LABELS[estimate.peak_phase]] if phase else []), *fits,
+                      style="bold" if point is over_point else None)
+    return table
+
+
+def print_sweep(model: ModelConfig, key: str, points, unit: Unit, gpu=None, over_point=None) -> None:
+    """One row per swept value, the components as columns, the most loaded GPU's peak last; a narrow
+    terminal sums weights, master weights, optimizer states and gradients into one Static column."""
+    label = UNIT_LABEL[unit]
+    keys = [k for k in COMPARED if any(p.estimate is not None and k in {c.key for c in p.estimate.components}
+                                       for p in points)]
     console = _console()
+    variants = [(False, True), (True, True), (True, False)]
+    table = _first_fitting(console, [lambda v=v: _sweep_table(model, key, points, unit, gpu, over_point, keys, *v)
+                                     for v in variants])
     console.print(table)
+    headers = {column.header for column in table.columns}
+    if "Static" in headers:
+        console.print("Static: weights + master weights + optimizer states + gradients.")
+    if "Peak phase" not in headers and any(point.error for point in points):
+        console.print("Points without numbers: " + "; ".join(f"{point.value:,}: {point.error}" for point in points
+                                                             if point.error))
     if gpu is not None:
         if over_point is None:
             console.print(f"Every point fits on {gpu.name} ({format_bytes(gpu.memory_bytes, unit)} {label}).")
@@ -447,64 +583,133 @@ def print_sweep(model: ModelConfig, key: str, points, unit: Unit, gpu=None, over
                           f"{key} = {over_point.value:,}.")
 
 
-def print_precisions(recipes) -> None:
+def _precision_cells(recipe) -> dict[str, str]:
+    gemm = recipe.gemm
+    if gemm is None:
+        master = f" + master {recipe.master_dtype.value}" if recipe.master_dtype else ""
+        breakdown = (f"{recipe.weight_dtype.value} weight + {recipe.grad_dtype.value} grad{master} + 2 x "
+                     f"{recipe.optimizer_state_dtype.value} moments")
+    else:
+        parts = [("weight", gemm.weight), ("copies", gemm.copies), ("transpose (Hopper)", gemm.transpose),
+                 ("grad", gemm.gradient), ("master", gemm.master), ("m", gemm.first_moment),
+                 ("v", gemm.second_moment)]
+        breakdown = " + ".join(f"{name} {float(value):g}" for name, value in parts if value)
+    total, blackwell = recipe.linear_bytes_per_param(), recipe.linear_bytes_per_param(transpose=False)
+    value = f"{float(total):g}" + (f" ({float(blackwell):g} Blackwell)" if blackwell != total else "")
+    cached = f"{float(recipe.gemm_input_bytes):g} B" if recipe.gemm_input_bytes else recipe.activation_dtype.value
+    return {"Recipe": recipe.name, "B/param (Adam)": value, "Breakdown": breakdown, "GEMM input": cached,
+            "Needs": recipe.requires or "-", "Source": recipe.source}
+
+
+PRECISION_COLUMNS = ("Recipe", "B/param (Adam)", "Breakdown", "GEMM input", "Needs", "Source")
+_PROSE_WIDTH = {"Breakdown": 36, "Source": 48}
+
+
+def _precisions_table(rows: list[dict[str, str]], columns: tuple[str, ...]):
     from rich.table import Table
 
-    table = Table(title="memcalc precisions", title_justify="left")
-    for column in ("Recipe", "Linear weight B/param (Adam)", "Breakdown", "Cached GEMM input", "Needs", "Source"):
-        table.add_column(column, justify="right" if column.startswith("Linear") else "left", overflow="fold")
-    for recipe in recipes:
-        gemm = recipe.gemm
-        if gemm is None:
-            master = f" + master {recipe.master_dtype.value}" if recipe.master_dtype else ""
-            breakdown = (f"{recipe.weight_dtype.value} weight + {recipe.grad_dtype.value} grad{master} + 2 x "
-                         f"{recipe.optimizer_state_dtype.value} moments")
-        else:
-            parts = [("weight", gemm.weight), ("copies", gemm.copies), ("transpose (Hopper)", gemm.transpose),
-                     ("grad", gemm.gradient), ("master", gemm.master), ("m", gemm.first_moment),
-                     ("v", gemm.second_moment)]
-            breakdown = " + ".join(f"{name} {float(value):g}" for name, value in parts if value)
-        total, blackwell = recipe.linear_bytes_per_param(), recipe.linear_bytes_per_param(transpose=False)
-        value = f"{float(total):g}" + (f" ({float(blackwell):g} Blackwell)" if blackwell != total else "")
-        cached = f"{float(recipe.gemm_input_bytes):g} B" if recipe.gemm_input_bytes else recipe.activation_dtype.value
-        table.add_row(recipe.name, value, breakdown, cached, recipe.requires or "-", recipe.source)
+    table = Table(title="memcalc precisions: bytes per linear-layer weight", title_justify="left")
+    for column in columns:
+        prose = column in _PROSE_WIDTH
+        table.add_column(column, justify="right" if column == "B/param (Adam)" else "left", no_wrap=not prose,
+                         max_width=_PROSE_WIDTH.get(column))
+    for cells in rows:
+        table.add_row(*(cells[column] for column in columns))
+    return table
+
+
+def print_precisions(recipes, explain: bool = False) -> None:
+    from rich.table import Table
+
+    rows = [_precision_cells(recipe) for recipe in recipes]
     console = _console()
+    narrow = tuple(column for column in PRECISION_COLUMNS if column != "Source")
+    table = _first_fitting(console, [lambda: _precisions_table(rows, PRECISION_COLUMNS),
+                                     lambda: _precisions_table(rows, narrow),
+                                     lambda: _precisions_table(rows, tuple(c for c in narrow if c != "GEMM input"))])
     console.print(table)
-    console.print("Embeddings, norms, biases and the output head follow each recipe's dtypes; docs/precision.md "
-                  "explains every row.")
+    console.print("GEMM input: what a linear layer saves for backward. Embeddings, norms, biases and the output head "
+                  "follow each recipe's dtypes; docs/precision.md explains every row.")
+    if len(table.columns) < len(PRECISION_COLUMNS):
+        if explain:
+            console.print()
+            console.print("Sources", style="bold underline")
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold", no_wrap=True)
+            grid.add_column()
+            for cells in rows:
+                grid.add_row(cells["Recipe"], cells["Source"])
+            console.print(grid)
+        else:
+            console.print("Sources: add --explain, or widen the terminal to "
+                          f"{_natural_width(console, _precisions_table(rows, PRECISION_COLUMNS))} columns.")
+
+
+# What a narrower terminal leaves out of `memcalc formats`, first to last (--json has every field).
+FORMAT_OPTIONAL_COLUMNS = ("binades", "bias", "finite values", "min subnormal", "inf/NaN")
+
+
+def _formats_table(rows, columns: tuple[str, ...]):
+    from rich.table import Table
+
+    from memcalc.formats import COLUMNS
+
+    table = Table(title="memcalc formats", title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column == COLUMNS[0] else "right", no_wrap=True)
+    for cells in rows:
+        by_column = dict(zip(COLUMNS, cells, strict=True))
+        table.add_row(*(by_column[column] for column in columns))
+    return table
 
 
 def print_formats(rows) -> None:
-    from rich.table import Table
-
     from memcalc.formats import COLUMNS, table_rows
 
-    table = Table(title="memcalc formats", title_justify="left")
-    for index, column in enumerate(COLUMNS):
-        table.add_column(column, justify="left" if index == 0 else "right", overflow="fold")
-    for cells in table_rows(rows):
-        table.add_row(*map(str, cells))
+    cells = [tuple(map(str, row)) for row in table_rows(rows)]
+    # A narrow terminal stacks a value over its power of two instead of folding digits.
+    stacked = [tuple(cell.replace(" (", "\n(").replace(", ", ",\n") for cell in row) for row in cells]
+    kept = [tuple(column for column in COLUMNS if column not in FORMAT_OPTIONAL_COLUMNS[:dropped])
+            for dropped in range(len(FORMAT_OPTIONAL_COLUMNS) + 1)]
+    variants = [(cells, columns) for columns in kept[:3]] + [(stacked, columns) for columns in kept]
     console = _console()
+    table = _first_fitting(console, [lambda shown=shown, columns=columns: _formats_table(shown, columns)
+                                     for shown, columns in variants])
     console.print(table)
     console.print("Computed from each format's bit layout (memcalc/formats.py); sources in docs/precision.md.")
+    left_out = [column for column in COLUMNS if column not in {c.header for c in table.columns}]
+    if left_out:
+        console.print(f"Left out at this width: {', '.join(left_out)} (`memcalc formats --json`, or a wider "
+                      "terminal).")
 
 
-def print_models(models: list[ModelConfig]) -> None:
+def _models_table(models: list[ModelConfig], aliases: bool):
     from rich.table import Table
 
     table = Table(title="memcalc models", title_justify="left")
-    for column in ("Name", "Aliases", "Params", "Layers", "Hidden", "Heads", "KV heads", "Vocab"):
-        table.add_column(column, justify="left" if column in ("Name", "Aliases") else "right")
+    table.add_column("Name", no_wrap=True)
+    if aliases:
+        table.add_column("Aliases", max_width=44)
+    for column in ("Params", "Active", "Layers", "Hidden", "Heads", "Vocab"):
+        table.add_column(column, justify="right", no_wrap=True)
     for model in models:
         params = count_params(model)
-        size = format_count(params.total)
-        if model.moe:
-            size += f" ({format_count(params.active)} active)"
+        active = format_count(params.active) if model.moe else "-"
         table.add_row(
-            model.name, ", ".join(model.aliases), size, str(model.num_layers), str(model.hidden_size),
-            str(model.num_attention_heads), str(model.kv_heads), f"{model.vocab_size:,}",
+            model.name, *([", ".join(model.aliases)] if aliases else []), format_count(params.total), active,
+            str(model.num_layers), str(model.hidden_size), f"{model.num_attention_heads}/{model.kv_heads}",
+            f"{model.vocab_size:,}",
         )
-    _console().print(table)
+    return table
+
+
+def print_models(models: list[ModelConfig]) -> None:
+    console = _console()
+    table = _first_fitting(console, [lambda: _models_table(models, True), lambda: _models_table(models, False)])
+    console.print(table)
+    console.print("Heads: query/key-value heads. Active: parameters per token of a mixture of experts.")
+    if len(table.columns) == 7:
+        console.print("Aliases: `memcalc models --json`, or a wider terminal.")
 
 
 def _layer_types_summary(types: list[str]) -> str:
@@ -525,8 +730,8 @@ def print_show(document: dict[str, Any]) -> None:
     from rich.table import Table
 
     config = Table(title=f"memcalc show: {document['model']['name']}", title_justify="left")
-    config.add_column("Field")
-    config.add_column("Value")
+    config.add_column("Field", no_wrap=True)
+    config.add_column("Value", overflow="fold")  # a URL folds rather than losing its end
     for key, value in document["config"].items():
         if key in ("name", "notes") or value in (None, [], ()):
             continue
@@ -627,9 +832,10 @@ def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: floa
     from rich.table import Table
 
     label = UNIT_LABEL[unit]
-    table = Table(title=f"memcalc validate: {estimate.model.name} on {comparison.device}", title_justify="left")
-    for column in ("Component", f"Estimated {label}", f"Measured {label}", f"Difference {label}", "Error"):
-        table.add_column(column, justify="left" if column == "Component" else "right")
+    table = Table(title=f"memcalc validate: {estimate.model.name} on {comparison.device} ({label})",
+                  title_justify="left")
+    for column in ("Component", "Estimated", "Measured", "Difference", "Error"):
+        table.add_column(column, justify="left" if column == "Component" else "right", no_wrap=True)
 
     def cells(row) -> list[str]:
         def amount(value):
@@ -667,17 +873,33 @@ def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: floa
         console.print(f"Total error {comparison.total.error_percent:+.2f}%: {verdict} the {tolerance}% tolerance.")
 
 
-def print_gpus(catalogue) -> None:
+GPU_COLUMNS = ("Name", "GiB", "TFLOP/s", "FP8", "MXFP8", "GB/s", "Architecture", "Aliases")
+
+
+def _gpus_table(catalogue, columns: tuple[str, ...]):
     from rich.table import Table
 
     table = Table(title="memcalc gpus", title_justify="left")
-    for column in ("Name", "Memory GiB", "bf16 TFLOP/s", "FP8", "MXFP8", "Link GB/s", "Architecture", "Aliases"):
-        table.add_column(column, justify="right" if column in ("Memory GiB", "bf16 TFLOP/s", "Link GB/s") else "left")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("GiB", "TFLOP/s", "GB/s") else "left",
+                         no_wrap=column != "Aliases", max_width=30 if column == "Aliases" else None)
     for spec in catalogue:
-        table.add_row(
-            spec.name, f"{spec.memory_gib:g}", f"{spec.bf16_dense_tflops:g}", "yes" if spec.fp8 else "no",
-            "yes" if spec.mxfp8 else "no", f"{spec.intra_node_gbps:g}", spec.architecture, ", ".join(spec.aliases),
-        )
+        cells = {
+            "Name": spec.name, "GiB": f"{spec.memory_gib:g}", "TFLOP/s": f"{spec.bf16_dense_tflops:g}",
+            "FP8": "yes" if spec.fp8 else "no", "MXFP8": "yes" if spec.mxfp8 else "no",
+            "GB/s": f"{spec.intra_node_gbps:g}", "Architecture": spec.architecture,
+            "Aliases": ", ".join(spec.aliases),
+        }
+        table.add_row(*(cells[column] for column in columns))
+    return table
+
+
+def print_gpus(catalogue) -> None:
     console = _console()
+    table = _first_fitting(console, [lambda: _gpus_table(catalogue, GPU_COLUMNS),
+                                     lambda: _gpus_table(catalogue, GPU_COLUMNS[:-1])])
     console.print(table)
-    console.print("Memory as sold: a datasheet's GB of HBM/GDDR are GiB (2^30 bytes); --json gives bytes.")
+    console.print("GiB: memory as sold (a datasheet's GB of HBM/GDDR are GiB, 2^30 bytes; --json gives bytes). "
+                  "TFLOP/s: dense bf16. GB/s: the GPU-to-GPU link inside a node.")
+    if len(table.columns) < len(GPU_COLUMNS):
+        console.print("Aliases: `memcalc gpus --json`, or a wider terminal.")

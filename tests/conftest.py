@@ -27,7 +27,7 @@ class CliResult:
 
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
-    """Run ``memcalc ARGS`` in-process with a pinned terminal (100 columns, no colour)."""
+    """Run ``memcalc ARGS`` in-process with a pinned terminal (100 columns unless ``columns``, no colour)."""
     from memcalc.cli import main
 
     monkeypatch.setenv("COLUMNS", "100")
@@ -36,7 +36,8 @@ def run_cli(capsys, monkeypatch):
     monkeypatch.delenv("MEMCALC_DEBUG", raising=False)
     monkeypatch.delenv("FORCE_COLOR", raising=False)
 
-    def run(*args: str) -> CliResult:
+    def run(*args: str, columns: int = 100) -> CliResult:
+        monkeypatch.setenv("COLUMNS", str(columns))
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
             main(list(args))

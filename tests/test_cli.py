@@ -29,6 +29,7 @@ GOLDEN_CASES = {
                                "--seq", "1024"],
     "train_llama-3-8b_te-fp8_no_fit": ["train", "llama-3-8b", "--precision", "te-fp8", "--seq", "4096", "--gpu", "h100"],
     "precisions": ["precisions"],
+    "train_llama-3-8b_explain": ["train", "llama-3-8b", "--explain"],
     "formats": ["formats"],
     "compare_llama-2-70b": ["compare", "llama-2-70b", "--seq", "4096", "--gpu", "h100-80gb",
                             "--scenario", "gpus=64,tp=8,pp=2,sp=true,distributed_optimizer=true",
@@ -36,16 +37,69 @@ GOLDEN_CASES = {
 }
 
 
+GOLDEN_WIDTHS = (80, 120)
+
+
+def _golden_path(case: str, columns: int) -> Path:
+    return GOLDEN_DIR / f"{case}@{columns}.out"
+
+
+@pytest.mark.parametrize("columns", GOLDEN_WIDTHS)
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
-def test_golden_output(case, run_cli, update_golden):
-    """Terminal output at 100 columns without colour; rewrite with ``pytest --update-golden``."""
-    result = run_cli(*GOLDEN_CASES[case])
+def test_golden_output(case, columns, run_cli, update_golden):
+    """Terminal output at 80 and 120 columns without colour; rewrite with ``pytest --update-golden``."""
+    result = run_cli(*GOLDEN_CASES[case], columns=columns)
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
-    path = GOLDEN_DIR / f"{case}.out"
+    path = _golden_path(case, columns)
     if update_golden:
         path.write_text(result.stdout)
     assert result.stdout == path.read_text()
+
+
+@pytest.mark.parametrize("columns", GOLDEN_WIDTHS)
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_golden_output_fits_its_width(case, columns):
+    """No golden output holds a truncated cell (rich's ellipsis) or a line wider than its terminal."""
+    text = _golden_path(case, columns).read_text()
+    assert "\u2026" not in text
+    assert [line for line in text.splitlines() if len(line.rstrip()) > columns] == []
+
+
+def test_golden_cases_are_the_golden_files():
+    """Every file under tests/golden is a case at one of the widths: none is left over."""
+    expected = {_golden_path(case, columns).name for case in GOLDEN_CASES for columns in GOLDEN_WIDTHS}
+    assert {path.name for path in GOLDEN_DIR.glob("*.out")} == expected
+
+
+def test_explain_lists_what_the_narrow_table_leaves_out(run_cli):
+    """At 80 columns the Formula column gives way; --explain lists every formula the 160-column table shows."""
+    wide = run_cli("train", "llama-3-8b", columns=160).stdout
+    narrow = run_cli("train", "llama-3-8b", columns=80).stdout
+    explained = run_cli("train", "llama-3-8b", "--explain", columns=80).stdout
+    assert "┃ Formula" in wide and "┃ Formula" not in narrow and "--explain" in narrow
+    main_table = wide[:wide.index("└")]
+    rows = [line.split("│")[1:-1] for line in main_table.splitlines() if line.startswith("│")]
+    formulas = {cells[0].strip(): cells[-1].strip() for cells in rows if cells[-1].strip()}
+    assert len(formulas) >= 10
+    lines = {line.rstrip() for line in explained.splitlines()}
+    for label, formula in formulas.items():
+        label = label.removesuffix(" (peak)") if label.startswith("During") else label
+        assert any(line.startswith(label) and line.endswith(formula) for line in lines), (label, formula)
+
+
+@pytest.mark.parametrize("case", ["train_llama-2-70b_tp8_pp2_sp_distopt", "compare_llama-2-70b", "precisions"])
+def test_colour_adds_only_escape_codes(case, run_cli, monkeypatch):
+    """Coloured output is the plain output with ANSI styles added: piping loses nothing."""
+    import re
+
+    plain = run_cli(*GOLDEN_CASES[case], columns=80).stdout
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TERM", "xterm-256color")
+    coloured = run_cli(*GOLDEN_CASES[case], columns=80).stdout
+    assert coloured != plain
+    assert re.sub(r"\x1b\[[0-9;]*m", "", coloured) == plain
 
 
 def test_train_table_shows_hand_derived_values(run_cli):
