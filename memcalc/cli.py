@@ -15,7 +15,7 @@ import typer
 
 from memcalc.config import ActivationModel, Attention, KVDType, Loss, Optimizer, OptimizerImpl, Recompute, TrainDType
 from memcalc.dtypes import DType
-from memcalc.errors import InputError, MemcalcError, ToleranceExceeded
+from memcalc.errors import InputError, MemcalcError, SettingsError, ToleranceExceeded
 from memcalc.units import Unit
 
 app = typer.Typer(
@@ -201,26 +201,30 @@ def _size(flag: str, text: str | None) -> int | None:
 def _infer_settings(dtype, kv_dtype, batch, context, prompt, max_new_tokens, num_beams, **options):
     from memcalc.config import InferSettings
 
-    if context is not None and prompt is not None:
-        raise InputError("--context and --prompt: give one (--context counts every cached token; --prompt with "
-                         "--max-new-tokens describes a generate() run)")
-    if max_new_tokens and prompt is None:
+    if max_new_tokens and prompt is None and context is None:
         raise InputError("--max-new-tokens needs --prompt")
-    names = {"num_beams": "--num-beams", "top_p": "--top-p", "top_k": "--top-k", "temperature": "--temperature",
-             "num_return_sequences": "--num-return-sequences", "group_size": "--group-size", "decoding": "--decoding"}
-    try:
-        return InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context, prompt_len=prompt,
-                             max_new_tokens=max_new_tokens, num_beams=num_beams, **options)
-    except ValueError as exc:
-        raise _flag_error(exc, names) from None
+    return InferSettings(dtype=dtype, kv_dtype=kv_dtype, batch_size=batch, context_len=context, prompt_len=prompt,
+                         max_new_tokens=max_new_tokens, num_beams=num_beams, **options)
 
 
-def _flag_error(exc: ValueError, flags: dict[str, str]) -> InputError:
-    """A settings schema's message with its field names replaced by the flags that set them."""
-    message = str(exc)
-    for field, flag in flags.items():
-        message = message.replace(field, flag)
-    return InputError(message)
+# Settings fields whose flag is not ``--`` + the field with dashes (a SettingsError names fields).
+FLAG_OF_FIELD = {"batch_size": "--batch", "seq_len": "--seq", "context_len": "--context", "prompt_len": "--prompt",
+                 "paged_optimizer": "--paged", "overhead_bytes": "--overhead"}
+# The same fields as ``compare --scenario`` keys.
+SCENARIO_KEY_OF_FIELD = {"batch_size": "batch", "seq_len": "seq"}
+
+
+def flag_of(field: str) -> str:
+    return FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
+def scenario_key_of(field: str) -> str:
+    return SCENARIO_KEY_OF_FIELD.get(field, field)
+
+
+def _message(exc: MemcalcError, name=flag_of) -> str:
+    """The one line for ``exc``; a SettingsError names its fields as ``name`` writes them."""
+    return exc.describe(name) if isinstance(exc, SettingsError) else str(exc)
 
 
 def _recipe_name(precision: str | None) -> str | None:
@@ -363,12 +367,7 @@ def _train_settings(**fields):
 
     if fields.get("paged_optimizer") and fields.get("optimizer") is not Optimizer.ADAM8BIT:
         raise InputError("--paged applies to bitsandbytes' 8-bit optimizers: use --optimizer adam8bit")
-    try:
-        return TrainSettings(**fields)
-    except ValueError as exc:
-        raise _flag_error(exc, {"optimizer_in_backward": "--optimizer-in-backward", "grad_accum": "--grad-accum",
-                                "lora_targets": "--lora-targets", "lora target": "--lora-targets",
-                                "lora_rank": "--lora-rank", "qlora": "--qlora"}) from None
+    return TrainSettings(**fields)
 
 
 def _warn(message: str) -> None:
@@ -442,7 +441,7 @@ def compare(
         try:
             results.append((item.label(), estimate_training(config, train_settings(item, base), parallel_config(item))))
         except InputError as exc:
-            raise InputError(f"scenario {item.label()!r}: {exc}") from None
+            raise InputError(f"scenario {item.label()!r}: {_message(exc, scenario_key_of)}") from None
     if plot is not None:
         from memcalc.plot import component_bars
 
@@ -983,7 +982,7 @@ def main(argv: list[str] | None = None) -> None:
     except MemcalcError as exc:
         if os.environ.get("MEMCALC_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_message(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except click_errors.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else exc.format_message())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from memcalc.bounds import NonNegativeInt, PositiveInt
 from memcalc.dtypes import DType
+from memcalc.errors import Field, SettingsError
 
 if TYPE_CHECKING:  # imported when a file is validated (parse) or built (model_from_trusted): not on start-up
     from memcalc.vision import VisionTower
@@ -491,10 +492,10 @@ def parse_lora_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str,
         name = str(item).strip().lower()
         name = name[: -len("_proj")] if name.endswith("_proj") else name
         if name not in LORA_TARGETS:
-            raise ValueError(f"lora target {str(item).strip()!r} is not one of {', '.join(LORA_TARGETS)}")
+            raise SettingsError(Field("lora_targets"), f" {str(item).strip()!r} is not one of {', '.join(LORA_TARGETS)}")
         names.append(name)
     if not names:
-        raise ValueError(f"lora_targets is empty; choose from {', '.join(LORA_TARGETS)}")
+        raise SettingsError(Field("lora_targets"), f" is empty; choose from {', '.join(LORA_TARGETS)}")
     return tuple(name for name in LORA_TARGETS if name in names)
 
 
@@ -502,7 +503,7 @@ def _check_positive(instance: Any, *names: str) -> None:
     for name in names:
         value = getattr(instance, name)
         if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise SettingsError(Field(name), f" must be positive, got {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -542,14 +543,15 @@ class TrainSettings:
         _check_positive(self, "batch_size", "seq_len", "grad_accum", "lora_rank")
         object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
         if self.qlora and self.lora_rank is None:
-            raise ValueError("qlora trains LoRA adapters on a 4-bit base: give lora_rank too")
+            raise SettingsError(Field("qlora"), " trains LoRA adapters on a 4-bit base: give ", Field("lora_rank"), " too")
         if self.optimizer_in_backward and self.grad_accum > 1:
-            raise ValueError("optimizer_in_backward steps during backward: it cannot accumulate gradients (grad_accum)")
+            raise SettingsError(Field("optimizer_in_backward"), " steps during backward: it cannot accumulate gradients (",
+                                Field("grad_accum"), ")")
         if self.precision is not None:
             from memcalc.precision import RECIPES
 
             if self.precision not in RECIPES:
-                raise ValueError(f"precision {self.precision!r} is not one of {', '.join(RECIPES)}")
+                raise SettingsError(Field("precision"), f": {self.precision!r} is not one of {', '.join(RECIPES)}")
 
 
 class Engine(StrEnum):
@@ -607,25 +609,31 @@ class InferSettings:
         _check_positive(self, "batch_size", "context_len", "prompt_len", "num_beams", "num_return_sequences",
                         "top_k", "prefill_chunk", "block_size", "tp")
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
+            raise SettingsError(Field("max_new_tokens"), f" must not be negative, got {self.max_new_tokens}")
         if self.context_len is not None and self.prompt_len is not None:
-            raise ValueError("give either context_len or prompt_len (+ max_new_tokens), not both")
+            raise SettingsError(Field("context_len"), " and ", Field("prompt_len"), ": give one (", Field("context_len"),
+                                " counts every cached token; ", Field("prompt_len"), " with ", Field("max_new_tokens"),
+                                " describes a generate() run)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SettingsError(Field("top_p"), f" must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise SettingsError(Field("temperature"), f" must be positive, got {self.temperature}")
         if self.group_size != -1 and self.group_size <= 0:
-            raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
+            raise SettingsError(Field("group_size"), f" must be positive or -1, got {self.group_size}")
         decoding = self.resolved_decoding
         if self.decoding is Decoding.GREEDY and self.num_beams > 1:
-            raise ValueError(f"greedy decoding keeps one sequence; num_beams {self.num_beams} needs beam decoding")
+            raise SettingsError(Field("num_beams"), f" {self.num_beams}: greedy decoding keeps one sequence; give ",
+                                Field("decoding"), " beam")
         warpers = self.top_k is not None or self.top_p is not None or self.temperature != 1.0
         if warpers and decoding is not Decoding.SAMPLE:
-            raise ValueError("top_k, top_p and temperature apply to sampling (decoding sample)")
+            raise SettingsError(Field("top_k"), ", ", Field("top_p"), " and ", Field("temperature"),
+                                " apply to sampling (", Field("decoding"), " sample)")
         if decoding is Decoding.GREEDY and self.num_return_sequences > 1:
-            raise ValueError("greedy decoding returns one sequence per prompt; use sampling or beam search")
+            raise SettingsError(Field("num_return_sequences"), " > 1: greedy decoding returns one sequence per prompt; "
+                                "use sampling or beam search")
         if decoding is Decoding.BEAM and self.num_return_sequences > self.num_beams:
-            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) exceeds num_beams ({self.num_beams})")
+            raise SettingsError(Field("num_return_sequences"), f" ({self.num_return_sequences}) exceeds ",
+                                Field("num_beams"), f" ({self.num_beams})")
 
     @property
     def resolved_decoding(self) -> Decoding:

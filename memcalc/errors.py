@@ -1,5 +1,10 @@
 """The exceptions the CLI turns into one-line messages and exit codes."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
 
 class MemcalcError(Exception):
     """A known failure with a message fit for the user. Exit code 1 unless a subclass says otherwise."""
@@ -11,6 +16,33 @@ class InputError(MemcalcError):
     """Bad input: unknown model, malformed config file, invalid option value."""
 
     exit_code = 2
+
+
+@dataclass(frozen=True)
+class Field:
+    """A setting named inside a :class:`SettingsError`'s message."""
+
+    name: str
+
+
+class SettingsError(InputError, ValueError):
+    """Settings that cannot hold. The message names its settings structurally, as :class:`Field`
+    parts between text, so each front end writes them its own way: the CLI as the flags that set
+    them (``--tp``), a scenario or settings file as its keys; ``str()`` uses the field names.
+
+    A ValueError too, so pydantic reports one raised in a schema's checks with its location."""
+
+    def __init__(self, *parts: str | Field) -> None:
+        self.parts = parts
+        super().__init__(self.describe())
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The settings the message names, the one at fault first."""
+        return tuple(part.name for part in self.parts if isinstance(part, Field))
+
+    def describe(self, name: Callable[[str], str] = str) -> str:
+        return "".join(name(part.name) if isinstance(part, Field) else part for part in self.parts)
 
 
 class ToleranceExceeded(MemcalcError):

@@ -35,7 +35,7 @@ from memcalc.config import (
     _FORBID_EXTRA,
 )
 from memcalc.bounds import _Bound
-from memcalc.errors import InputError
+from memcalc.errors import Field, SettingsError
 from memcalc.estimate.inventory import MLPRole, Split, Tensor, build_inventory, layer_roles
 from memcalc.estimate.params import ParamCategory, ParamInventory, TensorGroup, group_tensors
 
@@ -106,9 +106,9 @@ class ParallelConfig:
         _coerce_enums(self, offload=Offload, tp_impl=TPImpl)
         for name in ("dp", "tp", "pp", "cp", "ep", "vpp"):
             if getattr(self, name) <= 0:
-                raise InputError(f"--{name} must be positive, got {getattr(self, name)}")
+                raise SettingsError(Field(name), f" must be positive, got {getattr(self, name)}")
         if not 0 <= self.zero <= 3:
-            raise InputError(f"--zero: {self.zero} is not one of 0, 1, 2, 3")
+            raise SettingsError(Field("zero"), f": {self.zero} is not one of 0, 1, 2, 3")
 
     @property
     def gpus(self) -> int:
@@ -175,57 +175,60 @@ class ParallelConfig:
 
 def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int, attention: Attention,
                  gpus: int | None = None) -> None:
-    """One ``InputError`` line for the first degree that does not divide what it splits."""
+    """One ``SettingsError`` for the first degree that does not divide what it splits."""
     tp, pp, vpp = parallel.tp, parallel.pp, parallel.vpp
 
-    def need(condition: bool, message: str) -> None:
+    def need(condition: bool, *message: str | Field) -> None:
         if not condition:
-            raise InputError(message)
+            raise SettingsError(*message)
 
+    TP, PP, VPP, EP, CP = Field("tp"), Field("pp"), Field("vpp"), Field("ep"), Field("cp")
     if gpus is not None:
-        need(gpus == parallel.gpus, f"--gpus {gpus} is not dp x tp x pp x cp = {parallel.dp} x {tp} x {pp} x "
+        need(gpus == parallel.gpus, Field("gpus"), f" {gpus} is not dp x tp x pp x cp = {parallel.dp} x {tp} x {pp} x "
              f"{parallel.cp} = {parallel.gpus}")
     need(model.num_attention_heads % tp == 0,
-         f"--tp {tp} does not divide the {model.num_attention_heads} attention heads of {model.name}")
-    need(model.kv_heads % tp == 0, f"--tp {tp} does not divide the {model.kv_heads} key/value heads of {model.name}")
+         TP, f" {tp} does not divide the {model.num_attention_heads} attention heads of {model.name}")
+    need(model.kv_heads % tp == 0, TP, f" {tp} does not divide the {model.kv_heads} key/value heads of {model.name}")
     need(model.intermediate_size is None or model.intermediate_size % tp == 0,
-         f"--tp {tp} does not divide the MLP width {model.intermediate_size} of {model.name}")
+         TP, f" {tp} does not divide the MLP width {model.intermediate_size} of {model.name}")
     if model.moe is not None:
         need(model.moe.expert_intermediate_size % tp == 0,
-             f"--tp {tp} does not divide the expert width {model.moe.expert_intermediate_size} of {model.name}")
+             TP, f" {tp} does not divide the expert width {model.moe.expert_intermediate_size} of {model.name}")
         shared = model.moe.shared_expert_intermediate_size
         need(not model.moe.num_shared_experts or shared is None or shared % tp == 0,
-             f"--tp {tp} does not divide the shared-expert width {shared} of {model.name}")
-    need(vpp == 1 or pp > 1, "--vpp needs --pp > 1 (virtual stages interleave pipeline stages)")
+             TP, f" {tp} does not divide the shared-expert width {shared} of {model.name}")
+    need(vpp == 1 or pp > 1, VPP, " needs ", PP, " > 1 (virtual stages interleave pipeline stages)")
     need(model.num_layers % (pp * vpp) == 0,
-         f"--pp {pp} x --vpp {vpp} = {pp * vpp} does not divide the {model.num_layers} layers of {model.name}")
+         PP, f" {pp} x ", VPP, f" {vpp} = {pp * vpp} does not divide the {model.num_layers} layers of {model.name}")
     if parallel.ep > 1:
-        need(model.moe is not None, f"--ep {parallel.ep} needs a mixture-of-experts model; {model.name} is dense")
+        need(model.moe is not None, EP, f" {parallel.ep} needs a mixture-of-experts model; {model.name} is dense")
         need(model.moe.num_experts % parallel.ep == 0,
-             f"--ep {parallel.ep} does not divide the {model.moe.num_experts} experts of {model.name}")
+             EP, f" {parallel.ep} does not divide the {model.moe.num_experts} experts of {model.name}")
         need(parallel.data_ranks % parallel.ep == 0,
-             f"--ep {parallel.ep} does not divide dp x cp = {parallel.data_ranks} (expert parallelism splits the "
+             EP, f" {parallel.ep} does not divide dp x cp = {parallel.data_ranks} (expert parallelism splits the "
              "data-parallel ranks)")
-    need(seq_len % parallel.cp == 0, f"--cp {parallel.cp} does not divide the sequence length {seq_len}")
+    need(seq_len % parallel.cp == 0, CP, f" {parallel.cp} does not divide the sequence length {seq_len}")
     need(parallel.cp == 1 or attention is not Attention.EAGER,
-         "--cp needs a fused attention kernel (--attention sdpa or flash): context parallelism is ring attention")
+         CP, " needs a fused attention kernel (", Field("attention"), " sdpa or flash): context parallelism is ring "
+         "attention")
     if parallel.sp:
-        need(tp > 1, "--sp needs --tp > 1 (sequence parallelism splits along the tensor-parallel group)")
-        need((seq_len // parallel.cp) % tp == 0, f"--sp: --tp {tp} does not divide the sequence length "
+        need(tp > 1, Field("sp"), " needs ", TP, " > 1 (sequence parallelism splits along the tensor-parallel group)")
+        need((seq_len // parallel.cp) % tp == 0, Field("sp"), ": ", TP, f" {tp} does not divide the sequence length "
              f"{seq_len // parallel.cp} each context-parallel rank holds")
     need(not (parallel.zero and parallel.distributed_optimizer),
-         "--distributed-optimizer is Megatron's ZeRO-1; do not combine it with --zero")
+         Field("distributed_optimizer"), " is Megatron's ZeRO-1; do not combine it with ", Field("zero"))
     need(not (parallel.zero > 1 and pp > 1),
-         f"--zero {parallel.zero} with --pp {pp}: gradient and parameter sharding conflict with pipeline "
+         Field("zero"), f" {parallel.zero} with ", PP, f" {pp}: gradient and parameter sharding conflict with pipeline "
          "gradient accumulation (DeepSpeed allows ZeRO-1 with pipelines)")
     if parallel.offloads_optimizer:
         need(parallel.shards_optimizer and not parallel.distributed_optimizer,
-             "--offload optimizer needs --zero 1, 2 or 3 (ZeRO-Offload)")
+             Field("offload"), " optimizer needs ", Field("zero"), " 1, 2 or 3 (ZeRO-Offload)")
     if parallel.offloads_params:
-        need(parallel.zero == 3, "--offload params needs --zero 3 (ZeRO-Infinity offloads parameter shards)")
+        need(parallel.zero == 3, Field("offload"), " params needs ", Field("zero"),
+             " 3 (ZeRO-Infinity offloads parameter shards)")
     if parallel.microbatches is not None and vpp > 1:
-        need(parallel.microbatches % pp == 0,
-             f"--microbatches {parallel.microbatches} must be a multiple of --pp {pp} with --vpp (interleaved schedule)")
+        need(parallel.microbatches % pp == 0, Field("microbatches"), f" {parallel.microbatches} must be a multiple of ",
+             PP, f" {pp} with ", VPP, " (interleaved schedule)")
     if parallel.shard_group is not None:
         need(parallel.data_ranks % parallel.shard_group == 0,
              f"the sharding group ({parallel.shard_group} ranks) does not divide dp x cp = {parallel.data_ranks}")

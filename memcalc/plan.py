@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from memcalc.config import ModelConfig, Recompute, TrainSettings
 from memcalc.dtypes import BITS_PER_ELEMENT
-from memcalc.errors import InputError
+from memcalc.errors import Field, InputError, SettingsError
 from memcalc.estimate.breakdown import Estimate
 from memcalc.estimate.params import count_params
 from memcalc.gpus import GPUSpec
@@ -385,9 +385,9 @@ class StepTimeModel:
                  inter_node_gbps: float | None = None, intra_node_gbps: float | None = None,
                  host_gbps: float = DEFAULT_HOST_GBPS) -> None:
         if not 0 < mfu <= 1:
-            raise InputError(f"--mfu must be in (0, 1], got {mfu}")
+            raise SettingsError(Field("mfu"), f" must be in (0, 1], got {mfu}")
         if not 0 <= overlap <= 1:
-            raise InputError(f"--overlap must be in [0, 1], got {overlap}")
+            raise SettingsError(Field("overlap"), f" must be in [0, 1], got {overlap}")
         self.model, self.gpu, self.seq_len, self.global_batch = model, gpu, seq_len, global_batch
         self.settings = settings or TrainSettings()
         self.mfu, self.overlap, self.gpus_per_node = mfu, overlap, gpus_per_node
@@ -811,9 +811,9 @@ def plan(model: ModelConfig, gpu: GPUSpec, gpus: int, *, seq_len: int, global_ba
     filters (:func:`enumerate_layouts`)."""
     started = time.perf_counter()
     if not 0 <= headroom < 1:
-        raise InputError(f"--headroom must be in [0, 1), got {headroom}")
+        raise SettingsError(Field("headroom"), f" must be in [0, 1), got {headroom}")
     if top_k <= 0:
-        raise InputError(f"--top-k must be positive, got {top_k}")
+        raise SettingsError(Field("top_k"), f" must be positive, got {top_k}")
     base = settings or TrainSettings()
     tp_impl = TPImpl(tp_impl)
     recompute = [Recompute(value) for value in recompute]

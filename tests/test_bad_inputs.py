@@ -29,7 +29,7 @@ def test_corpus_is_well_formed():
         assert case["starts_with"].startswith("error: "), case["id"]
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", list(_params()))
 def test_bad_input(case, run_cli, tmp_path):
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)

@@ -237,7 +237,7 @@ BAD_INPUT = [
     (["compare", "llama-3-8b", "--scenario", "tpp=2"], "unknown key 'tpp' (did you mean tp?)"),
     (["compare", "llama-3-8b", "--scenario", "tp=x"], "--scenario 'tp=x': tp: Input should be a valid integer"),
     (["compare", "llama-3-8b", "--scenario", "tp"], "'tp' is not key=value"),
-    (["compare", "llama-3-8b", "--scenario", "tp=3"], "scenario 'tp=3': --tp 3 does not divide the 32 attention heads"),
+    (["compare", "llama-3-8b", "--scenario", "tp=3"], "scenario 'tp=3': tp 3 does not divide the 32 attention heads"),
     (["compare", "llama-3-8b", "--file", "nowhere.yaml"], "--file: nowhere.yaml does not exist"),
 ]
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from memcalc.errors import SettingsError
+
 from memcalc.config import InferSettings
 from memcalc.dtypes import DType
-from memcalc.errors import InputError
 from memcalc.estimate.inference import (
     estimate_inference,
     fit_report,
@@ -177,8 +178,9 @@ def test_tensor_parallel_weights_per_rank():
 
 
 def test_tensor_parallel_must_split_heads():
-    with pytest.raises(InputError, match="--tp 3 does not divide the 32 attention heads"):
+    with pytest.raises(SettingsError, match="tp 3 does not divide the 32 attention heads") as error:
         estimate_inference(resolve_model("llama-3-8b"), InferSettings(tp=3))
+    assert error.value.fields == ("tp",)
 
 
 def test_quantised_weights_keep_embedding_head_and_norms_in_16_bits():

@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 
 from memcalc.config import ModelConfig, TrainSettings
-from memcalc.errors import InputError
+from memcalc.errors import SettingsError
 from memcalc.estimate.activations import output_layer_activation_bytes
 from memcalc.estimate.params import count_params
 from memcalc.estimate.training import estimate_training
@@ -406,30 +406,37 @@ def test_vocabulary_padding(tp, pad_vocab, expected):
 
 
 @pytest.mark.parametrize(
-    ("name", "layout", "settings", "flag"),
+    ("name", "layout", "settings", "fields", "flag"),
     [
-        ("llama-2-7b", {"tp": 3}, {}, "--tp 3"),  # 32 heads
-        ("llama-3.2-1b", {"tp": 16}, {}, "--tp 16"),  # 32 heads divide, 8 key/value heads do not
-        ("llama-2-7b", {"pp": 3}, {}, "--pp 3"),  # 32 layers
-        ("llama-2-7b", {"pp": 4, "vpp": 3}, {}, "--vpp 3"),  # 12 does not divide 32
-        ("llama-2-7b", {"vpp": 2}, {}, "--vpp"),  # no pipeline
-        ("llama-2-7b", {"dp": 2, "ep": 2}, {}, "--ep 2"),  # dense model
-        ("mixtral-8x7b", {"dp": 3, "ep": 3}, {}, "--ep 3"),  # 8 experts
-        ("llama-2-7b", {"cp": 2}, {"attention": "eager"}, "--cp"),
-        ("llama-2-7b", {"dp": 2, "zero": 1, "distributed_optimizer": True}, {}, "--distributed-optimizer"),
-        ("llama-2-7b", {"dp": 2, "zero": 2, "offload": "params"}, {}, "--offload params"),
-        ("llama-2-7b", {"dp": 2, "pp": 2, "zero": 2}, {}, "--zero 2"),
-        ("llama-2-7b", {"tp": 2, "sp": True}, {"seq_len": 1023}, "--sp"),
+        ("llama-2-7b", {"tp": 3}, {}, ("tp",), "--tp 3"),  # 32 heads
+        ("llama-3.2-1b", {"tp": 16}, {}, ("tp",), "--tp 16"),  # 32 heads divide, 8 key/value heads do not
+        ("llama-2-7b", {"pp": 3}, {}, ("pp", "vpp"), "--pp 3"),  # 32 layers
+        ("llama-2-7b", {"pp": 4, "vpp": 3}, {}, ("pp", "vpp"), "--pp 4 x --vpp 3"),  # 12 does not divide 32
+        ("llama-2-7b", {"vpp": 2}, {}, ("vpp", "pp"), "--vpp"),  # no pipeline
+        ("llama-2-7b", {"dp": 2, "ep": 2}, {}, ("ep",), "--ep 2"),  # dense model
+        ("mixtral-8x7b", {"dp": 3, "ep": 3}, {}, ("ep",), "--ep 3"),  # 8 experts
+        ("llama-2-7b", {"cp": 2}, {"attention": "eager"}, ("cp", "attention"), "--cp"),
+        ("llama-2-7b", {"dp": 2, "zero": 1, "distributed_optimizer": True}, {}, ("distributed_optimizer", "zero"),
+         "--distributed-optimizer"),
+        ("llama-2-7b", {"dp": 2, "zero": 2, "offload": "params"}, {}, ("offload", "zero"), "--offload params"),
+        ("llama-2-7b", {"dp": 2, "pp": 2, "zero": 2}, {}, ("zero", "pp"), "--zero 2"),
+        ("llama-2-7b", {"tp": 2, "sp": True}, {"seq_len": 1023}, ("sp", "tp"), "--sp"),
     ],
 )
-def test_layout_errors_are_one_line_and_name_the_flag(name, layout, settings, flag):
-    with pytest.raises(InputError) as error:
+def test_layout_errors_are_one_line_and_name_the_flag(name, layout, settings, fields, flag):
+    """The error names the settings at fault structurally (the first is the one to change); the CLI
+    writes them as its flags."""
+    from memcalc.cli import flag_of
+
+    with pytest.raises(SettingsError) as error:
         estimate_training(resolve_model(name), TrainSettings(**({"seq_len": 128} | settings)), ParallelConfig(**layout))
-    message = str(error.value)
-    assert flag in message
+    assert error.value.fields == fields
+    message = error.value.describe(flag_of)
+    assert message.startswith(flag)
     assert "\n" not in message
 
 
 def test_non_positive_degree_is_an_input_error():
-    with pytest.raises(InputError, match="--dp"):
+    with pytest.raises(SettingsError, match="dp must be positive") as error:
         ParallelConfig(dp=0)
+    assert error.value.fields == ("dp",)

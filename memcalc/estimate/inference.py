@@ -28,7 +28,7 @@ from memcalc.config import (
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 from memcalc.estimate.params import count_params
-from memcalc.errors import InputError
+from memcalc.errors import Field, SettingsError
 
 _FLOAT_DTYPES = {DType.FP32, DType.FP16, DType.BF16}
 FP32_BYTES = 4
@@ -76,12 +76,14 @@ def tensor_parallel_view(model: ModelConfig, tp: int) -> ModelConfig:
     if tp == 1:
         return model
     if model.num_attention_heads % tp:
-        raise InputError(f"--tp {tp} does not divide the {model.num_attention_heads} attention heads of {model.name}")
+        raise SettingsError(Field("tp"), f" {tp} does not divide the {model.num_attention_heads} attention heads of "
+                            f"{model.name}")
     if model.kv_heads % tp and tp % model.kv_heads:
-        raise InputError(f"--tp {tp} and the {model.kv_heads} key/value heads of {model.name}: one must divide the "
-                         "other (KV heads are split, or replicated when TP exceeds them)")
+        raise SettingsError(Field("tp"), f" {tp} and the {model.kv_heads} key/value heads of {model.name}: one must "
+                            "divide the other (KV heads are split, or replicated when TP exceeds them)")
     if model.intermediate_size is not None and model.intermediate_size % tp:
-        raise InputError(f"--tp {tp} does not divide the MLP width {model.intermediate_size} of {model.name}")
+        raise SettingsError(Field("tp"), f" {tp} does not divide the MLP width {model.intermediate_size} of "
+                            f"{model.name}")
     return tensor_parallel_model(model, tp)
 
 
