@@ -27,6 +27,13 @@ class GPUSpec:
     def memory_bytes(self) -> int:
         return round(self.memory_gib * 2**30)
 
+    @property
+    def keeps_fp8_transpose(self) -> bool:
+        """Whether FP8 training keeps a transposed FP8 copy of each weight: Hopper and Ada GEMMs
+        need a K-major FP8 operand in both directions (Transformer Engine, TE#1261); Blackwell's
+        tensor cores read either layout, so one FP8 copy serves both."""
+        return "blackwell" not in self.architecture.lower()
+
 
 @cache
 def gpu_catalogue() -> dict[str, GPUSpec]:

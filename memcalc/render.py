@@ -18,11 +18,20 @@ def _console():
     return Console(highlight=False, emoji=False)
 
 
-def _natural_width(console, renderable) -> int:
-    """The width ``renderable`` takes with no cell wrapped (columns with a ``max_width`` wrap at it)."""
-    from rich.measure import Measurement
+def _natural_width(table) -> int:
+    """The width a boxed table of plain-text cells takes with no cell wrapped (a column with a
+    ``max_width`` wraps at it): what ``rich.measure.Measurement`` gives, summed here from the cells
+    because measuring every layout a terminal might need through rich costs a tenth of start-up."""
+    from rich.cells import cell_len
 
-    return Measurement.get(console, console.options.update_width(10_000), renderable).maximum
+    total = 1
+    for column in table.columns:
+        widest = max((cell_len(line) for cell in (column.header, *column.cells) for line in str(cell).split("\n")),
+                     default=0)
+        if column.max_width is not None:
+            widest = min(widest, column.max_width)
+        total += widest + 3  # the padding on each side and the border after it
+    return total
 
 
 def _first_fitting(console, builds):
@@ -32,7 +41,7 @@ def _first_fitting(console, builds):
     table = None
     for build in builds:
         table = build()
-        if _natural_width(console, table) <= console.width:
+        if _natural_width(table) <= console.width:
             return table
     return table
 
@@ -319,7 +328,7 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None, expla
             console.print("How each row is computed", style="bold underline")
             console.print(_formulas_grid(estimate))
         else:
-            wide = _natural_width(console, _estimate_table(command, estimate, unit, *variants[0]))
+            wide = _natural_width(_estimate_table(command, estimate, unit, *variants[0]))
             console.print(f"Formulas: add --explain, or widen the terminal to {wide} columns.")
     if len(estimate.ranks) > 1:
         console.print(_ranks_table(estimate, unit))
@@ -418,8 +427,8 @@ def print_scenarios(model: ModelConfig, results: list[tuple[str, Estimate]], uni
     numbered = [(index, name, estimate) for index, (name, estimate) in enumerate(results, start=1)]
     title = f"memcalc compare: {model.name} ({label} per GPU, most loaded rank)"
     per_table = len(numbered)
-    while per_table > 1 and _natural_width(console, _scenario_table(model, numbered[:per_table], unit, gpu,
-                                                                    title)) > console.width:
+    while per_table > 1 and _natural_width(_scenario_table(model, numbered[:per_table], unit, gpu,
+                                                           title)) > console.width:
         per_table -= 1
     for start in range(0, len(numbered), per_table):
         console.print(_scenario_table(model, numbered[start:start + per_table], unit, gpu,
@@ -642,7 +651,7 @@ def print_precisions(recipes, explain: bool = False) -> None:
             console.print(grid)
         else:
             console.print("Sources: add --explain, or widen the terminal to "
-                          f"{_natural_width(console, _precisions_table(rows, PRECISION_COLUMNS))} columns.")
+                          f"{_natural_width(_precisions_table(rows, PRECISION_COLUMNS))} columns.")
 
 
 # What a narrower terminal leaves out of `memcalc formats`, first to last (--json has every field).

@@ -223,14 +223,14 @@ BAD_INPUT = [
     (["train", "mixtral-8x7b", "--ep", "2"], "--ep 2 does not divide dp x cp = 1"),
     (["train", "llama-3-8b", "--cp", "2", "--attention", "eager"], "--cp needs a fused attention kernel"),
     (["train", "llama-3-8b", "--zero", "4"], "Invalid value for '--zero': 4 is not in the range 0<=x<=3."),
-    (["train", "llama-3-8b", "--fsdp", "half"], "--fsdp: 'half' is not one of full, grad-op, hybrid"),
+    (["train", "llama-3-8b", "--fsdp", "half"], "Invalid value for '--fsdp': 'half' is not one of 'full', 'grad-op', 'hybrid'"),
     (["train", "llama-3-8b", "--fsdp", "full", "--zero", "1"], "--fsdp full is ZeRO stage 3; it contradicts --zero 1"),
-    (["train", "llama-3-8b", "--offload", "disk"], "--offload: 'disk' is not one of none, optimizer, params, both"),
+    (["train", "llama-3-8b", "--offload", "disk"], "Invalid value for '--offload': 'disk' is not one of 'none', 'optimizer', 'params', 'both'"),
     (["train", "llama-3-8b", "--offload", "params", "--zero", "2"], "--offload params needs --zero 3"),
     (["train", "llama-3-8b", "--zero", "1", "--distributed-optimizer"], "--distributed-optimizer is Megatron's ZeRO-1"),
     (["train", "llama-3-8b", "--sp"], "--sp needs --tp > 1"),
     (["train", "llama-3-8b", "--lora-rank", "8", "--lora-targets", "q,x"], "--lora-targets 'x' is not one of q, k"),
-    (["train", "llama-3-8b", "--tp-impl", "deepspeed"], "--tp-impl: 'deepspeed' is not one of megatron, dtensor"),
+    (["train", "llama-3-8b", "--tp-impl", "deepspeed"], "Invalid value for '--tp-impl': 'deepspeed' is not one of 'megatron', 'dtensor'"),
     (["train", "llama-3-8b", "--vpp", "2"], "--vpp needs --pp > 1"),
     (["train", "llama-3-8b", "--gpu", "h1000"], "unknown GPU 'h1000'; did you mean"),
     (["compare", "llama-3-8b"], "compare needs at least one --scenario or a --file of scenarios"),
@@ -439,3 +439,39 @@ def test_share_bar_draws_the_share_in_halves_of_tenths(part, whole, expected):
     from memcalc.render import _share_bar
 
     assert _share_bar(part, whole) == expected
+
+
+def test_natural_width_is_what_rich_measures():
+    """render's own sum of cell widths (a fast path for choosing columns) equals rich's measurement
+    of the same tables, wrapped prose columns included."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    from memcalc import render
+    from memcalc.config import InferSettings, TrainSettings
+    from memcalc.estimate.inference import estimate_inference
+    from memcalc.estimate.training import estimate_training
+    from memcalc.formats import COLUMNS, table_rows
+    from memcalc.gpus import gpu_catalogue
+    from memcalc.library import bundled_models, resolve_model
+    from memcalc.parallel import Offload, ParallelConfig
+    from memcalc.precision import RECIPES
+    from memcalc.units import Unit
+
+    model = resolve_model("llama-3-8b")
+    estimates = [
+        estimate_training(model, TrainSettings()),
+        estimate_training(model, TrainSettings(), ParallelConfig(dp=8, zero=1, offload=Offload.OPTIMIZER)),
+        estimate_inference(model, InferSettings(weights="q4_k")),
+    ]
+    tables = [render._estimate_table("train", estimate, Unit.GIB, formula, bar, kind)
+              for estimate in estimates for formula, bar, kind in [(True, 10, True), (False, 5, False)]]
+    tables += [render._models_table(list(bundled_models().values()), True),
+               render._gpus_table(list(gpu_catalogue().values()), render.GPU_COLUMNS),
+               render._formats_table([tuple(map(str, row)) for row in table_rows()], COLUMNS),
+               render._precisions_table([render._precision_cells(r) for r in RECIPES.values()],
+                                        render.PRECISION_COLUMNS)]
+    console = Console(width=80)
+    for table in tables:
+        assert render._natural_width(table) == Measurement.get(console, console.options.update_width(10_000),
+                                                               table).maximum
