@@ -203,7 +203,7 @@ def train(
     parallel = parallel_config(layout.scenario())
     config = source.resolve(model)
     estimate = estimate_training(config, settings, parallel)
-    _warn_precision_support(estimate.settings["precision"], gpu_spec)
+    _warn_precision_support(estimate.settings.precision, gpu_spec)
     advice = None
     if gpu_spec is not None and estimate.total > gpu_spec.memory_bytes:
         from memcalc.advice import advise
@@ -468,7 +468,7 @@ def infer(
     if budget is not None:
         from memcalc.estimate.inference import kv_capacity
 
-        capacity = kv_capacity(budget, estimate.settings["kv_cache_bytes_per_token"], settings.block_size)
+        capacity = kv_capacity(budget, estimate.settings.kv_cache_bytes_per_token, settings.block_size)
     if output.as_json:
         from memcalc.report import inference_document
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from memcalc.config import ModelConfig
+from memcalc.estimate.assumptions import InferAssumptions, TrainAssumptions, WeightOrigin
 from memcalc.estimate.breakdown import Estimate
 from memcalc.estimate.params import count_params
 from memcalc.units import UNIT_LABEL, Unit, format_bytes
@@ -93,73 +94,73 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
     lines = [("model", model.name), ("parameters", count)]
     if command == "train":
         lines += [
-            ("precision", f"{settings['precision']} ({_recipe_description(settings['precision'])})"),
-            ("optimizer", f"{settings['optimizer']} (moments in {settings['optimizer_state_dtype']})"
-             if settings["optimizer"] != "adam8bit" else "adam8bit (bitsandbytes block-wise 8-bit states)"),
-            ("optimizer impl.", f"{settings['optimizer_impl']} (torch.optim)"),
-            ("batch x seq", f"{settings['batch_size']} x {settings['seq_len']} tokens"),
-            ("recompute", settings["recompute"]),
+            ("precision", f"{settings.precision} ({_recipe_description(settings.precision)})"),
+            ("optimizer", f"{settings.optimizer} (moments in {settings.optimizer_state_dtype})"
+             if settings.optimizer != "adam8bit" else "adam8bit (bitsandbytes block-wise 8-bit states)"),
+            ("optimizer impl.", f"{settings.optimizer_impl} (torch.optim)"),
+            ("batch x seq", f"{settings.batch_size} x {settings.seq_len} tokens"),
+            ("recompute", settings.recompute),
             ("activations", _activation_assumption(settings)),
             ("parallelism", _parallel_assumption(estimate)),
         ]
-        lora = settings.get("lora")
+        lora = settings.lora
         if lora:
-            lines.append(("fine-tuning", f"{'QLoRA' if lora['qlora'] else 'LoRA'} rank {lora['rank']} on "
-                          f"{', '.join(lora['targets'])}: {lora['trainable_params']:,} trainable parameters in "
-                          f"{lora['adapter_dtype']}; the base is frozen ({lora['base_format']})"))
+            lines.append(("fine-tuning", f"{'QLoRA' if lora.qlora else 'LoRA'} rank {lora.rank} on "
+                          f"{', '.join(lora.targets)}: {lora.trainable_params:,} trainable parameters in "
+                          f"{lora.adapter_dtype}; the base is frozen ({lora.base_format})"))
     else:
-        sequences = settings["sequences"]
-        decoding = settings["decoding"]
+        sequences = settings.sequences
+        decoding = settings.decoding
         if decoding == "beam":
-            how = f"beam search, {settings['num_beams']} beams (the prompt's cache is repeated for every beam)"
+            how = f"beam search, {settings.num_beams} beams (the prompt's cache is repeated for every beam)"
         elif decoding == "sample":
-            warpers = [f"{name} {settings[key]}" for name, key in (("temperature", "temperature"), ("top-k", "top_k"),
-                                                                   ("top-p", "top_p"))
-                       if settings[key] is not None and not (key == "temperature" and settings[key] == 1.0)]
-            how = (f"sampling, {settings['num_return_sequences']} sequence(s) per prompt"
+            warpers = [f"{name} {value}" for name, value in (("temperature", settings.temperature),
+                                                             ("top-k", settings.top_k), ("top-p", settings.top_p))
+                       if value is not None and not (name == "temperature" and value == 1.0)]
+            how = (f"sampling, {settings.num_return_sequences} sequence(s) per prompt"
                    + (f" ({', '.join(warpers)})" if warpers else ""))
         else:
             how = "greedy"
         engine = ("Hugging Face generate(): cache grown by concatenation, last-position logits copied to fp32"
-                  if settings["engine"] == "hf" else
-                  f"paged server: {settings['block_size']}-token blocks written in place, tokens rounded up to blocks")
+                  if settings.engine == "hf" else
+                  f"paged server: {settings.block_size}-token blocks written in place, tokens rounded up to blocks")
         lines += [
-            ("weights", settings["weights"] + (f" (compute in {settings['dtype']})"
-                                               if settings["weights"] != settings["dtype"] else "")
-             + (f", from the checkpoint's {settings['weights_from']}"
-                if str(settings.get("weights_from", "")).startswith("quantization_config") else "")),
-            ("KV cache", f"{settings['kv_dtype']}, {settings['kv_cache_bytes_per_token']:,} bytes/token"
+            ("weights", settings.weights + (f" (compute in {settings.dtype})"
+                                               if settings.weights != settings.dtype else "")
+             + (f", from the checkpoint's {settings.weights_detail}"
+                if settings.weights_from is WeightOrigin.CONFIG else "")),
+            ("KV cache", f"{settings.kv_dtype}, {settings.kv_cache_bytes_per_token:,} bytes/token"
              + _kv_geometry(model, settings)),
-            ("batch x context", f"{settings['batch_size']} x {settings['context_len']} tokens cached"
-             + (f" ({settings['prompt_len']} prompt + {settings['max_new_tokens']} new, the last not cached)"
-                if settings["max_new_tokens"] else "") + f"; {sequences} sequence(s)"),
+            ("batch x context", f"{settings.batch_size} x {settings.context_len} tokens cached"
+             + (f" ({settings.prompt_len} prompt + {settings.max_new_tokens} new, the last not cached)"
+                if settings.max_new_tokens else "") + f"; {sequences} sequence(s)"),
             ("decoding", how),
-            ("prefill", f"{settings['attention']} attention, {settings['prefill_logits']}-position logits"
-             + (f", chunks of {settings['prefill_chunk']} tokens" if settings["prefill_chunk"] < settings["prompt_len"]
+            ("prefill", f"{settings.attention} attention, {settings.prefill_logits}-position logits"
+             + (f", chunks of {settings.prefill_chunk} tokens" if settings.prefill_chunk < settings.prompt_len
                 else "")),
             ("engine", engine),
         ]
-        if settings["tp"] > 1:
-            lines.append(("parallelism", f"tensor parallel over {settings['tp']} GPUs: numbers per GPU"))
+        if settings.tp > 1:
+            lines.append(("parallelism", f"tensor parallel over {settings.tp} GPUs: numbers per GPU"))
         if model.sliding_window:
-            lines.append(("sliding window", f"{model.sliding_window} tokens on {settings['sliding_layers']} of "
+            lines.append(("sliding window", f"{model.sliding_window} tokens on {settings.sliding_layers} of "
                           f"{model.num_layers} layers (their cache holds at most the window)"))
     lines += [("note", note) for note in model.notes]
     return lines
 
 
-def _activation_assumption(settings: dict[str, Any]) -> str:
-    if settings["activation_model"] == "megatron":
-        return (f"Megatron formula, {settings['activation_dtype']}: GPT block with unfused attention and dropout "
+def _activation_assumption(settings: TrainAssumptions) -> str:
+    if settings.activation_model == "megatron":
+        return (f"Megatron formula, {settings.activation_dtype}: GPT block with unfused attention and dropout "
                 "(Korthikanti et al. 2022)")
-    loss = "chunked loss (1024 tokens at a time)" if settings["loss"] == "chunked" else "fp32 logits for the loss"
-    return (f"saved tensors of the block, {settings['activation_dtype']}, {settings['attention']} attention, "
+    loss = "chunked loss (1024 tokens at a time)" if settings.loss == "chunked" else "fp32 logits for the loss"
+    return (f"saved tensors of the block, {settings.activation_dtype}, {settings.attention} attention, "
             f"no dropout, {loss}")
 
 
-def _kv_geometry(model: ModelConfig, settings: dict[str, Any]) -> str:
+def _kv_geometry(model: ModelConfig, settings: InferAssumptions) -> str:
     if model.mla is not None:
-        if settings["engine"] == "paged":
+        if settings.engine == "paged":
             return (f", MLA latent {model.mla.kv_lora_rank} + rope {model.mla.qk_rope_head_dim} x "
                     f"{model.num_layers} layers (not split by TP)")
         return f", MLA expanded per head by transformers ({model.num_attention_heads} heads x {model.num_layers} layers)"
@@ -167,33 +168,33 @@ def _kv_geometry(model: ModelConfig, settings: dict[str, Any]) -> str:
 
 
 def _parallel_assumption(estimate: Estimate) -> str:
-    layout = estimate.settings.get("parallel")
+    layout = estimate.settings.parallel
     if layout is None:
         return "none: one device holds everything"
-    parts = [f"{layout['gpus']} GPUs = dp {layout['dp']} x tp {layout['tp']} x pp {layout['pp']} x cp {layout['cp']}"]
-    if layout["ep"] > 1:
-        parts.append(f"ep {layout['ep']} (experts split over {layout['ep']} of the dp x cp ranks)")
-    if layout["vpp"] > 1:
-        parts.append(f"{layout['vpp']} virtual stages per rank")
-    if layout["sp"]:
+    parts = [f"{layout.gpus} GPUs = dp {layout.dp} x tp {layout.tp} x pp {layout.pp} x cp {layout.cp}"]
+    if layout.ep > 1:
+        parts.append(f"ep {layout.ep} (experts split over {layout.ep} of the dp x cp ranks)")
+    if layout.vpp > 1:
+        parts.append(f"{layout.vpp} virtual stages per rank")
+    if layout.sp:
         parts.append("sequence parallel")
-    if layout["tp"] > 1:
-        parts.append("Megatron-style TP" if layout["tp_impl"] == "megatron" else "PyTorch DTensor TP")
-    if layout["fsdp"]:
+    if layout.tp > 1:
+        parts.append("Megatron-style TP" if layout.tp_impl == "megatron" else "PyTorch DTensor TP")
+    if layout.fsdp:
         parts.append("FSDP2")
-    if layout["zero"]:
-        parts.append(f"ZeRO-{layout['zero']} over {layout['dense_shards']} ranks")
-    if layout["distributed_optimizer"]:
-        parts.append(f"distributed optimizer over {layout['dense_shards']} ranks")
-    if layout["offload"] != "none":
-        parts.append(f"offload {layout['offload']} to CPU")
-    if layout["tp"] > 1 or layout["vocab_size_padded"] != estimate.model.vocab_size:
-        parts.append(f"vocabulary padded to {layout['vocab_size_padded']:,}")
-    if layout["pp"] > 1:
-        inflight = layout["inflight_chunks"]
-        unit = "chunks" if layout["vpp"] > 1 else "micro-batches"
-        parts.append(f"{unit} in flight: first stage {inflight['0']}, last {inflight[str(layout['pp'] - 1)]}")
-    busiest = next(view for view in estimate.ranks if view.name == layout["most_loaded_rank"])
+    if layout.zero:
+        parts.append(f"ZeRO-{layout.zero} over {layout.dense_shards} ranks")
+    if layout.distributed_optimizer:
+        parts.append(f"distributed optimizer over {layout.dense_shards} ranks")
+    if layout.offload != "none":
+        parts.append(f"offload {layout.offload} to CPU")
+    if layout.tp > 1 or layout.vocab_size_padded != estimate.model.vocab_size:
+        parts.append(f"vocabulary padded to {layout.vocab_size_padded:,}")
+    if layout.pp > 1:
+        inflight = layout.inflight_chunks
+        unit = "chunks" if layout.vpp > 1 else "micro-batches"
+        parts.append(f"{unit} in flight: first stage {inflight[0]}, last {inflight[layout.pp - 1]}")
+    busiest = next(view for view in estimate.ranks if view.name == layout.most_loaded_rank)
     parts.append(f"shown: the most loaded GPU ({busiest.name}, {format_count(busiest.parameters)} parameters "
                  "before sharding = P in the formulas)")
     return "; ".join(parts)
@@ -407,10 +408,10 @@ def _scenario_table(model: ModelConfig, results: list[tuple[int, str, Estimate]]
         row("Host memory", [format_bytes(estimate.cpu_total, unit) for estimate in estimates])
     row("Most loaded rank", [estimate.ranks and max(estimate.ranks, key=lambda v: v.total).name or "the only GPU"
                              for estimate in estimates])
-    row("GPUs", [str(estimate.settings.get("parallel", {}).get("gpus", 1)) for estimate in estimates])
-    row("Batch x seq", [f"{e.settings['batch_size']} x {e.settings['seq_len']}" for e in estimates])
-    row("Precision", [e.settings["precision"] for e in estimates])
-    row("Recompute", [e.settings["recompute"] for e in estimates])
+    row("GPUs", [str(e.settings.parallel.gpus if e.settings.parallel else 1) for e in estimates])
+    row("Batch x seq", [f"{e.settings.batch_size} x {e.settings.seq_len}" for e in estimates])
+    row("Precision", [e.settings.precision for e in estimates])
+    row("Recompute", [e.settings.recompute for e in estimates])
     if gpu is not None:
         table.add_section()
         row(f"Fits {gpu.name}",
@@ -462,7 +463,7 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None, exp
         console.print()
         console.print(f"A KV budget of {format_bytes(capacity.budget, unit)} {label} holds {capacity.tokens:,} tokens "
                       f"in {capacity.blocks:,} blocks of {capacity.block_size} "
-                      f"tokens ({estimate.settings['kv_cache_bytes_per_token']:,} bytes/token).")
+                      f"tokens ({estimate.settings.kv_cache_bytes_per_token:,} bytes/token).")
 
 
 ADVICE_PROSE_WIDTH = 28
@@ -863,16 +864,16 @@ def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: floa
     console = _console()
     console.print(table)
     settings = estimate.settings
-    if "optimizer" in settings:
+    if isinstance(settings, TrainAssumptions):
         console.print(
-            f"{settings['precision']}, {settings['optimizer']} ({settings['optimizer_impl']}), batch "
-            f"{settings['batch_size']} x seq {settings['seq_len']}, {settings['attention']} attention, recompute "
-            f"{settings['recompute']}, activation model {settings['activation_model']}; measured on the second iteration."
+            f"{settings.precision}, {settings.optimizer} ({settings.optimizer_impl}), batch "
+            f"{settings.batch_size} x seq {settings.seq_len}, {settings.attention} attention, recompute "
+            f"{settings.recompute}, activation model {settings.activation_model}; measured on the second iteration."
         )
     else:
         console.print(
-            f"{settings['dtype']} weights and cache, batch {settings['batch_size']}, {settings['decoding']} decoding "
-            f"({settings['sequences']} sequences), prompt {settings['prompt_len']} + {settings['max_new_tokens']} new "
+            f"{settings.dtype} weights and cache, batch {settings.batch_size}, {settings.decoding} decoding "
+            f"({settings.sequences} sequences), prompt {settings.prompt_len} + {settings.max_new_tokens} new "
             "tokens (generate() as in transformers). The runtime overhead is outside the allocator and not compared."
         )
     for note in comparison.notes:

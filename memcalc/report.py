@@ -58,6 +58,41 @@ def _rank_dict(view) -> dict[str, Any]:
     }
 
 
+# How the JSON names where the weights' format came from (settings.weights_from).
+_WEIGHT_ORIGIN_TEXT = {"requested": "--weights", "dtype": "--dtype"}
+
+
+def settings_document(assumptions) -> dict[str, Any]:
+    """An estimate's resolved assumptions (memcalc.estimate.assumptions) as JSON values: enums as
+    their values, nested summaries as objects, pipeline ranks as string keys. Training under one
+    device has ``parallel: null`` left out, as does ``lora`` without adapters."""
+    from dataclasses import fields
+
+    document = {item.name: _json_value(getattr(assumptions, item.name)) for item in fields(assumptions)}
+    if "weights_from" in document:
+        detail = document.pop("weights_detail")
+        document["weights_from"] = _WEIGHT_ORIGIN_TEXT.get(document["weights_from"], detail)
+    for optional in ("lora", "parallel"):
+        if optional in document and document[optional] is None:
+            del document[optional]
+    return document
+
+
+def _json_value(value: Any) -> Any:
+    from dataclasses import fields, is_dataclass
+    from enum import Enum
+
+    if isinstance(value, Enum):
+        return value.value
+    if is_dataclass(value):
+        return {item.name: _json_value(getattr(value, item.name)) for item in fields(value)}
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_json_value(item) for item in value]
+    return value
+
+
 def estimate_document(command: str, estimate: Estimate, gpu=None) -> dict[str, Any]:
     """``memory`` holds each component's bytes and ``total``. For training, ``total`` is the largest
     of ``memory.phases`` (live bytes at each phase's peak, ``peak_phase`` names it); for inference it
@@ -77,7 +112,7 @@ def estimate_document(command: str, estimate: Estimate, gpu=None) -> dict[str, A
         "command": command,
         "units": "bytes",
         "model": model_summary(estimate.model),
-        "settings": estimate.settings,
+        "settings": settings_document(estimate.settings),
         "memory": memory,
         "components": [_component_dict(component) for component in estimate.components],
         "references": [_component_dict(reference) for reference in estimate.references],
@@ -134,7 +169,7 @@ def plan_document(result) -> dict[str, Any]:
     from dataclasses import asdict
 
     def layout(item) -> dict[str, Any]:
-        return {"layout": item.layout.describe(), "parallel": item.estimate.settings.get("parallel"),
+        return {"layout": item.layout.describe(), "parallel": settings_document(item.estimate.settings).get("parallel"),
                 "recompute": item.layout.recompute.value, "micro_batch": item.layout.micro_batch,
                 "microbatches": item.layout.microbatches, "memory": estimate_document("train", item.estimate)["memory"],
                 "host_bytes": item.host_bytes, "step_time_s": item.step_time_s, "tokens_per_s": item.tokens_per_s,

@@ -51,7 +51,7 @@ def test_gpt_oss_checkpoint_is_mxfp4_experts_by_default():
     experts = 24 * 32 * 3 * 2_880 * 2_880
     assert _component(estimate, "weights_quantised") == experts * 17 // 32
     assert _component(estimate, "weights_unquantised") == 2 * (count_params(model).total - experts)
-    assert estimate.settings["weights"] == "mxfp4"
+    assert estimate.settings.weights == "mxfp4"
     given = estimate_inference(model, InferSettings(context_len=1024, weights="bf16"))
     assert _component(given, "weights") == 2 * count_params(model).total
 

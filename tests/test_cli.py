@@ -475,3 +475,27 @@ def test_natural_width_is_what_rich_measures():
     for table in tables:
         assert render._natural_width(table) == Measurement.get(console, console.options.update_width(10_000),
                                                                table).maximum
+
+
+def test_estimates_carry_typed_settings_and_only_the_json_writer_makes_strings(run_cli):
+    """The breakdown holds enums and dataclasses; report.settings_document gives the JSON values
+    the CLI prints, unchanged from when the estimators built that dictionary themselves."""
+    from memcalc.config import Recompute, TrainSettings
+    from memcalc.estimate.assumptions import LayoutSummary, TrainAssumptions
+    from memcalc.estimate.training import estimate_training
+    from memcalc.library import resolve_model
+    from memcalc.parallel import Offload, ParallelConfig
+    from memcalc.report import settings_document
+
+    estimate = estimate_training(resolve_model("llama-3-8b"), TrainSettings(recompute="full"),
+                                 ParallelConfig(dp=2, pp=2, zero=1, offload=Offload.OPTIMIZER))
+    assert isinstance(estimate.settings, TrainAssumptions) and isinstance(estimate.settings.parallel, LayoutSummary)
+    assert estimate.settings.recompute is Recompute.FULL and estimate.settings.parallel.offload is Offload.OPTIMIZER
+    document = settings_document(estimate.settings)
+    assert document["recompute"] == "full" and document["parallel"]["offload"] == "optimizer"
+    assert document["parallel"]["inflight_chunks"] == {"0": 2, "1": 1}
+    printed = json.loads(run_cli("train", "llama-3-8b", "--recompute", "full", "--dp", "2", "--pp", "2", "--zero", "1",
+                                 "--offload", "optimizer", "--json").stdout)
+    assert printed["settings"] == document
+    inferred = json.loads(run_cli("infer", "llama-3-8b", "--weights", "q4_k", "--json").stdout)["settings"]
+    assert inferred["weights_from"] == "--weights" and "weights_detail" not in inferred

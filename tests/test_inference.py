@@ -51,8 +51,8 @@ def test_rule_of_thumb_is_one_point_two_times_weights():
 
 def test_default_kv_dtype_follows_float_weights_else_bf16():
     model = resolve_model("llama-2-7b")
-    assert estimate_inference(model, InferSettings(dtype="fp32")).settings["kv_dtype"] == "fp32"
-    assert estimate_inference(model, InferSettings(dtype="int4")).settings["kv_dtype"] == "bf16"
+    assert estimate_inference(model, InferSettings(dtype="fp32")).settings.kv_dtype == "fp32"
+    assert estimate_inference(model, InferSettings(dtype="int4")).settings.kv_dtype == "bf16"
 
 
 def test_context_only_total_is_prefill_peak_by_hand():

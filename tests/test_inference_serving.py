@@ -92,7 +92,7 @@ def test_greedy_is_beam_search_with_one_beam():
     greedy = estimate_inference(model, InferSettings(prompt_len=512, max_new_tokens=32))
     one_beam = estimate_inference(model, InferSettings(prompt_len=512, max_new_tokens=32, decoding="beam", num_beams=1))
     assert greedy.phases == one_beam.phases
-    assert greedy.settings["decoding"] == one_beam.settings["decoding"] == "greedy"
+    assert greedy.settings.decoding == one_beam.settings.decoding == "greedy"
 
 
 def test_sampling_returns_several_sequences_each_cached():

@@ -78,7 +78,7 @@ def test_gradients_and_optimizer_states_only_for_adapters():
     assert component["gradients"] == 4 * a
     assert component["optimizer_states"] == 8 * a  # AdamW: two fp32 moments
     assert component["optimizer_step_temporaries"] == 4 * a  # foreach: one state-sized list
-    assert estimate.settings["lora"]["trainable_params"] == a
+    assert estimate.settings.lora.trainable_params == a
     assert estimate.component("weights_only").bytes == 4 * a  # the adapter file
 
     # bf16 adapters (autocast_adapter_dtype=False) under mixed precision: bf16 grads, fp32 master and moments

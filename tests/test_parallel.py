@@ -128,7 +128,7 @@ def test_korthikanti_figure_1_activations(h, a, layers, t, p, v, b, states, base
     if p == 1:
         activations -= output_layer_activation_bytes(2048, b, h, padded_vocab(model, parallel), 2, tp=t, sp=selective)
     else:
-        assert estimate.settings["parallel"]["most_loaded_rank"] == "first stage"
+        assert estimate.settings.parallel.most_loaded_rank == "first stage"
     expected = sp_selective if selective else baseline
     assert activations / GIB == pytest.approx(expected, abs=0.01)
 
@@ -223,8 +223,8 @@ def test_megatron_gpt_7b_tp4_dp2_measured_run():
     parallel = ParallelConfig(dp=2, tp=4, distributed_optimizer=True, microbatches=2)
     estimate = estimate_training(_megatron_gpt_7b(), TrainSettings(batch_size=2, seq_len=8192, attention="flash"),
                                  parallel)
-    assert estimate.settings["precision"] == "megatron-bf16"
-    assert estimate.settings["parallel"]["vocab_size_padded"] == 131584  # 131073 up to a multiple of 128 x 4
+    assert estimate.settings.precision == "megatron-bf16"
+    assert estimate.settings.parallel.vocab_size_padded == 131584  # 131073 up to a multiple of 128 x 4
     assert estimate.component("gradients").formula.startswith("P x fp32")
 
     # Hand count of one TP rank's parameters (h 4096, head_dim 128, K/V width 1024, f 16384, t 4):
@@ -314,7 +314,7 @@ def test_pipeline_activations_per_stage(pp, vpp, microbatches, first_layers, las
     assert _components(last)["activations"] == last_layers * PER_LAYER + OUTPUT_LAYER
     assert estimate.total == max(first.total, last.total)
     busiest = first if first.total >= last.total else last
-    assert estimate.settings["parallel"]["most_loaded_rank"] == busiest.name
+    assert estimate.settings.parallel.most_loaded_rank == busiest.name
     assert estimate.components == busiest.components
 
 
@@ -399,7 +399,7 @@ def test_vocabulary_padding(tp, pad_vocab, expected):
         extra = (expected - 50257) * 768
         assert estimate.component("weights").bytes == 2 * (count_params(model).total + extra)
     else:
-        assert estimate.settings["parallel"]["vocab_size_padded"] == expected
+        assert estimate.settings.parallel.vocab_size_padded == expected
 
 
 # --- 8. One-line layout errors --------------------------------------------------------------------

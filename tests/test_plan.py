@@ -81,7 +81,7 @@ def test_7b_pure_bf16_fits_one_80gb_gpu_at_seq_2048():
     best = result.best
     assert best.layout.gpus == 1 and best.layout.offload == "none"
     assert best.memory_bytes <= 0.9 * 80 * GIB
-    assert best.estimate.settings["precision"] == "pure-bf16"
+    assert best.estimate.settings.precision == "pure-bf16"
     # mixed precision (16 B/param: 108 GB of state) does not fit without offload
     assert not plan(model, gpu, 1, seq_len=2048, global_batch=8, offload=False).top
 

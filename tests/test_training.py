@@ -141,8 +141,8 @@ def test_output_layer_term_by_hand():
 
 
 def test_default_sequence_is_capped_by_model_positions():
-    assert estimate_training(resolve_model("gpt2"), TrainSettings()).settings["seq_len"] == 1024
-    assert estimate_training(resolve_model("llama-2-7b"), TrainSettings()).settings["seq_len"] == 2048
+    assert estimate_training(resolve_model("gpt2"), TrainSettings()).settings.seq_len == 1024
+    assert estimate_training(resolve_model("llama-2-7b"), TrainSettings()).settings.seq_len == 2048
 
 
 def test_llama_13b_bf16_megatron_numbers_by_hand():

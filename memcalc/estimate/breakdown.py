@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING
 
 from memcalc.config import ModelConfig
 from memcalc.estimate.params import ParamInventory
+
+if TYPE_CHECKING:
+    from memcalc.estimate.assumptions import InferAssumptions, TrainAssumptions
 
 
 class Kind(StrEnum):
@@ -54,7 +57,7 @@ class RankView:
 class Estimate:
     model: ModelConfig
     params: ParamInventory
-    settings: dict[str, Any]  # every resolved assumption, JSON-ready
+    settings: TrainAssumptions | InferAssumptions  # every resolved assumption (memcalc.estimate.assumptions)
     components: tuple[Component, ...]
     # Reference figures shown beside the breakdown but not part of it (e.g. the 1.2x rule).
     references: tuple[Component, ...] = ()

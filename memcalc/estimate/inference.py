@@ -26,6 +26,7 @@ from memcalc.config import (
     resolve_seq_len,
 )
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
+from memcalc.estimate.assumptions import InferAssumptions, WeightOrigin
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 from memcalc.estimate.params import count_params
 from memcalc.errors import Field, SettingsError
@@ -388,7 +389,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
                   + (f" ({sampling_bytes_per_logit(settings)} B/logit)" if decoding is Decoding.SAMPLE else ""),
                   "transformers generate() and its logits warpers (generation/utils.py, logits_process.py)"),
         Component("overhead", "Runtime overhead", overhead, Kind.RUNTIME,
-                  "CUDA context 400 MiB + cuBLAS workspace 32 MiB" if settings.overhead_bytes is None else "--overhead",
+                  "CUDA context 400 MiB + cuBLAS workspace 32 MiB" if settings.overhead_bytes is None else "as given",
                   "pytorch PR #86509 and issue #109888 (lazy-loaded context); CublasHandlePool.cpp"),
     )
     references = (
@@ -401,36 +402,24 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
                   f"P x {weight_format or compute_dtype.value}",
                   "parameter count x bytes per element"),
     )
-    resolved = {
-        "dtype": compute_dtype.value,
-        "weights": weight_format or compute_dtype.value,
-        "weights_from": ("--weights" if settings.weights else model.checkpoint.source if weight_format else "--dtype"),
-        "kv_dtype": kv_dtype.value,
-        "batch_size": settings.batch_size,
-        "decoding": decoding.value,
-        "num_beams": settings.num_beams,
-        "num_return_sequences": settings.num_return_sequences,
-        "sequences": sequences,
-        "top_k": settings.top_k,
-        "top_p": settings.top_p,
-        "temperature": settings.temperature,
-        "prompt_len": prompt,
-        "max_new_tokens": settings.max_new_tokens,
-        "context_len": shape.cached,
-        "prefill_logits": settings.prefill_logits.value,
-        "prefill_chunk": chunk,
-        "attention": settings.attention.value,
-        "engine": engine.value,
-        "block_size": block if engine is Engine.PAGED else None,
-        "tp": settings.tp,
-        "kv_cache_bytes_per_token": per_token,
-        "kv_cache_bytes_per_sequence": kv_cache // sequences,
-        "sliding_window": model.sliding_window,
-        "sliding_layers": model.num_sliding_layers,
-        "attention_layers": attention_layers(model),
-        "state_bytes_per_sequence": state // sequences,
-        "overhead_bytes": overhead,
-    }
+    if settings.weights:
+        origin, detail = WeightOrigin.REQUESTED, None
+    elif weight_format:
+        origin, detail = WeightOrigin.CONFIG, model.checkpoint.source
+    else:
+        origin, detail = WeightOrigin.DTYPE, None
+    resolved = InferAssumptions(
+        dtype=compute_dtype, weights=weight_format or compute_dtype.value, weights_from=origin,
+        weights_detail=detail, kv_dtype=kv_dtype, batch_size=settings.batch_size, decoding=decoding,
+        num_beams=settings.num_beams, num_return_sequences=settings.num_return_sequences, sequences=sequences,
+        top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature, prompt_len=prompt,
+        max_new_tokens=settings.max_new_tokens, context_len=shape.cached, prefill_logits=settings.prefill_logits,
+        prefill_chunk=chunk, attention=settings.attention, engine=engine,
+        block_size=block if engine is Engine.PAGED else None, tp=settings.tp, kv_cache_bytes_per_token=per_token,
+        kv_cache_bytes_per_sequence=kv_cache // sequences, sliding_window=model.sliding_window,
+        sliding_layers=model.num_sliding_layers, attention_layers=attention_layers(model),
+        state_bytes_per_sequence=state // sequences, overhead_bytes=overhead,
+    )
     components = tuple(component for component in components if component.bytes or component.key != "state_cache")
     return Estimate(model, params, resolved, components, references=references, checkpoint=checkpoint, phases=phases)
 
@@ -494,7 +483,7 @@ def fit_report(model: ModelConfig, settings: InferSettings, gpu_name: str, gpu_m
     components = {component.key: component.bytes for component in estimate.components}
     weights = sum(value for key, value in components.items() if key.startswith("weights"))
     budget = limit - weights - components["activations"] - components["logits"] - components["overhead"]
-    capacity = kv_capacity(budget, estimate.settings["kv_cache_bytes_per_token"], settings.block_size)
+    capacity = kv_capacity(budget, estimate.settings.kv_cache_bytes_per_token, settings.block_size)
 
     def total(changes) -> int:
         return estimate_inference(model, replace(settings, **changes)).total

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memcalc.config import LORA_TARGETS, MLPKind, ModelConfig, NormKind, Recompute, TrainSettings
+from memcalc.estimate.assumptions import LoraSummary
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.errors import InputError
 from memcalc.estimate.activations import FP32_BYTES, INDEX_BYTES, ActivationShape
@@ -497,19 +498,14 @@ def final_norm_backward_bytes(model: ModelConfig, tokens: int, e: int, x: int) -
     return 5 * FP32_BYTES * tokens * h
 
 
-def summary(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe) -> dict:
-    """The resolved LoRA settings and counts, JSON-ready (``Estimate.settings["lora"]``)."""
+def summary(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe) -> LoraSummary:
+    """The resolved LoRA settings and counts (``Estimate.settings.lora``)."""
     trainable = trainable_parameters(model, settings)
     dtype = DType(settings.lora_dtype.value)
-    base = base_weight_bytes(model, settings, recipe.weight_dtype)
-    return {
-        "rank": settings.lora_rank,
-        "targets": list(settings.lora_targets),
-        "adapter_dtype": dtype.value,
-        "qlora": settings.qlora,
-        "base_format": "bnb-nf4 (double quant)" if settings.qlora else recipe.weight_dtype.value,
-        "trainable_params": trainable,
-        "adapter_bytes": storage_bytes(trainable, dtype),
-        "base_weight_bytes": base,
-        "adapter_recipe": adapter_recipe(settings, recipe).name,
-    }
+    return LoraSummary(
+        rank=settings.lora_rank, targets=tuple(settings.lora_targets), adapter_dtype=dtype, qlora=settings.qlora,
+        base_format="bnb-nf4 (double quant)" if settings.qlora else recipe.weight_dtype.value,
+        trainable_params=trainable, adapter_bytes=storage_bytes(trainable, dtype),
+        base_weight_bytes=base_weight_bytes(model, settings, recipe.weight_dtype),
+        adapter_recipe=adapter_recipe(settings, recipe).name,
+    )

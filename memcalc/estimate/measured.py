@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from memcalc.estimate.assumptions import WeightOrigin
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 
 # memcalc.estimate.inference: the 1.2x rule of thumb, rounded up.
@@ -56,7 +57,7 @@ def with_weight_bytes(estimate: Estimate, nbytes: int, formula: str, source: str
         for component in estimate.checkpoint
     )
     return replace(estimate, components=tuple(components), phases=phases, references=references,
-                   checkpoint=checkpoint, settings={**estimate.settings, **(settings or {})})
+                   checkpoint=checkpoint, settings=replace(estimate.settings, **(settings or {})))
 
 
 def describe_counts(prefix: str, counts: dict[str, int]) -> str:
@@ -78,7 +79,7 @@ def with_stored_weights(estimate: Estimate, stored: Any) -> Estimate:
     file's tensor bytes, or the language-model part of safetensors headers plus a line for a vision
     tower and projector when they are present and the estimate has none. Under tensor parallelism
     each GPU holds an even share (``ceil(bytes / tp)``; replicated norms are not separated)."""
-    tp = int(estimate.settings.get("tp") or 1)
+    tp = estimate.settings.tp
     share = f" / tp {tp} (even split)" if tp > 1 else ""
     extra: tuple[Component, ...] = ()
     if stored.gguf is not None:
@@ -104,7 +105,8 @@ def with_stored_weights(estimate: Estimate, stored: Any) -> Estimate:
             extra = (Component("vision_checkpoint", "Vision tower + projector (checkpoint)", -(-vision // tp),
                                Kind.STATIC, "vision and projector tensors as stored" + share, source),)
     return with_weight_bytes(estimate, -(-whole // tp), formula, source, extra=extra, whole_model_bytes=whole,
-                             settings={"weights": label, "weights_from": stored.location})
+                             settings={"weights": label, "weights_from": WeightOrigin.STORED,
+                                       "weights_detail": str(stored.location)})
 
 
 def _numel_by_dtype(checkpoint: Any) -> dict[str, int]:
@@ -128,7 +130,7 @@ def measured_fit_report(model, settings, stored: Any, gpu_name: str, gpu_memory:
     components = {component.key: component.bytes for component in estimate.components}
     static = sum(component.bytes for component in estimate.components if component.kind is Kind.STATIC)
     budget = limit - static - components["activations"] - components["logits"] - components["overhead"]
-    capacity = kv_capacity(budget, estimate.settings["kv_cache_bytes_per_token"], settings.block_size)
+    capacity = kv_capacity(budget, estimate.settings.kv_cache_bytes_per_token, settings.block_size)
     max_batch = _largest(lambda batch: estimate_with({"batch_size": batch}).total <= limit, 1, 1 << 20)
     positions = model.max_position_embeddings
     if settings.prompt_len is not None:

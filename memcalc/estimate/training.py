@@ -37,6 +37,7 @@ from memcalc.estimate.activations import (
     norm_saved_bytes,
     output_layer_activation_bytes,
 )
+from memcalc.estimate.assumptions import LayoutSummary, TrainAssumptions
 from memcalc.estimate.breakdown import Component, Estimate, Kind, RankView
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
 from memcalc.errors import InputError
@@ -914,54 +915,40 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
     if settings.lora_rank is not None:
         lora = lora_module.summary(model, settings, recipe)
         checkpoint = (
-            Component("weights_only", "Adapters only (adapter_model.safetensors)", lora["adapter_bytes"], Kind.STATIC,
-                      f"{lora['trainable_params']:,} adapter params x {settings.lora_dtype.value}", lora_module.PEFT),
+            Component("weights_only", "Adapters only (adapter_model.safetensors)", lora.adapter_bytes, Kind.STATIC,
+                      f"{lora.trainable_params:,} adapter params x {settings.lora_dtype.value}", lora_module.PEFT),
             Component("training", "Resumable (adapters + master + optimizer)",
-                      lora["adapter_bytes"] + sum(c.bytes for c in busiest.components
+                      lora.adapter_bytes + sum(c.bytes for c in busiest.components
                                                   if c.key in ("master_weights", "optimizer_states")), Kind.STATIC,
                       "adapters + their master copy + optimizer states (the frozen base is not saved)",
                       "PEFT save_pretrained; transformers Trainer checkpoints"),
         )
-    resolved = {
-        "dtype": settings.dtype.value,
-        "precision": recipe.name,
-        "master_weights": recipe.master_dtype is not None,
-        "optimizer": settings.optimizer.value,
-        "optimizer_impl": settings.optimizer_impl.value,
-        "optimizer_state_dtype": recipe.optimizer_state_dtype.value,
-        "batch_size": settings.batch_size,
-        "seq_len": seq_len,
-        "recompute": settings.recompute.value,
-        "attention": settings.attention.value,
-        "activation_model": settings.activation_model.value,
-        "loss": settings.loss.value,
-        "activation_dtype": recipe.activation_dtype.value,
-        "optimizer_in_backward": settings.optimizer_in_backward,
-        "grad_accum": settings.grad_accum,
-        "paged_optimizer": settings.paged_optimizer,
-    }
-    if lora is not None:
-        resolved["lora"] = lora
-    if not parallel.is_single_device:
-        resolved["parallel"] = _layout_document(model, parallel, busiest)
+    resolved = TrainAssumptions(
+        dtype=settings.dtype, precision=recipe.name, master_weights=recipe.master_dtype is not None,
+        optimizer=settings.optimizer, optimizer_impl=settings.optimizer_impl,
+        optimizer_state_dtype=recipe.optimizer_state_dtype, batch_size=settings.batch_size, seq_len=seq_len,
+        recompute=settings.recompute, attention=settings.attention, activation_model=settings.activation_model,
+        loss=settings.loss, activation_dtype=recipe.activation_dtype,
+        optimizer_in_backward=settings.optimizer_in_backward, grad_accum=settings.grad_accum,
+        paged_optimizer=settings.paged_optimizer, lora=lora,
+        parallel=None if parallel.is_single_device else _layout_summary(model, parallel, busiest),
+    )
     return Estimate(model, params, resolved, busiest.components, references=busiest.references,
                     checkpoint=checkpoint, phases=busiest.phases, ranks=views if not parallel.is_single_device else ())
 
 
-def _layout_document(model: ModelConfig, parallel: ParallelConfig, busiest: RankView) -> dict:
-    return {
-        "gpus": parallel.gpus, "dp": parallel.dp, "tp": parallel.tp, "pp": parallel.pp, "cp": parallel.cp,
-        "ep": parallel.ep, "sp": parallel.sp, "zero": parallel.zero,
-        "distributed_optimizer": parallel.distributed_optimizer, "vpp": parallel.vpp,
-        "microbatches": parallel.microbatches, "offload": parallel.offload.value,
-        "tp_impl": parallel.tp_impl.value, "fsdp": parallel.fsdp,
-        "dense_shards": parallel.dense_shards if parallel.shards_optimizer else 1,
-        "expert_shards": parallel.expert_shards if parallel.shards_optimizer and model.moe else 1,
-        "vocab_size_padded": padded_vocab(model, parallel),
-        "prefetch_units": parallel.prefetch if parallel.shards_params else 0,
-        "inflight_chunks": {str(stage): inflight_chunks(parallel, stage) for stage in pipeline_ranks(parallel)},
-        "most_loaded_rank": busiest.name,
-    }
+def _layout_summary(model: ModelConfig, parallel: ParallelConfig, busiest: RankView) -> LayoutSummary:
+    return LayoutSummary(
+        gpus=parallel.gpus, dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, ep=parallel.ep,
+        sp=parallel.sp, zero=parallel.zero, distributed_optimizer=parallel.distributed_optimizer, vpp=parallel.vpp,
+        microbatches=parallel.microbatches, offload=parallel.offload, tp_impl=parallel.tp_impl, fsdp=parallel.fsdp,
+        dense_shards=parallel.dense_shards if parallel.shards_optimizer else 1,
+        expert_shards=parallel.expert_shards if parallel.shards_optimizer and model.moe else 1,
+        vocab_size_padded=padded_vocab(model, parallel),
+        prefetch_units=parallel.prefetch if parallel.shards_params else 0,
+        inflight_chunks={stage: inflight_chunks(parallel, stage) for stage in pipeline_ranks(parallel)},
+        most_loaded_rank=busiest.name,
+    )
 
 
 def _moment_formula(optimizer: str, moments: int, state_dtype: str) -> str:

@@ -93,11 +93,11 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
 
 def compare_inference(estimate: Estimate, measurement) -> Comparison:
     settings = estimate.settings
-    per_token = settings["kv_cache_bytes_per_token"]
-    sequences = settings["sequences"]
+    per_token = settings.kv_cache_bytes_per_token
+    sequences = settings.sequences
     rows = [
         Row("weights", "Weights", estimate.component("weights").bytes, measurement.components["weights"]),
-        Row("kv_cache_after_prefill", "KV cache after prefill", per_token * settings["prompt_len"] * sequences,
+        Row("kv_cache_after_prefill", "KV cache after prefill", per_token * settings.prompt_len * sequences,
             measurement.components["kv_cache_after_prefill"]),
         Row("kv_cache", "KV cache after the last token", estimate.component("kv_cache").bytes,
             measurement.components["kv_cache"]),

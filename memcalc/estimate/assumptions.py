@@ -1,0 +1,130 @@
+"""The resolved assumptions behind an estimate, as typed objects: what the settings became once
+the model, the precision recipe and the layout were applied (the sequence length the model
+allows, the recipe's dtypes, the padded vocabulary, ...). Renderers read them as attributes;
+only the JSON writer (memcalc.report) turns them into strings and numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from memcalc.config import (
+    ActivationModel,
+    Attention,
+    Decoding,
+    Engine,
+    KVDType,
+    Loss,
+    Optimizer,
+    OptimizerImpl,
+    PrefillLogits,
+    Recompute,
+    TrainDType,
+)
+from memcalc.dtypes import DType
+from memcalc.parallel import Offload, TPImpl
+
+
+@dataclass(frozen=True)
+class LoraSummary:
+    """LoRA as resolved: the adapters' rank, targets and dtype, and what they count."""
+
+    rank: int
+    targets: tuple[str, ...]
+    adapter_dtype: DType
+    qlora: bool
+    base_format: str  # the frozen base's storage, e.g. "bnb-nf4 (double quant)" or "bf16"
+    trainable_params: int
+    adapter_bytes: int
+    base_weight_bytes: int
+    adapter_recipe: str  # a memcalc.precision.RECIPES name
+
+
+@dataclass(frozen=True)
+class LayoutSummary:
+    """A parallel layout as resolved for the most loaded rank."""
+
+    gpus: int
+    dp: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    sp: bool
+    zero: int
+    distributed_optimizer: bool
+    vpp: int
+    microbatches: int | None
+    offload: Offload
+    tp_impl: TPImpl
+    fsdp: bool
+    dense_shards: int  # ranks a dense parameter's optimizer state is sharded over (1: not sharded)
+    expert_shards: int
+    vocab_size_padded: int
+    prefetch_units: int
+    inflight_chunks: dict[int, int]  # pipeline rank: micro-batches (or chunks) in flight
+    most_loaded_rank: str
+
+
+@dataclass(frozen=True)
+class TrainAssumptions:
+    dtype: TrainDType
+    precision: str  # the memcalc.precision.RECIPES name the settings resolved to
+    master_weights: bool
+    optimizer: Optimizer
+    optimizer_impl: OptimizerImpl
+    optimizer_state_dtype: DType
+    batch_size: int
+    seq_len: int
+    recompute: Recompute
+    attention: Attention
+    activation_model: ActivationModel
+    loss: Loss
+    activation_dtype: DType
+    optimizer_in_backward: bool
+    grad_accum: int
+    paged_optimizer: bool
+    lora: LoraSummary | None = None
+    parallel: LayoutSummary | None = None
+
+
+class WeightOrigin(StrEnum):
+    """Where the weights' format came from."""
+
+    REQUESTED = "requested"  # a weight format asked for (infer --weights)
+    DTYPE = "dtype"  # every tensor in the compute dtype
+    CONFIG = "config"  # the checkpoint's quantization_config
+    STORED = "stored"  # the bytes a checkpoint's headers or a GGUF file hold
+
+
+@dataclass(frozen=True)
+class InferAssumptions:
+    dtype: DType  # compute dtype
+    weights: str  # the weight format or storage, as shown
+    weights_from: WeightOrigin
+    weights_detail: str | None  # CONFIG: the quantization_config's source; STORED: the file or directory
+    kv_dtype: KVDType | DType
+    batch_size: int
+    decoding: Decoding
+    num_beams: int
+    num_return_sequences: int
+    sequences: int  # per prompt: beams or returned samples
+    top_k: int | None
+    top_p: float | None
+    temperature: float
+    prompt_len: int
+    max_new_tokens: int
+    context_len: int  # tokens cached per sequence
+    prefill_logits: PrefillLogits
+    prefill_chunk: int
+    attention: Attention
+    engine: Engine
+    block_size: int | None  # paged engine only
+    tp: int
+    kv_cache_bytes_per_token: int
+    kv_cache_bytes_per_sequence: int
+    sliding_window: int | None
+    sliding_layers: int
+    attention_layers: int
+    state_bytes_per_sequence: int
+    overhead_bytes: int
