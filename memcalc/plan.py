@@ -91,6 +91,12 @@ DDP = Sharding(0, False, Offload.NONE.value)
 _RECOMPUTE_LEVEL = {Recompute.FULL: 0, Recompute.SELECTIVE: 1, Recompute.NONE: 2}  # memory order
 
 
+# The ParallelConfig fields a planned layout chooses, under ParallelConfig's names: a Layout is a
+# view of ParallelConfig (plus the recompute and micro-batch the search also varies), kept a
+# NamedTuple because the search hashes and copies hundreds of thousands of them.
+PLANNED_FIELDS = ("dp", "tp", "pp", "cp", "ep", "vpp", "sp", "zero", "distributed_optimizer", "offload", "microbatches")
+
+
 class Layout(NamedTuple):
     """One training layout: degrees, sharding, recompute, micro-batching."""
 
@@ -124,11 +130,8 @@ class Layout(NamedTuple):
     def parallel_config(self, *, fsdp: bool = False, tp_impl: TPImpl | str = TPImpl.MEGATRON) -> ParallelConfig:
         """The :class:`ParallelConfig` ``estimate_training`` takes. ``fsdp`` marks ZeRO-3 as PyTorch
         FSDP2 (its own working-set rule) rather than DeepSpeed."""
-        return ParallelConfig(
-            dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, sp=self.sp, zero=self.zero,
-            distributed_optimizer=self.distributed_optimizer, microbatches=self.microbatches, vpp=self.vpp,
-            offload=Offload(self.offload), fsdp=fsdp and self.zero >= 2, tp_impl=TPImpl(tp_impl),
-        )
+        return ParallelConfig(**{name: getattr(self, name) for name in PLANNED_FIELDS},
+                              fsdp=fsdp and self.zero >= 2, tp_impl=TPImpl(tp_impl))
 
     def train_settings(self, base: TrainSettings, seq_len: int) -> TrainSettings:
         return replace(base, batch_size=self.micro_batch, seq_len=seq_len, recompute=self.recompute)

@@ -329,3 +329,26 @@ def test_plan_cli_json(run_cli):
     none = json.loads(run_cli("plan", "gpt3-175b", "--gpu", "a100-80gb", "--gpus", "8", "--seq", "2048",
                               "--global-batch", "64", "--json").stdout)
     assert not none["fits"] and none["top"] == [] and none["rejected"]
+
+
+def test_one_layout_type_under_one_set_of_names():
+    """ParallelConfig is the layout; the planner's Layout, the scenario and the CLI's layout flags
+    are views of it under its own field names (plus what each adds: the planner's recompute and
+    micro-batch, the request's GPU count, FSDP mode and node size)."""
+    from dataclasses import fields
+
+    from memcalc.flags import Layout as LayoutFlags
+    from memcalc.parallel import ParallelConfig
+    from memcalc.plan import PLANNED_FIELDS
+    from memcalc.scenario import Scenario
+
+    config_fields = {item.name for item in fields(ParallelConfig)}
+    assert set(PLANNED_FIELDS) <= config_fields
+    assert set(Layout._fields) == set(PLANNED_FIELDS) | {"recompute", "micro_batch"}
+    request = {"gpus", "fsdp", "gpus_per_node"}  # resolved into dp, zero and shard_group by parallel_config
+    flags = set(LayoutFlags.defaults()) - {"no_pad_vocab"}
+    assert flags - request <= config_fields
+    assert flags <= {item.name for item in fields(Scenario)}
+    layout = Layout(4, 2, 2, 1, 1, 2, True, 1, False, "optimizer", Recompute.FULL, 1, 8)
+    parallel = layout.parallel_config()
+    assert all(getattr(parallel, name) == getattr(layout, name) for name in PLANNED_FIELDS)
