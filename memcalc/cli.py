@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -332,9 +333,11 @@ def plan(
     config = source.resolve(model)
     spec = _resolve_gpu(gpu)
     base = _for_gpu(train_settings(precision, attention=attention, loss=loss), spec)
+    started = time.perf_counter()
     result = search(config, spec, gpus, seq_len=resolve_seq_len(config, seq), global_batch=global_batch,
                     headroom=headroom, top_k=top_k, settings=base, gpus_per_node=gpus_per_node,
                     mfu=DEFAULT_MFU if mfu is None else mfu, fsdp=fsdp, offload=not no_offload)
+    elapsed_s = time.perf_counter() - started
     if plot is not None:
         from memcalc.plot import component_bars
 
@@ -343,11 +346,11 @@ def plan(
     if output.as_json:
         from memcalc.report import plan_document
 
-        _print_json(plan_document(result))
+        _print_json(plan_document(result, elapsed_s))
         return
     from memcalc.render import print_plan
 
-    print_plan(result, output.units)
+    print_plan(result, output.units, elapsed_s)
 
 
 @command

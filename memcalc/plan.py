@@ -24,7 +24,6 @@ out (docs/plan.md sec. 4).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -637,7 +636,6 @@ class PlanResult:
     invalid: tuple[Rejection, ...]  # (tp, pp) pairs with no valid layout at all (check_layout's reason)
     counts: PlanCounts
     assumptions: dict = field(default_factory=dict)
-    elapsed_s: float = 0.0
 
     @property
     def best(self) -> RankedLayout | None:
@@ -812,7 +810,6 @@ def plan(model: ModelConfig, gpu: GPUSpec, gpus: int, *, seq_len: int, global_ba
     recompute mode (the slower variants hold no more memory but are slower: dominated).
     The other keywords are the step-time model's (:class:`StepTimeModel`) and the enumeration's
     filters (:func:`enumerate_layouts`)."""
-    started = time.perf_counter()
     if not 0 <= headroom < 1:
         raise SettingsError(Field("headroom"), f" must be in [0, 1), got {headroom}")
     if top_k <= 0:
@@ -908,7 +905,7 @@ def plan(model: ModelConfig, gpu: GPUSpec, gpus: int, *, seq_len: int, global_ba
         "fsdp": fsdp, "tp_impl": tp_impl.value, "model_flops_per_token": timer.model_flops_per_token,
     }
     return PlanResult(model, gpu, gpus, seq_len, global_batch, headroom, limit, host_limit, tuple(top),
-                      tuple(rejected), invalid, counts, assumptions, time.perf_counter() - started)
+                      tuple(rejected), invalid, counts, assumptions)
 
 
 def _rejection(tp: int, pp: int, floors: list[Layout], search: _Search, limit: int, host_limit: int) -> Rejection:

@@ -493,7 +493,7 @@ def print_advice(advice, unit: Unit) -> None:
 PLAN_LAYOUT_WIDTH = 36  # the layout wraps at this width, between its settings
 
 
-def print_plan(result, unit: Unit) -> None:
+def print_plan(result, unit: Unit, elapsed_s: float) -> None:
     from rich.table import Table
 
     label = UNIT_LABEL[unit]
@@ -521,7 +521,7 @@ def print_plan(result, unit: Unit) -> None:
             console.print(f"  {item.reason}")
     counts = result.counts
     console.print(f"{counts.valid:,} valid layouts, {counts.estimated:,} estimated, {counts.fitting:,} confirmed to "
-                  f"fit, in {result.elapsed_s:.2f} s. Assumptions: "
+                  f"fit, in {elapsed_s:.2f} s. Assumptions: "
                   + ", ".join(f"{key} {value}" for key, value in result.assumptions.items()))
 
 

@@ -163,7 +163,7 @@ def precisions_document(recipes) -> list[dict[str, Any]]:
     return rows
 
 
-def plan_document(result) -> dict[str, Any]:
+def plan_document(result, elapsed_s: float) -> dict[str, Any]:
     """``memcalc plan --json``: the fitting layouts fastest first (memory from the train
     estimator), the families that do not fit with their reasons, and the search counts."""
     from dataclasses import asdict
@@ -183,7 +183,7 @@ def plan_document(result) -> dict[str, Any]:
             "headroom": result.headroom, "limit_bytes": result.limit_bytes, "fits": result.fits,
             "top": [layout(item) for item in result.top], "rejected": [rejection(item) for item in result.rejected],
             "invalid": [rejection(item) for item in result.invalid], "counts": asdict(result.counts),
-            "assumptions": result.assumptions, "elapsed_s": result.elapsed_s}
+            "assumptions": result.assumptions, "elapsed_s": elapsed_s}
 
 
 def sweep_document(model, key: str, points, gpu=None, over_point=None) -> dict[str, Any]:

@@ -5,7 +5,6 @@ agreeing with brute force, and the step-time model against published throughput.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -286,12 +285,11 @@ def test_megatron_gpt3_175b_throughput(micro_batch, vpp):
 # --- Speed, counts and messages ---------------------------------------------------------------------
 
 
-def test_search_of_1024_gpus_is_fast():
-    """benchmarks/plan_speed.py records the time; this only guards against a large regression."""
+def test_search_of_1024_gpus_estimates_few_layouts():
+    """The search estimates under a thousand of the 40,000 valid layouts (benchmarks/plan_speed.py
+    prints the time it takes; tests assert no time)."""
     model, gpu = resolve_model("llama-3-70b"), resolve_gpu("h100")
-    started = time.perf_counter()
     result = plan(model, gpu, 1024, seq_len=8192, global_batch=1024)
-    assert time.perf_counter() - started < 6.0
     counts = result.counts
     assert counts.valid > 40_000 and counts.estimated < 1_000
     assert counts.fitting + counts.not_fitting + counts.unresolved == counts.valid
