@@ -1,7 +1,8 @@
 """The resolved assumptions behind an estimate, as typed objects: what the settings became once
 the model, the precision recipe and the layout were applied (the sequence length the model
 allows, the recipe's dtypes, the padded vocabulary, ...). Renderers read them as attributes;
-only the JSON writer (memcalc.report) turns them into strings and numbers."""
+only the JSON writer (memcalc.report) turns them into strings and numbers. (No ``__eq__``: nothing
+compares them, and each generated method costs every start-up.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from memcalc.dtypes import DType
 from memcalc.parallel import Offload, TPImpl
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoraSummary:
     """LoRA as resolved: the adapters' rank, targets and dtype, and what they count."""
 
@@ -40,7 +41,7 @@ class LoraSummary:
     adapter_recipe: str  # a memcalc.precision.RECIPES name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayoutSummary:
     """A parallel layout as resolved for the most loaded rank."""
 
@@ -66,7 +67,7 @@ class LayoutSummary:
     most_loaded_rank: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TrainAssumptions:
     dtype: TrainDType
     precision: str  # the memcalc.precision.RECIPES name the settings resolved to
@@ -97,7 +98,7 @@ class WeightOrigin(StrEnum):
     STORED = "stored"  # the bytes a checkpoint's headers or a GGUF file hold
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class InferAssumptions:
     dtype: DType  # compute dtype
     weights: str  # the weight format or storage, as shown
