@@ -1,4 +1,8 @@
-"""The GPU catalogue (``configs/gpus.yaml``): one source for memory sizes and throughput."""
+"""The GPU catalogue (``configs/gpus.yaml``): one source for memory sizes and throughput.
+
+Two memory figures per card (docs/gpus.md): ``memory_gib``, memory as sold, and ``usable_bytes``,
+the total the CUDA (or HIP) runtime reports, which is what a process can ever allocate from.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,15 @@ import difflib
 from dataclasses import dataclass
 from functools import cache
 
+from memcalc.bounds import PositiveInt
 from memcalc.errors import InputError
 from memcalc.library import read_yaml, configs_dir
+
+# Without a measured ``usable_bytes``, a card is taken to lose 2% of its memory as sold to the
+# driver and ECC (docs/gpus.md). Every card measured loses less (NVIDIA HBM from 0.85%, H200, to
+# 1.52%, A100 40GB; RTX 4090 1.46%; MI300X 16 MiB) but GDDR with ECC on, which keeps 1/16 of the
+# memory for check bits (L40S: 7.7% below 48 GiB): such a card needs a measured figure.
+USABLE_FALLBACK_RESERVE = 0.02
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,10 +33,36 @@ class GPUSpec:
     mxfp8: bool  # block-scaled MXFP8 (Blackwell)
     intra_node_gbps: float  # GPU-to-GPU bandwidth inside a node, GB/s per GPU
     source: str
+    # Total device memory as the runtime reports it: cudaMemGetInfo's total, equal to
+    # cudaDeviceProp.totalGlobalMem and torch.cuda.get_device_properties(i).total_memory (HIP's on
+    # AMD). Below memory_gib by what the driver keeps and, on GDDR with ECC, the check bits; it moves
+    # by a few MiB between driver versions. None: not measured, USABLE_FALLBACK_RESERVE applies.
+    usable_bytes: PositiveInt | None = None
+    usable_source: str | None = None  # where the figure was printed, by which API and driver
+
+    def __post_init__(self) -> None:
+        if self.usable_bytes is not None:
+            if not self.usable_source:
+                raise ValueError("usable_bytes needs a usable_source (where the figure was printed)")
+            if self.usable_bytes > self.memory_bytes:
+                raise ValueError(f"usable_bytes ({self.usable_bytes}) exceeds memory_gib x 2^30 "
+                                 f"({self.memory_bytes})")
+        elif self.usable_source is not None:
+            raise ValueError("usable_source without usable_bytes")
 
     @property
     def memory_bytes(self) -> int:
+        """Memory as sold, in bytes."""
         return round(self.memory_gib * 2**30)
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """What the runtime reports as the device's total: the measured ``usable_bytes``, else
+        memory as sold less USABLE_FALLBACK_RESERVE (rounded down to whole MiB)."""
+        if self.usable_bytes is not None:
+            return self.usable_bytes
+        kept = self.memory_bytes - round(self.memory_bytes * USABLE_FALLBACK_RESERVE)
+        return kept // 2**20 * 2**20
 
     @property
     def keeps_fp8_transpose(self) -> bool:
