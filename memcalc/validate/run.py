@@ -63,6 +63,8 @@ class Measurement:
     components: dict[str, int]  # weights, master_weights, optimizer_states, gradients, activations, ...
     phases: dict[str, Phase]
     cuda: dict[str, int] = field(default_factory=dict)  # reserved, allocated, process overhead
+    # With record=True: every storage's allocation and free, in order (memcalc.allocator replays it)
+    events: list[tuple[str, int, int]] | None = None
 
     @property
     def total(self) -> int:
@@ -188,9 +190,10 @@ def _make_optimizer(name: str, impl: str, params, state_dtype: str | None = None
 
 
 def measure_training(
-    model_config: ModelConfig, workload: TrainWorkload, device: str = "fake", progress=None
+    model_config: ModelConfig, workload: TrainWorkload, device: str = "fake", progress=None, record: bool = False
 ) -> Measurement:
-    """``progress(description)`` is called as each step starts (for a progress bar)."""
+    """``progress(description)`` is called as each step starts (for a progress bar); ``record``
+    keeps the allocation trace in ``Measurement.events``."""
     from memcalc.precision import RECIPES
 
     progress = progress or (lambda description: None)
@@ -199,7 +202,7 @@ def measure_training(
     weight_dtype = TORCH_DTYPES[recipe.weight_dtype.value]
     autocast_dtype = TORCH_DTYPES[recipe.activation_dtype.value] if recipe.autocast else None
     torch_device = "cuda" if device == "cuda" else "cpu"
-    tracker = LiveBytesTracker(round_to=CUDA_BLOCK_BYTES if device == "cuda" else 1)
+    tracker = LiveBytesTracker(round_to=CUDA_BLOCK_BYTES if device == "cuda" else 1, record=record)
     meter = _Meter(device, tracker)
     phases: dict[str, Phase] = {}
 
@@ -337,7 +340,7 @@ def measure_training(
     }
     if buffer_bytes:
         components["gradient_accumulation"] = buffer_bytes
-    return Measurement(device, components, phases, cuda)
+    return Measurement(device, components, phases, cuda, tracker.events)
 
 
 def _cuda_statistics() -> dict[str, int]:
@@ -436,10 +439,11 @@ def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, 
     return caches
 
 
-def measure_inference(model_config: ModelConfig, workload: InferWorkload, device: str = "fake", progress=None):
+def measure_inference(model_config: ModelConfig, workload: InferWorkload, device: str = "fake", progress=None,
+                      record: bool = False):
     progress = progress or (lambda description: None)
     torch_device = "cuda" if device == "cuda" else "cpu"
-    tracker = LiveBytesTracker(round_to=CUDA_BLOCK_BYTES if device == "cuda" else 1)
+    tracker = LiveBytesTracker(round_to=CUDA_BLOCK_BYTES if device == "cuda" else 1, record=record)
     meter = _Meter(device, tracker)
     kv_after_prefill = 0
     with _device_context(device), tracker, torch.device(torch_device):
@@ -468,4 +472,4 @@ def measure_inference(model_config: ModelConfig, workload: InferWorkload, device
         del caches
     phases = {"generate": generate}
     components = {"weights": weights, "kv_cache_after_prefill": kv_after_prefill, "kv_cache": kv_final}
-    return Measurement(device, components, phases, cuda)
+    return Measurement(device, components, phases, cuda, tracker.events)

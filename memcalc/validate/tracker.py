@@ -40,9 +40,13 @@ def _memory_holders(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 class LiveBytesTracker(TorchDispatchMode):
-    def __init__(self, round_to: int = 1) -> None:
+    def __init__(self, round_to: int = 1, record: bool = False) -> None:
         super().__init__()
         self.round_to = round_to  # 512 mimics the CUDA allocator's block rounding
+        # With ``record``, every storage's birth and death in program order, as
+        # ("alloc" | "free", block id, bytes requested): the trace memcalc.allocator replays.
+        self.events: list[tuple[str, int, int]] | None = [] if record else None
+        self._next_block = 0
         self.live_bytes = 0
         self.peak_bytes = 0
         self.static_bytes = 0  # parameters, buffers, master copies, optimizer states
@@ -62,17 +66,29 @@ class LiveBytesTracker(TorchDispatchMode):
         key = id(storage)
         if key in self._storages and self._storages[key][0]() is storage:
             return
-        record = [self._size(storage)]  # mutable: a resize changes what the release subtracts
+        # mutable: a resize changes what the release subtracts; [bytes, block id, bytes requested]
+        record = [self._size(storage), self._new_block(storage.nbytes()), storage.nbytes()]
 
         def release(_ref, key=key, record=record) -> None:
             entry = self._storages.get(key)
             if entry is not None and entry[0] is _ref:
                 del self._storages[key]
                 self.live_bytes -= record[0]
+                self._free_block(record)
 
         self._storages[key] = (weakref.ref(storage, release), record)
         self.live_bytes += record[0]
         self._update_peaks()
+
+    def _new_block(self, nbytes: int) -> int:
+        self._next_block += 1
+        if self.events is not None and nbytes:
+            self.events.append(("alloc", self._next_block, nbytes))
+        return self._next_block
+
+    def _free_block(self, record: list[int]) -> None:
+        if self.events is not None and record[2]:
+            self.events.append(("free", record[1], record[2]))
 
     def _resized(self, storage) -> None:
         """FSDP2 frees and re-allocates unsharded parameters by resizing their storages in place."""
@@ -84,6 +100,9 @@ class LiveBytesTracker(TorchDispatchMode):
         new_size = self._size(storage)
         self.live_bytes += new_size - record[0]
         record[0] = new_size
+        # the allocator sees a resize as a free of the old block and a new one
+        self._free_block(record)
+        record[1], record[2] = self._new_block(storage.nbytes()), storage.nbytes()
         self._update_peaks()
 
     def __enter__(self):

@@ -1,0 +1,108 @@
+"""What the GPU holds beyond live tensors, and the three totals every command reports:
+
+- ``peak_allocated``: live tensor bytes at the peak, what ``torch.cuda.max_memory_allocated``
+  counts (the estimators' ``Estimate.total``);
+- ``peak_reserved``: what PyTorch's caching allocator holds at that peak
+  (``torch.cuda.max_memory_reserved``): the allocated bytes plus the segments' unused space;
+- ``device_total``: reserved plus what lives outside the allocator (the CUDA context, library
+  workspaces, NCCL's buffers): what nvidia-smi shows for the process and what must fit in the
+  GPU's usable capacity (memcalc.gpus, ``usable_memory_bytes``).
+
+The allocator's reserve comes from replaying allocation traces through a model of the caching
+allocator (memcalc.allocator; docs/allocator.md): benchmarks/reserved.py records the traces of a
+matrix of training steps and generate() runs on fake tensors and writes
+benchmarks/results/reserved_fake.csv; the medians per kind of workload are the terms below (a
+test keeps them equal to the CSV). A run's own figure can differ: the rows range from +4% to +37%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memcalc.config import Recompute
+from memcalc.estimate.assumptions import InferAssumptions, TrainAssumptions
+from memcalc.estimate.breakdown import Estimate
+
+MiB = 2**20
+
+# Medians of fragmentation_percent (default allocator) and expandable_fragmentation_percent
+# (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) in benchmarks/results/reserved_fake.csv.
+# Full recompute frees and re-allocates every layer's activations in backward, which leaves the
+# most split segments.
+FRAGMENTATION_PERCENT = {"train": 9.24, "train-full-recompute": 33.51, "infer": 5.74}
+EXPANDABLE_FRAGMENTATION_PERCENT = {"train": 5.17, "train-full-recompute": 7.94, "infer": 1.57}
+
+# Outside the allocator, per GPU process. CUDA context with lazy module loading (the default since
+# CUDA 11.7 / PyTorch 1.13): 287 MB measured in pytorch PR #86509, "around 400MB" (pytorch issue
+# #109888), 426 MiB on an RTX 6000 Ada with torch 2.10 (docs/gpus.md); memcalc takes 400 MiB.
+# cuBLAS keeps a 32 MiB workspace per handle and stream on Hopper and newer
+# (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize; 8.125 MiB on older GPUs).
+CUDA_CONTEXT_BYTES = 400 * MiB
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
+RUNTIME_BYTES = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES
+
+# NCCL's buffers per communicator a rank belongs to, with NCCL's defaults (NCCL_BUFFSIZE 4 MiB per
+# channel and peer): measured on 4 x A100 with NVLink at 544 MB for a 2-rank communicator and
+# 688 MB for a larger one (NVIDIA/nccl issue #964). They grow with the channel count, so other
+# interconnects differ; the figure is an approximation, stated as such in the table.
+NCCL_PAIR_BYTES = 544 * 10**6
+NCCL_GROUP_BYTES = 688 * 10**6
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceMemory:
+    peak_allocated: int
+    fragmentation_percent: float  # the allocator's reserve over the allocated peak
+    workload: str  # the FRAGMENTATION_PERCENT key used
+    expandable_segments: bool
+    cuda_context: int
+    workspaces: int
+    nccl: int
+    communicators: tuple[int, ...]  # the sizes of the NCCL communicators counted
+
+    @property
+    def peak_reserved(self) -> int:
+        return self.peak_allocated + round(self.peak_allocated * self.fragmentation_percent / 100)
+
+    @property
+    def allocator_reserve(self) -> int:
+        return self.peak_reserved - self.peak_allocated
+
+    @property
+    def outside_allocator(self) -> int:
+        return self.cuda_context + self.workspaces + self.nccl
+
+    @property
+    def device_total(self) -> int:
+        return self.peak_reserved + self.outside_allocator
+
+
+def nccl_bytes(communicators: tuple[int, ...]) -> int:
+    return sum(NCCL_PAIR_BYTES if size == 2 else NCCL_GROUP_BYTES for size in communicators)
+
+
+def _training_communicators(settings: TrainAssumptions) -> tuple[int, ...]:
+    """The communicators one rank of the layout joins: data parallel (gradients, over dp x cp),
+    tensor, context and expert parallel groups, and one pipeline neighbour pair."""
+    layout = settings.parallel
+    if layout is None:
+        return ()
+    sizes = [layout.dp * layout.cp, layout.tp, layout.cp, layout.ep, 2 if layout.pp > 1 else 1]
+    return tuple(size for size in sizes if size > 1)
+
+
+def device_memory(estimate: Estimate, expandable_segments: bool = False) -> DeviceMemory:
+    """The three totals of ``estimate`` on one GPU of its layout (the most loaded)."""
+    settings = estimate.settings
+    if isinstance(settings, InferAssumptions):
+        workload = "infer"
+        communicators = (settings.tp,) if settings.tp > 1 else ()
+        # the estimate's own runtime line: the default context + workspace, or --overhead
+        context, workspaces = estimate.runtime_bytes, 0
+    else:
+        workload = "train-full-recompute" if settings.recompute is Recompute.FULL else "train"
+        communicators = _training_communicators(settings)
+        context, workspaces = CUDA_CONTEXT_BYTES, CUBLAS_WORKSPACE_BYTES
+    table = EXPANDABLE_FRAGMENTATION_PERCENT if expandable_segments else FRAGMENTATION_PERCENT
+    return DeviceMemory(estimate.total, table[workload], workload, expandable_segments, context, workspaces,
+                        nccl_bytes(communicators), communicators)
