@@ -206,14 +206,19 @@ def train(
     estimate = estimate_training(config, settings, parallel)
     _warn_precision_support(estimate.settings.precision, gpu_spec)
     advice = None
-    if gpu_spec is not None and estimate.total > gpu_spec.memory_bytes:
-        from memcalc.advice import advise
+    if gpu_spec is not None:
+        from memcalc.estimate.device import allocated_limit, device_memory, fits
 
-        advice = advise(config, settings, parallel, gpu_spec.memory_bytes)
+        memory = device_memory(estimate)
+        if not fits(memory, gpu_spec):
+            from memcalc.advice import advise
+
+            # each change's allocated peak against what the usable capacity leaves for it
+            advice = advise(config, settings, parallel, allocated_limit(memory, gpu_spec.usable_memory_bytes))
     if plot is not None:
         from memcalc.plot import component_bars
 
-        component_bars(plot, [config.name], [estimate], gpu_spec.memory_bytes if gpu_spec else None,
+        component_bars(plot, [config.name], [estimate], gpu_spec.usable_memory_bytes if gpu_spec else None,
                        f"memcalc train: {config.name}")
     _emit("train", estimate, output, gpu_spec, advice, explain)
 
@@ -273,7 +278,7 @@ def compare(
         from memcalc.plot import component_bars
 
         component_bars(plot, [label for label, _ in results], [estimate for _, estimate in results],
-                       gpu_spec.memory_bytes if gpu_spec else None, f"memcalc compare: {config.name}")
+                       gpu_spec.usable_memory_bytes if gpu_spec else None, f"memcalc compare: {config.name}")
     if output.as_json:
         from memcalc.report import compare_document
 
@@ -391,12 +396,12 @@ def sweep(
     base = _for_gpu(train_settings(precision, workload), gpu_spec)
     config = source.resolve(model)
     points = run_sweep(config, base, shared, key, values)
-    over_point = first_over(points, gpu_spec.memory_bytes) if gpu_spec else None
+    over_point = first_over(points, gpu_spec.usable_memory_bytes) if gpu_spec else None
     if plot is not None:
         from memcalc.plot import sweep_lines
 
         sweep_lines(plot, key, [point.value for point in points], [point.estimate for point in points],
-                    gpu_spec.memory_bytes if gpu_spec else None, f"memcalc sweep: {config.name}")
+                    gpu_spec.usable_memory_bytes if gpu_spec else None, f"memcalc sweep: {config.name}")
     if output.as_json:
         from memcalc.report import sweep_document
 
@@ -462,11 +467,12 @@ def infer(
     if gpu_spec is not None and stored is not None:
         from memcalc.estimate.measured import measured_fit_report
 
-        fit = measured_fit_report(config, settings, stored, gpu_spec.name, gpu_spec.memory_bytes, gpu_util)
+        fit = measured_fit_report(config, settings, stored, gpu_spec.name, gpu_spec.usable_memory_bytes,
+                                  gpu_util)
     elif gpu_spec is not None:
         from memcalc.estimate.inference import fit_report
 
-        fit = fit_report(config, settings, gpu_spec.name, gpu_spec.memory_bytes, gpu_util)
+        fit = fit_report(config, settings, gpu_spec.name, gpu_spec.usable_memory_bytes, gpu_util)
     capacity = None
     if budget is not None:
         from memcalc.estimate.inference import kv_capacity
@@ -619,7 +625,8 @@ def gpus(as_json: JsonOption = False) -> None:
 
     catalogue = list(gpu_catalogue().values())
     if as_json:
-        _print_json([asdict(spec) | {"memory_bytes": spec.memory_bytes} for spec in catalogue])
+        _print_json([asdict(spec) | {"memory_bytes": spec.memory_bytes, "usable_memory_bytes": spec.usable_memory_bytes}
+                     for spec in catalogue])
         return
     from memcalc.render import print_gpus
 

@@ -533,6 +533,8 @@ class TrainSettings:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # projections that get adapters (PEFT's Llama default)
     lora_dtype: TrainDType = TrainDType.FP32  # adapters' dtype: PEFT's autocast_adapter_dtype=True upcasts to fp32
     qlora: bool = False  # base linear weights in bitsandbytes NF4 with double quantisation (QLoRA)
+    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the allocator's reserve (memcalc.estimate.device)
+    expandable_segments: bool = False
 
     def __post_init__(self) -> None:
         _coerce_enums(
@@ -602,6 +604,7 @@ class InferSettings:
     block_size: PositiveInt = 16  # paged engine: tokens per KV block
     tp: PositiveInt = 1  # tensor-parallel ranks: weights, heads and KV heads split
     overhead_bytes: NonNegativeInt | None = None  # CUDA context + library workspaces; default: documented
+    expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
     def __post_init__(self) -> None:
         _coerce_enums(self, dtype=DType, kv_dtype=KVDType, decoding=Decoding, prefill_logits=PrefillLogits,

@@ -117,6 +117,10 @@ AttentionOption = Annotated[Attention, typer.Option("--attention", metavar="KERN
 LossOption = Annotated[Loss, typer.Option("--loss", metavar="MODE", rich_help_panel=SAVERS,
                                           help="full: all logits upcast to fp32 (transformers); chunked: fused/"
                                           "chunked cross-entropy, 1024 tokens at a time.")]
+ExpandableOption = Annotated[bool, typer.Option("--expandable-segments", rich_help_panel=SAVERS,
+                                                help="The caching allocator with expandable segments "
+                                                "(PYTORCH_CUDA_ALLOC_CONF expandable_segments:True): it grows "
+                                                "segments instead of reserving new ones, so less is reserved.")]
 PromptOption = Annotated[int | None, typer.Option("--prompt", metavar="N", min=1, show_default=False, rich_help_panel=BATCH,
                                                   help="Prompt tokens per sequence (instead of --context).")]
 
@@ -209,6 +213,7 @@ class Workload(Flags):
     paged: Annotated[bool, typer.Option("--paged", rich_help_panel=SAVERS,
                                         help="bitsandbytes paged optimizer states (unified memory that may spill to "
                                         "the CPU under pressure; counted on the GPU).")] = False
+    expandable_segments: ExpandableOption = False
     lora_rank: Annotated[int | None, typer.Option("--lora-rank", metavar="N", min=1, show_default=False, rich_help_panel=LORA,
                                                   help="Train LoRA adapters of this rank; the base is frozen.")
                          ] = None
@@ -363,6 +368,7 @@ class Serving(Flags):
                                             help="Paged engine: tokens per KV block.")] = 16
     tp: Annotated[int, typer.Option("--tp", metavar="N", min=1, rich_help_panel=SERVING,
                                     help="Tensor-parallel GPUs (per-GPU numbers).")] = 1
+    expandable_segments: ExpandableOption = False
     overhead: Annotated[str | None, typer.Option("--overhead", show_default=False, rich_help_panel=SERVING,
                                                  help="Runtime overhead per GPU, e.g. 1GiB (default: CUDA context "
                                                  "400 MiB + cuBLAS workspace 32 MiB).")] = None
@@ -386,7 +392,8 @@ def train_settings(precision: Precision, workload: Workload | None = None, **fix
         values |= {"batch_size": workload.batch, "seq_len": workload.seq, "grad_accum": workload.grad_accum,
                    "recompute": workload.recompute, "attention": workload.attention, "loss": workload.loss,
                    "optimizer_in_backward": workload.optimizer_in_backward, "paged_optimizer": workload.paged,
-                   "activation_model": workload.activation_model}
+                   "activation_model": workload.activation_model,
+                   "expandable_segments": workload.expandable_segments}
         if workload.lora_rank is not None:
             targets = workload.lora_targets.strip()
             values |= {"lora_rank": workload.lora_rank, "lora_targets": "q,k,v,o,gate,up,down" if targets == "all"
@@ -418,7 +425,8 @@ def infer_settings(serving: Serving | None, generation: Generation, **fixed: Any
                    "max_new_tokens": serving.max_new_tokens, "prefill_logits": serving.prefill_logits,
                    "prefill_chunk": serving.prefill_chunk, "attention": serving.attention, "engine": serving.engine,
                    "block_size": serving.block_size, "tp": serving.tp,
-                   "overhead_bytes": parse_size("--overhead", serving.overhead)}
+                   "overhead_bytes": parse_size("--overhead", serving.overhead),
+                   "expandable_segments": serving.expandable_segments}
     return InferSettings(**(values | fixed))
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from memcalc.config import ModelConfig
 from memcalc.estimate.assumptions import InferAssumptions, TrainAssumptions, WeightOrigin
-from memcalc.estimate.breakdown import Estimate
+from memcalc.estimate.breakdown import Estimate, Kind
+from memcalc.estimate.device import device_memory
 from memcalc.estimate.params import count_params
 from memcalc.units import UNIT_LABEL, Unit, format_bytes
 
@@ -145,6 +146,10 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
         if model.sliding_window:
             lines.append(("sliding window", f"{model.sliding_window} tokens on {settings.sliding_layers} of "
                           f"{model.num_layers} layers (their cache holds at most the window)"))
+    memory = device_memory(estimate)
+    lines.append(("allocator", f"{'expandable segments' if memory.expandable_segments else 'default caching allocator'}"
+                  f": reserve +{memory.fragmentation_percent:g}% over the allocated peak (the median of traced "
+                  f"{memory.workload} runs replayed through memcalc.allocator)"))
     lines += [("note", note) for note in model.notes]
     return lines
 
@@ -209,23 +214,46 @@ def _recipe_description(name: str) -> str:
 FORMULA_WIDTH = 46  # the Formula column wraps at this width when the terminal has room for it
 
 
+def _device_rows(estimate: Estimate) -> list[tuple[str, int, str, str]]:
+    """The device section under the allocated peak: (label, bytes, share, formula)."""
+    memory = device_memory(estimate)
+    allocator = "expandable segments" if memory.expandable_segments else "caching allocator"
+    outside = [f"CUDA context {memory.cuda_context // 2**20} MiB" if not estimate.runtime_bytes
+               else _runtime_text(estimate)]
+    if memory.workspaces:
+        outside.append(f"cuBLAS workspace {memory.workspaces // 2**20} MiB")
+    if memory.nccl:
+        outside.append(f"NCCL ~{memory.nccl / 1e9:.2f} GB ({len(memory.communicators)} communicators)")
+    return [
+        ("Peak reserved (est.)", memory.peak_reserved, f"+{memory.fragmentation_percent:.1f}%",
+         f"{allocator}: +{memory.fragmentation_percent:g}% ({memory.workload} median, benchmarks/reserved.py)"),
+        ("Outside the allocator", memory.outside_allocator, "", " + ".join(outside)),
+        ("On the device (must fit)", memory.device_total, "", "reserved + outside the allocator"),
+    ]
+
+
+def _runtime_text(estimate: Estimate) -> str:
+    return " + ".join(component.formula for component in estimate.components if component.kind is Kind.RUNTIME)
+
+
 def _estimate_rows(estimate: Estimate) -> list[tuple[str, str]]:
     """Every row of the main table with its formula, in table order (the ``--explain`` view)."""
-    rows = [(component.label, component.formula) for component in estimate.components]
+    rows = [(component.label, component.formula) for component in estimate.components
+            if component.kind is not Kind.RUNTIME]
     if estimate.phases:
         rows += [(f"During {PHASE_LABELS[phase]}", PHASE_CONTENTS[phase]) for phase in estimate.phases]
-        rows.append(("Total (peak)", _peak_text(estimate)))
+        rows.append(("Peak allocated", _peak_text(estimate)))
         if estimate.cpu_total > 0:
             rows.append(("Host memory", "sum of the CPU rows"))
     else:
-        rows.append(("Total", "sum of the rows above"))
+        rows.append(("Peak allocated", "sum of the rows above"))
+    rows += [(title, formula) for title, _bytes, _share, formula in _device_rows(estimate)]
     rows += [(reference.label, reference.formula) for reference in estimate.references]
     return rows
 
 
 def _peak_text(estimate: Estimate) -> str:
-    text = f"largest phase: {PHASE_LABELS[estimate.peak_phase]}"
-    return text + " + runtime overhead" if estimate.runtime_bytes else text
+    return f"largest phase: {PHASE_LABELS[estimate.peak_phase]}"
 
 
 def _estimate_table(command: str, estimate: Estimate, unit: Unit, formula: bool, bar_width: int, kind: bool):
@@ -258,6 +286,8 @@ def _estimate_table(command: str, estimate: Estimate, unit: Unit, formula: bool,
         return [shown, "-"] if location == "gpu" else ["-", shown]
 
     for component in estimate.components:
+        if component.kind is Kind.RUNTIME:  # outside the allocator: in the device section below
+            continue
         share = _share_bar(component.bytes, total, bar_width) if component.location == "gpu" else "-"
         add(component.label, amounts(component.bytes, component.location), share, component.kind.value,
             component.formula)
@@ -268,12 +298,15 @@ def _estimate_table(command: str, estimate: Estimate, unit: Unit, formula: bool,
             add(f"During {PHASE_LABELS[phase]}{marker}", amounts(live), _share(live, total), "phase",
                 PHASE_CONTENTS[phase])
         table.add_section()
-        add("Total (peak)", amounts(total), "100.0%", "", _peak_text(estimate), style="bold")
+        add("Peak allocated", amounts(total), "100.0%", "", _peak_text(estimate), style="bold")
         if offloaded:
             table.add_row("Host memory", "-", format_bytes(estimate.cpu_total, unit), "",
                           *([""] if kind else []), *(["sum of the CPU rows"] if formula else []), style="bold")
     else:
-        add("Total", amounts(total), "100.0%", "", "sum of the rows above", style="bold")
+        add("Peak allocated", amounts(total), "100.0%", "", "sum of the rows above", style="bold")
+    device = _device_rows(estimate)
+    for index, (title, value, share, text) in enumerate(device):
+        add(title, amounts(value), share, "device", text, style="bold" if index == len(device) - 1 else None)
     for reference in estimate.references:
         add(reference.label, amounts(reference.bytes), "", "reference", reference.formula)
     return table
@@ -317,12 +350,13 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None, expla
     console.print(table)
     if estimate.phases and command == "train":
         console.print(
-            "Shares are of the peak. The peak is the largest phase, not the sum of the rows: activations are "
-            "freed during backward, before the optimizer step allocates its temporaries."
+            "Shares are of the allocated peak: the largest phase, not the sum of the rows (activations are "
+            "freed during backward, before the optimizer step allocates its temporaries). The device also "
+            "holds the allocator's unused reserve and what lives outside it."
         )
     elif estimate.phases:
-        console.print("Shares are of the peak. The peak is the larger of prefill and decoding plus the runtime "
-                      "overhead, not the sum of the rows.")
+        console.print("Shares are of the allocated peak: the larger of prefill and decoding, not the sum of the "
+                      "rows. The device also holds the allocator's unused reserve and the runtime overhead.")
     if not formula_shown:
         if explain:
             console.print()
@@ -333,11 +367,15 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None, expla
             console.print(f"Formulas: add --explain, or widen the terminal to {wide} columns.")
     if len(estimate.ranks) > 1:
         console.print(_ranks_table(estimate, unit))
+    memory = device_memory(estimate)
     other = Unit.GB if unit is Unit.GIB else Unit.GIB
-    per_gpu = " per GPU (most loaded)" if estimate.ranks else ""
-    console.print(f"Total: {format_bytes(total, unit)} {label} ({format_bytes(total, other)} {UNIT_LABEL[other]}){per_gpu}")
+    per_gpu = " per GPU (most loaded)" if estimate.ranks or getattr(estimate.settings, "tp", 1) > 1 else ""
+    on_device = memory.device_total
+    console.print(f"On the device: {format_bytes(on_device, unit)} {label} ({format_bytes(on_device, other)} "
+                  f"{UNIT_LABEL[other]}){per_gpu}; peak allocated {format_bytes(total, unit)}, reserved "
+                  f"{format_bytes(memory.peak_reserved, unit)} {label}.")
     if gpu is not None:
-        console.print(_fit_line(total, gpu, unit))
+        console.print(_fit_line(on_device, gpu, unit))
     console.print()
     console.print("Assumptions", style="bold underline")
     console.print(assumptions)
@@ -345,13 +383,14 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None, expla
     console.print(checkpoint)
 
 
-def _fit_line(total: int, gpu, unit: Unit) -> str:
+def _fit_line(required: int, gpu, unit: Unit) -> str:
+    """``required``: the device total, against the capacity CUDA reports for ``gpu``."""
     label = UNIT_LABEL[unit]
-    capacity = format_bytes(gpu.memory_bytes, unit)
-    if total <= gpu.memory_bytes:
-        return (f"Fits on {gpu.name} ({capacity} {label}): {format_bytes(gpu.memory_bytes - total, unit)} {label} "
-                "free before the CUDA context and allocator fragmentation.")
-    return f"Does not fit on {gpu.name} ({capacity} {label}): {format_bytes(total - gpu.memory_bytes, unit)} {label} over."
+    usable = gpu.usable_memory_bytes
+    capacity = f"{format_bytes(usable, unit)} {label} usable of {format_bytes(gpu.memory_bytes, unit)}"
+    if required <= usable:
+        return f"Fits on {gpu.name} ({capacity}): {format_bytes(usable - required, unit)} {label} to spare."
+    return f"Does not fit on {gpu.name} ({capacity}): {format_bytes(required - usable, unit)} {label} over."
 
 
 def _ranks_table(estimate: Estimate, unit: Unit):
@@ -402,7 +441,7 @@ def _scenario_table(model: ModelConfig, results: list[tuple[int, str, Estimate]]
         row(next(c.label for e in estimates for c in e.components if c.key == key),
             [component(estimate, key) for estimate in estimates])
     table.add_section()
-    row("Total (peak)", [format_bytes(estimate.total, unit) for estimate in estimates], "bold")
+    row("Peak allocated", [format_bytes(estimate.total, unit) for estimate in estimates], "bold")
     row("Peak phase", [PHASE_LABELS[estimate.peak_phase] for estimate in estimates])
     if any(estimate.cpu_total for estimate in estimates):
         row("Host memory", [format_bytes(estimate.cpu_total, unit) for estimate in estimates])
@@ -414,9 +453,11 @@ def _scenario_table(model: ModelConfig, results: list[tuple[int, str, Estimate]]
     row("Recompute", [e.settings.recompute for e in estimates])
     if gpu is not None:
         table.add_section()
-        row(f"Fits {gpu.name}",
-            ["yes" if e.total <= gpu.memory_bytes else f"no (+{format_bytes(e.total - gpu.memory_bytes, unit)})"
-             for e in estimates], "bold")
+        required = [device_memory(e).device_total for e in estimates]
+        row("On the device", [format_bytes(value, unit) for value in required])
+        usable = gpu.usable_memory_bytes
+        row(f"Fits {gpu.name}", ["yes" if value <= usable else f"no (+{format_bytes(value - usable, unit)})"
+                                 for value in required], "bold")
     return table
 
 
@@ -438,7 +479,8 @@ def print_scenarios(model: ModelConfig, results: list[tuple[str, Estimate]], uni
         if len(name) > SCENARIO_HEADER_WIDTH:
             console.print(f"#{index}: {name}")
     if gpu is not None:
-        console.print(f"{gpu.name}: {format_bytes(gpu.memory_bytes, unit)} {label}.")
+        console.print(f"{gpu.name}: {format_bytes(gpu.usable_memory_bytes, unit)} {label} usable; "
+                      "fits compares the device total (reserved + context, workspace, NCCL).")
     first = results[0][1]
     console.print(f"{first.model.name}: {format_count(first.params.total)} parameters. Each column is the most loaded "
                   "GPU of its layout; `memcalc train` with the same flags shows every component's formula.")
@@ -546,14 +588,15 @@ def _sweep_table(model: ModelConfig, key: str, points, unit: Unit, gpu, over_poi
         table.add_column("Static", justify="right", no_wrap=True)
     for item in columns:
         table.add_column(_SWEEP_TITLES[item], justify="right", no_wrap=True)
-    table.add_column("Total", justify="right", no_wrap=True)
+    table.add_column("Allocated", justify="right", no_wrap=True)
+    table.add_column("Device", justify="right", no_wrap=True)
     if phase:
         table.add_column("Peak phase", no_wrap=True)
     if gpu is not None:
         table.add_column("Fits", no_wrap=True)
     for point in points:
         if point.estimate is None:
-            table.add_row(f"{point.value:,}", *(["-"] * (len(columns) + merged)), "-",
+            table.add_row(f"{point.value:,}", *(["-"] * (len(columns) + merged)), "-", "-",
                           *([point.error] if phase else []), *(["-"] if gpu else []))
             continue
         estimate = point.estimate
@@ -561,8 +604,10 @@ def _sweep_table(model: ModelConfig, key: str, points, unit: Unit, gpu, over_poi
         cells = [format_bytes(parts[item], unit) if item in parts else "-" for item in columns]
         if merged:
             cells.insert(0, format_bytes(sum(parts.get(item, 0) for item in _STATIC), unit))
-        fits = ([("yes" if estimate.total <= gpu.memory_bytes else "no")] if gpu else [])
+        fits = ([("yes" if device_memory(estimate).device_total <= gpu.usable_memory_bytes else "no")]
+                if gpu else [])
         table.add_row(f"{point.value:,}", *cells, format_bytes(estimate.total, unit),
+                      format_bytes(device_memory(estimate).device_total, unit),
                       *([PHASE_LABELS[estimate.peak_phase]] if phase else []), *fits,
                       style="bold" if point is over_point else None)
     return table
@@ -587,9 +632,10 @@ def print_sweep(model: ModelConfig, key: str, points, unit: Unit, gpu=None, over
                                                              if point.error))
     if gpu is not None:
         if over_point is None:
-            console.print(f"Every point fits on {gpu.name} ({format_bytes(gpu.memory_bytes, unit)} {label}).")
+            console.print(f"Every point fits on {gpu.name} ({format_bytes(gpu.usable_memory_bytes, unit)} {label} "
+                          "usable, device totals).")
         else:
-            console.print(f"Stops fitting on {gpu.name} ({format_bytes(gpu.memory_bytes, unit)} {label}) at "
+            console.print(f"Stops fitting on {gpu.name} ({format_bytes(gpu.usable_memory_bytes, unit)} {label} usable) at "
                           f"{key} = {over_point.value:,}.")
 
 

@@ -42,10 +42,21 @@ def _component_dict(component: Component) -> dict[str, Any]:
     }
 
 
-def fit_document(total: int, gpu) -> dict[str, Any]:
-    """Whether ``total`` bytes fit on ``gpu`` (memory as sold)."""
-    return {"gpu": gpu.name, "gpu_memory": gpu.memory_bytes, "required": total, "fits": total <= gpu.memory_bytes,
-            "free": gpu.memory_bytes - total}
+def fit_document(memory, gpu) -> dict[str, Any]:
+    """Whether the device total (memcalc.estimate.device) fits in ``gpu``'s usable capacity."""
+    usable = gpu.usable_memory_bytes
+    return {"gpu": gpu.name, "gpu_memory": usable, "memory_as_sold": gpu.memory_bytes,
+            "required": memory.device_total, "fits": memory.device_total <= usable,
+            "free": usable - memory.device_total}
+
+
+def device_document(memory) -> dict[str, Any]:
+    """The terms between the three totals: the allocator's reserve (a percentage of the allocated
+    peak, for the kind of workload) and what lives outside the allocator, in bytes."""
+    return {"workload": memory.workload, "fragmentation_percent": memory.fragmentation_percent,
+            "expandable_segments": memory.expandable_segments, "allocator_reserve": memory.allocator_reserve,
+            "cuda_context": memory.cuda_context, "workspaces": memory.workspaces, "nccl": memory.nccl,
+            "nccl_communicators": list(memory.communicators)}
 
 
 def _rank_dict(view) -> dict[str, Any]:
@@ -94,14 +105,21 @@ def _json_value(value: Any) -> Any:
 
 
 def estimate_document(command: str, estimate: Estimate, gpu=None) -> dict[str, Any]:
-    """``memory`` holds each component's bytes and ``total``. For training, ``total`` is the largest
-    of ``memory.phases`` (live bytes at each phase's peak, ``peak_phase`` names it); for inference it
-    is the sum of the components. Reference figures such as ``rule_of_thumb_total`` sit beside them.
-    Under a parallel layout ``memory`` is the most loaded GPU's and ``ranks`` lists every distinct
-    rank (the first and last pipeline stage); ``memory.cpu_total`` is host memory per GPU's process
-    when state is offloaded. ``fits`` appears when a GPU is given."""
+    """``memory`` holds each component's bytes and three totals, one meaning each in every command:
+    ``peak_allocated`` (= ``total``: live tensors at the largest of ``memory.phases``, whose name
+    is ``peak_phase``), ``peak_reserved`` (what the caching allocator holds then) and
+    ``device_total`` (reserved + CUDA context + workspaces + NCCL buffers: what must fit), with
+    their terms in ``device``. Reference figures such as ``rule_of_thumb_total`` sit beside
+    them. Under a parallel layout ``memory`` is the most loaded GPU's and ``ranks`` lists every
+    distinct rank (the first and last pipeline stage); ``memory.cpu_total`` is host memory per GPU's
+    process when state is offloaded. ``fits`` appears when a GPU is given."""
+    from memcalc.estimate.device import device_memory
+
+    device = device_memory(estimate)
     memory: dict[str, Any] = {component.key: component.bytes for component in estimate.components}
     memory["total"] = estimate.total
+    memory |= {"peak_allocated": device.peak_allocated, "peak_reserved": device.peak_reserved,
+               "device_total": device.device_total}
     memory.update({reference.key: reference.bytes for reference in estimate.references})
     if estimate.phases:
         memory["phases"] = dict(estimate.phases)
@@ -114,6 +132,7 @@ def estimate_document(command: str, estimate: Estimate, gpu=None) -> dict[str, A
         "model": model_summary(estimate.model),
         "settings": settings_document(estimate.settings),
         "memory": memory,
+        "device": device_document(device),
         "components": [_component_dict(component) for component in estimate.components],
         "references": [_component_dict(reference) for reference in estimate.references],
         "checkpoint": {component.key: component.bytes for component in estimate.checkpoint},
@@ -121,7 +140,7 @@ def estimate_document(command: str, estimate: Estimate, gpu=None) -> dict[str, A
     if estimate.ranks:
         document["ranks"] = [_rank_dict(view) for view in estimate.ranks]
     if gpu is not None:
-        document["fits"] = fit_document(estimate.total, gpu)
+        document["fits"] = fit_document(device, gpu)
     return document
 
 
@@ -196,7 +215,7 @@ def sweep_document(model, key: str, points, gpu=None, over_point=None) -> dict[s
             continue
         memory = estimate_document("train", point.estimate)["memory"]
         rows.append({"value": point.value, "memory": memory}
-                    | ({"fits": memory["total"] <= gpu.memory_bytes} if gpu else {}))
+                    | ({"fits": memory["device_total"] <= gpu.usable_memory_bytes} if gpu else {}))
     return {"command": "sweep", "units": "bytes", "model": model_summary(model), "over": key, "points": rows,
             "gpu": None if gpu is None else gpu.name,
             "first_not_fitting": None if over_point is None else over_point.value}

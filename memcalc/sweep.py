@@ -91,5 +91,9 @@ def run_sweep(model: ModelConfig, base: TrainSettings, scenario: Scenario, key: 
 
 
 def first_over(points: list[SweepPoint], capacity: int) -> SweepPoint | None:
-    """The first point (in sweep order) whose most loaded GPU needs more than ``capacity``."""
-    return next((point for point in points if point.estimate is not None and point.estimate.total > capacity), None)
+    """The first point (in sweep order) whose most loaded GPU's device total
+    (memcalc.estimate.device) exceeds ``capacity`` bytes."""
+    from memcalc.estimate.device import device_memory
+
+    return next((point for point in points
+                 if point.estimate is not None and device_memory(point.estimate).device_total > capacity), None)

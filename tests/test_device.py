@@ -69,7 +69,8 @@ def test_three_totals_by_hand():
     assert memory.peak_allocated == estimate.total == max(estimate.phases.values())
     assert memory.peak_reserved == estimate.total + round(estimate.total * 0.0924)
     assert memory.device_total == memory.peak_reserved + (400 + 32) * 2**20
-    expandable = device.device_memory(estimate, expandable_segments=True)
+    expandable = device.device_memory(estimate_training(resolve_model("llama-3-8b"),
+                                                        TrainSettings(expandable_segments=True)))
     assert expandable.peak_reserved == estimate.total + round(estimate.total * 0.0517)
 
 

@@ -163,10 +163,14 @@ def test_eager_prefill_materialises_the_scores():
 def test_runtime_overhead_is_a_configurable_line():
     model = resolve_model("llama-3-8b")
     default = estimate_inference(model, InferSettings(context_len=1024))
+    from memcalc.estimate.device import device_memory
+
     assert default.component("overhead").bytes == (400 + 32) * MIB
-    assert default.total == default.peak_allocated + (400 + 32) * MIB
+    assert default.total == default.peak_allocated  # the overhead is outside the allocator
+    assert device_memory(default).outside_allocator == (400 + 32) * MIB
     none = estimate_inference(model, InferSettings(context_len=1024, overhead_bytes=0))
-    assert none.total == none.peak_allocated == default.peak_allocated
+    assert none.total == default.total and device_memory(none).outside_allocator == 0
+    assert device_memory(default).device_total - device_memory(none).device_total == (400 + 32) * MIB
 
 
 def test_tensor_parallel_weights_per_rank():
@@ -204,7 +208,7 @@ def test_nf4_without_double_quantisation_is_4_5_bits():
 def test_fit_report_by_hand():
     """On a GPU of exactly 24 GiB at 90 %: the paged KV budget is what is left after weights,
     activations, logits and overhead, in whole 2 MiB blocks; the largest batch keeps the total
-    under the limit and one more does not."""
+    under the limit and one more does not, by the device total (reserved + overhead)."""
     from dataclasses import replace
 
     model = resolve_model("llama-3-8b")
@@ -217,10 +221,15 @@ def test_fit_report_by_hand():
     budget = int(24 * GIB * 0.9) - weights - parts["activations"] - parts["logits"] - parts["overhead"]
     assert report.kv_budget == budget
     assert report.kv_blocks == budget // (2 * MIB) and report.kv_tokens == 16 * report.kv_blocks
+    from memcalc.estimate.device import device_memory
+
     limit = int(24 * GIB * 0.9)
-    assert estimate_inference(model, replace(settings, batch_size=report.max_batch)).total <= limit
-    assert estimate_inference(model, replace(settings, batch_size=report.max_batch + 1)).total > limit
-    assert report.fits
+
+    def on_device(batch: int) -> int:
+        return device_memory(estimate_inference(model, replace(settings, batch_size=batch))).device_total
+
+    assert on_device(report.max_batch) <= limit < on_device(report.max_batch + 1)
+    assert report.fits and report.required == on_device(1)
 
 
 @pytest.mark.parametrize(

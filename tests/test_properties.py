@@ -88,11 +88,16 @@ def test_training_components_are_non_negative_and_phases_compose(model, settings
 
 
 @given(models(), infer_settings)
-def test_inference_components_are_non_negative_ints_and_total_is_peak_plus_overhead(model, settings):
+def test_inference_components_are_non_negative_ints_and_the_three_totals_are_ordered(model, settings):
+    from memcalc.estimate.device import device_memory
+
     estimate = estimate_inference(model, settings)
     for component in (*estimate.components, *estimate.references):
         assert isinstance(component.bytes, int) and component.bytes >= 0
-    assert estimate.total == max(estimate.phases.values()) + estimate.component("overhead").bytes
+    memory = device_memory(estimate)
+    assert estimate.total == memory.peak_allocated == max(estimate.phases.values())
+    assert memory.peak_allocated <= memory.peak_reserved
+    assert memory.device_total == memory.peak_reserved + estimate.component("overhead").bytes + memory.nccl
     weights = sum(c.bytes for c in estimate.components if c.key.startswith("weights"))
     assert max(estimate.phases.values()) >= weights + estimate.component("activations").bytes
 

@@ -85,6 +85,7 @@ class TrainAssumptions:
     optimizer_in_backward: bool
     grad_accum: int
     paged_optimizer: bool
+    expandable_segments: bool = False
     lora: LoraSummary | None = None
     parallel: LayoutSummary | None = None
 
@@ -129,3 +130,4 @@ class InferAssumptions:
     attention_layers: int
     state_bytes_per_sequence: int
     overhead_bytes: int
+    expandable_segments: bool = False

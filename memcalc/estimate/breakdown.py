@@ -88,8 +88,9 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        """GPU memory at the peak: the allocated peak plus the runtime overhead."""
-        return self.peak_allocated + self.runtime_bytes
+        """The allocated peak, in every command: live tensors, what max_memory_allocated counts.
+        What the allocator reserves and what the device holds beyond it: memcalc.estimate.device."""
+        return self.peak_allocated
 
     @property
     def peak_phase(self) -> str | None:

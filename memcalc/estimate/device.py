@@ -91,9 +91,11 @@ def _training_communicators(settings: TrainAssumptions) -> tuple[int, ...]:
     return tuple(size for size in sizes if size > 1)
 
 
-def device_memory(estimate: Estimate, expandable_segments: bool = False) -> DeviceMemory:
-    """The three totals of ``estimate`` on one GPU of its layout (the most loaded)."""
+def device_memory(estimate: Estimate) -> DeviceMemory:
+    """The three totals of ``estimate`` on one GPU of its layout (the most loaded), with the
+    allocator its settings name (``expandable_segments``)."""
     settings = estimate.settings
+    expandable_segments = settings.expandable_segments
     if isinstance(settings, InferAssumptions):
         workload = "infer"
         communicators = (settings.tp,) if settings.tp > 1 else ()
@@ -106,3 +108,14 @@ def device_memory(estimate: Estimate, expandable_segments: bool = False) -> Devi
     table = EXPANDABLE_FRAGMENTATION_PERCENT if expandable_segments else FRAGMENTATION_PERCENT
     return DeviceMemory(estimate.total, table[workload], workload, expandable_segments, context, workspaces,
                         nccl_bytes(communicators), communicators)
+
+
+def fits(memory: DeviceMemory, gpu) -> bool:
+    """Whether the device total fits in the GPU's usable capacity (memcalc.gpus)."""
+    return memory.device_total <= gpu.usable_memory_bytes
+
+
+def allocated_limit(memory: DeviceMemory, capacity: int) -> int:
+    """The largest allocated peak whose device total fits in ``capacity`` bytes, with the same
+    reserve and outside-the-allocator terms: what a search over settings compares peaks with."""
+    return int((capacity - memory.outside_allocator) / (1 + memory.fragmentation_percent / 100))

@@ -419,6 +419,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
         kv_cache_bytes_per_sequence=kv_cache // sequences, sliding_window=model.sliding_window,
         sliding_layers=model.num_sliding_layers, attention_layers=attention_layers(model),
         state_bytes_per_sequence=state // sequences, overhead_bytes=overhead,
+        expandable_segments=settings.expandable_segments,
     )
     components = tuple(component for component in components if component.bytes or component.key != "state_cache")
     return Estimate(model, params, resolved, components, references=references, checkpoint=checkpoint, phases=phases)
@@ -447,9 +448,9 @@ class FitReport:
     gpu: str
     gpu_memory: int
     utilization: float
-    required: int
+    required: int  # the device total (memcalc.estimate.device)
     fits: bool
-    kv_budget: int  # what a paged server leaves for the cache: util x memory - weights - activations - overhead
+    kv_budget: int  # what a paged server leaves for the cache: util x usable - weights - activations - overhead
     kv_blocks: int
     kv_tokens: int
     max_batch: int  # at the given context
@@ -471,31 +472,38 @@ def _largest(fits, low: int, high: int) -> int:
 
 
 def fit_report(model: ModelConfig, settings: InferSettings, gpu_name: str, gpu_memory: int,
-               utilization: float = DEFAULT_GPU_UTILIZATION) -> FitReport:
-    """Whether the workload fits in ``utilization`` of ``gpu_memory``, the largest batch at its
-    context and the largest context at its batch (both by the same estimator), and the KV tokens
-    a paged server would allocate: the budget left after weights, the activation peak and the
-    runtime overhead, in whole blocks."""
+               utilization: float = DEFAULT_GPU_UTILIZATION, estimate_with=None) -> FitReport:
+    """Whether the workload's device total (memcalc.estimate.device) fits in ``utilization`` of
+    ``gpu_memory`` (the GPU's usable capacity), the largest batch at its context and the largest
+    context at its batch (both by the same estimator), and the KV tokens a paged server would
+    allocate: the budget left after the static weights, the activation peak, the logits and the
+    runtime overhead, in whole blocks. ``estimate_with(changes)`` makes each estimate (default:
+    ``estimate_inference`` with ``changes`` applied to ``settings``)."""
     from dataclasses import replace
 
+    from memcalc.estimate.device import device_memory
+
+    if estimate_with is None:
+        def estimate_with(changes: dict) -> Estimate:
+            return estimate_inference(model, replace(settings, **changes))
+
+    def required(changes: dict) -> int:
+        return device_memory(estimate_with(changes)).device_total
+
     limit = int(gpu_memory * utilization)
-    estimate = estimate_inference(model, settings)
+    estimate = estimate_with({})
     components = {component.key: component.bytes for component in estimate.components}
-    weights = sum(value for key, value in components.items() if key.startswith("weights"))
-    budget = limit - weights - components["activations"] - components["logits"] - components["overhead"]
+    static = sum(component.bytes for component in estimate.components if component.kind is Kind.STATIC)
+    budget = limit - static - components["activations"] - components["logits"] - components["overhead"]
     capacity = kv_capacity(budget, estimate.settings.kv_cache_bytes_per_token, settings.block_size)
-
-    def total(changes) -> int:
-        return estimate_inference(model, replace(settings, **changes)).total
-
-    max_batch = _largest(lambda batch: total({"batch_size": batch}) <= limit, 1, 1 << 20)
+    max_batch = _largest(lambda batch: required({"batch_size": batch}) <= limit, 1, 1 << 20)
     positions = model.max_position_embeddings
     if settings.prompt_len is not None:
         new = settings.max_new_tokens
-        max_prompt = _largest(lambda tokens: total({"prompt_len": tokens}) <= limit, 1, max(positions - new, 1))
+        max_prompt = _largest(lambda tokens: required({"prompt_len": tokens}) <= limit, 1, max(positions - new, 1))
         max_context = max_prompt + new if max_prompt > 0 else 0
     else:
-        max_context = _largest(lambda tokens: total({"context_len": tokens}) <= limit, 1, positions)
-    return FitReport(gpu_name, gpu_memory, utilization, estimate.total, estimate.total <= limit, budget,
-                     capacity.blocks, capacity.tokens, max(max_batch, 0), max(max_context, 0),
-                     max_context >= positions)
+        max_context = _largest(lambda tokens: required({"context_len": tokens}) <= limit, 1, positions)
+    needed = required({})
+    return FitReport(gpu_name, gpu_memory, utilization, needed, needed <= limit, budget, capacity.blocks,
+                     capacity.tokens, max(max_batch, 0), max(max_context, 0), max_context >= positions)

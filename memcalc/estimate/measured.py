@@ -120,26 +120,9 @@ def measured_fit_report(model, settings, stored: Any, gpu_name: str, gpu_memory:
     """``memcalc.estimate.inference.fit_report`` with the stored weights in every estimate it makes."""
     from dataclasses import replace as replace_settings
 
-    from memcalc.estimate.inference import FitReport, _largest, estimate_inference, kv_capacity
+    from memcalc.estimate.inference import estimate_inference, fit_report
 
     def estimate_with(changes: dict[str, Any]) -> Estimate:
         return with_stored_weights(estimate_inference(model, replace_settings(settings, **changes)), stored)
 
-    limit = int(gpu_memory * utilization)
-    estimate = estimate_with({})
-    components = {component.key: component.bytes for component in estimate.components}
-    static = sum(component.bytes for component in estimate.components if component.kind is Kind.STATIC)
-    budget = limit - static - components["activations"] - components["logits"] - components["overhead"]
-    capacity = kv_capacity(budget, estimate.settings.kv_cache_bytes_per_token, settings.block_size)
-    max_batch = _largest(lambda batch: estimate_with({"batch_size": batch}).total <= limit, 1, 1 << 20)
-    positions = model.max_position_embeddings
-    if settings.prompt_len is not None:
-        new = settings.max_new_tokens
-        max_prompt = _largest(lambda tokens: estimate_with({"prompt_len": tokens}).total <= limit, 1,
-                              max(positions - new, 1))
-        max_context = max_prompt + new if max_prompt > 0 else 0
-    else:
-        max_context = _largest(lambda tokens: estimate_with({"context_len": tokens}).total <= limit, 1, positions)
-    return FitReport(gpu_name, gpu_memory, utilization, estimate.total, estimate.total <= limit, budget,
-                     capacity.blocks, capacity.tokens, max(max_batch, 0), max(max_context, 0),
-                     max_context >= positions)
+    return fit_report(model, settings, gpu_name, gpu_memory, utilization, estimate_with)

@@ -930,7 +930,7 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         recompute=settings.recompute, attention=settings.attention, activation_model=settings.activation_model,
         loss=settings.loss, activation_dtype=recipe.activation_dtype,
         optimizer_in_backward=settings.optimizer_in_backward, grad_accum=settings.grad_accum,
-        paged_optimizer=settings.paged_optimizer, lora=lora,
+        paged_optimizer=settings.paged_optimizer, expandable_segments=settings.expandable_segments, lora=lora,
         parallel=None if parallel.is_single_device else _layout_summary(model, parallel, busiest),
     )
     return Estimate(model, params, resolved, busiest.components, references=busiest.references,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from memcalc.estimate.device import device_memory
 from memcalc.estimate.breakdown import Estimate
 
 # cuBLAS allocates its workspace through PyTorch's caching allocator, one per (handle, stream):
@@ -83,9 +84,12 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
         rows.append(Row("cublas_workspaces", "cuBLAS workspaces (2 x 32 MiB default)", workspaces, None))
         rows.append(Row("cuda_peak_allocated", "CUDA max_memory_allocated (peak + workspaces)",
                         estimate.total + workspaces, cuda.get("peak_allocated")))
-        rows.append(Row("cuda_reserved", "CUDA memory_reserved", None, cuda.get("reserved")))
-        rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)", None,
-                        cuda.get("process_overhead")))
+        device = device_memory(estimate)
+        rows.append(Row("cuda_peak_reserved", "CUDA max_memory_reserved (est. reserve + workspaces)",
+                        device.peak_reserved + workspaces, cuda.get("peak_reserved")))
+        rows.append(Row("cuda_reserved", "CUDA memory_reserved (at the end)", None, cuda.get("reserved")))
+        rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)",
+                        device.cuda_context, cuda.get("process_overhead")))
         notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
     total = Row("total", "Total (peak)", estimate.total, measurement.total)
     return Comparison(tuple(rows), total, measurement.device, tuple(notes))
@@ -108,8 +112,11 @@ def compare_inference(estimate: Estimate, measurement) -> Comparison:
         rows.append(Row("cublas_workspaces", "cuBLAS workspace (32 MiB default)", workspaces, None))
         rows.append(Row("cuda_peak_allocated", "CUDA max_memory_allocated (peak + workspace)",
                         estimate.peak_allocated + workspaces, measurement.cuda.get("peak_allocated")))
-        rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)", None,
-                        measurement.cuda.get("process_overhead")))
+        device = device_memory(estimate)
+        rows.append(Row("cuda_peak_reserved", "CUDA max_memory_reserved (est. reserve + workspace)",
+                        device.peak_reserved + workspaces, measurement.cuda.get("peak_reserved")))
+        rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)",
+                        device.cuda_context - workspaces, measurement.cuda.get("process_overhead")))
         notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
     total = Row("total", f"Allocated peak ({estimate.peak_phase})", estimate.peak_allocated, measurement.total)
     return Comparison(tuple(rows), total, measurement.device, tuple(notes))

@@ -351,6 +351,7 @@ def _cuda_statistics() -> dict[str, int]:
     return {
         "allocated": torch.cuda.memory_allocated(),
         "reserved": reserved,
+        "peak_reserved": torch.cuda.max_memory_reserved(),
         "device_used": total - free,
         "process_overhead": max(0, total - free - reserved),
     }
