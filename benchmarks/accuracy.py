@@ -219,6 +219,16 @@ def _row(comparison, key):
     return next((row for row in comparison.rows if row.key == key), None)
 
 
+def _reserve_cells(comparison) -> str:
+    """The allocator model's reserve on this run's own trace (its reserved bytes, cuBLAS workspaces
+    included, over the measured allocated peak) and the estimate's reserved figure against it."""
+    row = _row(comparison, "reserved_simulated")
+    if row is None:
+        return "- | -"
+    reserve = 100 * (row.measured - comparison.total.measured) / comparison.total.measured
+    return f"+{reserve:.1f}% | {row.error_percent:+.2f}%"
+
+
 def summary(results) -> dict[str, float]:
     totals = [abs(c.total.error_percent) for _, c, _ in results]
     training = [c for case, c, _ in results if case.workload == "train"]
@@ -227,7 +237,10 @@ def summary(results) -> dict[str, float]:
     states = [abs(r.error_percent) for c in training for r in c.rows
               if r.key in ("weights", "master_weights", "optimizer_states", "gradients") and r.error_percent is not None]
     kv = [abs(r.error_percent) for c in inference for r in c.rows if r.key.startswith("kv_cache")] or [0.0]
+    reserved = [abs(_row(c, "reserved_simulated").error_percent) for _, c, _ in results
+                if _row(c, "reserved_simulated") is not None] or [0.0]
     return {
+        "reserved_median": statistics.median(reserved), "reserved_max": max(reserved),
         "total_median": statistics.median(totals), "total_max": max(totals),
         "activations_median": statistics.median(activations), "activations_max": max(activations),
         "states_max": max(states or [0.0]), "kv_cache_max": max(kv),
@@ -267,14 +280,16 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         f"| activations, max abs. error | {stats['activations_max']:.3f}% | | |",
         f"| weights, gradients, optimizer states, max abs. error | {stats['states_max']:.4f}% | {STATE_TARGET}% | {verdict(stats['states_max'], STATE_TARGET)} |",
         f"| KV cache (inference), max abs. error | {stats['kv_cache_max']:.4f}% | {STATE_TARGET}% | {verdict(stats['kv_cache_max'], STATE_TARGET)} |",
+        f"| peak reserved vs the allocator model on each run's trace, median abs. error | {stats['reserved_median']:.2f}% | | |",
+        f"| peak reserved vs the allocator model on each run's trace, max abs. error | {stats['reserved_max']:.2f}% | | |",
         "",
         f"{len(results)} configurations: {sum(case.workload == 'train' for case, _, _ in results)} training steps, "
         f"{sum(case.workload == 'infer' for case, _, _ in results)} generate() runs.",
         "",
         "## Per configuration (GiB)",
         "",
-        "| Configuration | Total est. | Total meas. | Error | Activations est. | Activations meas. | Error | Peak phase (est./meas.) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| Configuration | Total est. | Total meas. | Error | Activations est. | Activations meas. | Error | Peak phase (est./meas.) | Reserve (trace) | Reserved error |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     gib = 2**30
     for case, comparison, _seconds in results:
@@ -287,14 +302,14 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         lines.append(
             f"| {case.label} | {comparison.total.estimated / gib:.2f} | {comparison.total.measured / gib:.2f} | "
             f"{comparison.total.error_percent:+.3f}% | {activation.estimated / gib:.2f} | {activation.measured / gib:.2f} | "
-            f"{activation.error_percent:+.3f}% | {estimated_phase} / {measured_phase} |"
+            f"{activation.error_percent:+.3f}% | {estimated_phase} / {measured_phase} | {_reserve_cells(comparison)} |"
         )
     lines += [
         "",
         "## Inference (GiB): a transformers-style generate() with a concatenated cache",
         "",
-        "| Configuration | Peak est. | Peak meas. | Error | KV cache est. | KV cache meas. | Error | Peak phase (est.) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| Configuration | Peak est. | Peak meas. | Error | KV cache est. | KV cache meas. | Error | Peak phase (est.) | Reserve (trace) | Reserved error |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for case, comparison, _seconds in results:
         if case.workload != "infer":
@@ -303,7 +318,8 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         lines.append(
             f"| {case.label} | {comparison.total.estimated / gib:.3f} | {comparison.total.measured / gib:.3f} | "
             f"{comparison.total.error_percent:+.3f}% | {kv.estimated / gib:.3f} | {kv.measured / gib:.3f} | "
-            f"{kv.error_percent:+.3f}% | {comparison.total.label.removeprefix('Total (peak, ').rstrip(')')} |"
+            f"{kv.error_percent:+.3f}% | {comparison.total.label.removeprefix('Total (peak, ').rstrip(')')} | "
+            f"{_reserve_cells(comparison)} |"
         )
     lines += _parallel_section(REPO / "benchmarks" / "results" / "parallel_fake.csv")
     lines += [
@@ -316,6 +332,12 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         "reordered tokens) is left out of the decode buffers; it shows in the small-model, 8-beam row.",
         "- MoE routing is balanced by construction in the reference model (assignment i goes to expert i mod E); "
         "real routing is data dependent and a hot expert holds more tokens than the k/E share estimated.",
+        "- Reserved memory: *Reserve (trace)* replays this run's own allocations and frees through memcalc's model "
+        "of the caching allocator (memcalc/allocator.py, docs/allocator.md); the estimate applies one median "
+        "term per kind of workload (the median of these rows), so a run whose allocation pattern fragments more "
+        "or less than the median differs by that much.",
+        "- The QLoRA row's trace holds the bf16 weights the reference harness builds before it quantizes them, "
+        "so its simulated reserve keeps their segments; loading a quantized checkpoint layer by layer does not.",
         "- On CUDA, the allocator rounds each block to 512 bytes and cuBLAS allocates its workspace through "
         "the caching allocator; the CUDA context and library handles are outside `memory_allocated` and are "
         "reported as process overhead.",

@@ -14,11 +14,12 @@ from typing import Annotated
 
 import typer
 
-from memcalc.config import Attention, Loss
+from memcalc.config import Attention, Engine, Loss
 from memcalc.errors import InputError, MemcalcError, SettingsError, ToleranceExceeded
 from memcalc.flags import (
     DECODING,
     OUTPUT,
+    SERVING,
     ExplainOption,
     Generation,
     GPUOption,
@@ -425,6 +426,14 @@ def infer(
     kv_budget: Annotated[str | None, typer.Option("--kv-budget", show_default=False, rich_help_panel=OUTPUT,
                                                   help="Print the tokens and blocks this many bytes of KV cache hold, "
                                                   "e.g. 4.6GiB.")] = None,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(
+        "--max-num-batched-tokens", metavar="N", min=1, show_default=False, rich_help_panel=SERVING,
+        help="--engine vllm: tokens of the profiled forward (default: vllm serve's, 8192 on GPUs of 70 GiB "
+        "or more other than the A100, else 2048).")] = None,
+    calibration: Annotated[str | None, typer.Option(
+        "--calibration", metavar="FILE", show_default=False, rich_help_panel=SERVING,
+        help="--engine vllm: the activation peak and non-torch memory measured at a real start-up "
+        "(`memcalc calibrate LOG --out FILE`).")] = None,
     explain: ExplainOption = False,
 ) -> None:
     """Memory to serve a model: weights, KV cache, prefill and decoding, overhead, and what fits.
@@ -473,6 +482,21 @@ def infer(
         from memcalc.estimate.inference import fit_report
 
         fit = fit_report(config, settings, gpu_spec.name, gpu_spec.usable_memory_bytes, gpu_util)
+    startup = None
+    if serving.engine is Engine.VLLM:
+        if gpu_spec is None:
+            raise InputError("--engine vllm computes vLLM's start-up budget for a GPU: give --gpu")
+        from memcalc.serving import default_batched_tokens, vllm_budget
+
+        tokens = max_num_batched_tokens or default_batched_tokens(gpu_spec.usable_memory_bytes, gpu_spec.name)
+        measured = None
+        if calibration is not None:
+            from memcalc.calibration import read_calibration
+
+            measured = read_calibration(calibration)
+        startup = vllm_budget(config, settings, gpu_spec.usable_memory_bytes, gpu_util, tokens, measured)
+    elif max_num_batched_tokens is not None or calibration is not None:
+        raise InputError("--max-num-batched-tokens and --calibration apply to --engine vllm")
     capacity = None
     if budget is not None:
         from memcalc.estimate.inference import kv_capacity
@@ -481,11 +505,11 @@ def infer(
     if output.as_json:
         from memcalc.report import inference_document
 
-        _print_json(inference_document(estimate, fit, capacity))
+        _print_json(inference_document(estimate, fit, capacity, startup))
         return
     from memcalc.render import print_inference
 
-    print_inference(estimate, output.units, fit, capacity, explain)
+    print_inference(estimate, output.units, fit, capacity, explain, startup)
 
 
 @command
@@ -683,6 +707,71 @@ def formats(
     from memcalc.render import print_formats
 
     print_formats(rows)
+
+
+def _bundled(name: str | None):
+    """The bundled model a log names (its name or an alias, any case), or None: a name read from a
+    log never reaches the Hub."""
+    if name is None:
+        return None
+    from memcalc.library import bundled_models
+
+    wanted = name.lower()
+    return next((model for model in bundled_models().values()
+                 if wanted in {model.name.lower(), *(alias.lower() for alias in model.aliases)}), None)
+
+
+@command
+def calibrate(
+    log: Annotated[str, typer.Argument(help="A vLLM start-up log (the lines it prints while profiling memory).",
+                                       show_default=False)],
+    model: Annotated[str | None, typer.Option("--model", show_default=False, rich_help_panel="Model and precision",
+                                              help="The model the log is of (default: the log's model='...').")
+                     ] = None,
+    out: Annotated[str | None, typer.Option("--out", metavar="FILE", show_default=False, rich_help_panel=OUTPUT,
+                                            help="Write the measured terms for `infer --engine vllm --calibration "
+                                            "FILE`.")] = None,
+    source: Source = None,
+    output: Output = None,
+) -> None:
+    """Read a real start-up's memory figures and put memcalc's estimate beside each.
+
+    Reads vLLM's start-up log (weights, activation peak, non-torch memory, KV cache, blocks,
+    tokens); --out stores the measured activation peak and non-torch memory for later estimates
+    on that machine.
+
+    Examples:
+
+      memcalc calibrate vllm-startup.log --model llama-3.1-8b
+
+      memcalc calibrate vllm-startup.log --out h100.calibration.json --json
+    """
+    from memcalc.calibration import read_log_file, write_calibration
+
+    startup = read_log_file(log)
+    config = source.resolve(model) if model is not None else _bundled(startup.model)
+    estimate = None
+    if config is not None:
+        from memcalc.config import InferSettings
+        from memcalc.serving import default_batched_tokens, vllm_budget
+
+        total = startup.total_memory or 0
+        tokens = default_batched_tokens(total, "")
+        estimate = vllm_budget(config, InferSettings(context_len=min(8192, config.max_position_embeddings)),
+                               total, startup.utilization or 0.9, tokens, startup.calibration())
+        default = vllm_budget(config, InferSettings(context_len=min(8192, config.max_position_embeddings)),
+                              total, startup.utilization or 0.9, tokens)
+        estimate = (estimate, default)
+    if out is not None:
+        write_calibration(startup, out)
+    if output.as_json:
+        from memcalc.report import calibration_document
+
+        _print_json(calibration_document(startup, estimate, out))
+        return
+    from memcalc.render import print_calibration
+
+    print_calibration(startup, estimate, output.units, out)
 
 
 @command

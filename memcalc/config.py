@@ -558,10 +558,17 @@ class TrainSettings:
 
 class Engine(StrEnum):
     """hf: a plain Hugging Face generate() loop (the cache grows by concatenation); paged: a paged
-    server (vLLM-style blocks in a preallocated budget)."""
+    server (vLLM-style blocks in a preallocated budget); vllm: the paged layout with vLLM's own
+    start-up budget (memcalc.serving: weights, profiled activation peak, non-torch memory, KV)."""
 
     HF = "hf"
     PAGED = "paged"
+    VLLM = "vllm"
+
+    @property
+    def paged(self) -> bool:
+        """Whether the cache lives in preallocated blocks, written in place."""
+        return self is not Engine.HF
 
 
 class Decoding(StrEnum):

@@ -363,7 +363,8 @@ class Serving(Flags):
                                                  "keeps the a*s^2 scores.")] = Attention.SDPA
     engine: Annotated[Engine, typer.Option("--engine", metavar="ENGINE", rich_help_panel=SERVING,
                                            help="hf: a Hugging Face generate() loop; paged: a paged server "
-                                           "(blocks, no cache copies).")] = Engine.HF
+                                           "(blocks, no cache copies); vllm: paged, with vLLM's start-up "
+                                           "budget (--gpu).")] = Engine.HF
     block_size: Annotated[int, typer.Option("--block-size", metavar="N", min=1, rich_help_panel=SERVING,
                                             help="Paged engine: tokens per KV block.")] = 16
     tp: Annotated[int, typer.Option("--tp", metavar="N", min=1, rich_help_panel=SERVING,

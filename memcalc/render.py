@@ -124,6 +124,8 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             how = "greedy"
         engine = ("Hugging Face generate(): cache grown by concatenation, last-position logits copied to fp32"
                   if settings.engine == "hf" else
+                  f"vLLM: {settings.block_size}-token blocks in the budget it computes at start-up"
+                  if settings.engine == "vllm" else
                   f"paged server: {settings.block_size}-token blocks written in place, tokens rounded up to blocks")
         lines += [
             ("weights", settings.weights + (f" (compute in {settings.dtype})"
@@ -165,7 +167,7 @@ def _activation_assumption(settings: TrainAssumptions) -> str:
 
 def _kv_geometry(model: ModelConfig, settings: InferAssumptions) -> str:
     if model.mla is not None:
-        if settings.engine == "paged":
+        if settings.engine.paged:
             return (f", MLA latent {model.mla.kv_lora_rank} + rope {model.mla.qk_rope_head_dim} x "
                     f"{model.num_layers} layers (not split by TP)")
         return f", MLA expanded per head by transformers ({model.num_attention_heads} heads x {model.num_layers} layers)"
@@ -226,7 +228,7 @@ def _device_rows(estimate: Estimate) -> list[tuple[str, int, str, str]]:
         outside.append(f"NCCL ~{memory.nccl / 1e9:.2f} GB ({len(memory.communicators)} communicators)")
     return [
         ("Peak reserved (est.)", memory.peak_reserved, f"+{memory.fragmentation_percent:.1f}%",
-         f"{allocator}: +{memory.fragmentation_percent:g}% ({memory.workload} median, benchmarks/reserved.py)"),
+         f"{allocator}: +{memory.fragmentation_percent:g}% (median of the {memory.workload} runs in docs/accuracy.md)"),
         ("Outside the allocator", memory.outside_allocator, "", " + ".join(outside)),
         ("On the device (must fit)", memory.device_total, "", "reserved + outside the allocator"),
     ]
@@ -486,10 +488,75 @@ def print_scenarios(model: ModelConfig, results: list[tuple[str, Estimate]], uni
                   "GPU of its layout; `memcalc train` with the same flags shows every component's formula.")
 
 
-def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None, explain: bool = False) -> None:
+def _vllm_grid(budget, unit: Unit, measured=None):
+    """vLLM's start-up budget as rows; ``measured`` (a memcalc.calibration.VLLMStartup) adds a column."""
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    table = Table(title=f"vLLM start-up budget ({label})", title_justify="left")
+    table.add_column("Term", no_wrap=True)
+    table.add_column("memcalc", justify="right", no_wrap=True)
+    if measured is not None:
+        table.add_column("Log", justify="right", no_wrap=True)
+    table.add_column("From", max_width=36)
+
+    def row(title: str, value: int, logged: int | None, source: str, style=None) -> None:
+        cells = [title, format_bytes(value, unit)]
+        if measured is not None:
+            cells.append("-" if logged is None else format_bytes(logged, unit))
+        table.add_row(*cells, source, style=style)
+
+    log = measured or type("Nothing", (), {key: None for key in ("weights", "activation_peak", "non_torch",
+                                                                   "kv_cache")})()
+    row("Requested", budget.requested, None,
+        f"{budget.utilization:.0%} of {format_bytes(budget.total_memory, unit)} {label} (CUDA's total)")
+    row("Weights", budget.weights, log.weights, f"the estimate + {format_bytes(budget.rotary_cache, Unit.MIB)} MiB "
+        "rotary cache")
+    row("Activation peak", budget.activation_peak, log.activation_peak, budget.activation_from)
+    row("Non-torch memory", budget.non_torch, log.non_torch, budget.non_torch_from)
+    row("KV cache", budget.kv_cache, log.kv_cache, "requested - the three above", style="bold")
+    return table
+
+
+def print_vllm(budget, unit: Unit) -> None:
+    console = _console()
+    console.print()
+    console.print(_vllm_grid(budget, unit))
+    console.print(f"{budget.blocks:,} blocks of {budget.block_size} tokens = {budget.tokens:,} tokens; "
+                  f"{budget.max_concurrency:.2f} requests of {budget.max_model_len:,} tokens at once. CUDA graphs "
+                  f"come out of the other {1 - budget.utilization:.0%}.")
+
+
+def print_calibration(startup, estimate, unit: Unit, written: str | None) -> None:
+    console = _console()
+    label = UNIT_LABEL[unit]
+    if estimate is None:
+        console.print(f"{startup.source}: no bundled model matches the log's model={startup.model!r}; give "
+                      "--model for memcalc's figures beside these. Measured:")
+        for key in ("weights", "activation_peak", "non_torch", "kv_cache"):
+            value = getattr(startup, key)
+            if value is not None:
+                console.print(f"  {key.replace('_', ' ')}: {format_bytes(value, unit)} {label}")
+    else:
+        calibrated, default = estimate
+        console.print(_vllm_grid(default, unit, startup))
+        console.print(f"With the log's activation peak and non-torch memory, memcalc's KV cache is "
+                      f"{format_bytes(calibrated.kv_cache, unit)} {label}"
+                      + (f" (log: {format_bytes(startup.kv_cache, unit)} {label})" if startup.kv_cache else "")
+                      + f": {calibrated.blocks:,} blocks"
+                      + (f" (log: {startup.gpu_blocks:,})" if startup.gpu_blocks else "") + ".")
+    if written is not None:
+        console.print(f"Wrote {written}: use it with `memcalc infer ... --engine vllm --gpu NAME --calibration "
+                      f"{written}`.")
+
+
+def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None, explain: bool = False,
+                    startup=None) -> None:
     print_estimate("infer", estimate, unit, explain=explain)
     label = UNIT_LABEL[unit]
     console = _console()
+    if startup is not None:
+        print_vllm(startup, unit)
     if fit is not None:
         console.print()
         verdict = "fits" if fit.fits else "does not fit"

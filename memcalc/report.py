@@ -144,10 +144,37 @@ def estimate_document(command: str, estimate: Estimate, gpu=None) -> dict[str, A
     return document
 
 
-def inference_document(estimate: Estimate, fit=None, capacity=None) -> dict[str, Any]:
+def vllm_document(budget) -> dict[str, Any]:
+    """vLLM's start-up budget (memcalc.serving), in bytes, with what each term came from."""
+    return {
+        "total_memory": budget.total_memory, "utilization": budget.utilization, "requested": budget.requested,
+        "weights": budget.weights, "rotary_cache": budget.rotary_cache, "activation_peak": budget.activation_peak,
+        "activation_from": budget.activation_from, "non_torch": budget.non_torch,
+        "non_torch_from": budget.non_torch_from, "kv_cache": budget.kv_cache, "blocks": budget.blocks,
+        "tokens": budget.tokens, "block_size": budget.block_size, "max_num_batched_tokens": budget.max_num_batched_tokens,
+        "max_model_len": budget.max_model_len, "max_concurrency": round(budget.max_concurrency, 4),
+    }
+
+
+def calibration_document(startup, estimate=None, written: str | None = None) -> dict[str, Any]:
+    """``memcalc calibrate --json``: the log's figures, and with a model memcalc's budget on the
+    log's GPU twice: with the log's activation peak and non-torch memory, and with its own."""
+    from dataclasses import asdict
+
+    document: dict[str, Any] = {"command": "calibrate", "units": "bytes", "measured": asdict(startup)}
+    if estimate is not None:
+        calibrated, default = estimate
+        document["estimate_calibrated"] = vllm_document(calibrated)
+        document["estimate"] = vllm_document(default)
+    if written is not None:
+        document["written"] = written
+    return document
+
+
+def inference_document(estimate: Estimate, fit=None, capacity=None, startup=None) -> dict[str, Any]:
     """``memcalc infer --json``: ``memory.weights`` is the total of the weight lines; ``fits`` when a
     GPU is given (with the largest batch and context and a paged server's KV capacity);
-    ``kv_budget`` when ``--kv-budget`` is given."""
+    ``kv_budget`` when ``--kv-budget`` is given; ``vllm`` with ``--engine vllm``."""
     from dataclasses import asdict
 
     document = estimate_document("infer", estimate)
@@ -158,6 +185,8 @@ def inference_document(estimate: Estimate, fit=None, capacity=None) -> dict[str,
         document["fits"] = asdict(fit)
     if capacity is not None:
         document["kv_budget"] = asdict(capacity)
+    if startup is not None:
+        document["vllm"] = vllm_document(startup)
     return document
 
 

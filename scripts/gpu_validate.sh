@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for the device machine (one CUDA GPU, no network):
 #   the accuracy suite's GPU subset (12 configurations, the largest near 100 GiB at its peak)
-#   measured with real CUDA allocations, and the CUDA-marked tests.
+#   measured with real CUDA allocations (allocated, max_memory_reserved against the estimate and the
+#   allocator model on each run's trace, and the device's used bytes from mem_get_info), and the
+#   CUDA-marked tests.
 # Results land in $OUT (default benchmarks/results): accuracy_cuda.csv, accuracy_cuda.md, logs.
 #
 # Prepare here first (the device image has torch, typer, rich and pyyaml but not pydantic or

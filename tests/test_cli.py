@@ -79,13 +79,21 @@ def test_explain_lists_what_the_narrow_table_leaves_out(run_cli):
     explained = run_cli("train", "llama-3-8b", "--explain", columns=80).stdout
     assert "┃ Formula" in wide and "┃ Formula" not in narrow and "--explain" in narrow
     main_table = wide[:wide.index("└")]
-    rows = [line.split("│")[1:-1] for line in main_table.splitlines() if line.startswith("│")]
-    formulas = {cells[0].strip(): cells[-1].strip() for cells in rows if cells[-1].strip()}
+    formulas: dict[str, str] = {}
+    label = ""
+    for line in main_table.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if cells[0]:
+            label = cells[0].removesuffix(" (peak)") if cells[0].startswith("During") else cells[0]
+            formulas[label] = cells[-1]
+        else:  # a wrapped formula continues on the next line
+            formulas[label] += " " + cells[-1]
     assert len(formulas) >= 10
-    lines = {line.rstrip() for line in explained.splitlines()}
+    explained_text = " ".join(explained[explained.index("How each row is computed"):].split())
     for label, formula in formulas.items():
-        label = label.removesuffix(" (peak)") if label.startswith("During") else label
-        assert any(line.startswith(label) and line.endswith(formula) for line in lines), (label, formula)
+        assert f"{label} {formula}" in explained_text, (label, formula)
 
 
 @pytest.mark.parametrize("case", ["train_llama-2-70b_tp8_pp2_sp_distopt", "compare_llama-2-70b", "precisions"])
@@ -120,7 +128,7 @@ def test_train_table_shows_hand_derived_values(run_cli):
         row = next(line for line in out.splitlines() if line.startswith(f"│ {label} "))
         assert f"{value / 2**30:,.2f}" in row, row
     peak = 22 * params  # 266.68 GiB, 286.35 GB
-    device = peak + round(peak * 0.0924) + (400 + 32) * 2**20  # the allocator's reserve, context, workspace
+    device = peak + round(peak * 0.066) + (400 + 32) * 2**20  # the allocator's reserve, context, workspace
     assert f"On the device: {device / 2**30:,.2f} GiB ({device / 1e9:,.2f} GB); peak allocated 266.68, " in out
     for assumption in ("13.02B (13,015,864,320)", "mixed-bf16", "adamw", "1 x 2048 tokens", "Megatron formula"):
         assert assumption in out
@@ -164,7 +172,7 @@ def test_infer_json_document(run_cli):
     # the runtime overhead is a line of its own, outside the allocator: in the device total
     assert memory["overhead"] == (400 + 32) * 2**20
     assert memory["total"] == memory["peak_allocated"]
-    assert memory["device_total"] == memory["peak_allocated"] + round(memory["peak_allocated"] * 0.0574) + memory["overhead"]
+    assert memory["device_total"] == memory["peak_allocated"] + round(memory["peak_allocated"] * 0.0366) + memory["overhead"]
     for key in ("weights", "kv_cache", "activations", "logits", "overhead", "total", "rule_of_thumb_total"):
         assert isinstance(memory[key], int)
     assert memory["rule_of_thumb_total"] == 19_272_626_996  # 1.2 * 16,060,522,496 = 19,272,626,995.2, rounded up
@@ -265,9 +273,9 @@ def test_train_parallel_json_document(run_cli):
     assert first["memory"]["master_weights"] == 4 * params // 4
     assert first["memory"]["optimizer_states"] == 8 * params // 4
     assert memory["total"] == max(first["memory"]["total"], last["memory"]["total"])
-    # on the device: +9.24% allocator reserve, the 432 MiB context and workspace, and NCCL for the
+    # on the device: +6.6% allocator reserve, the 432 MiB context and workspace, and NCCL for the
     # data-parallel (4 ranks) and tensor-parallel (8) groups and the pipeline pair: 688 + 688 + 544 MB
-    device = memory["total"] + round(memory["total"] * 0.0924) + (400 + 32) * 2**20 + (688 + 688 + 544) * 10**6
+    device = memory["total"] + round(memory["total"] * 0.066) + (400 + 32) * 2**20 + (688 + 688 + 544) * 10**6
     assert memory["device_total"] == device and document["device"]["nccl_communicators"] == [4, 8, 2]
     usable = 85_028_896_768  # what CUDA reports for an H100 80GB (configs/gpus.yaml)
     assert document["fits"] == {"gpu": "h100-80gb", "gpu_memory": usable, "memory_as_sold": 80 * 2**30,

@@ -440,17 +440,18 @@ def _counts_no_cuda_graphs(run_cli, tmp_path: Path) -> None:
         assert not re.search(r"graph", json.dumps(document["components"]) + json.dumps(document["device"]), flags=re.I)
 
 
-def _counts_no_serving_engine_budgets(run_cli, tmp_path: Path) -> None:
+def _counts_no_other_engine_budgets(run_cli, tmp_path: Path) -> None:
     from memcalc.config import Engine
 
-    assert {engine.value for engine in Engine} == {"hf", "paged"}
-    assert run_cli("infer", "llama-3-8b", "--engine", "vllm").exit_code == 2
+    assert {engine.value for engine in Engine} == {"hf", "paged", "vllm"}
+    for engine in ("sglang", "trtllm", "llamacpp"):
+        assert run_cli("infer", "llama-3-8b", "--engine", engine).exit_code == 2
 
 
 NOT_YET = {
     "DDP and FSDP bucket buffers": _counts_no_bucket_buffers,
     "CUDA graphs": _counts_no_cuda_graphs,
-    "serving engines' own budgets (vLLM, SGLang, TensorRT-LLM, llama.cpp)": _counts_no_serving_engine_budgets,
+    "other engines' budgets (SGLang, TensorRT-LLM, llama.cpp)": _counts_no_other_engine_budgets,
     "training activations of Mamba and linear-attention layers (refused by `train`)": _refuses_recurrent_training,
 }
 

@@ -9,10 +9,12 @@
   GPU's usable capacity (memcalc.gpus, ``usable_memory_bytes``).
 
 The allocator's reserve comes from replaying allocation traces through a model of the caching
-allocator (memcalc.allocator; docs/allocator.md): benchmarks/reserved.py records the traces of a
-matrix of training steps and generate() runs on fake tensors and writes
-benchmarks/results/reserved_fake.csv; the medians per kind of workload are the terms below (a
-test keeps them equal to the CSV). A run's own figure can differ: the rows range from +4% to +37%.
+allocator (memcalc.allocator; docs/allocator.md): every run of the accuracy suite
+(benchmarks/accuracy.py, 60 training steps and generate() runs on fake tensors) records each
+storage's allocation and free, and the suite replays that trace with PyTorch's default settings
+and with expandable segments (rows ``reserved_simulated*`` of benchmarks/results/accuracy_fake.csv).
+The medians per kind of workload are the terms below; a test recomputes them from the CSV. A
+single run's own figure can differ from the median: docs/accuracy.md shows each.
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ from memcalc.estimate.breakdown import Estimate
 
 MiB = 2**20
 
-# Medians of fragmentation_percent (default allocator) and expandable_fragmentation_percent
-# (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) in benchmarks/results/reserved_fake.csv.
-# Full recompute frees and re-allocates every layer's activations in backward, which leaves the
-# most split segments.
-FRAGMENTATION_PERCENT = {"train": 9.24, "train-full-recompute": 33.51, "infer": 5.74}
-EXPANDABLE_FRAGMENTATION_PERCENT = {"train": 5.17, "train-full-recompute": 7.94, "infer": 1.57}
+# Medians over the accuracy suite's traces of (simulated reserved - cuBLAS workspaces) / allocated
+# - 1, in percent: the default allocator and PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.
+FRAGMENTATION_PERCENT = {"train": 6.6, "train-full-recompute": 7.28, "infer": 3.66}
+EXPANDABLE_FRAGMENTATION_PERCENT = {"train": 2.16, "train-full-recompute": 1.3, "infer": 1.31}
 
 # Outside the allocator, per GPU process. CUDA context with lazy module loading (the default since
 # CUDA 11.7 / PyTorch 1.13): 287 MB measured in pytorch PR #86509, "around 400MB" (pytorch issue

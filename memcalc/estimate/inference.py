@@ -98,7 +98,7 @@ def kv_values_per_token_per_layer(model: ModelConfig, engine: Engine = Engine.HF
     transformers' DeepSeek classes cache the expanded per-head keys (qk_nope + qk_rope) and values."""
     mla = model.mla
     if mla is not None:
-        if engine is Engine.PAGED:
+        if engine.paged:
             return mla.latent_width
         return model.num_attention_heads * (mla.qk_head_dim + mla.v_head_dim)
     return 2 * model.kv_heads * model.attention_head_dim
@@ -136,14 +136,14 @@ def cached_tokens(model: ModelConfig, kind: LayerType, tokens: int, engine: Engi
              LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
     if not limit:
         held = tokens
-    elif engine is Engine.PAGED:
+    elif engine.paged:
         held = min(tokens, limit)
     else:
         # transformers' DynamicSlidingWindowLayer keeps the last window - 1 tokens (the new one
         # completes the window); chunked layers use the same class with the chunk as window
         # (measured with the transformers classes: tests/test_cache_hf.py)
         held = min(tokens, limit - 1)
-    return _round_up(held, block_size) if engine is Engine.PAGED else held
+    return _round_up(held, block_size) if engine.paged else held
 
 
 def kv_cache_bytes(model: ModelConfig, local: ModelConfig, tokens: int, sequences: int, kv_dtype: DType,
@@ -162,7 +162,7 @@ def state_values_per_sequence(model: ModelConfig, engine: Engine = Engine.HF) ->
     cache_utils.LinearAttentionLayer; vLLM's MambaSpec keeps conv_kernel - 1) over the conv channels,
     and the SSM state (channels x d_state) or the gated delta net's recurrent state (value heads x
     key_head_dim x value_head_dim)."""
-    trim = 1 if engine is Engine.PAGED else 0
+    trim = 1 if engine.paged else 0
     types = model.resolved_layer_types
     total = 0
     if model.mamba is not None:
@@ -357,9 +357,9 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     rule_of_thumb = -(-weights * RULE_OF_THUMB_FACTOR_NUMERATOR // RULE_OF_THUMB_FACTOR_DENOMINATOR)
 
     tokens_note = "(prompt+new-1)" if settings.prompt_len is not None else "context"
-    rounding = f", rounded to {block}-token blocks" if engine is Engine.PAGED else ""
+    rounding = f", rounded to {block}-token blocks" if engine.paged else ""
     window = f", sliding layers capped at {model.sliding_window}" if model.num_sliding_layers else ""
-    kv_formula = ("L x (kv_lora_rank + rope) latent" if model.mla is not None and engine is Engine.PAGED
+    kv_formula = ("L x (kv_lora_rank + rope) latent" if model.mla is not None and engine.paged
                   else "L x heads x (k + v head dims)" if model.mla is not None
                   else "2L x kv_heads x head_dim")
     if attention_layers(model) != model.num_layers:  # only the attention layers cache keys and values
@@ -415,7 +415,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
         top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature, prompt_len=prompt,
         max_new_tokens=settings.max_new_tokens, context_len=shape.cached, prefill_logits=settings.prefill_logits,
         prefill_chunk=chunk, attention=settings.attention, engine=engine,
-        block_size=block if engine is Engine.PAGED else None, tp=settings.tp, kv_cache_bytes_per_token=per_token,
+        block_size=block if engine.paged else None, tp=settings.tp, kv_cache_bytes_per_token=per_token,
         kv_cache_bytes_per_sequence=kv_cache // sequences, sliding_window=model.sliding_window,
         sliding_layers=model.num_sliding_layers, attention_layers=attention_layers(model),
         state_bytes_per_sequence=state // sequences, overhead_bytes=overhead,

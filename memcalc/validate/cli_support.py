@@ -93,7 +93,7 @@ def run_inference_validation(
                              decoding=settings.resolved_decoding.value,
                              num_return_sequences=settings.num_return_sequences, top_k=settings.top_k,
                              top_p=settings.top_p, temperature=settings.temperature)
-    measurement = _measure(device, lambda: measure_inference(model, workload, device, progress))
+    measurement = _measure(device, lambda: measure_inference(model, workload, device, progress, record=True))
     return compare_inference(estimate, measurement)
 
 
@@ -148,5 +148,5 @@ def run_training_validation(
 
     if RECIPES[recipe.name].gemm is not None or RECIPES[recipe.name].gemm_input_bytes is not None:
         raise InputError(f"--precision {recipe.name} needs FP8 kernels: it is estimated only")
-    measurement = _measure(device, lambda: measure_training(model, workload, device, progress))
+    measurement = _measure(device, lambda: measure_training(model, workload, device, progress, record=True))
     return compare_training(estimate, measurement)

@@ -68,6 +68,30 @@ class Comparison:
                 "notes": list(self.notes)}
 
 
+def _reserved_rows(estimate: Estimate, measurement, workspaces: int) -> list[Row]:
+    """The allocator's reserve: the estimate's term against the measured trace replayed through
+    the caching-allocator model (memcalc.allocator), with the cuBLAS workspace it allocates first;
+    on CUDA, against what the allocator really reserved."""
+    events = getattr(measurement, "events", None)
+    if not events:
+        return []
+    from memcalc.allocator import Event, simulate
+
+    from dataclasses import replace
+
+    from memcalc.allocator import AllocatorConfig
+
+    trace = [Event.alloc(0, workspaces)] if workspaces else []
+    trace += [Event.alloc(block, size) if kind == "alloc" else Event.free(block) for kind, block, size in events]
+    rows = []
+    for expandable, key, label in ((False, "reserved_simulated", "Peak reserved (allocator model on the trace)"),
+                                   (True, "reserved_simulated_expandable", "Peak reserved, expandable segments")):
+        simulated = simulate(trace, AllocatorConfig(expandable_segments=expandable))
+        mode = replace(estimate, settings=replace(estimate.settings, expandable_segments=expandable))
+        rows.append(Row(key, label, device_memory(mode).peak_reserved + workspaces, simulated.peak_reserved))
+    return rows
+
+
 def compare_training(estimate: Estimate, measurement) -> Comparison:
     """``measurement`` is a ``memcalc.validate.run.Measurement`` (duck-typed to keep torch out)."""
     rows = [Row(key, label, estimate.component(key).bytes, measurement.components.get(key)) for key, label in TRAIN_ROWS]
@@ -78,6 +102,7 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
                  if component.key in ("weights", "master_weights", "optimizer_states", "gradient_accumulation"))
     rows.append(Row("steady_state", "Steady state (after zero_grad)", static, measurement.components.get("steady_state")))
     notes = []
+    rows += _reserved_rows(estimate, measurement, CUBLAS_WORKSPACE_BYTES * CUBLAS_WORKSPACES)
     if measurement.device == "cuda":
         cuda = measurement.cuda
         workspaces = CUBLAS_WORKSPACE_BYTES * CUBLAS_WORKSPACES
@@ -90,6 +115,8 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
         rows.append(Row("cuda_reserved", "CUDA memory_reserved (at the end)", None, cuda.get("reserved")))
         rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)",
                         device.cuda_context, cuda.get("process_overhead")))
+        rows.append(Row("cuda_device_used", "Device used (mem_get_info; segments kept cached)",
+                        device.device_total + workspaces, cuda.get("device_used")))
         notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
     total = Row("total", "Total (peak)", estimate.total, measurement.total)
     return Comparison(tuple(rows), total, measurement.device, tuple(notes))
@@ -106,6 +133,7 @@ def compare_inference(estimate: Estimate, measurement) -> Comparison:
         Row("kv_cache", "KV cache after the last token", estimate.component("kv_cache").bytes,
             measurement.components["kv_cache"]),
     ]
+    rows += _reserved_rows(estimate, measurement, CUBLAS_WORKSPACE_BYTES)
     notes = []
     if measurement.device == "cuda":
         workspaces = CUBLAS_WORKSPACE_BYTES
@@ -117,6 +145,8 @@ def compare_inference(estimate: Estimate, measurement) -> Comparison:
                         device.peak_reserved + workspaces, measurement.cuda.get("peak_reserved")))
         rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)",
                         device.cuda_context - workspaces, measurement.cuda.get("process_overhead")))
+        rows.append(Row("cuda_device_used", "Device used (mem_get_info; segments kept cached)",
+                        device.device_total, measurement.cuda.get("device_used")))
         notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
     total = Row("total", f"Allocated peak ({estimate.peak_phase})", estimate.peak_allocated, measurement.total)
     return Comparison(tuple(rows), total, measurement.device, tuple(notes))
