@@ -110,3 +110,26 @@ def test_nccl_buffers_per_communicator(layout, communicators):
     memory = device.device_memory(estimate)
     assert memory.communicators == communicators
     assert memory.nccl == sum(544 * 10**6 if size == 2 else 688 * 10**6 for size in communicators)
+
+
+def test_cuda_validation_compares_reserved_overhead_and_device_and_keeps_the_allocator_stats():
+    """On CUDA the comparison predicts max_memory_reserved, the process overhead and the device's
+    used bytes, and carries torch.cuda.memory_stats' segment counts into the JSON (a duck-typed
+    measurement: these rows need no GPU to build)."""
+    from types import SimpleNamespace
+
+    from memcalc.validate.compare import compare_training
+
+    estimate = estimate_training(resolve_model("llama-3.2-1b"), TrainSettings(seq_len=256))
+    phases = {key: SimpleNamespace(peak_bytes=value) for key, value in estimate.phases.items()}
+    cuda = {"peak_allocated": estimate.total, "peak_reserved": 2 * estimate.total, "reserved": estimate.total,
+            "process_overhead": 500 * 2**20, "device_used": 3 * estimate.total, "stats.segment.all.peak": 42}
+    measured = SimpleNamespace(device="cuda", components={}, phases=phases, total=estimate.total, cuda=cuda)
+    comparison = compare_training(estimate, measured)
+    rows = {row.key: row for row in comparison.rows}
+    memory = device.device_memory(estimate)
+    workspaces = 2 * 32 * 2**20
+    assert rows["cuda_peak_reserved"].estimated == memory.peak_reserved + workspaces
+    assert rows["cuda_process_overhead"].estimated == 400 * 2**20
+    assert rows["cuda_device_used"].estimated == memory.device_total + workspaces
+    assert comparison.document()["allocator_stats"] == {"segment.all.peak": 42}

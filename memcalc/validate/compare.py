@@ -54,6 +54,7 @@ class Comparison:
     total: Row
     device: str
     notes: tuple[str, ...] = ()
+    allocator_stats: dict[str, int] | None = None  # CUDA: torch.cuda.memory_stats, as measured
 
     def within(self, tolerance_percent: float) -> bool:
         error = self.total.error_percent
@@ -64,8 +65,17 @@ class Comparison:
             return {"key": item.key, "label": item.label, "estimated": item.estimated, "measured": item.measured,
                     "difference": item.difference, "error_percent": item.error_percent}
 
-        return {"device": self.device, "rows": [row(item) for item in self.rows], "total": row(self.total),
-                "notes": list(self.notes)}
+        document = {"device": self.device, "rows": [row(item) for item in self.rows], "total": row(self.total),
+                    "notes": list(self.notes)}
+        if self.allocator_stats:
+            document["allocator_stats"] = self.allocator_stats
+        return document
+
+
+def _allocator_stats(measurement) -> dict[str, int] | None:
+    stats = {key.removeprefix("stats."): value for key, value in getattr(measurement, "cuda", {}).items()
+             if key.startswith("stats.")}
+    return stats or None
 
 
 def _reserved_rows(estimate: Estimate, measurement, workspaces: int) -> list[Row]:
@@ -75,11 +85,9 @@ def _reserved_rows(estimate: Estimate, measurement, workspaces: int) -> list[Row
     events = getattr(measurement, "events", None)
     if not events:
         return []
-    from memcalc.allocator import Event, simulate
-
     from dataclasses import replace
 
-    from memcalc.allocator import AllocatorConfig
+    from memcalc.allocator import AllocatorConfig, Event, simulate
 
     trace = [Event.alloc(0, workspaces)] if workspaces else []
     trace += [Event.alloc(block, size) if kind == "alloc" else Event.free(block) for kind, block, size in events]
@@ -119,7 +127,7 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
                         device.device_total + workspaces, cuda.get("device_used")))
         notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
     total = Row("total", "Total (peak)", estimate.total, measurement.total)
-    return Comparison(tuple(rows), total, measurement.device, tuple(notes))
+    return Comparison(tuple(rows), total, measurement.device, tuple(notes), _allocator_stats(measurement))
 
 
 def compare_inference(estimate: Estimate, measurement) -> Comparison:
@@ -149,4 +157,4 @@ def compare_inference(estimate: Estimate, measurement) -> Comparison:
                         device.device_total, measurement.cuda.get("device_used")))
         notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
     total = Row("total", f"Allocated peak ({estimate.peak_phase})", estimate.peak_allocated, measurement.total)
-    return Comparison(tuple(rows), total, measurement.device, tuple(notes))
+    return Comparison(tuple(rows), total, measurement.device, tuple(notes), _allocator_stats(measurement))

@@ -348,13 +348,22 @@ def _cuda_statistics() -> dict[str, int]:
     handles, NCCL): device used bytes minus the allocator's reserved bytes."""
     free, total = torch.cuda.mem_get_info()
     reserved = torch.cuda.memory_reserved()
+    stats = torch.cuda.memory_stats()
     return {
         "allocated": torch.cuda.memory_allocated(),
         "reserved": reserved,
         "peak_reserved": torch.cuda.max_memory_reserved(),
         "device_used": total - free,
+        "device_total": total,
         "process_overhead": max(0, total - free - reserved),
-    }
+    } | {f"stats.{key}": int(stats.get(key, 0)) for key in _ALLOCATOR_STATS}
+
+
+# What the caching allocator reports beyond the peaks, for comparing with memcalc.allocator:
+# segments and splits by pool, retries under pressure (torch.cuda.memory_stats).
+_ALLOCATOR_STATS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "segment.all.peak",
+                    "segment.large_pool.peak", "segment.small_pool.peak", "inactive_split_bytes.all.peak",
+                    "reserved_bytes.large_pool.peak", "reserved_bytes.small_pool.peak")
 
 
 @dataclass(frozen=True)
