@@ -3,7 +3,6 @@ a directory or a Hub id), GGUF files; and the weights a checkpoint stores, read 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -57,6 +56,8 @@ def read_yaml(path: Path) -> object:
 
 
 def _read_json(path: Path) -> object:
+    import json  # only a config.json needs it: a bundled model's start-up leaves it out
+
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -1,8 +1,9 @@
 """The resolved assumptions behind an estimate, as typed objects: what the settings became once
 the model, the precision recipe and the layout were applied (the sequence length the model
 allows, the recipe's dtypes, the padded vocabulary, ...). Renderers read them as attributes;
-only the JSON writer (memcalc.report) turns them into strings and numbers. (No ``__eq__``: nothing
-compares them, and each generated method costs every start-up.)"""
+only the JSON writer (memcalc.report) turns them into strings and numbers. They are read-only by
+convention, not frozen, and have no ``__eq__``: nothing compares or changes them, and each method
+a dataclass generates costs every start-up (``dataclasses.replace`` makes a changed copy)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from memcalc.dtypes import DType
 from memcalc.parallel import Offload, TPImpl
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class LoraSummary:
     """LoRA as resolved: the adapters' rank, targets and dtype, and what they count."""
 
@@ -41,7 +42,7 @@ class LoraSummary:
     adapter_recipe: str  # a memcalc.precision.RECIPES name
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class LayoutSummary:
     """A parallel layout as resolved for the most loaded rank."""
 
@@ -67,7 +68,7 @@ class LayoutSummary:
     most_loaded_rank: str
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class TrainAssumptions:
     dtype: TrainDType
     precision: str  # the memcalc.precision.RECIPES name the settings resolved to
@@ -99,7 +100,7 @@ class WeightOrigin(StrEnum):
     STORED = "stored"  # the bytes a checkpoint's headers or a GGUF file hold
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class InferAssumptions:
     dtype: DType  # compute dtype
     weights: str  # the weight format or storage, as shown

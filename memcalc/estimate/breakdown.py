@@ -33,7 +33,7 @@ class Component:
     location: str = "gpu"  # "cpu" for state offloaded to host memory
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: no generated __eq__ (start-up)
 class RankView:
     """What one rank of a parallel layout holds: its components and the live bytes of each phase."""
 
@@ -53,7 +53,7 @@ class RankView:
         return sum(component.bytes for component in self.components if component.location == "cpu")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: no generated __eq__ (start-up)
 class Estimate:
     model: ModelConfig
     params: ParamInventory

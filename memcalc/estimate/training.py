@@ -71,7 +71,9 @@ def _bytes(dtype) -> int:
     return BITS_PER_ELEMENT[dtype] // 8
 
 
-@dataclass(frozen=True)
+# The estimator's stage records below: nothing compares them, so no generated __eq__ (each
+# generated method costs every start-up).
+@dataclass(frozen=True, eq=False)
 class ActivationPeaks:
     """Activation bytes (live bytes other than parameters, optimizer states and accumulated
     gradients) at the peak of forward and of backward, and the extra live bytes at the end of
@@ -85,7 +87,7 @@ class ActivationPeaks:
     layer: int = 0  # what the largest layer saves, with the stream into it: beside a gathered ZeRO-3 layer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StagePlan:
     """What one rank computes: a TP-local view of its pipeline stage's layers (heads, MLP width
     and vocabulary divided by TP), the sequence it holds under context parallelism, the stream
@@ -102,7 +104,7 @@ class StagePlan:
     loss_parallel: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ActivationContext:
     """Stage 1 of the activation model: the sizes every term reads, for one rank's stage."""
 
@@ -129,7 +131,7 @@ class ActivationContext:
         return self.plan.model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerStack:
     """Stage 2: what the stage's layers save, by kind of layer (MoE or dense MLP, LoRA's first
     layer, Llama 4's L2-normed rotary layers), in order."""
@@ -475,7 +477,7 @@ def _ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StaticStates:
     """Stage 1 of a rank's step: the persistent bytes of the parameters it holds, per rank."""
 
@@ -492,7 +494,7 @@ class StaticStates:
     dtensor_embedding: bool  # DTensor TP keeps the whole embedding gradient on every rank
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepCosts:
     """Stage 2: the optimizer step and how gradients live (in backward, accumulated)."""
 
@@ -504,7 +506,7 @@ class StepCosts:
     accumulation_buffer: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WorkingSet:
     """Stage 4: what ZeRO-3/FSDP gathers and what ZeRO-2/offload reduces, per rank."""
 
