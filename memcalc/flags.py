@@ -211,8 +211,9 @@ class Workload(Flags):
                                                         help="Step each parameter as its gradient appears "
                                                         "(torchtune): no gradient buffer.")] = False
     paged: Annotated[bool, typer.Option("--paged", rich_help_panel=SAVERS,
-                                        help="bitsandbytes paged optimizer states (unified memory that may spill to "
-                                        "the CPU under pressure; counted on the GPU).")] = False
+                                        help="bitsandbytes paged optimizer states: CUDA managed memory outside "
+                                        "the allocator that moves to the CPU under pressure (shown beside the "
+                                        "device total, not in it).")] = False
     expandable_segments: ExpandableOption = False
     lora_rank: Annotated[int | None, typer.Option("--lora-rank", metavar="N", min=1, show_default=False, rich_help_panel=LORA,
                                                   help="Train LoRA adapters of this rank; the base is frozen.")

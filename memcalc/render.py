@@ -226,12 +226,15 @@ def _device_rows(estimate: Estimate) -> list[tuple[str, int, str, str]]:
         outside.append(f"cuBLAS workspace {memory.workspaces // 2**20} MiB")
     if memory.nccl:
         outside.append(f"NCCL ~{memory.nccl / 1e9:.2f} GB ({len(memory.communicators)} communicators)")
+
     return [
         ("Peak reserved (est.)", memory.peak_reserved, f"+{memory.fragmentation_percent:.1f}%",
          f"{allocator}: +{memory.fragmentation_percent:g}% (median of the {memory.workload} runs in docs/accuracy.md)"),
         ("Outside the allocator", memory.outside_allocator, "", " + ".join(outside)),
         ("On the device (must fit)", memory.device_total, "", "reserved + outside the allocator"),
-    ]
+    ] + ([("Paged states (managed)", memory.managed, "",
+           "CUDA managed memory: on the GPU while there is room, moved to the host under pressure")]
+         if memory.managed else [])
 
 
 def _runtime_text(estimate: Estimate) -> str:
@@ -285,7 +288,7 @@ def _estimate_table(command: str, estimate: Estimate, unit: Unit, formula: bool,
         if not offloaded:
             return [format_bytes(value, unit)]
         shown = format_bytes(value, unit)
-        return [shown, "-"] if location == "gpu" else ["-", shown]
+        return ["-", shown] if location == "cpu" else [shown, "-"]
 
     for component in estimate.components:
         if component.kind is Kind.RUNTIME:  # outside the allocator: in the device section below
@@ -306,9 +309,8 @@ def _estimate_table(command: str, estimate: Estimate, unit: Unit, formula: bool,
                           *([""] if kind else []), *(["sum of the CPU rows"] if formula else []), style="bold")
     else:
         add("Peak allocated", amounts(total), "100.0%", "", "sum of the rows above", style="bold")
-    device = _device_rows(estimate)
-    for index, (title, value, share, text) in enumerate(device):
-        add(title, amounts(value), share, "device", text, style="bold" if index == len(device) - 1 else None)
+    for title, value, share, text in _device_rows(estimate):
+        add(title, amounts(value), share, "device", text, style="bold" if title.startswith("On the device") else None)
     for reference in estimate.references:
         add(reference.label, amounts(reference.bytes), "", "reference", reference.formula)
     return table

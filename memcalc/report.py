@@ -56,7 +56,7 @@ def device_document(memory) -> dict[str, Any]:
     return {"workload": memory.workload, "fragmentation_percent": memory.fragmentation_percent,
             "expandable_segments": memory.expandable_segments, "allocator_reserve": memory.allocator_reserve,
             "cuda_context": memory.cuda_context, "workspaces": memory.workspaces, "nccl": memory.nccl,
-            "nccl_communicators": list(memory.communicators)}
+            "nccl_communicators": list(memory.communicators), "managed": memory.managed}
 
 
 def _rank_dict(view) -> dict[str, Any]:

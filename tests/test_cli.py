@@ -332,11 +332,19 @@ def test_train_lora_flags(run_cli):
     assert result.exit_code == 2 and "--qlora needs --lora-rank" in result.stderr
 
 
-def test_paged_optimizer_needs_adam8bit_and_stays_on_the_gpu(run_cli):
-    """bitsandbytes pages states to the host only under memory pressure: counted on the GPU."""
+def test_paged_optimizer_states_are_managed_memory_outside_the_allocator(run_cli):
+    """bitsandbytes' paged states are CUDA managed memory (cudaMallocManaged): the same bytes as
+    plain 8-bit states, but outside PyTorch's allocated peaks and outside what must fit (they move
+    to the host under pressure); the device section reports them."""
     paged = _json(run_cli, "train", "llama-2-7b", "--optimizer", "adam8bit", "--paged")
     plain = _json(run_cli, "train", "llama-2-7b", "--optimizer", "adam8bit")
-    assert paged["memory"] == plain["memory"] and paged["settings"]["paged_optimizer"]
+    states = plain["memory"]["optimizer_states"]
+    assert paged["memory"]["optimizer_states"] == states and paged["settings"]["paged_optimizer"]
+    assert {phase: plain["memory"]["phases"][phase] - value for phase, value in paged["memory"]["phases"].items()} \
+        == {phase: states for phase in plain["memory"]["phases"]}
+    assert paged["device"]["managed"] == states and plain["device"]["managed"] == 0
+    location = {c["key"]: c["location"] for c in paged["components"]}
+    assert location["optimizer_states"] == "gpu-managed"
     result = run_cli("train", "llama-2-7b", "--paged")
     assert result.exit_code == 2 and "--paged applies to bitsandbytes' 8-bit optimizers" in result.stderr
 

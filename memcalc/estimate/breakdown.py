@@ -22,6 +22,11 @@ class Kind(StrEnum):
     RUNTIME = "runtime"  # outside PyTorch's allocator (CUDA context, library workspaces): added to the peak
 
 
+# Component.location of CUDA managed (unified) memory: on the GPU while resident, outside PyTorch's
+# allocator, and moved to the host under pressure (bitsandbytes' paged optimizer states).
+MANAGED = "gpu-managed"
+
+
 @dataclass(frozen=True)
 class Component:
     key: str  # JSON key
@@ -30,7 +35,7 @@ class Component:
     kind: Kind
     formula: str  # how the bytes were obtained, in the terms of the assumptions panel
     source: str  # paper or framework file the formula comes from
-    location: str = "gpu"  # "cpu" for state offloaded to host memory
+    location: str = "gpu"  # "cpu": offloaded to host memory; MANAGED: CUDA managed memory on the GPU
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: no generated __eq__ (start-up)
@@ -73,6 +78,11 @@ class Estimate:
     def cpu_total(self) -> int:
         """Host memory this rank's offloaded state takes."""
         return sum(component.bytes for component in self.components if component.location == "cpu")
+
+    @property
+    def managed_bytes(self) -> int:
+        """CUDA managed memory this rank keeps on the GPU, outside the allocator."""
+        return sum(component.bytes for component in self.components if component.location == MANAGED)
 
     @property
     def runtime_bytes(self) -> int:

@@ -6,7 +6,9 @@
   (``torch.cuda.max_memory_reserved``): the allocated bytes plus the segments' unused space;
 - ``device_total``: reserved plus what lives outside the allocator (the CUDA context, library
   workspaces, NCCL's buffers): what nvidia-smi shows for the process and what must fit in the
-  GPU's usable capacity (memcalc.gpus, ``usable_memory_bytes``).
+  GPU's usable capacity (memcalc.gpus, ``usable_memory_bytes``). CUDA managed memory (bitsandbytes'
+  paged optimizer states) is outside both the allocator and what must fit: it stays on the GPU while
+  there is room and moves to the host under pressure; ``managed`` reports it.
 
 The allocator's reserve comes from replaying allocation traces through a model of the caching
 allocator (memcalc.allocator; docs/allocator.md): every run of the accuracy suite
@@ -59,6 +61,9 @@ class DeviceMemory:
     workspaces: int
     nccl: int
     communicators: tuple[int, ...]  # the sizes of the NCCL communicators counted
+    # CUDA managed memory (bitsandbytes' paged states): on the GPU while there is room, moved to the
+    # host under pressure, so outside what must fit; shown beside the device total
+    managed: int = 0
 
     @property
     def peak_reserved(self) -> int:
@@ -107,7 +112,7 @@ def device_memory(estimate: Estimate) -> DeviceMemory:
         context, workspaces = CUDA_CONTEXT_BYTES, CUBLAS_WORKSPACE_BYTES
     table = EXPANDABLE_FRAGMENTATION_PERCENT if expandable_segments else FRAGMENTATION_PERCENT
     return DeviceMemory(estimate.total, table[workload], workload, expandable_segments, context, workspaces,
-                        nccl_bytes(communicators), communicators)
+                        nccl_bytes(communicators), communicators, estimate.managed_bytes)
 
 
 def fits(memory: DeviceMemory, gpu) -> bool:

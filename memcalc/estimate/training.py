@@ -38,7 +38,7 @@ from memcalc.estimate.activations import (
     output_layer_activation_bytes,
 )
 from memcalc.estimate.assumptions import LayoutSummary, TrainAssumptions
-from memcalc.estimate.breakdown import Component, Estimate, Kind, RankView
+from memcalc.estimate.breakdown import MANAGED, Component, Estimate, Kind, RankView
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
 from memcalc.errors import InputError
 from memcalc.estimate import lora as lora_module
@@ -693,8 +693,11 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
         return 0 if on_cpu.get(key) else value
 
     recipe, in_backward = states.recipe, step.in_backward
+    # bitsandbytes' paged states are CUDA managed memory, outside PyTorch's allocator: the device
+    # model counts them (memcalc.estimate.device), the allocated peaks do not
+    moments = 0 if settings.paged_optimizer else gpu("optimizer_states", states.moments)
     static = (gpu("weights", states.weights) + gpu("master_weights", states.master)
-              + gpu("optimizer_states", states.moments) + gpu("gradient_accumulation", step.accumulation_buffer)
+              + moments + gpu("gradient_accumulation", step.accumulation_buffer)
               + gpu("optimizer_grad_copy", states.grad_copy))
     gpu_gradients = gpu("gradients", step.gradients)
     gathered = working.gathered
@@ -764,9 +767,12 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
         Component("master_weights", "Master weights (fp32)", states.master, Kind.STATIC,
                   text("P x fp32", parallel.shards_optimizer) if states.master else f"none ({recipe.name})",
                   recipe.source, where),
-        Component("optimizer_states", "Optimizer states", states.moments, Kind.STATIC,
-                  text(moment_text, parallel.shards_optimizer) + adapters_only,
-                  "torch.optim / bitsandbytes state layout", where),
+        Component("optimizer_states", "Optimizer states" + (" (paged)" if settings.paged_optimizer else ""),
+                  states.moments, Kind.STATIC,
+                  text(moment_text, parallel.shards_optimizer) + adapters_only
+                  + (", CUDA managed memory outside the allocator" if settings.paged_optimizer else ""),
+                  "torch.optim / bitsandbytes state layout (paged: bitsandbytes GlobalPageManager, "
+                  "cudaMallocManaged)", MANAGED if settings.paged_optimizer and where == "gpu" else where),
         Component("gradients", "Gradients", step.gradients, Kind.STATIC if persistent else Kind.DYNAMIC,
                   f"largest tensor x {states.grad_dtype.value} (stepped in backward)" if step.in_backward else
                   text(f"P x {states.grad_dtype.value}", parallel.shards_gradients or offload_optimizer)
