@@ -448,10 +448,17 @@ def _counts_no_other_engine_budgets(run_cli, tmp_path: Path) -> None:
         assert run_cli("infer", "llama-3-8b", "--engine", engine).exit_code == 2
 
 
+def _notes_that_dropout_is_not_modelled(run_cli, tmp_path: Path) -> None:
+    document = _train(run_cli, "gpt2", "--seq", "256")
+    assert not any("dropout" in c["key"] + c["label"] for c in document["components"])
+    assert any("dropout is not modelled" in note for note in document["model"]["notes"])
+
+
 NOT_YET = {
     "DDP and FSDP bucket buffers": _counts_no_bucket_buffers,
     "CUDA graphs": _counts_no_cuda_graphs,
     "other engines' budgets (SGLang, TensorRT-LLM, llama.cpp)": _counts_no_other_engine_budgets,
+    "dropout (a model whose config trains with it carries a note saying so)": _notes_that_dropout_is_not_modelled,
     "training activations of Mamba and linear-attention layers (refused by `train`)": _refuses_recurrent_training,
 }
 
