@@ -998,7 +998,7 @@ def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: floa
         console.print(f"Total error {comparison.total.error_percent:+.2f}%: {verdict} the {tolerance}% tolerance.")
 
 
-GPU_COLUMNS = ("Name", "GiB", "TFLOP/s", "FP8", "MXFP8", "GB/s", "Architecture", "Aliases")
+GPU_COLUMNS = ("Name", "GiB", "Usable", "TFLOP/s", "FP8", "MXFP8", "GB/s", "Architecture", "Aliases")
 
 
 def _gpus_table(catalogue, columns: tuple[str, ...]):
@@ -1006,11 +1006,12 @@ def _gpus_table(catalogue, columns: tuple[str, ...]):
 
     table = Table(title="memcalc gpus", title_justify="left")
     for column in columns:
-        table.add_column(column, justify="right" if column in ("GiB", "TFLOP/s", "GB/s") else "left",
+        table.add_column(column, justify="right" if column in ("GiB", "Usable", "TFLOP/s", "GB/s") else "left",
                          no_wrap=column != "Aliases", max_width=30 if column == "Aliases" else None)
     for spec in catalogue:
         cells = {
-            "Name": spec.name, "GiB": f"{spec.memory_gib:g}", "TFLOP/s": f"{spec.bf16_dense_tflops:g}",
+            "Name": spec.name, "GiB": f"{spec.memory_gib:g}", "Usable": f"{spec.usable_memory_bytes / 2**30:.2f}",
+            "TFLOP/s": f"{spec.bf16_dense_tflops:g}",
             "FP8": "yes" if spec.fp8 else "no", "MXFP8": "yes" if spec.mxfp8 else "no",
             "GB/s": f"{spec.intra_node_gbps:g}", "Architecture": spec.architecture,
             "Aliases": ", ".join(spec.aliases),
@@ -1022,9 +1023,12 @@ def _gpus_table(catalogue, columns: tuple[str, ...]):
 def print_gpus(catalogue) -> None:
     console = _console()
     table = _first_fitting(console, [lambda: _gpus_table(catalogue, GPU_COLUMNS),
-                                     lambda: _gpus_table(catalogue, GPU_COLUMNS[:-1])])
+                                     lambda: _gpus_table(catalogue, GPU_COLUMNS[:-1]),
+                                     lambda: _gpus_table(catalogue, GPU_COLUMNS[:-2])])
     console.print(table)
     console.print("GiB: memory as sold (a datasheet's GB of HBM/GDDR are GiB, 2^30 bytes; --json gives bytes). "
-                  "TFLOP/s: dense bf16. GB/s: the GPU-to-GPU link inside a node.")
-    if len(table.columns) < len(GPU_COLUMNS):
-        console.print("Aliases: `memcalc gpus --json`, or a wider terminal.")
+                  "Usable: the GiB CUDA reports, what fit checks use (docs/gpus.md). TFLOP/s: dense bf16. GB/s: the "
+                  "GPU-to-GPU link inside a node.")
+    left_out = [column for column in GPU_COLUMNS if column not in {c.header for c in table.columns}]
+    if left_out:
+        console.print(f"{' and '.join(left_out)}: `memcalc gpus --json`, or a wider terminal.")

@@ -29,6 +29,7 @@ GOLDEN_CASES = {
                                "--seq", "1024"],
     "train_llama-3-8b_te-fp8_no_fit": ["train", "llama-3-8b", "--precision", "te-fp8", "--seq", "4096", "--gpu", "h100"],
     "precisions": ["precisions"],
+    "gpus": ["gpus"],
     "train_llama-3-8b_explain": ["train", "llama-3-8b", "--explain"],
     "formats": ["formats"],
     "compare_llama-2-70b": ["compare", "llama-2-70b", "--seq", "4096", "--gpu", "h100-80gb",
