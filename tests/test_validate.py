@@ -291,13 +291,13 @@ def test_validate_hf_refuses_moe_on_fake_tensors(run_cli):
 
 
 def test_cuda_refuses_a_run_that_would_not_fit(monkeypatch):
-    """Before allocating: the estimate plus a 10% margin must fit in the free memory, unless --force."""
+    """Before allocating: the estimated reserved peak plus a 10% margin must fit in the free memory, unless --force."""
     from memcalc.errors import InputError
     from memcalc.validate.cli_support import check_fits
 
     estimate = estimate_training(resolve_model("llama-2-7b"), TrainSettings())
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2**30, 80 * 2**30))
-    with pytest.raises(InputError, match=r"the estimate \(.* GiB \+ 10% margin\) exceeds the 80.00 GiB free"):
+    with pytest.raises(InputError, match=r"the estimate \(.* GiB reserved \+ 10% margin\) exceeds the 80.00 GiB free"):
         check_fits(estimate, force=False)
     check_fits(estimate, force=True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (400 * 2**30, 400 * 2**30))

@@ -15,7 +15,7 @@ from memcalc.validate import require_torch
 from memcalc.validate.compare import Comparison, compare_inference, compare_training
 
 # Refuse a CUDA run whose estimate leaves less than this share of free memory unused: the
-# allocator's fragmentation and library workspaces are not in the estimate.
+# estimate of what the allocator reserves is a median (memcalc.estimate.device), not this run's.
 CUDA_SAFETY_MARGIN = 0.10
 
 
@@ -49,12 +49,17 @@ def resolve_device(device: str) -> str:
 
 def check_fits(estimate: Estimate, force: bool) -> None:
     torch = require_torch()
+    from memcalc.estimate.device import device_memory
+
     free, _total = torch.cuda.mem_get_info()
-    needed = estimate.total * (1 + CUDA_SAFETY_MARGIN)
+    # what this process will reserve: the allocator's peak and the workspaces (the context exists already)
+    memory = device_memory(estimate)
+    needed = (memory.peak_reserved + memory.workspaces) * (1 + CUDA_SAFETY_MARGIN)
     if needed > free and not force:
         raise InputError(
-            f"the estimate ({estimate.total / 2**30:.2f} GiB + {CUDA_SAFETY_MARGIN:.0%} margin) exceeds the "
-            f"{free / 2**30:.2f} GiB free on the GPU; use a smaller workload (--num-layers, --batch, --seq) or --force"
+            f"the estimate ({memory.peak_reserved / 2**30:.2f} GiB reserved + {CUDA_SAFETY_MARGIN:.0%} margin) "
+            f"exceeds the {free / 2**30:.2f} GiB free on the GPU; use a smaller workload (--num-layers, --batch, "
+            "--seq) or --force"
         )
 
 
