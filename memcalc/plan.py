@@ -800,7 +800,7 @@ def plan(model: ModelConfig, gpu: GPUSpec, gpus: int, *, seq_len: int, global_ba
          pp: Iterable[int] | None = None, cp: Iterable[int] | None = None, micro_batch: Iterable[int] | None = None,
          max_vpp: int | None = None, sharding: Iterable[Sharding] | None = None, distinct: bool = True) -> PlanResult:
     """The ``top_k`` fastest layouts of ``gpus`` GPUs whose most loaded rank fits in
-    ``(1 - headroom) x gpu.memory_bytes`` (and whose offloaded state fits in ``host_memory_bytes``
+    ``(1 - headroom) x gpu.usable_memory_bytes`` (the capacity CUDA reports) (and whose offloaded state fits in ``host_memory_bytes``
     per GPU), and why each ``(tp, pp)`` family that has none fails.
 
     ``settings`` carries everything but the batch, sequence and recompute (precision, optimizer,
@@ -823,7 +823,7 @@ def plan(model: ModelConfig, gpu: GPUSpec, gpus: int, *, seq_len: int, global_ba
     timer = StepTimeModel(model, gpu, seq_len=seq_len, global_batch=global_batch, settings=base, mfu=mfu,
                           overlap=overlap, gpus_per_node=gpus_per_node, inter_node_gbps=inter_node_gbps,
                           intra_node_gbps=intra_node_gbps, host_gbps=host_gbps)
-    limit = int((1 - headroom) * gpu.memory_bytes)
+    limit = int((1 - headroom) * gpu.usable_memory_bytes)
     host_limit = host_memory_bytes if host_memory_bytes is not None else DEFAULT_HOST_MEMORY_PER_GPU
     search = _Search(model, base, seq_len, limit, host_limit, fsdp=fsdp, tp_impl=tp_impl)
     options = enumeration.options
@@ -947,5 +947,5 @@ def evaluate(model: ModelConfig, gpu: GPUSpec, layout: Layout, *, seq_len: int, 
     estimate = estimate_training(model, train, parallel)
     step = StepTimeModel(model, gpu, seq_len=seq_len, global_batch=global_batch, settings=base, **timing).step_time(layout)
     host_limit = host_memory_bytes if host_memory_bytes is not None else DEFAULT_HOST_MEMORY_PER_GPU
-    fits = estimate.total <= int((1 - headroom) * gpu.memory_bytes) and estimate.cpu_total <= host_limit
+    fits = estimate.total <= int((1 - headroom) * gpu.usable_memory_bytes) and estimate.cpu_total <= host_limit
     return RankedLayout(layout, parallel, train, estimate, step, fits)
