@@ -562,14 +562,16 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None, exp
     if fit is not None:
         console.print()
         verdict = "fits" if fit.fits else "does not fit"
-        console.print(f"On {fit.gpu} ({format_bytes(fit.gpu_memory, unit)} {label}, using {fit.utilization:.0%}): "
-                      f"this workload {verdict} ({format_bytes(fit.required, unit)} {label}).", style="bold")
+        console.print(f"On {fit.gpu} ({format_bytes(fit.gpu_memory, unit)} {label} usable, using "
+                      f"{fit.utilization:.0%}): this workload {verdict} ({format_bytes(fit.required, unit)} {label} on "
+                      "the device).", style="bold")
         context_note = " (the model's maximum positions)" if fit.context_limited_by_model else ""
         console.print(f"  largest batch at this context: {fit.max_batch}")
         console.print(f"  largest context at this batch: {fit.max_context:,} tokens{context_note}")
-        console.print(f"  paged KV capacity: {fit.kv_tokens:,} tokens in {fit.kv_blocks:,} blocks "
-                      f"({format_bytes(max(fit.kv_budget, 0), unit)} {label} left after weights, activations, logits "
-                      "and overhead)")
+        if startup is None:  # vLLM's own budget is above
+            console.print(f"  paged KV capacity: {fit.kv_tokens:,} tokens in {fit.kv_blocks:,} blocks "
+                          f"({format_bytes(max(fit.kv_budget, 0), unit)} {label} left after weights, activations, "
+                          "logits and overhead)")
     if capacity is not None:
         console.print()
         console.print(f"A KV budget of {format_bytes(capacity.budget, unit)} {label} holds {capacity.tokens:,} tokens "
