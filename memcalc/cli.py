@@ -63,7 +63,7 @@ def _register(application: typer.Typer, func) -> None:
 def _full_app() -> typer.Typer:
     application = typer.Typer(
         name="memcalc",
-        help="GPU memory calculator for training and serving large language models.",
+        help=_group.__doc__,
         no_args_is_help=True,
         add_completion=True,
         pretty_exceptions_enable=False,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 
 from memcalc.config import (
+    LORA_TARGETS,
     ActivationModel,
     Attention,
     Decoding,
@@ -398,7 +399,7 @@ def train_settings(precision: Precision, workload: Workload | None = None, **fix
                    "expandable_segments": workload.expandable_segments}
         if workload.lora_rank is not None:
             targets = workload.lora_targets.strip()
-            values |= {"lora_rank": workload.lora_rank, "lora_targets": "q,k,v,o,gate,up,down" if targets == "all"
+            values |= {"lora_rank": workload.lora_rank, "lora_targets": ",".join(LORA_TARGETS) if targets == "all"
                        else targets, "lora_dtype": workload.lora_dtype, "qlora": workload.qlora}
     return TrainSettings(**(values | fixed))
 

@@ -180,7 +180,6 @@ def inference_document(estimate: Estimate, fit=None, capacity=None, startup=None
     document = estimate_document("infer", estimate)
     memory = document["memory"]
     memory["weights"] = sum(component.bytes for component in estimate.components if component.key.startswith("weights"))
-    memory["peak_allocated"] = estimate.peak_allocated
     if fit is not None:
         document["fits"] = asdict(fit)
     if capacity is not None:

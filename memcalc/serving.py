@@ -62,7 +62,7 @@ class VLLMBudget:
     non_torch_from: str
     max_num_batched_tokens: int
     block_size: int
-    page_bytes: int  # one block of one layer... summed over the layers
+    page_bytes: int  # one block of block_size tokens, over all the layers
     max_model_len: int
 
     @property
@@ -99,7 +99,7 @@ def rotary_cache_bytes(model: ModelConfig, dtype: DType) -> int:
 
 def vllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int, utilization: float,
                 max_num_batched_tokens: int, calibration: Calibration | None = None) -> VLLMBudget:
-    from memcalc.estimate.device import NCCL_GROUP_BYTES, NCCL_PAIR_BYTES
+    from memcalc.estimate.device import nccl_bytes
     from memcalc.estimate.inference import estimate_inference, kv_cache_bytes_per_token, kv_dtype_for
     from memcalc.estimate.breakdown import Kind
 
@@ -121,7 +121,7 @@ def vllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int, 
     if calibration is not None and calibration.non_torch_bytes is not None:
         non_torch, non_torch_from = calibration.non_torch_bytes, calibration.source
     else:
-        nccl = 0 if settings.tp == 1 else NCCL_PAIR_BYTES if settings.tp == 2 else NCCL_GROUP_BYTES
+        nccl = nccl_bytes((settings.tp,) if settings.tp > 1 else ())
         non_torch = DEFAULT_NON_TORCH_BYTES + nccl
         non_torch_from = "default: 0.12 GiB (vLLM log, H100, TP 1)" + (" + NCCL" if nccl else "")
     per_token = kv_cache_bytes_per_token(model, kv_dtype_for(settings), settings.tp, Engine.VLLM)
