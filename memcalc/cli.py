@@ -731,6 +731,10 @@ def calibrate(
     out: Annotated[str | None, typer.Option("--out", metavar="FILE", show_default=False, rich_help_panel=OUTPUT,
                                             help="Write the measured terms for `infer --engine vllm --calibration "
                                             "FILE`.")] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", show_default=False, autocompletion=_complete_gpu,
+                                            rich_help_panel="Model and precision",
+                                            help="The GPU the log is of, for its total memory when the log does not "
+                                            "print total_gpu_memory (V1 logs).")] = None,
     source: Source = None,
     output: Output = None,
 ) -> None:
@@ -750,18 +754,22 @@ def calibrate(
 
     startup = read_log_file(log)
     config = source.resolve(model) if model is not None else _bundled(startup.model)
+    gpu_spec = _resolve_gpu(gpu)
+    total = startup.total_memory or (gpu_spec.usable_memory_bytes if gpu_spec is not None else None)
+    if config is not None and total is None:
+        raise InputError(f"{log}: the log prints no total_gpu_memory: give --gpu, the card it ran on, for memcalc's "
+                         "budget beside it")
     estimate = None
     if config is not None:
         from memcalc.config import InferSettings
+        from memcalc.estimate.inference import DEFAULT_GPU_UTILIZATION
         from memcalc.serving import default_batched_tokens, vllm_budget
 
-        total = startup.total_memory or 0
-        tokens = default_batched_tokens(total, "")
-        estimate = vllm_budget(config, InferSettings(context_len=min(8192, config.max_position_embeddings)),
-                               total, startup.utilization or 0.9, tokens, startup.calibration())
-        default = vllm_budget(config, InferSettings(context_len=min(8192, config.max_position_embeddings)),
-                              total, startup.utilization or 0.9, tokens)
-        estimate = (estimate, default)
+        settings = InferSettings(context_len=min(8192, config.max_position_embeddings))
+        utilization = startup.utilization or DEFAULT_GPU_UTILIZATION  # vLLM's default when the log omits it
+        tokens = default_batched_tokens(total, gpu_spec.name if gpu_spec is not None else "")
+        estimate = tuple(vllm_budget(config, settings, total, utilization, tokens, measured)
+                         for measured in (startup.calibration(), None))  # with the log's terms, with memcalc's
     if out is not None:
         write_calibration(startup, out)
     if output.as_json:

@@ -126,6 +126,19 @@ def test_calibrate_then_infer_with_the_calibration(run_cli, tmp_path):
     assert unknown.exit_code == 0 and "give --model" in " ".join(unknown.stdout.split())
 
 
+def test_calibrate_needs_the_cards_total_when_the_log_has_none(run_cli, tmp_path):
+    """A V1 log prints no total_gpu_memory: memcalc asks for the card instead of a budget of 0 bytes."""
+    log = tmp_path / "v1.log"
+    log.write_text(V1_LOG)
+    refused = run_cli("calibrate", str(log), "--model", "qwen3-8b")
+    assert refused.exit_code == 2 and "prints no total_gpu_memory: give --gpu" in refused.stderr
+    result = run_cli("calibrate", str(log), "--model", "qwen3-8b", "--gpu", "h100", "--json")
+    assert result.exit_code == 0, result.stderr
+    budget = json.loads(result.stdout)["estimate"]
+    assert budget["total_memory"] == H100_USABLE and budget["utilization"] == 0.9
+    assert budget["kv_cache"] > 0
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["infer", "llama-3-8b", "--engine", "vllm"], "error: --engine vllm computes vLLM's start-up budget for a GPU"),
     (["infer", "llama-3-8b", "--max-num-batched-tokens", "4096"], "error: --max-num-batched-tokens and --calibration"),
