@@ -223,15 +223,15 @@ def _device_rows(estimate: Estimate) -> list[tuple[str, int, str, str]]:
     outside = [f"CUDA context {memory.cuda_context // 2**20} MiB" if not estimate.runtime_bytes
                else _runtime_text(estimate)]
     if memory.workspaces:
-        outside.append(f"cuBLAS workspace {memory.workspaces // 2**20} MiB")
+        outside.append(f"cuBLAS workspaces {memory.workspaces // 2**20} MiB")
     if memory.nccl:
         outside.append(f"NCCL ~{memory.nccl / 1e9:.2f} GB ({len(memory.communicators)} communicators)")
 
     return [
         ("Peak reserved (est.)", memory.peak_reserved, f"+{memory.fragmentation_percent:.1f}%",
          f"{allocator}: +{memory.fragmentation_percent:g}% (median of the {memory.workload} runs in docs/accuracy.md)"),
-        ("Outside the allocator", memory.outside_allocator, "", " + ".join(outside)),
-        ("On the device (must fit)", memory.device_total, "", "reserved + outside the allocator"),
+        ("Runtime overhead", memory.runtime_overhead, "", " + ".join(outside)),
+        ("On the device (must fit)", memory.device_total, "", "reserved + runtime overhead"),
     ] + ([("Paged states (managed)", memory.managed, "",
            "CUDA managed memory: on the GPU while there is room, moved to the host under pressure")]
          if memory.managed else [])
@@ -291,7 +291,7 @@ def _estimate_table(command: str, estimate: Estimate, unit: Unit, formula: bool,
         return ["-", shown] if location == "cpu" else [shown, "-"]
 
     for component in estimate.components:
-        if component.kind is Kind.RUNTIME:  # outside the allocator: in the device section below
+        if component.kind is Kind.RUNTIME:  # beyond the allocated peak: in the device section below
             continue
         share = _share_bar(component.bytes, total, bar_width) if component.location == "gpu" else "-"
         add(component.label, amounts(component.bytes, component.location), share, component.kind.value,

@@ -52,7 +52,7 @@ def fit_document(memory, gpu) -> dict[str, Any]:
 
 def device_document(memory) -> dict[str, Any]:
     """The terms between the three totals: the allocator's reserve (a percentage of the allocated
-    peak, for the kind of workload) and what lives outside the allocator, in bytes."""
+    peak, for the kind of workload) and the runtime overhead beyond the peak, in bytes."""
     return {"workload": memory.workload, "fragmentation_percent": memory.fragmentation_percent,
             "expandable_segments": memory.expandable_segments, "allocator_reserve": memory.allocator_reserve,
             "cuda_context": memory.cuda_context, "workspaces": memory.workspaces, "nccl": memory.nccl,

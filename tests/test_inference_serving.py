@@ -167,9 +167,9 @@ def test_runtime_overhead_is_a_configurable_line():
 
     assert default.component("overhead").bytes == (400 + 32) * MIB
     assert default.total == default.peak_allocated  # the overhead is outside the allocator
-    assert device_memory(default).outside_allocator == (400 + 32) * MIB
+    assert device_memory(default).runtime_overhead == (400 + 32) * MIB
     none = estimate_inference(model, InferSettings(context_len=1024, overhead_bytes=0))
-    assert none.total == default.total and device_memory(none).outside_allocator == 0
+    assert none.total == default.total and device_memory(none).runtime_overhead == 0
     assert device_memory(default).device_total - device_memory(none).device_total == (400 + 32) * MIB
 
 

@@ -4,8 +4,8 @@
   counts (the estimators' ``Estimate.total``);
 - ``peak_reserved``: what PyTorch's caching allocator holds at that peak
   (``torch.cuda.max_memory_reserved``): the allocated bytes plus the segments' unused space;
-- ``device_total``: reserved plus what lives outside the allocator (the CUDA context, library
-  workspaces, NCCL's buffers): what nvidia-smi shows for the process and what must fit in the
+- ``device_total``: reserved plus the runtime overhead (the CUDA context and NCCL's buffers outside
+  the allocator, the cuBLAS workspaces it holds beside the estimated peak): what nvidia-smi shows for the process and what must fit in the
   GPU's usable capacity (memcalc.gpus, ``usable_memory_bytes``). CUDA managed memory (bitsandbytes'
   paged optimizer states) is outside both the allocator and what must fit: it stays on the GPU while
   there is room and moves to the host under pressure; ``managed`` reports it.
@@ -34,14 +34,17 @@ MiB = 2**20
 FRAGMENTATION_PERCENT = {"train": 6.6, "train-full-recompute": 7.28, "infer": 3.66}
 EXPANDABLE_FRAGMENTATION_PERCENT = {"train": 2.16, "train-full-recompute": 1.3, "infer": 1.31}
 
-# Outside the allocator, per GPU process. CUDA context with lazy module loading (the default since
+# Beyond the allocated peak, per GPU process. CUDA context with lazy module loading (the default since
 # CUDA 11.7 / PyTorch 1.13): 287 MB measured in pytorch PR #86509, "around 400MB" (pytorch issue
 # #109888), 426 MiB on an RTX 6000 Ada with torch 2.10 (docs/gpus.md); memcalc takes 400 MiB.
 # cuBLAS keeps a 32 MiB workspace per handle and stream on Hopper and newer
 # (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize; 8.125 MiB on older GPUs).
+# The workspace is allocated through the caching allocator, one per (handle, stream): a training
+# step has two, the forward on the main thread and backward on the autograd engine's device thread
+# (what memcalc validate measures on CUDA); the estimators' peaks leave them out.
 CUDA_CONTEXT_BYTES = 400 * MiB
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
-RUNTIME_BYTES = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES
+TRAINING_WORKSPACES = 2
 
 # NCCL's buffers per communicator a rank belongs to, with NCCL's defaults (NCCL_BUFFSIZE 4 MiB per
 # channel and peer): measured on 4 x A100 with NVLink at 544 MB for a 2-rank communicator and
@@ -74,12 +77,13 @@ class DeviceMemory:
         return self.peak_reserved - self.peak_allocated
 
     @property
-    def outside_allocator(self) -> int:
+    def runtime_overhead(self) -> int:
+        """Beyond the estimated peak: the CUDA context, cuBLAS workspaces and NCCL buffers."""
         return self.cuda_context + self.workspaces + self.nccl
 
     @property
     def device_total(self) -> int:
-        return self.peak_reserved + self.outside_allocator
+        return self.peak_reserved + self.runtime_overhead
 
 
 def nccl_bytes(communicators: tuple[int, ...]) -> int:
@@ -109,7 +113,7 @@ def device_memory(estimate: Estimate) -> DeviceMemory:
     else:
         workload = "train-full-recompute" if settings.recompute is Recompute.FULL else "train"
         communicators = _training_communicators(settings)
-        context, workspaces = CUDA_CONTEXT_BYTES, CUBLAS_WORKSPACE_BYTES
+        context, workspaces = CUDA_CONTEXT_BYTES, TRAINING_WORKSPACES * CUBLAS_WORKSPACE_BYTES
     table = EXPANDABLE_FRAGMENTATION_PERCENT if expandable_segments else FRAGMENTATION_PERCENT
     return DeviceMemory(estimate.total, table[workload], workload, expandable_segments, context, workspaces,
                         nccl_bytes(communicators), communicators, estimate.managed_bytes)
@@ -123,4 +127,4 @@ def fits(memory: DeviceMemory, gpu) -> bool:
 def allocated_limit(memory: DeviceMemory, capacity: int) -> int:
     """The largest allocated peak whose device total fits in ``capacity`` bytes, with the same
     reserve and outside-the-allocator terms: what a search over settings compares peaks with."""
-    return int((capacity - memory.outside_allocator) / (1 + memory.fragmentation_percent / 100))
+    return int((capacity - memory.runtime_overhead) / (1 + memory.fragmentation_percent / 100))

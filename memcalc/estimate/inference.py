@@ -28,6 +28,7 @@ from memcalc.config import (
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.assumptions import InferAssumptions, WeightOrigin
 from memcalc.estimate.breakdown import Component, Estimate, Kind
+from memcalc.estimate.device import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from memcalc.estimate.params import count_params
 from memcalc.errors import Field, SettingsError
 
@@ -39,13 +40,8 @@ INDEX_BYTES = 8
 # repeated in the Hugging Face accelerate docs (usage_guides/model_size_estimator).
 RULE_OF_THUMB_FACTOR_NUMERATOR, RULE_OF_THUMB_FACTOR_DENOMINATOR = 6, 5
 
-# Runtime overhead outside PyTorch's allocator, per GPU process. CUDA context with lazy module
-# loading (the default since CUDA 11.7 / PyTorch 1.13): 287 MB measured in pytorch PR #86509,
-# "around 400MB" (pytorch issue #109888); memcalc takes 400 MiB. cuBLAS keeps a 32 MiB workspace
-# per handle and stream on Hopper and newer (aten/src/ATen/cuda/CublasHandlePool.cpp,
-# getChosenWorkspaceSize; 8.125 MiB on older GPUs). --overhead replaces the sum.
-CUDA_CONTEXT_BYTES = 400 * 2**20
-CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+# The runtime overhead line: the CUDA context and one cuBLAS workspace (memcalc.estimate.device,
+# with their sources); --overhead replaces the sum.
 DEFAULT_OVERHEAD_BYTES = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES
 # A paged server's share of GPU memory (vLLM's --gpu-memory-utilization default).
 DEFAULT_GPU_UTILIZATION = 0.9

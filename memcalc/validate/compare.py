@@ -5,15 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memcalc.estimate.device import device_memory
+from memcalc.estimate.device import CUBLAS_WORKSPACE_BYTES, TRAINING_WORKSPACES, device_memory
 from memcalc.estimate.breakdown import Estimate
-
-# cuBLAS allocates its workspace through PyTorch's caching allocator, one per (handle, stream):
-# the forward runs on the main thread, backward on the autograd engine's device thread. The size
-# is PyTorch's default for Hopper and newer, CUBLAS_WORKSPACE_CONFIG=":4096:8" (4096 KiB x 8;
-# aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize).
-CUBLAS_WORKSPACE_BYTES = 4096 * 1024 * 8
-CUBLAS_WORKSPACES = 2
 
 # Rows compared for a training step: (key, label); phases and the total follow.
 TRAIN_ROWS = (
@@ -110,10 +103,10 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
                  if component.key in ("weights", "master_weights", "optimizer_states", "gradient_accumulation"))
     rows.append(Row("steady_state", "Steady state (after zero_grad)", static, measurement.components.get("steady_state")))
     notes = []
-    rows += _reserved_rows(estimate, measurement, CUBLAS_WORKSPACE_BYTES * CUBLAS_WORKSPACES)
+    rows += _reserved_rows(estimate, measurement, CUBLAS_WORKSPACE_BYTES * TRAINING_WORKSPACES)
     if measurement.device == "cuda":
         cuda = measurement.cuda
-        workspaces = CUBLAS_WORKSPACE_BYTES * CUBLAS_WORKSPACES
+        workspaces = CUBLAS_WORKSPACE_BYTES * TRAINING_WORKSPACES
         rows.append(Row("cublas_workspaces", "cuBLAS workspaces (2 x 32 MiB default)", workspaces, None))
         rows.append(Row("cuda_peak_allocated", "CUDA max_memory_allocated (peak + workspaces)",
                         estimate.total + workspaces, cuda.get("peak_allocated")))
@@ -124,7 +117,7 @@ def compare_training(estimate: Estimate, measurement) -> Comparison:
         rows.append(Row("cuda_process_overhead", "CUDA context + libraries (not allocated by torch)",
                         device.cuda_context, cuda.get("process_overhead")))
         rows.append(Row("cuda_device_used", "Device used (mem_get_info; segments kept cached)",
-                        device.device_total + workspaces, cuda.get("device_used")))
+                        device.device_total, cuda.get("device_used")))  # its workspaces included
         notes.append("measured bytes are rounded to the CUDA allocator's 512-byte blocks")
     total = Row("total", "Total (peak)", estimate.total, measurement.total)
     return Comparison(tuple(rows), total, measurement.device, tuple(notes), _allocator_stats(measurement))
