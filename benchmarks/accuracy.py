@@ -65,6 +65,12 @@ class Case:
             parts.append(f"accum-{s['grad_accum']}")
         if s.get("optimizer_dtype"):
             parts.append(f"moments-{s['optimizer_dtype']}")
+        if s.get("recompute_layers", 1) > 1:
+            parts.append(f"every-{s['recompute_layers']}")
+        if s.get("sac_save"):
+            parts.append(f"save-{s['sac_save']}")
+        if s.get("dropout") is not None:
+            parts.append(f"dropout-{s['dropout']:g}")
         return " ".join(parts)
 
 
@@ -131,6 +137,22 @@ FAKE_MATRIX = [
     _case("llama-3.2-3b", "mixed-bf16", 2, 1024, optimizer_dtype="bf16"),
     _case("deepseek-v2-lite", "pure-bf16", 1, 2048),
     _case("deepseek-v2-lite", "mixed-bf16", 2, 1024, recompute="full"),
+    # per-op checkpointing (torchtitan's policy unless sac_save names the outputs) and every Nth layer
+    _case("llama-3-8b", "pure-bf16", 2, 4096, recompute="op"),
+    _case("llama-3-8b", "pure-bf16", 1, 8192, recompute="op", sac_save="attention"),
+    _case("qwen2.5-0.5b", "pure-bf16", 4, 2048, recompute="op"),
+    _case("llama-3.2-1b", "amp-bf16", 4, 1024, recompute="op"),
+    _case("mistral-7b", "pure-bf16", 1, 4096, recompute="op", sac_save="q,k,v,o,attention"),
+    _case("gpt2", "mixed-bf16", 8, 1024, recompute="op"),
+    _case("llama-3.2-3b", "pure-bf16", 2, 2048, recompute="full", recompute_layers=2),
+    _case("llama-3-8b", "mixed-bf16", 1, 4096, recompute="op", recompute_layers=2),
+    # dropout (the gpt2 rows above train with their config's 0.1 too): transformers' GPT-2 class,
+    # eager and SDPA (CUDA's kernel rules on fake tensors), and a Llama with attention dropout
+    replace(_case("gpt2", "fp32", 4, 1024, "eager"), impl="hf"),
+    replace(_case("gpt2", "mixed-bf16", 8, 1024), impl="hf"),
+    replace(_case("gpt2-medium", "amp-bf16", 2, 1024, "eager"), impl="hf"),
+    _case("llama-3.2-1b", "pure-bf16", 2, 1024, "eager", dropout=0.1),
+    _case("llama-3.2-1b", "mixed-bf16", 4, 2048, dropout=0.1),
 ]
 
 HF_CONFIGS = "tests/data/hf_configs/"

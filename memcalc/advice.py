@@ -59,8 +59,13 @@ def _variants(model: ModelConfig, settings: TrainSettings, parallel: ParallelCon
         yield ("recompute", "--recompute selective",
                lambda: (replace(settings, recompute=Recompute.SELECTIVE), parallel),
                "recomputes attention: about 2-4% more FLOPs (Korthikanti et al. 2022)")
-    if settings.recompute is not Recompute.FULL:
-        yield ("recompute", "--recompute full", lambda: (replace(settings, recompute=Recompute.FULL), parallel),
+    if settings.recompute in (Recompute.NONE, Recompute.SELECTIVE) and settings.lora_rank is None:
+        yield ("recompute", "--recompute op",
+               lambda: (replace(settings, recompute=Recompute.OP), parallel),
+               "torchtitan's per-op policy: about half the layers' matmuls run again in backward")
+    if settings.recompute is not Recompute.FULL or settings.recompute_layers > 1:
+        yield ("recompute", "--recompute full", lambda: (replace(settings, recompute=Recompute.FULL, recompute_layers=1,
+                                                                 sac_save=None), parallel),
                "one extra forward per step: about 33% more FLOPs")
     # 4. Offload
     if parallel.offload is Offload.NONE and parallel.zero >= 1 and not parallel.distributed_optimizer:

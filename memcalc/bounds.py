@@ -21,3 +21,5 @@ class _Bound:
 
 PositiveInt = Annotated[int, _Bound(gt=0)]
 NonNegativeInt = Annotated[int, _Bound(ge=0)]
+# A dropout probability: 0 (off) up to, not including, 1 (pydantic's float schema takes ge/lt too)
+Probability = Annotated[float, _Bound(ge=0, lt=1)]

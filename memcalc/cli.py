@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
@@ -413,6 +414,98 @@ def sweep(
     print_sweep(config, key, points, output.units, gpu_spec, over_point)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """The serving-engine options of ``infer``, each for its engine's budget (memcalc.serving)."""
+
+    max_num_batched_tokens: int | None = None
+    calibration: str | None = None
+    memory_fraction: float | None = None
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    tensor_split: str | None = None
+    n_gpu_layers: int | None = None
+    ubatch_size: int = 512
+    flash_attn: bool = True
+    compute_buffer: str | None = None
+
+    def given(self) -> dict[str, tuple[str, ...]]:
+        """The options set away from their defaults, by flag, with the engines they apply to."""
+        defaults = EngineOptions()
+        flags = {"max_num_batched_tokens": ("--max-num-batched-tokens", ("vllm", "sglang", "trtllm")),
+                 "calibration": ("--calibration", ("vllm",)),
+                 "memory_fraction": ("--memory-fraction", ("sglang", "trtllm")),
+                 "cache_type_k": ("--cache-type-k", ("llamacpp",)), "cache_type_v": ("--cache-type-v", ("llamacpp",)),
+                 "tensor_split": ("--tensor-split", ("llamacpp",)), "n_gpu_layers": ("--n-gpu-layers", ("llamacpp",)),
+                 "ubatch_size": ("--ubatch-size", ("llamacpp",)), "flash_attn": ("--no-flash-attn", ("llamacpp",)),
+                 "compute_buffer": ("--compute-buffer", ("llamacpp",))}
+        return {flag: engines for name, (flag, engines) in flags.items()
+                if getattr(self, name) != getattr(defaults, name)}
+
+
+ENGINE_NAMES = {Engine.VLLM: "vLLM", Engine.SGLANG: "SGLang", Engine.TRTLLM: "TensorRT-LLM",
+                Engine.LLAMACPP: "llama.cpp"}
+
+
+def _tensor_split(text: str | None) -> tuple[float, ...]:
+    if text is None:
+        return (1.0,)
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--tensor-split: {text!r} is not a list of proportions such as 3,1") from None
+
+
+def _engine_budget(engine: Engine, config, settings, estimate, stored, gpu_spec, gpu_util: float,
+                   options: EngineOptions):
+    """The start-up budget of ``engine`` on ``gpu_spec`` (memcalc.serving), or None for hf and
+    paged; an option of another engine is refused."""
+    for flag, engines in options.given().items():
+        if engine.value not in engines:
+            names = ", ".join(engines[:-1]) + " or " + engines[-1] if len(engines) > 1 else engines[0]
+            raise InputError(f"{flag} applies to --engine {names}")
+    if engine not in ENGINE_NAMES:
+        return None
+    if gpu_spec is None:
+        raise InputError(f"--engine {engine.value} computes {ENGINE_NAMES[engine]}'s start-up budget for a GPU: "
+                         "give --gpu")
+    total = gpu_spec.usable_memory_bytes
+    if engine is Engine.VLLM:
+        from memcalc.serving import default_batched_tokens, vllm_budget
+
+        tokens = options.max_num_batched_tokens or default_batched_tokens(total, gpu_spec.name)
+        measured = None
+        if options.calibration is not None:
+            from memcalc.calibration import read_calibration
+
+            measured = read_calibration(options.calibration)
+        return vllm_budget(config, settings, total, gpu_util, tokens, measured)
+    if engine is Engine.SGLANG:
+        from memcalc.serving import sglang_budget
+
+        return sglang_budget(config, settings, total, gpu_spec.name, gpu_spec.vendor, options.memory_fraction,
+                             options.max_num_batched_tokens, gguf=stored is not None and stored.format == "gguf")
+    if engine is Engine.TRTLLM:
+        from memcalc.serving import trtllm_budget
+
+        return trtllm_budget(config, settings, total, options.memory_fraction, options.max_num_batched_tokens)
+    from memcalc.estimate.breakdown import Kind
+    from memcalc.serving import LlamaCppWeights, llamacpp_budget
+
+    if stored is not None and stored.gguf is not None:
+        weights = LlamaCppWeights.from_gguf(stored.gguf.tensors, f"{stored.location}: its tensors as stored")
+    else:
+        static = sum(component.bytes for component in estimate.components if component.kind is Kind.STATIC)
+        weights = LlamaCppWeights.from_estimate(config, static, f"the estimate ({estimate.settings.weights}) split "
+                                                "by parameter count")
+    shape = estimate.settings
+    n_ctx = shape.sequences * shape.context_len  # every sequence's cells (the batch's, with its beams or samples)
+    return llamacpp_budget(config, settings, weights, total, n_ctx, options.cache_type_k.lower(),
+                           options.cache_type_v.lower(), _tensor_split(options.tensor_split), options.n_gpu_layers,
+                           options.ubatch_size, options.flash_attn,
+                           parse_size("--compute-buffer", options.compute_buffer))
+
+
 @command
 def infer(
     model: ModelArgument,
@@ -428,12 +521,39 @@ def infer(
                                                   "e.g. 4.6GiB.")] = None,
     max_num_batched_tokens: Annotated[int | None, typer.Option(
         "--max-num-batched-tokens", metavar="N", min=1, show_default=False, rich_help_panel=SERVING,
-        help="--engine vllm: tokens of the profiled forward (default: vllm serve's, 8192 on GPUs of 70 GiB "
-        "or more other than the A100, else 2048).")] = None,
+        help="Tokens of one forward: vLLM's profile (default: vllm serve's, 8192 on GPUs of 70 GiB or more "
+        "other than the A100, else 2048), SGLang's chunked prefill (default: its rule), TensorRT-LLM's "
+        "profile (8192).")] = None,
     calibration: Annotated[str | None, typer.Option(
         "--calibration", metavar="FILE", show_default=False, rich_help_panel=SERVING,
         help="--engine vllm: the activation peak and non-torch memory measured at a real start-up "
         "(`memcalc calibrate LOG --out FILE`).")] = None,
+    memory_fraction: Annotated[float | None, typer.Option(
+        "--memory-fraction", metavar="F", show_default=False, rich_help_panel=SERVING,
+        help="--engine sglang: the static share of the card (default: its rule from the GPU and TP); "
+        "trtllm: the cache's share of the free memory (default 0.9).")] = None,
+    cache_type_k: Annotated[str, typer.Option(
+        "--cache-type-k", metavar="TYPE", rich_help_panel=SERVING,
+        help="--engine llamacpp: K cache type (f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1).")] = "f16",
+    cache_type_v: Annotated[str, typer.Option(
+        "--cache-type-v", metavar="TYPE", rich_help_panel=SERVING,
+        help="--engine llamacpp: V cache type (quantized types need flash attention).")] = "f16",
+    tensor_split: Annotated[str | None, typer.Option(
+        "--tensor-split", metavar="P,P", show_default=False, rich_help_panel=SERVING,
+        help="--engine llamacpp: the layer split over GPUs like --gpu, e.g. 3,1 (default: one GPU).")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option(
+        "--n-gpu-layers", metavar="N", min=0, show_default=False, rich_help_panel=SERVING,
+        help="--engine llamacpp: layers offloaded, the output layer counted (default: all).")] = None,
+    ubatch_size: Annotated[int, typer.Option(
+        "--ubatch-size", metavar="N", min=1, rich_help_panel=SERVING,
+        help="--engine llamacpp: tokens of one physical batch (n_ubatch).")] = 512,
+    no_flash_attn: Annotated[bool, typer.Option(
+        "--no-flash-attn", rich_help_panel=SERVING,
+        help="--engine llamacpp: without flash attention (llama.cpp's auto turns it on under CUDA).")] = False,
+    compute_buffer: Annotated[str | None, typer.Option(
+        "--compute-buffer", metavar="SIZE", show_default=False, rich_help_panel=SERVING,
+        help="--engine llamacpp: each GPU's compute buffer as a log printed it (\"CUDA0 compute buffer "
+        "size\"), e.g. 164MiB (default: a floor).")] = None,
     explain: ExplainOption = False,
 ) -> None:
     """Memory to serve a model: weights, KV cache, prefill and decoding, overhead, and what fits.
@@ -451,6 +571,8 @@ def infer(
       memcalc infer mixtral-8x7b --weights gptq --engine paged --tp 2
 
       memcalc infer llama-3-8b --engine paged --kv-budget 4.6GiB
+
+      memcalc infer llama-3.1-8b --engine sglang --gpu h100
 
       memcalc infer ./model.gguf --context 8192
     """
@@ -482,21 +604,10 @@ def infer(
         from memcalc.estimate.inference import fit_report
 
         fit = fit_report(config, settings, gpu_spec.name, gpu_spec.usable_memory_bytes, gpu_util)
-    startup = None
-    if serving.engine is Engine.VLLM:
-        if gpu_spec is None:
-            raise InputError("--engine vllm computes vLLM's start-up budget for a GPU: give --gpu")
-        from memcalc.serving import default_batched_tokens, vllm_budget
-
-        tokens = max_num_batched_tokens or default_batched_tokens(gpu_spec.usable_memory_bytes, gpu_spec.name)
-        measured = None
-        if calibration is not None:
-            from memcalc.calibration import read_calibration
-
-            measured = read_calibration(calibration)
-        startup = vllm_budget(config, settings, gpu_spec.usable_memory_bytes, gpu_util, tokens, measured)
-    elif max_num_batched_tokens is not None or calibration is not None:
-        raise InputError("--max-num-batched-tokens and --calibration apply to --engine vllm")
+    startup = _engine_budget(serving.engine, config, settings, estimate, stored, gpu_spec, gpu_util,
+                             EngineOptions(max_num_batched_tokens, calibration, memory_fraction, cache_type_k,
+                                           cache_type_v, tensor_split, n_gpu_layers, ubatch_size,
+                                           not no_flash_attn, compute_buffer))
     capacity = None
     if budget is not None:
         from memcalc.estimate.inference import kv_capacity

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from memcalc.bounds import NonNegativeInt, PositiveInt
+from memcalc.bounds import NonNegativeInt, PositiveInt, Probability
 from memcalc.dtypes import DType
 from memcalc.errors import Field, SettingsError
 
@@ -297,6 +297,13 @@ class ModelConfig:
     # each layer is a norm and either its mixer or its MLP/MoE, never both (Nemotron-H's blocks)
     separate_blocks: bool = False
     checkpoint: CheckpointFormat | None = None  # the published checkpoint's dtype and quantisation
+    # Dropout in training, as the Hugging Face class applies it (None: the architecture has no such
+    # dropout): on the attention probabilities (every attention implementation takes one), on the
+    # embeddings' sum (GPT-2 embd_pdrop), on each sublayer's output before its residual add (GPT-2,
+    # Phi resid_pdrop)
+    attention_dropout: Probability = 0.0
+    embedding_dropout: Probability | None = None
+    residual_dropout: Probability | None = None
 
     def __post_init__(self) -> None:
         _coerce_enums(self, mlp=MLPKind, norm=NormKind, position_embedding=PositionKind,
@@ -447,8 +454,14 @@ class Optimizer(StrEnum):
 
 class Recompute(StrEnum):
     NONE = "none"
-    SELECTIVE = "selective"
-    FULL = "full"
+    SELECTIVE = "selective"  # Megatron's: the attention scores recomputed (Korthikanti et al. 2022 sec. 5)
+    FULL = "full"  # each layer keeps its input and is run again in backward
+    OP = "op"  # per-op selective checkpointing: chosen ops' outputs kept (torchtitan's op policy)
+
+    @property
+    def checkpoints_layers(self) -> bool:
+        """Whether layers run under torch.utils.checkpoint (their inputs kept, the rest redone)."""
+        return self in (Recompute.FULL, Recompute.OP)
 
 
 class Attention(StrEnum):
@@ -483,20 +496,35 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DEFAULT_LORA_TARGETS = ("q", "v")  # peft/utils/constants.py: "llama": ["q_proj", "v_proj"]
 
 
-def parse_lora_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """``"q,v"`` or ``("q", "v")`` (``q_proj`` also accepted) as a tuple in the canonical order
-    q, k, v, o, gate, up, down; a ValueError names the allowed values."""
-    items = targets.split(",") if isinstance(targets, str) else list(targets)
-    names = []
+# What per-op checkpointing (--recompute op) can keep of a layer: a projection's output (its mm or
+# addmm) or the attention kernel's outputs (SDPA: the output and the log-sum-exp)
+SAC_OUTPUTS = LORA_TARGETS + ("attention",)
+
+
+def _parse_names(names: str | tuple[str, ...] | list[str], allowed: tuple[str, ...], field: str) -> tuple[str, ...]:
+    """``"q,v"`` or ``("q", "v")`` (``q_proj`` also accepted) as a tuple in ``allowed``'s order; a
+    SettingsError names ``field`` and the allowed values."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    chosen = []
     for item in items:
         name = str(item).strip().lower()
         name = name[: -len("_proj")] if name.endswith("_proj") else name
-        if name not in LORA_TARGETS:
-            raise SettingsError(Field("lora_targets"), f" {str(item).strip()!r} is not one of {', '.join(LORA_TARGETS)}")
-        names.append(name)
-    if not names:
-        raise SettingsError(Field("lora_targets"), f" is empty; choose from {', '.join(LORA_TARGETS)}")
-    return tuple(name for name in LORA_TARGETS if name in names)
+        if name not in allowed:
+            raise SettingsError(Field(field), f" {str(item).strip()!r} is not one of {', '.join(allowed)}")
+        chosen.append(name)
+    if not chosen:
+        raise SettingsError(Field(field), f" is empty; choose from {', '.join(allowed)}")
+    return tuple(name for name in allowed if name in chosen)
+
+
+def parse_sac_save(names: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"q,v,attention"`` in the order of SAC_OUTPUTS."""
+    return _parse_names(names, SAC_OUTPUTS, "sac_save")
+
+
+def parse_lora_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"q,v"`` in the canonical order q, k, v, o, gate, up, down."""
+    return _parse_names(targets, LORA_TARGETS, "lora_targets")
 
 
 def _check_positive(instance: Any, *names: str) -> None:
@@ -535,6 +563,12 @@ class TrainSettings:
     qlora: bool = False  # base linear weights in bitsandbytes NF4 with double quantisation (QLoRA)
     # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the allocator's reserve (memcalc.estimate.device)
     expandable_segments: bool = False
+    # full or op recompute on every Nth layer only (torchtitan's selective_ac_option N: layers N, 2N, ...)
+    recompute_layers: PositiveInt = 1
+    # op recompute: the outputs each layer keeps (SAC_OUTPUTS); None: torchtitan's policy
+    sac_save: tuple[str, ...] | None = None
+    # every dropout the model's architecture has at this rate (0: off); None: the config's rates
+    dropout: Probability | None = None
 
     def __post_init__(self) -> None:
         _coerce_enums(
@@ -542,8 +576,19 @@ class TrainSettings:
             optimizer_impl=OptimizerImpl, activation_model=ActivationModel, loss=Loss, optimizer_dtype=TrainDType,
             lora_dtype=TrainDType,
         )
-        _check_positive(self, "batch_size", "seq_len", "grad_accum", "lora_rank")
+        _check_positive(self, "batch_size", "seq_len", "grad_accum", "lora_rank", "recompute_layers")
         object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
+        if self.sac_save is not None:
+            object.__setattr__(self, "sac_save", parse_sac_save(self.sac_save))
+            if self.recompute is not Recompute.OP:
+                raise SettingsError(Field("sac_save"), " chooses what per-op checkpointing keeps: give ",
+                                    Field("recompute"), " op too")
+        if self.recompute_layers > 1 and not self.recompute.checkpoints_layers:
+            raise SettingsError(Field("recompute_layers"), " checkpoints every Nth layer: give ", Field("recompute"),
+                                " full or op too")
+        if self.lora_rank is not None and (self.recompute is Recompute.OP or self.recompute_layers > 1):
+            raise SettingsError(Field("recompute"), " op and ", Field("recompute_layers"),
+                                " are modelled for full training: LoRA takes none, selective or full")
         if self.qlora and self.lora_rank is None:
             raise SettingsError(Field("qlora"), " trains LoRA adapters on a 4-bit base: give ", Field("lora_rank"), " too")
         if self.optimizer_in_backward and self.grad_accum > 1:
@@ -559,11 +604,16 @@ class TrainSettings:
 class Engine(StrEnum):
     """hf: a plain Hugging Face generate() loop (the cache grows by concatenation); paged: a paged
     server (vLLM-style blocks in a preallocated budget); vllm: the paged layout with vLLM's own
-    start-up budget (memcalc.serving: weights, profiled activation peak, non-torch memory, KV)."""
+    start-up budget (memcalc.serving: weights, profiled activation peak, non-torch memory, KV);
+    sglang, trtllm, llamacpp: the same layout with SGLang's (mem_fraction_static), TensorRT-LLM's
+    (free_gpu_memory_fraction) or llama.cpp's (n_ctx cells, per-device layer split) budget."""
 
     HF = "hf"
     PAGED = "paged"
     VLLM = "vllm"
+    SGLANG = "sglang"
+    TRTLLM = "trtllm"
+    LLAMACPP = "llamacpp"
 
     @property
     def paged(self) -> bool:

@@ -204,10 +204,22 @@ class Workload(Flags):
     grad_accum: Annotated[int, typer.Option("--grad-accum", metavar="N", min=1, rich_help_panel=BATCH,
                                             help="Micro-batches accumulated per step.")] = 1
     recompute: Annotated[Recompute, typer.Option("--recompute", metavar="MODE", rich_help_panel=SAVERS,
-                                                 help=f"Activation recomputation: {choices(Recompute)}.")
+                                                 help=f"Activation recomputation: {choices(Recompute)} "
+                                                 "(op: torchtitan's per-op policy, see --sac-save).")
                          ] = Recompute.NONE
+    recompute_layers: Annotated[int, typer.Option("--recompute-layers", metavar="N", min=1, rich_help_panel=SAVERS,
+                                                  help="Checkpoint only every Nth layer (full or op; torchtitan's "
+                                                  "selective_ac_option N).")] = 1
+    sac_save: Annotated[str | None, typer.Option("--sac-save", metavar="OUTPUTS", show_default=False,
+                                                 rich_help_panel=SAVERS,
+                                                 help="op: outputs each layer keeps, of q,k,v,o,gate,up,down,"
+                                                 "attention (default: every other matmul and attention).")] = None
     attention: AttentionOption = Attention.SDPA
     loss: LossOption = Loss.FULL
+    dropout: Annotated[float | None, typer.Option("--dropout", metavar="P", min=0.0, max=0.999, show_default=False,
+                                                  rich_help_panel=BATCH,
+                                                  help="Every dropout the model has at this rate (0: off; default: "
+                                                  "its config's rates).")] = None
     optimizer_in_backward: Annotated[bool, typer.Option("--optimizer-in-backward", rich_help_panel=SAVERS,
                                                         help="Step each parameter as its gradient appears "
                                                         "(torchtune): no gradient buffer.")] = False
@@ -272,6 +284,20 @@ class Layout(Flags):
                                                      "enough to fill the pipeline).")] = None
     vpp: Annotated[int | None, typer.Option("--vpp", metavar="N", min=1, show_default=False, rich_help_panel=LAYOUT,
                                             help="Virtual pipeline stages per rank (interleaved 1F1B).")] = None
+    pp_layers: Annotated[str | None, typer.Option("--pp-layers", metavar="N,N,...", show_default=False,
+                                                  rich_help_panel=LAYOUT,
+                                                  help="Uneven pipeline stages: the layers on each pipeline rank, "
+                                                  "in rank order, e.g. 15,16,16,16,16,16,16,15 (in a --scenario "
+                                                  "string: 15/16/.../15).")] = None
+    pp_first_layers: Annotated[int | None, typer.Option("--pp-first-layers", metavar="N", show_default=False,
+                                                        rich_help_panel=LAYOUT,
+                                                        help="Layers on the first pipeline rank; the rest split "
+                                                        "evenly over the other ranks, as Megatron-LM's uneven "
+                                                        "stages.")] = None
+    pp_last_layers: Annotated[int | None, typer.Option("--pp-last-layers", metavar="N", show_default=False,
+                                                       rich_help_panel=LAYOUT,
+                                                       help="Layers on the last pipeline rank (with or without "
+                                                       "--pp-first-layers).")] = None
     offload: Annotated[Offload | None, typer.Option("--offload", metavar="WHAT", show_default=False,
                                                     rich_help_panel=LAYOUT,
                                                     help="none, optimizer (ZeRO-Offload: fp32 grads, master, moments and "
@@ -365,8 +391,8 @@ class Serving(Flags):
                                                  "keeps the a*s^2 scores.")] = Attention.SDPA
     engine: Annotated[Engine, typer.Option("--engine", metavar="ENGINE", rich_help_panel=SERVING,
                                            help="hf: a Hugging Face generate() loop; paged: a paged server "
-                                           "(blocks, no cache copies); vllm: paged, with vLLM's start-up "
-                                           "budget (--gpu).")] = Engine.HF
+                                           "(blocks, no cache copies); vllm, sglang, trtllm, llamacpp: paged, "
+                                           "with that engine's start-up budget (--gpu).")] = Engine.HF
     block_size: Annotated[int, typer.Option("--block-size", metavar="N", min=1, rich_help_panel=SERVING,
                                             help="Paged engine: tokens per KV block.")] = 16
     tp: Annotated[int, typer.Option("--tp", metavar="N", min=1, rich_help_panel=SERVING,
@@ -396,7 +422,9 @@ def train_settings(precision: Precision, workload: Workload | None = None, **fix
                    "recompute": workload.recompute, "attention": workload.attention, "loss": workload.loss,
                    "optimizer_in_backward": workload.optimizer_in_backward, "paged_optimizer": workload.paged,
                    "activation_model": workload.activation_model,
-                   "expandable_segments": workload.expandable_segments}
+                   "expandable_segments": workload.expandable_segments,
+                   "recompute_layers": workload.recompute_layers, "sac_save": workload.sac_save,
+                   "dropout": workload.dropout}
         if workload.lora_rank is not None:
             targets = workload.lora_targets.strip()
             values |= {"lora_rank": workload.lora_rank, "lora_targets": ",".join(LORA_TARGETS) if targets == "all"

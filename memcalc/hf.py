@@ -709,7 +709,7 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
     if fields["num_attention_heads"] is None and model_type not in ("mamba", "falcon_mamba", "mamba2"):
         raise InputError(f"{source}: num_attention_heads: field required")
     read(reader, fields)
-    _note_dropout(data, reader.notes)
+    _read_dropout(reader, fields, model_type)
     if not assume_llama:
         _refuse_unread_keys(reader, model_type)
     fields.pop("model_type")
@@ -728,15 +728,30 @@ DROPOUT_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout", 
                 "mlp_dropout", "residual_dropout", "dropout")
 
 
-def _note_dropout(data: dict[str, Any], notes: list[str]) -> None:
-    """Dropout is not modelled yet (issue 14): a config that trains with it says so instead of
-    silently giving too few activation bytes."""
-    rates = {key: value for key in DROPOUT_KEYS
+# The dropout rates memcalc models, by config.json key: GPT-2's three (GPT2Config defaults each to
+# 0.1), and the attention dropout every Llama-style class passes to its attention function.
+GPT2_DROPOUT = {"attn_pdrop": "attention_dropout", "embd_pdrop": "embedding_dropout", "resid_pdrop": "residual_dropout"}
+GPT2_DEFAULT_DROPOUT = 0.1
+
+
+def _read_dropout(reader: _Reader, fields: dict[str, Any], model_type: str) -> None:
+    """The training dropout rates the class applies; other dropout keys with a rate above 0 are not
+    modelled, and a note says so (training activations leave out their masks)."""
+    mapped = GPT2_DROPOUT if model_type == "gpt2" else {"attention_dropout": "attention_dropout"}
+    for key, field in mapped.items():
+        default = GPT2_DEFAULT_DROPOUT if model_type == "gpt2" else 0.0
+        rate = reader.get(key, default, (int, float))
+        if not 0 <= rate < 1:
+            raise InputError(f"{reader.source}: {key}: a dropout rate from 0 up to 1, got {rate!r}")
+        fields[field] = float(rate)
+        if model_type == "gpt2" and key not in reader.data:
+            reader.notes.append(f"{key} absent: GPT2Config's default {GPT2_DEFAULT_DROPOUT}")
+    data = reader.data
+    rates = {key: value for key in DROPOUT_KEYS if key not in mapped
              if isinstance(value := data.get(key), int | float) and not isinstance(value, bool) and value > 0}
     if rates:
-        notes.append(f"{', '.join(f'{key} {value:g}' for key, value in rates.items())}: dropout is not modelled, so "
-                     "training activations leave out its masks and dropped copies (Hugging Face GPT-2 at 0.1 "
-                     "trains with about 44% more, eager fp32 b4 s1024); inference is unaffected")
+        reader.notes.append(f"{', '.join(f'{key} {value:g}' for key, value in rates.items())}: this dropout is not "
+                            "modelled, so training activations leave out its masks; inference is unaffected")
 
 
 def _checkpoint_format(data: dict[str, Any], fields: dict[str, Any], notes: list[str], source: str) -> None:

@@ -13,7 +13,10 @@ Sources, per rule (docs/parallelism.md explains each):
   split by vocabulary with the vocabulary padded to a multiple of 128 x TP
   (``megatron/training/tokenizer``: ``make_vocab_size_divisible_by``).
 - Pipeline parallelism: Narayanan et al. 2021 (arXiv:2104.04473), 1F1B and interleaved schedules;
-  in-flight micro-batches per rank from ``megatron/core/pipeline_parallel/schedules.py``.
+  in-flight micro-batches per rank from ``megatron/core/pipeline_parallel/schedules.py``; uneven
+  stages as Megatron-LM's ``--decoder-first/last-pipeline-num-layers``
+  (``megatron/core/transformer/transformer_block.py``: ``get_num_layers_to_build``;
+  ``transformer_layer.py``: ``get_transformer_layer_offset``).
 - ZeRO stages: Rajbhandari et al. 2020 (arXiv:1910.02054), sec. 5; FSDP's sharding strategies map
   onto them (FULL_SHARD = 3, SHARD_GRAD_OP = 2, HYBRID_SHARD = 3 within a node).
 - Distributed optimizer: Megatron-LM ``docs/user-guide/features/dist_optimizer.md``: the fp32
@@ -101,6 +104,11 @@ class ParallelConfig:
     prefetch: NonNegativeInt = DEFAULT_PREFETCH_UNITS  # ZeRO-3 units gathered ahead
     fsdp: bool = False  # sharded by PyTorch FSDP2 (fully_shard per layer and root) rather than DeepSpeed
     tp_impl: TPImpl = TPImpl.MEGATRON
+    # Uneven pipeline stages (default: L / pp layers on every rank). Either every rank's layers,
+    # in rank order, or Megatron's first/last counts with the rest split evenly over the others.
+    pp_layers: tuple[int, ...] | None = None
+    pp_first_layers: int | None = None  # Megatron --decoder-first-pipeline-num-layers
+    pp_last_layers: int | None = None  # Megatron --decoder-last-pipeline-num-layers
 
     def __post_init__(self) -> None:
         _coerce_enums(self, offload=Offload, tp_impl=TPImpl)
@@ -109,6 +117,44 @@ class ParallelConfig:
                 raise SettingsError(Field(name), f" must be positive, got {getattr(self, name)}")
         if not 0 <= self.zero <= 3:
             raise SettingsError(Field("zero"), f": {self.zero} is not one of 0, 1, 2, 3")
+        self._check_stage_counts()
+
+    def _check_stage_counts(self) -> None:
+        """What the uneven-stage fields can be checked for without the model (check_layout checks
+        their sums against its layers)."""
+        PPL, FIRST, LAST = Field("pp_layers"), Field("pp_first_layers"), Field("pp_last_layers")
+        if self.pp_layers is not None:
+            object.__setattr__(self, "pp_layers", tuple(self.pp_layers))  # a list from a file
+            if self.pp_first_layers is not None or self.pp_last_layers is not None:
+                raise SettingsError(PPL, " gives every rank's layers; drop ", FIRST, " and ", LAST)
+            if len(self.pp_layers) != self.pp:
+                raise SettingsError(PPL, f" lists {len(self.pp_layers)} pipeline ranks; ", Field("pp"),
+                                    f" is {self.pp}")
+            for rank, count in enumerate(self.pp_layers):
+                if count <= 0:
+                    raise SettingsError(PPL, f": pipeline rank {rank} gets {count} layers; every rank needs at least "
+                                        "one")
+            if self.vpp > 1:
+                # Megatron has no per-rank list for interleaved chunks: an uneven interleaved layout is
+                # its --pipeline-model-parallel-layout, which memcalc does not model
+                raise SettingsError(PPL, " with ", Field("vpp"), f" {self.vpp}: uneven interleaved chunks are not "
+                                    "modelled; give ", FIRST, " / ", LAST, " (Megatron's rule) instead")
+        for field in (FIRST, LAST):
+            count = getattr(self, field.name)
+            if count is None:
+                continue
+            if count <= 0:
+                raise SettingsError(field, f" must be positive, got {count}")
+            if self.pp == 1:
+                raise SettingsError(field, " needs ", Field("pp"), " > 1")
+            if count % self.vpp:
+                # TransformerConfig.__post_init__: each rank's layers split into vpp equal chunks
+                raise SettingsError(field, f" {count} is not divisible by ", Field("vpp"), f" {self.vpp} (every "
+                                    "rank's layers split into equal chunks)")
+
+    @property
+    def uneven_stages(self) -> bool:
+        return self.pp_layers is not None or self.pp_first_layers is not None or self.pp_last_layers is not None
 
     @property
     def gpus(self) -> int:
@@ -162,6 +208,11 @@ class ParallelConfig:
     def describe(self) -> str:
         parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}"]
         parts += [f"{name}={getattr(self, name)}" for name in ("cp", "ep", "vpp") if getattr(self, name) > 1]
+        if self.pp_layers is not None:
+            parts.append("layers per stage " + ",".join(map(str, self.pp_layers)))
+        for name, label in (("pp_first_layers", "first"), ("pp_last_layers", "last")):
+            if getattr(self, name) is not None:
+                parts.append(f"{label} stage {getattr(self, name)} layers")
         if self.sp:
             parts.append("sp")
         if self.zero:
@@ -171,6 +222,19 @@ class ParallelConfig:
         if self.offload is not Offload.NONE:
             parts.append(f"offload={self.offload.value}")
         return ", ".join(parts)
+
+
+def parse_stage_layers(value: str | tuple[int, ...] | list[int] | None) -> tuple[int, ...] | None:
+    """``--pp-layers 15,16,16,15`` (or ``15/16/16/15``, for a ``--scenario`` string whose pairs
+    commas separate) as a tuple; a tuple or list (a scenario file) as it is."""
+    if value is None or not isinstance(value, str):
+        return None if value is None else tuple(value)
+    parts = value.replace("/", ",").replace(" ", ",").split(",")
+    try:
+        return tuple(int(part) for part in parts if part)
+    except ValueError:
+        raise SettingsError(Field("pp_layers"), f" {value!r} is not a list of layer counts, such as 15,16,16,15") \
+            from None
 
 
 def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int, attention: Attention,
@@ -198,8 +262,7 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int, att
         need(not model.moe.num_shared_experts or shared is None or shared % tp == 0,
              TP, f" {tp} does not divide the shared-expert width {shared} of {model.name}")
     need(vpp == 1 or pp > 1, VPP, " needs ", PP, " > 1 (virtual stages interleave pipeline stages)")
-    need(model.num_layers % (pp * vpp) == 0,
-         PP, f" {pp} x ", VPP, f" {vpp} = {pp * vpp} does not divide the {model.num_layers} layers of {model.name}")
+    _check_stages(model, parallel)
     if parallel.ep > 1:
         need(model.moe is not None, EP, f" {parallel.ep} needs a mixture-of-experts model; {model.name} is dense")
         need(model.moe.num_experts % parallel.ep == 0,
@@ -234,6 +297,55 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int, att
              f"the sharding group ({parallel.shard_group} ranks) does not divide dp x cp = {parallel.data_ranks}")
 
 
+def _check_stages(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """The layers per pipeline rank must add up to the model's (Megatron-LM's checks in
+    ``TransformerConfig.__post_init__`` for uneven stages)."""
+    pp, vpp, layers = parallel.pp, parallel.vpp, model.num_layers
+    PP, VPP, PPL = Field("pp"), Field("vpp"), Field("pp_layers")
+    FIRST, LAST = Field("pp_first_layers"), Field("pp_last_layers")
+    if parallel.pp_layers is not None:
+        total = sum(parallel.pp_layers)
+        if total != layers:
+            raise SettingsError(PPL, f" {','.join(map(str, parallel.pp_layers))} adds up to {total} layers; "
+                                f"{model.name} has {layers}")
+        return
+    ends = [(field, getattr(parallel, field.name)) for field in (FIRST, LAST)
+            if getattr(parallel, field.name) is not None]
+    if not ends:
+        if layers % (pp * vpp):
+            hint = ("; for uneven stages give ", PPL, f" (e.g. {','.join(map(str, balanced_stages(layers, pp)))}) or ",
+                    FIRST, " / ", LAST) if vpp == 1 else ("; for uneven stages give ", FIRST, " / ", LAST)
+            raise SettingsError(PP, f" {pp} x ", VPP, f" {vpp} = {pp * vpp} does not divide the {layers} layers of "
+                                f"{model.name}", *hint)
+        return
+    given = sum(count for _field, count in ends)
+    named = [part for field, count in ends for part in (field, f" {count}", " + ")][:-1]
+    named.append(f" = {given} layers" if len(ends) == 2 else " layers")
+    rest, middle = layers - given, pp - len(ends)
+    if middle == 0:
+        if rest:
+            raise SettingsError(*named, f"; {model.name} has {layers} and no other rank takes the difference")
+        return
+    if rest <= 0:
+        raise SettingsError(*named, f" leaves none of the {layers} of {model.name} for the other {middle} ranks")
+    if rest % middle:
+        raise SettingsError(*named, f" leaves {rest} for {middle} ranks, which Megatron splits only evenly; give "
+                            "every rank's layers with ", PPL)
+    if (rest // middle) % vpp:
+        raise SettingsError(*named, f" leaves {rest // middle} per other rank, not divisible by ", VPP, f" {vpp}")
+
+
+def balanced_stages(num_layers: int, pp: int) -> tuple[int, ...]:
+    """``num_layers`` over ``pp`` ranks as evenly as possible, the extra layers on the middle ranks
+    first (the ends also hold the embedding and the output layer)."""
+    base, extra = divmod(num_layers, pp)
+    order = list(range(1, pp - 1)) + [pp - 1, 0] if pp > 2 else list(range(pp))
+    counts = [base] * pp
+    for rank in order[:extra]:
+        counts[rank] += 1
+    return tuple(counts)
+
+
 # --- What one pipeline rank holds ---------------------------------------------------------------
 
 
@@ -253,20 +365,78 @@ class StageLayers:
         return self.dense_layers + self.moe_layers
 
 
+def stage_layer_counts(num_layers: int, parallel: ParallelConfig) -> tuple[int, ...]:
+    """Layers on each pipeline rank, all its virtual chunks together.
+
+    Megatron-LM ``get_num_layers_to_build`` (``megatron/core/transformer/transformer_block.py``):
+    with ``--decoder-first-pipeline-num-layers`` and/or ``--decoder-last-pipeline-num-layers`` the
+    first and/or last rank get those counts and the remaining layers are split evenly over the
+    other ranks (``layers_to_distribute // pipeline_stages_left``); otherwise ``L / pp`` each."""
+    pp = parallel.pp
+    if parallel.pp_layers is not None:
+        return parallel.pp_layers
+    first, last = parallel.pp_first_layers, parallel.pp_last_layers
+    if first is None and last is None:
+        return (num_layers // pp,) * pp
+    others = pp - (first is not None) - (last is not None)
+    middle = (num_layers - (first or 0) - (last or 0)) // others if others else 0
+    counts = [middle] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return tuple(counts)
+
+
+def _stage_indices(num_layers: int, parallel: ParallelConfig, rank: int) -> tuple[int, ...]:
+    vpp = parallel.vpp
+    chunks = [count // vpp for count in stage_layer_counts(num_layers, parallel)]
+    per_round, start = sum(chunks), sum(chunks[:rank])
+    return tuple(chunk * per_round + start + offset for chunk in range(vpp) for offset in range(chunks[rank]))
+
+
 def stage_layers(model: ModelConfig, parallel: ParallelConfig, rank: int) -> StageLayers:
-    """Rank ``rank`` of ``pp`` holds chunks ``rank, rank + pp, ...`` of ``L / (pp * vpp)`` layers each."""
-    pp, vpp = parallel.pp, parallel.vpp
-    per_chunk = model.num_layers // (pp * vpp)
+    """Rank ``r`` holds ``vpp`` chunks of ``n_r / vpp`` layers (``n_r`` its layers). Chunk ``c`` of
+    rank ``r`` starts after chunk ``c`` of the ranks before it and every chunk ``c' < c``: Megatron's
+    ``get_transformer_layer_offset`` (``transformer_layer.py``), ``vp_stage * total_virtual_chunks
+    + first-rank chunk + middle_rank * middle chunk``. Evenly: chunks ``r, r + pp, ...`` of
+    ``L / (pp vpp)`` layers."""
+    indices = _stage_indices(model.num_layers, parallel, rank)
     roles = layer_roles(model)
-    indices = tuple(chunk * per_chunk + offset for chunk in range(rank, pp * vpp, pp) for offset in range(per_chunk))
     dense = sum(1 for index in indices if roles[index] is MLPRole.DENSE)
-    return StageLayers(rank, dense, len(indices) - dense, first=rank == 0, last=rank == pp - 1, indices=indices)
+    return StageLayers(rank, dense, len(indices) - dense, first=rank == 0, last=rank == parallel.pp - 1,
+                       indices=indices)
 
 
-def pipeline_ranks(parallel: ParallelConfig) -> list[int]:
-    """The ranks worth reporting: the first and the last stage (a middle stage holds less than the
-    first: fewer micro-batches in flight and no embedding)."""
-    return [0] if parallel.pp == 1 else [0, parallel.pp - 1]
+def pipeline_ranks(parallel: ParallelConfig, model: ModelConfig | None = None) -> list[int]:
+    """The ranks whose memory is worked out: the first and the last stage and, given the model,
+    the lowest middle rank of each kind of stage (its layers' kinds, in order) other than the
+    first rank's. Among ranks with the same layers the lowest holds the most: under 1F1B rank
+    ``r`` holds ``min(pp - r, m)`` micro-batches (fewer for later ranks, interleaved too), and
+    the first rank also the embedding, against one received input per micro-batch on the
+    others. With uneven stages (or MoE layers after dense ones) a middle rank can be the busiest."""
+    pp = parallel.pp
+    if pp == 1:
+        return [0]
+    if model is None or pp == 2:
+        return [0, pp - 1]
+    kinds_of_layers = tuple(zip(layer_roles(model), model.resolved_layer_types, strict=True))
+    uniform = len(set(kinds_of_layers)) == 1
+    if uniform and not parallel.uneven_stages:
+        return [0, pp - 1]  # every stage alike
+
+    def kinds(rank: int) -> tuple:
+        indices = _stage_indices(model.num_layers, parallel, rank)
+        return (len(indices),) if uniform else tuple(kinds_of_layers[index] for index in indices)
+
+    seen = {kinds(0)}
+    middles = []
+    for rank in range(1, pp - 1):
+        stage = kinds(rank)
+        if stage not in seen:
+            seen.add(stage)
+            middles.append(rank)
+    return [0, *middles, pp - 1]
 
 
 def inflight_chunks(parallel: ParallelConfig, rank: int) -> int:

@@ -88,6 +88,8 @@ class Sharding(NamedTuple):
 
 DDP = Sharding(0, False, Offload.NONE.value)
 _RECOMPUTE_LEVEL = {Recompute.FULL: 0, Recompute.SELECTIVE: 1, Recompute.NONE: 2}  # memory order
+# the modes the planner searches (per-op checkpointing has no FLOP model here yet)
+PLANNED_RECOMPUTE = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
 
 
 # The ParallelConfig fields a planned layout chooses, under ParallelConfig's names: a Layout is a
@@ -291,7 +293,7 @@ def _family_layouts(family: Family, model: ModelConfig, *, global_batch: int, re
 
 def enumerate_layouts(model: ModelConfig, gpus: int, *, seq_len: int, global_batch: int,
                       gpus_per_node: int = DEFAULT_GPUS_PER_NODE, settings: TrainSettings | None = None,
-                      recompute: Sequence[Recompute | str] = tuple(Recompute), offload: bool = True,
+                      recompute: Sequence[Recompute | str] = PLANNED_RECOMPUTE, offload: bool = True,
                       try_no_sp: bool = False, tp: Iterable[int] | None = None, pp: Iterable[int] | None = None,
                       cp: Iterable[int] | None = None, micro_batch: Iterable[int] | None = None,
                       max_vpp: int | None = None, sharding: Iterable[Sharding] | None = None) -> Iterator[Layout]:
@@ -795,7 +797,7 @@ def plan(model: ModelConfig, gpu: GPUSpec, gpus: int, *, seq_len: int, global_ba
          gpus_per_node: int = DEFAULT_GPUS_PER_NODE, mfu: float = DEFAULT_MFU, overlap: float = DEFAULT_OVERLAP,
          inter_node_gbps: float | None = None, intra_node_gbps: float | None = None,
          host_gbps: float = DEFAULT_HOST_GBPS, host_memory_bytes: int | None = None, fsdp: bool = False,
-         tp_impl: TPImpl | str = TPImpl.MEGATRON, recompute: Sequence[Recompute | str] = tuple(Recompute),
+         tp_impl: TPImpl | str = TPImpl.MEGATRON, recompute: Sequence[Recompute | str] = PLANNED_RECOMPUTE,
          offload: bool = True, try_no_sp: bool = False, tp: Iterable[int] | None = None,
          pp: Iterable[int] | None = None, cp: Iterable[int] | None = None, micro_batch: Iterable[int] | None = None,
          max_vpp: int | None = None, sharding: Iterable[Sharding] | None = None, distinct: bool = True) -> PlanResult:

@@ -100,7 +100,7 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
              if settings.optimizer != "adam8bit" else "adam8bit (bitsandbytes block-wise 8-bit states)"),
             ("optimizer impl.", f"{settings.optimizer_impl} (torch.optim)"),
             ("batch x seq", f"{settings.batch_size} x {settings.seq_len} tokens"),
-            ("recompute", settings.recompute),
+            ("recompute", _recompute_assumption(settings)),
             ("activations", _activation_assumption(settings)),
             ("parallelism", _parallel_assumption(estimate)),
         ]
@@ -126,6 +126,9 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
                   if settings.engine == "hf" else
                   f"vLLM: {settings.block_size}-token blocks in the budget it computes at start-up"
                   if settings.engine == "vllm" else
+                  f"{ENGINE_LABEL[settings.engine]}: the cache written in place, sized at start-up by the engine's "
+                  f"own rule (its budget below); this table rounds tokens to {settings.block_size}-token blocks"
+                  if settings.engine in ENGINE_LABEL else
                   f"paged server: {settings.block_size}-token blocks written in place, tokens rounded up to blocks")
         lines += [
             ("weights", settings.weights + (f" (compute in {settings.dtype})"
@@ -156,13 +159,29 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
     return lines
 
 
+def _recompute_assumption(settings: TrainAssumptions) -> str:
+    text = settings.recompute.value
+    if settings.sac_outputs:
+        text += f" (per layer keeps its input and {', '.join(settings.sac_outputs)})"
+    if settings.recompute_layers > 1:
+        text += f", every {settings.recompute_layers} layers"
+    return text
+
+
+def _dropout_assumption(settings: TrainAssumptions) -> str:
+    rates = {site: rate for site, rate in (settings.dropout or {}).items() if rate}
+    if not rates:
+        return "no dropout"
+    return "dropout " + ", ".join(f"{site} {rate:g}" for site, rate in rates.items())
+
+
 def _activation_assumption(settings: TrainAssumptions) -> str:
     if settings.activation_model == "megatron":
         return (f"Megatron formula, {settings.activation_dtype}: GPT block with unfused attention and dropout "
                 "(Korthikanti et al. 2022)")
     loss = "chunked loss (1024 tokens at a time)" if settings.loss == "chunked" else "fp32 logits for the loss"
     return (f"saved tensors of the block, {settings.activation_dtype}, {settings.attention} attention, "
-            f"no dropout, {loss}")
+            f"{_dropout_assumption(settings)}, {loss}")
 
 
 def _kv_geometry(model: ModelConfig, settings: InferAssumptions) -> str:
@@ -529,6 +548,134 @@ def print_vllm(budget, unit: Unit) -> None:
                   f"come out of the other {1 - budget.utilization:.0%}.")
 
 
+ENGINE_LABEL = {"sglang": "SGLang", "trtllm": "TensorRT-LLM", "llamacpp": "llama.cpp"}
+
+
+def _budget_table(title: str, unit: Unit):
+    from rich.table import Table
+
+    table = Table(title=f"{title} ({UNIT_LABEL[unit]})", title_justify="left")
+    table.add_column("Term", no_wrap=True)
+    table.add_column("memcalc", justify="right", no_wrap=True)
+    table.add_column("From", max_width=40)
+    return table
+
+
+def _print_source(console, budget) -> None:
+    console.print(f"Source ({budget.version}): {budget.source}.")
+    for note in budget.notes:
+        console.print(f"Note: {note}.")
+
+
+def print_sglang(budget, unit: Unit) -> None:
+    label = UNIT_LABEL[unit]
+    table = _budget_table("SGLang start-up budget", unit)
+    rows = [
+        ("Total", budget.total_memory, "what CUDA reports"),
+        ("Before loading", budget.before_load, budget.before_load_from),
+        ("Free before loading", budget.free_before_load, "total - the above"),
+        ("Weights + KV pool", budget.static, f"mem_fraction_static {budget.mem_fraction_static:.3f} x free"),
+        ("Weights", budget.weights, f"the estimate + {format_bytes(budget.rotary_cache, Unit.MIB)} MiB fp32 "
+                                    "rotary cache"),
+        ("KV pool", budget.kv_cache, "the line above - weights"),
+        ("Headroom", budget.headroom, "activations and CUDA graphs: (1 - fraction) x free"),
+    ]
+    for title, value, source in rows:
+        table.add_row(title, format_bytes(value, unit), source, style="bold" if title == "KV pool" else None)
+    console = _console()
+    console.print()
+    console.print(table)
+    if budget.reserved_mib is not None:
+        graphs = (f"piecewise CUDA graphs up to {budget.piecewise_tokens} tokens" if budget.piecewise_tokens
+                  else "piecewise CUDA graphs off")
+        console.print(f"mem_fraction_static {budget.mem_fraction_static:.3f} = ({budget.gpu_mem_mib:,.0f} - "
+                      f"{budget.reserved_mib:,.0f}) / {budget.gpu_mem_mib:,.0f} MiB ({budget.fraction_from}): "
+                      f"chunked_prefill_size {budget.chunked_prefill_size}, cuda_graph_max_bs "
+                      f"{budget.cuda_graph_max_bs}, TP {budget.tp}, {graphs}; GPU memory: {budget.gpu_mem_from}.")
+    else:
+        console.print(f"mem_fraction_static {budget.mem_fraction_static:.3f}: {budget.fraction_from}.")
+    console.print(f"{budget.tokens:,} tokens (max_total_num_tokens) of {budget.cell_bytes:,} bytes; K size "
+                  f"{format_bytes(budget.k_size, unit)} {label}, V the same (SGLang's log writes GiB as GB); "
+                  f"{budget.max_concurrency:.2f} requests of {budget.max_model_len:,} tokens at once.")
+    _print_source(console, budget)
+
+
+def print_trtllm(budget, unit: Unit) -> None:
+    table = _budget_table("TensorRT-LLM start-up budget", unit)
+    rows = [
+        ("Total", budget.total_memory, "what CUDA reports"),
+        ("Weights", budget.weights, "the estimate"),
+        ("Activation peak", budget.activation_peak, budget.activation_from),
+        ("Outside torch", budget.non_torch, budget.non_torch_from),
+        ("Free after the peak", budget.free, "total - the three above"),
+        ("KV cache", budget.kv_cache, f"free_gpu_memory_fraction {budget.fraction:g} x free"),
+    ]
+    for title, value, source in rows:
+        table.add_row(title, format_bytes(value, unit), source, style="bold" if title == "KV cache" else None)
+    console = _console()
+    console.print()
+    console.print(table)
+    console.print(f"{budget.blocks:,} blocks of {budget.tokens_per_block} tokens = {budget.tokens:,} tokens of "
+                  f"{budget.token_bytes:,} bytes; {budget.max_concurrency:.2f} requests of {budget.max_model_len:,} "
+                  f"tokens at once (profiled with max_num_tokens {budget.max_num_tokens}).")
+    _print_source(console, budget)
+
+
+def _layer_span(layers: tuple[int, ...], output: bool, cpu: bool = False) -> str:
+    """A device's share: the input embedding (the CPU's), its repeating layers, the output layer."""
+    parts = ["input"] if cpu else []
+    if layers:
+        parts.append(f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]))
+    if output:
+        parts.append("output")
+    return " + ".join(parts) or "-"
+
+
+def print_llamacpp(budget, unit: Unit, gpu_name: str | None = None) -> None:
+    from rich.table import Table
+
+    label = UNIT_LABEL[unit]
+    table = Table(title=f"llama.cpp allocation per device ({label})", title_justify="left")
+    for header in ("Device", "Layers", "Weights", "KV cache", "Compute", "Context", "Total"):
+        table.add_column(header, justify="left" if header in ("Device", "Layers") else "right", no_wrap=True)
+    for device in budget.devices:
+        table.add_row(device.name, _layer_span(device.layers, device.output, device.name == "CPU"),
+                      format_bytes(device.weights, unit), format_bytes(device.kv_cache, unit),
+                      format_bytes(device.compute, unit), format_bytes(device.context, unit),
+                      format_bytes(device.total, unit), style="bold" if device.name != "CPU" else None)
+    console = _console()
+    console.print()
+    console.print(table)
+    padding = f", padded from {budget.n_ctx_requested:,} to 256" if budget.n_ctx != budget.n_ctx_requested else ""
+    console.print(f"n_ctx {budget.n_ctx:,} cells{padding}: KV self size {format_bytes(budget.kv_cache, Unit.MIB)} "
+                  f"MiB, K ({budget.type_k}) {format_bytes(budget.kv_k, Unit.MIB)} MiB, V ({budget.type_v}) "
+                  f"{format_bytes(budget.kv_v, Unit.MIB)} MiB; flash attention {'on' if budget.flash_attn else 'off'}, "
+                  f"n_ubatch {budget.n_ubatch}.")
+    console.print(f"Weights: {budget.weights_from}; the input embedding stays on the CPU. Compute: "
+                  f"{budget.compute_from}; the CPU's is the graph inputs (embeddings and mask). Context: memcalc's "
+                  "CUDA context per GPU.")
+    where = f"On {gpu_name}" if gpu_name else "On each GPU"
+    verdict = ("no layer is on a GPU" if not budget.gpus else "every GPU fits" if budget.fits else
+               "does not fit: " + ", ".join(device.name for device in budget.gpus
+                                             if device.total > budget.device_memory))
+    console.print(f"{where} ({format_bytes(budget.device_memory, unit)} {label} usable): {verdict}.")
+    _print_source(console, budget)
+
+
+def print_engine_budget(budget, unit: Unit, gpu_name: str | None = None) -> None:
+    """An engine's start-up budget (memcalc.serving), beside the estimate."""
+    from memcalc.serving import LlamaCppBudget, SGLangBudget, TRTLLMBudget
+
+    if isinstance(budget, SGLangBudget):
+        print_sglang(budget, unit)
+    elif isinstance(budget, TRTLLMBudget):
+        print_trtllm(budget, unit)
+    elif isinstance(budget, LlamaCppBudget):
+        print_llamacpp(budget, unit, gpu_name)
+    else:
+        print_vllm(budget, unit)
+
+
 def print_calibration(startup, estimate, unit: Unit, written: str | None) -> None:
     console = _console()
     label = UNIT_LABEL[unit]
@@ -558,7 +705,7 @@ def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None, exp
     label = UNIT_LABEL[unit]
     console = _console()
     if startup is not None:
-        print_vllm(startup, unit)
+        print_engine_budget(startup, unit, fit.gpu if fit is not None else None)
     if fit is not None:
         console.print()
         verdict = "fits" if fit.fits else "does not fit"

@@ -156,6 +156,66 @@ def vllm_document(budget) -> dict[str, Any]:
     }
 
 
+def sglang_document(budget) -> dict[str, Any]:
+    """SGLang's start-up budget (memcalc.serving.SGLangBudget), in bytes."""
+    return {
+        "version": budget.version, "source": budget.source, "total_memory": budget.total_memory,
+        "gpu_mem_mib": budget.gpu_mem_mib, "gpu_mem_from": budget.gpu_mem_from, "tp": budget.tp,
+        "chunked_prefill_size": budget.chunked_prefill_size, "cuda_graph_max_bs": budget.cuda_graph_max_bs,
+        "piecewise_cuda_graph_max_tokens": budget.piecewise_tokens, "reserved_mib": budget.reserved_mib,
+        "mem_fraction_static": budget.mem_fraction_static, "fraction_from": budget.fraction_from,
+        "before_load": budget.before_load, "before_load_from": budget.before_load_from,
+        "free_before_load": budget.free_before_load, "static": budget.static, "weights": budget.weights,
+        "rotary_cache": budget.rotary_cache, "kv_cache": budget.kv_cache, "headroom": budget.headroom,
+        "cell_bytes": budget.cell_bytes, "page_size": budget.page_size, "max_total_num_tokens": budget.tokens,
+        "k_size": budget.k_size, "v_size": budget.k_size, "max_model_len": budget.max_model_len,
+        "max_concurrency": round(budget.max_concurrency, 4), "notes": list(budget.notes),
+    }
+
+
+def trtllm_document(budget) -> dict[str, Any]:
+    """TensorRT-LLM's start-up budget (memcalc.serving.TRTLLMBudget), in bytes."""
+    return {
+        "version": budget.version, "source": budget.source, "total_memory": budget.total_memory,
+        "free_gpu_memory_fraction": budget.fraction, "weights": budget.weights,
+        "activation_peak": budget.activation_peak, "activation_from": budget.activation_from,
+        "non_torch": budget.non_torch, "non_torch_from": budget.non_torch_from, "peak": budget.peak,
+        "free": budget.free, "kv_cache": budget.kv_cache, "token_bytes": budget.token_bytes,
+        "tokens_per_block": budget.tokens_per_block, "blocks": budget.blocks, "tokens": budget.tokens,
+        "max_num_tokens": budget.max_num_tokens, "max_model_len": budget.max_model_len,
+        "max_concurrency": round(budget.max_concurrency, 4), "notes": list(budget.notes),
+    }
+
+
+def llamacpp_document(budget) -> dict[str, Any]:
+    """llama.cpp's allocation per device (memcalc.serving.LlamaCppBudget), in bytes."""
+    devices = [{"name": device.name, "layers": list(device.layers), "output": device.output,
+                "weights": device.weights, "kv_cache": device.kv_cache, "compute": device.compute,
+                "cuda_context": device.context, "total": device.total} for device in budget.devices]
+    return {
+        "version": budget.version, "source": budget.source, "n_ctx_requested": budget.n_ctx_requested,
+        "n_ctx": budget.n_ctx, "n_ubatch": budget.n_ubatch, "type_k": budget.type_k, "type_v": budget.type_v,
+        "flash_attn": budget.flash_attn, "n_gpu_layers": budget.n_gpu_layers,
+        "tensor_split": list(budget.tensor_split), "kv_k": budget.kv_k, "kv_v": budget.kv_v,
+        "kv_cache": budget.kv_cache, "host_compute": budget.host_compute, "weights_from": budget.weights_from,
+        "compute_from": budget.compute_from, "device_memory": budget.device_memory, "fits": budget.fits,
+        "devices": devices, "notes": list(budget.notes),
+    }
+
+
+def engine_document(budget) -> tuple[str, dict[str, Any]]:
+    """(key, document) of an engine's start-up budget: ``vllm``, ``sglang``, ``trtllm`` or ``llamacpp``."""
+    from memcalc.serving import LlamaCppBudget, SGLangBudget, TRTLLMBudget
+
+    if isinstance(budget, SGLangBudget):
+        return "sglang", sglang_document(budget)
+    if isinstance(budget, TRTLLMBudget):
+        return "trtllm", trtllm_document(budget)
+    if isinstance(budget, LlamaCppBudget):
+        return "llamacpp", llamacpp_document(budget)
+    return "vllm", vllm_document(budget)
+
+
 def calibration_document(startup, estimate=None, written: str | None = None) -> dict[str, Any]:
     """``memcalc calibrate --json``: the log's figures, and with a model memcalc's budget on the
     log's GPU twice: with the log's activation peak and non-torch memory, and with its own."""
@@ -174,7 +234,8 @@ def calibration_document(startup, estimate=None, written: str | None = None) -> 
 def inference_document(estimate: Estimate, fit=None, capacity=None, startup=None) -> dict[str, Any]:
     """``memcalc infer --json``: ``memory.weights`` is the total of the weight lines; ``fits`` when a
     GPU is given (with the largest batch and context and a paged server's KV capacity);
-    ``kv_budget`` when ``--kv-budget`` is given; ``vllm`` with ``--engine vllm``."""
+    ``kv_budget`` when ``--kv-budget`` is given; the engine's start-up budget under its name with
+    ``--engine vllm|sglang|trtllm|llamacpp``."""
     from dataclasses import asdict
 
     document = estimate_document("infer", estimate)
@@ -185,7 +246,8 @@ def inference_document(estimate: Estimate, fit=None, capacity=None, startup=None
     if capacity is not None:
         document["kv_budget"] = asdict(capacity)
     if startup is not None:
-        document["vllm"] = vllm_document(startup)
+        key, engine = engine_document(startup)
+        document[key] = engine
     return document
 
 

@@ -29,6 +29,7 @@ from memcalc.parallel import (
     ParallelConfig,
     TPImpl,
     ZeroStage,
+    parse_stage_layers,
 )
 
 
@@ -51,6 +52,10 @@ class Scenario:
     distributed_optimizer: bool | None = None
     microbatches: PositiveInt | None = None
     vpp: PositiveInt | None = None
+    # uneven pipeline stages: every rank's layers (a list, or "15,16,16,15" / "15/16/16/15" as text)
+    pp_layers: tuple[int, ...] | str | None = None
+    pp_first_layers: int | None = None
+    pp_last_layers: int | None = None
     offload: Offload | None = None
     pad_vocab: bool | None = None
     prefetch: NonNegativeInt | None = None
@@ -63,6 +68,8 @@ class Scenario:
     precision: str | None = None
     optimizer: Optimizer | None = None
     recompute: Recompute | None = None
+    recompute_layers: PositiveInt | None = None
+    sac_save: str | None = None  # comma-separated, as --sac-save
     attention: Attention | None = None
     loss: Loss | None = None
     activation_model: ActivationModel | None = None
@@ -121,6 +128,8 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
         vpp=scenario.vpp or 1, offload=scenario.offload or Offload.NONE, pad_vocab=scenario.pad_vocab,
         prefetch=DEFAULT_PREFETCH_UNITS if scenario.prefetch is None else scenario.prefetch,
         fsdp=scenario.fsdp is not None, tp_impl=scenario.tp_impl or TPImpl.MEGATRON,
+        pp_layers=parse_stage_layers(scenario.pp_layers), pp_first_layers=scenario.pp_first_layers,
+        pp_last_layers=scenario.pp_last_layers,
     )
 
 
@@ -129,6 +138,7 @@ def train_settings(scenario: Scenario, base: TrainSettings) -> TrainSettings:
     changes = {
         "batch_size": scenario.batch, "seq_len": scenario.seq, "dtype": scenario.dtype,
         "precision": scenario.precision, "optimizer": scenario.optimizer, "recompute": scenario.recompute,
+        "recompute_layers": scenario.recompute_layers, "sac_save": scenario.sac_save,
         "attention": scenario.attention, "loss": scenario.loss, "activation_model": scenario.activation_model,
     }
     return replace(base, **{key: value for key, value in changes.items() if value is not None})

@@ -1,5 +1,10 @@
 """Serving engines' own start-up budgets: how much of the card an engine gives its KV cache.
 
+Each engine sizes its cache once, at start-up, by its own rule; memcalc computes each rule as the
+engine's source does, with memcalc's estimate standing in for what the engine measures (the
+weights it loads, the peak of its profile forward) and each term naming where it came from.
+docs/serving.md has every rule with its source, and what is not modelled.
+
 vLLM (V1 engine: vllm/v1/worker/gpu_worker.py ``determine_available_memory``, vllm/utils
 ``memory_profiling``, vllm/v1/core/kv_cache_utils.py; ../shared/reference, sec. 3a):
 
@@ -18,16 +23,40 @@ forward of that many tokens and is approximate (vLLM's profile has changed betwe
 calibration from a real start-up log, ``memcalc calibrate``, replaces it); the non-torch increase
 defaults to the 0.12 GiB a Llama-3.1-8B start-up on an H100 at TP 1 logged, plus NCCL's buffers
 (memcalc.estimate.device) under tensor parallelism.
+
+SGLang (0.5.12, python/sglang/srt/server_args.py ``ServerArgs._handle_gpu_memory_settings``,
+``_handle_piecewise_cuda_graph``, ``_generate_piecewise_cuda_graph_tokens``;
+model_executor/model_runner_kv_cache_mixin.py ``_profile_available_bytes``;
+model_executor/pool_configurator.py ``DefaultPoolConfigurator``): ``mem_fraction_static`` is
+(weights + KV pool) / GPU memory, chosen from the GPU's memory and TP unless given; after loading,
+the pool is ``free_after_load - free_before_load x (1 - fraction)`` = ``free_before_load x
+fraction - weights``, in tokens of ``kv_heads/TP x (head_dim + v_head_dim) x layers x bytes``.
+
+TensorRT-LLM (PyTorch backend, tensorrt_llm/_torch/pyexecutor/_util.py
+``KvCacheCreator.configure_kv_cache_capacity`` and ``_cal_max_memory``; KvCacheConfig in
+tensorrt_llm/llmapi/llm_args.py): after a profiling run of ``max_num_tokens`` tokens, the cache
+gets ``free_gpu_memory_fraction`` (0.9) of what the peak (weights, activations, memory outside
+torch) leaves of the device's total.
+
+llama.cpp (src/llama-context.cpp, src/llama-kv-cache.cpp, src/llama-model.cpp ``load_tensors``):
+``n_ctx`` cells (padded to 256) x each layer's ``n_embd_k_gqa`` and ``n_embd_v_gqa`` in the
+``--cache-type-k/v`` types, on the device that holds the layer; layers go to devices by the
+cumulative ``--tensor-split``; the input embedding stays on the CPU; compute buffers are sized by
+reserving the worst-case graph, which memcalc does not replay (it shows the largest tensor it
+knows, a floor, or the figure a log printed).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, replace
 
-from memcalc.config import Engine, InferSettings, ModelConfig, PositionKind
+from memcalc.config import Engine, InferSettings, LayerType, ModelConfig, PositionKind
 from memcalc.dtypes import DType, storage_bytes
+from memcalc.errors import Field, SettingsError
 
 GiB = 2**30
+MiB = 2**20
 # vLLM start-up log of Llama-3.1-8B on an H100 80GB at TP 1 ("non_torch_memory takes 0.12GiB";
 # ../shared/reference/inference-and-precision.md sec. 6).
 DEFAULT_NON_TORCH_BYTES = round(0.12 * GiB)
@@ -97,27 +126,45 @@ def rotary_cache_bytes(model: ModelConfig, dtype: DType) -> int:
     return storage_bytes(model.max_position_embeddings * rotary_dim, dtype)
 
 
+def _static_weights(model: ModelConfig, settings: InferSettings, engine: Engine) -> int:
+    """The estimate's weight lines on one TP rank (parameters in their format, with scales)."""
+    from memcalc.estimate.breakdown import Kind
+    from memcalc.estimate.inference import estimate_inference
+
+    estimate = estimate_inference(model, replace(settings, engine=engine))
+    return sum(component.bytes for component in estimate.components if component.kind is Kind.STATIC)
+
+
+def _profile_peak(model: ModelConfig, settings: InferSettings, engine: Engine, tokens: int) -> tuple[int, str]:
+    """memcalc's estimate of one profile forward of ``tokens`` tokens: its activations and logits."""
+    from memcalc.estimate.inference import estimate_inference
+
+    tokens = min(tokens, model.max_position_embeddings)
+    profile = estimate_inference(model, replace(settings, engine=engine, batch_size=1, context_len=None,
+                                                prompt_len=tokens, max_new_tokens=0, prefill_chunk=None,
+                                                num_beams=1, decoding=None, num_return_sequences=1, top_k=None,
+                                                top_p=None, temperature=1.0))
+    return (profile.component("activations").bytes + profile.component("logits").bytes,
+            f"estimate: one forward of {tokens} tokens")
+
+
+def _max_model_len(model: ModelConfig, settings: InferSettings) -> int:
+    length = settings.context_len or settings.prompt_len or model.max_position_embeddings
+    return length + (settings.max_new_tokens if settings.prompt_len else 0)
+
+
 def vllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int, utilization: float,
                 max_num_batched_tokens: int, calibration: Calibration | None = None) -> VLLMBudget:
     from memcalc.estimate.device import nccl_bytes
-    from memcalc.estimate.inference import estimate_inference, kv_cache_bytes_per_token, kv_dtype_for
-    from memcalc.estimate.breakdown import Kind
+    from memcalc.estimate.inference import kv_cache_bytes_per_token, kv_dtype_for
 
-    paged = replace(settings, engine=Engine.VLLM)
-    estimate = estimate_inference(model, paged)
     dtype = DType(settings.dtype)
     rotary = rotary_cache_bytes(model, dtype)
-    weights = sum(component.bytes for component in estimate.components if component.kind is Kind.STATIC) + rotary
+    weights = _static_weights(model, settings, Engine.VLLM) + rotary
     if calibration is not None and calibration.activation_peak_bytes is not None:
         activation, activation_from = calibration.activation_peak_bytes, calibration.source
     else:
-        tokens = min(max_num_batched_tokens, model.max_position_embeddings)
-        profile = estimate_inference(model, replace(paged, batch_size=1, context_len=None, prompt_len=tokens,
-                                                    max_new_tokens=0, prefill_chunk=None, num_beams=1,
-                                                    decoding=None, num_return_sequences=1, top_k=None, top_p=None,
-                                                    temperature=1.0))
-        activation = profile.component("activations").bytes + profile.component("logits").bytes
-        activation_from = f"estimate: one forward of {tokens} tokens"
+        activation, activation_from = _profile_peak(model, settings, Engine.VLLM, max_num_batched_tokens)
     if calibration is not None and calibration.non_torch_bytes is not None:
         non_torch, non_torch_from = calibration.non_torch_bytes, calibration.source
     else:
@@ -126,7 +173,503 @@ def vllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int, 
         non_torch_from = "default: 0.12 GiB (vLLM log, H100, TP 1)" + (" + NCCL" if nccl else "")
     per_token = kv_cache_bytes_per_token(model, kv_dtype_for(settings), settings.tp, Engine.VLLM)
     block = settings.block_size
-    max_model_len = settings.context_len or settings.prompt_len or model.max_position_embeddings
     return VLLMBudget(total_memory, utilization, weights, rotary, activation, activation_from, non_torch,
-                      non_torch_from, max_num_batched_tokens, block, per_token * block,
-                      max_model_len + (settings.max_new_tokens if settings.prompt_len else 0))
+                      non_torch_from, max_num_batched_tokens, block, per_token * block, _max_model_len(model, settings))
+
+
+# --- What the engines below share ----------------------------------------------------------------------
+
+
+def _check_modelled(model: ModelConfig, engine: Engine) -> None:
+    """Mamba and linear-attention layers keep a recurrent state pool that none of the three
+    engines' budgets below models (SGLang's handle_max_mamba_cache, TensorRT-LLM's Mamba cache
+    managers, llama.cpp's recurrent memory): refuse rather than size a pool without it."""
+    from memcalc.estimate.inference import recurrent_layers
+
+    if recurrent_layers(model):
+        raise SettingsError(Field("engine"), f" {engine.value}: {model.name} has Mamba or linear-attention layers, "
+                            "whose state pool this engine's budget does not model yet (docs/serving.md)")
+
+
+def _sliding_note(model: ModelConfig, engine_name: str, pool: str) -> tuple[str, ...]:
+    if not model.num_sliding_layers:
+        return ()
+    return (f"{model.num_sliding_layers} sliding-window layers: {engine_name} keeps them in {pool}, not modelled; "
+            "the pool is sized as if every layer held every token",)
+
+
+def _is_gguf_format(weights: str | None) -> bool:
+    """A GGUF block type (q4_0, q4_k, ...: memcalc.estimate.weights.WeightFormat)."""
+    from memcalc.estimate.weights import WeightFormat
+
+    return weights is not None and weights.lower() in {fmt.value for fmt in WeightFormat if fmt.value.startswith("q")}
+
+
+def _runtime_before_load(settings: InferSettings) -> tuple[int, str]:
+    """What a process holds before it loads weights: the CUDA context (memcalc's 400 MiB) and,
+    under TP, NCCL's buffers; or ``--overhead``."""
+    from memcalc.estimate.device import CUDA_CONTEXT_BYTES, nccl_bytes
+
+    if settings.overhead_bytes is not None:
+        return settings.overhead_bytes, "as given (--overhead)"
+    nccl = nccl_bytes((settings.tp,) if settings.tp > 1 else ())
+    return CUDA_CONTEXT_BYTES + nccl, "default: CUDA context 400 MiB" + (" + NCCL" if nccl else "")
+
+
+# --- SGLang --------------------------------------------------------------------------------------------
+
+SGLANG_VERSION = "0.5.12"
+SGLANG_SOURCE = ("python/sglang/srt/server_args.py (ServerArgs._handle_gpu_memory_settings), "
+                 "srt/model_executor/model_runner_kv_cache_mixin.py (_profile_available_bytes), "
+                 "srt/model_executor/pool_configurator.py")
+# SGLang reads the card's memory from nvidia-smi's memory.total, in MiB (srt/utils/common.py
+# get_nvgpu_memory_capacity), a few hundred MiB above what CUDA reports. Where a log printed it:
+NVIDIA_SMI_TOTAL_MIB = {
+    "h100-80gb": 81559,  # configs/gpus.yaml: nvidia-smi on the deviceQuery machine of the H100's usable_bytes
+    "a100-80gb": 81920,  # configs/gpus.yaml: "nvidia-smi shows an A100 80GB as 81920 MiB"
+    "l40s-48gb": 46068,  # configs/gpus.yaml: "nvidia-smi shows 46068 MiB"
+}
+
+
+def sglang_gpu_defaults(gpu_mem_mib: float, tp: int) -> tuple[int, int]:
+    """(chunked_prefill_size, cuda_graph_max_bs) by GPU memory in MiB and TP, as
+    _handle_gpu_memory_settings sets them on CUDA (the NPU branches aside)."""
+    if gpu_mem_mib < 20 * 1024:
+        return 2048, 8  # T4, 4080
+    if gpu_mem_mib < 35 * 1024:
+        return 2048, 24 if tp < 4 else 80  # A10, 4090, 5090
+    if gpu_mem_mib < 60 * 1024:
+        return 4096, 32 if tp < 4 else 160  # A100 40GB, L40
+    if gpu_mem_mib < 160 * 1024:
+        return 8192, 256 if tp < 4 else 512  # H100, A100 80GB; H20, H200
+    return 16384, 512  # B200, MI300
+
+
+def sglang_piecewise_tokens(max_tokens: int) -> list[int]:
+    """The token counts SGLang captures a piecewise CUDA graph for (_generate_piecewise_cuda_graph_tokens)."""
+    sizes = [*range(4, 33, 4), *range(48, 257, 16), *range(288, 513, 32), *range(576, 1025, 64),
+             *range(1280, 4097, 256), *range(4608, max_tokens + 1, 512)]
+    return [size for size in sizes if size <= max_tokens]
+
+
+def sglang_mem_fraction_static(gpu_mem_mib: float, tp: int, chunked_prefill_size: int, cuda_graph_max_bs: int,
+                               mla: bool = False, piecewise_tokens: int | None = None) -> tuple[float, float]:
+    """(mem_fraction_static, reserved MiB): 512 MiB of metadata, 1.5 MiB per prefill token
+    (at least 2048), 2 MiB per CUDA-graph batch, 1 GiB per 8 TP ranks, the piecewise CUDA graphs'
+    non-torch memory (8 MiB per captured size; 1.5 GiB with MLA) unless they are off
+    (``piecewise_tokens`` None), at least 10 GiB on cards above 60 GiB; rounded to 3 decimals."""
+    reserved = 512 + max(chunked_prefill_size, 2048) * 1.5 + cuda_graph_max_bs * 2 + tp / 8 * 1024
+    if piecewise_tokens is not None:
+        reserved += 1.5 * 1024 if mla else len(sglang_piecewise_tokens(piecewise_tokens)) * 8
+    if gpu_mem_mib > 60 * 1024:
+        reserved = max(reserved, 10 * 1024)
+    return round((gpu_mem_mib - reserved) / gpu_mem_mib, 3), reserved
+
+
+@dataclass(frozen=True, eq=False)
+class SGLangBudget:
+    version: str
+    source: str
+    total_memory: int  # what CUDA reports
+    gpu_mem_mib: float  # what the fraction rule reads (nvidia-smi's total)
+    gpu_mem_from: str
+    tp: int
+    chunked_prefill_size: int
+    cuda_graph_max_bs: int
+    piecewise_tokens: int | None  # the largest piecewise CUDA graph; None: piecewise graphs off
+    reserved_mib: float | None  # the rule's reserve; None when the fraction is given
+    mem_fraction_static: float
+    fraction_from: str
+    before_load: int  # CUDA context and NCCL, held before the weights load
+    before_load_from: str
+    weights: int
+    rotary_cache: int  # part of ``weights``: fp32 cos_sin_cache on CUDA
+    cell_bytes: int  # K and V of one token over the layers, on one rank
+    page_size: int
+    max_model_len: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def free_before_load(self) -> int:
+        return self.total_memory - self.before_load
+
+    @property
+    def static(self) -> int:
+        """Weights and KV pool together: mem_fraction_static of the memory free before loading."""
+        return int(self.free_before_load * self.mem_fraction_static)
+
+    @property
+    def kv_cache(self) -> int:
+        return self.static - self.weights
+
+    @property
+    def tokens(self) -> int:
+        """max_total_num_tokens: whole cells, in whole pages."""
+        return max(self.kv_cache, 0) // self.cell_bytes // self.page_size * self.page_size
+
+    @property
+    def k_size(self) -> int:
+        """The K buffers (the V buffers are as large): what "K size: ... GB" prints, in bytes."""
+        return self.tokens * self.cell_bytes // 2
+
+    @property
+    def headroom(self) -> int:
+        """Left for activations and CUDA graphs: (1 - fraction) of the memory free before loading."""
+        return self.free_before_load - self.static
+
+    @property
+    def max_concurrency(self) -> float:
+        return self.tokens / self.max_model_len
+
+
+def sglang_budget(model: ModelConfig, settings: InferSettings, total_memory: int, gpu_name: str = "",
+                  vendor: str = "nvidia", mem_fraction_static: float | None = None,
+                  chunked_prefill_size: int | None = None, gguf: bool = False) -> SGLangBudget:
+    from memcalc.estimate.inference import kv_cache_bytes_per_token, kv_dtype_for
+
+    _check_modelled(model, Engine.SGLANG)
+    if mem_fraction_static is not None and not 0 < mem_fraction_static <= 1:
+        raise SettingsError(Field("memory_fraction"), f" must be in (0, 1], got {mem_fraction_static}")
+    smi = NVIDIA_SMI_TOTAL_MIB.get(gpu_name)
+    gpu_mem = smi if smi is not None else total_memory / MiB
+    gpu_mem_from = ("nvidia-smi's total (configs/gpus.yaml)" if smi is not None
+                    else "CUDA's total: nvidia-smi's, which SGLang reads, is not recorded for this card")
+    chunk, max_bs = sglang_gpu_defaults(gpu_mem, settings.tp)
+    chunk = chunked_prefill_size or chunk
+    notes = list(_sliding_note(model, "SGLang", "a hybrid SWA pool (HybridSWAPoolConfigurator)"))
+    # _handle_piecewise_cuda_graph: off on AMD (HIP), for multimodal models and GGUF checkpoints
+    piecewise_off = vendor != "nvidia" or model.vision is not None or gguf or _is_gguf_format(settings.weights)
+    piecewise = None
+    if not piecewise_off:
+        piecewise = 2048 if model.mla is not None else chunk
+        if any("llama-2" in name.lower() for name in (model.name, *model.aliases)):
+            piecewise = min(piecewise, 4096)  # the rule's own cap for Llama-2 model paths
+    if mem_fraction_static is None:
+        fraction, reserved = sglang_mem_fraction_static(gpu_mem, settings.tp, chunk, max_bs, model.mla is not None,
+                                                        piecewise)
+        fraction_from = f"sglang {SGLANG_VERSION} rule: (GPU memory - reserve) / GPU memory"
+        if model.vision is not None:
+            notes.append("multimodal: SGLang lowers the fraction further for the vision tower "
+                         "(adjust_mem_fraction_for_vlm), not modelled")
+    else:
+        fraction, reserved, fraction_from = mem_fraction_static, None, "as given (--memory-fraction)"
+    before_load, before_load_from = _runtime_before_load(settings)
+    rotary = 0
+    if model.position_embedding is PositionKind.ROTARY and vendor == "nvidia":
+        rotary_dim = model.mla.qk_rope_head_dim if model.mla is not None else model.attention_head_dim
+        rotary = storage_bytes(model.max_position_embeddings * rotary_dim, DType.FP32)  # kept in fp32 on CUDA
+    weights = _static_weights(model, settings, Engine.SGLANG) + rotary
+    cell = kv_cache_bytes_per_token(model, kv_dtype_for(settings), settings.tp, Engine.SGLANG)
+    return SGLangBudget(f"sglang {SGLANG_VERSION}, the PyPI wheel", SGLANG_SOURCE, total_memory, gpu_mem,
+                        gpu_mem_from, settings.tp, chunk, max_bs, piecewise, reserved, fraction, fraction_from,
+                        before_load, before_load_from, weights, rotary, cell, 1, _max_model_len(model, settings),
+                        tuple(notes))
+
+
+# --- TensorRT-LLM --------------------------------------------------------------------------------------
+
+TRTLLM_SOURCE = ("tensorrt_llm/_torch/pyexecutor/_util.py (KvCacheCreator.configure_kv_cache_capacity, "
+                 "_cal_max_memory), tensorrt_llm/llmapi/llm_args.py (KvCacheConfig)")
+TRTLLM_VERSION = "TensorRT-LLM PyTorch backend, NVIDIA/TensorRT-LLM main at 0004396"
+DEFAULT_FREE_GPU_MEMORY_FRACTION = 0.9  # KvCacheConfig.free_gpu_memory_fraction
+DEFAULT_MAX_NUM_TOKENS = 8192  # max_num_tokens: the profiling run's tokens
+TRTLLM_TOKENS_PER_BLOCK = 32  # KvCacheConfig.tokens_per_block
+
+
+@dataclass(frozen=True, eq=False)
+class TRTLLMBudget:
+    version: str
+    source: str
+    total_memory: int
+    fraction: float
+    weights: int
+    activation_peak: int
+    activation_from: str
+    non_torch: int  # outside torch: CUDA context, cuBLAS, NCCL (and CUDA graphs)
+    non_torch_from: str
+    max_num_tokens: int
+    tokens_per_block: int
+    token_bytes: int  # KV of one token over the layers, on one rank
+    max_model_len: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.activation_peak + self.non_torch
+
+    @property
+    def free(self) -> int:
+        return self.total_memory - self.peak
+
+    @property
+    def kv_cache(self) -> int:
+        """(total - peak) x free_gpu_memory_fraction."""
+        return int(self.free * self.fraction)
+
+    @property
+    def blocks(self) -> int:
+        return max(self.kv_cache, 0) // self.token_bytes // self.tokens_per_block
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.tokens_per_block
+
+    @property
+    def max_concurrency(self) -> float:
+        return self.blocks / -(-self.max_model_len // self.tokens_per_block)
+
+
+def trtllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int,
+                  free_gpu_memory_fraction: float | None = None, max_num_tokens: int | None = None) -> TRTLLMBudget:
+    from memcalc.estimate.device import CUBLAS_WORKSPACE_BYTES
+    from memcalc.estimate.inference import kv_cache_bytes_per_token, kv_dtype_for
+
+    _check_modelled(model, Engine.TRTLLM)
+    fraction = DEFAULT_FREE_GPU_MEMORY_FRACTION if free_gpu_memory_fraction is None else free_gpu_memory_fraction
+    if not 0 < fraction <= 1:
+        raise SettingsError(Field("memory_fraction"), f" must be in (0, 1], got {fraction}")
+    tokens = max_num_tokens or DEFAULT_MAX_NUM_TOKENS
+    activation, activation_from = _profile_peak(model, settings, Engine.TRTLLM, tokens)
+    before_load, before_from = _runtime_before_load(settings)
+    non_torch = before_load + (CUBLAS_WORKSPACE_BYTES if settings.overhead_bytes is None else 0)
+    non_torch_from = before_from + (" + cuBLAS 32 MiB" if settings.overhead_bytes is None else "")
+    per_token = kv_cache_bytes_per_token(model, kv_dtype_for(settings), settings.tp, Engine.TRTLLM)
+    notes = ("CUDA graphs captured before the profile count outside torch; memcalc adds none for them",
+             *_sliding_note(model, "TensorRT-LLM", "per-window pools (VSWA)"))
+    return TRTLLMBudget(TRTLLM_VERSION, TRTLLM_SOURCE, total_memory, fraction,
+                        _static_weights(model, settings, Engine.TRTLLM), activation, activation_from, non_torch,
+                        non_torch_from, tokens, TRTLLM_TOKENS_PER_BLOCK, per_token, _max_model_len(model, settings),
+                        notes)
+
+
+# --- llama.cpp -----------------------------------------------------------------------------------------
+
+LLAMACPP_SOURCE = ("src/llama-context.cpp (n_ctx padded to 256), src/llama-kv-cache.cpp, "
+                   "src/llama-model.cpp (load_tensors: the layer split)")
+LLAMACPP_VERSION = "llama.cpp master after ggml-org/llama.cpp#17046"
+LLAMACPP_CTX_PAD = 256
+# ggml's block layouts of the cache types llama.cpp accepts for --cache-type-k/v: (elements, bytes)
+GGML_CACHE_TYPES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18),
+                    "q4_1": (32, 20), "iq4_nl": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24)}
+DEFAULT_UBATCH = 512
+
+
+def ggml_row_bytes(type_name: str, elements: int) -> int:
+    """ggml_row_size: ``elements`` values of a ggml type, whole blocks."""
+    block, size = GGML_CACHE_TYPES[type_name]
+    if elements % block:
+        raise SettingsError(Field("cache_type_k"), f": {type_name} packs {block} values a block; a row of {elements} "
+                            "does not divide")
+    return elements // block * size
+
+
+@dataclass(frozen=True)
+class LlamaCppWeights:
+    """Bytes of the input embedding (kept on the CPU), each repeating layer, and the output layer
+    (norm and head; a tied head is a copy of the embedding on the output device)."""
+
+    embedding: int
+    layers: tuple[int, ...]
+    output: int
+    source: str
+
+    @classmethod
+    def from_gguf(cls, tensors, source: str) -> LlamaCppWeights:
+        """Per-tensor bytes of a .gguf file (memcalc.gguf_file.GGUFTensor: name, nbytes)."""
+        layers: dict[int, int] = {}
+        embedding = output = 0
+        has_head = False
+        for tensor in tensors:
+            if tensor.name.startswith("blk."):
+                index = int(tensor.name.split(".")[1])
+                layers[index] = layers.get(index, 0) + tensor.nbytes
+            elif tensor.name == "token_embd.weight":
+                embedding = tensor.nbytes
+            elif tensor.name.startswith("output"):
+                output += tensor.nbytes
+                has_head = has_head or tensor.name == "output.weight"
+            else:
+                embedding += tensor.nbytes  # rope factors and the like: with the input, on the CPU
+        if not has_head:
+            output += embedding  # tied: llama.cpp duplicates token_embd as the output tensor
+        count = max(layers) + 1 if layers else 0
+        return cls(embedding, tuple(layers.get(index, 0) for index in range(count)), output, source)
+
+    @classmethod
+    def from_estimate(cls, model: ModelConfig, total: int, source: str) -> LlamaCppWeights:
+        """``total`` bytes split by parameter count: the embedding, equal layers, and the head
+        (a tied head counted again), each at the checkpoint's mean bytes per parameter."""
+        from memcalc.estimate.params import ParamCategory, count_params
+
+        counts = count_params(model).by_category()
+        parameters = sum(counts.values())
+        embedding_params = counts.get(ParamCategory.EMBEDDING, 0)
+        head_params = counts.get(ParamCategory.OUTPUT_HEAD, 0)
+        # a multimodal checkpoint's vision tower and projector: llama.cpp loads them from a separate
+        # mmproj file, outside this budget
+        vision = counts.get(ParamCategory.VISION_TOWER, 0) + counts.get(ParamCategory.PROJECTOR, 0)
+        norm = model.hidden_size  # the final norm, with the output
+        layer_params = parameters - embedding_params - head_params - norm - vision
+        per_param = total / parameters
+        head = head_params if head_params else embedding_params
+        if vision:
+            source += "; the vision tower left out (llama.cpp loads it from an mmproj file)"
+        return cls(round(embedding_params * per_param), (round(layer_params * per_param / model.num_layers),)
+                   * model.num_layers, round((head + norm) * per_param), source)
+
+
+@dataclass(frozen=True)
+class LlamaCppDevice:
+    name: str  # "CUDA0", ..., "CPU"
+    layers: tuple[int, ...]  # repeating layers held here
+    output: bool  # the output layer
+    weights: int
+    kv_cache: int
+    compute: int  # the compute buffer: a floor, or as given
+    context: int  # the CUDA context (memcalc's 400 MiB; 0 on the CPU)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.context
+
+
+@dataclass(frozen=True, eq=False)
+class LlamaCppBudget:
+    version: str
+    source: str
+    n_ctx_requested: int
+    n_ctx: int
+    n_ubatch: int
+    type_k: str
+    type_v: str
+    flash_attn: bool
+    n_gpu_layers: int
+    tensor_split: tuple[float, ...]
+    weights_from: str
+    compute_from: str
+    kv_k: int  # K of all layers, all cells (llama.cpp's "K (f16): ... MiB")
+    kv_v: int
+    host_compute: int  # the CPU-side compute buffer: the graph inputs (embeddings, mask)
+    devices: tuple[LlamaCppDevice, ...]  # the GPUs, then the CPU
+    device_memory: int  # each GPU's usable memory
+    notes: tuple[str, ...] = ()
+
+    @property
+    def kv_cache(self) -> int:
+        return self.kv_k + self.kv_v
+
+    @property
+    def gpus(self) -> tuple[LlamaCppDevice, ...]:
+        return tuple(device for device in self.devices if device.name != "CPU")
+
+    @property
+    def fits(self) -> bool:
+        return all(device.total <= self.device_memory for device in self.gpus)
+
+
+def llamacpp_layer_devices(n_layer: int, splits: tuple[float, ...], n_gpu_layers: int) -> list[int | None]:
+    """The device of each repeating layer and, last, of the output layer (None: the CPU), as
+    llama_model::load_tensors assigns them: the last ``n_gpu_layers`` of the ``n_layer + 1`` slots
+    go to the GPUs, slot ``il`` to the first device whose cumulative split exceeds
+    ``(il - i_gpu_start) / act_gpu_layers``."""
+    total = sum(splits)
+    cumulative, running = [], 0.0
+    for split in splits:
+        running += split
+        cumulative.append(running / total)
+    start = max(n_layer + 1 - n_gpu_layers, 0)
+    active = min(n_gpu_layers, n_layer + 1)
+    devices: list[int | None] = []
+    for slot in range(n_layer + 1):
+        if slot < start or slot - start >= active:
+            devices.append(None)
+        else:
+            devices.append(min(bisect.bisect_right(cumulative, (slot - start) / active), len(splits) - 1))
+    return devices
+
+
+def llamacpp_budget(model: ModelConfig, settings: InferSettings, weights: LlamaCppWeights, device_memory: int,
+                    n_ctx: int, type_k: str = "f16", type_v: str = "f16", tensor_split: tuple[float, ...] = (1.0,),
+                    n_gpu_layers: int | None = None, n_ubatch: int = DEFAULT_UBATCH, flash_attn: bool = True,
+                    compute_buffer: int | None = None) -> LlamaCppBudget:
+    """llama.cpp's allocation on each device for ``n_ctx`` cells (every sequence's tokens together,
+    as ``-c`` counts them)."""
+    from memcalc.estimate.device import CUDA_CONTEXT_BYTES
+
+    _check_modelled(model, Engine.LLAMACPP)
+    if model.mla is not None:
+        raise SettingsError(Field("engine"), f" llamacpp: {model.name} uses multi-head latent attention, whose cache "
+                            "layout llama.cpp has changed between versions; not modelled (docs/serving.md)")
+    for field, name in (("cache_type_k", type_k), ("cache_type_v", type_v)):
+        if name not in GGML_CACHE_TYPES:
+            raise SettingsError(Field(field), f": {name!r} is not one of {', '.join(GGML_CACHE_TYPES)}")
+    if GGML_CACHE_TYPES[type_v][0] > 1 and not flash_attn:
+        raise SettingsError(Field("cache_type_v"), f" {type_v}: llama.cpp quantizes the V cache only with flash "
+                            "attention")
+    if not tensor_split or any(split < 0 for split in tensor_split) or not sum(tensor_split):
+        raise SettingsError(Field("tensor_split"), ": give non-negative proportions, not all zero, e.g. 3,1")
+    if len(weights.layers) != model.num_layers:
+        raise SettingsError(Field("engine"), f" llamacpp: the weights hold {len(weights.layers)} layers; "
+                            f"{model.name} has {model.num_layers}")
+    n_layer = model.num_layers
+    gpu_layers = n_layer + 1 if n_gpu_layers is None else n_gpu_layers
+    padded = -(-n_ctx // LLAMACPP_CTX_PAD) * LLAMACPP_CTX_PAD
+    notes: list[str] = []
+    # interleaved sliding-window layers (a pattern or layer_types) get llama.cpp's iSWA cache of
+    # min(n_ctx, pad(n_swa x (unified ? n_seq_max : 1) + n_ubatch, 256)) cells (llama-kv-cache-iswa.cpp),
+    # here with one sequence; a model where every layer slides without a pattern (Mistral v0.1) runs
+    # as the llama architecture, which has no window
+    kinds = model.resolved_layer_types
+    interleaved = LayerType.FULL_ATTENTION in kinds and LayerType.SLIDING_ATTENTION in kinds
+    swa_cells = padded
+    if interleaved:
+        swa_cells = min(padded, -(-(model.sliding_window + n_ubatch) // LLAMACPP_CTX_PAD) * LLAMACPP_CTX_PAD)
+    elif model.num_sliding_layers:
+        notes.append("every layer slides without a pattern: llama.cpp's llama architecture has no sliding window; "
+                     "the cache holds all n_ctx cells")
+    if LayerType.CHUNKED_ATTENTION in kinds:
+        notes.append("chunked-attention layers counted at full n_ctx (llama.cpp's chunked cache not modelled)")
+    n_embd_gqa = model.kv_heads * model.attention_head_dim
+    k_row, v_row = ggml_row_bytes(type_k, n_embd_gqa), ggml_row_bytes(type_v, n_embd_gqa)
+
+    def cells(layer: int) -> int:
+        return swa_cells if interleaved and kinds[layer] is LayerType.SLIDING_ATTENTION else padded
+
+    placement = llamacpp_layer_devices(n_layer, tensor_split, gpu_layers)
+    kv_k = sum(cells(layer) * k_row for layer in range(n_layer))
+    kv_v = sum(cells(layer) * v_row for layer in range(n_layer))
+    # compute buffers: the f32 attention scores and mask of one ubatch without flash attention,
+    # the f32 logits of n_ubatch outputs on the output device; the rest of the worst-case graph
+    # (llama.cpp's ggml_gallocr reserve) is not replayed
+    scores = (model.num_attention_heads * padded * n_ubatch + padded * n_ubatch) * 4 if not flash_attn else 0
+    logits = model.vocab_size * n_ubatch * 4
+    if compute_buffer is not None:
+        compute_from = "as given (--compute-buffer)"
+    else:
+        compute_from = ("floor: the f32 attention scores and mask of one ubatch (no flash attention), or the f32 "
+                        "logits of n_ubatch outputs; the rest of the graph is not computed" if not flash_attn else
+                        "floor: the f32 logits of n_ubatch outputs; with flash attention the rest of the graph is "
+                        "not computed")
+    devices = []
+    for index in range(len(tensor_split)):
+        held = tuple(layer for layer in range(n_layer) if placement[layer] == index)
+        output = placement[n_layer] == index
+        if not held and not output:
+            continue
+        weight_bytes = sum(weights.layers[layer] for layer in held) + (weights.output if output else 0)
+        kv = sum(cells(layer) * (k_row + v_row) for layer in held)
+        floor = max(scores if held else 0, logits if output else 0)
+        devices.append(LlamaCppDevice(f"CUDA{index}", held, output, weight_bytes, kv,
+                                      compute_buffer if compute_buffer is not None else floor, CUDA_CONTEXT_BYTES))
+    cpu_layers = tuple(layer for layer in range(n_layer) if placement[layer] is None)
+    cpu_output = placement[n_layer] is None
+    host_compute = (model.hidden_size * n_ubatch + padded * n_ubatch) * 4  # input embeddings and the f32 mask
+    devices.append(LlamaCppDevice(
+        "CPU", cpu_layers, cpu_output,
+        weights.embedding + sum(weights.layers[layer] for layer in cpu_layers) + (weights.output if cpu_output else 0),
+        sum(cells(layer) * (k_row + v_row) for layer in cpu_layers), host_compute, 0))
+    if settings.tp > 1:
+        notes.append("--tp is ignored: llama.cpp splits layers over the devices of --tensor-split")
+    return LlamaCppBudget(LLAMACPP_VERSION, LLAMACPP_SOURCE, n_ctx, padded, n_ubatch, type_k, type_v, flash_attn,
+                          gpu_layers, tuple(tensor_split), weights.source, compute_from, kv_k, kv_v, host_compute,
+                          tuple(devices), device_memory, tuple(notes))

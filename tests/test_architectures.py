@@ -141,26 +141,39 @@ def test_falcon_h1_layers_cache_keys_and_keep_a_state():
         estimate_training(model, TrainSettings(seq_len=256))
 
 
-@pytest.mark.parametrize(("rates", "noted"), [
-    ({"attn_pdrop": 0.1, "resid_pdrop": 0.1, "embd_pdrop": 0.1}, "embd_pdrop 0.1, attn_pdrop 0.1, resid_pdrop 0.1"),
-    ({"attention_dropout": 0.05}, "attention_dropout 0.05"),
-    ({"attention_dropout": 0.0, "hidden_dropout": 0}, None),
+@pytest.mark.parametrize(("model_type", "rates", "fields", "noted"), [
+    ("gpt2", {"attn_pdrop": 0.1, "resid_pdrop": 0.2, "embd_pdrop": 0.0},
+     {"attention_dropout": 0.1, "residual_dropout": 0.2, "embedding_dropout": 0.0}, None),
+    ("gpt2", {}, {"attention_dropout": 0.1, "residual_dropout": 0.1, "embedding_dropout": 0.1}, None),
+    ("llama", {"attention_dropout": 0.05}, {"attention_dropout": 0.05, "residual_dropout": None}, None),
+    ("llama", {"attention_dropout": 0.0, "hidden_dropout": 0}, {"attention_dropout": 0.0}, None),
+    ("llama", {"hidden_dropout": 0.1}, {"attention_dropout": 0.0}, "hidden_dropout 0.1"),
 ])
-def test_a_config_that_trains_with_dropout_says_it_is_not_modelled(rates, noted):
-    """Dropout is not modelled yet (issue 14): rather than a silent shortfall in the training
-    activations, the model carries a note, which every estimate shows among its assumptions."""
+def test_dropout_rates_from_config_json(model_type, rates, fields, noted):
+    """GPT-2's three rates (GPT2Config's default 0.1 when absent) and the attention dropout of the
+    Llama-style classes become the model's rates; another dropout key above 0 is not modelled and a
+    note says so, never a silent shortfall."""
     from memcalc.hf import model_from_hf
 
-    data = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    data = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "intermediate_size": 128, "vocab_size": 96, "max_position_embeddings": 256} | rates
-    notes = [note for note in model_from_hf(data, name="x", source="config.json").notes if "dropout" in note]
+    model = model_from_hf(data, name="x", source="config.json")
+    assert {key: getattr(model, key) for key in fields} == fields
+    notes = [note for note in model.notes if "dropout" in note]
     if noted is None:
         assert notes == []
     else:
         assert len(notes) == 1 and notes[0].startswith(noted) and "not modelled" in notes[0]
 
 
-def test_bundled_gpt2_models_carry_the_dropout_note(run_cli):
+def test_bundled_gpt2_models_train_with_their_dropout():
     for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-        assert any("dropout is not modelled" in note for note in resolve_model(name).notes), name
-    assert "dropout is not modelled" in " ".join(run_cli("train", "gpt2", columns=120).stdout.split())
+        model = resolve_model(name)
+        assert (model.attention_dropout, model.embedding_dropout, model.residual_dropout) == (0.1, 0.1, 0.1), name
+        assert not any("dropout" in note for note in model.notes), name
+
+
+def test_the_assumptions_show_the_dropout_rates(run_cli):
+    text = " ".join(run_cli("train", "gpt2", columns=120).stdout.split())
+    assert "dropout attention 0.1, embedding 0.1, residual 0.1" in text
+    assert "no dropout" in " ".join(run_cli("train", "gpt2", "--dropout", "0", columns=120).stdout.split())

@@ -212,7 +212,7 @@ BAD_INPUT = [
     (["train", "llama-13b", "--optimizer", "adam9"],
      "Invalid value for '--optimizer': 'adam9' is not one of 'adamw', 'adam', 'adam8bit', 'adafactor', 'lion', "
      "'ademamix', 'sgd', 'sgd-momentum'."),
-    (["train", "llama-13b", "--recompute", "some"], "'--recompute': 'some' is not one of 'none', 'selective', 'full'."),
+    (["train", "llama-13b", "--recompute", "some"], "'--recompute': 'some' is not one of 'none', 'selective', 'full', 'op'."),
     (["train", "llama-13b", "--batch", "0"], "Invalid value for '--batch' / '-b': 0 is not in the range x>=1."),
     (["train", "llama-13b", "--seq", "-5"], "Invalid value for '--seq' / '-s': -5 is not in the range x>=1."),
     (["infer", "llama-13b", "--context", "0"], "Invalid value for '--context' / '-c': 0 is not in the range x>=1."),

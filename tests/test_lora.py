@@ -36,11 +36,13 @@ def test_targets_are_validated_and_ordered():
 
 def test_gate_on_a_plain_mlp_and_mla_are_refused():
     with pytest.raises(InputError, match="plain MLP without gate_proj"):
-        estimate_training(resolve_model("gpt2"), TrainSettings(lora_rank=8, lora_targets=("gate",)))
+        estimate_training(resolve_model("gpt2"), TrainSettings(lora_rank=8, lora_targets=("gate",), dropout=0))
+    with pytest.raises(InputError, match="dropout .* not modelled with LoRA; --dropout 0"):
+        estimate_training(resolve_model("gpt2"), TrainSettings(lora_rank=8))
     with pytest.raises(InputError, match="multi-head latent attention"):
         estimate_training(resolve_model("deepseek-v2-lite"), TrainSettings(lora_rank=8))
     with pytest.raises(InputError, match="autocast"):
-        estimate_training(resolve_model("gpt2"), TrainSettings(lora_rank=8, precision="amp-bf16"))
+        estimate_training(resolve_model("gpt2"), TrainSettings(lora_rank=8, precision="amp-bf16", dropout=0))
 
 
 # --- Trainable parameters by hand -----------------------------------------------------------------
@@ -319,7 +321,7 @@ CASES = [
                                                          recompute="selective")),
     (_layers("llama-3.2-1b", 2, vocab_size=1024), dict(precision="mixed-bf16", seq_len=256, lora_rank=8,
                                                          recompute="full", lora_targets=("q", "v", "up"))),
-    (_layers("gpt2", 2, vocab_size=1024), dict(precision="fp32", seq_len=128, lora_rank=8,
+    (_layers("gpt2", 2, vocab_size=1024, attention_dropout=0.0, embedding_dropout=0.0, residual_dropout=0.0), dict(precision="fp32", seq_len=128, lora_rank=8,
                                                  lora_targets=("q", "v", "up", "down"))),
     (_layers("mixtral-8x7b", 2), dict(precision="pure-bf16", seq_len=128, lora_rank=8,
                                       lora_targets=("q", "v", "gate", "up", "down"))),

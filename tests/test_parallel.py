@@ -410,8 +410,10 @@ def test_vocabulary_padding(tp, pad_vocab, expected):
     [
         ("llama-2-7b", {"tp": 3}, {}, ("tp",), "--tp 3"),  # 32 heads
         ("llama-3.2-1b", {"tp": 16}, {}, ("tp",), "--tp 16"),  # 32 heads divide, 8 key/value heads do not
-        ("llama-2-7b", {"pp": 3}, {}, ("pp", "vpp"), "--pp 3"),  # 32 layers
-        ("llama-2-7b", {"pp": 4, "vpp": 3}, {}, ("pp", "vpp"), "--pp 4 x --vpp 3"),  # 12 does not divide 32
+        # 32 layers; the message suggests the uneven-stage settings
+        ("llama-2-7b", {"pp": 3}, {}, ("pp", "vpp", "pp_layers", "pp_first_layers", "pp_last_layers"), "--pp 3"),
+        ("llama-2-7b", {"pp": 4, "vpp": 3}, {}, ("pp", "vpp", "pp_first_layers", "pp_last_layers"),
+         "--pp 4 x --vpp 3"),  # 12 does not divide 32
         ("llama-2-7b", {"vpp": 2}, {}, ("vpp", "pp"), "--vpp"),  # no pipeline
         ("llama-2-7b", {"dp": 2, "ep": 2}, {}, ("ep",), "--ep 2"),  # dense model
         ("mixtral-8x7b", {"dp": 3, "ep": 3}, {}, ("ep",), "--ep 3"),  # 8 experts

@@ -440,25 +440,17 @@ def _counts_no_cuda_graphs(run_cli, tmp_path: Path) -> None:
         assert not re.search(r"graph", json.dumps(document["components"]) + json.dumps(document["device"]), flags=re.I)
 
 
-def _counts_no_other_engine_budgets(run_cli, tmp_path: Path) -> None:
-    from memcalc.config import Engine
-
-    assert {engine.value for engine in Engine} == {"hf", "paged", "vllm"}
-    for engine in ("sglang", "trtllm", "llamacpp"):
-        assert run_cli("infer", "llama-3-8b", "--engine", engine).exit_code == 2
-
-
-def _notes_that_dropout_is_not_modelled(run_cli, tmp_path: Path) -> None:
-    document = _train(run_cli, "gpt2", "--seq", "256")
-    assert not any("dropout" in c["key"] + c["label"] for c in document["components"])
-    assert any("dropout is not modelled" in note for note in document["model"]["notes"])
+def _refuses_lora_with_dropout(run_cli, tmp_path: Path) -> None:
+    result = run_cli("train", "gpt2", "--lora-rank", "8")
+    assert result.exit_code == 2 and "not modelled with LoRA" in result.stderr
+    assert _train(run_cli, "gpt2", "--lora-rank", "8", "--dropout", "0")["settings"]["dropout"] == {
+        "attention": 0.0, "embedding": 0.0, "residual": 0.0}
 
 
 NOT_YET = {
     "DDP and FSDP bucket buffers": _counts_no_bucket_buffers,
     "CUDA graphs": _counts_no_cuda_graphs,
-    "other engines' budgets (SGLang, TensorRT-LLM, llama.cpp)": _counts_no_other_engine_budgets,
-    "dropout (a model whose config trains with it carries a note saying so)": _notes_that_dropout_is_not_modelled,
+    "LoRA with dropout (`train` refuses it; `--dropout 0` estimates without it)": _refuses_lora_with_dropout,
     "training activations of Mamba and linear-attention layers (refused by `train`)": _refuses_recurrent_training,
 }
 

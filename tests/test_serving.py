@@ -9,6 +9,11 @@ vLLM rounds its GiB to two decimals; the 22.07 GiB total is rounded too, so a bl
 difference is the log's rounding. The logs below are in vLLM's formats with those figures; the
 H100's total_gpu_memory line (79.15 GiB) is implied by them ((54.93 + 14.99 + 1.19 + 0.12) / 0.9),
 not printed in the source.
+
+SGLang, TensorRT-LLM and llama.cpp (further down): each row quotes a published start-up log with
+its URL, and says which figure is exact (bytes per token, which the log gives to its printed
+decimals) and what tolerance the rest meets; rows marked "derived" are the engine's own rule
+worked by hand from its source, not a log.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from memcalc.calibration import read_vllm_log
 from memcalc.config import InferSettings
 from memcalc.library import resolve_model
-from memcalc.serving import Calibration, default_batched_tokens, vllm_budget
+from memcalc.serving import (Calibration, LlamaCppWeights, default_batched_tokens, llamacpp_budget,
+                             llamacpp_layer_devices, sglang_budget, sglang_mem_fraction_static,
+                             sglang_piecewise_tokens, trtllm_budget, vllm_budget)
 
 GiB = 2**30
+MiB = 2**20
 H100_USABLE = 85_028_896_768  # configs/gpus.yaml: what CUDA reports for an H100 80GB
 
 
@@ -141,7 +151,10 @@ def test_calibrate_needs_the_cards_total_when_the_log_has_none(run_cli, tmp_path
 
 @pytest.mark.parametrize(("args", "message"), [
     (["infer", "llama-3-8b", "--engine", "vllm"], "error: --engine vllm computes vLLM's start-up budget for a GPU"),
-    (["infer", "llama-3-8b", "--max-num-batched-tokens", "4096"], "error: --max-num-batched-tokens and --calibration"),
+    (["infer", "llama-3-8b", "--max-num-batched-tokens", "4096"],
+     "error: --max-num-batched-tokens applies to --engine vllm, sglang or trtllm"),
+    (["infer", "llama-3-8b", "--calibration", "x.json", "--engine", "sglang", "--gpu", "h100"],
+     "error: --calibration applies to --engine vllm"),
 ])
 def test_vllm_options_need_their_engine_and_gpu(args, message, run_cli):
     result = run_cli(*args)
@@ -153,3 +166,316 @@ def test_calibrate_refuses_a_log_without_memory_lines(run_cli, tmp_path):
     log.write_text("hello\n")
     result = run_cli("calibrate", str(log))
     assert result.exit_code == 2 and "no vLLM memory lines found" in result.stderr
+
+
+# --- SGLang ----------------------------------------------------------------------------------------------
+# Rule: sglang 0.5.12 (PyPI wheel), python/sglang/srt/server_args.py _handle_gpu_memory_settings;
+# pool: srt/model_executor/model_runner_kv_cache_mixin.py _profile_available_bytes and
+# pool_configurator.py DefaultPoolConfigurator (docs/serving.md).
+
+H100_SMI_MIB = 81559  # nvidia-smi's memory.total of the H100 80GB in configs/gpus.yaml
+
+
+def test_sglang_k_size_is_what_sglang_logs():
+    """https://github.com/vllm-project/vllm/issues/21348: Qwen3-235B-A22B-FP8 under SGLang on 4 x
+    H100 (--tp 4, --mem-fraction-static 0.93): "KV Cache is allocated. #tokens: 367404, K size:
+    8.23 GB, V size: 8.23 GB". One KV head of 128 per rank (4 // 4) over 94 layers in bf16: K is
+    24,064 bytes a token, exact to the log's two decimals (SGLang prints GiB as "GB")."""
+    budget = sglang_budget(resolve_model("qwen3-235b-a22b"), InferSettings(tp=4), H100_USABLE, "h100-80gb",
+                           mem_fraction_static=0.93)
+    assert budget.cell_bytes == 2 * 94 * 1 * 128 * 2
+    assert round(367404 * (budget.cell_bytes // 2) / GiB, 2) == 8.23
+
+
+@pytest.mark.parametrize(("gpu_mib", "tp", "expected", "reserved"), [
+    # derived from the 0.5.12 rule: 512 + 8192 x 1.5 + 256 x 2 + 1/8 x 1024 + 58 piecewise sizes x 8
+    (H100_SMI_MIB, 1, 0.830, 13904),
+    # TP 8: cuda_graph_max_bs 512 and 1 GiB for the ranks: 512 + 12288 + 1024 + 1024 + 464
+    (H100_SMI_MIB, 8, 0.812, 15312),
+    # a 24 GiB card: chunked prefill 2048, max bs 24, 42 piecewise sizes up to 2048 tokens; no 10 GiB floor
+    (24217, 1, 0.831, 4096),
+])
+def test_sglang_default_fraction_follows_its_rule(gpu_mib, tp, expected, reserved):
+    from memcalc.serving import sglang_gpu_defaults
+
+    chunk, max_bs = sglang_gpu_defaults(gpu_mib, tp)
+    assert sglang_mem_fraction_static(gpu_mib, tp, chunk, max_bs, piecewise_tokens=chunk) == (expected, reserved)
+
+
+def test_sglang_piecewise_sizes_and_the_ten_gib_floor():
+    assert len(sglang_piecewise_tokens(8192)) == 58 and sglang_piecewise_tokens(8192)[-1] == 8192
+    assert len(sglang_piecewise_tokens(2048)) == 42
+    # an 80 GiB card keeps at least 10 GiB back even for a small reserve (piecewise graphs off)
+    assert sglang_mem_fraction_static(H100_SMI_MIB, 1, 2048, 8) == (round((H100_SMI_MIB - 10240) / H100_SMI_MIB, 3),
+                                                                    10240)
+    # MLA: the piecewise graphs cost 1.5 GiB instead of 8 MiB a size
+    assert sglang_mem_fraction_static(H100_SMI_MIB, 1, 8192, 256, mla=True, piecewise_tokens=2048)[1] == 13440 + 1536
+
+
+def test_sglang_default_fraction_against_a_report():
+    """https://github.com/sgl-project/sglang/issues/29092: "I found the value to be 0.828 for H100
+    with Qwen3 32 B model" (June 2026). The issue states neither the TP size nor the version;
+    memcalc's 0.5.12 rule gives 0.830 at TP 1 and 0.828 at TP 2: tolerance 0.002."""
+    budget = sglang_budget(resolve_model("qwen3-32b"), InferSettings(), H100_USABLE, "h100-80gb")
+    assert budget.gpu_mem_mib == H100_SMI_MIB and round(abs(budget.mem_fraction_static - 0.828), 3) <= 0.002
+    assert sglang_budget(resolve_model("qwen3-32b"), InferSettings(tp=2), H100_USABLE,
+                         "h100-80gb").mem_fraction_static == 0.828
+
+
+def test_sglang_pool_is_the_fraction_of_free_memory_less_the_weights():
+    """Derived: rest = free_after_load - free_before_load x (1 - f) = free_before_load x f - weights;
+    max_total_num_tokens = rest // cell_size (page size 1)."""
+    model = resolve_model("llama-3.1-8b")
+    budget = sglang_budget(model, InferSettings(context_len=8192), H100_USABLE, "h100-80gb")
+    free = H100_USABLE - 400 * 2**20
+    assert budget.free_before_load == free
+    assert budget.rotary_cache == 131072 * 128 * 4  # cos_sin_cache stays fp32 on CUDA
+    assert budget.weights == 8_030_261_248 * 2 + budget.rotary_cache
+    assert budget.kv_cache == int(free * 0.830) - budget.weights
+    assert budget.tokens == budget.kv_cache // 131_072
+    assert budget.headroom == free - int(free * 0.830)
+
+
+def test_sglang_turns_piecewise_graphs_off_where_its_rule_does():
+    model = resolve_model("llama-3.1-8b")
+    amd = sglang_budget(model, InferSettings(), 206141652992, "mi300x-192gb", vendor="amd")
+    assert amd.piecewise_tokens is None and amd.chunked_prefill_size == 16384
+    gguf = sglang_budget(model, InferSettings(weights="q4_k"), H100_USABLE, "h100-80gb")
+    assert gguf.piecewise_tokens is None
+    llama2 = sglang_budget(resolve_model("llama-2-7b"), InferSettings(), H100_USABLE, "h100-80gb",
+                           chunked_prefill_size=16384)
+    assert llama2.piecewise_tokens == 4096  # the rule caps Llama-2 model paths at 4096 tokens
+
+
+# --- TensorRT-LLM -----------------------------------------------------------------------------------------
+# Rule: tensorrt_llm/_torch/pyexecutor/_util.py KvCacheCreator._cal_max_memory, NVIDIA/TensorRT-LLM at
+# 0004396: (total - peak + the estimation's temporary cache) x free_gpu_memory_fraction.
+
+
+def test_trtllm_kv_bytes_per_token_are_what_its_logs_imply():
+    """https://github.com/NVIDIA/TensorRT-LLM/issues/1188: qwen2.5-coder-0.5B-instruct (int8 weights,
+    fp16 cache) on an A4000: "Allocated 4.53 GiB for max tokens in paged KV cache (395776)". Its
+    geometry is Qwen2.5-0.5B's (24 layers, 2 KV heads of 64): 12,288 bytes a token, exact to the
+    log's two decimals.
+    https://github.com/triton-inference-server/tensorrtllm_backend/issues/366: Mistral-7B on a
+    g5.12xlarge (four A10G, so TP 4: two KV heads a rank): "Allocate 7767851008 bytes for k/v cache.
+    Using 237056 tokens" and "Allocate 956301312 bytes ... 29184 total tokens": 32,768 bytes a token,
+    exact to the byte."""
+    qwen = trtllm_budget(resolve_model("qwen2.5-0.5b"), InferSettings(dtype="fp16"), 16 * GiB)
+    assert qwen.token_bytes == 12_288 and round(395_776 * qwen.token_bytes / GiB, 2) == 4.53
+    mistral = trtllm_budget(resolve_model("mistral-7b"), InferSettings(dtype="fp16", tp=4), 23 * GiB)
+    assert mistral.token_bytes == 7_767_851_008 // 237_056 == 956_301_312 // 29_184 == 32_768
+    assert 7_767_851_008 % 237_056 == 0 and 956_301_312 % 29_184 == 0
+
+
+def test_trtllm_weights_against_a_log():
+    """https://github.com/NVIDIA/TensorRT-LLM/issues/5872: Qwen3-235B-A22B-FP8 (block-wise fp8) under
+    trtllm-serve --tp 8 --ep 8 on 8 x H200 (tensorrt-llm 1.0.0rc1/rc3): "Model: 139.55 / 110.70", the
+    GiB free before and after the model component was created, 28.85 GiB. memcalc's weights per rank
+    are 27.66 GiB, 4.1% below: the log's delta is the whole model component, not the checkpoint's
+    tensors alone. Tolerance 5%, not exact."""
+    budget = trtllm_budget(resolve_model("qwen3-235b-a22b"), InferSettings(tp=8, weights="fp8-block"), 140 * GiB)
+    assert budget.weights / GiB == pytest.approx(139.55 - 110.70, rel=0.05)
+    assert budget.weights / GiB < 139.55 - 110.70
+
+
+def test_trtllm_kv_cache_is_the_fraction_of_what_the_peak_leaves():
+    """Derived: kv = (total - weights - activation peak - memory outside torch) x 0.9, in blocks of 32."""
+    budget = trtllm_budget(resolve_model("llama-3.1-8b"), InferSettings(context_len=8192), H100_USABLE)
+    assert budget.fraction == 0.9 and budget.tokens_per_block == 32 and budget.max_num_tokens == 8192
+    assert budget.weights == 8_030_261_248 * 2
+    assert budget.non_torch == (400 + 32) * 2**20
+    free = H100_USABLE - budget.weights - budget.activation_peak - budget.non_torch
+    assert budget.kv_cache == int(free * 0.9)
+    assert budget.tokens == budget.kv_cache // 131_072 // 32 * 32
+    given = trtllm_budget(resolve_model("llama-3.1-8b"), InferSettings(), H100_USABLE, 0.5, 4096)
+    assert given.kv_cache == int(given.free * 0.5) and given.max_num_tokens == 4096
+
+
+# --- llama.cpp --------------------------------------------------------------------------------------------
+# Rule: src/llama-context.cpp (n_ctx padded to 256), src/llama-kv-cache.cpp (one K and one V tensor
+# of n_embd_k/v_gqa x n_ctx per layer), src/llama-model.cpp load_tensors (the layer split).
+
+MISTRAL_V02 = "mistral-7b"  # v0.2 has v0.1's geometry without the sliding window
+
+
+def _mistral_v02():
+    from dataclasses import replace
+
+    return replace(resolve_model(MISTRAL_V02), sliding_window=None)
+
+
+def _llamacpp(model, n_ctx, **options):
+    weights = LlamaCppWeights.from_estimate(model, 4 * GiB, "test")
+    return llamacpp_budget(model, InferSettings(), weights, 25_393_692_672, n_ctx, **options)
+
+
+@pytest.mark.parametrize(("n_ctx", "kv_mib", "compute_mib", "host_mib", "tolerance"), [
+    (2048, 256.00, 164.00, 12.01, 0.20),
+    (32768, 4096.00, 2144.00, 72.01, 0.02),
+])
+def test_llamacpp_against_a_published_log(n_ctx, kv_mib, compute_mib, host_mib, tolerance):
+    """https://github.com/fedora-copr/logdetective/pull/106 (llama-server, the mistral-7b-instruct-
+    v0.2.Q4_K_S.gguf of https://github.com/fedora-copr/logdetective/pull/111, all layers on CUDA0,
+    n_batch = n_ubatch = 512, flash_attn = 0): "KV self size = 256.00 MiB, K (f16): 128.00 MiB" at
+    n_ctx 2048 and 4096.00 / 2048.00 MiB at 32768: exact. "CUDA0 compute buffer size = 164.00 MiB"
+    / "2144.00 MiB": memcalc's floor (the f32 scores and mask of one ubatch) is 132 / 2112 MiB,
+    below by the rest of the graph it does not replay: within 20% and 2%. "CUDA_Host compute buffer
+    size = 12.01 MiB" / "72.01 MiB": the inputs (embeddings and mask), within 0.01 MiB."""
+    budget = _llamacpp(_mistral_v02(), n_ctx, flash_attn=False)
+    assert budget.kv_cache == kv_mib * MiB and budget.kv_k == budget.kv_v == kv_mib / 2 * MiB
+    (gpu,) = budget.gpus
+    assert gpu.kv_cache == budget.kv_cache and gpu.layers == tuple(range(32)) and gpu.output
+    assert (1 - tolerance) * compute_mib * MiB <= gpu.compute <= compute_mib * MiB
+    assert abs(budget.host_compute / MiB - host_mib) <= 0.011
+    # Mistral v0.1 slides on every layer without a pattern: llama.cpp's llama architecture has no
+    # window, so the cache is the same
+    assert _llamacpp(resolve_model(MISTRAL_V02), n_ctx, flash_attn=False).kv_cache == budget.kv_cache
+
+
+
+def test_llamacpp_layer_split_follows_load_tensors():
+    """Derived from load_tensors: n_layer + 1 slots (the last is the output layer), the last
+    n_gpu_layers of them on the GPUs, slot il on the first device whose cumulative split exceeds
+    (il - i_gpu_start) / act_gpu_layers."""
+    assert llamacpp_layer_devices(32, (1.0, 1.0), 33) == [0] * 17 + [1] * 16
+    assert llamacpp_layer_devices(32, (3.0, 1.0), 33) == [0] * 25 + [1] * 8
+    assert llamacpp_layer_devices(32, (1.0,), 10) == [None] * 23 + [0] * 10
+    assert llamacpp_layer_devices(4, (1.0, 0.0, 1.0), 5) == [0, 0, 0, 2, 2]
+
+
+def test_llamacpp_per_device_shares_add_up():
+    model = _mistral_v02()
+    budget = _llamacpp(model, 8192, tensor_split=(1.0, 1.0), n_gpu_layers=20)
+    cuda0, cuda1, cpu = budget.devices
+    assert (cuda0.name, cuda1.name, cpu.name) == ("CUDA0", "CUDA1", "CPU")
+    assert cpu.layers == tuple(range(13)) and cuda0.layers == tuple(range(13, 23)) and cuda1.output
+    assert sum(device.kv_cache for device in budget.devices) == budget.kv_cache == 8192 * 32 * 2 * 1024 * 2
+    weights = LlamaCppWeights.from_estimate(model, 4 * GiB, "test")
+    assert sum(device.weights for device in budget.devices) == weights.embedding + sum(weights.layers) + weights.output
+
+
+@pytest.mark.parametrize(("cache_type", "row_bytes"), [("f16", 2048), ("q8_0", 1088), ("q4_0", 576), ("f32", 4096)])
+def test_llamacpp_cache_types_are_ggml_rows(cache_type, row_bytes):
+    """ggml_row_size: 1024 values (8 KV heads x 128) of the type; q8_0 34 bytes / 32, q4_0 18 / 32."""
+    budget = _llamacpp(_mistral_v02(), 256, type_k=cache_type, type_v=cache_type)
+    assert budget.kv_k == budget.kv_v == 256 * 32 * row_bytes
+
+
+def test_llamacpp_pads_n_ctx_and_sizes_interleaved_sliding_layers():
+    budget = _llamacpp(_mistral_v02(), 1000)
+    assert (budget.n_ctx_requested, budget.n_ctx) == (1000, 1024)
+    gemma = resolve_model("gpt-oss-20b")  # alternating sliding (128 tokens) and full layers
+    swa = _llamacpp(gemma, 32768)
+    sliding = gemma.num_sliding_layers
+    row = gemma.kv_heads * gemma.attention_head_dim * 2
+    cells = -(-(128 + 512) // 256) * 256  # min(n_ctx, pad(n_swa + n_ubatch, 256))
+    assert swa.kv_k == (sliding * cells + (gemma.num_layers - sliding) * 32768) * row
+
+
+def test_llamacpp_reads_the_layers_of_a_gguf_file(run_cli, tmp_path):
+    """A .gguf file's own tensors: the input embedding on the CPU, the blocks and the output layer on
+    the devices of the split, each to the byte."""
+    pytest.importorskip("gguf")
+    from test_gguf_file import llama_kv, llama_tensors, write_gguf
+
+    tensors = llama_tensors()
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", llama_kv, tensors)
+    result = run_cli("infer", str(path), "--engine", "llamacpp", "--gpu", "h100", "--tensor-split", "1,1", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)["llamacpp"]
+    from memcalc.gguf_file import read_gguf
+
+    stored = {tensor.name: tensor.nbytes for tensor in read_gguf(path).tensors}
+    devices = {device["name"]: device for device in document["devices"]}
+    assert devices["CPU"]["weights"] == stored["token_embd.weight"]
+    assert devices["CUDA0"]["layers"] == [0, 1]  # 3 slots: 0/3 and 1/3 below the 1/2 split
+    assert devices["CUDA0"]["weights"] == sum(size for name, size in stored.items() if name.startswith("blk."))
+    assert devices["CUDA1"]["output"] and devices["CUDA1"]["weights"] == (stored["output.weight"]
+                                                                         + stored["output_norm.weight"])
+
+
+# --- The command line -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("engine", "title", "key"), [
+    ("sglang", "SGLang start-up budget", "sglang"),
+    ("trtllm", "TensorRT-LLM start-up budget", "trtllm"),
+    ("llamacpp", "llama.cpp allocation per device", "llamacpp"),
+])
+def test_each_engine_budget_is_shown_and_in_json(engine, title, key, run_cli):
+    args = ("infer", "llama-3.1-8b", "--engine", engine, "--gpu", "h100", "--context", "8192")
+    text = run_cli(*args, columns=80)
+    assert text.exit_code == 0, text.stderr
+    assert title in text.stdout and "Source (" in text.stdout
+    assert all(len(line) <= 80 for line in text.stdout.splitlines())
+    document = json.loads(run_cli(*args, "--json").stdout)
+    assert "vllm" not in document and document[key]["source"] and document[key]["version"]
+    budget = document[key]
+    if key == "sglang":
+        assert budget["mem_fraction_static"] == 0.83 and budget["max_total_num_tokens"] > 0
+        assert budget["kv_cache"] == budget["static"] - budget["weights"]
+    elif key == "trtllm":
+        assert budget["kv_cache"] == int((budget["total_memory"] - budget["peak"]) * 0.9)
+    else:
+        assert budget["n_ctx"] == 8192 and budget["kv_cache"] == 8192 * 131_072 and budget["fits"]
+
+
+def test_engine_options_reach_their_budgets(run_cli):
+    base = ("infer", "llama-3.1-8b", "--gpu", "h100", "--json")
+    sglang = json.loads(run_cli(*base, "--engine", "sglang", "--memory-fraction", "0.7",
+                                "--max-num-batched-tokens", "4096").stdout)["sglang"]
+    assert sglang["mem_fraction_static"] == 0.7 and sglang["reserved_mib"] is None
+    assert sglang["chunked_prefill_size"] == 4096
+    trtllm = json.loads(run_cli(*base, "--engine", "trtllm", "--memory-fraction", "0.5").stdout)["trtllm"]
+    assert trtllm["free_gpu_memory_fraction"] == 0.5
+    llamacpp = json.loads(run_cli(*base, "--engine", "llamacpp", "--cache-type-k", "q8_0", "--cache-type-v", "q8_0",
+                                  "--compute-buffer", "300MiB", "--batch", "2").stdout)["llamacpp"]
+    assert llamacpp["n_ctx"] == 2 * 2048 and llamacpp["kv_k"] == 4096 * 32 * 1088
+    assert [device["compute"] for device in llamacpp["devices"] if device["name"] != "CPU"] == [300 * MiB]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--engine", "sglang"], "error: --engine sglang computes SGLang's start-up budget for a GPU: give --gpu"),
+    (["--engine", "trtllm"], "error: --engine trtllm computes TensorRT-LLM's start-up budget for a GPU"),
+    (["--engine", "llamacpp"], "error: --engine llamacpp computes llama.cpp's start-up budget for a GPU"),
+    (["--engine", "vllm", "--gpu", "h100", "--memory-fraction", "0.8"],
+     "error: --memory-fraction applies to --engine sglang or trtllm"),
+    (["--engine", "sglang", "--gpu", "h100", "--tensor-split", "1,1"],
+     "error: --tensor-split applies to --engine llamacpp"),
+    (["--engine", "sglang", "--gpu", "h100", "--memory-fraction", "1.5"], "error: --memory-fraction must be in (0, 1]"),
+    (["--engine", "llamacpp", "--gpu", "h100", "--cache-type-k", "q3"], "error: --cache-type-k: 'q3' is not one of"),
+    (["--engine", "llamacpp", "--gpu", "h100", "--cache-type-v", "q8_0", "--no-flash-attn"],
+     "error: --cache-type-v q8_0: llama.cpp quantizes the V cache only with flash attention"),
+    (["--engine", "llamacpp", "--gpu", "h100", "--tensor-split", "a,b"], "error: --tensor-split: 'a,b' is not a list"),
+    (["--engine", "llamacpp", "--gpu", "h100", "--tensor-split", "0,0"], "error: --tensor-split: give non-negative"),
+])
+def test_engine_budget_errors_are_one_line(args, message, run_cli):
+    result = run_cli("infer", "llama-3.1-8b", *args)
+    assert result.exit_code == 2 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("model", "engine", "message"), [
+    ("jamba-1.5-mini", "sglang", "Mamba or linear-attention layers"),
+    ("jamba-1.5-mini", "trtllm", "Mamba or linear-attention layers"),
+    ("deepseek-v2-lite", "llamacpp", "multi-head latent attention"),
+])
+def test_what_a_budget_does_not_model_is_refused(model, engine, message, run_cli):
+    result = run_cli("infer", model, "--engine", engine, "--gpu", "h100")
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.startswith("error: --engine")
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=4).filter(any), st.integers(0, 40))
+def test_llamacpp_split_properties(splits, n_gpu_layers):
+    """Every slot has one device, devices come in split order, the CPU only takes leading slots,
+    and the per-device KV caches sum to the whole."""
+    placement = llamacpp_layer_devices(32, tuple(float(s) for s in splits), n_gpu_layers)
+    assert len(placement) == 33
+    on_gpu = [device for device in placement if device is not None]
+    assert on_gpu == sorted(on_gpu) and len(on_gpu) == min(n_gpu_layers, 33)
+    assert placement[:33 - len(on_gpu)] == [None] * (33 - len(on_gpu))
+    assert all(splits[device] > 0 for device in on_gpu)
+    budget = _llamacpp(_mistral_v02(), 4096, tensor_split=tuple(float(s) for s in splits), n_gpu_layers=n_gpu_layers)
+    assert sum(device.kv_cache for device in budget.devices) == budget.kv_cache
+    assert all(isinstance(device.total, int) and device.total >= 0 for device in budget.devices)

@@ -201,9 +201,39 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
             scores = model.num_attention_heads * shape.seq_len * shape.seq_len * shape.batch_size
             # fp32 softmax output, and its cast to the compute dtype (the same tensor in fp32)
             saved += scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
+            saved += scores * probability_dropout_bytes(model, e)
     else:
-        saved += FP32_BYTES * tokens * model.num_attention_heads  # log-sum-exp per head and token
-    return saved
+        # log-sum-exp per head and token; with dropout the flash and memory-efficient kernels keep
+        # their RNG state (a seed and an offset), not a mask
+        saved += FP32_BYTES * tokens * model.num_attention_heads
+    return saved + residual_dropout_bytes(model, stream)
+
+
+# Dropout as CUDA runs nn.Dropout in training (the fused native_dropout: the input is not kept,
+# a 1-byte mask is; at::native::dropout). Measured with the reference decoder and the Hugging Face
+# GPT-2 class on fake tensors (docs/accuracy.md).
+MASK_BYTES = 1
+
+
+def probability_dropout_bytes(model: ModelConfig, element_bytes: int) -> int:
+    """Bytes per attention score that dropout of the eager probabilities adds: its mask; the
+    dropped copy, kept by ``probs @ v``, takes the place of the cast it was made from, except in
+    fp32, where the probabilities were not cast and the copy is new."""
+    if not model.attention_dropout:
+        return 0
+    return MASK_BYTES + (element_bytes if element_bytes == FP32_BYTES else 0)
+
+
+def residual_dropout_bytes(model: ModelConfig, stream: ActivationShape) -> int:
+    """GPT-2's and Phi's dropout of a sublayer's output before the residual add: its mask (the
+    dropped output goes to the add, which keeps nothing)."""
+    return stream.tokens * model.hidden_size * MASK_BYTES if model.residual_dropout else 0
+
+
+def embedding_dropout_bytes(model: ModelConfig, stream: ActivationShape) -> int:
+    """GPT-2's dropout of the embeddings' sum: its mask (the dropped sum replaces the sum as the
+    first norm's input)."""
+    return stream.tokens * model.hidden_size * MASK_BYTES if model.embedding_dropout else 0
 
 
 def attention_output_width(model: ModelConfig) -> int:
@@ -275,6 +305,52 @@ def mla_attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attent
     return saved
 
 
+# --- Per-op selective checkpointing (--recompute op) -----------------------------------------------
+#
+# torch.utils.checkpoint with a selective policy (create_selective_checkpoint_contexts): a
+# checkpointed layer keeps its input and the outputs of the ops the policy saves; everything else is
+# recomputed in backward, where the layer holds its whole saved set again while its backward runs.
+# torchtitan's op policy (torchtitan/models/llama3/parallelize_llama.py, the policy of its Dec 2024
+# Llama 3 benchmarks) saves the SDPA kernels' outputs and every other ``aten.mm`` of the layer's
+# forward, counting from the first; a projection with a bias runs ``addmm``, which it neither counts
+# nor saves. Measured against the reference decoder under that policy on fake tensors
+# (memcalc.validate.model.op_checkpoint_context; docs/accuracy.md).
+
+PROJECTION_ORDER = ("q", "k", "v", "o", "gate", "up", "down")  # the order a layer's forward runs them
+
+
+def layer_projections(model: ModelConfig) -> tuple[tuple[str, int, bool], ...]:
+    """(name, output width, has a bias) of a dense attention layer's projections, in forward order."""
+    q_width = model.num_attention_heads * model.attention_head_dim
+    kv_width = model.kv_heads * model.attention_head_dim
+    widths = {"q": q_width, "k": kv_width, "v": kv_width, "o": model.hidden_size,
+              "gate": model.intermediate_size, "up": model.intermediate_size, "down": model.hidden_size}
+    biases = {"q": model.qkv_bias, "k": model.qkv_bias, "v": model.qkv_bias, "o": model.attn_output_bias,
+              "gate": model.mlp_bias, "up": model.mlp_bias, "down": model.mlp_bias}
+    names = [name for name in PROJECTION_ORDER if name != "gate" or model.mlp is MLPKind.GATED]
+    return tuple((name, widths[name], biases[name]) for name in names)
+
+
+def torchtitan_sac_outputs(model: ModelConfig) -> tuple[str, ...]:
+    """What torchtitan's op policy keeps of one layer: the 1st, 3rd, ... bias-free projection and
+    the attention kernel."""
+    unbiased = [name for name, _width, bias in layer_projections(model) if not bias]
+    return tuple(unbiased[0::2]) + ("attention",)
+
+
+def op_checkpoint_bytes(model: ModelConfig, shape: ActivationShape, attention: str,
+                        outputs: tuple[str, ...]) -> int:
+    """Bytes a checkpointed layer keeps beyond its input: each saved projection's output in the
+    compute dtype and, for "attention" with an SDPA kernel, its output and fp32 log-sum-exp (an
+    eager attention runs no kernel the policy names: nothing)."""
+    tokens, e = shape.tokens, shape.element_bytes
+    saved = sum(tokens * width * e for name, width, _bias in layer_projections(model) if name in outputs)
+    if "attention" in outputs and attention != "eager":
+        heads = model.num_attention_heads
+        saved += tokens * heads * model.attention_head_dim * e + FP32_BYTES * tokens * heads
+    return saved
+
+
 def _mlp_saved_bytes(model: ModelConfig, tokens: int, width: int, e: int, gemm_input: Fraction | None = None) -> int:
     """Gated: gate output, activation output, up output, their product. Plain: up output, activation
     output. The last is the down projection's input: FP8 recipes keep it quantised."""
@@ -290,6 +366,7 @@ def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool)
     saved = norm_saved_bytes(model, h, stream) if pre_norms(model) else 0
     if post_norms(model):  # Gemma-2/3's and OLMo 2's norm of the MLP output
         saved += norm_saved_bytes(model, h, stream)
+    saved += residual_dropout_bytes(model, stream)
     if not moe_layer:
         consumers = 2 if model.mlp is MLPKind.GATED else 1
         return saved + _linear_inputs_bytes(shape.linear_input, h, consumers) + _mlp_saved_bytes(
@@ -322,13 +399,10 @@ def linear_weight_elements_per_layer(model: ModelConfig, moe_layer: bool) -> int
     return 0 if layer is None else layer.matmul_elements()
 
 
-def autocast_weight_cache_bytes(model: ModelConfig, element_bytes: int) -> int:
-    """The 16-bit copies of every layer's matmul weights that autocast keeps in its cast cache
-    until the autocast region ends (the whole forward: ``at::autocast`` caches casts of leaf tensors
-    that need gradients). Under full recompute the layers save none of them, but the forward still
-    holds all of them at its end (measured with transformers' classes on fake tensors: Qwen3-8B,
-    OLMo 2, Llama 4 text, 4 layers, amp-bf16)."""
-    from memcalc.estimate.inventory import MLPRole, layer_roles
-
-    return element_bytes * sum(linear_weight_elements_per_layer(model, role is MLPRole.MOE)
-                               for role in layer_roles(model))
+def autocast_weight_cache_bytes(model: ModelConfig, element_bytes: int, moe_layers) -> int:
+    """The 16-bit copies of the matmul weights of the layers ``moe_layers`` describes (one bool a
+    layer: MoE or not) that autocast keeps in its cast cache until the autocast region ends (the
+    whole forward: ``at::autocast`` caches casts of leaf tensors that need gradients). A checkpointed
+    layer saves none of them, but the forward still holds them at its end (measured with
+    transformers' classes on fake tensors: Qwen3-8B, OLMo 2, Llama 4 text, 4 layers, amp-bf16)."""
+    return element_bytes * sum(linear_weight_elements_per_layer(model, moe) for moe in moe_layers)

@@ -89,6 +89,9 @@ class TrainAssumptions:
     expandable_segments: bool = False
     lora: LoraSummary | None = None
     parallel: LayoutSummary | None = None
+    recompute_layers: int = 1  # full or op recompute on every Nth layer
+    sac_outputs: tuple[str, ...] = ()  # op recompute: what each checkpointed layer keeps
+    dropout: dict[str, float] | None = None  # site -> training dropout rate, the sites the model has
 
 
 class WeightOrigin(StrEnum):

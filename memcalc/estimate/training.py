@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memcalc.config import (
+    ActivationModel,
     LayerType,
+    MLPKind,
     Loss,
     ModelConfig,
     Optimizer,
@@ -24,25 +26,30 @@ from memcalc.config import (
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.activations import (
     autocast_weight_cache_bytes,
+    embedding_dropout_bytes,
     l2_qk_norm_saved_bytes,
     post_norms,
+    probability_dropout_bytes,
     attention_output_width,
     FP32_BYTES,
     INDEX_BYTES,
+    MASK_BYTES,
     ActivationShape,
     attention_saved_bytes,
     linear_weight_elements_per_layer,
     megatron_layer_activation_bytes,
     mlp_saved_bytes,
     norm_saved_bytes,
+    op_checkpoint_bytes,
     output_layer_activation_bytes,
+    torchtitan_sac_outputs,
 )
 from memcalc.estimate.assumptions import LayoutSummary, TrainAssumptions
 from memcalc.estimate.breakdown import MANAGED, Component, Estimate, Kind, RankView
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
 from memcalc.errors import InputError
 from memcalc.estimate import lora as lora_module
-from memcalc.estimate.inventory import MLPRole, layer_roles
+from memcalc.estimate.inventory import MLPRole, ParamCategory, build_inventory, layer_roles
 from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
 from memcalc.parallel import (
     ParallelConfig,
@@ -85,6 +92,9 @@ class ActivationPeaks:
     formula: str
     source: str
     layer: int = 0  # what the largest layer saves, with the stream into it: beside a gathered ZeRO-3 layer
+    # inside the layers' backward: the most that activations exceed the gradients not yet made
+    # (the phases add all the gradients); None where not modelled
+    beside_gradients: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +112,11 @@ class StagePlan:
     # PyTorch DTensor TP: SP inputs saved gathered; loss_parallel keeps one more fp32 logits tensor
     gathered_linear_inputs: bool = False
     loss_parallel: bool = False
+    # Pipelining: in-flight micro-batches (chunks) whose token ids this rank keeps (the embedding
+    # saves them) and whose received input it keeps for that input's gradient (Megatron's
+    # schedules.py input_tensors; the first norm saves an fp32 copy, not the received tensor)
+    token_ids: int = 1
+    received_inputs: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +140,10 @@ class ActivationContext:
     full: bool  # full recompute
     lora: bool
     adapter_bytes: int
+    # per layer of the stage: whether it runs under torch.utils.checkpoint (full or op recompute,
+    # every ``recompute_layers``-th layer counted on this rank, as torchtitan wraps a stage's blocks)
+    checkpointed: tuple[bool, ...] = ()
+    sac_outputs: tuple[str, ...] = ()  # op recompute: what each checkpointed layer keeps
 
     @property
     def model(self) -> ModelConfig:
@@ -142,6 +161,8 @@ class LayerStack:
     layers: int  # bytes the layers keep at the end of forward (micro-batches in flight included)
     average_layer: int
     others: int  # the layers but the last one
+    held: tuple[int, ...]  # per layer: what it keeps until its backward (its saved set, or a checkpoint's)
+    last_checkpointed: bool  # the last layer runs under checkpoint (its forward saves nothing for autograd)
 
     @property
     def last(self) -> tuple[int, int, int, int]:
@@ -166,27 +187,34 @@ def _activation_context(plan: StagePlan, settings: TrainSettings, recipe: Precis
     # upper triangle, both in the compute dtype
     scores_forward = scores * (2 * e + upcast + FP32_BYTES) + (2 * e * seq_len * seq_len if eager else 0)
     lora = settings.lora_rank is not None
+    every = settings.recompute_layers
+    checkpointed = tuple(settings.recompute.checkpoints_layers and (position + 1) % every == 0
+                         for position in range(model.num_layers))
+    sac_outputs = ()
+    if settings.recompute is Recompute.OP:
+        sac_outputs = settings.sac_save if settings.sac_save is not None else torchtitan_sac_outputs(model)
     return ActivationContext(
         plan, settings, recipe, shape, e, _bytes(recipe.grad_dtype), tokens, shape.stream.tokens,
         shape.stream.tokens * model.hidden_size * shape.stream_bytes, eager, "eager" if eager else "sdpa", scores,
-        upcast, scores_forward, settings.recompute is Recompute.FULL, lora,
-        _bytes(DType(settings.lora_dtype.value)) if lora else 0)
+        upcast, scores_forward, settings.recompute is Recompute.FULL and every == 1, lora,
+        _bytes(DType(settings.lora_dtype.value)) if lora else 0, checkpointed, sac_outputs)
 
 
 def _layer_stack(ctx: ActivationContext) -> LayerStack:
     model, shape, e, settings, recipe = ctx.model, ctx.shape, ctx.e, ctx.settings, ctx.recipe
-    recompute, full, eager, tokens = settings.recompute, ctx.full, ctx.eager, ctx.tokens
+    recompute, eager, tokens = settings.recompute, ctx.eager, ctx.tokens
+    # a checkpointed layer, recomputed in backward, holds what it would save without recompute
+    layer_recompute = Recompute.NONE if recompute.checkpoints_layers else recompute
     lora_live = {False: 0, True: 0}
 
     def layer(moe_layer: bool, first: bool = False, l2_qk_norm: bool = False) -> tuple[int, int, int, int]:
         """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
         if ctx.lora:  # a frozen base with adapters; the first layer's input needs no gradient
-            part = lora_module.lora_layer(model, shape, ctx.attention, Recompute.NONE if full else recompute, settings,
+            part = lora_module.lora_layer(model, shape, ctx.attention, layer_recompute, settings,
                                           ctx.adapter_bytes, moe_layer, input_grad=not first)
             lora_live[first] = part.forward_live
             return part.saved, part.before_scores, part.mlp, part.transient
-        # a fully recomputed layer saves, while it runs backward, what it would save without recompute
-        attention_part = attention_saved_bytes(model, shape, ctx.attention, Recompute.NONE if full else recompute)
+        attention_part = attention_saved_bytes(model, shape, ctx.attention, layer_recompute)
         if l2_qk_norm:  # Llama 4's rotary layers: the weightless L2 norm of q and k
             attention_part += l2_qk_norm_saved_bytes(model, shape)
         mlp_part = mlp_saved_bytes(model, shape, moe_layer)
@@ -195,8 +223,9 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
             saved += e * linear_weight_elements_per_layer(model, moe_layer)
         q_width = attention_output_width(model)
         before_scores = attention_part - tokens * q_width * e - (0 if eager else FP32_BYTES * tokens * model.num_attention_heads)
-        if eager and (recompute is Recompute.NONE or full):
-            before_scores -= ctx.scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
+        if eager and layer_recompute is Recompute.NONE:
+            before_scores -= ctx.scores * (FP32_BYTES + (e if e != FP32_BYTES else 0)
+                                           + probability_dropout_bytes(model, e))
         transient = _mlp_backward_transient(model, shape, moe_layer, ctx.grad_bytes)
         return saved, before_scores, mlp_part, transient
 
@@ -208,13 +237,19 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
     if ctx.lora:
         kinds[0] = (kinds[0][0], True, kinds[0][2])
     by_kind = {kind: layer(*kind) for kind in set(kinds)}
-    # Checkpointed layers keep only their input; the layer being recomputed holds all of its own.
-    layers = model.num_layers * ctx.stream if full else sum(by_kind[kind][0] for kind in kinds)
+    # Checkpointed layers keep their input (and, under op recompute, the outputs the policy saves);
+    # the layer being recomputed holds all of its own.
+    checkpoint_bytes = ctx.stream + (op_checkpoint_bytes(model, shape, ctx.attention, ctx.sac_outputs)
+                                     if recompute is Recompute.OP else 0)
+    held = tuple(checkpoint_bytes if checkpointed else by_kind[kind][0]
+                 for kind, checkpointed in zip(kinds, ctx.checkpointed or (False,) * len(kinds), strict=True))
+    layers = sum(held)
     # Pipeline ranks also hold the saved tensors of micro-batches (chunks) still in flight.
-    average_layer = ctx.stream if full else sum(by_kind[kind][0] for kind in kinds) // len(kinds)
+    average_layer = layers // len(kinds)
     layers += ctx.plan.extra_layers * average_layer
-    others = layers - (ctx.stream if full else by_kind[kinds[-1]][0])
-    return LayerStack(tuple(kinds), by_kind, lora_live, layers, average_layer, others)
+    others = layers - held[-1]
+    return LayerStack(tuple(kinds), by_kind, lora_live, layers, average_layer, others, held,
+                      bool(ctx.checkpointed) and ctx.checkpointed[-1])
 
 
 def _output_terms(ctx: ActivationContext, saved: int) -> tuple[int, int, int]:
@@ -262,30 +297,60 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
     model, shape, settings, e, tokens, full = ctx.model, ctx.shape, ctx.settings, ctx.e, ctx.tokens, ctx.full
     last_moe, last_first = stack.kinds[-1][0], stack.kinds[-1][1]
     forward = at_loss
-    if ctx.eager and settings.recompute is not Recompute.FULL:
+    if ctx.eager and not stack.last_checkpointed:
         forward = max(forward, embedding + stack.others + stack.last[1] + stack.lora_live[last_first]
                       + ctx.scores_forward)
     if full and ctx.lora and not last_moe:
         forward = max(forward, embedding + stack.layers + ctx.scores_forward
                       + lora_module.recompute_forward_bytes(model, shape, settings, ctx.adapter_bytes))
-    elif full:
-        # a layer run without saving: its MLP intermediates (activation, up, product) at once
-        forward = max(forward, embedding + stack.layers + 3 * e * tokens * _mlp_width(model) + ctx.scores_forward)
+    elif stack.last_checkpointed:
+        # a layer run without saving: its eager softmax beside the attention's inputs, then its MLP
+        # intermediates (activation, up, product) at once
+        in_attention = stack.last[1] + ctx.scores_forward if ctx.eager else 0
+        forward = max(forward, embedding + stack.layers + max(3 * e * tokens * _mlp_width(model), in_attention))
     if ctx.lora and not full and not last_moe:
         # the last layer's down projection: with a small vocabulary (or a dequantised NF4 weight)
         # this, not the loss, is the forward peak
         forward = max(forward, embedding + stack.layers + lora_module.mlp_forward_transient(
             model, shape, settings, ctx.adapter_bytes))
-    if full and ctx.recipe.autocast and not ctx.lora:
+    if ctx.recipe.autocast and not ctx.lora and any(ctx.checkpointed):
         # autocast's cast cache keeps every layer's 16-bit weight copies to the end of the forward,
         # though the checkpointed layers save none of them (measured with transformers' classes)
-        forward += autocast_weight_cache_bytes(model, e)
+        forward += autocast_weight_cache_bytes(model, e, (kind[0] for kind, checkpointed in zip(
+            stack.kinds, ctx.checkpointed, strict=True) if checkpointed))
     return forward
 
 
+@dataclass(frozen=True, eq=False)
+class StageGradients:
+    """Gradient bytes of a stage's parameters in the order backward makes them: per layer (and its
+    MLP's share, made before its attention's), and the embedding's, made last."""
+
+    layers: tuple[int, ...]
+    mlp: tuple[int, ...]
+    embedding: int
+
+
+def _stage_gradients(ctx: ActivationContext) -> StageGradients | None:
+    if ctx.lora:  # LoRA's few adapter gradients are left out
+        return None
+    inventory = build_inventory(ctx.model)
+
+    def size(tensors) -> int:
+        return ctx.grad_bytes * sum(tensor.numel * tensor.count for tensor in tensors)
+
+    mlp_categories = (ParamCategory.MLP, ParamCategory.EXPERTS, ParamCategory.ROUTER)
+    return StageGradients(tuple(size(layer.tensors) for layer in inventory.layers),
+                          tuple(size(t for t in layer.tensors if t.category in mlp_categories)
+                                for layer in inventory.layers),
+                          size(inventory.embeddings) if ctx.plan.first else 0)
+
+
 def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, saved: int, backward_output: int,
-                   head_grad: int) -> tuple[int, int]:
-    """Stage 5: the backward peak, layer by layer, and the extra bytes at its end (a tied head)."""
+                   head_grad: int, gradients: StageGradients | None) -> tuple[int, int, int | None]:
+    """Stage 5: the backward peak, layer by layer, the extra bytes at its end (a tied head), and,
+    given the stage's gradients, the most that activations exceed the gradients not yet made at
+    some layer's backward (the phases add every gradient)."""
     model, shape, settings, e, tokens, full = ctx.model, ctx.shape, ctx.settings, ctx.e, ctx.tokens, ctx.full
     h, recompute, scores = model.hidden_size, settings.recompute, ctx.scores
     backward = saved + backward_output
@@ -293,23 +358,50 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
     held = head_grad if model.tie_word_embeddings else 0
     # Inside each layer backward reaches (recomputed first under full recompute): its MLP's
     # gradients, then its attention's (eager: gradients of the scores, fp32 softmax gradients).
-    # Layers of one kind peak at the last of them, which backward reaches with the most still saved.
     incoming = ctx.stream_tokens * h * e
     # a Gemma-2 style norm after the MLP has run its backward (and freed its inputs) by then
     after_mlp_norm = norm_saved_bytes(model, h, shape) if post_norms(model) else 0
     below = 0  # saved by the layers before this one
     kinds = stack.kinds
+    checkpointed = ctx.checkpointed or (False,) * len(kinds)
+    # a checkpointed layer's input, kept by its checkpoint while the layer runs its backward
+    # (LoRA's branch below adds it itself)
+    kept_input = 0 if ctx.lora else ctx.stream
+    # the MLP output's dropout has run its backward before the MLP's: its gradient replaces its mask
+    mlp_dropout_backward = (e - MASK_BYTES) * ctx.stream_tokens * h if model.residual_dropout else 0
+    not_made = gradients.embedding if gradients else 0  # the embedding's, made last
+    beside_gradients = None
+
+    def in_scores_backward(layer_saved: int, layer_mlp: int) -> int:
+        """An eager layer inside its scores' backward, its MLP's backward done: what it saved but its
+        MLP part (and, the dropout's backward run, its mask), with the score gradients."""
+        recomputed_scores = scores * (FP32_BYTES + e) if recompute is Recompute.SELECTIVE else 0
+        score_gradients = scores * (e + FP32_BYTES)
+        dropout_freed = 0 if recompute is Recompute.SELECTIVE else scores * probability_dropout_bytes(model, e)
+        return layer_saved - layer_mlp - dropout_freed + max(recomputed_scores + score_gradients,
+                                                             ctx.scores_forward if recomputed_scores else 0)
+
     for index, kind in enumerate(kinds):
         layer_saved, _before_scores, _mlp, layer_transient = stack.by_kind[kind]
-        if index + 1 == len(kinds) or kinds[index + 1] != kind:
-            base = embedding + below + held + incoming + ctx.plan.extra_layers * stack.average_layer
-            if ctx.lora and full:
-                base += ctx.stream  # the recomputed layer's input, kept by its checkpoint
-                if not kind[0]:  # recomputing its forward (saving this time) holds the MLP's forward transients
-                    backward = max(backward, base - ctx.stream + layer_saved + lora_module.mlp_forward_transient(
-                        model, shape, settings, ctx.adapter_bytes))
-            backward = max(backward, base + layer_saved - after_mlp_norm + layer_transient)
-        below += ctx.stream if full else layer_saved
+        base = embedding + below + held + incoming + ctx.plan.extra_layers * stack.average_layer
+        base += kept_input if checkpointed[index] else 0
+        if ctx.lora and full:
+            base += ctx.stream  # the recomputed layer's input, kept by its checkpoint
+            if not kind[0]:  # recomputing its forward (saving this time) holds the MLP's forward transients
+                backward = max(backward, base - ctx.stream + layer_saved + lora_module.mlp_forward_transient(
+                    model, shape, settings, ctx.adapter_bytes))
+        in_layer_backward = base + layer_saved - after_mlp_norm + layer_transient + mlp_dropout_backward
+        backward = max(backward, in_layer_backward)
+        if gradients:
+            # this layer's gradients and those of the layers below it are not made yet
+            not_made += gradients.layers[index]
+            beside = in_layer_backward - not_made
+            if ctx.eager:  # later in the layer, its MLP's gradients made
+                in_scores = base + in_scores_backward(layer_saved, _mlp)
+                backward = max(backward, in_scores)
+                beside = max(beside, in_scores - not_made + gradients.mlp[index])
+            beside_gradients = beside if beside_gradients is None else max(beside_gradients, beside)
+        below += stack.held[index]
     last_saved, last_before_scores, last_mlp, _ = stack.last
     in_layer = embedding + stack.others + held + incoming
     if ctx.lora and ctx.eager and recompute is Recompute.SELECTIVE:
@@ -318,10 +410,7 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
         backward = max(backward, embedding + stack.others + incoming + tokens * attention_output_width(model) * e
                        + last_before_scores + ctx.scores_forward)
     if ctx.eager:
-        recomputed_scores = scores * (FP32_BYTES + e) if recompute is Recompute.SELECTIVE else 0
-        score_gradients = scores * (e + FP32_BYTES)
-        backward = max(backward, in_layer + last_saved - last_mlp + max(recomputed_scores + score_gradients,
-                                                                          ctx.scores_forward if recomputed_scores else 0))
+        backward = max(backward, in_layer + in_scores_backward(last_saved, last_mlp))
     if ctx.lora and ctx.plan.last:
         # the frozen final norm's backward, once the loss and the head have run theirs
         backward = max(backward, saved + lora_module.final_norm_backward_bytes(model, ctx.stream_tokens, e,
@@ -330,7 +419,7 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
     end_extra = 2 * head_grad if model.tie_word_embeddings else 0
     if model.tie_word_embeddings:
         backward = max(backward, 3 * head_grad)
-    return backward, end_extra
+    return backward, end_extra, beside_gradients
 
 
 def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe) -> ActivationPeaks:
@@ -339,7 +428,10 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     ctx = _activation_context(plan, settings, recipe)
     model, shape, e, h = ctx.model, ctx.shape, ctx.e, ctx.model.hidden_size
     stack = _layer_stack(ctx)
-    embedding = INDEX_BYTES * ctx.tokens * (plan.first + plan.last)  # token ids (first stage) and labels (last)
+    # token ids (first stage, each micro-batch in flight) and labels (last), received stage inputs
+    embedding = INDEX_BYTES * ctx.tokens * (plan.token_ids * plan.first + plan.last) + plan.received_inputs * ctx.stream
+    if plan.first:  # the embeddings' dropout mask
+        embedding += embedding_dropout_bytes(model, shape.stream)
     head_weight_copy = e * model.vocab_size * h if recipe.autocast else 0
     head_input = shape.linear_input.tokens * h * e
     final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
@@ -348,11 +440,16 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     saved = embedding + stack.layers + final
     at_loss, backward_output, head_grad = _output_terms(ctx, saved)
     forward = _forward_peak(ctx, stack, embedding, at_loss)
-    backward, end_extra = _backward_peak(ctx, stack, embedding, saved, backward_output, head_grad)
+    if not plan.last:  # a pipeline stage that sends its output
+        forward = max(forward, saved + _stage_end_bytes(ctx, stack))
+    backward, end_extra, beside_gradients = _backward_peak(ctx, stack, embedding, saved, backward_output, head_grad,
+                                                           _stage_gradients(ctx))
+    if plan.first and not plan.last and not settings.optimizer_in_backward:  # pipelining accumulates gradients
+        end_extra = max(end_extra, _first_stage_backward_end(ctx, stack))
     incoming = ctx.stream_tokens * h * e
-    largest_layer = ctx.stream if ctx.full else max(parts[0] for parts in stack.by_kind.values())
+    largest_layer = max(stack.held)
     return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD,
-                           largest_layer + incoming)
+                           largest_layer + incoming, beside_gradients)
 
 
 def _mlp_width(model: ModelConfig) -> int:
@@ -372,7 +469,13 @@ def _mlp_backward_transient(model: ModelConfig, shape: ActivationShape, moe_laye
         width = moe.expert_intermediate_size
         # one expert at a time, plus the full-size gradient of the gathered tokens being summed
         return grad_bytes * h * width + e * per_expert * width + e * tokens * h
-    return grad_bytes * h * model.intermediate_size + e * tokens * model.intermediate_size
+    width = model.intermediate_size
+    down = grad_bytes * h * width + e * tokens * width
+    if model.mlp is MLPKind.GATED:
+        # then the product's backward: the gradients of the product, the activation and the up
+        # projection at once, where the product itself is freed
+        return max(down, 2 * e * tokens * width)
+    return down
 
 
 def _megatron_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe,
@@ -438,15 +541,56 @@ def resolve_recipe(settings: TrainSettings, parallel: ParallelConfig) -> Precisi
 
 def _stage_plan(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers, seq_len: int) -> StagePlan:
     tp, pp = parallel.tp, parallel.pp
-    extra = max(0, inflight_chunks(parallel, stage.rank) * model.num_layers // (pp * parallel.vpp) - stage.layers)
+    # in flight: chunks of this rank's own size (uneven stages: n_r / vpp layers each)
+    extra = max(0, inflight_chunks(parallel, stage.rank) * stage.layers // parallel.vpp - stage.layers)
     if tp == 1 and pp == 1 and parallel.cp == 1 and not parallel.vocab_padded:
         return StagePlan(model, seq_len, 1, True, True, extra)
     local = _stage_layers_model(tensor_parallel_model(model, tp, padded_vocab(model, parallel)), stage)
     # under pipelining a tied embedding is two copies, each with its own gradient
     local = replace(local, tie_word_embeddings=model.tie_word_embeddings and pp == 1)
     dtensor = parallel.tp_impl is TPImpl.DTENSOR and tp > 1
+    received = _received_inputs(parallel, stage.rank)
     return StagePlan(local, seq_len // parallel.cp, tp if parallel.sp else 1, stage.first, stage.last, extra,
-                     gathered_linear_inputs=dtensor and parallel.sp, loss_parallel=dtensor)
+                     gathered_linear_inputs=dtensor and parallel.sp, loss_parallel=dtensor,
+                     token_ids=inflight_chunks(parallel, stage.rank) - received, received_inputs=received)
+
+
+def _stage_end_bytes(ctx: ActivationContext, stack: LayerStack) -> int:
+    """A stage that sends its output has no loss: its forward peaks at the end of its last layer,
+    where hidden-size tensors beyond the saved ones are alive: the residual after attention, the
+    attention output, the MLP output and the block output (the reference decoder's ``Block``,
+    measured in ``memcalc.validate.pipeline``; Hugging Face's and torchtitan's blocks drop the
+    attention output one tensor earlier), one more in an MoE block with shared experts (routed
+    output, shared output and their sum), and the layer's input, which the caller holds, unless it
+    is the received input (counted already) or a checkpoint keeps it."""
+    moe = ctx.model.moe
+    streams = 4 + (stack.kinds[-1][0] and moe is not None and moe.num_shared_experts > 0)
+    if (len(stack.kinds) > 1 or ctx.plan.first) and not stack.last_checkpointed:
+        streams += 1
+    return streams * ctx.stream
+
+
+def _first_stage_backward_end(ctx: ActivationContext, stack: LayerStack) -> int:
+    """The first pipeline stage at the end of one micro-batch's backward: the embedding's new
+    gradient (V x h, before it is added into the accumulated one: Megatron adds ``param.grad``
+    into its grad buffer) and the gradient of the embedding output, while the other micro-batches
+    in flight keep their saved tensors and token ids (measured in ``memcalc.validate.pipeline``)."""
+    plan, model = ctx.plan, ctx.model
+    others = plan.extra_layers * stack.average_layer + INDEX_BYTES * ctx.tokens * (plan.token_ids - 1)
+    return others + model.vocab_size * model.hidden_size * ctx.grad_bytes + ctx.stream
+
+
+def _received_inputs(parallel: ParallelConfig, rank: int) -> int:
+    """In-flight chunks whose input came from the previous rank: all of them but, on the first
+    rank, those of chunk 0 (they start from the embedding). Megatron's interleaved schedule runs
+    forward ``k`` on chunk ``(k // pp) % vpp`` (``schedules.py``, ``get_model_chunk_id``)."""
+    pp = parallel.pp
+    if pp == 1:
+        return 0
+    inflight = inflight_chunks(parallel, rank)
+    if rank > 0:
+        return inflight
+    return sum(1 for k in range(inflight) if (k // pp) % parallel.vpp)
 
 
 def _stage_layers_model(model: ModelConfig, stage: StageLayers) -> ModelConfig:
@@ -461,6 +605,50 @@ def _stage_layers_model(model: ModelConfig, stage: StageLayers) -> ModelConfig:
         moe = replace(moe, first_dense_layers=stage.dense_layers)
     types = tuple(model.layer_types[index] for index in stage.indices) if model.layer_types else ()
     return replace(model, num_layers=stage.layers, moe=moe, layer_types=types)
+
+
+def check_recompute(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
+                    recipe: PrecisionRecipe) -> None:
+    """Per-op and every-Nth-layer checkpointing were measured on dense attention layers on one
+    tensor-parallel rank; elsewhere the estimate is refused rather than guessed."""
+    op, every = settings.recompute is Recompute.OP, settings.recompute_layers > 1
+    if not (op or every):
+        return
+    what = "--recompute op" if op else "--recompute-layers"
+    if settings.activation_model is not ActivationModel.ARCH:
+        raise InputError(f"{what} has no Megatron formula (Korthikanti et al. 2022 cover none, selective and full): "
+                         "use --activation-model arch")
+    if op:
+        reasons = [reason for reason, applies in (
+            ("MoE layers", model.moe is not None), ("multi-head latent attention", model.mla is not None),
+            ("FP8 GEMM inputs", recipe.gemm_input_bytes is not None), ("tensor parallelism", parallel.tp > 1),
+        ) if applies]
+        if reasons:
+            raise InputError(f"{what} is modelled for dense attention layers on one tensor-parallel rank, not with "
+                             f"{' and '.join(reasons)}: use --recompute full or selective")
+
+
+def with_dropout(model: ModelConfig, settings: TrainSettings) -> ModelConfig:
+    """``model`` with ``settings.dropout`` on every dropout its architecture has (None: as the
+    config says). Dropout is modelled for the reference blocks without LoRA; elsewhere refused."""
+    if settings.dropout is not None:
+        model = replace(model, attention_dropout=settings.dropout,
+                        embedding_dropout=None if model.embedding_dropout is None else settings.dropout,
+                        residual_dropout=None if model.residual_dropout is None else settings.dropout)
+    rates = {"attention": model.attention_dropout, "embedding": model.embedding_dropout or 0.0,
+             "residual": model.residual_dropout or 0.0}
+    active = [f"{site} {rate:g}" for site, rate in rates.items() if rate]
+    if active and (settings.lora_rank is not None or model.mla is not None):
+        what = "LoRA" if settings.lora_rank is not None else "multi-head latent attention"
+        raise InputError(f"{model.name} trains with dropout ({', '.join(active)}): not modelled with {what}; "
+                         "--dropout 0 estimates without it")
+    return model
+
+
+def _dropout_sites(model: ModelConfig) -> dict[str, float]:
+    sites = {"attention": model.attention_dropout, "embedding": model.embedding_dropout,
+             "residual": model.residual_dropout}
+    return {site: rate for site, rate in sites.items() if rate is not None}
 
 
 def check_trainable(model: ModelConfig) -> None:
@@ -729,6 +917,10 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
         accumulating = max(gpu_gradients, min(gpu_gradients + working.unit_gradients, unsharded))
         forward = static + gathered + peaks.forward
         backward = static + gathered + max(peaks.backward, accumulating + peaks.end_of_backward_extra)
+        if peaks.beside_gradients is not None and not parallel.shards_gradients and not on_cpu.get("gradients"):
+            # a layer's backward beside the gradients made by then (checkpointed layers and small
+            # batches put the backward peak here, not at the loss)
+            backward = max(backward, static + gathered + gpu_gradients + peaks.beside_gradients)
     step_gradients = 0 if in_backward or step.accumulating_fp32 else gpu_gradients
     phases = {"forward": forward, "backward": backward,
               "optimizer_step": static + step_gradients
@@ -829,7 +1021,8 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     if megatron is not None:
         references = (Component("activations_megatron", "Activations, Megatron formula (reference)", megatron.forward,
                                 Kind.DYNAMIC, megatron.formula, megatron.source),)
-    name = "all ranks" if parallel.pp == 1 else ("first stage" if stage.first else "last stage")
+    name = ("all ranks" if parallel.pp == 1 else "first stage" if stage.first else "last stage" if stage.last
+            else f"middle stage {stage.rank}")
     parameters = states.held.total + (count_params(model).total if settings.lora_rank is not None else 0)
     return RankView(name, stage.rank, parameters, tuple(components), phases, references)
 
@@ -901,14 +1094,19 @@ def _sharding_text(parallel: ParallelConfig, has_experts: bool) -> str:
 def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig | None = None) -> Estimate:
     """Memory of one training step on the most loaded rank of ``parallel`` (one device by default)."""
     parallel = parallel or ParallelConfig()
+    model = with_dropout(model, settings)
     check_trainable(model)
     params = count_params(model)
     recipe = resolve_recipe(settings, parallel)
+    check_recompute(model, settings, parallel, recipe)
     seq_len = resolve_seq_len(model, settings.seq_len)
     check_layout(model, parallel, seq_len, settings.attention)
-    views = tuple(_rank_view(model, settings, parallel, recipe, seq_len, stage_layers(model, parallel, rank))
-                  for rank in pipeline_ranks(parallel))
-    busiest = max(views, key=lambda view: view.total)
+    candidates = tuple(_rank_view(model, settings, parallel, recipe, seq_len, stage_layers(model, parallel, rank))
+                       for rank in pipeline_ranks(parallel, model))
+    busiest = max(candidates, key=lambda view: view.total)
+    # the ends are always reported; a middle rank (uneven stages, or stages of other layer kinds)
+    # when it is the busiest
+    views = tuple(view for view in candidates if view.pipeline_rank in (0, parallel.pp - 1) or view is busiest)
 
     num_params = params.total
     weights = storage_bytes(num_params, recipe.weight_dtype)
@@ -940,9 +1138,26 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         optimizer_in_backward=settings.optimizer_in_backward, grad_accum=settings.grad_accum,
         paged_optimizer=settings.paged_optimizer, expandable_segments=settings.expandable_segments, lora=lora,
         parallel=None if parallel.is_single_device else _layout_summary(model, parallel, busiest),
+        recompute_layers=settings.recompute_layers,
+        sac_outputs=(settings.sac_save or torchtitan_sac_outputs(model)) if settings.recompute is Recompute.OP else (),
+        dropout=_dropout_sites(model),
     )
     return Estimate(model, params, resolved, busiest.components, references=busiest.references,
                     checkpoint=checkpoint, phases=busiest.phases, ranks=views if not parallel.is_single_device else ())
+
+
+def estimate_pipeline_rank(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
+                           rank: int) -> RankView:
+    """One pipeline rank's step, whichever rank (``estimate_training`` reports the ends and the
+    busiest); what ``memcalc.validate.pipeline`` measures."""
+    check_trainable(model)
+    recipe = resolve_recipe(settings, parallel)
+    check_recompute(model, settings, parallel, recipe)
+    seq_len = resolve_seq_len(model, settings.seq_len)
+    check_layout(model, parallel, seq_len, settings.attention)
+    if not 0 <= rank < parallel.pp:
+        raise InputError(f"pipeline rank {rank} is not one of the {parallel.pp} ranks")
+    return _rank_view(model, settings, parallel, recipe, seq_len, stage_layers(model, parallel, rank))
 
 
 def _layout_summary(model: ModelConfig, parallel: ParallelConfig, busiest: RankView) -> LayoutSummary:

@@ -111,14 +111,18 @@ def run_training_validation(
     if impl == "hf" and settings.lora_rank is not None:
         raise InputError("LoRA is measured on the reference decoder: use --impl reference")
     if impl == "hf":
-        if settings.loss.value == "chunked" or settings.recompute.value == "selective":
+        if (settings.loss.value == "chunked" or settings.recompute.value in ("selective", "op")
+                or settings.recompute_layers > 1):
             raise InputError("--impl hf measures transformers' own loss and recompute: use --loss full and "
-                             "--recompute none or full")
+                             "--recompute none or full on every layer")
         if model.moe is not None and device == "fake":
             raise InputError("--impl hf: transformers routes MoE tokens by their values, which fake tensors do "
                              "not have; use --device cuda or cpu, or --impl reference")
+    from memcalc.estimate.training import with_dropout
     from memcalc.precision import recipe_for
     from memcalc.validate.run import TrainWorkload, measure_training
+
+    model = with_dropout(model, settings)  # --dropout sets the rates the measured model runs with
 
     if device == "cuda":
         check_fits(estimate, force)
@@ -131,6 +135,8 @@ def run_training_validation(
         seq_len=resolve_seq_len(model, settings.seq_len),
         attention=settings.attention.value,
         recompute=settings.recompute.value,
+        recompute_layers=settings.recompute_layers,
+        sac_save=settings.sac_save,  # None: torchtitan's counting policy, run as torchtitan runs it
         loss=settings.loss.value,
         impl=impl,
         lora_rank=settings.lora_rank,

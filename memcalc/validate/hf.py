@@ -32,12 +32,14 @@ def transformers_config(model: ModelConfig) -> Any:
         return transformers.GPT2Config(
             n_embd=model.hidden_size, n_layer=model.num_layers, n_head=model.num_attention_heads,
             n_inner=model.intermediate_size, n_positions=model.max_position_embeddings, activation_function="gelu_pytorch_tanh",
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+            resid_pdrop=model.residual_dropout or 0.0, embd_pdrop=model.embedding_dropout or 0.0,
+            attn_pdrop=model.attention_dropout, **common,
         )
     llama_like = dict(
         hidden_size=model.hidden_size, num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.kv_heads, intermediate_size=model.intermediate_size,
-        max_position_embeddings=model.max_position_embeddings, head_dim=model.attention_head_dim, **common,
+        max_position_embeddings=model.max_position_embeddings, head_dim=model.attention_head_dim,
+        attention_dropout=model.attention_dropout, **common,
     )
     if model.mlp is not MLPKind.GATED:
         raise InputError(f"--impl hf: no transformers class known for {model.name}'s plain MLP with rotary positions")

@@ -12,6 +12,7 @@ Parameter names and shapes match ``memcalc.estimate.params.count_params`` tensor
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -80,9 +81,58 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``nn.Dropout`` in training as CUDA runs it: the fused ``native_dropout``, which keeps a
+    1-byte mask (on the CPU ``F.dropout`` multiplies by a noise tensor in the input's dtype
+    instead; ``at::native::dropout``, ``is_fused_kernel_acceptable``)."""
+    if not p or not torch.is_grad_enabled():
+        return x
+    return torch.native_dropout(x, p, True)[0]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0,
+         scale: float | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; with dropout on fake tensors, CUDA's flash kernel
+    (it keeps its RNG state, not a mask: the CPU would run the math path and materialise the
+    scores), whose meta function gives CUDA's shapes."""
+    if dropout_p and torch.is_grad_enabled() and _is_fake(q):
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            q, k, v = (t.to(dtype) for t in (q, k, v))
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, causal, False, scale=scale)[0]
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=groups > 1, scale=scale,
+                                          dropout_p=dropout_p if torch.is_grad_enabled() else 0.0)
+
+
+@contextlib.contextmanager
+def cuda_dropout_rules():
+    """Inside, ``F.dropout`` and ``F.scaled_dot_product_attention`` with dropout follow CUDA's
+    kernels as ``dropout`` and ``sdpa`` above do, for classes that call them (transformers')."""
+    plain_dropout, plain_sdpa = F.dropout, F.scaled_dot_product_attention
+
+    def patched_dropout(input, p=0.5, training=True, inplace=False):
+        return dropout(input, p) if training else input
+
+    def patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):
+        if dropout_p and torch.is_grad_enabled() and _is_fake(query) and attn_mask is None:
+            return sdpa(query, key, value, is_causal, dropout_p, scale)
+        return plain_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+
+    F.dropout, F.scaled_dot_product_attention = patched_dropout, patched_sdpa
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention = plain_dropout, plain_sdpa
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention with materialised scores, as Hugging Face's ``eager_attention_forward``
-    (grouped K/V heads repeated to the query heads first, ``repeat_kv``)."""
+    (grouped K/V heads repeated to the query heads first, ``repeat_kv``; dropout of the
+    probabilities after their cast)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -91,7 +141,7 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
     mask = torch.full((seq, seq), float("-inf"), device=q.device, dtype=scores.dtype).triu(1)
     probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
+    return torch.matmul(dropout(probs, dropout_p), v)
 
 
 class Attention(nn.Module):
@@ -109,6 +159,7 @@ class Attention(nn.Module):
         self.qk_norm = model.qk_norm
         self.rotary = model.position_embedding is PositionKind.ROTARY
         self.attention = attention
+        self.dropout_p = model.attention_dropout
         # Selective recompute (Korthikanti et al. 2022 sec. 5): the score computation is redone in
         # backward; only eager attention stores scores, so only it has anything to drop.
         self.recompute_scores = recompute == "selective" and attention == "eager"
@@ -133,15 +184,14 @@ class Attention(nn.Module):
                 past_k, past_v = cache[layer_index]
                 k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
             cache[layer_index] = (k, v)
-        groups = self.num_heads // self.num_kv_heads
         if self.attention != "eager":
             # SDPA reads grouped K/V heads directly (enable_gqa, as transformers' sdpa_attention_forward
             # on PyTorch >= 2.5); a single new token attends to the whole cache without a mask.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=groups > 1)
+            out = sdpa(q, k, v, seq > 1, self.dropout_p)
         elif self.recompute_scores and torch.is_grad_enabled():
-            out = checkpoint(eager_attention, q, k, v, use_reentrant=False)
+            out = checkpoint(eager_attention, q, k, v, self.dropout_p, use_reentrant=False)
         else:
-            out = eager_attention(q, k, v)
+            out = eager_attention(q, k, v, self.dropout_p)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -315,13 +365,14 @@ class Block(nn.Module):
         self.extra_norms = nn.ModuleList(make_norm(model, model.hidden_size) for _ in range(model.norms_per_layer - 2))
         uses_experts = model.moe is not None and layer_index >= model.moe.first_dense_layers
         self.mlp = MoE(model) if uses_experts else MLP(model, model.intermediate_size)
+        self.residual_dropout = model.residual_dropout or 0.0  # GPT-2's resid_dropout and MLP dropout
 
     def forward(self, x: torch.Tensor, rope, cache=None, layer_index: int = 0) -> torch.Tensor:
-        attn_out = self.attn(self.input_norm(x), rope, cache, layer_index)
+        attn_out = dropout(self.attn(self.input_norm(x), rope, cache, layer_index), self.residual_dropout)
         if len(self.extra_norms) == 2:  # Gemma-2 sandwich norms
             attn_out = self.extra_norms[0](attn_out)
         x = x + attn_out
-        mlp_out = self.mlp(self.post_attention_norm(x))
+        mlp_out = dropout(self.mlp(self.post_attention_norm(x)), self.residual_dropout)
         if len(self.extra_norms) == 2:
             mlp_out = self.extra_norms[1](mlp_out)
         return x + mlp_out
@@ -330,7 +381,10 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """Decoder-only LM. ``recompute="full"`` checkpoints every block (non-reentrant)."""
 
-    def __init__(self, model: ModelConfig, attention: str = "sdpa", recompute: str = "none"):
+    def __init__(self, model: ModelConfig, attention: str = "sdpa", recompute: str = "none",
+                 recompute_layers: int = 1, sac_save: tuple[str, ...] | None = None):
+        """``recompute="op"`` checkpoints every block with a per-op policy (``op_checkpoint_policy``);
+        ``recompute_layers=N`` checkpoints only every Nth block (torchtitan's layer option)."""
         super().__init__()
         self.config = model
         self.embed_tokens = nn.Embedding(model.vocab_size, model.hidden_size)
@@ -340,6 +394,11 @@ class Decoder(nn.Module):
         self.final_norm = make_norm(model, model.hidden_size)
         self.lm_head = None if model.tie_word_embeddings else nn.Linear(model.hidden_size, model.vocab_size, bias=False)
         self.recompute = recompute
+        self.checkpointed = tuple(recompute in ("full", "op") and (index + 1) % recompute_layers == 0
+                                  for index in range(model.num_layers))
+        self.sac_context = None
+        if recompute == "op":
+            self.sac_context = op_checkpoint_context(self, sac_save)
         # multi-head latent attention rotates only the qk_rope_head_dim part of queries and keys
         head_dim = model.mla.qk_rope_head_dim if model.mla is not None else model.attention_head_dim
         self.register_buffer(
@@ -363,10 +422,14 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.position_embedding is PositionKind.LEARNED:
             x = x + self.embed_positions(torch.arange(seq, device=input_ids.device))
+        x = dropout(x, self.config.embedding_dropout or 0.0)
         rope = self.rope(seq, x.dtype, x.device)
-        for layer in self.layers:
-            if self.recompute == "full" and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, use_reentrant=False)
+        for layer, checkpointed in zip(self.layers, self.checkpointed, strict=True):
+            if checkpointed and torch.is_grad_enabled():
+                if self.sac_context is not None:
+                    x = checkpoint(layer, x, rope, use_reentrant=False, context_fn=self.sac_context)
+                else:
+                    x = checkpoint(layer, x, rope, use_reentrant=False)
             else:
                 x = layer(x, rope)
         return self.final_norm(x)
@@ -388,6 +451,64 @@ class Decoder(nn.Module):
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, cache, index)
         return F.linear(self.final_norm(x[:, -1:, :]), self.output_weight())
+
+
+# --- Per-op selective activation checkpointing -----------------------------------------------------
+#
+# torchtitan's op policy (torchtitan/models/llama3/parallelize_llama.py, Dec 2024, the policy of its
+# published Llama 3 benchmarks): inside each checkpointed block, save the outputs of the SDPA kernels
+# and of every other ``aten.mm`` (the 1st, 3rd, ... of the block's forward; a linear with a bias runs
+# ``addmm`` and is neither counted nor saved), recompute everything else. The CPU's flash kernel
+# stands in for CUDA's (same outputs: the attention output and an fp32 log-sum-exp per head and
+# token). An explicit list saves the named projections' outputs (mm or addmm) and, with
+# "attention", the SDPA kernel's.
+
+SDPA_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+PROJECTION_MODULES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+                      "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+class _CurrentProjection:
+    """The projection whose forward is running (set by module hooks, in forward and recompute)."""
+
+    name: str | None = None
+
+
+def op_checkpoint_context(decoder: nn.Module, sac_save: tuple[str, ...] | None):
+    """A ``context_fn`` for ``torch.utils.checkpoint`` applying the per-op policy."""
+    from collections import defaultdict
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    sdpa = {getattr(torch.ops.aten, name).default for name in SDPA_OPS if hasattr(torch.ops.aten, name)}
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+    current = _CurrentProjection()
+    if sac_save is not None:
+        for layer in decoder.layers:
+            for name, module in layer.named_modules():
+                role = PROJECTION_MODULES.get(name.rsplit(".", 1)[-1])
+                if role is not None:
+                    module.register_forward_pre_hook(lambda _m, _a, role=role: setattr(current, "name", role))
+                    module.register_forward_hook(lambda _m, _a, _o: setattr(current, "name", None))
+
+    def context():
+        counts: dict[str, int] = defaultdict(int)
+
+        def policy(ctx, func, *args, **kwargs):
+            if sac_save is None:
+                key = "recompute" if ctx.is_recompute else "forward"
+                if func == torch.ops.aten.mm.default:
+                    counts[key] += 1
+                save = func in sdpa or (func == torch.ops.aten.mm.default and counts[key] % 2 == 1)
+            else:
+                save = ((func in sdpa and "attention" in sac_save)
+                        or (func in matmuls and current.name in sac_save))
+            return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+        return create_selective_checkpoint_contexts(policy)
+
+    return context
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from memcalc.config import ModelConfig
-from memcalc.validate.model import Decoder, apply_lora, causal_lm_loss, chunked_causal_lm_loss
+from memcalc.validate.model import Decoder, apply_lora, causal_lm_loss, chunked_causal_lm_loss, cuda_dropout_rules
 from memcalc.validate.tracker import CUDA_BLOCK_BYTES, LiveBytesTracker
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -33,7 +33,9 @@ class TrainWorkload:
     batch_size: int = 1
     seq_len: int = 512
     attention: str = "sdpa"  # eager | sdpa (flash runs as sdpa: PyTorch picks the flash kernel on CUDA)
-    recompute: str = "none"  # none | selective | full
+    recompute: str = "none"  # none | selective | full | op (per-op policy, memcalc.validate.model)
+    recompute_layers: int = 1  # checkpoint every Nth block (full or op)
+    sac_save: tuple[str, ...] | None = None  # op: the outputs saved (None: torchtitan's policy)
     loss: str = "full"  # full | chunked
     impl: str = "reference"  # reference (memcalc.validate.model) | hf (the transformers class)
     iterations: int = 2
@@ -206,7 +208,9 @@ def measure_training(
     meter = _Meter(device, tracker)
     phases: dict[str, Phase] = {}
 
-    with _device_context(device), tracker, torch.device(torch_device):
+    # on fake tensors transformers' classes run dropout as CUDA would (memcalc.validate.model)
+    kernel_rules = cuda_dropout_rules() if device == "fake" else contextlib.nullcontext()
+    with _device_context(device), tracker, torch.device(torch_device), kernel_rules:
         with _default_dtype(weight_dtype):
             attention = "eager" if workload.attention == "eager" else "sdpa"
             if workload.impl == "hf":
@@ -217,7 +221,8 @@ def measure_training(
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.train()
             else:
-                model = Decoder(model_config, attention=attention, recompute=workload.recompute)
+                model = Decoder(model_config, attention=attention, recompute=workload.recompute,
+                                recompute_layers=workload.recompute_layers, sac_save=workload.sac_save)
             if workload.lora_rank is not None:
                 if workload.impl == "hf" or recipe.autocast:
                     raise ValueError("LoRA is measured on the reference decoder without autocast")
@@ -269,10 +274,11 @@ def measure_training(
                     elif workload.loss == "chunked":
                         loss = chunked_causal_lm_loss(model.hidden_states(input_ids), model.output_weight(), labels)
                     else:
+                        # the loss inside the autocast region, as transformers' models compute it: the
+                        # cast cache (16-bit weight copies) is still alive while the logits are
                         logits = model(input_ids)
-                if workload.impl != "hf" and workload.loss != "chunked":
-                    loss = causal_lm_loss(logits, labels)
-                    del logits
+                        loss = causal_lm_loss(logits, labels)
+                        del logits
                 forward_phases.append(meter.stop())
                 progress(f"iteration {iteration + 1}/{workload.iterations}: backward")
                 meter.start()
