@@ -320,6 +320,9 @@ class Layout(Flags):
                                                    "default) or dtensor (PyTorch DTensor TP as torchtitan: whole "
                                                    "embedding gradient, loss_parallel, SP inputs saved gathered).")
                        ] = None
+    ddp_bucket_view: Annotated[bool, typer.Option("--ddp-bucket-view", rich_help_panel=LAYOUT,
+                                                  help="PyTorch DDP with gradient_as_bucket_view=True: the "
+                                                  "gradients live in its buckets (default: a second copy).")] = False
 
     def scenario(self):
         """The layout as a :class:`~memcalc.scenario.Scenario`, the type ``--scenario`` strings and

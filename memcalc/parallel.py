@@ -104,6 +104,9 @@ class ParallelConfig:
     prefetch: NonNegativeInt = DEFAULT_PREFETCH_UNITS  # ZeRO-3 units gathered ahead
     fsdp: bool = False  # sharded by PyTorch FSDP2 (fully_shard per layer and root) rather than DeepSpeed
     tp_impl: TPImpl = TPImpl.MEGATRON
+    # PyTorch DDP's gradient_as_bucket_view: the gradients are views into its buckets (default
+    # False: the buckets are a second copy of the gradients)
+    ddp_bucket_view: bool = False
     # Uneven pipeline stages (default: L / pp layers on every rank). Either every rank's layers,
     # in rank order, or Megatron's first/last counts with the rest split evenly over the others.
     pp_layers: tuple[int, ...] | None = None
@@ -174,6 +177,12 @@ class ParallelConfig:
     def expert_shards(self) -> int:
         """Ranks sharing each expert's state: the expert data-parallel group."""
         return max(1, min(self.shard_group or self.data_ranks, self.data_ranks) // self.ep)
+
+    @property
+    def replicates_gradients(self) -> bool:
+        """Plain data parallelism (ZeRO 0 without Megatron's distributed optimizer): every data
+        rank all-reduces whole gradients, through PyTorch DDP's buckets."""
+        return self.data_ranks > 1 and self.zero == 0 and not self.distributed_optimizer and not self.fsdp
 
     @property
     def shards_optimizer(self) -> bool:

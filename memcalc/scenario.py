@@ -61,6 +61,7 @@ class Scenario:
     prefetch: NonNegativeInt | None = None
     gpus_per_node: PositiveInt | None = None
     tp_impl: TPImpl | None = None
+    ddp_bucket_view: bool | None = None
     # training settings
     batch: PositiveInt | None = None
     seq: PositiveInt | None = None
@@ -129,7 +130,7 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
         prefetch=DEFAULT_PREFETCH_UNITS if scenario.prefetch is None else scenario.prefetch,
         fsdp=scenario.fsdp is not None, tp_impl=scenario.tp_impl or TPImpl.MEGATRON,
         pp_layers=parse_stage_layers(scenario.pp_layers), pp_first_layers=scenario.pp_first_layers,
-        pp_last_layers=scenario.pp_last_layers,
+        pp_last_layers=scenario.pp_last_layers, ddp_bucket_view=bool(scenario.ddp_bucket_view),
     )
 
 

@@ -680,6 +680,7 @@ class StaticStates:
     grad_copy: int  # an optimizer's own gradient copy (Megatron fp16)
     moments: int
     dtensor_embedding: bool  # DTensor TP keeps the whole embedding gradient on every rank
+    ddp_buckets: int = 0  # PyTorch DDP's flat gradient buckets, allocated when DDP wraps the model
 
 
 @dataclass(frozen=True, eq=False)
@@ -771,8 +772,14 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
                            parallel.shards_optimizer)
     if gemm_moments is not None:
         moments = gemm_moments
+    # PyTorch DDP (torch/csrc/distributed/c10d/reducer.cpp, initialize_buckets): one flat buffer per
+    # bucket of the gradients' dtype, together the size of every gradient; Megatron's recipes run
+    # their own grad buffer instead (counted in their gradients)
+    ddp = (parallel.replicates_gradients and not recipe.name.startswith("megatron-")
+           and not settings.optimizer_in_backward)
+    ddp_buckets = gradients if ddp else 0
     return StaticStates(held, recipe, base_recipe, weights, base_weights, grad_dtype, gradients, master, grad_copy,
-                        moments, dtensor_embedding)
+                        moments, dtensor_embedding, ddp_buckets)
 
 
 def _step_costs(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
@@ -886,8 +893,9 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
     moments = 0 if settings.paged_optimizer else gpu("optimizer_states", states.moments)
     static = (gpu("weights", states.weights) + gpu("master_weights", states.master)
               + moments + gpu("gradient_accumulation", step.accumulation_buffer)
-              + gpu("optimizer_grad_copy", states.grad_copy))
-    gpu_gradients = gpu("gradients", step.gradients)
+              + gpu("optimizer_grad_copy", states.grad_copy) + states.ddp_buckets)
+    # with gradient_as_bucket_view the gradients are the buckets' memory
+    gpu_gradients = 0 if states.ddp_buckets and parallel.ddp_bucket_view else gpu("gradients", step.gradients)
     gathered = working.gathered
     # Gradients live through the whole step when micro-batches accumulate into them (pipelines,
     # gradient accumulation) or when the framework keeps persistent buffers (Megatron's grad buffer).
@@ -921,7 +929,10 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
             # a layer's backward beside the gradients made by then (checkpointed layers and small
             # batches put the backward peak here, not at the loss)
             backward = max(backward, static + gathered + gpu_gradients + peaks.beside_gradients)
-    step_gradients = 0 if in_backward or step.accumulating_fp32 else gpu_gradients
+    # with master weights the 16-bit gradients become fp32 ones for the step (freed one by one, or
+    # kept as DDP bucket views): the step holds what the accounting of step_gradients says either way
+    kept = gpu("gradients", step.gradients) if recipe.master_dtype else gpu_gradients
+    step_gradients = 0 if in_backward or step.accumulating_fp32 else kept
     phases = {"forward": forward, "backward": backward,
               "optimizer_step": static + step_gradients
               + (0 if in_backward else gpu("optimizer_step_temporaries", step.temporaries))}
@@ -954,6 +965,7 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
             "cpu" if _on_cpu(parallel)["weights"] else "gpu")
     adapters_only = " (adapters only)" if lora else ""
     where = "cpu" if offload_optimizer else "gpu"
+    in_buckets = bool(states.ddp_buckets) and parallel.ddp_bucket_view
     components = [
         weights_component,
         Component("master_weights", "Master weights (fp32)", states.master, Kind.STATIC,
@@ -965,7 +977,9 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
                   + (", CUDA managed memory outside the allocator" if settings.paged_optimizer else ""),
                   "torch.optim / bitsandbytes state layout (paged: bitsandbytes GlobalPageManager, "
                   "cudaMallocManaged)", MANAGED if settings.paged_optimizer and where == "gpu" else where),
-        Component("gradients", "Gradients", step.gradients, Kind.STATIC if persistent else Kind.DYNAMIC,
+        Component("gradients", "Gradients", 0 if in_buckets else step.gradients,
+                  Kind.STATIC if persistent else Kind.DYNAMIC,
+                  "views into the DDP buckets" if in_buckets else
                   f"largest tensor x {states.grad_dtype.value} (stepped in backward)" if step.in_backward else
                   text(f"P x {states.grad_dtype.value}", parallel.shards_gradients or offload_optimizer)
                   + adapters_only, recipe.source, where),
@@ -976,6 +990,14 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
                   f"{settings.optimizer.value} ({settings.optimizer_impl.value})",
                   "DeepSpeed csrc/adam/cpu_adam.cpp" if offload_optimizer else "torch.optim implementations"),
     ]
+    if states.ddp_buckets:
+        view = parallel.ddp_bucket_view
+        components.insert(4, Component(
+            "ddp_buckets", "DDP gradient buckets", states.ddp_buckets, Kind.STATIC,
+            f"P x {states.grad_dtype.value}: " + ("the gradients are views into them" if view else
+                                                  "a second copy of the gradients (gradient_as_bucket_view=False)"),
+            "PyTorch DistributedDataParallel (reducer.cpp initialize_buckets; docs: gradient_as_bucket_view "
+            "saves the total gradients size); measured in memcalc/validate/ddp.py"))
     if states.grad_copy:
         components.insert(3, Component(
             "optimizer_grad_copy", f"Optimizer gradient copy ({recipe.optimizer_grad_copy.value})", states.grad_copy,

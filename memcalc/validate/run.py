@@ -192,9 +192,11 @@ def _make_optimizer(name: str, impl: str, params, state_dtype: str | None = None
 
 
 def measure_training(
-    model_config: ModelConfig, workload: TrainWorkload, device: str = "fake", progress=None, record: bool = False
+    model_config: ModelConfig, workload: TrainWorkload, device: str = "fake", progress=None, record: bool = False,
+    wrap=None,
 ) -> Measurement:
-    """``progress(description)`` is called as each step starts (for a progress bar); ``record``
+    """``wrap(model)`` returns the module to train (a DistributedDataParallel around it, say),
+    built once the weights are counted. ``progress(description)`` is called as each step starts (for a progress bar); ``record``
     keeps the allocation trace in ``Measurement.events``."""
     from memcalc.precision import RECIPES
 
@@ -229,6 +231,8 @@ def measure_training(
                 apply_lora(model, tuple(workload.lora_targets), workload.lora_rank,
                            dtype=TORCH_DTYPES[workload.lora_dtype], qlora=workload.qlora)
         weights = tracker.storage_bytes(list(model.parameters()) + list(model.buffers()))
+        if wrap is not None:
+            model = wrap(model)
         # only trainable parameters get gradients, master copies and optimizer states (LoRA: the adapters)
         params = [p for p in model.parameters() if p.requires_grad]
         tracker.static_bytes = weights
