@@ -69,6 +69,8 @@ class Case:
             parts.append(f"every-{s['recompute_layers']}")
         if s.get("sac_save"):
             parts.append(f"save-{s['sac_save']}")
+        if s.get("lora_dropout"):
+            parts.append(f"lora-dropout-{s['lora_dropout']:g}")
         if s.get("dropout") is not None:
             parts.append(f"dropout-{s['dropout']:g}")
         return " ".join(parts)
@@ -148,11 +150,12 @@ FAKE_MATRIX = [
     _case("llama-3-8b", "mixed-bf16", 1, 4096, recompute="op", recompute_layers=2),
     # dropout (the gpt2 rows above train with their config's 0.1 too): transformers' GPT-2 class,
     # eager and SDPA (CUDA's kernel rules on fake tensors), and a Llama with attention dropout
-    replace(_case("gpt2", "fp32", 4, 1024, "eager"), impl="hf"),
-    replace(_case("gpt2", "mixed-bf16", 8, 1024), impl="hf"),
-    replace(_case("gpt2-medium", "amp-bf16", 2, 1024, "eager"), impl="hf"),
+    replace(_case("gpt2", "fp32", 4, 1024, "eager"), impl="hf", name="GPT-2"),
+    replace(_case("gpt2", "mixed-bf16", 8, 1024), impl="hf", name="GPT-2"),
+    replace(_case("gpt2-medium", "amp-bf16", 2, 1024, "eager"), impl="hf", name="GPT-2 medium"),
     _case("llama-3.2-1b", "pure-bf16", 2, 1024, "eager", dropout=0.1),
     _case("llama-3.2-1b", "mixed-bf16", 4, 2048, dropout=0.1),
+    _case("llama-2-7b", "mixed-bf16", 2, 1024, lora_rank=8, lora_targets="q,k,v,o", lora_dropout=0.05),
 ]
 
 HF_CONFIGS = "tests/data/hf_configs/"

@@ -561,6 +561,7 @@ class TrainSettings:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # projections that get adapters (PEFT's Llama default)
     lora_dtype: TrainDType = TrainDType.FP32  # adapters' dtype: PEFT's autocast_adapter_dtype=True upcasts to fp32
     qlora: bool = False  # base linear weights in bitsandbytes NF4 with double quantisation (QLoRA)
+    lora_dropout: Probability = 0.0  # PEFT's lora_dropout: each adapter's input dropped (its mask kept)
     # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the allocator's reserve (memcalc.estimate.device)
     expandable_segments: bool = False
     # full or op recompute on every Nth layer only (torchtitan's selective_ac_option N: layers N, 2N, ...)

@@ -236,6 +236,10 @@ class Workload(Flags):
     lora_dtype: Annotated[TrainDType, typer.Option("--lora-dtype", metavar="DTYPE", rich_help_panel=LORA,
                                                    help="Adapter dtype (PEFT upcasts adapters to fp32).")
                           ] = TrainDType.FP32
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", metavar="P", min=0.0, max=0.999,
+                                                rich_help_panel=LORA,
+                                                help="PEFT's lora_dropout: each adapter keeps a dropped copy of "
+                                                "its input and a mask.")] = 0.0
     qlora: Annotated[bool, typer.Option("--qlora", rich_help_panel=LORA,
                                         help="Base linear weights in bitsandbytes NF4 with double quantisation.")
                      ] = False
@@ -431,7 +435,8 @@ def train_settings(precision: Precision, workload: Workload | None = None, **fix
         if workload.lora_rank is not None:
             targets = workload.lora_targets.strip()
             values |= {"lora_rank": workload.lora_rank, "lora_targets": ",".join(LORA_TARGETS) if targets == "all"
-                       else targets, "lora_dtype": workload.lora_dtype, "qlora": workload.qlora}
+                       else targets, "lora_dtype": workload.lora_dtype, "qlora": workload.qlora,
+                       "lora_dropout": workload.lora_dropout}
     return TrainSettings(**(values | fixed))
 
 

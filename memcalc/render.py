@@ -108,7 +108,9 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
         if lora:
             lines.append(("fine-tuning", f"{'QLoRA' if lora.qlora else 'LoRA'} rank {lora.rank} on "
                           f"{', '.join(lora.targets)}: {lora.trainable_params:,} trainable parameters in "
-                          f"{lora.adapter_dtype}; the base is frozen ({lora.base_format})"))
+                          f"{lora.adapter_dtype}"
+                          + (f", lora_dropout {lora.dropout:g}" if lora.dropout else "")
+                          + f"; the base is frozen ({lora.base_format})"))
     else:
         sequences = settings.sequences
         decoding = settings.decoding

@@ -444,7 +444,7 @@ def _refuses_lora_with_dropout(run_cli, tmp_path: Path) -> None:
 NOT_YET = {
     "DeepSpeed's ZeRO-1/2 reduce buckets": _counts_no_zero_buckets,
     "CUDA graphs": _counts_no_cuda_graphs,
-    "LoRA with dropout (`train` refuses it; `--dropout 0` estimates without it)": _refuses_lora_with_dropout,
+    "a model's own dropout under LoRA (`train` refuses it; `--dropout 0` estimates without it)": _refuses_lora_with_dropout,
     "training activations of Mamba and linear-attention layers (refused by `train`)": _refuses_recurrent_training,
 }
 
@@ -506,12 +506,16 @@ def _accuracy_cases() -> dict[str, dict[str, str]]:
 
 def test_accuracy_suite_counts_are_as_readme_quotes():
     """Rows with ``layers`` set ran a layer-reduced model through its transformers class (``hf L4``);
-    the others are full size, training steps or generate() runs (``infer``)."""
+    the others are full size, training steps or generate() runs (``infer``), GPT-2's through its
+    transformers class (``GPT-2 hf``)."""
     cases = _accuracy_cases()
     full = [case for case, row in cases.items() if not row["layers"]]
     reduced = [case for case, row in cases.items() if row["layers"]]
-    assert all(" hf L" in case for case in reduced) and not any(" hf " in case for case in full)
+    assert all(" hf L" in case for case in reduced)
+    full_hf = [case for case in full if " hf " in case]
+    assert all(case.startswith("GPT-2") for case in full_hf)
     assert f"covers {len(full)} full-size configurations" in TEXT
+    assert f"{len(full_hf)} of them through transformers' GPT-2 class" in TEXT
     assert f"{len(reduced)} layer-reduced training steps" in TEXT
     infer = [case for case in full if " infer " in case]
     trained = len(cases) - len(infer)
@@ -523,7 +527,7 @@ def test_accuracy_suite_counts_are_as_readme_quotes():
                 "Llama 4": "Llama4-"}
     assert re.split(r", | and ", families) == list(prefixes)
     assert {next(p for p, prefix in prefixes.items() if case.startswith(prefix)) for case in reduced} == set(prefixes)
-    for marker in (" lora-", " qlora-", " accum-", " moments-bf16", " beams 4", " sample "):
+    for marker in (" lora-", " qlora-", " accum-", " moments-bf16", " beams 4", " sample ", " rc-op", " dropout-"):
         assert any(marker in case for case in full), marker
 
 

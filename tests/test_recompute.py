@@ -109,7 +109,7 @@ def test_keeping_more_outputs_never_lowers_the_peak(saved, extra, batch, seq):
 # torchtitan benchmarks/llama3_h100_202412_torchtitan.md (../shared/reference/training.md sec. 6,
 # rows 8 and 9): Llama 3.1 8B, local batch 2, seq 8192, AdamW, selective op AC, FSDP2 bf16 params,
 # no compile, H100: max reserved 82.4 GiB on 8 GPUs, 67.0 GiB on 128. memcalc's peak reserved is
-# -8.8% and -7.4% (allocated +6.6%: the allocator reserve torchtitan's runs show is not published);
+# -8.9% and -7.4% (allocated +6.52%: the allocator reserve torchtitan's runs show is not published);
 # before per-op checkpointing memcalc could only say 146.6 (selective) or 46.6 (full).
 TORCHTITAN = [(8, 82.4), (128, 67.0)]
 

@@ -40,6 +40,7 @@ class LoraSummary:
     adapter_bytes: int
     base_weight_bytes: int
     adapter_recipe: str  # a memcalc.precision.RECIPES name
+    dropout: float = 0.0  # PEFT's lora_dropout
 
 
 @dataclass(eq=False)

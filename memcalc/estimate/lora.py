@@ -35,7 +35,7 @@ from memcalc.config import LORA_TARGETS, MLPKind, ModelConfig, NormKind, Recompu
 from memcalc.estimate.assumptions import LoraSummary
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.errors import InputError
-from memcalc.estimate.activations import FP32_BYTES, INDEX_BYTES, ActivationShape
+from memcalc.estimate.activations import FP32_BYTES, INDEX_BYTES, MASK_BYTES, ActivationShape
 from memcalc.estimate.params import ParamCategory, ParamInventory, TensorGroup
 from memcalc.precision import PrecisionRecipe
 
@@ -204,34 +204,40 @@ def frozen_norm_bytes(model: ModelConfig, width: int, tokens: int, stream_bytes:
     return _frozen_norm(model, width, tokens, stream_bytes, True)
 
 
-def _adapter_inputs(tokens: int, width: int, count: int, e: int, a: int, input_saved: bool = False) -> int:
+def _adapter_inputs(tokens: int, width: int, count: int, e: int, a: int, input_saved: bool = False,
+                    dropout: bool = False) -> int:
     """The inputs ``count`` adapters keep: each its own cast copy (``a`` bytes) when the adapter
-    dtype differs from the compute dtype; else the input itself, once, unless already kept."""
+    dtype differs from the compute dtype; else the input itself, once, unless already kept. With
+    PEFT's lora_dropout each keeps its own dropped copy (``a`` bytes) and its 1-byte mask instead
+    (dropout keeps no input)."""
     if count == 0:
         return 0
+    if dropout:
+        return count * tokens * width * (a + MASK_BYTES)
     if a != e:
         return count * tokens * width * a
     return 0 if input_saved else tokens * width * e
 
 
 def _gated_or_plain_mlp(model: ModelConfig, tokens: int, width: int, e: int, a: int, r: int, targets,
-                        input_grad: bool) -> int:
+                        input_grad: bool, dropout: bool = False) -> int:
     """A frozen MLP of ``width`` on ``tokens`` whose input needs a gradient or not."""
     saved = 0
     if model.mlp is MLPKind.GATED:
         gate_grad = input_grad or "gate" in targets
         up_grad = input_grad or "up" in targets
         n_in = ("gate" in targets) + ("up" in targets)
-        saved += _adapter_inputs(tokens, model.hidden_size, n_in, e, a) + n_in * tokens * r * a
+        saved += _adapter_inputs(tokens, model.hidden_size, n_in, e, a, dropout=dropout) + n_in * tokens * r * a
         # SiLU/GELU keep the gate output; the product keeps the up output for the activation's
         # gradient and the activation output for the up output's gradient
         saved += tokens * width * e * (2 * gate_grad + up_grad)
     else:
         up_grad = input_grad or "up" in targets
-        saved += _adapter_inputs(tokens, model.hidden_size, "up" in targets, e, a) + ("up" in targets) * tokens * r * a
+        saved += (_adapter_inputs(tokens, model.hidden_size, "up" in targets, e, a, dropout=dropout)
+                  + ("up" in targets) * tokens * r * a)
         saved += tokens * width * e * up_grad  # the activation keeps its input
     if "down" in targets:  # the product (or activation output) is kept by nothing else
-        saved += _adapter_inputs(tokens, width, 1, e, a) + tokens * r * a
+        saved += _adapter_inputs(tokens, width, 1, e, a, dropout=dropout) + tokens * r * a
     return saved
 
 
@@ -248,7 +254,8 @@ def lora_layer(model: ModelConfig, shape: ActivationShape, attention: str, recom
     # --- attention ---
     saved = _frozen_norm(model, h, tokens, x, input_grad)
     n_qkv = sum(t in targets for t in ("q", "k", "v"))
-    saved += _adapter_inputs(tokens, h, n_qkv, e, a) + n_qkv * tokens * r * a
+    dropout = settings.lora_dropout > 0
+    saved += _adapter_inputs(tokens, h, n_qkv, e, a, dropout=dropout) + n_qkv * tokens * r * a
     q_grad, k_grad, v_grad = (input_grad or t in targets for t in ("q", "k", "v"))
     if model.qk_norm:
         saved += _frozen_norm(model, head_dim, tokens * heads, e, q_grad)
@@ -279,7 +286,7 @@ def lora_layer(model: ModelConfig, shape: ActivationShape, attention: str, recom
         if v_grad and e == FP32_BYTES and not scores_grad:
             saved += scores * FP32_BYTES  # the fp32 probabilities themselves (no cast)
     if "o" in targets:
-        saved += _adapter_inputs(tokens, q_width, 1, e, a, input_saved=output_saved) + tokens * r * a
+        saved += _adapter_inputs(tokens, q_width, 1, e, a, input_saved=output_saved, dropout=dropout) + tokens * r * a
     attention_out_grad = attention_grad or "o" in targets
     if model.norms_per_layer >= 4:
         saved += _frozen_norm(model, h, tokens, x, attention_out_grad)
@@ -290,9 +297,9 @@ def lora_layer(model: ModelConfig, shape: ActivationShape, attention: str, recom
     if model.norms_per_layer >= 4:  # its output norm: the MLP output needs a gradient by then
         mlp += _frozen_norm(model, h, tokens, x, True)
     if not moe_layer:
-        mlp += _gated_or_plain_mlp(model, tokens, model.intermediate_size, e, a, r, targets, stream_grad)
+        mlp += _gated_or_plain_mlp(model, tokens, model.intermediate_size, e, a, r, targets, stream_grad, dropout)
     else:
-        mlp += _moe_saved(model, shape, e, a, r, targets, stream_grad)
+        mlp += _moe_saved(model, shape, e, a, r, targets, stream_grad, dropout)
     transient = _mlp_backward_transient(model, shape, settings, a, moe_layer)
     # alive but not saved when the forward computes the scores: the layer's input (held by the
     # caller) unless the norm keeps it itself, and the normalised input (an argument of the
@@ -304,7 +311,8 @@ def lora_layer(model: ModelConfig, shape: ActivationShape, attention: str, recom
     return LoRALayer(saved + mlp, before_scores + repeats, mlp, transient, forward_live)
 
 
-def _moe_saved(model: ModelConfig, shape: ActivationShape, e: int, a: int, r: int, targets, stream_grad: bool) -> int:
+def _moe_saved(model: ModelConfig, shape: ActivationShape, e: int, a: int, r: int, targets, stream_grad: bool,
+               dropout: bool = False) -> int:
     """Routed experts (``memcalc.validate.model.MoE``) with frozen routers and experts. With the
     input needing a gradient the router keeps its fp32 softmax output, top-k indices, top-k weights
     and their sum (its frozen matmul keeps no input); each expert keeps the token indices of its
@@ -320,7 +328,8 @@ def _moe_saved(model: ModelConfig, shape: ActivationShape, e: int, a: int, r: in
         saved += assignments * INDEX_BYTES  # the slot indices of the routing weights (weights[token, slot])
     # token indices (shared by the gather and index_add_): kept when either needs them
     saved += assignments * INDEX_BYTES * (stream_grad or expert_grad)
-    saved += _gated_or_plain_mlp(model, assignments, moe.expert_intermediate_size, e, a, r, targets, stream_grad)
+    saved += _gated_or_plain_mlp(model, assignments, moe.expert_intermediate_size, e, a, r, targets, stream_grad,
+                                 dropout)
     if stream_grad:
         saved += assignments * h * e  # the expert output, for the routing weight's gradient
     if expert_grad:
@@ -328,7 +337,8 @@ def _moe_saved(model: ModelConfig, shape: ActivationShape, e: int, a: int, r: in
         saved += assignments * h * e  # the weighted output (index_add_'s source)
     if moe.num_shared_experts:
         width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
-        saved += moe.num_shared_experts * _gated_or_plain_mlp(model, tokens, width, e, a, r, targets, stream_grad)
+        saved += moe.num_shared_experts * _gated_or_plain_mlp(model, tokens, width, e, a, r, targets, stream_grad,
+                                                              dropout)
     return saved
 
 
@@ -375,10 +385,17 @@ def _mlp_transients(model: ModelConfig, shape: ActivationShape, settings: TrainS
         the input itself, which is alive anyway) and the rank-r output."""
         if target not in targets:
             return 0
+        if settings.lora_dropout:  # the dropped copy and its mask
+            return tokens * d_in * (a + MASK_BYTES) + tokens * r * a
         return (tokens * d_in * a if a != e else 0) + tokens * r * a
 
-    def chain(target: str, d_out: int) -> int:
-        return _down_output_chain(tokens, d_out, e, a, quantized) if target in targets else 0
+    def chain(target: str, d_out: int, d_in: int) -> int:
+        """The adapter's output chain; with lora_dropout beside its input's cast copy, alive until
+        the adapter's forward returns (dropout keeps no input)."""
+        if target not in targets:
+            return 0
+        cast = tokens * d_in * a if settings.lora_dropout and a != e else 0
+        return _down_output_chain(tokens, d_out, e, a, quantized) + cast
 
     dequant = dequantize_bytes(numel, e) if quantized else 0
     norm = _frozen_norm(model, h, tokens, x, True)
@@ -393,25 +410,25 @@ def _mlp_transients(model: ModelConfig, shape: ActivationShape, settings: TrainS
         down_in = adapter("down", width)
         moments = [
             common + prod + dequant,  # gate's output
-            common + gate_in + chain("gate", width),
+            common + gate_in + chain("gate", width, h),
             common + gate_in + 2 * prod + prod + dequant,  # gate output and activation, up's output
-            common + gate_in + 2 * prod + up_in + chain("up", width),
+            common + gate_in + 2 * prod + up_in + chain("up", width, h),
             common + gate_in + up_in + 3 * prod + prod,  # the product
             common + gate_in + up_in + 3 * prod + prod + tokens * h * e + dequant,  # down's output
-            common + gate_in + up_in + 3 * prod + prod + down_in + chain("down", h),
+            common + gate_in + up_in + 3 * prod + prod + down_in + chain("down", h, width),
         ]
     else:
         down_in = adapter("down", width)
         moments = [
             common + prod + dequant,  # up's output
-            common + up_in + chain("up", width),
+            common + up_in + chain("up", width, h),
             common + up_in + prod + prod,  # the activation's output
             common + up_in + prod + prod + tokens * h * e + dequant,
-            common + up_in + prod + prod + down_in + chain("down", h),
+            common + up_in + prod + prod + down_in + chain("down", h, width),
         ]
     if "down" not in targets:
         moments = moments[:-1]
-    saved = norm + _gated_or_plain_mlp(model, tokens, width, e, a, r, targets, True)
+    saved = norm + _gated_or_plain_mlp(model, tokens, width, e, a, r, targets, True, settings.lora_dropout > 0)
     # (the MLP-output norm of Gemma-2 style blocks is saved after all of these)
     forward = max(moments) - saved - out_norm
 
@@ -507,5 +524,5 @@ def summary(model: ModelConfig, settings: TrainSettings, recipe: PrecisionRecipe
         base_format="bnb-nf4 (double quant)" if settings.qlora else recipe.weight_dtype.value,
         trainable_params=trainable, adapter_bytes=storage_bytes(trainable, dtype),
         base_weight_bytes=base_weight_bytes(model, settings, recipe.weight_dtype),
-        adapter_recipe=adapter_recipe(settings, recipe).name,
+        adapter_recipe=adapter_recipe(settings, recipe).name, dropout=settings.lora_dropout,
     )

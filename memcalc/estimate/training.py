@@ -651,6 +651,24 @@ def _dropout_sites(model: ModelConfig) -> dict[str, float]:
     return {site: rate for site, rate in sites.items() if rate is not None}
 
 
+def _check_lora_layout(settings: TrainSettings, parallel: ParallelConfig, recipe: PrecisionRecipe) -> None:
+    """LoRA is modelled on one device and under FSDP2 over data-parallel ranks (torchtune's
+    lora_finetune_distributed: every parameter sharded, the adapters in the model's dtype)."""
+    if parallel.is_single_device:
+        return
+    fsdp2 = (parallel.fsdp and parallel.shards_params and parallel.tp == parallel.pp == parallel.cp == 1
+             and parallel.ep == 1 and not parallel.offloads_optimizer and not parallel.offloads_params)
+    if not fsdp2:
+        raise InputError("LoRA is modelled on one device or under FSDP2 over data-parallel ranks (--fsdp full): "
+                         "drop the other parallel degrees")
+    if settings.qlora:
+        raise InputError("QLoRA under FSDP is not modelled (bitsandbytes' 4-bit storage as FSDP shards it): "
+                         "use one device or plain LoRA")
+    if settings.lora_dtype.value != recipe.weight_dtype.value:
+        raise InputError(f"LoRA under FSDP2 is modelled with the adapters in the weights' dtype (torchtune keeps "
+                         f"them so): --lora-dtype {recipe.weight_dtype.value}")
+
+
 def check_trainable(model: ModelConfig) -> None:
     """The activation model was built and measured on attention blocks; a Mamba or gated-delta-net
     layer saves other tensors, so a training estimate of such a model is refused, not guessed."""
@@ -708,6 +726,7 @@ class WorkingSet:
     layer: int = 0
     forward_set: int = 0
     backward_set: int = 0
+    trained_layer: int = 0  # FSDP2: the trained parameters of a layer (all of it; LoRA: its adapters)
 
     @property
     def total(self) -> int:
@@ -727,8 +746,7 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
     base_recipe = recipe
     if lora:
         # LoRA (memcalc.estimate.lora): only the adapters train; the frozen base is weights alone
-        if not parallel.is_single_device:
-            raise InputError("LoRA is modelled on one device: drop the parallel layout")
+        _check_lora_layout(settings, parallel, recipe)
         held = RankParams(lora_module.adapter_inventory(model, settings), ParamInventory(()))
         recipe = lora_module.adapter_recipe(settings, recipe)
     else:
@@ -743,6 +761,8 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
     offload_optimizer = parallel.offloads_optimizer
     weights = state(recipe.weight_dtype, parallel.shards_params)
     base_weights = lora_module.base_weight_bytes(model, settings, base_recipe.weight_dtype) if lora else 0
+    if lora and parallel.shards_params:  # FSDP2 shards the frozen base too
+        base_weights = _ceil_div(base_weights, parallel.dense_shards)
     weights += base_weights
     # ZeRO-Offload keeps the reduced gradients on the CPU in the master dtype, beside the optimizer.
     grad_dtype = recipe.master_dtype if offload_optimizer and recipe.master_dtype else recipe.grad_dtype
@@ -843,7 +863,8 @@ def _activation_peaks(model: ModelConfig, settings: TrainSettings, parallel: Par
     return peaks, megatron
 
 
-def _working_set(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers, states: StaticStates) -> WorkingSet:
+def _working_set(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers, states: StaticStates,
+                 lora: bool = False) -> WorkingSet:
     """ZeRO-3 gathers a unit's parameters (and prefetches the next); ZeRO-2 and offload reduce a
     unit's full gradients before keeping (or sending away) their shard. Sharding over one rank is
     no sharding: nothing is gathered or reduce-scattered."""
@@ -860,8 +881,16 @@ def _working_set(model: ModelConfig, parallel: ParallelConfig, stage: StageLayer
         root_gradient = units.largest_end * weight_bytes
         forward_set = 2 * root + 2 * layer
         backward_set = root + 3 * layer + root_gradient
+        trained_layer = units.largest_layer
+        if lora:
+            # a frozen root has no gradient, and a layer's reduce-scatter input holds only its
+            # adapters' gradients (measured with memcalc.validate.fsdp, lora_rank)
+            trained_layer = held.total // model.num_layers
+            layer += trained_layer * weight_bytes
+            forward_set = 2 * root + 2 * layer
+            backward_set = root + 2 * layer + trained_layer * weight_bytes
         return WorkingSet(units, True, units.largest_layer, forward_set, backward_set - forward_set, root, layer,
-                          forward_set, backward_set)
+                          forward_set, backward_set, trained_layer)
     unit = units.largest
     gathered = unit * weight_bytes * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
     streams_gradients = (parallel.shards_gradients and sharding) or parallel.offloads_optimizer
@@ -914,10 +943,11 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
         # stream into it; activations peak at the end of forward (root and the last layer's
         # deferred buffer still held) and at the start of backward (root and the prefetched last
         # layer; the activation peak already holds the output layer's gradient).
-        layer_gradient_shard = _ceil_div(working.units.largest_layer * _bytes(recipe.grad_dtype), parallel.dense_shards)
+        layer_gradient_shard = _ceil_div(working.trained_layer * _bytes(recipe.grad_dtype), parallel.dense_shards)
         forward = static + max(working.forward_set + peaks.layer, working.root + working.layer + peaks.forward)
-        backward = static + max(working.backward_set + layer_gradient_shard + peaks.layer,
-                                working.root + working.layer + peaks.backward)
+        # under LoRA the frozen head's backward ends before the last layer's pre-backward prefetch
+        at_loss = working.root + (0 if settings.lora_rank is not None else working.layer)
+        backward = static + max(working.backward_set + layer_gradient_shard + peaks.layer, at_loss + peaks.backward)
     else:
         # Gradients (with a unit's unsharded ones before their reduce-scatter) accumulate while
         # activations are freed; the unsharded unit never makes them exceed the unsharded total.
@@ -955,6 +985,9 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
         base_text = "NF4 linear weights (double quant) + rest" if settings.qlora else "P"
         weights_component = Component(
             "weights", "Weights (frozen base + adapters)", states.weights, Kind.STATIC,
+            text(f"{base_text} x {states.base_recipe.weight_dtype.value} + {held.total:,} adapter params x "
+                 f"{recipe.weight_dtype.value}", parallel.shards_params)
+            if parallel.shards_params else
             f"{base_text} x {states.base_recipe.weight_dtype.value} = {states.base_weights:,} B + {held.total:,} "
             f"adapter params x {recipe.weight_dtype.value}",
             lora_module.QLORA if settings.qlora else lora_module.PEFT)
@@ -1036,7 +1069,7 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     states = _static_states(model, settings, parallel, recipe, stage, plan)
     step = _step_costs(model, settings, parallel, states)
     peaks, megatron = _activation_peaks(model, settings, parallel, plan, states, seq_len)
-    working = _working_set(model, parallel, stage, states)
+    working = _working_set(model, parallel, stage, states, settings.lora_rank is not None)
     phases, persistent = _phases(settings, parallel, states, step, peaks, working)
     components = _components(settings, parallel, states, step, peaks, working, persistent)
     references = ()

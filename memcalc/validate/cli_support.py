@@ -143,6 +143,7 @@ def run_training_validation(
         lora_targets=settings.lora_targets,
         lora_dtype=settings.lora_dtype.value,
         qlora=settings.qlora,
+        lora_dropout=settings.lora_dropout,
         grad_accum=settings.grad_accum,
         optimizer_dtype=settings.optimizer_dtype.value if settings.optimizer_dtype is not None else None,
     )

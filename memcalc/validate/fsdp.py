@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memcalc.config import ModelConfig
-from memcalc.validate.model import Decoder, causal_lm_loss
+from memcalc.validate.model import Decoder, apply_lora, causal_lm_loss
 from memcalc.validate.run import TORCH_DTYPES, _default_dtype
 from memcalc.validate.tracker import LiveBytesTracker
 
@@ -82,8 +82,11 @@ def _fake_process_group(world_size: int):
 
 
 def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16", batch_size: int = 1,
-                 seq_len: int = 256) -> ShardedMeasurement:
-    """Pure ``dtype`` training (parameters, gradients and AdamW states in ``dtype``), two iterations."""
+                 seq_len: int = 256, lora_rank: int | None = None,
+                 lora_targets: tuple[str, ...] = ("q", "v")) -> ShardedMeasurement:
+    """Pure ``dtype`` training (parameters, gradients and AdamW states in ``dtype``), two iterations.
+    With ``lora_rank``: the base frozen and adapters in ``dtype`` on ``lora_targets`` (as torchtune's
+    distributed LoRA recipe keeps them), every parameter sharded, only the adapters trained."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.fsdp import fully_shard
@@ -94,11 +97,14 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
         with FakeTensorMode(), tracker:
             with _default_dtype(TORCH_DTYPES[dtype]):
                 model = Decoder(model_config)
+                if lora_rank is not None:
+                    apply_lora(model, lora_targets, lora_rank, dtype=TORCH_DTYPES[dtype])
             for layer in model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
             weights = tracker.storage_bytes(model.parameters())  # a DTensor counts as its local shard
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+            trained = [param for param in model.parameters() if param.requires_grad]
+            optimizer = torch.optim.AdamW(trained, lr=1e-4, foreach=True)
             input_ids = torch.randint(0, model_config.vocab_size, (batch_size, seq_len))
             labels = torch.randint(0, model_config.vocab_size, (batch_size, seq_len))
             for _iteration in range(2):
@@ -109,7 +115,7 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
                 loss.backward()
                 del loss
                 backward = tracker.peak_bytes
-                gradients = tracker.storage_bytes(param.grad for param in model.parameters())
+                gradients = tracker.storage_bytes(param.grad for param in trained)
                 tracker.reset_peaks()
                 optimizer.step()
                 step = tracker.peak_bytes

@@ -679,9 +679,10 @@ class _MatMul4Bit(torch.autograd.Function):
 class LoRALinear(nn.Module):
     """PEFT's ``lora.Linear`` (or, over an ``NF4Linear``, ``lora.bnb.Linear4bit``) with one adapter."""
 
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dtype: torch.dtype):
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dtype: torch.dtype, dropout_p: float = 0.0):
         super().__init__()
         self.base_layer = base_layer
+        self.dropout_p = dropout_p  # PEFT's lora_dropout, on the (cast) input of lora_A
         device = next(base_layer.parameters()).device
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, dtype=dtype, device=device)
@@ -695,17 +696,17 @@ class LoRALinear(nn.Module):
             result = result.clone()
             expected_dtype = result.dtype
             x = x.to(self.lora_A.weight.dtype)
-            output = self.lora_B(self.lora_A(x)) * self.scaling
+            output = self.lora_B(self.lora_A(dropout(x, self.dropout_p))) * self.scaling
             output = output.to(expected_dtype)
             return result + output
         result_dtype = result.dtype  # peft/tuners/lora/layer.py, Linear.forward
         x = x.to(self.lora_A.weight.dtype)
-        result = result + self.lora_B(self.lora_A(x)) * self.scaling
+        result = result + self.lora_B(self.lora_A(dropout(x, self.dropout_p))) * self.scaling
         return result.to(result_dtype)
 
 
 def apply_lora(decoder: Decoder, targets: tuple[str, ...], rank: int, alpha: float | None = None,
-               dtype: torch.dtype = torch.float32, qlora: bool = False) -> Decoder:
+               dtype: torch.dtype = torch.float32, qlora: bool = False, dropout_p: float = 0.0) -> Decoder:
     """Freeze every parameter of ``decoder`` and give the ``targets`` projections (see
     ``LORA_MODULES``; routed and shared experts included) rank-``rank`` adapters in ``dtype``.
     ``qlora``: every linear weight of the layers (``estimate.weights.linear_weights``: attention,
@@ -725,6 +726,6 @@ def apply_lora(decoder: Decoder, targets: tuple[str, ...], rank: int, alpha: flo
                     continue
                 base = NF4Linear(child, compute_dtype) if qlora else child
                 if child_name in names:
-                    base = LoRALinear(base, rank, float(alpha if alpha is not None else rank), dtype)
+                    base = LoRALinear(base, rank, float(alpha if alpha is not None else rank), dtype, dropout_p)
                 setattr(parent, child_name, base)
     return decoder

@@ -44,6 +44,7 @@ class TrainWorkload:
     lora_targets: tuple[str, ...] = ("q", "v")
     lora_dtype: str = "fp32"  # the adapters' dtype (PEFT's autocast_adapter_dtype=True: fp32)
     qlora: bool = False  # the layers' linear weights in (simulated) bitsandbytes NF4
+    lora_dropout: float = 0.0  # PEFT's lora_dropout on each adapter's input
     # micro-batches per step; with master weights they accumulate into persistent fp32 gradient
     # buffers (DeepSpeed's BF16_Optimizer), otherwise into the parameters' gradients
     grad_accum: int = 1
@@ -229,7 +230,8 @@ def measure_training(
                 if workload.impl == "hf" or recipe.autocast:
                     raise ValueError("LoRA is measured on the reference decoder without autocast")
                 apply_lora(model, tuple(workload.lora_targets), workload.lora_rank,
-                           dtype=TORCH_DTYPES[workload.lora_dtype], qlora=workload.qlora)
+                           dtype=TORCH_DTYPES[workload.lora_dtype], qlora=workload.qlora,
+                           dropout_p=workload.lora_dropout)
         weights = tracker.storage_bytes(list(model.parameters()) + list(model.buffers()))
         if wrap is not None:
             model = wrap(model)
