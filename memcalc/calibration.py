@@ -86,28 +86,115 @@ def read_vllm_log(text: str, source: str) -> VLLMStartup:
     return VLLMStartup(source=source, **found)
 
 
-def read_log_file(path: str) -> VLLMStartup:
+# --- The caching allocator's own counters -------------------------------------------------------
+#
+# ``torch.cuda.memory_stats()`` (a dict: printed, or dumped with json.dumps) has the peaks as
+# ``allocated_bytes.all.peak`` and ``reserved_bytes.all.peak``; ``torch.cuda.memory_summary()``
+# prints them as the Peak Usage of "Allocated memory" and "GPU reserved memory", rounded to the
+# unit it shows (torch/cuda/memory.py, _format_size: B, KiB, MiB, GiB, ...).
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+_STAT = r"""["']?{key}["']?\s*[:,]\s*([0-9]+)"""
+_SUMMARY_ROW = r"\|\s*{label}\s*\|[^|]*\|\s*([0-9.]+)\s*([KMGTP]?)i?B\s*\|"
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    """A run's peaks from PyTorch's caching allocator, and the reserve between them."""
+
+    source: str
+    peak_allocated: int
+    peak_reserved: int
+    alloc_retries: int | None = None  # cudaMalloc retries: the allocator freed its cache to satisfy a request
+    exact: bool = True  # False: read from memory_summary()'s rounded units
+
+    @property
+    def reserve_percent(self) -> float:
+        return round(100 * (self.peak_reserved / self.peak_allocated - 1), 2)
+
+
+def read_allocator_stats(text: str, source: str) -> AllocatorStats | None:
+    """The peaks of a memory_stats() dump (JSON or printed) or a memory_summary() table; None when
+    the text has neither."""
+    stats = {key: re.search(_STAT.format(key=re.escape(key)), text)
+             for key in ("allocated_bytes.all.peak", "reserved_bytes.all.peak", "num_alloc_retries")}
+    if stats["allocated_bytes.all.peak"] and stats["reserved_bytes.all.peak"]:
+        allocated, reserved = (int(stats[key].group(1)) for key in ("allocated_bytes.all.peak", "reserved_bytes.all.peak"))
+        retries = int(stats["num_alloc_retries"].group(1)) if stats["num_alloc_retries"] else None
+        return _checked(AllocatorStats(source, allocated, reserved, retries))
+    rows = {label: re.search(_SUMMARY_ROW.format(label=label), text)
+            for label in ("Allocated memory", "GPU reserved memory")}
+    if all(rows.values()):
+        allocated, reserved = (round(float(match.group(1)) * _UNITS[match.group(2)]) for match in rows.values())
+        retries = re.search(r"cudaMalloc retries:\s*([0-9]+)", text)
+        return _checked(AllocatorStats(source, allocated, reserved, int(retries.group(1)) if retries else None,
+                                       exact=False))
+    return None
+
+
+def _checked(stats: AllocatorStats) -> AllocatorStats:
+    if stats.peak_allocated <= 0 or stats.peak_reserved < stats.peak_allocated:
+        raise InputError(f"{stats.source}: peak reserved ({stats.peak_reserved:,} B) must be at least the peak "
+                         f"allocated ({stats.peak_allocated:,} B), which must be positive")
+    return stats
+
+
+def read_log_file(path: str) -> VLLMStartup | AllocatorStats:
+    """A vLLM start-up log, or a torch.cuda.memory_stats()/memory_summary() dump."""
     file = Path(path)
     try:
         text = file.read_text(errors="replace")
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return read_vllm_log(text, str(file))
+    stats = read_allocator_stats(text, str(file))
+    if stats is not None:
+        return stats
+    try:
+        return read_vllm_log(text, str(file))
+    except InputError:
+        raise InputError(f"{file}: neither vLLM memory lines ('model weights take ... GiB', 'Available KV cache "
+                         "memory: ... GiB') nor torch.cuda.memory_stats()/memory_summary() peaks") from None
 
 
-def write_calibration(startup: VLLMStartup, path: str) -> None:
-    Path(path).write_text(json.dumps({"engine": "vllm"} | asdict(startup), indent=2) + "\n")
+def write_calibration(measured: VLLMStartup | AllocatorStats, path: str) -> None:
+    if isinstance(measured, AllocatorStats):
+        document = {"engine": "torch-allocator", "reserve_percent": measured.reserve_percent} | asdict(measured)
+    else:
+        document = {"engine": "vllm"} | asdict(measured)
+    Path(path).write_text(json.dumps(document, indent=2) + "\n")
 
 
-def read_calibration(path: str):
-    """A file ``memcalc calibrate --out`` wrote, as a memcalc.serving.Calibration."""
+def read_reserve_calibration(path: str) -> tuple[float, str]:
+    """(reserve percent, source) from a file ``memcalc calibrate --out`` wrote of an allocator dump."""
+    data = _load(path)
+    if data.get("engine") != "torch-allocator":
+        raise InputError(f"--calibration: {path}: not an allocator calibration (memcalc calibrate --out of a "
+                         "torch.cuda.memory_stats() or memory_summary() dump; a vLLM start-up's is for infer)")
+    reserve = data.get("reserve_percent")
+    if not isinstance(reserve, int | float) or isinstance(reserve, bool) or reserve < 0:
+        raise InputError(f"--calibration: {path}: reserve_percent must be a non-negative number")
+    return float(reserve), str(data.get("source") or path)
+
+
+def _load(path: str) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
         raise InputError(f"--calibration: {path}: cannot read: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"--calibration: {path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    if not isinstance(data, dict) or data.get("engine") != "vllm":
+    if not isinstance(data, dict):
+        raise InputError(f"--calibration: {path}: not a memcalc calibration (written by `memcalc calibrate --out`)")
+    return data
+
+
+def read_calibration(path: str):
+    """A file ``memcalc calibrate --out`` wrote, as a memcalc.serving.Calibration."""
+    data = _load(path)
+    if data.get("engine") == "torch-allocator":
+        raise InputError(f"--calibration: {path}: an allocator reserve, which `train --calibration` takes; infer "
+                         "takes a vLLM start-up's (memcalc calibrate LOG --out)")
+    if data.get("engine") != "vllm":
         raise InputError(f"--calibration: {path}: not a memcalc calibration (written by `memcalc calibrate --out`)")
     fields = {key: data.get(key) for key in VLLMStartup.__dataclass_fields__}
     for key in ("activation_peak", "non_torch"):

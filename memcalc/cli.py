@@ -18,6 +18,7 @@ import typer
 from memcalc.config import Attention, Engine, Loss
 from memcalc.errors import InputError, MemcalcError, SettingsError, ToleranceExceeded
 from memcalc.flags import (
+    CALIBRATION_HELP,
     DECODING,
     OUTPUT,
     SERVING,
@@ -526,8 +527,7 @@ def infer(
         "profile (8192).")] = None,
     calibration: Annotated[str | None, typer.Option(
         "--calibration", metavar="FILE", show_default=False, rich_help_panel=SERVING,
-        help="--engine vllm: the activation peak and non-torch memory measured at a real start-up "
-        "(`memcalc calibrate LOG --out FILE`).")] = None,
+        help=CALIBRATION_HELP)] = None,
     memory_fraction: Annotated[float | None, typer.Option(
         "--memory-fraction", metavar="F", show_default=False, rich_help_panel=SERVING,
         help="--engine sglang: the static share of the card (default: its rule from the GPU and TP); "
@@ -834,7 +834,8 @@ def _bundled(name: str | None):
 
 @command
 def calibrate(
-    log: Annotated[str, typer.Argument(help="A vLLM start-up log (the lines it prints while profiling memory).",
+    log: Annotated[str, typer.Argument(help="A vLLM start-up log (the lines it prints while profiling memory), or "
+                                       "a torch.cuda.memory_stats() or memory_summary() dump.",
                                        show_default=False)],
     model: Annotated[str | None, typer.Option("--model", show_default=False, rich_help_panel="Model and precision",
                                               help="The model the log is of (default: the log's model='...').")
@@ -853,17 +854,32 @@ def calibrate(
 
     Reads vLLM's start-up log (weights, activation peak, non-torch memory, KV cache, blocks,
     tokens); --out stores the measured activation peak and non-torch memory for later estimates
-    on that machine.
+    on that machine. A torch.cuda.memory_stats() or memory_summary() dump gives the caching
+    allocator's reserve over the allocated peak; --out stores it for `train --calibration`.
 
     Examples:
 
       memcalc calibrate vllm-startup.log --model llama-3.1-8b
 
       memcalc calibrate vllm-startup.log --out h100.calibration.json --json
+
+      memcalc calibrate memory_stats.json --out h100.reserve.json
     """
-    from memcalc.calibration import read_log_file, write_calibration
+    from memcalc.calibration import AllocatorStats, read_log_file, write_calibration
 
     startup = read_log_file(log)
+    if isinstance(startup, AllocatorStats):
+        if out is not None:
+            write_calibration(startup, out)
+        if output.as_json:
+            from memcalc.report import allocator_calibration_document
+
+            _print_json(allocator_calibration_document(startup, out))
+            return
+        from memcalc.render import print_allocator_calibration
+
+        print_allocator_calibration(startup, output.units, out)
+        return
     config = source.resolve(model) if model is not None else _bundled(startup.model)
     gpu_spec = _resolve_gpu(gpu)
     total = startup.total_memory or (gpu_spec.usable_memory_bytes if gpu_spec is not None else None)

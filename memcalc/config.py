@@ -570,6 +570,10 @@ class TrainSettings:
     sac_save: tuple[str, ...] | None = None
     # every dropout the model's architecture has at this rate (0: off); None: the config's rates
     dropout: Probability | None = None
+    # the caching allocator's reserve over the allocated peak, measured on this machine (memcalc
+    # calibrate of a torch.cuda.memory_stats() dump), in percent; None: the suite's median
+    reserve_percent: float | None = None
+    reserve_source: str | None = None  # where reserve_percent was measured
 
     def __post_init__(self) -> None:
         _coerce_enums(

@@ -196,6 +196,12 @@ class Precision(Flags):
                                                           f"{choices(OptimizerImpl)}.")] = OptimizerImpl.FOREACH
 
 
+# one meaning in train and infer: each takes the kind of file it can use
+CALIBRATION_HELP = ("Terms measured on this machine (`memcalc calibrate ... --out FILE`): a vLLM start-up's "
+                    "activation peak and non-torch memory (infer --engine vllm), or the allocator's reserve from a "
+                    "torch.cuda.memory_stats() dump (train).")
+
+
 class Workload(Flags):
     """One training step's batch, memory savers, fine-tuning and estimator."""
 
@@ -243,6 +249,8 @@ class Workload(Flags):
     qlora: Annotated[bool, typer.Option("--qlora", rich_help_panel=LORA,
                                         help="Base linear weights in bitsandbytes NF4 with double quantisation.")
                      ] = False
+    calibration: Annotated[str | None, typer.Option("--calibration", metavar="FILE", show_default=False,
+                                                    rich_help_panel=OUTPUT, help=CALIBRATION_HELP)] = None
     activation_model: Annotated[ActivationModel, typer.Option(
         "--activation-model", metavar="MODEL", rich_help_panel=OUTPUT,
         help="arch: saved tensors of the actual block; megatron: Korthikanti et al. 2022; both: arch, with the "
@@ -432,6 +440,10 @@ def train_settings(precision: Precision, workload: Workload | None = None, **fix
                    "expandable_segments": workload.expandable_segments,
                    "recompute_layers": workload.recompute_layers, "sac_save": workload.sac_save,
                    "dropout": workload.dropout}
+        if workload.calibration is not None:
+            from memcalc.calibration import read_reserve_calibration
+
+            values["reserve_percent"], values["reserve_source"] = read_reserve_calibration(workload.calibration)
         if workload.lora_rank is not None:
             targets = workload.lora_targets.strip()
             values |= {"lora_rank": workload.lora_rank, "lora_targets": ",".join(LORA_TARGETS) if targets == "all"

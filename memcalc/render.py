@@ -154,9 +154,10 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             lines.append(("sliding window", f"{model.sliding_window} tokens on {settings.sliding_layers} of "
                           f"{model.num_layers} layers (their cache holds at most the window)"))
     memory = device_memory(estimate)
+    origin = (f"measured: {memory.reserve_source}" if memory.reserve_source else
+              f"the median of traced {memory.workload} runs replayed through memcalc.allocator")
     lines.append(("allocator", f"{'expandable segments' if memory.expandable_segments else 'default caching allocator'}"
-                  f": reserve +{memory.fragmentation_percent:g}% over the allocated peak (the median of traced "
-                  f"{memory.workload} runs replayed through memcalc.allocator)"))
+                  f": reserve +{memory.fragmentation_percent:g}% over the allocated peak ({origin})"))
     lines += [("note", note) for note in model.notes]
     return lines
 
@@ -250,7 +251,10 @@ def _device_rows(estimate: Estimate) -> list[tuple[str, int, str, str]]:
 
     return [
         ("Peak reserved (est.)", memory.peak_reserved, f"+{memory.fragmentation_percent:.1f}%",
-         f"{allocator}: +{memory.fragmentation_percent:g}% (median of the {memory.workload} runs in docs/accuracy.md)"),
+         f"{allocator}: +{memory.fragmentation_percent:g}% " + (f"(measured: {memory.reserve_source})"
+                                                                 if memory.reserve_source else
+                                                                 f"(median of the {memory.workload} runs in "
+                                                                 "docs/accuracy.md)")),
         ("Runtime overhead", memory.runtime_overhead, "", " + ".join(outside)),
         ("On the device (must fit)", memory.device_total, "", "reserved + runtime overhead"),
     ] + ([("Paged states (managed)", memory.managed, "",
@@ -699,6 +703,23 @@ def print_calibration(startup, estimate, unit: Unit, written: str | None) -> Non
     if written is not None:
         console.print(f"Wrote {written}: use it with `memcalc infer ... --engine vllm --gpu NAME --calibration "
                       f"{written}`.")
+
+
+def print_allocator_calibration(stats, unit: Unit, written: str | None) -> None:
+    """An allocator dump's peaks, its reserve, and the medians memcalc assumes without it."""
+    from memcalc.estimate.device import FRAGMENTATION_PERCENT
+
+    console = _console()
+    label = UNIT_LABEL[unit]
+    rounded = "" if stats.exact else " (memory_summary()'s rounded units)"
+    console.print(f"{stats.source}: peak allocated {format_bytes(stats.peak_allocated, unit)} {label}, peak reserved "
+                  f"{format_bytes(stats.peak_reserved, unit)} {label}{rounded}: the allocator reserved "
+                  f"+{stats.reserve_percent:g}% over the allocated peak"
+                  + (f"; {stats.alloc_retries} cudaMalloc retries" if stats.alloc_retries else "") + ".")
+    medians = ", ".join(f"{kind} +{value:g}%" for kind, value in FRAGMENTATION_PERCENT.items())
+    console.print(f"memcalc's medians without a calibration (docs/allocator.md): {medians}.")
+    if written is not None:
+        console.print(f"Wrote {written}: use it with `memcalc train ... --calibration {written}`.")
 
 
 def print_inference(estimate: Estimate, unit: Unit, fit=None, capacity=None, explain: bool = False,

@@ -56,7 +56,8 @@ def device_document(memory) -> dict[str, Any]:
     return {"workload": memory.workload, "fragmentation_percent": memory.fragmentation_percent,
             "expandable_segments": memory.expandable_segments, "allocator_reserve": memory.allocator_reserve,
             "cuda_context": memory.cuda_context, "workspaces": memory.workspaces, "nccl": memory.nccl,
-            "nccl_communicators": list(memory.communicators), "managed": memory.managed}
+            "nccl_communicators": list(memory.communicators), "managed": memory.managed,
+            "reserve_source": memory.reserve_source}
 
 
 def _rank_dict(view) -> dict[str, Any]:
@@ -214,6 +215,20 @@ def engine_document(budget) -> tuple[str, dict[str, Any]]:
     if isinstance(budget, LlamaCppBudget):
         return "llamacpp", llamacpp_document(budget)
     return "vllm", vllm_document(budget)
+
+
+def allocator_calibration_document(stats, written: str | None = None) -> dict[str, Any]:
+    """``memcalc calibrate --json`` of a torch.cuda.memory_stats()/memory_summary() dump."""
+    from dataclasses import asdict
+
+    from memcalc.estimate.device import FRAGMENTATION_PERCENT
+
+    document: dict[str, Any] = {"command": "calibrate", "units": "bytes",
+                                "measured": asdict(stats) | {"reserve_percent": stats.reserve_percent},
+                                "median_reserve_percent": dict(FRAGMENTATION_PERCENT)}
+    if written is not None:
+        document["written"] = written
+    return document
 
 
 def calibration_document(startup, estimate=None, written: str | None = None) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def test_calibrate_refuses_a_log_without_memory_lines(run_cli, tmp_path):
     log = tmp_path / "other.log"
     log.write_text("hello\n")
     result = run_cli("calibrate", str(log))
-    assert result.exit_code == 2 and "no vLLM memory lines found" in result.stderr
+    assert result.exit_code == 2 and "neither vLLM memory lines" in result.stderr
 
 
 # --- SGLang ----------------------------------------------------------------------------------------------

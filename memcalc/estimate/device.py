@@ -67,6 +67,7 @@ class DeviceMemory:
     # CUDA managed memory (bitsandbytes' paged states): on the GPU while there is room, moved to the
     # host under pressure, so outside what must fit; shown beside the device total
     managed: int = 0
+    reserve_source: str | None = None  # a measured reserve's file (memcalc calibrate), else the median
 
     @property
     def peak_reserved(self) -> int:
@@ -115,8 +116,11 @@ def device_memory(estimate: Estimate) -> DeviceMemory:
         communicators = _training_communicators(settings)
         context, workspaces = CUDA_CONTEXT_BYTES, TRAINING_WORKSPACES * CUBLAS_WORKSPACE_BYTES
     table = EXPANDABLE_FRAGMENTATION_PERCENT if expandable_segments else FRAGMENTATION_PERCENT
-    return DeviceMemory(estimate.total, table[workload], workload, expandable_segments, context, workspaces,
-                        nccl_bytes(communicators), communicators, estimate.managed_bytes)
+    reserve, reserve_source = table[workload], None
+    if isinstance(settings, TrainAssumptions) and settings.reserve_percent is not None:
+        reserve, reserve_source = settings.reserve_percent, settings.reserve_source or "a calibration"
+    return DeviceMemory(estimate.total, reserve, workload, expandable_segments, context, workspaces,
+                        nccl_bytes(communicators), communicators, estimate.managed_bytes, reserve_source)
 
 
 def fits(memory: DeviceMemory, gpu) -> bool:

@@ -1195,7 +1195,7 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         parallel=None if parallel.is_single_device else _layout_summary(model, parallel, busiest),
         recompute_layers=settings.recompute_layers,
         sac_outputs=(settings.sac_save or torchtitan_sac_outputs(model)) if settings.recompute is Recompute.OP else (),
-        dropout=_dropout_sites(model),
+        dropout=_dropout_sites(model), reserve_percent=settings.reserve_percent, reserve_source=settings.reserve_source,
     )
     return Estimate(model, params, resolved, busiest.components, references=busiest.references,
                     checkpoint=checkpoint, phases=busiest.phases, ranks=views if not parallel.is_single_device else ())
