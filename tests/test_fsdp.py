@@ -159,3 +159,15 @@ def test_lora_layouts_that_are_not_modelled_are_refused(layout, extra, message):
 
     with pytest.raises(InputError, match=message):
         estimate_training(resolve_model("llama-3-8b"), TrainSettings(lora_rank=8, **extra), ParallelConfig(**layout))
+
+
+def test_separate_embedding_and_head_units_measure_lower():
+    """torchtune's wrapping (the embedding and the head as FSDP units of their own) frees the 2 x
+    (embedding + head) the root holds through forward: measured only (the estimator models the root
+    wrapping; the saving is stated in memcalc.validate.fsdp)."""
+    model = replace(resolve_model("llama-3-8b"), num_layers=2)
+    root = measure_fsdp(model, 2, seq_len=256)
+    ends = measure_fsdp(model, 2, seq_len=256, wrap_ends=True)
+    head_bytes = 2 * model.vocab_size * model.hidden_size
+    assert root.static == ends.static
+    assert root.above_static[0] - ends.above_static[0] > head_bytes

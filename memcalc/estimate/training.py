@@ -727,6 +727,10 @@ class WorkingSet:
     forward_set: int = 0
     backward_set: int = 0
     trained_layer: int = 0  # FSDP2: the trained parameters of a layer (all of it; LoRA: its adapters)
+    # FSDP2: gathered bytes beside the activation peaks at the end of forward and at the start of
+    # backward (the root and the last layer; under LoRA the root alone at the start of backward)
+    forward_end: int = 0
+    backward_start: int = 0
 
     @property
     def total(self) -> int:
@@ -881,16 +885,19 @@ def _working_set(model: ModelConfig, parallel: ParallelConfig, stage: StageLayer
         root_gradient = units.largest_end * weight_bytes
         forward_set = 2 * root + 2 * layer
         backward_set = root + 3 * layer + root_gradient
+        forward_end = backward_start = root + layer
         trained_layer = units.largest_layer
         if lora:
             # a frozen root has no gradient, and a layer's reduce-scatter input holds only its
-            # adapters' gradients (measured with memcalc.validate.fsdp, lora_rank)
+            # adapters' gradients; the frozen head's backward ends before the last layer's
+            # pre-backward prefetch (measured with memcalc.validate.fsdp, lora_rank)
             trained_layer = held.total // model.num_layers
             layer += trained_layer * weight_bytes
             forward_set = 2 * root + 2 * layer
             backward_set = root + 2 * layer + trained_layer * weight_bytes
+            forward_end, backward_start = root + layer, root
         return WorkingSet(units, True, units.largest_layer, forward_set, backward_set - forward_set, root, layer,
-                          forward_set, backward_set, trained_layer)
+                          forward_set, backward_set, trained_layer, forward_end, backward_start)
     unit = units.largest
     gathered = unit * weight_bytes * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
     streams_gradients = (parallel.shards_gradients and sharding) or parallel.offloads_optimizer
@@ -944,10 +951,9 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
         # deferred buffer still held) and at the start of backward (root and the prefetched last
         # layer; the activation peak already holds the output layer's gradient).
         layer_gradient_shard = _ceil_div(working.trained_layer * _bytes(recipe.grad_dtype), parallel.dense_shards)
-        forward = static + max(working.forward_set + peaks.layer, working.root + working.layer + peaks.forward)
-        # under LoRA the frozen head's backward ends before the last layer's pre-backward prefetch
-        at_loss = working.root + (0 if settings.lora_rank is not None else working.layer)
-        backward = static + max(working.backward_set + layer_gradient_shard + peaks.layer, at_loss + peaks.backward)
+        forward = static + max(working.forward_set + peaks.layer, working.forward_end + peaks.forward)
+        backward = static + max(working.backward_set + layer_gradient_shard + peaks.layer,
+                                working.backward_start + peaks.backward)
     else:
         # Gradients (with a unit's unsharded ones before their reduce-scatter) accumulate while
         # activations are freed; the unsharded unit never makes them exceed the unsharded total.

@@ -436,7 +436,9 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype."""
-        return F.linear(self.hidden_states(input_ids), self.output_weight())
+        hidden = self.hidden_states(input_ids)
+        # the head through its module when it has one, so its hooks run (an FSDP unit of its own)
+        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.output_weight())
 
     def forward_with_cache(self, input_ids: torch.Tensor, cache: list, position: int) -> torch.Tensor:
         """One generation step: ``input_ids`` are the new tokens at ``position``; logits for the last
