@@ -146,8 +146,8 @@ def test_lora_under_fsdp2_matches_the_per_rank_estimate(seq_len, world_size):
 
 
 @pytest.mark.parametrize(("layout", "extra", "message"), [
-    ({"dp": 8}, {}, "on one device or under FSDP2"),
-    ({"dp": 4, "tp": 2, "zero": 3, "fsdp": True}, {}, "on one device or under FSDP2"),
+    ({"dp": 8, "zero": 1}, {}, "on one device, under DDP or under FSDP2"),
+    ({"dp": 4, "tp": 2, "zero": 3, "fsdp": True}, {}, "on one device, under DDP or under FSDP2"),
     ({"dp": 8, "zero": 3, "fsdp": True}, {"qlora": True, "lora_dtype": "bf16"}, "QLoRA under FSDP"),
     ({"dp": 8, "zero": 3, "fsdp": True}, {}, "--lora-dtype bf16"),
 ])

@@ -52,6 +52,7 @@ from memcalc.estimate import lora as lora_module
 from memcalc.estimate.inventory import MLPRole, ParamCategory, build_inventory, layer_roles
 from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
 from memcalc.parallel import (
+    Offload,
     ParallelConfig,
     RankParams,
     StageLayers,
@@ -656,11 +657,14 @@ def _check_lora_layout(settings: TrainSettings, parallel: ParallelConfig, recipe
     lora_finetune_distributed: every parameter sharded, the adapters in the model's dtype)."""
     if parallel.is_single_device:
         return
-    fsdp2 = (parallel.fsdp and parallel.shards_params and parallel.tp == parallel.pp == parallel.cp == 1
-             and parallel.ep == 1 and not parallel.offloads_optimizer and not parallel.offloads_params)
-    if not fsdp2:
-        raise InputError("LoRA is modelled on one device or under FSDP2 over data-parallel ranks (--fsdp full): "
-                         "drop the other parallel degrees")
+    data_only = parallel.tp == parallel.pp == parallel.cp == parallel.ep == 1 and parallel.offload is Offload.NONE
+    fsdp2 = parallel.fsdp and parallel.shards_params
+    ddp = parallel.replicates_gradients  # PyTorch DDP: buckets for the adapters' gradients only
+    if not (data_only and (fsdp2 or ddp)):
+        raise InputError("LoRA is modelled on one device, under DDP or under FSDP2 over data-parallel ranks "
+                         "(--gpus N, or --fsdp full): drop the other parallel degrees")
+    if ddp:
+        return
     if settings.qlora:
         raise InputError("QLoRA under FSDP is not modelled (bitsandbytes' 4-bit storage as FSDP shards it): "
                          "use one device or plain LoRA")
