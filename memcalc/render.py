@@ -1131,8 +1131,10 @@ def print_comparison(estimate: Estimate, comparison, unit: Unit, tolerance: floa
     label = UNIT_LABEL[unit]
     table = Table(title=f"memcalc validate: {estimate.model.name} on {comparison.device} ({label})",
                   title_justify="left")
-    for column in ("Component", "Estimated", "Measured", "Difference", "Error"):
-        table.add_column(column, justify="left" if column == "Component" else "right", no_wrap=True)
+    # the labels wrap, the figures never: an 80-column terminal keeps every number whole
+    table.add_column("Component", justify="left", ratio=1)
+    for column in ("Estimated", "Measured", "Difference", "Error"):
+        table.add_column(column, justify="right", no_wrap=True)
 
     def cells(row) -> list[str]:
         def amount(value):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -342,3 +343,13 @@ def test_gradient_accumulation_matches_fake_measurement(settings):
     for row in comparison.rows:
         if row.key.startswith("phase:") or row.key in ("weights", "optimizer_states", "activations", "steady_state"):
             assert abs(row.error_percent) < 0.01, row
+
+
+def test_validate_table_fits_80_columns_without_truncation(run_cli):
+    """The comparison's labels wrap; no figure is cut ("…") in an 80-column terminal."""
+    result = run_cli("validate", "gpt2", "--device", "fake", "--num-layers", "1", "--seq", "64", columns=80)
+    assert result.exit_code == 0, result.stderr
+    assert "\u2026" not in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    total = next(line for line in result.stdout.splitlines() if "Total (peak)" in line)
+    assert re.search(r"[+-]\d+\.\d\d% │$", total)  # the error column whole on the total's row
