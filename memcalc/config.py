@@ -302,6 +302,9 @@ class ModelConfig:
     # embeddings' sum (GPT-2 embd_pdrop), on each sublayer's output before its residual add (GPT-2,
     # Phi resid_pdrop)
     attention_dropout: Probability = 0.0
+    # eager attention's softmax in fp32 (Llama-style classes: softmax(..., dtype=float32)); False: in
+    # the scores' dtype (GPT-2's eager_attention_forward; autocast still runs it in fp32)
+    softmax_in_fp32: bool = True
     embedding_dropout: Probability | None = None
     residual_dropout: Probability | None = None
 

@@ -77,7 +77,7 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mamba2": {**_LLAMA_STYLE, "mlp": MLPKind.NONE},
     "nemotron_h": {**_LLAMA_STYLE},
     "falcon_h1": {**_LLAMA_STYLE},
-    "gpt2": _GPT2_STYLE,
+    "gpt2": _GPT2_STYLE | {"softmax_in_fp32": False},  # eager_attention_forward: softmax in the scores' dtype
 }
 
 # Types whose norms are RMSNorms though their files name the epsilon layer_norm_epsilon.

@@ -382,3 +382,10 @@ def test_only_adapters_get_gradients_in_the_measured_step():
     trainable = lora.trainable_parameters(model, settings)
     assert measured.components["gradients"] == 4 * trainable  # fp32 adapters
     assert measured.components["master_weights"] == 0
+
+
+def test_lora_on_gpt2s_16_bit_eager_softmax_is_refused():
+    """GPT-2's eager softmax runs in 16 bits; the LoRA model is written for fp32 softmaxes."""
+    with pytest.raises(InputError, match="softmax runs in 16 bits"):
+        estimate_training(resolve_model("gpt2"), TrainSettings(lora_rank=8, dropout=0, precision="pure-bf16",
+                                                               attention="eager"))

@@ -266,6 +266,11 @@ HF_CASES = [
     ("llama-3.2-1b", dict(precision="mixed-bf16", seq_len=256, attention="eager")),
     ("qwen2.5-0.5b", dict(precision="pure-bf16", seq_len=256, recompute="full")),
     ("gemma-2b", dict(precision="fp32", seq_len=128)),
+    # GPT-2 with its config's dropout 0.1 (CUDA's kernel rules on fake tensors): eager attention's
+    # softmax in the scores' 16-bit dtype, dropout masks on embeddings, probabilities and residuals
+    ("gpt2", dict(precision="pure-bf16", seq_len=256, attention="eager")),
+    ("gpt2", dict(precision="fp32", seq_len=256, batch_size=2, attention="eager")),
+    ("gpt2", dict(precision="mixed-bf16", seq_len=256)),
 ]
 
 

@@ -199,9 +199,9 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
     if attention == "eager":
         if recompute is Recompute.NONE:
             scores = model.num_attention_heads * shape.seq_len * shape.seq_len * shape.batch_size
-            # fp32 softmax output, and its cast to the compute dtype (the same tensor in fp32)
-            saved += scores * (FP32_BYTES + (e if e != FP32_BYTES else 0))
-            saved += scores * probability_dropout_bytes(model, e)
+            # the softmax output (fp32 unless GPT-2-style in pure 16-bit), and its cast to the compute dtype
+            output, cast = softmax_bytes(model, e, shape.autocast)
+            saved += scores * (output + cast + probability_dropout_bytes(model, e, shape.autocast))
     else:
         # log-sum-exp per head and token; with dropout the flash and memory-efficient kernels keep
         # their RNG state (a seed and an offset), not a mask
@@ -215,13 +215,23 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
 MASK_BYTES = 1
 
 
-def probability_dropout_bytes(model: ModelConfig, element_bytes: int) -> int:
+def softmax_bytes(model: ModelConfig, element_bytes: int, autocast: bool) -> tuple[int, int]:
+    """(bytes per score of an eager softmax's output, of its cast to the compute dtype): fp32 and a
+    16-bit cast (none in fp32), or, for GPT-2's softmax in the scores' 16-bit dtype without
+    autocast, the output alone (transformers' ``.type(value.dtype)`` is then a no-op)."""
+    if model.softmax_in_fp32 or autocast or element_bytes == FP32_BYTES:
+        return FP32_BYTES, (element_bytes if element_bytes != FP32_BYTES else 0)
+    return element_bytes, 0
+
+
+def probability_dropout_bytes(model: ModelConfig, element_bytes: int, autocast: bool = False) -> int:
     """Bytes per attention score that dropout of the eager probabilities adds: its mask; the
-    dropped copy, kept by ``probs @ v``, takes the place of the cast it was made from, except in
-    fp32, where the probabilities were not cast and the copy is new."""
+    dropped copy, kept by ``probs @ v``, takes the place of the cast it was made from, except where
+    the probabilities were not cast (fp32, GPT-2's 16-bit softmax) and the copy is new."""
     if not model.attention_dropout:
         return 0
-    return MASK_BYTES + (element_bytes if element_bytes == FP32_BYTES else 0)
+    _output, cast = softmax_bytes(model, element_bytes, autocast)
+    return MASK_BYTES + (element_bytes if not cast else 0)
 
 
 def residual_dropout_bytes(model: ModelConfig, stream: ActivationShape) -> int:

@@ -274,6 +274,11 @@ def lora_layer(model: ModelConfig, shape: ActivationShape, attention: str, recom
             saved += tokens * (q_width + 2 * kv_width) * e
         before_scores = saved
     else:
+        if not model.softmax_in_fp32 and e != FP32_BYTES and not shape.autocast:
+            from memcalc.errors import InputError
+
+            raise InputError(f"{model.name}: LoRA with eager attention whose softmax runs in 16 bits (GPT-2's) is "
+                             "not modelled: use --attention sdpa")
         grouped = kv_heads < heads
         repeated = q_width if grouped else kv_width
         scores = heads * shape.seq_len * shape.seq_len * shape.batch_size

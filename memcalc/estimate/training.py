@@ -30,6 +30,7 @@ from memcalc.estimate.activations import (
     l2_qk_norm_saved_bytes,
     post_norms,
     probability_dropout_bytes,
+    softmax_bytes,
     attention_output_width,
     FP32_BYTES,
     INDEX_BYTES,
@@ -186,7 +187,10 @@ def _activation_context(plan: StagePlan, settings: TrainSettings, recipe: Precis
     # eager softmax in fp32: the raw and masked scores in the compute dtype, the fp32 copy of the
     # masked scores and the fp32 softmax output; plus the causal mask: the filled square and its
     # upper triangle, both in the compute dtype
-    scores_forward = scores * (2 * e + upcast + FP32_BYTES) + (2 * e * seq_len * seq_len if eager else 0)
+    # (GPT-2's softmax in pure 16-bit: the raw and masked scores and the 16-bit softmax output)
+    softmax_output, _cast = softmax_bytes(model, e, recipe.autocast)
+    copy = upcast if softmax_output == FP32_BYTES else 0
+    scores_forward = scores * (2 * e + copy + softmax_output) + (2 * e * seq_len * seq_len if eager else 0)
     lora = settings.lora_rank is not None
     every = settings.recompute_layers
     checkpointed = tuple(settings.recompute.checkpoints_layers and (position + 1) % every == 0
@@ -225,8 +229,8 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
         q_width = attention_output_width(model)
         before_scores = attention_part - tokens * q_width * e - (0 if eager else FP32_BYTES * tokens * model.num_attention_heads)
         if eager and layer_recompute is Recompute.NONE:
-            before_scores -= ctx.scores * (FP32_BYTES + (e if e != FP32_BYTES else 0)
-                                           + probability_dropout_bytes(model, e))
+            before_scores -= ctx.scores * (sum(softmax_bytes(model, e, recipe.autocast))
+                                           + probability_dropout_bytes(model, e, recipe.autocast))
         transient = _mlp_backward_transient(model, shape, moe_layer, ctx.grad_bytes)
         return saved, before_scores, mlp_part, transient
 
@@ -376,9 +380,11 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
     def in_scores_backward(layer_saved: int, layer_mlp: int) -> int:
         """An eager layer inside its scores' backward, its MLP's backward done: what it saved but its
         MLP part (and, the dropout's backward run, its mask), with the score gradients."""
-        recomputed_scores = scores * (FP32_BYTES + e) if recompute is Recompute.SELECTIVE else 0
-        score_gradients = scores * (e + FP32_BYTES)
-        dropout_freed = 0 if recompute is Recompute.SELECTIVE else scores * probability_dropout_bytes(model, e)
+        softmax_output, _cast = softmax_bytes(model, e, ctx.recipe.autocast)
+        recomputed_scores = scores * (softmax_output + e) if recompute is Recompute.SELECTIVE else 0
+        score_gradients = scores * (e + softmax_output)
+        dropout_freed = (0 if recompute is Recompute.SELECTIVE else
+                         scores * probability_dropout_bytes(model, e, ctx.recipe.autocast))
         return layer_saved - layer_mlp - dropout_freed + max(recomputed_scores + score_gradients,
                                                              ctx.scores_forward if recomputed_scores else 0)
 

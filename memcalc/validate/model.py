@@ -129,7 +129,8 @@ def cuda_dropout_rules():
         F.dropout, F.scaled_dot_product_attention = plain_dropout, plain_sdpa
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    softmax_in_fp32: bool = True) -> torch.Tensor:
     """Causal attention with materialised scores, as Hugging Face's ``eager_attention_forward``
     (grouped K/V heads repeated to the query heads first, ``repeat_kv``; dropout of the
     probabilities after their cast)."""
@@ -140,7 +141,12 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     seq = q.shape[-2]
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
     mask = torch.full((seq, seq), float("-inf"), device=q.device, dtype=scores.dtype).triu(1)
-    probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    # GPT-2's eager attention takes its softmax in the scores' dtype; CUDA's autocast runs any
+    # softmax in fp32 (the CPU's would not), so an autocast run upcasts as CUDA would
+    if softmax_in_fp32 or torch.is_autocast_enabled(q.device.type):
+        probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        probs = F.softmax(scores + mask, dim=-1).to(q.dtype)
     return torch.matmul(dropout(probs, dropout_p), v)
 
 
@@ -160,6 +166,7 @@ class Attention(nn.Module):
         self.rotary = model.position_embedding is PositionKind.ROTARY
         self.attention = attention
         self.dropout_p = model.attention_dropout
+        self.softmax_in_fp32 = model.softmax_in_fp32
         # Selective recompute (Korthikanti et al. 2022 sec. 5): the score computation is redone in
         # backward; only eager attention stores scores, so only it has anything to drop.
         self.recompute_scores = recompute == "selective" and attention == "eager"
@@ -189,9 +196,9 @@ class Attention(nn.Module):
             # on PyTorch >= 2.5); a single new token attends to the whole cache without a mask.
             out = sdpa(q, k, v, seq > 1, self.dropout_p)
         elif self.recompute_scores and torch.is_grad_enabled():
-            out = checkpoint(eager_attention, q, k, v, self.dropout_p, use_reentrant=False)
+            out = checkpoint(eager_attention, q, k, v, self.dropout_p, self.softmax_in_fp32, use_reentrant=False)
         else:
-            out = eager_attention(q, k, v, self.dropout_p)
+            out = eager_attention(q, k, v, self.dropout_p, self.softmax_in_fp32)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
