@@ -224,7 +224,7 @@ def softmax_bytes(model: ModelConfig, element_bytes: int, autocast: bool) -> tup
     return element_bytes, 0
 
 
-def probability_dropout_bytes(model: ModelConfig, element_bytes: int, autocast: bool = False) -> int:
+def probability_dropout_bytes(model: ModelConfig, element_bytes: int, autocast: bool) -> int:
     """Bytes per attention score that dropout of the eager probabilities adds: its mask; the
     dropped copy, kept by ``probs @ v``, takes the place of the cast it was made from, except where
     the probabilities were not cast (fp32, GPT-2's 16-bit softmax) and the copy is new."""

@@ -144,8 +144,8 @@ class ActivationContext:
     adapter_bytes: int
     # per layer of the stage: whether it runs under torch.utils.checkpoint (full or op recompute,
     # every ``recompute_layers``-th layer counted on this rank, as torchtitan wraps a stage's blocks)
-    checkpointed: tuple[bool, ...] = ()
-    sac_outputs: tuple[str, ...] = ()  # op recompute: what each checkpointed layer keeps
+    checkpointed: tuple[bool, ...]
+    sac_outputs: tuple[str, ...]  # op recompute: what each checkpointed layer keeps
 
     @property
     def model(self) -> ModelConfig:
@@ -195,14 +195,11 @@ def _activation_context(plan: StagePlan, settings: TrainSettings, recipe: Precis
     every = settings.recompute_layers
     checkpointed = tuple(settings.recompute.checkpoints_layers and (position + 1) % every == 0
                          for position in range(model.num_layers))
-    sac_outputs = ()
-    if settings.recompute is Recompute.OP:
-        sac_outputs = settings.sac_save if settings.sac_save is not None else torchtitan_sac_outputs(model)
     return ActivationContext(
         plan, settings, recipe, shape, e, _bytes(recipe.grad_dtype), tokens, shape.stream.tokens,
         shape.stream.tokens * model.hidden_size * shape.stream_bytes, eager, "eager" if eager else "sdpa", scores,
-        upcast, scores_forward, settings.recompute is Recompute.FULL and every == 1, lora,
-        _bytes(DType(settings.lora_dtype.value)) if lora else 0, checkpointed, sac_outputs)
+        upcast, scores_forward, settings.recompute is Recompute.FULL, lora,
+        _bytes(DType(settings.lora_dtype.value)) if lora else 0, checkpointed, sac_outputs(model, settings))
 
 
 def _layer_stack(ctx: ActivationContext) -> LayerStack:
@@ -247,14 +244,14 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
     checkpoint_bytes = ctx.stream + (op_checkpoint_bytes(model, shape, ctx.attention, ctx.sac_outputs)
                                      if recompute is Recompute.OP else 0)
     held = tuple(checkpoint_bytes if checkpointed else by_kind[kind][0]
-                 for kind, checkpointed in zip(kinds, ctx.checkpointed or (False,) * len(kinds), strict=True))
+                 for kind, checkpointed in zip(kinds, ctx.checkpointed, strict=True))
     layers = sum(held)
     # Pipeline ranks also hold the saved tensors of micro-batches (chunks) still in flight.
     average_layer = layers // len(kinds)
     layers += ctx.plan.extra_layers * average_layer
     others = layers - held[-1]
     return LayerStack(tuple(kinds), by_kind, lora_live, layers, average_layer, others, held,
-                      bool(ctx.checkpointed) and ctx.checkpointed[-1])
+                      ctx.checkpointed[-1])
 
 
 def _output_terms(ctx: ActivationContext, saved: int) -> tuple[int, int, int]:
@@ -345,9 +342,11 @@ def _stage_gradients(ctx: ActivationContext) -> StageGradients | None:
         return ctx.grad_bytes * sum(tensor.numel * tensor.count for tensor in tensors)
 
     mlp_categories = (ParamCategory.MLP, ParamCategory.EXPERTS, ParamCategory.ROUTER)
-    return StageGradients(tuple(size(layer.tensors) for layer in inventory.layers),
-                          tuple(size(t for t in layer.tensors if t.category in mlp_categories)
-                                for layer in inventory.layers),
+    # layers of one structure share one LayerTensors: size each structure once
+    by_structure = {id(layer): (size(layer.tensors), size(t for t in layer.tensors if t.category in mlp_categories))
+                    for layer in inventory.layers}
+    sizes = [by_structure[id(layer)] for layer in inventory.layers]
+    return StageGradients(tuple(total for total, _mlp in sizes), tuple(mlp for _total, mlp in sizes),
                           size(inventory.embeddings) if ctx.plan.first else 0)
 
 
@@ -368,7 +367,7 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
     after_mlp_norm = norm_saved_bytes(model, h, shape) if post_norms(model) else 0
     below = 0  # saved by the layers before this one
     kinds = stack.kinds
-    checkpointed = ctx.checkpointed or (False,) * len(kinds)
+    checkpointed = ctx.checkpointed
     # a checkpointed layer's input, kept by its checkpoint while the layer runs its backward
     # (LoRA's branch below adds it itself)
     kept_input = 0 if ctx.lora else ctx.stream
@@ -614,6 +613,14 @@ def _stage_layers_model(model: ModelConfig, stage: StageLayers) -> ModelConfig:
     return replace(model, num_layers=stage.layers, moe=moe, layer_types=types)
 
 
+def sac_outputs(model: ModelConfig, settings: TrainSettings) -> tuple[str, ...]:
+    """What each layer checkpointed by --recompute op keeps: --sac-save's outputs, or torchtitan's
+    policy resolved for this architecture; () for the other modes."""
+    if settings.recompute is not Recompute.OP:
+        return ()
+    return settings.sac_save if settings.sac_save is not None else torchtitan_sac_outputs(model)
+
+
 def check_recompute(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
                     recipe: PrecisionRecipe) -> None:
     """Per-op and every-Nth-layer checkpointing were measured on dense attention layers on one
@@ -642,9 +649,7 @@ def with_dropout(model: ModelConfig, settings: TrainSettings) -> ModelConfig:
         model = replace(model, attention_dropout=settings.dropout,
                         embedding_dropout=None if model.embedding_dropout is None else settings.dropout,
                         residual_dropout=None if model.residual_dropout is None else settings.dropout)
-    rates = {"attention": model.attention_dropout, "embedding": model.embedding_dropout or 0.0,
-             "residual": model.residual_dropout or 0.0}
-    active = [f"{site} {rate:g}" for site, rate in rates.items() if rate]
+    active = [f"{site} {rate:g}" for site, rate in _dropout_sites(model).items() if rate]
     if active and (settings.lora_rank is not None or model.mla is not None):
         what = "LoRA" if settings.lora_rank is not None else "multi-head latent attention"
         raise InputError(f"{model.name} trains with dropout ({', '.join(active)}): not modelled with {what}; "
@@ -1210,7 +1215,7 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         paged_optimizer=settings.paged_optimizer, expandable_segments=settings.expandable_segments, lora=lora,
         parallel=None if parallel.is_single_device else _layout_summary(model, parallel, busiest),
         recompute_layers=settings.recompute_layers,
-        sac_outputs=(settings.sac_save or torchtitan_sac_outputs(model)) if settings.recompute is Recompute.OP else (),
+        sac_outputs=sac_outputs(model, settings),
         dropout=_dropout_sites(model), reserve_percent=settings.reserve_percent, reserve_source=settings.reserve_source,
     )
     return Estimate(model, params, resolved, busiest.components, references=busiest.references,

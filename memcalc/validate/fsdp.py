@@ -44,7 +44,7 @@ import torch
 from memcalc.config import ModelConfig
 from memcalc.validate.model import Decoder, apply_lora, causal_lm_loss
 from memcalc.validate.run import TORCH_DTYPES, _default_dtype
-from memcalc.validate.tracker import LiveBytesTracker
+from memcalc.validate.tracker import LiveBytesTracker, optimizer_state_tensors
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,7 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
                 optimizer.step()
                 step = tracker.peak_bytes
                 optimizer.zero_grad(set_to_none=True)
-            states = [value for state in optimizer.state.values() for value in state.values()
-                      if isinstance(value, torch.Tensor)]
+            states = optimizer_state_tensors(optimizer)
             return ShardedMeasurement(world_size, weights, gradients, tracker.storage_bytes(states),
                                       max(forward, backward, step), (forward, backward, step))
     finally:

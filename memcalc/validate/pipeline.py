@@ -35,7 +35,7 @@ from memcalc.config import ModelConfig, PositionKind
 from memcalc.parallel import ParallelConfig, stage_layers
 from memcalc.validate.model import ROPE_THETA, Block, Decoder, causal_lm_loss, make_norm
 from memcalc.validate.run import TORCH_DTYPES, _default_dtype
-from memcalc.validate.tracker import LiveBytesTracker
+from memcalc.validate.tracker import LiveBytesTracker, optimizer_state_tensors
 
 
 @dataclass(frozen=True)
@@ -204,8 +204,7 @@ def measure_pipeline_rank(model: ModelConfig, parallel: ParallelConfig, rank: in
             # Megatron's grad buffer persists, zeroed between steps (zero_grad_buffer)
             optimizer.zero_grad(set_to_none=False)
             if iteration == 0:
-                states = [value for state in optimizer.state.values() for value in state.values()
-                          if isinstance(value, torch.Tensor)]
+                states = optimizer_state_tensors(optimizer)
                 states_bytes = tracker.storage_bytes(states)
                 tracker.static_bytes += states_bytes
     return PipelineMeasurement(

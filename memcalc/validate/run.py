@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from memcalc.config import ModelConfig
 from memcalc.validate.model import Decoder, apply_lora, causal_lm_loss, chunked_causal_lm_loss, cuda_dropout_rules
-from memcalc.validate.tracker import CUDA_BLOCK_BYTES, LiveBytesTracker
+from memcalc.validate.tracker import CUDA_BLOCK_BYTES, LiveBytesTracker, optimizer_state_tensors
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -323,8 +323,7 @@ def measure_training(
             optimizer.zero_grad(set_to_none=not accumulate_fp32)
             model.zero_grad(set_to_none=True)
             if iteration == 0:
-                states = [value for state in optimizer.state.values() for value in state.values()
-                          if isinstance(value, torch.Tensor)]
+                states = optimizer_state_tensors(optimizer)
                 optimizer_bytes = tracker.storage_bytes(states)
                 tracker.static_bytes += optimizer_bytes
                 if accumulate_fp32:

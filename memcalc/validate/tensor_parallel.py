@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 from memcalc.config import ModelConfig
 from memcalc.validate.model import Decoder, causal_lm_loss
 from memcalc.validate.run import TORCH_DTYPES, _default_dtype
-from memcalc.validate.tracker import LiveBytesTracker, _memory_holders
+from memcalc.validate.tracker import LiveBytesTracker, _memory_holders, optimizer_state_tensors
 
 
 @dataclass(frozen=True)
@@ -346,8 +346,7 @@ def measure_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: boo
                 step = tracker.peak_bytes
                 optimizer.zero_grad(set_to_none=True)
                 if iteration == 0:
-                    states = [_local(value) for state in optimizer.state.values() for value in state.values()
-                              if isinstance(value, torch.Tensor)]
+                    states = [_local(value) for value in optimizer_state_tensors(optimizer)]
                     states_bytes = tracker.storage_bytes(states)
                     tracker.static_bytes += states_bytes
                     if explain:

@@ -150,3 +150,8 @@ class LiveBytesTracker(TorchDispatchMode):
             if isinstance(leaf, torch.Tensor):
                 self.track(leaf)
         return out
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    """Every tensor a torch.optim optimizer keeps in its per-parameter state (moments, step counters)."""
+    return [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
