@@ -313,3 +313,24 @@ def test_the_busiest_measured_rank_is_the_one_reported(measured, layout):
     estimate = estimate_training(model, SETTINGS, ParallelConfig(pp=pp, pp_layers=layers, microbatches=m))
     busiest = max(estimate.ranks, key=lambda view: view.total)
     assert busiest.pipeline_rank == totals.index(max(totals))
+
+
+def test_a_single_pipeline_rank_takes_the_steps_dropout_and_refusals():
+    """estimate_pipeline_rank starts from what estimate_training does: --dropout on the model's
+    rates (GPT-2's 0.1 adds masks; 0 removes them) and the refusal of dropout under LoRA."""
+    from memcalc.config import TrainSettings
+    from memcalc.errors import InputError
+    from memcalc.estimate.training import estimate_pipeline_rank, estimate_training
+    from memcalc.library import resolve_model
+    from memcalc.parallel import ParallelConfig
+
+    model, parallel = resolve_model("gpt2"), ParallelConfig(pp=2)
+    for dropout in (None, 0.0):
+        settings = TrainSettings(seq_len=1024, dropout=dropout)
+        whole = {view.pipeline_rank: view.total for view in estimate_training(model, settings, parallel).ranks}
+        assert estimate_pipeline_rank(model, settings, parallel, 0).total == whole[0]
+    with_masks = estimate_pipeline_rank(model, TrainSettings(seq_len=1024), parallel, 0).phases["forward"]
+    without = estimate_pipeline_rank(model, TrainSettings(seq_len=1024, dropout=0.0), parallel, 0).phases["forward"]
+    assert with_masks > without
+    with pytest.raises(InputError, match="not modelled with LoRA"):
+        estimate_pipeline_rank(model, TrainSettings(lora_rank=8), parallel, 0)

@@ -1167,16 +1167,24 @@ def _sharding_text(parallel: ParallelConfig, has_experts: bool) -> str:
     return text
 
 
-def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig | None = None) -> Estimate:
-    """Memory of one training step on the most loaded rank of ``parallel`` (one device by default)."""
-    parallel = parallel or ParallelConfig()
+def _checked_step(model: ModelConfig, settings: TrainSettings,
+                  parallel: ParallelConfig) -> tuple[ModelConfig, PrecisionRecipe, int]:
+    """What every training estimate starts from: the model with the step's dropout rates, the
+    recipe and sequence length, and the refusals of what is not modelled."""
     model = with_dropout(model, settings)
     check_trainable(model)
-    params = count_params(model)
     recipe = resolve_recipe(settings, parallel)
     check_recompute(model, settings, parallel, recipe)
     seq_len = resolve_seq_len(model, settings.seq_len)
     check_layout(model, parallel, seq_len, settings.attention)
+    return model, recipe, seq_len
+
+
+def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig | None = None) -> Estimate:
+    """Memory of one training step on the most loaded rank of ``parallel`` (one device by default)."""
+    parallel = parallel or ParallelConfig()
+    model, recipe, seq_len = _checked_step(model, settings, parallel)
+    params = count_params(model)
     candidates = tuple(_rank_view(model, settings, parallel, recipe, seq_len, stage_layers(model, parallel, rank))
                        for rank in pipeline_ranks(parallel, model))
     busiest = max(candidates, key=lambda view: view.total)
@@ -1226,11 +1234,7 @@ def estimate_pipeline_rank(model: ModelConfig, settings: TrainSettings, parallel
                            rank: int) -> RankView:
     """One pipeline rank's step, whichever rank (``estimate_training`` reports the ends and the
     busiest); what ``memcalc.validate.pipeline`` measures."""
-    check_trainable(model)
-    recipe = resolve_recipe(settings, parallel)
-    check_recompute(model, settings, parallel, recipe)
-    seq_len = resolve_seq_len(model, settings.seq_len)
-    check_layout(model, parallel, seq_len, settings.attention)
+    model, recipe, seq_len = _checked_step(model, settings, parallel)
     if not 0 <= rank < parallel.pp:
         raise InputError(f"pipeline rank {rank} is not one of the {parallel.pp} ranks")
     return _rank_view(model, settings, parallel, recipe, seq_len, stage_layers(model, parallel, rank))
