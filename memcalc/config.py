@@ -307,6 +307,8 @@ class ModelConfig:
     softmax_in_fp32: bool = True
     embedding_dropout: Probability | None = None
     residual_dropout: Probability | None = None
+    # config.json dropout keys above 0 that memcalc does not model (a training estimate refuses them)
+    unmodelled_dropout: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _coerce_enums(self, mlp=MLPKind, norm=NormKind, position_embedding=PositionKind,

@@ -750,8 +750,11 @@ def _read_dropout(reader: _Reader, fields: dict[str, Any], model_type: str) -> N
     rates = {key: value for key in DROPOUT_KEYS if key not in mapped
              if isinstance(value := data.get(key), int | float) and not isinstance(value, bool) and value > 0}
     if rates:
+        # train refuses such a model unless --dropout says the rates (memcalc.estimate.training.with_dropout)
+        fields["unmodelled_dropout"] = tuple(rates)
         reader.notes.append(f"{', '.join(f'{key} {value:g}' for key, value in rates.items())}: this dropout is not "
-                            "modelled, so training activations leave out its masks; inference is unaffected")
+                            "modelled: training estimates are refused unless --dropout gives the rates; inference "
+                            "is unaffected")
 
 
 def _checkpoint_format(data: dict[str, Any], fields: dict[str, Any], notes: list[str], source: str) -> None:

@@ -147,7 +147,8 @@ def test_falcon_h1_layers_cache_keys_and_keep_a_state():
     ("gpt2", {}, {"attention_dropout": 0.1, "residual_dropout": 0.1, "embedding_dropout": 0.1}, None),
     ("llama", {"attention_dropout": 0.05}, {"attention_dropout": 0.05, "residual_dropout": None}, None),
     ("llama", {"attention_dropout": 0.0, "hidden_dropout": 0}, {"attention_dropout": 0.0}, None),
-    ("llama", {"hidden_dropout": 0.1}, {"attention_dropout": 0.0}, "hidden_dropout 0.1"),
+    ("llama", {"hidden_dropout": 0.1}, {"attention_dropout": 0.0, "unmodelled_dropout": ("hidden_dropout",)},
+     "hidden_dropout 0.1"),
 ])
 def test_dropout_rates_from_config_json(model_type, rates, fields, noted):
     """GPT-2's three rates (GPT2Config's default 0.1 when absent) and the attention dropout of the
@@ -177,3 +178,17 @@ def test_the_assumptions_show_the_dropout_rates(run_cli):
     text = " ".join(run_cli("train", "gpt2", columns=120).stdout.split())
     assert "dropout attention 0.1, embedding 0.1, residual 0.1" in text
     assert "no dropout" in " ".join(run_cli("train", "gpt2", "--dropout", "0", columns=120).stdout.split())
+
+
+def test_a_training_estimate_refuses_dropout_it_does_not_model():
+    """A config.json dropout key memcalc does not model (hidden_dropout 0.1 on a Llama) is refused
+    by train, naming the key, unless --dropout gives the rates; inference is unaffected."""
+    from memcalc.hf import model_from_hf
+
+    data = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "vocab_size": 96, "max_position_embeddings": 256, "hidden_dropout": 0.1}
+    model = model_from_hf(data, name="x", source="config.json")
+    with pytest.raises(InputError, match=r"\(hidden_dropout\): give --dropout"):
+        estimate_training(model, TrainSettings(seq_len=64))
+    assert estimate_training(model, TrainSettings(seq_len=64, dropout=0.0)).total > 0
+    assert estimate_inference(model, InferSettings(context_len=64)).total > 0

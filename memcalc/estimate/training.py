@@ -645,6 +645,10 @@ def check_recompute(model: ModelConfig, settings: TrainSettings, parallel: Paral
 def with_dropout(model: ModelConfig, settings: TrainSettings) -> ModelConfig:
     """``model`` with ``settings.dropout`` on every dropout its architecture has (None: as the
     config says). Dropout is modelled for the reference blocks without LoRA; elsewhere refused."""
+    if settings.dropout is None and model.unmodelled_dropout:
+        raise InputError(f"{model.name}: its config trains with dropout memcalc does not model "
+                         f"({', '.join(model.unmodelled_dropout)}): give --dropout (0 for none) to estimate with "
+                         "the dropout memcalc knows")
     if settings.dropout is not None:
         model = replace(model, attention_dropout=settings.dropout,
                         embedding_dropout=None if model.embedding_dropout is None else settings.dropout,
