@@ -48,7 +48,7 @@ from memcalc.estimate.activations import (
 from memcalc.estimate.assumptions import LayoutSummary, TrainAssumptions
 from memcalc.estimate.breakdown import MANAGED, Component, Estimate, Kind, RankView
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
-from memcalc.errors import InputError
+from memcalc.errors import Field, InputError, SettingsError
 from memcalc.estimate import lora as lora_module
 from memcalc.estimate.inventory import MLPRole, ParamCategory, build_inventory, layer_roles
 from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
@@ -1171,6 +1171,10 @@ def _sharding_text(parallel: ParallelConfig, has_experts: bool) -> str:
     return text
 
 
+# A micro-batch beyond this many tokens holds petabytes on any model: refused rather than printed
+MAX_STEP_TOKENS = 2**32
+
+
 def _checked_step(model: ModelConfig, settings: TrainSettings,
                   parallel: ParallelConfig) -> tuple[ModelConfig, PrecisionRecipe, int]:
     """What every training estimate starts from: the model with the step's dropout rates, the
@@ -1180,6 +1184,9 @@ def _checked_step(model: ModelConfig, settings: TrainSettings,
     recipe = resolve_recipe(settings, parallel)
     check_recompute(model, settings, parallel, recipe)
     seq_len = resolve_seq_len(model, settings.seq_len)
+    if settings.batch_size * seq_len > MAX_STEP_TOKENS:
+        raise SettingsError(Field("batch_size"), " x ", Field("seq_len"), f" = {settings.batch_size * seq_len:,} "
+                            f"tokens a micro-batch: more than 2^32, orders of magnitude beyond any device's memory")
     check_layout(model, parallel, seq_len, settings.attention)
     return model, recipe, seq_len
 
