@@ -429,6 +429,11 @@ class EngineOptions:
     ubatch_size: int = 512
     flash_attn: bool = True
     compute_buffer: str | None = None
+    vllm_version: str | None = None
+    enforce_eager: bool = False
+    cudagraph_mode: str | None = None
+    max_num_seqs: int | None = None
+    profile_cudagraphs: str | None = None
 
     def given(self) -> dict[str, tuple[str, ...]]:
         """The options set away from their defaults, by flag, with the engines they apply to."""
@@ -439,7 +444,10 @@ class EngineOptions:
                  "cache_type_k": ("--cache-type-k", ("llamacpp",)), "cache_type_v": ("--cache-type-v", ("llamacpp",)),
                  "tensor_split": ("--tensor-split", ("llamacpp",)), "n_gpu_layers": ("--n-gpu-layers", ("llamacpp",)),
                  "ubatch_size": ("--ubatch-size", ("llamacpp",)), "flash_attn": ("--no-flash-attn", ("llamacpp",)),
-                 "compute_buffer": ("--compute-buffer", ("llamacpp",))}
+                 "compute_buffer": ("--compute-buffer", ("llamacpp",)),
+                 "vllm_version": ("--vllm-version", ("vllm",)), "enforce_eager": ("--enforce-eager", ("vllm",)),
+                 "cudagraph_mode": ("--cudagraph-mode", ("vllm",)), "max_num_seqs": ("--max-num-seqs", ("vllm",)),
+                 "profile_cudagraphs": ("--profile-cudagraphs", ("vllm",))}
         return {flag: engines for name, (flag, engines) in flags.items()
                 if getattr(self, name) != getattr(defaults, name)}
 
@@ -472,15 +480,37 @@ def _engine_budget(engine: Engine, config, settings, estimate, stored, gpu_spec,
                          "give --gpu")
     total = gpu_spec.usable_memory_bytes
     if engine is Engine.VLLM:
-        from memcalc.serving import default_batched_tokens, vllm_budget
+        from memcalc.serving import (VLLM_DEFAULT_VERSION, VLLMGraphMode, VLLMGraphOptions, default_batched_tokens,
+                                     parse_vllm_version, vllm_budget)
 
-        tokens = options.max_num_batched_tokens or default_batched_tokens(total, gpu_spec.name)
+        version = options.vllm_version or VLLM_DEFAULT_VERSION
+        tokens = options.max_num_batched_tokens or default_batched_tokens(total, gpu_spec.name,
+                                                                          parse_vllm_version(version))
         measured = None
         if options.calibration is not None:
             from memcalc.calibration import read_calibration
 
             measured = read_calibration(options.calibration)
-        return vllm_budget(config, settings, total, gpu_util, tokens, measured)
+        mode = None
+        if options.cudagraph_mode is not None:
+            try:
+                mode = VLLMGraphMode(options.cudagraph_mode.lower())
+            except ValueError:
+                raise InputError(f"--cudagraph-mode: {options.cudagraph_mode!r} is not one of "
+                                 f"{', '.join(m.value for m in VLLMGraphMode)}") from None
+        profiled = None
+        if options.profile_cudagraphs is not None:
+            if options.profile_cudagraphs not in ("0", "1"):
+                raise InputError(f"--profile-cudagraphs: {options.profile_cudagraphs!r} is not 1 or 0 (vLLM's "
+                                 "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS)")
+            profiled = options.profile_cudagraphs == "1"
+        graphs = VLLMGraphOptions(version, options.enforce_eager, mode, options.max_num_seqs, profiled,
+                                  gpu_spec.name, gpu_spec.architecture)
+        budget = vllm_budget(config, settings, total, gpu_util, tokens, measured, graphs)
+        if not budget.graphs_fit:
+            _warn(f"vLLM's CUDA graphs ({budget.cudagraphs.bytes / 2**30:.2f} GiB) do not fit on {gpu_spec.name} at "
+                  f"--gpu-util {gpu_util:g}: start-up would run out of memory (docs/serving.md)")
+        return budget
     if engine is Engine.SGLANG:
         from memcalc.serving import sglang_budget
 
@@ -554,6 +584,24 @@ def infer(
         "--compute-buffer", metavar="SIZE", show_default=False, rich_help_panel=SERVING,
         help="--engine llamacpp: each GPU's compute buffer as a log printed it (\"CUDA0 compute buffer "
         "size\"), e.g. 164MiB (default: a floor).")] = None,
+    vllm_version: Annotated[str | None, typer.Option(
+        "--vllm-version", metavar="X.Y", show_default=False, rich_help_panel=SERVING,
+        help="--engine vllm: the release whose CUDA graph rules apply (0.10 or later; default 0.30).")] = None,
+    enforce_eager: Annotated[bool, typer.Option(
+        "--enforce-eager", rich_help_panel=SERVING,
+        help="--engine vllm: no CUDA graphs, as vLLM's flag.")] = False,
+    cudagraph_mode: Annotated[str | None, typer.Option(
+        "--cudagraph-mode", metavar="MODE", show_default=False, rich_help_panel=SERVING,
+        help="--engine vllm: none, piecewise, full, full_decode_only, full_and_piecewise (default: the "
+        "version's).")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(
+        "--max-num-seqs", metavar="N", min=1, show_default=False, rich_help_panel=SERVING,
+        help="--engine vllm: requests per step, which sets the graphs captured (default: vllm serve's, 1024 "
+        "on GPUs of 70 GiB or more other than the A100, else 256).")] = None,
+    profile_cudagraphs: Annotated[str | None, typer.Option(
+        "--profile-cudagraphs", metavar="1|0", show_default=False, rich_help_panel=SERVING,
+        help="--engine vllm: vLLM's graph profiling env var; 1: the graphs are estimated first and taken from "
+        "the KV cache (default from 0.20), 0: captured after it.")] = None,
     explain: ExplainOption = False,
 ) -> None:
     """Memory to serve a model: weights, KV cache, prefill and decoding, overhead, and what fits.
@@ -607,7 +655,8 @@ def infer(
     startup = _engine_budget(serving.engine, config, settings, estimate, stored, gpu_spec, gpu_util,
                              EngineOptions(max_num_batched_tokens, calibration, memory_fraction, cache_type_k,
                                            cache_type_v, tensor_split, n_gpu_layers, ubatch_size,
-                                           not no_flash_attn, compute_buffer))
+                                           not no_flash_attn, compute_buffer, vllm_version, enforce_eager,
+                                           cudagraph_mode, max_num_seqs, profile_cudagraphs))
     capacity = None
     if budget is not None:
         from memcalc.estimate.inference import kv_capacity
@@ -890,12 +939,15 @@ def calibrate(
     if config is not None:
         from memcalc.config import InferSettings
         from memcalc.estimate.inference import DEFAULT_GPU_UTILIZATION
-        from memcalc.serving import default_batched_tokens, vllm_budget
+        from memcalc.serving import VLLMGraphOptions, default_batched_tokens, vllm_budget
 
         settings = InferSettings(context_len=min(8192, config.max_position_embeddings))
         utilization = startup.utilization or DEFAULT_GPU_UTILIZATION  # vLLM's default when the log omits it
         tokens = default_batched_tokens(total, gpu_spec.name if gpu_spec is not None else "")
-        estimate = tuple(vllm_budget(config, settings, total, utilization, tokens, measured)
+        # the KV cache as vLLM sized it before 0.20, graphs after it: the log's version is not read, and a
+        # 0.20+ log has its graph estimate taken from the KV cache already (docs/serving.md)
+        graphs = VLLMGraphOptions(profiled=False, gpu_name=gpu_spec.name if gpu_spec is not None else "")
+        estimate = tuple(vllm_budget(config, settings, total, utilization, tokens, measured, graphs)
                          for measured in (startup.calibration(), None))  # with the log's terms, with memcalc's
     if out is not None:
         write_calibration(startup, out)

@@ -614,7 +614,8 @@ class TrainSettings:
 class Engine(StrEnum):
     """hf: a plain Hugging Face generate() loop (the cache grows by concatenation); paged: a paged
     server (vLLM-style blocks in a preallocated budget); vllm: the paged layout with vLLM's own
-    start-up budget (memcalc.serving: weights, profiled activation peak, non-torch memory, KV);
+    start-up budget (memcalc.serving: weights, profiled activation peak, non-torch memory, CUDA
+    graphs, KV);
     sglang, trtllm, llamacpp: the same layout with SGLang's (mem_fraction_static), TensorRT-LLM's
     (free_gpu_memory_fraction) or llama.cpp's (n_ctx cells, per-device layer split) budget."""
 

@@ -541,8 +541,39 @@ def _vllm_grid(budget, unit: Unit, measured=None):
         "rotary cache")
     row("Activation peak", budget.activation_peak, log.activation_peak, budget.activation_from)
     row("Non-torch memory", budget.non_torch, log.non_torch, budget.non_torch_from)
-    row("KV cache", budget.kv_cache, log.kv_cache, "requested - the three above", style="bold")
+    graphs = budget.cudagraphs
+    if graphs.profiled:
+        row("CUDA graphs", graphs.bytes, None, "profiled first (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1)")
+    row("KV cache", budget.kv_cache, log.kv_cache,
+        f"requested - the {'four' if graphs.profiled else 'three'} above", style="bold")
+    if not graphs.profiled:
+        row("CUDA graphs", graphs.bytes, None, "captured after the KV cache, out of the headroom")
     return table
+
+
+def _vllm_graph_lines(budget, unit: Unit) -> list[str]:
+    """vLLM's CUDA graphs (memcalc.serving.VLLMGraphs): what is captured, memcalc's figure, and whether it fits."""
+    label = UNIT_LABEL[unit]
+    graphs = budget.cudagraphs
+    if not graphs.count:
+        return [f"CUDA graphs: none ({graphs.profiled_from}; vLLM {graphs.version})."]
+    kinds = ", ".join(f"{len(sizes)} {name} (largest {max(sizes)})" for name, sizes in
+                      (("piecewise", graphs.piecewise_sizes), ("full", graphs.full_sizes)) if sizes)
+    lines = [f"CUDA graphs (vLLM {graphs.version}, {graphs.mode.value}, max_num_seqs {graphs.max_num_seqs}): {kinds}; "
+             f"{format_bytes(graphs.bytes, unit)} {label} = {format_bytes(graphs.pool, unit)} {label} pool (one "
+             f"forward of {graphs.largest} tokens) + {format_bytes(graphs.per_size, unit)} {label} for the captures "
+             "(memcalc's formula, calibrated on published logs: docs/serving.md)."]
+    if graphs.profiled:
+        verdict = ("vLLM starts" if budget.graphs_fit else
+                   "no KV cache is left: vLLM refuses to start (\"No available memory for the cache blocks\")")
+        lines.append(f"They are {graphs.profiled_from}: {verdict}.")
+    else:
+        verdict = ("fits" if budget.graphs_fit else "does not fit: vLLM runs out of memory capturing them after "
+                   "the KV cache; lower --gpu-util, --max-num-seqs, or --enforce-eager")
+        lines.append(f"They are {graphs.profiled_from}: {format_bytes(budget.graph_headroom, unit)} {label} (the other "
+                     f"{1 - budget.utilization:.0%} less the CUDA context): {verdict}.")
+    lines.extend(graphs.notes)
+    return lines
 
 
 def print_vllm(budget, unit: Unit) -> None:
@@ -550,8 +581,10 @@ def print_vllm(budget, unit: Unit) -> None:
     console.print()
     console.print(_vllm_grid(budget, unit))
     console.print(f"{budget.blocks:,} blocks of {budget.block_size} tokens = {budget.tokens:,} tokens; "
-                  f"{budget.max_concurrency:.2f} requests of {budget.max_model_len:,} tokens at once. CUDA graphs "
-                  f"come out of the other {1 - budget.utilization:.0%}.")
+                  f"{budget.max_concurrency:.2f} requests of {budget.max_model_len:,} tokens at once.")
+    for line in _vllm_graph_lines(budget, unit):
+        console.print(line, style=None if budget.graphs_fit else "bold")
+    console.print(f"Source (CUDA graphs): {budget.cudagraphs.source}.")
 
 
 ENGINE_LABEL = {"sglang": "SGLang", "trtllm": "TensorRT-LLM", "llamacpp": "llama.cpp"}

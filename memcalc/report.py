@@ -154,6 +154,19 @@ def vllm_document(budget) -> dict[str, Any]:
         "non_torch_from": budget.non_torch_from, "kv_cache": budget.kv_cache, "blocks": budget.blocks,
         "tokens": budget.tokens, "block_size": budget.block_size, "max_num_batched_tokens": budget.max_num_batched_tokens,
         "max_model_len": budget.max_model_len, "max_concurrency": round(budget.max_concurrency, 4),
+        "cuda_graphs": vllm_graphs_document(budget.cudagraphs), "graph_headroom": budget.graph_headroom,
+        "graphs_fit": budget.graphs_fit, "device_total": budget.device_total,
+    }
+
+
+def vllm_graphs_document(graphs) -> dict[str, Any]:
+    """vLLM's CUDA graphs (memcalc.serving.VLLMGraphs), in bytes, with the sizes captured."""
+    return {
+        "bytes": graphs.bytes, "pool": graphs.pool, "per_size": graphs.per_size, "version": graphs.version,
+        "mode": graphs.mode.value, "max_num_seqs": graphs.max_num_seqs,
+        "piecewise_sizes": list(graphs.piecewise_sizes), "full_sizes": list(graphs.full_sizes),
+        "profiled": graphs.profiled, "profiled_from": graphs.profiled_from, "source": graphs.source,
+        "notes": list(graphs.notes),
     }
 
 

@@ -16,8 +16,19 @@ vLLM (V1 engine: vllm/v1/worker/gpu_worker.py ``determine_available_memory``, vl
 - what is left is the KV cache: ``num_blocks = kv_bytes // page_size // layers`` with a page of
   ``block_size`` tokens of one layer; tokens = blocks x block_size.
 
-CUDA graphs are captured after the KV cache is allocated, out of the ``1 - utilization`` headroom,
-so they do not shrink it. The weights are the estimator's (exact against vLLM's own figure for the
+- CUDA graphs (vllm/config/vllm.py ``_set_cudagraph_sizes``, v1/cudagraph_dispatcher.py,
+  v1/worker/gpu_model_runner.py ``capture_model``): one capture per size of a ladder set by
+  ``max_num_seqs`` and ``max_num_batched_tokens`` (``vllm_capture_sizes``, per release), PIECEWISE
+  for every size and FULL for the decode sizes up to ``max_num_seqs`` (FULL_AND_PIECEWISE, the
+  default from 0.11; PIECEWISE in 0.10), largest first into one shared pool. Before 0.20 they are
+  captured after the KV cache, out of ``1 - utilization`` of the card less the CUDA context; from
+  0.20 (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1 by default, gpu_worker.py) vLLM estimates them
+  while profiling and takes them from the KV cache. memcalc's figure is the pool (its activation
+  estimate for one forward of the largest size) plus a per-layer cost per captured size, a formula
+  calibrated on published "Graph capturing finished ..., took X GiB" lines (within 25% of each,
+  tests/test_serving.py), not vLLM's own rule; ``--enforce-eager`` captures none.
+
+The weights are the estimator's (exact against vLLM's own figure for the
 published logs in tests/test_serving.py); the activation peak is memcalc's prefill estimate of one
 forward of that many tokens and is approximate (vLLM's profile has changed between versions: a
 calibration from a real start-up log, ``memcalc calibrate``, replaces it); the non-torch increase
@@ -50,6 +61,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from memcalc.config import Engine, InferSettings, LayerType, ModelConfig, PositionKind
 from memcalc.dtypes import DType, storage_bytes
@@ -65,9 +77,196 @@ DEFAULT_NON_TORCH_BYTES = round(0.12 * GiB)
 LARGE_GPU_BATCHED_TOKENS, SMALL_GPU_BATCHED_TOKENS = 8192, 2048
 
 
-def default_batched_tokens(gpu_memory: int, gpu_name: str) -> int:
+def default_batched_tokens(gpu_memory: int, gpu_name: str, version: tuple[int, ...] | None = None) -> int:
+    """From vLLM 0.28 (``version``) cards of 160 GiB or more (B200, B300) get 16384."""
+    if version is not None and version >= (0, 28) and gpu_memory >= 160 * GiB:
+        return 16384
     large = gpu_memory >= 70 * GiB and "a100" not in gpu_name.lower()
     return LARGE_GPU_BATCHED_TOKENS if large else SMALL_GPU_BATCHED_TOKENS
+
+
+# --- vLLM's CUDA graphs ----------------------------------------------------------------------------
+
+VLLM_DEFAULT_VERSION = "0.30"  # the newest release whose capture rules memcalc read (the 0.30.0 wheel)
+VLLM_GRAPH_SOURCE = ("vllm/config/vllm.py (VllmConfig._set_cudagraph_sizes), vllm/v1/cudagraph_dispatcher.py, "
+                     "vllm/v1/worker/gpu_model_runner.py (capture_model, profile_cudagraph_memory), "
+                     "vllm/v1/worker/gpu_worker.py (determine_available_memory), vllm/envs.py "
+                     "(VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS)")
+# memcalc's model of one captured size, calibrated on published start-up logs (tests/test_serving.py,
+# docs/serving.md): per layer, a piecewise capture (one graph per piece between attention ops) and a
+# full capture (one graph of the whole forward)
+PIECEWISE_BYTES_PER_LAYER = round(0.22 * MiB)
+FULL_BYTES_PER_LAYER = round(0.10 * MiB)
+
+
+class VLLMGraphMode(StrEnum):
+    """vLLM's CompilationConfig.cudagraph_mode (vllm/config/compilation.py CUDAGraphMode)."""
+
+    NONE = "none"
+    PIECEWISE = "piecewise"
+    FULL = "full"
+    FULL_DECODE_ONLY = "full_decode_only"
+    FULL_AND_PIECEWISE = "full_and_piecewise"
+
+
+def parse_vllm_version(text: str) -> tuple[int, ...]:
+    """"0.11", "v0.11.1", "0.10.1.1" as a tuple of ints; refused unless it is 0.10 or later (the V1
+    engine with cudagraph_mode)."""
+    parts = text.strip().lstrip("v").split(".")
+    try:
+        version = tuple(int(part) for part in parts)
+    except ValueError:
+        raise SettingsError(Field("vllm_version"), f": {text!r} is not a version such as 0.11 or 0.10.1") from None
+    if len(version) < 2 or version < (0, 10):
+        raise SettingsError(Field("vllm_version"), f": {text!r}: memcalc models vLLM 0.10 and later (the V1 engine "
+                            "with cudagraph_mode); earlier releases captured graphs differently")
+    return version
+
+
+def vllm_default_max_num_seqs(total_memory: int, gpu_name: str, max_num_batched_tokens: int) -> int:
+    """EngineArgs.get_batch_defaults for vllm serve: 1024 on GPUs of at least 70 GiB other than the
+    A100, else 256; then at most max_num_batched_tokens (EngineArgs._set_default_args)."""
+    large = total_memory >= 70 * GiB and "a100" not in gpu_name.lower()
+    return min(1024 if large else 256, max_num_batched_tokens)
+
+
+def vllm_capture_sizes(version: tuple[int, ...], max_num_seqs: int, max_num_batched_tokens: int,
+                       sm100: bool = False) -> list[int]:
+    """The token counts vLLM captures graphs for by default (VllmConfig._set_cudagraph_sizes), ascending.
+
+    0.10 to 0.11.0: [1, 2, 4] + range(8, C + 1, 8) with C = min(2 x max_num_seqs, 512), those not
+    above max_num_batched_tokens (67 sizes at C = 512). From 0.11.1: C = min(2 x max_num_seqs, 512,
+    max_num_batched_tokens), then 1, 2, 4, steps of 8 below 256 and of 16 from 256 (51 sizes at
+    512); from 0.21 max_num_batched_tokens is added when C is it; from 0.28 C's cap is 1024 on
+    compute capability 10.x (B200, GB200, B300)."""
+    cap = 2 * max_num_seqs
+    if version < (0, 11, 1):
+        sizes = [1, 2, 4, *range(8, min(cap, 512) + 1, 8)]
+        return [size for size in sizes if size <= max_num_batched_tokens]
+    cap = min(cap, 1024 if sm100 and version >= (0, 28) else 512, max_num_batched_tokens)
+    sizes = [size for size in (1, 2, 4) if size <= cap]
+    if cap >= 8:
+        sizes += range(8, min(cap + 1, 256), 8)
+    if cap >= 256:
+        sizes += range(256, cap + 1, 16)
+    if version >= (0, 21) and max_num_batched_tokens <= cap:
+        sizes.append(max_num_batched_tokens)
+    return sorted(set(sizes))
+
+
+def vllm_default_graph_mode(version: tuple[int, ...]) -> VLLMGraphMode:
+    """PIECEWISE in 0.10 (VllmConfig.__post_init__ under -O3's piecewise compilation), FULL_AND_PIECEWISE
+    from 0.11 (pooling and encoder-decoder models excepted, which memcalc does not serve)."""
+    return VLLMGraphMode.PIECEWISE if version < (0, 11) else VLLMGraphMode.FULL_AND_PIECEWISE
+
+
+@dataclass(frozen=True)
+class VLLMGraphOptions:
+    """What decides vLLM's CUDA graphs: its version, --enforce-eager, -cc.cudagraph_mode,
+    --max-num-seqs, VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS (None: the version's default) and the card."""
+
+    version: str = VLLM_DEFAULT_VERSION
+    enforce_eager: bool = False
+    mode: VLLMGraphMode | None = None
+    max_num_seqs: int | None = None
+    profiled: bool | None = None
+    gpu_name: str = ""
+    architecture: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class VLLMGraphs:
+    version: str
+    mode: VLLMGraphMode
+    max_num_seqs: int
+    piecewise_sizes: tuple[int, ...]  # token counts captured piecewise (mixed prefill-decode batches)
+    full_sizes: tuple[int, ...]  # token counts captured as one full graph
+    pool: int  # the largest capture's intermediates: memcalc's activation estimate for that many tokens
+    per_size: int  # the captures' own memory, over all sizes
+    profiled: bool  # estimated during profiling and taken from the KV cache (vLLM >= 0.20 by default)
+    profiled_from: str
+    source: str = VLLM_GRAPH_SOURCE
+    notes: tuple[str, ...] = ()
+
+    @property
+    def bytes(self) -> int:
+        return self.pool + self.per_size
+
+    @property
+    def count(self) -> int:
+        return len(self.piecewise_sizes) + len(self.full_sizes)
+
+    @property
+    def largest(self) -> int:
+        return max((*self.piecewise_sizes, *self.full_sizes), default=0)
+
+
+def _forward_activations(model: ModelConfig, settings: InferSettings, tokens: int) -> int:
+    """memcalc's activation estimate for one forward of ``tokens`` tokens on one TP rank (no logits:
+    vLLM computes them outside the captured forward)."""
+    from memcalc.estimate.inference import estimate_inference
+
+    if tokens <= 0:
+        return 0
+    forward = estimate_inference(model, replace(settings, engine=Engine.VLLM, batch_size=1, context_len=None,
+                                                prompt_len=min(tokens, model.max_position_embeddings),
+                                                max_new_tokens=0, prefill_chunk=None, num_beams=1, decoding=None,
+                                                num_return_sequences=1, top_k=None, top_p=None, temperature=1.0))
+    return forward.component("activations").bytes
+
+
+def vllm_cuda_graphs(model: ModelConfig, settings: InferSettings, total_memory: int, max_num_batched_tokens: int,
+                     options: VLLMGraphOptions) -> VLLMGraphs:
+    """vLLM's CUDA graph capture: which sizes, in which modes, and memcalc's estimate of its memory.
+
+    The sizes and modes follow vLLM's source (vllm_capture_sizes, vllm_default_graph_mode; FULL decode
+    graphs for the sizes up to max_num_seqs, cudagraph_dispatcher.py). vLLM captures largest first so
+    the smaller sizes reuse one shared pool (gpu_model_runner.py capture_model); memcalc counts that
+    pool as its activation estimate for one forward of the largest size, plus
+    PIECEWISE_BYTES_PER_LAYER or FULL_BYTES_PER_LAYER per layer for every captured size: a formula
+    calibrated on published "Graph capturing finished ..., took X GiB" lines, not vLLM's rule."""
+    version = parse_vllm_version(options.version)
+    profiled_default = version >= (0, 20)
+    if options.profiled and version < (0, 18):
+        raise SettingsError(Field("profile_cudagraphs"), f": vLLM {options.version} has no CUDA graph memory "
+                            "profiling (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS arrived in 0.18)")
+    mode = VLLMGraphMode.NONE if options.enforce_eager else options.mode or vllm_default_graph_mode(version)
+    seqs = options.max_num_seqs or vllm_default_max_num_seqs(total_memory, options.gpu_name, max_num_batched_tokens)
+    notes: list[str] = []
+    if mode is VLLMGraphMode.NONE:
+        return VLLMGraphs(options.version, mode, seqs, (), (), 0, 0, False,
+                          "--enforce-eager: no graphs" if options.enforce_eager else "cudagraph_mode none: no graphs")
+    sm100 = "sm10" in options.architecture.lower().replace(" ", "")
+    sizes = tuple(vllm_capture_sizes(version, seqs, max_num_batched_tokens, sm100))
+    decode = tuple(size for size in sizes if size <= seqs)  # uniform decode batches of up to max_num_seqs requests
+    piecewise: tuple[int, ...] = ()
+    full: tuple[int, ...] = ()
+    if mode in (VLLMGraphMode.PIECEWISE, VLLMGraphMode.FULL_AND_PIECEWISE):
+        piecewise = sizes
+    if mode is VLLMGraphMode.FULL:
+        full = sizes
+    elif mode in (VLLMGraphMode.FULL_DECODE_ONLY, VLLMGraphMode.FULL_AND_PIECEWISE):
+        full = decode
+    if model.mla is not None and full:
+        notes.append("MLA: vLLM drops FULL graphs to PIECEWISE where the attention backend cannot be captured whole "
+                     "(AttentionCGSupport); counted as the mode says")
+    if sm100 and version >= (0, 34):
+        notes.append("vLLM 0.34 widens the default grids on compute capability 10.x (prefill and decode sizes "
+                     "apart); memcalc uses the 0.30 rule")
+    if version > (0, 30):
+        notes.append(f"vLLM {options.version}: capture rules as read in 0.30.0")
+    layers = model.num_layers
+    pool = _forward_activations(model, settings, max((*piecewise, *full), default=0))
+    per_size = layers * (len(piecewise) * PIECEWISE_BYTES_PER_LAYER + len(full) * FULL_BYTES_PER_LAYER)
+    profiled = profiled_default if options.profiled is None else options.profiled
+    if profiled:
+        profiled_from = ("profiled before the KV cache and taken from it (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS="
+                         f"1{', the default from 0.20' if options.profiled is None else ''})")
+    else:
+        profiled_from = ("captured after the KV cache, out of the headroom"
+                         + (" (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=0)" if version >= (0, 18) else ""))
+    return VLLMGraphs(options.version, mode, seqs, piecewise, full, pool, per_size, profiled, profiled_from,
+                      notes=tuple(notes))
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +292,7 @@ class VLLMBudget:
     block_size: int
     page_bytes: int  # one block of block_size tokens, over all the layers
     max_model_len: int
+    cudagraphs: VLLMGraphs
 
     @property
     def requested(self) -> int:
@@ -100,7 +300,37 @@ class VLLMBudget:
 
     @property
     def kv_cache(self) -> int:
-        return self.requested - self.weights - self.activation_peak - self.non_torch
+        """requested - weights - activation peak - non-torch memory, less the CUDA graphs' estimate
+        where vLLM profiles it first (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS, on from 0.20)."""
+        graphs = self.cudagraphs.bytes if self.cudagraphs.profiled else 0
+        return self.requested - self.weights - self.activation_peak - self.non_torch - graphs
+
+    @property
+    def graph_headroom(self) -> int:
+        """What is left for CUDA graphs captured after the KV cache: the card's total less the
+        requested share and the CUDA context (memcalc's 400 MiB), which vLLM's budget does not count
+        (its snapshot is taken after the context exists). The activation peak is freed before the
+        capture (empty_cache) but is taken again by the first large prefill, so it is no slack."""
+        from memcalc.estimate.device import CUDA_CONTEXT_BYTES
+
+        return self.total_memory - self.requested - CUDA_CONTEXT_BYTES
+
+    @property
+    def device_total(self) -> int:
+        """The card once serving: CUDA context + weights + activation peak + non-torch memory + KV
+        cache + CUDA graphs."""
+        from memcalc.estimate.device import CUDA_CONTEXT_BYTES
+
+        return (CUDA_CONTEXT_BYTES + self.weights + self.activation_peak + self.non_torch + max(self.kv_cache, 0)
+                + self.cudagraphs.bytes)
+
+    @property
+    def graphs_fit(self) -> bool:
+        """Whether the capture fits: inside the budget when profiled first (a KV cache left), else in
+        the headroom."""
+        if self.cudagraphs.profiled:
+            return self.kv_cache > 0
+        return self.cudagraphs.bytes <= self.graph_headroom
 
     @property
     def blocks(self) -> int:
@@ -154,7 +384,8 @@ def _max_model_len(model: ModelConfig, settings: InferSettings) -> int:
 
 
 def vllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int, utilization: float,
-                max_num_batched_tokens: int, calibration: Calibration | None = None) -> VLLMBudget:
+                max_num_batched_tokens: int, calibration: Calibration | None = None,
+                graph_options: VLLMGraphOptions | None = None) -> VLLMBudget:
     from memcalc.estimate.device import nccl_bytes
     from memcalc.estimate.inference import kv_cache_bytes_per_token, kv_dtype_for
 
@@ -173,8 +404,11 @@ def vllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int, 
         non_torch_from = "default: 0.12 GiB (vLLM log, H100, TP 1)" + (" + NCCL" if nccl else "")
     per_token = kv_cache_bytes_per_token(model, kv_dtype_for(settings), settings.tp, Engine.VLLM)
     block = settings.block_size
+    cudagraphs = vllm_cuda_graphs(model, settings, total_memory, max_num_batched_tokens,
+                                  graph_options or VLLMGraphOptions())
     return VLLMBudget(total_memory, utilization, weights, rotary, activation, activation_from, non_torch,
-                      non_torch_from, max_num_batched_tokens, block, per_token * block, _max_model_len(model, settings))
+                      non_torch_from, max_num_batched_tokens, block, per_token * block, _max_model_len(model, settings),
+                      cudagraphs)
 
 
 # --- What the engines below share ----------------------------------------------------------------------

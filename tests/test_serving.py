@@ -27,9 +27,11 @@ from hypothesis import strategies as st
 from memcalc.calibration import read_vllm_log
 from memcalc.config import InferSettings
 from memcalc.library import resolve_model
-from memcalc.serving import (Calibration, LlamaCppWeights, default_batched_tokens, llamacpp_budget,
-                             llamacpp_layer_devices, sglang_budget, sglang_mem_fraction_static,
-                             sglang_piecewise_tokens, trtllm_budget, vllm_budget)
+from memcalc.errors import SettingsError
+from memcalc.serving import (Calibration, LlamaCppWeights, VLLMGraphMode, VLLMGraphOptions, default_batched_tokens,
+                             llamacpp_budget, llamacpp_layer_devices, sglang_budget, sglang_mem_fraction_static,
+                             sglang_piecewise_tokens, trtllm_budget, vllm_budget, vllm_capture_sizes,
+                             vllm_cuda_graphs)
 
 GiB = 2**30
 MiB = 2**20
@@ -54,8 +56,9 @@ def test_kv_budget_with_the_logs_own_terms(total, activation, non_torch, kv_gib,
     and page size give the log's KV cache: within 0.01 GiB on the 22 GiB card (a block), within
     0.1% on the H100 (whose exact total the log does not print)."""
     calibration = Calibration("log", round(activation * GiB), round(non_torch * GiB))
+    # these logs predate vLLM's CUDA graph profiling (0.20): the graphs come after the KV cache
     budget = vllm_budget(resolve_model("llama-3.1-8b"), InferSettings(context_len=8192), total, 0.9, 8192,
-                         calibration)
+                         calibration, VLLMGraphOptions(profiled=False))
     assert budget.page_bytes == 16 * 131_072  # 16 tokens x 128 KiB of keys and values over 32 layers
     if blocks is None:
         assert budget.kv_cache / GiB == pytest.approx(kv_gib, rel=1e-3)
@@ -159,6 +162,224 @@ def test_calibrate_needs_the_cards_total_when_the_log_has_none(run_cli, tmp_path
 def test_vllm_options_need_their_engine_and_gpu(args, message, run_cli):
     result = run_cli(*args)
     assert result.exit_code == 2 and result.stderr.startswith(message)
+
+
+# --- vLLM's CUDA graphs ------------------------------------------------------------------------------------
+# Rules read in the vLLM wheels 0.10.1.1, 0.11.0, 0.11.1, 0.12.0, 0.18.0-0.21.0, 0.27.0, 0.28.0, 0.30.0:
+# vllm/config/vllm.py VllmConfig._set_cudagraph_sizes, vllm/v1/cudagraph_dispatcher.py, vllm/envs.py.
+
+LADDER_512_BY_8 = [1, 2, 4, *range(8, 513, 8)]  # 0.10 to 0.11.0 at max_num_seqs >= 256: 67 sizes
+LADDER_512 = [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]  # from 0.11.1: 51 sizes
+A100_40GB = 42_298_834_944  # configs/gpus.yaml: what CUDA reports for an A100 40GB
+A100_80GB = 84_987_740_160
+RTX_4090 = 25_393_692_672
+
+
+@pytest.mark.parametrize(("version", "max_num_seqs", "batched_tokens", "sm100", "expected"), [
+    ((0, 10, 1, 1), 256, 2048, False, LADDER_512_BY_8),
+    ((0, 11, 0), 1024, 8192, False, LADDER_512_BY_8),  # C = min(2 x 1024, 512)
+    ((0, 11, 0), 16, 2048, False, [1, 2, 4, 8, 16, 24, 32]),  # C = 2 x 16
+    ((0, 11, 0), 256, 256, False, [1, 2, 4, *range(8, 257, 8)]),  # filtered by max_num_batched_tokens: 35
+    ((0, 11, 1), 256, 8192, False, LADDER_512),
+    ((0, 20, 0), 1024, 8192, False, LADDER_512),
+    ((0, 20, 0), 256, 300, False, [1, 2, 4, *range(8, 256, 8), 256, 272, 288]),  # C = 300, no 300 before 0.21
+    ((0, 21, 0), 256, 300, False, [1, 2, 4, *range(8, 256, 8), 256, 272, 288, 300]),  # 0.21 adds it
+    ((0, 27, 0), 1024, 8192, True, LADDER_512),
+    ((0, 28, 0), 1024, 8192, True, [1, 2, 4, *range(8, 256, 8), *range(256, 1025, 16)]),  # SM100 cap 1024: 83
+    ((0, 30, 0), 2, 2048, False, [1, 2, 4]),  # C = 4
+])
+def test_capture_sizes_are_vllms_ladder(version, max_num_seqs, batched_tokens, sm100, expected):
+    """Hand-derived from each release's _set_cudagraph_sizes (docs/serving.md)."""
+    assert vllm_capture_sizes(version, max_num_seqs, batched_tokens, sm100) == expected
+
+
+QWEN25_1_5B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536,
+               "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+               "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+               "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+               "torch_dtype": "bfloat16", "use_sliding_window": False}  # Qwen/Qwen2.5-1.5B-Instruct config.json
+
+
+def _model(name, tmp_path):
+    if name != "qwen2.5-1.5b":
+        return resolve_model(name)
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_1_5B))
+    return resolve_model(str(tmp_path))
+
+
+# (model, settings, card, its name, max_num_batched_tokens, vLLM, logged piecewise and full graphs)
+GRAPH_LOGS = {
+    # a vLLM 0.10.1.1 start-up published in a GitHub README (`vllm serve Meta-Llama-3.1-8B-Instruct --dtype
+    # float16`): "cudagraph_capture_sizes":[512,504,...,1], "Capturing CUDA graphs (mixed prefill-decode,
+    # PIECEWISE): 67/67", "Graph capturing finished in 3 secs, took 0.52 GiB"; 19.25 GiB of KV cache puts it
+    # on a 40 GB card
+    "llama-3.1-8b 0.10.1.1": ("llama-3.1-8b", {"dtype": "fp16"}, A100_40GB, "a100-40gb", 2048, "0.10.1.1", 67, 0,
+                              0.52),
+    # "Debugging vLLM GPU Memory OOM with Flamegraphs" (inspektor-gadget ig-gpu use case): A100 80GB PCIe,
+    # vLLM v0.19.0, `vllm serve NousResearch/Llama-2-7b-hf --max-model-len 2048`: "Graph capturing finished in
+    # 5 secs, took 0.46 GiB" (the counts are the rule's: not printed)
+    "llama-2-7b 0.19.0": ("llama-2-7b", {"dtype": "fp16"}, A100_80GB, "a100-80gb", 2048, "0.19.0", 51, 35, 0.46),
+    # https://github.com/LMCache/LMCache/issues/3430: Qwen3-8B on a 24 GB card, "CUDA graph memory profiling is
+    # enabled (default since v0.21.0)": "Profiling CUDA graph memory: PIECEWISE=51 (largest=512), FULL=35
+    # (largest=256)", "Estimated CUDA graph memory: 0.52 GiB total" (vLLM's own estimate, the one it takes
+    # from the KV cache)
+    "qwen3-8b 0.21": ("qwen3-8b", {}, RTX_4090, "rtx-4090-24gb", 2048, "0.21.0", 51, 35, 0.52),
+    # a vLLM v0.11.2 start-up of Qwen/Qwen2.5-1.5B-Instruct (bf16, max_seq_len 32768) published in a
+    # walkthrough: "Capturing CUDA graphs (mixed prefill-decode): 51/51", "(decode, FULL): 35/35", "Graph
+    # capturing finished in 4 secs, took 0.49 GiB"
+    "qwen2.5-1.5b 0.11.2": ("qwen2.5-1.5b", {}, RTX_4090, "rtx-4090-24gb", 2048, "0.11.2", 51, 35, 0.49),
+    # https://github.com/vllm-project/vllm/issues/22746: vLLM 0.10.0, Qwen3-32B-FP8 at TP 2 on NVLink-18
+    # cards, benchmark_latency (the LLM class): "Graph capturing finished in 9 secs, took 1.30 GiB" on each rank
+    "qwen3-32b-fp8 tp2 0.10.0": ("qwen3-32b", {"weights": "fp8", "tp": 2}, H100_USABLE, "h100-80gb", 16384,
+                                 "0.10.0", 67, 0, 1.30),
+}
+
+
+def _graphs(key, tmp_path):
+    name, settings, total, gpu, tokens, version, *_ = GRAPH_LOGS[key]
+    return vllm_cuda_graphs(_model(name, tmp_path), InferSettings(**settings), total, tokens,
+                            VLLMGraphOptions(version=version, gpu_name=gpu))
+
+
+@pytest.mark.parametrize("key", list(GRAPH_LOGS))
+def test_graph_counts_follow_vllms_rules(key, tmp_path):
+    """The sizes captured in each mode are those the log prints (or, for the v0.19.0 row, the rule's):
+    PIECEWISE for every size, FULL for the decode sizes up to max_num_seqs (256 below 70 GiB or on an A100,
+    1024 above)."""
+    *_, piecewise, full, _logged = GRAPH_LOGS[key]
+    graphs = _graphs(key, tmp_path)
+    assert (len(graphs.piecewise_sizes), len(graphs.full_sizes)) == (piecewise, full)
+    assert max(graphs.piecewise_sizes) == 512 and (not full or max(graphs.full_sizes) == 256)
+
+
+def test_a_v0_11_0_start_up_captures_67_piecewise_and_35_full_graphs():
+    """https://github.com/QwenLM/Qwen3-VL/issues/1684: vLLM v0.11.0 on 8 A100s: "Capturing CUDA graphs
+    (mixed prefill-decode, PIECEWISE): 67/67", "(decode, FULL): 0/35"."""
+    graphs = vllm_cuda_graphs(resolve_model("qwen3-8b"), InferSettings(), A100_80GB, 2048,
+                              VLLMGraphOptions(version="0.11.0", gpu_name="a100-80gb"))
+    assert graphs.mode is VLLMGraphMode.FULL_AND_PIECEWISE
+    assert (len(graphs.piecewise_sizes), len(graphs.full_sizes)) == (67, 35)
+
+
+# memcalc's graph memory (pool + 0.22 MiB per layer per piecewise size + 0.10 MiB per full size) against the
+# logged figure: the first four rows calibrated the two constants, the TP 2 row did not (a stated tolerance each)
+GRAPH_TOLERANCE = {"llama-3.1-8b 0.10.1.1": 0.05, "llama-2-7b 0.19.0": 0.15, "qwen3-8b 0.21": 0.15,
+                   "qwen2.5-1.5b 0.11.2": 0.15, "qwen3-32b-fp8 tp2 0.10.0": 0.30}
+
+
+@pytest.mark.parametrize("key", list(GRAPH_LOGS))
+def test_cuda_graph_memory_against_published_logs(key, tmp_path):
+    """memcalc 0.517 / 0.507 / 0.568 / 0.434 / 0.977 GiB against 0.52 / 0.46 / 0.52 / 0.49 / 1.30: -1%, +10%,
+    +9%, -11%, -25% (the held-out TP 2 FP8 row: memcalc's formula has no term for tensor parallelism or
+    quantized activations)."""
+    logged = GRAPH_LOGS[key][-1]
+    assert _graphs(key, tmp_path).bytes / GiB == pytest.approx(logged, rel=GRAPH_TOLERANCE[key])
+
+
+@pytest.mark.parametrize("options", [VLLMGraphOptions(enforce_eager=True),
+                                     VLLMGraphOptions(mode=VLLMGraphMode.NONE)])
+def test_enforce_eager_captures_no_graphs(options):
+    budget = vllm_budget(resolve_model("llama-3.1-8b"), InferSettings(), H100_USABLE, 0.9, 8192, None, options)
+    eager = budget.cudagraphs
+    assert eager.bytes == 0 and eager.count == 0 and not eager.profiled and budget.graphs_fit
+    default = vllm_budget(resolve_model("llama-3.1-8b"), InferSettings(), H100_USABLE, 0.9, 8192)
+    assert budget.kv_cache - default.kv_cache == default.cudagraphs.bytes  # 0.30 takes the graphs from the KV cache
+
+
+def test_graph_modes_choose_what_is_captured():
+    model, settings = resolve_model("llama-3.1-8b"), InferSettings()
+
+    def graphs(mode, version="0.30"):
+        return vllm_cuda_graphs(model, settings, A100_80GB, 2048, VLLMGraphOptions(version=version, mode=mode,
+                                                                                   gpu_name="a100-80gb"))
+
+    assert graphs(None, "0.10").mode is VLLMGraphMode.PIECEWISE
+    assert graphs(None).mode is VLLMGraphMode.FULL_AND_PIECEWISE
+    counts = {mode: (len(graphs(mode).piecewise_sizes), len(graphs(mode).full_sizes)) for mode in VLLMGraphMode}
+    assert counts == {VLLMGraphMode.NONE: (0, 0), VLLMGraphMode.PIECEWISE: (51, 0), VLLMGraphMode.FULL: (0, 51),
+                      VLLMGraphMode.FULL_DECODE_ONLY: (0, 35), VLLMGraphMode.FULL_AND_PIECEWISE: (51, 35)}
+    assert graphs(VLLMGraphMode.PIECEWISE).pool == graphs(VLLMGraphMode.FULL).pool  # the same largest size
+
+
+def test_graphs_are_profiled_into_the_kv_cache_from_0_20():
+    """vllm/envs.py: VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS is absent before 0.18, "0" in 0.18 and 0.19, "1"
+    from the 0.20.0 wheel (whose comment and log line say "as of v0.21.0"); gpu_worker.py
+    determine_available_memory takes the estimate from the KV cache when it is set."""
+    model, settings = resolve_model("llama-3.1-8b"), InferSettings()
+
+    def budget(version, profiled=None):
+        return vllm_budget(model, settings, H100_USABLE, 0.9, 8192, None,
+                           VLLMGraphOptions(version=version, profiled=profiled))
+
+    before, after = budget("0.19"), budget("0.20")
+    assert not before.cudagraphs.profiled and after.cudagraphs.profiled
+    assert before.kv_cache - after.kv_cache == after.cudagraphs.bytes  # the same sizes in both
+    assert budget("0.19", profiled=True).cudagraphs.profiled and not budget("0.30", profiled=False).cudagraphs.profiled
+    with pytest.raises(SettingsError, match="arrived in 0.18"):
+        budget("0.17", profiled=True)
+    with pytest.raises(SettingsError, match="0.10 and later"):
+        budget("0.9")
+
+
+def test_graphs_after_the_kv_cache_must_fit_the_headroom():
+    """Before 0.20 the graphs come out of what the requested share leaves, less the CUDA context: at
+    --gpu-util 0.98 a 24 GB card keeps 0.08 GiB for 0.63 GiB of graphs (the OOM of vLLM issues such as #57475);
+    at 0.9 it keeps 1.97 GiB."""
+    model, settings = resolve_model("llama-3.1-8b"), InferSettings(context_len=8192)
+    options = VLLMGraphOptions(version="0.11", gpu_name="rtx-4090-24gb")
+    tight = vllm_budget(model, settings, RTX_4090, 0.98, 2048, None, options)
+    assert tight.graph_headroom == RTX_4090 - int(RTX_4090 * 0.98) - 400 * MiB
+    assert not tight.graphs_fit and tight.device_total > RTX_4090
+    roomy = vllm_budget(model, settings, RTX_4090, 0.9, 2048, None, options)
+    assert roomy.graphs_fit and roomy.device_total <= RTX_4090
+
+
+def test_cuda_graphs_in_the_infer_output_and_json(run_cli):
+    args = ("infer", "llama-3.1-8b", "--engine", "vllm", "--gpu", "h100", "--context", "8192")
+    text = run_cli(*args, columns=80)
+    assert text.exit_code == 0, text.stderr
+    assert "CUDA graphs" in text.stdout and "51 piecewise" in " ".join(text.stdout.split())
+    assert all(len(line) <= 80 for line in text.stdout.splitlines())
+    vllm = json.loads(run_cli(*args, "--json").stdout)["vllm"]
+    graphs = vllm["cuda_graphs"]
+    assert graphs["version"] == "0.30" and graphs["mode"] == "full_and_piecewise" and graphs["profiled"]
+    assert len(graphs["piecewise_sizes"]) == 51 and len(graphs["full_sizes"]) == 51  # max_num_seqs 1024 on an H100
+    assert graphs["bytes"] == graphs["pool"] + graphs["per_size"] and vllm["graphs_fit"]
+    eager = json.loads(run_cli(*args, "--enforce-eager", "--json").stdout)["vllm"]
+    assert eager["cuda_graphs"]["bytes"] == 0 and eager["kv_cache"] - vllm["kv_cache"] == graphs["bytes"]
+    old = json.loads(run_cli(*args, "--vllm-version", "0.10", "--max-num-seqs", "64", "--json").stdout)["vllm"]
+    assert old["cuda_graphs"]["piecewise_sizes"] == [1, 2, 4, *range(8, 129, 8)] and not old["cuda_graphs"]["profiled"]
+    tight = run_cli("infer", "llama-3.1-8b", "--engine", "vllm", "--gpu", "rtx-4090", "--gpu-util", "0.98",
+                    "--profile-cudagraphs", "0", "--json")
+    assert tight.exit_code == 0 and "do not fit" in tight.stderr
+    assert not json.loads(tight.stdout)["vllm"]["graphs_fit"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--enforce-eager"], "error: --enforce-eager applies to --engine vllm"),
+    (["--engine", "sglang", "--gpu", "h100", "--vllm-version", "0.11"],
+     "error: --vllm-version applies to --engine vllm"),
+    (["--engine", "vllm", "--gpu", "h100", "--cudagraph-mode", "half"],
+     "error: --cudagraph-mode: 'half' is not one of"),
+    (["--engine", "vllm", "--gpu", "h100", "--vllm-version", "0.9"],
+     "error: --vllm-version: '0.9': memcalc models vLLM"),
+    (["--engine", "vllm", "--gpu", "h100", "--vllm-version", "new"],
+     "error: --vllm-version: 'new' is not a version"),
+    (["--engine", "vllm", "--gpu", "h100", "--vllm-version", "0.17", "--profile-cudagraphs", "1"],
+     "error: --profile-cudagraphs: vLLM 0.17 has no CUDA graph memory profiling"),
+    (["--engine", "vllm", "--gpu", "h100", "--profile-cudagraphs", "yes"],
+     "error: --profile-cudagraphs: 'yes' is not 1 or 0"),
+])
+def test_vllm_graph_options_errors_are_one_line(args, message, run_cli):
+    result = run_cli("infer", "llama-3.1-8b", *args)
+    assert result.exit_code == 2 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_batched_tokens_of_large_cards_from_0_28():
+    """EngineArgs.get_batch_defaults from 0.28: cards of 160 GiB or more get 16384 tokens for vllm serve."""
+    assert default_batched_tokens(190 * GiB, "b200", (0, 28)) == 16384
+    assert default_batched_tokens(190 * GiB, "b200", (0, 27)) == 8192 == default_batched_tokens(190 * GiB, "b200")
 
 
 def test_calibrate_refuses_a_log_without_memory_lines(run_cli, tmp_path):
