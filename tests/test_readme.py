@@ -443,7 +443,7 @@ def _refuses_lora_with_dropout(run_cli, tmp_path: Path) -> None:
 
 NOT_YET = {
     "DeepSpeed's ZeRO-1/2 reduce buckets": _counts_no_zero_buckets,
-    "CUDA graphs": _counts_no_cuda_graphs,
+    "CUDA graphs other than vLLM's": _counts_no_cuda_graphs,
     "a model's own dropout under LoRA (`train` refuses it; `--dropout 0` estimates without it)": _refuses_lora_with_dropout,
     "training activations of Mamba and linear-attention layers (refused by `train`)": _refuses_recurrent_training,
 }
