@@ -4,7 +4,7 @@ tensors and a fake process group. docs/accuracy.md summarises the CSV (benchmark
 
     python benchmarks/parallel_accuracy.py            # writes benchmarks/results/parallel_fake.csv
 
-Full-size Llama shapes at two layers, pure bf16, AdamW (foreach), SDPA, batch 1. For every
+Full-size Llama shapes (TP at two layers, FSDP2 at four under each ``--fsdp-wrap``), pure bf16, AdamW (foreach), SDPA, batch 1. For every
 component the CSV gives the estimate with ``--tp-impl dtensor`` (the framework measured), the
 measurement and the error (estimate - measured, in percent of measured), and the error of the
 default Megatron-style estimate, which differs by three terms (loss_parallel's extra fp32 logits,
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from memcalc.config import TrainSettings  # noqa: E402
 from memcalc.estimate.training import estimate_training  # noqa: E402
 from memcalc.library import resolve_model  # noqa: E402
-from memcalc.parallel import ParallelConfig  # noqa: E402
+from memcalc.parallel import FSDPWrap, ParallelConfig  # noqa: E402
 from memcalc.validate.fsdp import measure_fsdp  # noqa: E402
 from memcalc.validate.tensor_parallel import measure_tensor_parallel  # noqa: E402
 
@@ -37,6 +38,7 @@ BATCH = 1
 SEQ_LENS = (1024, 2048)
 TPS = (1, 2, 4, 8)
 FSDP_RANKS = (2, 4, 8)
+FSDP_LAYERS = 4  # the second layer's backward is the first with a reduce-scatter before it
 COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "forward", "backward",
               "optimizer_step", "total")
 
@@ -76,20 +78,21 @@ def run_case(model_name: str, seq_len: int, tp: int, sp: bool) -> list[dict]:
     return rows
 
 
-def run_fsdp_case(model_name: str, seq_len: int, ranks: int) -> list[dict]:
-    """FSDP2 full sharding (``--fsdp full``), pure bf16: the estimate's phases against rank 0's."""
-    model = replace(resolve_model(model_name), num_layers=LAYERS)
+def run_fsdp_case(model_name: str, seq_len: int, ranks: int, wrap: str) -> list[dict]:
+    """FSDP2 full sharding (``--fsdp full --fsdp-wrap WRAP``), pure bf16: the estimate's phases
+    against rank 0's."""
+    model = replace(resolve_model(model_name), num_layers=FSDP_LAYERS)
     settings = TrainSettings(precision="pure-bf16", batch_size=BATCH, seq_len=seq_len, attention="sdpa")
-    estimate = estimate_training(model, settings, ParallelConfig(dp=ranks, zero=3, fsdp=True))
-    measured = measure_fsdp(model, ranks, batch_size=BATCH, seq_len=seq_len)
+    estimate = estimate_training(model, settings, ParallelConfig(dp=ranks, zero=3, fsdp=True, fsdp_wrap=wrap))
+    measured = measure_fsdp(model, ranks, batch_size=BATCH, seq_len=seq_len, wrap=wrap)
     estimated = {"weights": estimate.component("weights").bytes, "gradients": estimate.component("gradients").bytes,
                  "optimizer_states": estimate.component("optimizer_states").bytes, **estimate.phases,
                  "total": estimate.total}
     observed = {"weights": measured.weights, "gradients": measured.gradients,
                 "optimizer_states": measured.optimizer_states, "forward": measured.phase_peaks[0],
                 "backward": measured.phase_peaks[1], "optimizer_step": measured.phase_peaks[2], "total": measured.peak}
-    return [{"model": model_name, "layers": LAYERS, "batch": BATCH, "seq": seq_len, "tp": 1, "sp": 0,
-             "fsdp_ranks": ranks, "component": name, "estimated_bytes": estimated[name],
+    return [{"model": model_name, "layers": FSDP_LAYERS, "batch": BATCH, "seq": seq_len, "tp": 1, "sp": 0,
+             "fsdp_ranks": ranks, "fsdp_wrap": wrap, "component": name, "estimated_bytes": estimated[name],
              "measured_bytes": observed[name], "error_percent": f"{_error(estimated[name], observed[name]):.4f}",
              "megatron_estimate_bytes": "", "megatron_error_percent": ""} for name in observed]
 
@@ -114,20 +117,20 @@ def main() -> None:
                           f"(megatron-style {float(by['total']['megatron_error_percent']):+6.2f}%)  "
                           f"{time.perf_counter() - start:4.1f}s", flush=True)
     for row in rows:
-        row["fsdp_ranks"] = 0
+        row["fsdp_ranks"], row["fsdp_wrap"] = 0, ""
     for model_name in MODELS:
         for seq_len in SEQ_LENS:
-            for ranks in FSDP_RANKS:
-                case = run_fsdp_case(model_name, seq_len, ranks)
+            for ranks, wrap in itertools.product(FSDP_RANKS, FSDPWrap):
+                case = run_fsdp_case(model_name, seq_len, ranks, wrap.value)
                 rows += case
                 by = {row["component"]: row for row in case}
-                print(f"{model_name:11s} L{LAYERS} b{BATCH} s{seq_len:<5d} fsdp{ranks}  "
+                print(f"{model_name:11s} L{FSDP_LAYERS} b{BATCH} s{seq_len:<5d} fsdp{ranks} {wrap.value:20s}  "
                       f"forward {float(by['forward']['error_percent']):+6.2f}%  "
                       f"backward {float(by['backward']['error_percent']):+6.2f}%  "
                       f"total {float(by['total']['error_percent']):+6.2f}%", flush=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(rows[-1]))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -135,7 +138,7 @@ def main() -> None:
         errors = [abs(float(row[column])) for row in rows if row["component"] == component and row[column] != ""]
         return f"median {statistics.median(errors):6.2f}%  max {max(errors):6.2f}%"
 
-    print(f"\n{len({(r['model'], r['seq'], r['tp'], r['sp'], r['fsdp_ranks']) for r in rows})} cases -> "
+    print(f"\n{len({(r['model'], r['seq'], r['tp'], r['sp'], r['fsdp_ranks'], r['fsdp_wrap']) for r in rows})} cases -> "
           f"{args.csv.relative_to(REPO)}")
     for component in ("weights", "optimizer_states", "gradients", "activations", "total"):
         print(f"{component:17s} dtensor estimate: {summary(component, 'error_percent')}   "

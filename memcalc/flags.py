@@ -32,7 +32,7 @@ from memcalc.config import (
 )
 from memcalc.dtypes import DType
 from memcalc.errors import InputError
-from memcalc.parallel import FSDPMode, Offload, TPImpl
+from memcalc.parallel import FSDPMode, FSDPWrap, Offload, TPImpl
 from memcalc.units import Unit
 
 MODEL = "Model and precision"
@@ -286,6 +286,10 @@ class Layout(Flags):
     fsdp: Annotated[FSDPMode | None, typer.Option("--fsdp", metavar="MODE", show_default=False, rich_help_panel=LAYOUT,
                                                   help="FSDP sharding: full (ZeRO-3), grad-op (ZeRO-2), hybrid "
                                                   "(ZeRO-3 inside a node).")] = None
+    fsdp_wrap: Annotated[FSDPWrap | None, typer.Option(
+        "--fsdp-wrap", metavar="UNITS", show_default=False, rich_help_panel=LAYOUT,
+        help="FSDP2 units beside the layers: layer (the root holds embedding and head; default), "
+        "layer+embedding+head (torchtune), torchtitan (embedding; norm and head kept after forward).")] = None
     distributed_optimizer: Annotated[bool, typer.Option(
         "--distributed-optimizer", rich_help_panel=LAYOUT,
         help="Megatron's distributed optimizer: fp32 master weights and moments sharded over DP; with bf16, fp32 "

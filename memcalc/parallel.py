@@ -79,6 +79,14 @@ class FSDPMode(StrEnum):
     HYBRID = "hybrid"  # HYBRID_SHARD: ZeRO-3 inside a node, replicated across nodes
 
 
+class FSDPWrap(StrEnum):
+    """Which modules are FSDP2 units (``fully_shard`` calls) beside the root (docs/parallelism.md)."""
+
+    LAYER = "layer"  # each decoder layer; the root holds the embedding, final norm and head
+    ENDS = "layer+embedding+head"  # torchtune's custom_sharded_layers: the embedding and head their own
+    TORCHTITAN = "torchtitan"  # the embedding; the layers; [final norm, head] kept gathered after forward
+
+
 FSDP_ZERO_STAGE = {FSDPMode.FULL: 3, FSDPMode.GRAD_OP: 2, FSDPMode.HYBRID: 3}
 
 
@@ -103,6 +111,7 @@ class ParallelConfig:
     pad_vocab: bool | None = None  # Megatron's vocabulary padding; default: Megatron-style TP > 1
     prefetch: NonNegativeInt = DEFAULT_PREFETCH_UNITS  # ZeRO-3 units gathered ahead
     fsdp: bool = False  # sharded by PyTorch FSDP2 (fully_shard per layer and root) rather than DeepSpeed
+    fsdp_wrap: FSDPWrap = FSDPWrap.LAYER  # FSDP2: which modules are units of their own
     tp_impl: TPImpl = TPImpl.MEGATRON
     # PyTorch DDP's gradient_as_bucket_view: the gradients are views into its buckets (default
     # False: the buckets are a second copy of the gradients)
@@ -114,12 +123,14 @@ class ParallelConfig:
     pp_last_layers: int | None = None  # Megatron --decoder-last-pipeline-num-layers
 
     def __post_init__(self) -> None:
-        _coerce_enums(self, offload=Offload, tp_impl=TPImpl)
+        _coerce_enums(self, offload=Offload, tp_impl=TPImpl, fsdp_wrap=FSDPWrap)
         for name in ("dp", "tp", "pp", "cp", "ep", "vpp"):
             if getattr(self, name) <= 0:
                 raise SettingsError(Field(name), f" must be positive, got {getattr(self, name)}")
         if not 0 <= self.zero <= 3:
             raise SettingsError(Field("zero"), f": {self.zero} is not one of 0, 1, 2, 3")
+        if self.fsdp_wrap is not FSDPWrap.LAYER and not (self.fsdp and self.zero == 3):
+            raise SettingsError(Field("fsdp_wrap"), " chooses FSDP2's units: give ", Field("fsdp"), " full or hybrid")
         self._check_stage_counts()
 
     def _check_stage_counts(self) -> None:
@@ -272,6 +283,9 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int, att
              TP, f" {tp} does not divide the shared-expert width {shared} of {model.name}")
     need(vpp == 1 or pp > 1, VPP, " needs ", PP, " > 1 (virtual stages interleave pipeline stages)")
     _check_stages(model, parallel)
+    need(parallel.fsdp_wrap is FSDPWrap.LAYER or not model.tie_word_embeddings, Field("fsdp_wrap"),
+         f" {parallel.fsdp_wrap.value} makes the embedding and the head units of their own, but {model.name} ties "
+         "them: use layer")
     if parallel.ep > 1:
         need(model.moe is not None, EP, f" {parallel.ep} needs a mixture-of-experts model; {model.name} is dense")
         need(model.moe.num_experts % parallel.ep == 0,
@@ -550,6 +564,8 @@ class ShardingUnits:
     largest_layer: int  # one decoder layer (a unit in torchtitan's and torchtune's FSDP wrapping)
     ends: int  # everything outside the layers: embedding, position table, final norm, output layer
     largest_end: int  # the largest single tensor outside the layers (DeepSpeed's largest module)
+    embedding: int = 0  # the embeddings (token and position tables) among the ends
+    head: int = 0  # the output layer (an untied head) among the ends
 
     @property
     def largest(self) -> int:
@@ -567,8 +583,13 @@ def sharding_units(model: ModelConfig, parallel: ParallelConfig, stage: StageLay
 
     largest_layer = max((local(inventory.layers[index].tensors) for index in stage.indices), default=0)
     params = rank_params(model, parallel, stage)
-    ends = [group.total for group in params.groups if not group.name.startswith("layers.")]
-    return ShardingUnits(largest_layer, sum(ends), max(ends, default=0))
+    ends = [group for group in params.groups if not group.name.startswith("layers.")]
+
+    def total(category: ParamCategory) -> int:
+        return sum(group.total for group in ends if group.category is category)
+
+    return ShardingUnits(largest_layer, sum(group.total for group in ends), max((group.total for group in ends), default=0),
+                         total(ParamCategory.EMBEDDING), total(ParamCategory.OUTPUT_HEAD))
 
 
 def largest_unit_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> int:

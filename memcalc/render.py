@@ -210,7 +210,7 @@ def _parallel_assumption(estimate: Estimate) -> str:
     if layout.tp > 1:
         parts.append("Megatron-style TP" if layout.tp_impl == "megatron" else "PyTorch DTensor TP")
     if layout.fsdp:
-        parts.append("FSDP2")
+        parts.append("FSDP2" if layout.fsdp_wrap == "layer" else f"FSDP2 units: {layout.fsdp_wrap}")
     if layout.zero:
         parts.append(f"ZeRO-{layout.zero} over {layout.dense_shards} ranks")
     if layout.distributed_optimizer:

@@ -25,6 +25,7 @@ from memcalc.parallel import (
     DEFAULT_PREFETCH_UNITS,
     FSDP_ZERO_STAGE,
     FSDPMode,
+    FSDPWrap,
     Offload,
     ParallelConfig,
     TPImpl,
@@ -49,6 +50,7 @@ class Scenario:
     sp: bool | None = None
     zero: ZeroStage | None = None
     fsdp: FSDPMode | None = None
+    fsdp_wrap: FSDPWrap | None = None
     distributed_optimizer: bool | None = None
     microbatches: PositiveInt | None = None
     vpp: PositiveInt | None = None
@@ -76,8 +78,9 @@ class Scenario:
     activation_model: ActivationModel | None = None
 
     def __post_init__(self) -> None:
-        _coerce_enums(self, fsdp=FSDPMode, offload=Offload, tp_impl=TPImpl, dtype=TrainDType, optimizer=Optimizer,
-                      recompute=Recompute, attention=Attention, loss=Loss, activation_model=ActivationModel)
+        _coerce_enums(self, fsdp=FSDPMode, fsdp_wrap=FSDPWrap, offload=Offload, tp_impl=TPImpl, dtype=TrainDType,
+                      optimizer=Optimizer, recompute=Recompute, attention=Attention, loss=Loss,
+                      activation_model=ActivationModel)
 
     def over(self, base: Scenario) -> Scenario:
         """This scenario's fields where set, ``base``'s elsewhere."""
@@ -128,7 +131,8 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
         distributed_optimizer=bool(scenario.distributed_optimizer), microbatches=scenario.microbatches,
         vpp=scenario.vpp or 1, offload=scenario.offload or Offload.NONE, pad_vocab=scenario.pad_vocab,
         prefetch=DEFAULT_PREFETCH_UNITS if scenario.prefetch is None else scenario.prefetch,
-        fsdp=scenario.fsdp is not None, tp_impl=scenario.tp_impl or TPImpl.MEGATRON,
+        fsdp=scenario.fsdp is not None, fsdp_wrap=scenario.fsdp_wrap or FSDPWrap.LAYER,
+        tp_impl=scenario.tp_impl or TPImpl.MEGATRON,
         pp_layers=parse_stage_layers(scenario.pp_layers), pp_first_layers=scenario.pp_first_layers,
         pp_last_layers=scenario.pp_last_layers, ddp_bucket_view=bool(scenario.ddp_bucket_view),
     )

@@ -163,11 +163,55 @@ def test_lora_layouts_that_are_not_modelled_are_refused(layout, extra, message):
 
 def test_separate_embedding_and_head_units_measure_lower():
     """torchtune's wrapping (the embedding and the head as FSDP units of their own) frees the 2 x
-    (embedding + head) the root holds through forward: measured only (the estimator models the root
-    wrapping; the saving is stated in memcalc.validate.fsdp)."""
+    (embedding + head) the root holds through forward."""
     model = replace(resolve_model("llama-3-8b"), num_layers=2)
     root = measure_fsdp(model, 2, seq_len=256)
-    ends = measure_fsdp(model, 2, seq_len=256, wrap_ends=True)
+    ends = measure_fsdp(model, 2, seq_len=256, wrap="layer+embedding+head")
     head_bytes = 2 * model.vocab_size * model.hidden_size
     assert root.static == ends.static
     assert root.above_static[0] - ends.above_static[0] > head_bytes
+
+# (model, layers, seq, ranks): a large vocabulary (the head's buffers dominate) and a small one
+# (the layers' dominate), each under the three wrappings, measured with FSDP2 on rank 0
+WRAP_CASES = [("llama-3-8b", 2, 256, 8), ("llama-2-7b", 3, 1024, 4)]
+
+
+@pytest.mark.parametrize("wrap", ["layer", "layer+embedding+head", "torchtitan"])
+@pytest.mark.parametrize(("model_name", "layers", "seq_len", "world_size"), WRAP_CASES)
+def test_fsdp_wrap_phase_peaks_match_the_estimate(model_name, layers, seq_len, world_size, wrap):
+    """`--fsdp full --fsdp-wrap WRAP` against FSDP2 with the same units (memcalc.validate.fsdp):
+    forward and backward within 3%, the optimizer step within 0.1%
+    (benchmarks/parallel_accuracy.py runs the larger matrix)."""
+    from memcalc.config import TrainSettings
+    from memcalc.estimate.training import estimate_training
+    from memcalc.parallel import ParallelConfig
+
+    model = replace(resolve_model(model_name), num_layers=layers)
+    measured = measure_fsdp(model, world_size, seq_len=seq_len, wrap=wrap)
+    estimate = estimate_training(model, TrainSettings(precision="pure-bf16", seq_len=seq_len),
+                                 ParallelConfig(dp=world_size, zero=3, fsdp=True, fsdp_wrap=wrap))
+    forward, backward, step = measured.phase_peaks
+    assert estimate.phases["forward"] == pytest.approx(forward, rel=0.03)
+    assert estimate.phases["backward"] == pytest.approx(backward, rel=0.03)
+    assert estimate.phases["optimizer_step"] == pytest.approx(step, rel=1e-3)
+
+
+def test_embedding_unit_reduces_last_beside_every_gradient_shard():
+    """With the embedding a unit of its own, its input (token ids) needs no gradient, so FSDP2
+    reduces it in the final backward callback: the backward peak is the sharded state, every
+    gradient shard, and the embedding's unsharded gradient beside its reduce-scatter input
+    (2 x vocab x hidden x 2 bytes), by hand from FSDP2's foreach_reduce."""
+    model = replace(resolve_model("llama-3-8b"), num_layers=2)
+    measured = measure_fsdp(model, 2, seq_len=256, wrap="layer+embedding+head")
+    embedding = 2 * model.vocab_size * model.hidden_size
+    assert measured.above_static[1] - measured.gradients == pytest.approx(2 * embedding, abs=2**20)
+
+
+def test_torchtitan_keeps_the_head_gathered_through_the_loss():
+    """torchtitan's [final norm, head] unit is not resharded after forward: at the loss it holds
+    the head's parameters (vocab x hidden x 2 bytes) that the separately wrapped head frees."""
+    model = replace(resolve_model("llama-3-8b"), num_layers=2)
+    ends = measure_fsdp(model, 8, seq_len=2048, wrap="layer+embedding+head")
+    torchtitan = measure_fsdp(model, 8, seq_len=2048, wrap="torchtitan")
+    head = 2 * model.vocab_size * model.hidden_size
+    assert torchtitan.phase_peaks[0] - ends.phase_peaks[0] == pytest.approx(head, abs=2**20)

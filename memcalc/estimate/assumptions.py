@@ -24,7 +24,7 @@ from memcalc.config import (
     TrainDType,
 )
 from memcalc.dtypes import DType
-from memcalc.parallel import Offload, TPImpl
+from memcalc.parallel import FSDPWrap, Offload, TPImpl
 
 
 @dataclass(eq=False)
@@ -61,6 +61,7 @@ class LayoutSummary:
     offload: Offload
     tp_impl: TPImpl
     fsdp: bool
+    fsdp_wrap: FSDPWrap
     dense_shards: int  # ranks a dense parameter's optimizer state is sharded over (1: not sharded)
     expert_shards: int
     vocab_size_padded: int

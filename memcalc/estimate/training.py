@@ -53,6 +53,7 @@ from memcalc.estimate import lora as lora_module
 from memcalc.estimate.inventory import MLPRole, ParamCategory, build_inventory, layer_roles
 from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
 from memcalc.parallel import (
+    FSDPWrap,
     Offload,
     ParallelConfig,
     RankParams,
@@ -97,6 +98,18 @@ class ActivationPeaks:
     # inside the layers' backward: the most that activations exceed the gradients not yet made
     # (the phases add all the gradients); None where not modelled
     beside_gradients: int | None = None
+    # Around the output layer, beside FSDP2's head-side buffers: what forward keeps when the head
+    # starts (every layer's saved tensors and the final norm's), with the head's logits, and in
+    # backward with the logits' gradient and the head's weight gradient (after the loss's own
+    # backward). None: the forward and backward peaks stand in.
+    before_head: int | None = None
+    head_forward: int | None = None
+    head_backward: int | None = None
+    # forward: what the layers before the last keep (beside its all-gather); backward: each
+    # layer's own peak and what is left at its end (None, (): the layer figure stands in)
+    below_last: int | None = None
+    layer_backward: tuple[tuple[int, int], ...] = ()
+    before_first: int | None = None  # forward, at the first layer's all-gather: the embeddings' output
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,10 +364,12 @@ def _stage_gradients(ctx: ActivationContext) -> StageGradients | None:
 
 
 def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, saved: int, backward_output: int,
-                   head_grad: int, gradients: StageGradients | None) -> tuple[int, int, int | None]:
-    """Stage 5: the backward peak, layer by layer, the extra bytes at its end (a tied head), and,
-    given the stage's gradients, the most that activations exceed the gradients not yet made at
-    some layer's backward (the phases add every gradient)."""
+                   head_grad: int, gradients: StageGradients | None
+                   ) -> tuple[int, int, int | None, tuple[tuple[int, int], ...]]:
+    """Stage 5: the backward peak, layer by layer, the extra bytes at its end (a tied head),
+    given the stage's gradients the most that activations exceed the gradients not yet made at
+    some layer's backward (the phases add every gradient), and each layer's own backward peak with
+    what is left when its backward ends (the layers below and the gradient of its input)."""
     model, shape, settings, e, tokens, full = ctx.model, ctx.shape, ctx.settings, ctx.e, ctx.tokens, ctx.full
     h, recompute, scores = model.hidden_size, settings.recompute, ctx.scores
     backward = saved + backward_output
@@ -375,6 +390,7 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
     mlp_dropout_backward = (e - MASK_BYTES) * ctx.stream_tokens * h if model.residual_dropout else 0
     not_made = gradients.embedding if gradients else 0  # the embedding's, made last
     beside_gradients = None
+    per_layer: list[tuple[int, int]] = []
 
     def in_scores_backward(layer_saved: int, layer_mlp: int) -> int:
         """An eager layer inside its scores' backward, its MLP's backward done: what it saved but its
@@ -398,6 +414,7 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
                     model, shape, settings, ctx.adapter_bytes))
         in_layer_backward = base + layer_saved - after_mlp_norm + layer_transient + mlp_dropout_backward
         backward = max(backward, in_layer_backward)
+        per_layer.append((in_layer_backward, base))
         if gradients:
             # this layer's gradients and those of the layers below it are not made yet
             not_made += gradients.layers[index]
@@ -425,7 +442,7 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
     end_extra = 2 * head_grad if model.tie_word_embeddings else 0
     if model.tie_word_embeddings:
         backward = max(backward, 3 * head_grad)
-    return backward, end_extra, beside_gradients
+    return backward, end_extra, beside_gradients, tuple(per_layer)
 
 
 def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecipe) -> ActivationPeaks:
@@ -448,14 +465,20 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     forward = _forward_peak(ctx, stack, embedding, at_loss)
     if not plan.last:  # a pipeline stage that sends its output
         forward = max(forward, saved + _stage_end_bytes(ctx, stack))
-    backward, end_extra, beside_gradients = _backward_peak(ctx, stack, embedding, saved, backward_output, head_grad,
-                                                           _stage_gradients(ctx))
+    backward, end_extra, beside_gradients, layer_backward = _backward_peak(
+        ctx, stack, embedding, saved, backward_output, head_grad, _stage_gradients(ctx))
     if plan.first and not plan.last and not settings.optimizer_in_backward:  # pipelining accumulates gradients
         end_extra = max(end_extra, _first_stage_backward_end(ctx, stack))
     incoming = ctx.stream_tokens * h * e
     largest_layer = max(stack.held)
+    head_side = {}
+    if plan.last and not ctx.lora and settings.loss is not Loss.CHUNKED:
+        logits = ctx.tokens * model.vocab_size * e
+        head_side = {"before_head": saved - head_weight_copy, "head_forward": saved + logits,
+                     "head_backward": saved + logits + head_grad}
     return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD,
-                           largest_layer + incoming, beside_gradients)
+                           largest_layer + incoming, beside_gradients, below_last=embedding + stack.others + incoming,
+                           layer_backward=layer_backward, before_first=embedding + incoming, **head_side)
 
 
 def _mlp_width(model: ModelConfig) -> int:
@@ -683,6 +706,9 @@ def _check_lora_layout(settings: TrainSettings, parallel: ParallelConfig, recipe
     if settings.qlora:
         raise InputError("QLoRA under FSDP is not modelled (bitsandbytes' 4-bit storage as FSDP shards it): "
                          "use one device or plain LoRA")
+    if parallel.fsdp_wrap is not FSDPWrap.LAYER:
+        raise InputError(f"LoRA under FSDP2 is modelled with the layers as units and the root holding the ends: "
+                         f"--fsdp-wrap layer, not {parallel.fsdp_wrap.value}")
     if settings.lora_dtype.value != recipe.weight_dtype.value:
         raise InputError(f"LoRA under FSDP2 is modelled with the adapters in the weights' dtype (torchtune keeps "
                          f"them so): --lora-dtype {recipe.weight_dtype.value}")
@@ -741,15 +767,11 @@ class WorkingSet:
     unit: int  # parameters of the gathered unit
     gathered: int  # bytes of gathered parameters
     unit_gradients: int  # bytes of a unit's unsharded gradients
-    root: int = 0  # FSDP2: the root's and a layer's gathered bytes, and the two gathered sets
-    layer: int = 0
-    forward_set: int = 0
-    backward_set: int = 0
+    # FSDP2: the gathered and reduce-scattered bytes where they peak in forward and in backward,
+    # each with what lives beside them ("layer", "before_head", "forward", "backward", "gradients")
+    forward_points: tuple[tuple[int, str], ...] = ()
+    backward_points: tuple[tuple[int, str], ...] = ()
     trained_layer: int = 0  # FSDP2: the trained parameters of a layer (all of it; LoRA: its adapters)
-    # FSDP2: gathered bytes beside the activation peaks at the end of forward and at the start of
-    # backward (the root and the last layer; under LoRA the root alone at the start of backward)
-    forward_end: int = 0
-    backward_start: int = 0
 
     @property
     def total(self) -> int:
@@ -879,10 +901,16 @@ def _activation_peaks(model: ModelConfig, settings: TrainSettings, parallel: Par
     megatron = (_megatron_peaks(plan, settings, base_recipe, parallel)
                 if settings.activation_model.value == "both" else None)
     if states.dtensor_embedding:
-        # the embedding gradient is computed last, beside the gradient of the embedding output
+        # the embedding gradient is computed last, beside the gradient of the embedding output;
+        # inside the layers' backward its replicated part (beyond the rank's vocabulary slice) is
+        # not made yet either
+        replicated = storage_bytes((padded_vocab(model, parallel) - plan.model.vocab_size) * model.hidden_size,
+                                   states.recipe.grad_dtype)
         peaks = replace(peaks, end_of_backward_extra=peaks.end_of_backward_extra
                         + seq_len // parallel.cp * settings.batch_size * model.hidden_size
-                        * _bytes(states.recipe.activation_dtype))
+                        * _bytes(states.recipe.activation_dtype),
+                        beside_gradients=None if peaks.beside_gradients is None
+                        else peaks.beside_gradients - replicated)
     return peaks, megatron
 
 
@@ -896,33 +924,104 @@ def _working_set(model: ModelConfig, parallel: ParallelConfig, stage: StageLayer
     units = sharding_units(model, parallel, stage)
     weight_bytes = _bytes(states.recipe.weight_dtype)
     if parallel.fsdp and parallel.shards_params and sharding:
-        # FSDP2 (docs/parallelism.md sec. 3, measured in memcalc/validate/fsdp.py): the root (embedding,
-        # final norm, head) stays gathered from forward to the end of backward; a layer's copy-out
-        # holds its flat all-gather buffer, its parameters and the previous unit's buffer; backward
-        # holds the current layer, the prefetched next one and the last reduce-scatter input.
-        root, layer = units.ends * weight_bytes, units.largest_layer * weight_bytes
-        root_gradient = units.largest_end * weight_bytes
-        forward_set = 2 * root + 2 * layer
-        backward_set = root + 3 * layer + root_gradient
-        forward_end = backward_start = root + layer
-        trained_layer = units.largest_layer
-        if lora:
-            # a frozen root has no gradient, and a layer's reduce-scatter input holds only its
-            # adapters' gradients; the frozen head's backward ends before the last layer's
-            # pre-backward prefetch (measured with memcalc.validate.fsdp, lora_rank)
-            trained_layer = held.total // model.num_layers
-            layer += trained_layer * weight_bytes
-            forward_set = 2 * root + 2 * layer
-            backward_set = root + 2 * layer + trained_layer * weight_bytes
-            forward_end, backward_start = root + layer, root
-        return WorkingSet(units, True, units.largest_layer, forward_set, backward_set - forward_set, root, layer,
-                          forward_set, backward_set, trained_layer, forward_end, backward_start)
+        return _fsdp2_working_set(model, parallel, states, units, len(stage.indices), lora)
     unit = units.largest
     gathered = unit * weight_bytes * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
     streams_gradients = (parallel.shards_gradients and sharding) or parallel.offloads_optimizer
     # never more than every gradient of the rank unsharded
     unit_gradients = min(unit, held.total) * weight_bytes if streams_gradients else 0
     return WorkingSet(units, False, unit, gathered, unit_gradients)
+
+
+def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: StaticStates, units: ShardingUnits,
+                       stage_layers: int, lora: bool) -> WorkingSet:
+    """FSDP2's gathered and reduce-scattered buffers at each point where they peak, as (bytes,
+    the activations beside them) pairs (docs/parallelism.md sec. 3; measured with
+    memcalc.validate.fsdp for each ``--fsdp-wrap``, PyTorch 2.13 ``_fully_shard``).
+
+    A unit's all-gather writes a flat buffer that is copied out into its unsharded parameters; in
+    forward the previous unit's buffer is freed only after the next copy-out, in backward at once;
+    backward prefetches the next unit's buffer. A unit's reduce-scatter input is a new buffer of
+    the unit in the gradient dtype, filled from the unsharded gradients, and kept until the next
+    reduce-scatter is issued. The root (``fully_shard(model)``) is never resharded after forward
+    and reduces in the final backward callback, as does a unit whose input needs no gradient (the
+    embedding). ``reshard_after_forward=False`` (torchtitan's norm-and-head unit) keeps a unit's
+    parameters from its forward to its backward."""
+    weight, grad = _bytes(states.recipe.weight_dtype), _bytes(states.recipe.grad_dtype)
+    layer, layer_grad = units.largest_layer * weight, units.largest_layer * grad
+
+    def shard(elements: int) -> int:
+        return _ceil_div(elements * grad, parallel.dense_shards)
+
+    if lora:
+        # a frozen root has no gradient, and a layer's reduce-scatter input holds only its
+        # adapters' gradients; the frozen head's backward ends before the last layer's
+        # pre-backward prefetch (measured with memcalc.validate.fsdp, lora_rank)
+        root = units.ends * weight
+        trained = states.held.total // model.num_layers
+        layer += trained * weight
+        forward = ((2 * root + 2 * layer, "layer"), (root + layer, "forward"))
+        backward = ((root + 2 * layer + trained * weight + shard(trained), "layer"), (root, "backward"))
+        return WorkingSet(units, True, units.largest_layer, max(b for b, _ in forward), 0, forward_points=forward,
+                          backward_points=backward, trained_layer=trained)
+    if parallel.fsdp_wrap is FSDPWrap.LAYER:
+        # the root holds the embedding, final norm and head from its pre-forward to the final
+        # callback, beside each layer's buffers; the head's gradient waits there unsharded
+        root, root_grad = units.ends * weight, units.ends * grad
+        # the last layer's buffer lives through the head's forward until the root's post-forward;
+        # the loss's backward runs before the root's pre-backward prefetches the last layer
+        forward = ((2 * root + 2 * layer, "before_first"), (root + layer, "head_forward"), (root, "forward"))
+        if stage_layers > 1:  # the last layer's copy-out, the one before's buffer deferred
+            forward += ((root + 3 * layer, "below_last"),)
+        # the last layer's backward: its parameters and gradients and the next layer's buffer; from
+        # the next layer on, the last reduce-scatter input and one more gradient shard each
+        head_grad = units.largest_end * grad
+        # each with the buffer of the layer after it in backward, if any
+        last = root + head_grad + (2 if stage_layers > 1 else 1) * layer
+        following = root + head_grad + (2 if stage_layers > 2 else 1) * layer + layer_grad + shard(units.largest_layer)
+        backward = ((last, "last_layer_backward"), (last + layer_grad, "last_layer_end"),
+                    (following, "next_layer_backward"), (following + layer_grad, "next_layer_end"),
+                    (root, "backward"), (root + layer, "head_backward"),
+                    # the final callback: the root's parameters and gradients, the first layer's
+                    # reduce-scatter input, every layer's gradient shard
+                    (root + root_grad + layer_grad - shard(units.ends), "gradients"))
+    else:
+        # the embedding and the head are units of their own; the root keeps the rest (final norm)
+        embedding, head = units.embedding * weight, units.head * weight
+        kept_head = parallel.fsdp_wrap is FSDPWrap.TORCHTITAN  # [final norm, head], not resharded
+        root = (units.ends - units.embedding - units.head) * weight
+        head_grad = units.head * grad
+        # the last layer and the next unit's buffer: a layer's, or the embedding's below the first
+        gathered_last = layer + (layer if stage_layers > 1 else embedding)
+        following = (root + layer + (layer if stage_layers > 2 else embedding) + layer_grad + shard(units.head)
+                     + shard(units.largest_layer))
+        forward = ((root + 2 * embedding, "none"),  # the embedding's copy-out
+                   (root + embedding + 2 * layer, "before_first"),  # the first layer's, the embedding's deferred
+                   (root + (3 if stage_layers > 1 else 2) * layer, "below_last"),  # the last layer's
+                   (root + layer + 2 * head, "before_head"),  # the head's, after every layer
+                   (root + 2 * head, "head_forward"),  # its buffer deferred
+                   # the root's post-forward frees the last buffer; the head resharded or kept
+                   (root + head * kept_head, "forward"))
+        backward = (
+            (root + head * kept_head, "backward"),  # the loss's backward
+            # the head gathered (or kept) and the last layer prefetched
+            (root + head + layer, "head_backward"),
+            # the head's reduce-scatter: its gradient and input beside the last layer's buffer
+            (root + 2 * head_grad + layer + shard(units.head), "before_head"),
+            # a layer's parameters, gradients and the next layer's buffer beside the last
+            # reduce-scatter input (the head's, then a layer's) and the shards made
+            (root + gathered_last + head_grad + shard(units.head), "last_layer_backward"),
+            (root + gathered_last + layer_grad + head_grad + shard(units.head), "last_layer_end"),
+            (following, "next_layer_backward"), (following + layer_grad, "next_layer_end"),
+            # the first layer's end, the embedding prefetched, every layer's gradient shard made
+            (root + layer + embedding + 2 * layer_grad + shard(units.head)
+             + (stage_layers - 1) * shard(units.largest_layer), "before_first"),
+            # the embedding reduces in the final callback: its gradient and reduce-scatter input
+            # beside every gradient shard
+            (root + 2 * units.embedding * grad, "gradients"))
+    return WorkingSet(units, True, units.largest_layer, max(b for b, _ in forward),
+                      max(b for b, _ in backward) - max(b for b, _ in forward), forward_points=forward,
+                      backward_points=backward, trained_layer=units.largest_layer)
 
 
 def _on_cpu(parallel: ParallelConfig) -> dict[str, bool]:
@@ -965,14 +1064,23 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
         forward = static + gpu_gradients + gathered + peaks.forward
         backward = static + gpu_gradients + working.total + max(peaks.backward, peaks.end_of_backward_extra)
     elif working.fsdp2:
-        # The gathered sets peak at a layer's copy-out, beside one layer's saved tensors and the
-        # stream into it; activations peak at the end of forward (root and the last layer's
-        # deferred buffer still held) and at the start of backward (root and the prefetched last
-        # layer; the activation peak already holds the output layer's gradient).
-        layer_gradient_shard = _ceil_div(working.trained_layer * _bytes(recipe.grad_dtype), parallel.dense_shards)
-        forward = static + max(working.forward_set + peaks.layer, working.forward_end + peaks.forward)
-        backward = static + max(working.backward_set + layer_gradient_shard + peaks.layer,
-                                working.backward_start + peaks.backward)
+        # Each gathered set beside what lives then: one layer's saved tensors and the stream into
+        # it at a layer's copy-out, every layer's before the head's, the activation peaks at the
+        # end of forward and the start of backward (which holds the output layer's gradient), and
+        # every gradient shard at the final callback.
+        beside = {"none": 0, "layer": peaks.layer, "forward": peaks.forward, "backward": peaks.backward,
+                  "before_head": peaks.forward if peaks.before_head is None else peaks.before_head,
+                  "head_forward": peaks.forward if peaks.head_forward is None else peaks.head_forward,
+                  "head_backward": peaks.backward if peaks.head_backward is None else peaks.head_backward,
+                  "below_last": peaks.layer if peaks.below_last is None else peaks.below_last,
+                  "before_first": peaks.layer if peaks.before_first is None else peaks.before_first,
+                  "gradients": gpu_gradients}
+        # the last layer's backward and the next one's (the first with a reduce-scatter before it)
+        layers = peaks.layer_backward or ((peaks.layer, 0),)
+        for name, (inside, end) in zip(("last_layer", "next_layer"), reversed(layers[-2:])):
+            beside[f"{name}_backward"], beside[f"{name}_end"] = inside, end
+        forward = static + max(gathered + beside[kind] for gathered, kind in working.forward_points)
+        backward = static + max(gathered + beside[kind] for gathered, kind in working.backward_points if kind in beside)
     else:
         # Gradients (with a unit's unsharded ones before their reduce-scatter) accumulate while
         # activations are freed; the unsharded unit never makes them exceed the unsharded total.
@@ -1068,9 +1176,13 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
             "nanotron", where))
     if working.total:
         units, gathered = working.units, working.gathered
-        if working.fsdp2:
+        if working.fsdp2 and parallel.fsdp_wrap is FSDPWrap.LAYER:
             formula = (f"FSDP2: 2 x (root {units.ends / 1e6:,.0f}M + layer {units.largest_layer / 1e6:,.0f}M params) "
                        f"forward; root + 3 layers + a root grad backward, x {recipe.weight_dtype.value}")
+        elif working.fsdp2:
+            formula = (f"FSDP2 units: embedding {units.embedding / 1e6:,.0f}M, layer {units.largest_layer / 1e6:,.0f}M, "
+                       f"head {units.head / 1e6:,.0f}M params; 2 x the largest beside the last buffer, x "
+                       f"{recipe.weight_dtype.value}")
         else:
             prefetch = f"(1 + {parallel.prefetch} prefetched) x " if gathered else ""
             parts = ([f"{prefetch}{working.unit / 1e6:,.0f}M-param largest unit x {recipe.weight_dtype.value}"]
@@ -1256,7 +1368,7 @@ def _layout_summary(model: ModelConfig, parallel: ParallelConfig, busiest: RankV
         gpus=parallel.gpus, dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, ep=parallel.ep,
         sp=parallel.sp, zero=parallel.zero, distributed_optimizer=parallel.distributed_optimizer, vpp=parallel.vpp,
         microbatches=parallel.microbatches, offload=parallel.offload, tp_impl=parallel.tp_impl, fsdp=parallel.fsdp,
-        dense_shards=parallel.dense_shards if parallel.shards_optimizer else 1,
+        fsdp_wrap=parallel.fsdp_wrap, dense_shards=parallel.dense_shards if parallel.shards_optimizer else 1,
         expert_shards=parallel.expert_shards if parallel.shards_optimizer and model.moe else 1,
         vocab_size_padded=padded_vocab(model, parallel),
         prefetch_units=parallel.prefetch if parallel.shards_params else 0,

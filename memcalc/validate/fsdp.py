@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memcalc.config import ModelConfig
+from memcalc.parallel import FSDPWrap
 from memcalc.validate.model import Decoder, apply_lora, causal_lm_loss
 from memcalc.validate.run import TORCH_DTYPES, _default_dtype
 from memcalc.validate.tracker import LiveBytesTracker, optimizer_state_tensors
@@ -83,14 +84,17 @@ def _fake_process_group(world_size: int):
 
 def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16", batch_size: int = 1,
                  seq_len: int = 256, lora_rank: int | None = None,
-                 lora_targets: tuple[str, ...] = ("q", "v"), wrap_ends: bool = False) -> ShardedMeasurement:
+                 lora_targets: tuple[str, ...] = ("q", "v"), wrap: str = FSDPWrap.LAYER) -> ShardedMeasurement:
     """Pure ``dtype`` training (parameters, gradients and AdamW states in ``dtype``), two iterations.
     With ``lora_rank``: the base frozen and adapters in ``dtype`` on ``lora_targets`` (as torchtune's
     distributed LoRA recipe keeps them), every parameter sharded, only the adapters trained.
-    ``wrap_ends``: the embedding and the output head are FSDP units of their own (torchtune's
-    ``shard_model`` wraps ``tok_embeddings`` and ``output`` beside the layers); measured only, the
-    estimator models the root wrapping (for Llama-3-8B's shapes separate ends save about 2 GB at
-    the end of forward)."""
+    ``wrap`` (``--fsdp-wrap``): ``layer``, each decoder layer a unit and the root holding the
+    embedding, final norm and head; ``layer+embedding+head``, the embedding and the head units of
+    their own too, resharded after forward (torchtune's ``custom_sharded_layers: ['tok_embeddings',
+    'output']`` in ``shard_model``); ``torchtitan``, the embedding a unit, the final norm and the
+    head one unit kept unsharded after forward (``apply_fsdp``, torchtitan/models/llama3/infra/
+    parallelize.py: "do not reshard_after_forward the last layers ... FSDP would prefetch them
+    immediately")."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.fsdp import fully_shard
@@ -103,12 +107,17 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
                 model = Decoder(model_config)
                 if lora_rank is not None:
                     apply_lora(model, lora_targets, lora_rank, dtype=TORCH_DTYPES[dtype])
-            if wrap_ends:
+            wrap = FSDPWrap(wrap)
+            if wrap is not FSDPWrap.LAYER:
+                if model.lm_head is None:
+                    raise ValueError("a tied embedding and head cannot be FSDP units of their own")
                 fully_shard(model.embed_tokens, mesh=mesh)
             for layer in model.layers:
                 fully_shard(layer, mesh=mesh)
-            if wrap_ends and model.lm_head is not None:
+            if wrap is FSDPWrap.ENDS:
                 fully_shard(model.lm_head, mesh=mesh)
+            elif wrap is FSDPWrap.TORCHTITAN:
+                fully_shard([model.final_norm, model.lm_head], mesh=mesh, reshard_after_forward=False)
             fully_shard(model, mesh=mesh)
             weights = tracker.storage_bytes(model.parameters())  # a DTensor counts as its local shard
             trained = [param for param in model.parameters() if param.requires_grad]
