@@ -73,6 +73,8 @@ class Case:
             parts.append(f"lora-dropout-{s['lora_dropout']:g}")
         if s.get("dropout") is not None:
             parts.append(f"dropout-{s['dropout']:g}")
+        if s.get("offload_activations"):
+            parts.append("offload-act")
         return " ".join(parts)
 
 
@@ -158,6 +160,21 @@ FAKE_MATRIX = [
     _case("llama-2-7b", "mixed-bf16", 2, 1024, lora_rank=8, lora_targets="q,k,v,o", lora_dropout=0.05),
 ]
 
+# torchtune's activation offloading (--offload-activations; memcalc.validate.offload runs torchtune's
+# OffloadActivations rules): a large and a small vocabulary, bf16, autocast and fp32, with and without
+# full recompute (torchtune's recipes pair it with activation checkpointing)
+OFFLOAD_MATRIX = [
+    _case("llama-3.2-1b", "pure-bf16", 4, 2048, offload_activations=True),
+    _case("llama-3.2-1b", "pure-bf16", 4, 2048, recompute="full", offload_activations=True),
+    _case("llama-3.2-1b", "amp-bf16", 2, 2048, offload_activations=True),
+    _case("llama-3.2-1b", "fp32", 2, 1024, recompute="full", offload_activations=True),
+    _case("llama-2-7b", "pure-bf16", 1, 4096, offload_activations=True),
+    _case("llama-2-7b", "mixed-bf16", 2, 4096, recompute="full", offload_activations=True),
+    _case("mistral-7b", "pure-bf16", 2, 4096, loss="chunked", offload_activations=True),
+    _case("qwen2.5-0.5b", "amp-bf16", 4, 2048, recompute="full", offload_activations=True),
+]
+FAKE_MATRIX += OFFLOAD_MATRIX
+
 HF_CONFIGS = "tests/data/hf_configs/"
 
 
@@ -205,7 +222,7 @@ GPU_MATRIX = [
 # Fast enough for CI: small models and few layers (tests/test_validate.py runs its own subset).
 CI_MATRIX = [replace(case, layers=2) for case in FAKE_MATRIX[:8]]
 
-SUBSETS = {"all": FAKE_MATRIX, "gpu": GPU_MATRIX, "ci": CI_MATRIX, "hf": HF_MATRIX}
+SUBSETS = {"all": FAKE_MATRIX, "gpu": GPU_MATRIX, "ci": CI_MATRIX, "hf": HF_MATRIX, "offload": OFFLOAD_MATRIX}
 
 
 def run_case(case: Case, device: str):

@@ -573,6 +573,9 @@ class TrainSettings:
     recompute_layers: PositiveInt = 1
     # op recompute: the outputs each layer keeps (SAC_OUTPUTS); None: torchtitan's policy
     sac_save: tuple[str, ...] | None = None
+    # torchtune's enable_activation_offloading: saved activations of the model's forward copied to pinned
+    # host memory and brought back in backward (memcalc.estimate.offload)
+    offload_activations: bool = False
     # every dropout the model's architecture has at this rate (0: off); None: the config's rates
     dropout: Probability | None = None
     # the caching allocator's reserve over the allocated peak, measured on this machine (memcalc
@@ -601,6 +604,8 @@ class TrainSettings:
                                 " are modelled for full training: LoRA takes none, selective or full")
         if self.qlora and self.lora_rank is None:
             raise SettingsError(Field("qlora"), " trains LoRA adapters on a 4-bit base: give ", Field("lora_rank"), " too")
+        if self.offload_activations:
+            _check_offload_activations(self)
         if self.optimizer_in_backward and self.grad_accum > 1:
             raise SettingsError(Field("optimizer_in_backward"), " steps during backward: it cannot accumulate gradients (",
                                 Field("grad_accum"), ")")
@@ -609,6 +614,22 @@ class TrainSettings:
 
             if self.precision not in RECIPES:
                 raise SettingsError(Field("precision"), f": {self.precision!r} is not one of {', '.join(RECIPES)}")
+
+
+def _check_offload_activations(settings: TrainSettings) -> None:
+    """Activation offloading is measured (memcalc.validate.offload) with full training, SDPA/flash
+    attention, the arch activation model and no recompute or full recompute on every layer."""
+    if settings.lora_rank is not None:
+        raise SettingsError(Field("offload_activations"), " is modelled for full training, not with ", Field("lora_rank"))
+    if settings.attention is Attention.EAGER:
+        raise SettingsError(Field("offload_activations"), " is modelled with sdpa or flash ", Field("attention"),
+                            ", not eager")
+    if settings.recompute not in (Recompute.NONE, Recompute.FULL) or settings.recompute_layers > 1:
+        raise SettingsError(Field("offload_activations"), " is modelled with ", Field("recompute"),
+                            " none or full on every layer")
+    if settings.activation_model is not ActivationModel.ARCH:
+        raise SettingsError(Field("offload_activations"), " has no Megatron formula: use ", Field("activation_model"),
+                            " arch")
 
 
 class Engine(StrEnum):

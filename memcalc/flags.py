@@ -220,6 +220,10 @@ class Workload(Flags):
                                                  rich_help_panel=SAVERS,
                                                  help="op: outputs each layer keeps, of q,k,v,o,gate,up,down,"
                                                  "attention (default: every other matmul and attention).")] = None
+    offload_activations: Annotated[bool, typer.Option("--offload-activations", rich_help_panel=SAVERS,
+                                                      help="Saved activations to pinned CPU memory in forward, back "
+                                                      "in backward (torchtune's enable_activation_offloading).")
+                                   ] = False
     attention: AttentionOption = Attention.SDPA
     loss: LossOption = Loss.FULL
     dropout: Annotated[float | None, typer.Option("--dropout", metavar="P", min=0.0, max=0.999, show_default=False,
@@ -443,7 +447,7 @@ def train_settings(precision: Precision, workload: Workload | None = None, **fix
                    "activation_model": workload.activation_model,
                    "expandable_segments": workload.expandable_segments,
                    "recompute_layers": workload.recompute_layers, "sac_save": workload.sac_save,
-                   "dropout": workload.dropout}
+                   "offload_activations": workload.offload_activations, "dropout": workload.dropout}
         if workload.calibration is not None:
             from memcalc.calibration import read_reserve_calibration
 

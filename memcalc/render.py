@@ -104,6 +104,9 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
             ("activations", _activation_assumption(settings)),
             ("parallelism", _parallel_assumption(estimate)),
         ]
+        if settings.offload_activations:
+            lines.append(("act. offload", "torchtune's OffloadActivations: every saved tensor >= 1 KiB but parameters "
+                          "to pinned CPU memory in forward, back in backward; the output head's stay on the GPU"))
         lora = settings.lora
         if lora:
             lines.append(("fine-tuning", f"{'QLoRA' if lora.qlora else 'LoRA'} rank {lora.rank} on "

@@ -73,6 +73,7 @@ class Scenario:
     recompute: Recompute | None = None
     recompute_layers: PositiveInt | None = None
     sac_save: str | None = None  # comma-separated, as --sac-save
+    offload_activations: bool | None = None  # as --offload-activations
     attention: Attention | None = None
     loss: Loss | None = None
     activation_model: ActivationModel | None = None
@@ -144,6 +145,7 @@ def train_settings(scenario: Scenario, base: TrainSettings) -> TrainSettings:
         "batch_size": scenario.batch, "seq_len": scenario.seq, "dtype": scenario.dtype,
         "precision": scenario.precision, "optimizer": scenario.optimizer, "recompute": scenario.recompute,
         "recompute_layers": scenario.recompute_layers, "sac_save": scenario.sac_save,
+        "offload_activations": scenario.offload_activations,
         "attention": scenario.attention, "loss": scenario.loss, "activation_model": scenario.activation_model,
     }
     return replace(base, **{key: value for key, value in changes.items() if value is not None})

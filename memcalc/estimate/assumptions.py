@@ -93,6 +93,7 @@ class TrainAssumptions:
     parallel: LayoutSummary | None = None
     recompute_layers: int = 1  # full or op recompute on every Nth layer
     sac_outputs: tuple[str, ...] = ()  # op recompute: what each checkpointed layer keeps
+    offload_activations: bool = False  # torchtune's activation offloading to pinned host memory
     dropout: dict[str, float] | None = None  # site -> training dropout rate, the sites the model has
     reserve_percent: float | None = None  # a measured allocator reserve (memcalc calibrate), else None
     reserve_source: str | None = None

@@ -110,6 +110,7 @@ class ActivationPeaks:
     below_last: int | None = None
     layer_backward: tuple[tuple[int, int], ...] = ()
     before_first: int | None = None  # forward, at the first layer's all-gather: the embeddings' output
+    offloaded: int = 0  # activation offloading: pinned host bytes at the end of forward
 
 
 @dataclass(frozen=True, eq=False)
@@ -460,6 +461,10 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
     if ctx.lora:  # a frozen final norm; the frozen head keeps no input
         final = lora_module.frozen_norm_bytes(model, h, ctx.stream_tokens, shape.stream_bytes)
+    if settings.offload_activations:  # the layers' saved tensors on the host (memcalc.estimate.offload)
+        from memcalc.estimate.offload import offloaded_peaks
+
+        return offloaded_peaks(ctx, stack, embedding, final)
     saved = embedding + stack.layers + final
     at_loss, backward_output, head_grad = _output_terms(ctx, saved)
     forward = _forward_peak(ctx, stack, embedding, at_loss)
@@ -1195,6 +1200,11 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
             "DeepSpeed ZeRO-3 (estimate_zero3_model_states_mem_needs: 4 B x largest layer); FSDP2 "
             "(torch.distributed.fsdp.fully_shard), measured in memcalc/validate/fsdp.py",
         ))
+    if peaks.offloaded:  # activation offloading's pinned copies: host memory, beside the GPU's activations
+        from memcalc.estimate.offload import offloaded_component
+
+        at = next(index for index, component in enumerate(components) if component.key == "activations") + 1
+        components.insert(at, offloaded_component(peaks.offloaded, settings))
     return components
 
 
@@ -1295,6 +1305,10 @@ def _checked_step(model: ModelConfig, settings: TrainSettings,
     check_trainable(model)
     recipe = resolve_recipe(settings, parallel)
     check_recompute(model, settings, parallel, recipe)
+    if settings.offload_activations:
+        from memcalc.estimate.offload import check_offload
+
+        check_offload(model, parallel)
     seq_len = resolve_seq_len(model, settings.seq_len)
     if settings.batch_size * seq_len > MAX_STEP_TOKENS:
         raise SettingsError(Field("batch_size"), " x ", Field("seq_len"), f" = {settings.batch_size * seq_len:,} "
@@ -1345,7 +1359,7 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         optimizer_in_backward=settings.optimizer_in_backward, grad_accum=settings.grad_accum,
         paged_optimizer=settings.paged_optimizer, expandable_segments=settings.expandable_segments, lora=lora,
         parallel=None if parallel.is_single_device else _layout_summary(model, parallel, busiest),
-        recompute_layers=settings.recompute_layers,
+        recompute_layers=settings.recompute_layers, offload_activations=settings.offload_activations,
         sac_outputs=sac_outputs(model, settings),
         dropout=_dropout_sites(model), reserve_percent=settings.reserve_percent, reserve_source=settings.reserve_source,
     )

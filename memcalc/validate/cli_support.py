@@ -110,6 +110,8 @@ def run_training_validation(
         raise InputError("--optimizer adam8bit cannot be measured here: bitsandbytes' kernels need a CUDA build")
     if impl == "hf" and settings.lora_rank is not None:
         raise InputError("LoRA is measured on the reference decoder: use --impl reference")
+    if impl == "hf" and settings.offload_activations:
+        raise InputError("--offload-activations is measured on the reference decoder: use --impl reference")
     if impl == "hf":
         if (settings.loss.value == "chunked" or settings.recompute.value in ("selective", "op")
                 or settings.recompute_layers > 1):
@@ -146,6 +148,7 @@ def run_training_validation(
         lora_dropout=settings.lora_dropout,
         grad_accum=settings.grad_accum,
         optimizer_dtype=settings.optimizer_dtype.value if settings.optimizer_dtype is not None else None,
+        offload_activations=settings.offload_activations,
     )
     if settings.optimizer_in_backward or settings.paged_optimizer:
         raise InputError("validation measures torch.optim steps after backward: --optimizer-in-backward and "

@@ -96,6 +96,10 @@ def _reserved_rows(estimate: Estimate, measurement, workspaces: int) -> list[Row
 def compare_training(estimate: Estimate, measurement) -> Comparison:
     """``measurement`` is a ``memcalc.validate.run.Measurement`` (duck-typed to keep torch out)."""
     rows = [Row(key, label, estimate.component(key).bytes, measurement.components.get(key)) for key, label in TRAIN_ROWS]
+    if "activations_offloaded" in measurement.components:  # host memory: not in the phases below
+        host = next((item.bytes for item in estimate.components if item.key == "activations_offloaded"), None)
+        rows.append(Row("activations_offloaded", "Activations offloaded (host)", host,
+                        measurement.components["activations_offloaded"]))
     rows += [
         Row(f"phase:{key}", label, estimate.phases[key], measurement.phases[key].peak_bytes) for key, label in PHASE_ROWS
     ]

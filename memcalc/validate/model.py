@@ -443,8 +443,11 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype."""
-        hidden = self.hidden_states(input_ids)
-        # the head through its module when it has one, so its hooks run (an FSDP unit of its own)
+        return self.head(self.hidden_states(input_ids))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output projection: logits in the model's dtype."""
+        # through its module when it has one, so its hooks run (an FSDP unit of its own)
         return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.output_weight())
 
     def forward_with_cache(self, input_ids: torch.Tensor, cache: list, position: int) -> torch.Tensor:

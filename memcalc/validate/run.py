@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from memcalc.config import ModelConfig
 from memcalc.validate.model import Decoder, apply_lora, causal_lm_loss, chunked_causal_lm_loss, cuda_dropout_rules
+from memcalc.validate.offload import OffloadActivations, keep_on_device
 from memcalc.validate.tracker import CUDA_BLOCK_BYTES, LiveBytesTracker, optimizer_state_tensors
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,6 +51,9 @@ class TrainWorkload:
     grad_accum: int = 1
     # AdamW/Adam moments in this dtype (fp32 | bf16 | fp16) instead of the parameters' (--optimizer-dtype)
     optimizer_dtype: str | None = None
+    # torchtune's enable_activation_offloading: the model's forward under OffloadActivations, the
+    # output head under NoOpManager (memcalc.validate.offload)
+    offload_activations: bool = False
 
 
 @dataclass
@@ -259,6 +263,11 @@ def measure_training(
         for param in params:
             param.register_post_accumulate_grad_hook(count_gradient)
 
+        offloading = None
+        if workload.offload_activations:
+            if workload.impl == "hf" or workload.lora_rank is not None:
+                raise ValueError("activation offloading is measured on the reference decoder without LoRA")
+            offloading = OffloadActivations(tracker)
         input_ids = torch.randint(0, model_config.vocab_size, (workload.batch_size, workload.seq_len))
         labels = torch.randint(0, model_config.vocab_size, (workload.batch_size, workload.seq_len))
         optimizer_bytes = 0
@@ -277,6 +286,21 @@ def measure_training(
                 with autocast:
                     if workload.impl == "hf":
                         loss = model(input_ids=input_ids, labels=labels).loss
+                    elif offloading is not None:
+                        # torchtune's _loss_step: the model under the offloading context, its output
+                        # head under NoOpManager, the loss outside both
+                        with offloading:
+                            hidden = model.hidden_states(input_ids)
+                            if workload.loss != "chunked":
+                                with keep_on_device():
+                                    logits = model.head(hidden)
+                                del hidden  # the model's forward returns the logits alone
+                        if workload.loss == "chunked":
+                            loss = chunked_causal_lm_loss(hidden, model.output_weight(), labels)
+                            del hidden
+                        else:
+                            loss = causal_lm_loss(logits, labels)
+                            del logits
                     elif workload.loss == "chunked":
                         loss = chunked_causal_lm_loss(model.hidden_states(input_ids), model.output_weight(), labels)
                     else:
@@ -351,6 +375,8 @@ def measure_training(
     }
     if buffer_bytes:
         components["gradient_accumulation"] = buffer_bytes
+    if offloading is not None:  # the most host (pinned) bytes the offloaded copies held at once
+        components["activations_offloaded"] = offloading.peak_host_bytes
     return Measurement(device, components, phases, cuda, tracker.events)
 
 

@@ -18,6 +18,7 @@ that no device ever holds.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -53,6 +54,7 @@ class LiveBytesTracker(TorchDispatchMode):
         self.gradient_bytes = 0  # gradients accumulated so far
         self.peak_activation_bytes = 0
         self._storages: dict[int, tuple[weakref.ref, list[int]]] = {}
+        self._paused = 0  # inside ``untracked``: host memory the device does not hold
 
     def _size(self, storage) -> int:
         nbytes = storage.nbytes()
@@ -140,12 +142,23 @@ class LiveBytesTracker(TorchDispatchMode):
                     seen[id(storage)] = self._size(storage)
         return sum(seen.values())
 
+    @contextlib.contextmanager
+    def untracked(self):
+        """Ops run here are not counted (activation offloading's pinned host copies)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def reset_peaks(self) -> None:
         self.peak_bytes = self.live_bytes
         self.peak_activation_bytes = max(0, self.live_bytes - self.static_bytes - self.gradient_bytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self.track(leaf)
