@@ -71,7 +71,9 @@ class ShardedMeasurement:
         object.__setattr__(self, "above_static", tuple(peak - static for peak in self.phase_peaks))
 
 
-def _fake_process_group(world_size: int):
+def _fake_process_group(world_size: int, replicas: int = 1):
+    """A fake group of ``world_size`` ranks; with ``replicas`` > 1 a 2-D mesh (replicas x
+    shards), FSDP2's HSDP: shards inside a group, all-reduced across the replicas."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -79,12 +81,15 @@ def _fake_process_group(world_size: int):
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    if replicas > 1:
+        return init_device_mesh("cpu", (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
     return init_device_mesh("cpu", (world_size,))
 
 
 def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16", batch_size: int = 1,
                  seq_len: int = 256, lora_rank: int | None = None,
-                 lora_targets: tuple[str, ...] = ("q", "v"), wrap: str = FSDPWrap.LAYER) -> ShardedMeasurement:
+                 lora_targets: tuple[str, ...] = ("q", "v"), wrap: str = FSDPWrap.LAYER,
+                 replicas: int = 1) -> ShardedMeasurement:
     """Pure ``dtype`` training (parameters, gradients and AdamW states in ``dtype``), two iterations.
     With ``lora_rank``: the base frozen and adapters in ``dtype`` on ``lora_targets`` (as torchtune's
     distributed LoRA recipe keeps them), every parameter sharded, only the adapters trained.
@@ -94,12 +99,15 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
     'output']`` in ``shard_model``); ``torchtitan``, the embedding a unit, the final norm and the
     head one unit kept unsharded after forward (``apply_fsdp``, torchtitan/models/llama3/infra/
     parallelize.py: "do not reshard_after_forward the last layers ... FSDP would prefetch them
-    immediately")."""
+    immediately"). ``replicas`` > 1: hybrid sharding (HSDP, ``--fsdp hybrid``), each parameter
+    sharded over ``world_size / replicas`` ranks and replicated across ``replicas`` groups."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.fsdp import fully_shard
 
-    mesh = _fake_process_group(world_size)
+    if world_size % replicas:
+        raise ValueError(f"{replicas} replicas do not divide {world_size} ranks")
+    mesh = _fake_process_group(world_size, replicas)
     tracker = LiveBytesTracker()
     try:
         with FakeTensorMode(), tracker:
