@@ -151,6 +151,25 @@ def base_weight_bytes(model: ModelConfig, settings: TrainSettings, weight_dtype:
     return storage_bytes(count_params(model).total, weight_dtype)
 
 
+def qlora_state_bytes(model: ModelConfig, weight_dtype: DType) -> int:
+    """The NF4 quantisation state of every quantised weight (the absmax codes, the nested fp32
+    absmax and offset, the code tables): module state beside the packed weight, not a parameter."""
+    from memcalc.estimate.weights import weight_bytes
+
+    return weight_bytes(model, "bnb-nf4", double_quant=True, compute_dtype=weight_dtype).scale_bytes
+
+
+def qlora_layer_bytes(model: ModelConfig, layer_elements: int, weight_dtype: DType) -> int:
+    """One decoder layer's parameters under QLoRA as FSDP2 gathers them: its linear weights packed
+    (two 4-bit codes a byte), the rest (norms) in ``weight_dtype``; layers of one shape assumed."""
+    from memcalc.estimate.weights import weight_bytes
+
+    quantised = weight_bytes(model, "bnb-nf4", double_quant=True, compute_dtype=weight_dtype)
+    layers = model.num_layers
+    return (quantised.data_bytes // layers
+            + storage_bytes(layer_elements - quantised.quantised_params // layers, weight_dtype))
+
+
 def adapter_recipe(settings: TrainSettings, recipe: PrecisionRecipe) -> PrecisionRecipe:
     """The adapters' recipe: weights and gradients in ``lora_dtype``; a master copy only when the
     recipe keeps one and the adapters are narrower (fp32 adapters have none); the optimizer's

@@ -477,9 +477,9 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     incoming = ctx.stream_tokens * h * e
     largest_layer = max(stack.held)
     head_side = {}
-    if plan.last and not ctx.lora and settings.loss is not Loss.CHUNKED:
+    if plan.last and settings.loss is not Loss.CHUNKED:
         logits = ctx.tokens * model.vocab_size * e
-        head_side = {"before_head": saved - head_weight_copy, "head_forward": saved + logits,
+        head_side = {"before_head": saved - (0 if ctx.lora else head_weight_copy), "head_forward": saved + logits,
                      "head_backward": saved + logits + head_grad}
     return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD,
                            largest_layer + incoming, beside_gradients, below_last=embedding + stack.others + incoming,
@@ -708,9 +708,6 @@ def _check_lora_layout(settings: TrainSettings, parallel: ParallelConfig, recipe
                          "(--gpus N, or --fsdp full): drop the other parallel degrees")
     if ddp:
         return
-    if settings.qlora:
-        raise InputError("QLoRA under FSDP is not modelled (bitsandbytes' 4-bit storage as FSDP shards it): "
-                         "use one device or plain LoRA")
     if parallel.fsdp_wrap is not FSDPWrap.LAYER:
         raise InputError(f"LoRA under FSDP2 is modelled with the layers as units and the root holding the ends: "
                          f"--fsdp-wrap layer, not {parallel.fsdp_wrap.value}")
@@ -749,6 +746,7 @@ class StaticStates:
     moments: int
     dtensor_embedding: bool  # DTensor TP keeps the whole embedding gradient on every rank
     ddp_buckets: int = 0  # PyTorch DDP's flat gradient buckets, allocated when DDP wraps the model
+    qlora_layer: int | None = None  # QLoRA under FSDP2: a layer's frozen base as gathered (packed NF4)
 
 
 @dataclass(frozen=True, eq=False)
@@ -812,7 +810,10 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
     weights = state(recipe.weight_dtype, parallel.shards_params)
     base_weights = lora_module.base_weight_bytes(model, settings, base_recipe.weight_dtype) if lora else 0
     if lora and parallel.shards_params:  # FSDP2 shards the frozen base too
-        base_weights = _ceil_div(base_weights, parallel.dense_shards)
+        # QLoRA: the packed 4-bit weights are parameters and sharded; bitsandbytes' quantisation
+        # state (absmax codes and tables) is kept on the module, whole on every rank
+        replicated = lora_module.qlora_state_bytes(model, base_recipe.weight_dtype) if settings.qlora else 0
+        base_weights = _ceil_div(base_weights - replicated, parallel.dense_shards) + replicated
     weights += base_weights
     # ZeRO-Offload keeps the reduced gradients on the CPU in the master dtype, beside the optimizer.
     grad_dtype = recipe.master_dtype if offload_optimizer and recipe.master_dtype else recipe.grad_dtype
@@ -848,8 +849,12 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
     ddp = (parallel.replicates_gradients and not recipe.name.startswith("megatron-")
            and not settings.optimizer_in_backward)
     ddp_buckets = gradients if ddp else 0
+    qlora_layer = None
+    if settings.qlora and parallel.shards_params:
+        layer_elements = sharding_units(model, parallel, stage).largest_layer
+        qlora_layer = lora_module.qlora_layer_bytes(model, layer_elements, base_recipe.weight_dtype)
     return StaticStates(held, recipe, base_recipe, weights, base_weights, grad_dtype, gradients, master, grad_copy,
-                        moments, dtensor_embedding, ddp_buckets)
+                        moments, dtensor_embedding, ddp_buckets, qlora_layer)
 
 
 def _step_costs(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
@@ -964,9 +969,21 @@ def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: Sta
         # pre-backward prefetch (measured with memcalc.validate.fsdp, lora_rank)
         root = units.ends * weight
         trained = states.held.total // model.num_layers
+        if states.qlora_layer is not None:  # the layer's linear weights gathered packed, 4 bits each
+            layer = states.qlora_layer
         layer += trained * weight
-        forward = ((2 * root + 2 * layer, "layer"), (root + layer, "forward"))
-        backward = ((root + 2 * layer + trained * weight + shard(trained), "layer"), (root, "backward"))
+        adapters = trained * grad
+        forward = ((2 * root + 2 * layer, "before_first"), (root + layer, "head_forward"), (root, "forward"))
+        if stage_layers > 1:
+            forward += ((root + 3 * layer, "below_last"),)
+        # a layer's backward: its parameters and the next layer's buffer (QLoRA: with a weight
+        # dequantised for the input gradient, in the layer's own figure), then its adapters'
+        # gradients and, from the next layer on, the last reduce-scatter input and a shard
+        last = root + (2 if stage_layers > 1 else 1) * layer
+        following = root + (2 if stage_layers > 2 else 1) * layer + adapters + shard(trained)
+        backward = ((last, "last_layer_backward"), (last + adapters, "last_layer_end"),
+                    (following, "next_layer_backward"), (following + adapters, "next_layer_end"),
+                    (root, "backward"))
         return WorkingSet(units, True, units.largest_layer, max(b for b, _ in forward), 0, forward_points=forward,
                           backward_points=backward, trained_layer=trained)
     if parallel.fsdp_wrap is FSDPWrap.LAYER:

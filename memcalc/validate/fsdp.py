@@ -89,7 +89,7 @@ def _fake_process_group(world_size: int, replicas: int = 1):
 def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16", batch_size: int = 1,
                  seq_len: int = 256, lora_rank: int | None = None,
                  lora_targets: tuple[str, ...] = ("q", "v"), wrap: str = FSDPWrap.LAYER,
-                 replicas: int = 1) -> ShardedMeasurement:
+                 replicas: int = 1, qlora: bool = False) -> ShardedMeasurement:
     """Pure ``dtype`` training (parameters, gradients and AdamW states in ``dtype``), two iterations.
     With ``lora_rank``: the base frozen and adapters in ``dtype`` on ``lora_targets`` (as torchtune's
     distributed LoRA recipe keeps them), every parameter sharded, only the adapters trained.
@@ -100,7 +100,11 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
     head one unit kept unsharded after forward (``apply_fsdp``, torchtitan/models/llama3/infra/
     parallelize.py: "do not reshard_after_forward the last layers ... FSDP would prefetch them
     immediately"). ``replicas`` > 1: hybrid sharding (HSDP, ``--fsdp hybrid``), each parameter
-    sharded over ``world_size / replicas`` ranks and replicated across ``replicas`` groups."""
+    sharded over ``world_size / replicas`` ranks and replicated across ``replicas`` groups.
+    ``qlora`` (with ``lora_rank``): the layers' linear weights as memcalc's bitsandbytes NF4
+    simulation (memcalc.validate.model.NF4Linear): the packed weight a frozen uint8 parameter,
+    sharded like any other, the quantisation state module buffers, whole on every rank (as
+    Answer.AI's fsdp_qlora keeps bitsandbytes' quant_state beside a sharded quant_storage)."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.fsdp import fully_shard
@@ -114,7 +118,7 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
             with _default_dtype(TORCH_DTYPES[dtype]):
                 model = Decoder(model_config)
                 if lora_rank is not None:
-                    apply_lora(model, lora_targets, lora_rank, dtype=TORCH_DTYPES[dtype])
+                    apply_lora(model, lora_targets, lora_rank, dtype=TORCH_DTYPES[dtype], qlora=qlora)
             wrap = FSDPWrap(wrap)
             if wrap is not FSDPWrap.LAYER:
                 if model.lm_head is None:
