@@ -396,7 +396,8 @@ def _parallel_section(path: Path) -> list[str]:
         rows = list(csv.DictReader(handle))
     cases: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        key = (row["model"], row["layers"], row["seq"], row["tp"], row["sp"], row["fsdp_ranks"], row.get("fsdp_wrap", ""))
+        key = (row["model"], row["layers"], row["seq"], row["tp"], row["sp"], row["fsdp_ranks"], row.get("fsdp_wrap", ""),
+               row.get("precision", "pure-bf16"))
         cases.setdefault(key, {})[row["component"]] = row
     gib = 2**30
     lines = [
@@ -405,14 +406,15 @@ def _parallel_section(path: Path) -> list[str]:
         "",
         "Rank 0 of a tensor-parallel group (PyTorch DTensor TP with torchtitan's plan, compared with "
         "`--tp-impl dtensor`; the error of the default Megatron-style estimate beside it) and of an FSDP2 group "
-        "(`--fsdp full`, each `--fsdp-wrap`), measured on fake tensors under a fake process group by `python "
-        "benchmarks/parallel_accuracy.py` (`benchmarks/results/parallel_fake.csv`). Pure bf16, AdamW, batch 1.",
+        "(`--fsdp full`, each `--fsdp-wrap`; \"mixed\": fp32 parameters under torchtitan's MixedPrecisionPolicy), measured on fake tensors under a fake process group by `python "
+        "benchmarks/parallel_accuracy.py` (`benchmarks/results/parallel_fake.csv`). Pure bf16 unless marked, AdamW, batch 1.",
         "",
         "| Configuration | Total est. | Total meas. | Error | Megatron-style error | Gradients error | Peak phase (meas.) |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for (model, layers, seq, tp, sp, ranks, wrap), by in cases.items():
-        layout = f"fsdp {ranks} ranks, {wrap or 'layer'}" if ranks != "0" else f"tp {tp}{' sp' if sp == '1' else ''}"
+    for (model, layers, seq, tp, sp, ranks, wrap, precision), by in cases.items():
+        layout = (f"fsdp {ranks} ranks, {wrap or 'layer'}{', mixed' if precision == 'mixed-bf16' else ''}"
+                  if ranks != "0" else f"tp {tp}{' sp' if sp == '1' else ''}")
         total = by["total"]
         phases = {name: int(by[name]["measured_bytes"]) for name in ("forward", "backward", "optimizer_step")}
         megatron = f"{float(total['megatron_error_percent']):+.2f}%" if total["megatron_error_percent"] else "-"

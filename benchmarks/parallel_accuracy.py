@@ -4,7 +4,8 @@ tensors and a fake process group. docs/accuracy.md summarises the CSV (benchmark
 
     python benchmarks/parallel_accuracy.py            # writes benchmarks/results/parallel_fake.csv
 
-Full-size Llama shapes (TP at two layers, FSDP2 at four under each ``--fsdp-wrap``), pure bf16, AdamW (foreach), SDPA, batch 1. For every
+Full-size Llama shapes (TP at two layers, FSDP2 at four under each ``--fsdp-wrap``, also in FSDP2's mixed
+precision), pure bf16, AdamW (foreach), SDPA, batch 1. For every
 component the CSV gives the estimate with ``--tp-impl dtensor`` (the framework measured), the
 measurement and the error (estimate - measured, in percent of measured), and the error of the
 default Megatron-style estimate, which differs by three terms (loss_parallel's extra fp32 logits,
@@ -38,6 +39,7 @@ BATCH = 1
 SEQ_LENS = (1024, 2048)
 TPS = (1, 2, 4, 8)
 FSDP_RANKS = (2, 4, 8)
+FSDP_PRECISIONS = ("pure-bf16", "mixed-bf16")
 FSDP_LAYERS = 4  # the second layer's backward is the first with a reduce-scatter before it
 COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "forward", "backward",
               "optimizer_step", "total")
@@ -78,13 +80,16 @@ def run_case(model_name: str, seq_len: int, tp: int, sp: bool) -> list[dict]:
     return rows
 
 
-def run_fsdp_case(model_name: str, seq_len: int, ranks: int, wrap: str) -> list[dict]:
-    """FSDP2 full sharding (``--fsdp full --fsdp-wrap WRAP``), pure bf16: the estimate's phases
-    against rank 0's."""
+def run_fsdp_case(model_name: str, seq_len: int, ranks: int, wrap: str, precision: str = "pure-bf16") -> list[dict]:
+    """FSDP2 full sharding (``--fsdp full --fsdp-wrap WRAP``), pure bf16 or mixed (fp32 parameters,
+    bf16 compute, fp32 reduce: torchtitan's MixedPrecisionPolicy): the estimate's phases against
+    rank 0's."""
     model = replace(resolve_model(model_name), num_layers=FSDP_LAYERS)
-    settings = TrainSettings(precision="pure-bf16", batch_size=BATCH, seq_len=seq_len, attention="sdpa")
+    settings = TrainSettings(precision=precision, batch_size=BATCH, seq_len=seq_len, attention="sdpa")
     estimate = estimate_training(model, settings, ParallelConfig(dp=ranks, zero=3, fsdp=True, fsdp_wrap=wrap))
-    measured = measure_fsdp(model, ranks, batch_size=BATCH, seq_len=seq_len, wrap=wrap)
+    mixed = precision == "mixed-bf16"
+    measured = measure_fsdp(model, ranks, dtype="fp32" if mixed else "bf16", batch_size=BATCH, seq_len=seq_len,
+                            wrap=wrap, mixed_precision=mixed)
     estimated = {"weights": estimate.component("weights").bytes, "gradients": estimate.component("gradients").bytes,
                  "optimizer_states": estimate.component("optimizer_states").bytes, **estimate.phases,
                  "total": estimate.total}
@@ -92,7 +97,7 @@ def run_fsdp_case(model_name: str, seq_len: int, ranks: int, wrap: str) -> list[
                 "optimizer_states": measured.optimizer_states, "forward": measured.phase_peaks[0],
                 "backward": measured.phase_peaks[1], "optimizer_step": measured.phase_peaks[2], "total": measured.peak}
     return [{"model": model_name, "layers": FSDP_LAYERS, "batch": BATCH, "seq": seq_len, "tp": 1, "sp": 0,
-             "fsdp_ranks": ranks, "fsdp_wrap": wrap, "component": name, "estimated_bytes": estimated[name],
+             "fsdp_ranks": ranks, "fsdp_wrap": wrap, "precision": precision, "component": name, "estimated_bytes": estimated[name],
              "measured_bytes": observed[name], "error_percent": f"{_error(estimated[name], observed[name]):.4f}",
              "megatron_estimate_bytes": "", "megatron_error_percent": ""} for name in observed]
 
@@ -117,14 +122,15 @@ def main() -> None:
                           f"(megatron-style {float(by['total']['megatron_error_percent']):+6.2f}%)  "
                           f"{time.perf_counter() - start:4.1f}s", flush=True)
     for row in rows:
-        row["fsdp_ranks"], row["fsdp_wrap"] = 0, ""
+        row["fsdp_ranks"], row["fsdp_wrap"], row["precision"] = 0, "", "pure-bf16"
     for model_name in MODELS:
-        for seq_len in SEQ_LENS:
+        for seq_len, precision in itertools.product(SEQ_LENS, FSDP_PRECISIONS):
             for ranks, wrap in itertools.product(FSDP_RANKS, FSDPWrap):
-                case = run_fsdp_case(model_name, seq_len, ranks, wrap.value)
+                case = run_fsdp_case(model_name, seq_len, ranks, wrap.value, precision)
                 rows += case
                 by = {row["component"]: row for row in case}
-                print(f"{model_name:11s} L{FSDP_LAYERS} b{BATCH} s{seq_len:<5d} fsdp{ranks} {wrap.value:20s}  "
+                print(f"{model_name:11s} L{FSDP_LAYERS} b{BATCH} s{seq_len:<5d} fsdp{ranks} {wrap.value:20s} "
+                      f"{precision:10s}  "
                       f"forward {float(by['forward']['error_percent']):+6.2f}%  "
                       f"backward {float(by['backward']['error_percent']):+6.2f}%  "
                       f"total {float(by['total']['error_percent']):+6.2f}%", flush=True)
@@ -138,7 +144,7 @@ def main() -> None:
         errors = [abs(float(row[column])) for row in rows if row["component"] == component and row[column] != ""]
         return f"median {statistics.median(errors):6.2f}%  max {max(errors):6.2f}%"
 
-    print(f"\n{len({(r['model'], r['seq'], r['tp'], r['sp'], r['fsdp_ranks'], r['fsdp_wrap']) for r in rows})} cases -> "
+    print(f"\n{len({(r['model'], r['seq'], r['tp'], r['sp'], r['fsdp_ranks'], r['fsdp_wrap'], r['precision']) for r in rows})} cases -> "
           f"{args.csv.relative_to(REPO)}")
     for component in ("weights", "optimizer_states", "gradients", "activations", "total"):
         print(f"{component:17s} dtensor estimate: {summary(component, 'error_percent')}   "

@@ -799,6 +799,13 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
         recipe = lora_module.adapter_recipe(settings, recipe)
     else:
         held = rank_params(model, parallel, stage)
+        if (parallel.fsdp and parallel.shards_params and parallel.offload is Offload.NONE
+                and recipe.master_dtype is not None and recipe.gemm is None):
+            # FSDP2's MixedPrecisionPolicy: the sharded parameters are the fp32 master copy (no
+            # 16-bit shard beside them) and their gradients fp32 shards; the 16-bit weights exist
+            # only gathered (torchtitan's mixed_precision_param bf16, mixed_precision_reduce fp32)
+            recipe = replace(recipe, name=f"{recipe.name} (FSDP2 mixed precision)", weight_dtype=recipe.master_dtype,
+                             grad_dtype=recipe.master_dtype, master_dtype=None)
 
     def per_rank(dense_bytes: int, expert_bytes: int, sharded: bool) -> int:
         return _per_rank(parallel, dense_bytes, expert_bytes, sharded)
@@ -957,11 +964,15 @@ def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: Sta
     and reduces in the final backward callback, as does a unit whose input needs no gradient (the
     embedding). ``reshard_after_forward=False`` (torchtitan's norm-and-head unit) keeps a unit's
     parameters from its forward to its backward."""
-    weight, grad = _bytes(states.recipe.weight_dtype), _bytes(states.recipe.grad_dtype)
-    layer, layer_grad = units.largest_layer * weight, units.largest_layer * grad
+    # gathered parameters and unsharded gradients in the compute recipe's dtypes; reduce-scatter
+    # inputs and gradient shards in the sharded state's (FSDP2 mixed precision: fp32, as torchtitan's
+    # mixed_precision_reduce; else the same)
+    weight, grad = _bytes(states.base_recipe.weight_dtype), _bytes(states.base_recipe.grad_dtype)
+    reduce = _bytes(states.recipe.grad_dtype)
+    layer, layer_grad, layer_reduce = (units.largest_layer * size for size in (weight, grad, reduce))
 
     def shard(elements: int) -> int:
-        return _ceil_div(elements * grad, parallel.dense_shards)
+        return _ceil_div(elements * reduce, parallel.dense_shards)
 
     if lora:
         # a frozen root has no gradient, and a layer's reduce-scatter input holds only its
@@ -989,7 +1000,7 @@ def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: Sta
     if parallel.fsdp_wrap is FSDPWrap.LAYER:
         # the root holds the embedding, final norm and head from its pre-forward to the final
         # callback, beside each layer's buffers; the head's gradient waits there unsharded
-        root, root_grad = units.ends * weight, units.ends * grad
+        root, root_grad, root_reduce = (units.ends * size for size in (weight, grad, reduce))
         # the last layer's buffer lives through the head's forward until the root's post-forward;
         # the loss's backward runs before the root's pre-backward prefetches the last layer
         forward = ((2 * root + 2 * layer, "before_first"), (root + layer, "head_forward"), (root, "forward"))
@@ -1000,22 +1011,27 @@ def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: Sta
         head_grad = units.largest_end * grad
         # each with the buffer of the layer after it in backward, if any
         last = root + head_grad + (2 if stage_layers > 1 else 1) * layer
-        following = root + head_grad + (2 if stage_layers > 2 else 1) * layer + layer_grad + shard(units.largest_layer)
+        following = (root + head_grad + (2 if stage_layers > 2 else 1) * layer + layer_reduce
+                     + shard(units.largest_layer))
         backward = ((last, "last_layer_backward"), (last + layer_grad, "last_layer_end"),
                     (following, "next_layer_backward"), (following + layer_grad, "next_layer_end"),
                     (root, "backward"), (root + layer, "head_backward"),
                     # the final callback: the root's parameters and gradients, the first layer's
-                    # reduce-scatter input, every layer's gradient shard
-                    (root + root_grad + layer_grad - shard(units.ends), "gradients"))
+                    # reduce-scatter input, every layer's gradient shard; then, resharded, the
+                    # root's gradients beside its own reduce-scatter input, then its output beside
+                    # the embedding's gradient, which outlives the copy-in (measured)
+                    (root + root_grad + layer_reduce - shard(units.ends), "gradients"),
+                    (root_grad + root_reduce - shard(units.ends), "gradients"),
+                    (root_reduce + units.embedding * grad, "gradients"))
     else:
         # the embedding and the head are units of their own; the root keeps the rest (final norm)
         embedding, head = units.embedding * weight, units.head * weight
         kept_head = parallel.fsdp_wrap is FSDPWrap.TORCHTITAN  # [final norm, head], not resharded
         root = (units.ends - units.embedding - units.head) * weight
-        head_grad = units.head * grad
+        head_grad, head_reduce = units.head * grad, units.head * reduce
         # the last layer and the next unit's buffer: a layer's, or the embedding's below the first
         gathered_last = layer + (layer if stage_layers > 1 else embedding)
-        following = (root + layer + (layer if stage_layers > 2 else embedding) + layer_grad + shard(units.head)
+        following = (root + layer + (layer if stage_layers > 2 else embedding) + layer_reduce + shard(units.head)
                      + shard(units.largest_layer))
         forward = ((root + 2 * embedding, "none"),  # the embedding's copy-out
                    (root + embedding + 2 * layer, "before_first"),  # the first layer's, the embedding's deferred
@@ -1029,18 +1045,18 @@ def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: Sta
             # the head gathered (or kept) and the last layer prefetched
             (root + head + layer, "head_backward"),
             # the head's reduce-scatter: its gradient and input beside the last layer's buffer
-            (root + 2 * head_grad + layer + shard(units.head), "before_head"),
+            (root + head_grad + head_reduce + layer + shard(units.head), "before_head"),
             # a layer's parameters, gradients and the next layer's buffer beside the last
             # reduce-scatter input (the head's, then a layer's) and the shards made
-            (root + gathered_last + head_grad + shard(units.head), "last_layer_backward"),
-            (root + gathered_last + layer_grad + head_grad + shard(units.head), "last_layer_end"),
+            (root + gathered_last + head_reduce + shard(units.head), "last_layer_backward"),
+            (root + gathered_last + layer_grad + head_reduce + shard(units.head), "last_layer_end"),
             (following, "next_layer_backward"), (following + layer_grad, "next_layer_end"),
             # the first layer's end, the embedding prefetched, every layer's gradient shard made
-            (root + layer + embedding + 2 * layer_grad + shard(units.head)
+            (root + layer + embedding + layer_grad + layer_reduce + shard(units.head)
              + (stage_layers - 1) * shard(units.largest_layer), "before_first"),
             # the embedding reduces in the final callback: its gradient and reduce-scatter input
             # beside every gradient shard
-            (root + 2 * units.embedding * grad, "gradients"))
+            (root + units.embedding * (grad + reduce), "gradients"))
     return WorkingSet(units, True, units.largest_layer, max(b for b, _ in forward),
                       max(b for b, _ in backward) - max(b for b, _ in forward), forward_points=forward,
                       backward_points=backward, trained_layer=units.largest_layer)

@@ -89,7 +89,7 @@ def _fake_process_group(world_size: int, replicas: int = 1):
 def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16", batch_size: int = 1,
                  seq_len: int = 256, lora_rank: int | None = None,
                  lora_targets: tuple[str, ...] = ("q", "v"), wrap: str = FSDPWrap.LAYER,
-                 replicas: int = 1, qlora: bool = False) -> ShardedMeasurement:
+                 replicas: int = 1, qlora: bool = False, mixed_precision: bool = False) -> ShardedMeasurement:
     """Pure ``dtype`` training (parameters, gradients and AdamW states in ``dtype``), two iterations.
     With ``lora_rank``: the base frozen and adapters in ``dtype`` on ``lora_targets`` (as torchtune's
     distributed LoRA recipe keeps them), every parameter sharded, only the adapters trained.
@@ -104,10 +104,20 @@ def measure_fsdp(model_config: ModelConfig, world_size: int, dtype: str = "bf16"
     ``qlora`` (with ``lora_rank``): the layers' linear weights as memcalc's bitsandbytes NF4
     simulation (memcalc.validate.model.NF4Linear): the packed weight a frozen uint8 parameter,
     sharded like any other, the quantisation state module buffers, whole on every rank (as
-    Answer.AI's fsdp_qlora keeps bitsandbytes' quant_state beside a sharded quant_storage)."""
+    Answer.AI's fsdp_qlora keeps bitsandbytes' quant_state beside a sharded quant_storage).
+    ``mixed_precision``: fp32 parameters under ``MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32)`` on every unit, torchtitan's default (``mixed_precision_param`` bf16,
+    ``mixed_precision_reduce`` float32); ``dtype`` is then the parameters' (fp32)."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import fully_shard as shard_module
+
+    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              } if mixed_precision else {}
+
+    def fully_shard(module, **kwargs):
+        return shard_module(module, **policy, **kwargs)
 
     if world_size % replicas:
         raise ValueError(f"{replicas} replicas do not divide {world_size} ranks")
