@@ -343,6 +343,14 @@ class Layout(Flags):
     ddp_bucket_view: Annotated[bool, typer.Option("--ddp-bucket-view", rich_help_panel=LAYOUT,
                                                   help="PyTorch DDP with gradient_as_bucket_view=True: the "
                                                   "gradients live in its buckets (default: a second copy).")] = False
+    reduce_bucket_size: Annotated[int | None, typer.Option("--reduce-bucket-size", metavar="N", min=0, show_default=False,
+                                                           rich_help_panel=LAYOUT,
+                                                           help="DeepSpeed ZeRO-1/2: elements of its gradient "
+                                                           "reduction buffer (reduce_bucket_size, default 5e8).")
+                                  ] = None
+    overlap_comm: Annotated[bool, typer.Option("--overlap-comm", rich_help_panel=LAYOUT,
+                                               help="DeepSpeed ZeRO-1/2 with overlap_comm: two reduction buffers "
+                                               "(default one).")] = False
 
     def scenario(self):
         """The layout as a :class:`~memcalc.scenario.Scenario`, the type ``--scenario`` strings and

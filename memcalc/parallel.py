@@ -49,6 +49,8 @@ VOCAB_PAD_MULTIPLE = 128
 # counts none.
 DEFAULT_PREFETCH_UNITS = 1
 DEFAULT_GPUS_PER_NODE = 8
+# DeepSpeed's reduce_bucket_size default, in elements (deepspeed/runtime/zero/config.py: pp_int(5e8))
+DEFAULT_REDUCE_BUCKET_SIZE = 500_000_000
 
 ZeroStage = Annotated[int, _Bound(ge=0, le=3)]
 
@@ -116,6 +118,11 @@ class ParallelConfig:
     # PyTorch DDP's gradient_as_bucket_view: the gradients are views into its buckets (default
     # False: the buckets are a second copy of the gradients)
     ddp_bucket_view: bool = False
+    # DeepSpeed ZeRO-1/2 (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig): elements of each
+    # gradient reduction buffer (reduce_bucket_size, default 5e8) and a second one with overlap_comm
+    # (default False for stages 1 and 2)
+    reduce_bucket_size: NonNegativeInt = DEFAULT_REDUCE_BUCKET_SIZE
+    overlap_comm: bool = False
     # Uneven pipeline stages (default: L / pp layers on every rank). Either every rank's layers,
     # in rank order, or Megatron's first/last counts with the rest split evenly over the others.
     pp_layers: tuple[int, ...] | None = None
@@ -194,6 +201,13 @@ class ParallelConfig:
         """Plain data parallelism (ZeRO 0 without Megatron's distributed optimizer): every data
         rank all-reduces whole gradients, through PyTorch DDP's buckets."""
         return self.data_ranks > 1 and self.zero == 0 and not self.distributed_optimizer and not self.fsdp
+
+    @property
+    def deepspeed_buckets(self) -> bool:
+        """DeepSpeed's ZeRO-1/2 optimizer (stage_1_and_2.py, DeepSpeedZeroOptimizer) reduces the
+        gradients through its own buffers: ``--zero 1|2`` without FSDP, Megatron's distributed
+        optimizer or optimizer offload (not modelled)."""
+        return self.zero in (1, 2) and not self.fsdp and not self.distributed_optimizer and not self.offloads_optimizer
 
     @property
     def shards_optimizer(self) -> bool:

@@ -441,8 +441,8 @@ def _ranks_table(estimate: Estimate, unit: Unit):
 
 SCENARIO_HEADER_WIDTH = 16  # longer scenario names move under the compare table
 
-COMPARED = ("weights", "master_weights", "optimizer_states", "gradients", "ddp_buckets", "activations",
-            "optimizer_step_temporaries", "sharding_working_set")
+COMPARED = ("weights", "master_weights", "optimizer_states", "gradients", "ddp_buckets", "deepspeed_buckets",
+            "activations", "optimizer_step_temporaries", "sharding_working_set")
 
 
 def _scenario_table(model: ModelConfig, results: list[tuple[int, str, Estimate]], unit: Unit, gpu, title: str):

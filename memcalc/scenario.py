@@ -23,6 +23,7 @@ from memcalc.errors import Field, InputError, SettingsError
 from memcalc.parallel import (
     DEFAULT_GPUS_PER_NODE,
     DEFAULT_PREFETCH_UNITS,
+    DEFAULT_REDUCE_BUCKET_SIZE,
     FSDP_ZERO_STAGE,
     FSDPMode,
     FSDPWrap,
@@ -64,6 +65,8 @@ class Scenario:
     gpus_per_node: PositiveInt | None = None
     tp_impl: TPImpl | None = None
     ddp_bucket_view: bool | None = None
+    reduce_bucket_size: NonNegativeInt | None = None  # DeepSpeed ZeRO-1/2, elements
+    overlap_comm: bool | None = None
     # training settings
     batch: PositiveInt | None = None
     seq: PositiveInt | None = None
@@ -136,6 +139,9 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
         tp_impl=scenario.tp_impl or TPImpl.MEGATRON,
         pp_layers=parse_stage_layers(scenario.pp_layers), pp_first_layers=scenario.pp_first_layers,
         pp_last_layers=scenario.pp_last_layers, ddp_bucket_view=bool(scenario.ddp_bucket_view),
+        reduce_bucket_size=(DEFAULT_REDUCE_BUCKET_SIZE if scenario.reduce_bucket_size is None
+                            else scenario.reduce_bucket_size),
+        overlap_comm=bool(scenario.overlap_comm),
     )
 
 

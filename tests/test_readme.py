@@ -417,15 +417,6 @@ def _refuses_recurrent_training(run_cli, tmp_path: Path) -> None:
         assert run_cli("infer", str(path)).exit_code == 0  # the model itself is read; only training is refused
 
 
-def _counts_no_zero_buckets(run_cli, tmp_path: Path) -> None:
-    """ZeRO-1/2 layouts carry no component for DeepSpeed's reduce and all-gather buckets (plain
-    data parallelism counts PyTorch DDP's: tests/test_ddp.py)."""
-    for layout in (("--gpus", "8", "--zero", "1"), ("--gpus", "8", "--zero", "2")):
-        document = _train(run_cli, *BASE, *layout)
-        assert not any(re.search(r"bucket", c["key"] + c["label"], flags=re.I) for c in document["components"])
-    assert "ddp_buckets" in {c["key"] for c in _train(run_cli, *BASE, "--gpus", "8")["components"]}
-
-
 def _counts_no_cuda_graphs(run_cli, tmp_path: Path) -> None:
     for args in (("train", *BASE), ("infer", "llama-3-8b", "--engine", "paged")):
         result = run_cli(*args, "--json")
@@ -442,7 +433,6 @@ def _refuses_lora_with_dropout(run_cli, tmp_path: Path) -> None:
 
 
 NOT_YET = {
-    "DeepSpeed's ZeRO-1/2 reduce buckets": _counts_no_zero_buckets,
     "CUDA graphs other than vLLM's": _counts_no_cuda_graphs,
     "a model's own dropout under LoRA (`train` refuses it; `--dropout 0` estimates without it)": _refuses_lora_with_dropout,
     "training activations of Mamba and linear-attention layers (refused by `train`)": _refuses_recurrent_training,

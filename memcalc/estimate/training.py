@@ -944,10 +944,24 @@ def _working_set(model: ModelConfig, parallel: ParallelConfig, stage: StageLayer
         return _fsdp2_working_set(model, parallel, states, units, len(stage.indices), lora)
     unit = units.largest
     gathered = unit * weight_bytes * (1 + parallel.prefetch) if parallel.shards_params and sharding else 0
-    streams_gradients = (parallel.shards_gradients and sharding) or parallel.offloads_optimizer
+    # DeepSpeed ZeRO-2 copies each gradient into its reduction buffer as it is made: the buffer
+    # (deepspeed_buffer_bytes) stands for the unit's unsharded gradients
+    streams_gradients = ((parallel.shards_gradients and sharding and not parallel.deepspeed_buckets)
+                         or parallel.offloads_optimizer)
     # never more than every gradient of the rank unsharded
     unit_gradients = min(unit, held.total) * weight_bytes if streams_gradients else 0
     return WorkingSet(units, False, unit, gathered, unit_gradients)
+
+
+def deepspeed_buffer_bytes(parallel: ParallelConfig, states: StaticStates) -> int:
+    """DeepSpeed ZeRO-1/2's gradient reduction buffers (DeepSpeed 0.19.8, deepspeed/runtime/zero/
+    stage_1_and_2.py, ``DeepSpeedZeroOptimizer.setup_buckets``): ``reduce_bucket_size`` elements in
+    the parameters' dtype (contiguous_gradients, the default), a second one with ``overlap_comm``;
+    allocated at a backward's first gradient hook and dropped by ``_release_ipg_buffers`` when its
+    reduction ends. Measured in memcalc/validate/deepspeed.py."""
+    if not parallel.deepspeed_buckets:
+        return 0
+    return storage_bytes(parallel.reduce_bucket_size, states.recipe.grad_dtype) * (1 + parallel.overlap_comm)
 
 
 def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: StaticStates, units: ShardingUnits,
@@ -1130,14 +1144,51 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
             # a layer's backward beside the gradients made by then (checkpointed layers and small
             # batches put the backward peak here, not at the loss)
             backward = max(backward, static + gathered + gpu_gradients + peaks.beside_gradients)
+        buffers = deepspeed_buffer_bytes(parallel, states)
+        if buffers:
+            backward = max(backward, static + gathered + buffers + _deepspeed_backward(parallel, states, peaks,
+                                                                                    gpu_gradients))
     # with master weights the 16-bit gradients become fp32 ones for the step (freed one by one, or
     # kept as DDP bucket views): the step holds what the accounting of step_gradients says either way
     kept = gpu("gradients", step.gradients) if recipe.master_dtype else gpu_gradients
+    if parallel.deepspeed_buckets and not step.in_backward:
+        # DeepSpeed ZeRO-1 keeps only its partition's gradients (grads_in_partition) for the step,
+        # as ZeRO-2 does (stage_1_and_2.py, copy_grads_in_partition; measured)
+        kept = _partition_gradients(parallel, states)
     step_gradients = 0 if in_backward or step.accumulating_fp32 else kept
     phases = {"forward": forward, "backward": backward,
               "optimizer_step": static + step_gradients
               + (0 if in_backward else gpu("optimizer_step_temporaries", step.temporaries))}
     return phases, persistent
+
+
+def _partition_gradients(parallel: ParallelConfig, states: StaticStates) -> int:
+    """Bytes of the gradients of a rank's ZeRO partition (DeepSpeed's grads_in_partition)."""
+    held = states.held
+    return _per_rank(parallel, storage_bytes(held.dense.total, states.grad_dtype),
+                     storage_bytes(held.experts.total, states.grad_dtype), True)
+
+
+def _deepspeed_backward(parallel: ParallelConfig, states: StaticStates, peaks: ActivationPeaks,
+                        gpu_gradients: int) -> int:
+    """What lives beside DeepSpeed ZeRO-1/2's reduction buffers in backward, past the first
+    gradient hook (stage_1_and_2.py: ``process_gradients`` calls ``setup_buckets``; measured in
+    memcalc/validate/deepspeed.py): the head's backward with its weight gradient (the largest
+    tensor's, made before its hook copies it into the buffer), then each layer beside the
+    gradients made by then. ZeRO-2 reduces each full bucket at once, keeping its partition's
+    gradients (``grads_in_partition``, allocated at the first reduction); ZeRO-1 reduces after the
+    whole backward, when every gradient but those already copied into the bucket still exists
+    beside the buffer and its partition's copy."""
+    largest = max((group.numel for group in states.held.groups), default=0)
+    first_gradient = storage_bytes(largest, states.grad_dtype)
+    head = peaks.backward if peaks.head_backward is None else peaks.head_backward
+    if parallel.zero == 1:
+        points = [head + first_gradient, peaks.end_of_backward_extra + _partition_gradients(parallel, states)
+                  + storage_bytes(max(0, states.held.total - parallel.reduce_bucket_size), states.grad_dtype)]
+        if peaks.beside_gradients is not None:
+            points.append(gpu_gradients + peaks.beside_gradients)
+        return max(points)
+    return max(head + first_gradient, gpu_gradients + first_gradient + peaks.end_of_backward_extra)
 
 
 def _components(settings: TrainSettings, parallel: ParallelConfig, states: StaticStates, step: StepCosts,
@@ -1202,6 +1253,14 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
                                                   "a second copy of the gradients (gradient_as_bucket_view=False)"),
             "PyTorch DistributedDataParallel (reducer.cpp initialize_buckets; docs: gradient_as_bucket_view "
             "saves the total gradients size); measured in memcalc/validate/ddp.py"))
+    buffers = deepspeed_buffer_bytes(parallel, states)
+    if buffers:
+        count = "2 x " if parallel.overlap_comm else ""
+        components.append(Component(
+            "deepspeed_buckets", "DeepSpeed reduce buckets", buffers, Kind.DYNAMIC,
+            f"{count}reduce_bucket_size {parallel.reduce_bucket_size:,} x {states.grad_dtype.value}, in backward",
+            "DeepSpeed 0.19.8 stage_1_and_2.py (setup_buckets: the ipg buffer; overlap_comm doubles it); "
+            "measured in memcalc/validate/deepspeed.py"))
     if states.grad_copy:
         components.insert(3, Component(
             "optimizer_grad_copy", f"Optimizer gradient copy ({recipe.optimizer_grad_copy.value})", states.grad_copy,
