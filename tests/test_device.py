@@ -60,7 +60,8 @@ def reserve_medians(path: Path = ACCURACY_CSV) -> dict[str, dict[str, float]]:
             if key not in values:
                 continue
             infer = " infer " in case
-            kind = "infer" if infer else "train-full-recompute" if values["recompute"] else "train"
+            kind = ("infer" if infer else "train-offload" if " offload-act" in case
+                    else "train-full-recompute" if values["recompute"] else "train")
             workspace = WORKSPACE["infer" if infer else "train"]
             groups.setdefault(kind, []).append(100 * ((values[key] - workspace) / values["total"] - 1))
         medians[mode] = {kind: round(statistics.median(values), 2) for kind, values in groups.items()}
@@ -91,6 +92,8 @@ def test_full_recompute_and_inference_use_their_own_terms():
     model = resolve_model("llama-3.2-1b")
     full = device.device_memory(estimate_training(model, TrainSettings(recompute="full")))
     assert full.workload == "train-full-recompute" and full.fragmentation_percent == 8.33
+    offload = device.device_memory(estimate_training(model, TrainSettings(recompute="full", offload_activations=True)))
+    assert offload.workload == "train-offload" and offload.fragmentation_percent == 12.96
     infer = estimate_inference(model, InferSettings(context_len=1024))
     memory = device.device_memory(infer)
     assert memory.fragmentation_percent == 3.66
