@@ -1,8 +1,10 @@
 """Per-rank memory under FSDP2 (``fully_shard``, ZeRO-3 semantics) on fake tensors and a fake
 process group: one process plays rank 0 of ``world_size``, with no GPUs and no communication.
 
-Each decoder layer is its own FSDP unit and the root holds the embedding, final norm and head,
-as torchtitan and torchtune wrap Llama models; every ``fully_shard`` call uses FSDP2's defaults.
+Each decoder layer is its own FSDP unit; the root holds the embedding, final norm and head, or
+(``wrap``) torchtune's and torchtitan's wrappings make the ends units of their own. Every
+``fully_shard`` call uses FSDP2's defaults but for torchtitan's ``reshard_after_forward=False`` on
+its norm-and-head unit and, with ``mixed_precision``, torchtitan's MixedPrecisionPolicy.
 
 FSDP2 keeps parameters, gradients and optimizer states as ``DTensor``s whose memory is the local
 shard: the tracker counts a ``DTensor`` by its local tensor, never by the wrapper, whose storage
