@@ -343,7 +343,7 @@ class Layout(Flags):
     ddp_bucket_view: Annotated[bool, typer.Option("--ddp-bucket-view", rich_help_panel=LAYOUT,
                                                   help="PyTorch DDP with gradient_as_bucket_view=True: the "
                                                   "gradients live in its buckets (default: a second copy).")] = False
-    reduce_bucket_size: Annotated[int | None, typer.Option("--reduce-bucket-size", metavar="N", min=0, show_default=False,
+    reduce_bucket_size: Annotated[int | None, typer.Option("--reduce-bucket-size", metavar="N", min=1, show_default=False,
                                                            rich_help_panel=LAYOUT,
                                                            help="DeepSpeed ZeRO-1/2: elements of its gradient "
                                                            "reduction buffer (reduce_bucket_size, default 5e8).")

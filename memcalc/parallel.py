@@ -121,7 +121,7 @@ class ParallelConfig:
     # DeepSpeed ZeRO-1/2 (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig): elements of each
     # gradient reduction buffer (reduce_bucket_size, default 5e8) and a second one with overlap_comm
     # (default False for stages 1 and 2)
-    reduce_bucket_size: NonNegativeInt = DEFAULT_REDUCE_BUCKET_SIZE
+    reduce_bucket_size: PositiveInt = DEFAULT_REDUCE_BUCKET_SIZE
     overlap_comm: bool = False
     # Uneven pipeline stages (default: L / pp layers on every rank). Either every rank's layers,
     # in rank order, or Megatron's first/last counts with the rest split evenly over the others.

@@ -65,7 +65,7 @@ class Scenario:
     gpus_per_node: PositiveInt | None = None
     tp_impl: TPImpl | None = None
     ddp_bucket_view: bool | None = None
-    reduce_bucket_size: NonNegativeInt | None = None  # DeepSpeed ZeRO-1/2, elements
+    reduce_bucket_size: PositiveInt | None = None  # DeepSpeed ZeRO-1/2, elements
     overlap_comm: bool | None = None
     # training settings
     batch: PositiveInt | None = None
@@ -130,7 +130,7 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
             # HYBRID_SHARD shards inside a node (its data-parallel ranks) and replicates across nodes
             per_node = max(1, (scenario.gpus_per_node or DEFAULT_GPUS_PER_NODE) // (tp * cp))
             shard_group = min(per_node, dp * cp)
-    return ParallelConfig(
+    layout = ParallelConfig(
         dp=dp, tp=tp, pp=pp, cp=cp, ep=scenario.ep or 1, sp=bool(scenario.sp), zero=zero, shard_group=shard_group,
         distributed_optimizer=bool(scenario.distributed_optimizer), microbatches=scenario.microbatches,
         vpp=scenario.vpp or 1, offload=scenario.offload or Offload.NONE, pad_vocab=scenario.pad_vocab,
@@ -143,6 +143,12 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
                             else scenario.reduce_bucket_size),
         overlap_comm=bool(scenario.overlap_comm),
     )
+    for name, given in (("reduce_bucket_size", scenario.reduce_bucket_size is not None),
+                        ("overlap_comm", bool(scenario.overlap_comm))):
+        if given and not layout.deepspeed_buckets:
+            raise SettingsError(Field(name), " sizes DeepSpeed ZeRO-1/2's reduction buffers: give ", Field("zero"),
+                                " 1 or 2 without ", Field("fsdp"), ", the distributed optimizer or optimizer offload")
+    return layout
 
 
 def train_settings(scenario: Scenario, base: TrainSettings) -> TrainSettings:
