@@ -771,14 +771,19 @@ class WorkingSet:
     gathered: int  # bytes of gathered parameters
     unit_gradients: int  # bytes of a unit's unsharded gradients
     # FSDP2: the gathered and reduce-scattered bytes where they peak in forward and in backward,
-    # each with what lives beside them ("layer", "before_head", "forward", "backward", "gradients")
+    # each with what lives beside them (a key of _phases' table: "before_first", "forward", ...)
     forward_points: tuple[tuple[int, str], ...] = ()
     backward_points: tuple[tuple[int, str], ...] = ()
-    trained_layer: int = 0  # FSDP2: the trained parameters of a layer (all of it; LoRA: its adapters)
 
     @property
     def total(self) -> int:
         return self.gathered + self.unit_gradients
+
+
+def _held_bytes(parallel: ParallelConfig, held: RankParams, dtype, sharded: bool) -> int:
+    """A rank's tensors ``held`` in ``dtype``, dense and expert parts sharded or not."""
+    return _per_rank(parallel, storage_bytes(held.dense.total, dtype), storage_bytes(held.experts.total, dtype),
+                     sharded)
 
 
 def _per_rank(parallel: ParallelConfig, dense_bytes: int, expert_bytes: int, sharded: bool) -> int:
@@ -811,7 +816,7 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
         return _per_rank(parallel, dense_bytes, expert_bytes, sharded)
 
     def state(dtype, sharded: bool) -> int:
-        return per_rank(storage_bytes(held.dense.total, dtype), storage_bytes(held.experts.total, dtype), sharded)
+        return _held_bytes(parallel, held, dtype, sharded)
 
     offload_optimizer = parallel.offloads_optimizer
     weights = state(recipe.weight_dtype, parallel.shards_params)
@@ -964,6 +969,16 @@ def deepspeed_buffer_bytes(parallel: ParallelConfig, states: StaticStates) -> in
     return storage_bytes(parallel.reduce_bucket_size, states.recipe.grad_dtype) * (1 + parallel.overlap_comm)
 
 
+def _root_wrap_forward(root: int, layer: int, stage_layers: int) -> tuple[tuple[int, str], ...]:
+    """FSDP2's forward moments with the ends in the root (``--fsdp-wrap layer``): the first layer's
+    copy-out beside the root's deferred buffer, the last layer's beside the one before's, the
+    head's forward with the last layer's buffer (freed at the root's post-forward), the loss."""
+    forward = ((2 * root + 2 * layer, "before_first"), (root + layer, "head_forward"), (root, "forward"))
+    if stage_layers > 1:
+        forward += ((root + 3 * layer, "below_last"),)
+    return forward
+
+
 def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: StaticStates, units: ShardingUnits,
                        stage_layers: int, lora: bool) -> WorkingSet:
     """FSDP2's gathered and reduce-scattered buffers at each point where they peak, as (bytes,
@@ -998,9 +1013,7 @@ def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: Sta
             layer = states.qlora_layer
         layer += trained * weight
         adapters = trained * grad
-        forward = ((2 * root + 2 * layer, "before_first"), (root + layer, "head_forward"), (root, "forward"))
-        if stage_layers > 1:
-            forward += ((root + 3 * layer, "below_last"),)
+        forward = _root_wrap_forward(root, layer, stage_layers)
         # a layer's backward: its parameters and the next layer's buffer (QLoRA: with a weight
         # dequantised for the input gradient, in the layer's own figure), then its adapters'
         # gradients and, from the next layer on, the last reduce-scatter input and a shard
@@ -1010,20 +1023,16 @@ def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: Sta
                     (following, "next_layer_backward"), (following + adapters, "next_layer_end"),
                     (root, "backward"))
         return WorkingSet(units, True, units.largest_layer, max(b for b, _ in forward), 0, forward_points=forward,
-                          backward_points=backward, trained_layer=trained)
+                          backward_points=backward)
     if parallel.fsdp_wrap is FSDPWrap.LAYER:
         # the root holds the embedding, final norm and head from its pre-forward to the final
         # callback, beside each layer's buffers; the head's gradient waits there unsharded
         root, root_grad, root_reduce = (units.ends * size for size in (weight, grad, reduce))
-        # the last layer's buffer lives through the head's forward until the root's post-forward;
-        # the loss's backward runs before the root's pre-backward prefetches the last layer
-        forward = ((2 * root + 2 * layer, "before_first"), (root + layer, "head_forward"), (root, "forward"))
-        if stage_layers > 1:  # the last layer's copy-out, the one before's buffer deferred
-            forward += ((root + 3 * layer, "below_last"),)
-        # the last layer's backward: its parameters and gradients and the next layer's buffer; from
-        # the next layer on, the last reduce-scatter input and one more gradient shard each
+        forward = _root_wrap_forward(root, layer, stage_layers)
+        # the loss's backward runs before the root's pre-backward prefetches the last layer. The
+        # last layer's backward: its parameters and gradients and the next layer's buffer (if
+        # any); from the next layer on, the last reduce-scatter input and one more gradient shard
         head_grad = units.largest_end * grad
-        # each with the buffer of the layer after it in backward, if any
         last = root + head_grad + (2 if stage_layers > 1 else 1) * layer
         following = (root + head_grad + (2 if stage_layers > 2 else 1) * layer + layer_reduce
                      + shard(units.largest_layer))
@@ -1073,7 +1082,7 @@ def _fsdp2_working_set(model: ModelConfig, parallel: ParallelConfig, states: Sta
             (root + units.embedding * (grad + reduce), "gradients"))
     return WorkingSet(units, True, units.largest_layer, max(b for b, _ in forward),
                       max(b for b, _ in backward) - max(b for b, _ in forward), forward_points=forward,
-                      backward_points=backward, trained_layer=units.largest_layer)
+                      backward_points=backward)
 
 
 def _on_cpu(parallel: ParallelConfig) -> dict[str, bool]:
@@ -1116,11 +1125,12 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
         forward = static + gpu_gradients + gathered + peaks.forward
         backward = static + gpu_gradients + working.total + max(peaks.backward, peaks.end_of_backward_extra)
     elif working.fsdp2:
-        # Each gathered set beside what lives then: one layer's saved tensors and the stream into
-        # it at a layer's copy-out, every layer's before the head's, the activation peaks at the
-        # end of forward and the start of backward (which holds the output layer's gradient), and
-        # every gradient shard at the final callback.
-        beside = {"none": 0, "layer": peaks.layer, "forward": peaks.forward, "backward": peaks.backward,
+        # Each gathered set beside what lives then: the embeddings' output at the first layer's
+        # copy-out, every layer's saved tensors but the last's at the last one's, every layer's
+        # before the head's, the activation peaks at the end of forward and the start of backward
+        # (which holds the output layer's gradient), each layer's own backward figures, and every
+        # gradient shard at the final callback.
+        beside = {"none": 0, "forward": peaks.forward, "backward": peaks.backward,
                   "before_head": peaks.forward if peaks.before_head is None else peaks.before_head,
                   "head_forward": peaks.forward if peaks.head_forward is None else peaks.head_forward,
                   "head_backward": peaks.backward if peaks.head_backward is None else peaks.head_backward,
@@ -1164,9 +1174,7 @@ def _phases(settings: TrainSettings, parallel: ParallelConfig, states: StaticSta
 
 def _partition_gradients(parallel: ParallelConfig, states: StaticStates) -> int:
     """Bytes of the gradients of a rank's ZeRO partition (DeepSpeed's grads_in_partition)."""
-    held = states.held
-    return _per_rank(parallel, storage_bytes(held.dense.total, states.grad_dtype),
-                     storage_bytes(held.experts.total, states.grad_dtype), True)
+    return _held_bytes(parallel, states.held, states.grad_dtype, True)
 
 
 def _deepspeed_backward(parallel: ParallelConfig, states: StaticStates, peaks: ActivationPeaks,
@@ -1273,13 +1281,12 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
             "nanotron", where))
     if working.total:
         units, gathered = working.units, working.gathered
-        if working.fsdp2 and parallel.fsdp_wrap is FSDPWrap.LAYER:
-            formula = (f"FSDP2: 2 x (root {units.ends / 1e6:,.0f}M + layer {units.largest_layer / 1e6:,.0f}M params) "
-                       f"forward; root + 3 layers + a root grad backward, x {recipe.weight_dtype.value}")
-        elif working.fsdp2:
-            formula = (f"FSDP2 units: embedding {units.embedding / 1e6:,.0f}M, layer {units.largest_layer / 1e6:,.0f}M, "
-                       f"head {units.head / 1e6:,.0f}M params; 2 x the largest beside the last buffer, x "
-                       f"{recipe.weight_dtype.value}")
+        if working.fsdp2:
+            ends = (f"root {units.ends / 1e6:,.0f}M" if parallel.fsdp_wrap is FSDPWrap.LAYER else
+                    f"embedding {units.embedding / 1e6:,.0f}M, head {units.head / 1e6:,.0f}M")
+            formula = (f"FSDP2 units ({ends}, layer {units.largest_layer / 1e6:,.0f}M params) gathered x "
+                       f"{states.base_recipe.weight_dtype.value}, reduce-scattered x {recipe.grad_dtype.value}: "
+                       "the largest of their moments (docs/parallelism.md sec. 3)")
         else:
             prefetch = f"(1 + {parallel.prefetch} prefetched) x " if gathered else ""
             parts = ([f"{prefetch}{working.unit / 1e6:,.0f}M-param largest unit x {recipe.weight_dtype.value}"]
