@@ -151,6 +151,7 @@ def _sum_by(tensors: Iterable[TensorEntry], key: Callable[[TensorEntry], str]) -
 
 _VISION_COMPONENTS = frozenset({"vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder"})
 _PROJECTOR_COMPONENTS = frozenset({"multi_modal_projector", "mm_projector", "vision_projector", "merger_projector"})
+_VISION_MERGERS = frozenset({"merger", "deepstack_merger_list"})  # Qwen-VL's projector, inside ``visual``
 _LAYER_NUMBER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -159,7 +160,8 @@ def part_of(name: str, num_hidden_layers: int | None = None) -> ModelPart:
     Gemma-3, Qwen2-VL, Llama-4: ``vision_tower``/``vision_model``/``visual``, ``multi_modal_projector``/
     ``mm_projector``) and of MTP layers (a ``mtp`` component, or a layer index past the decoder)."""
     components = name.split(".")
-    if _PROJECTOR_COMPONENTS.intersection(components):
+    if _PROJECTOR_COMPONENTS.intersection(components) or (
+            _VISION_COMPONENTS.intersection(components) and _VISION_MERGERS.intersection(components)):
         return ModelPart.PROJECTOR
     if _VISION_COMPONENTS.intersection(components):
         return ModelPart.VISION

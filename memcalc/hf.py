@@ -78,6 +78,9 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "nemotron_h": {**_LLAMA_STYLE},
     "falcon_h1": {**_LLAMA_STYLE},
     "gpt2": _GPT2_STYLE | {"softmax_in_fp32": False},  # eager_attention_forward: softmax in the scores' dtype
+    "qwen2_5_vl_text": {**_LLAMA_STYLE, "qkv_bias": True},
+    "qwen3_vl_text": {**_LLAMA_STYLE, "qk_norm": True},
+    "qwen3_vl_moe_text": {**_LLAMA_STYLE, "qk_norm": True},
 }
 
 # Types whose norms are RMSNorms though their files name the epsilon layer_norm_epsilon.
@@ -85,7 +88,31 @@ _RMS_ONLY = frozenset({"mamba", "falcon_mamba", "mamba2", "nemotron_h"})
 
 # Multimodal wrappers: the language model is ``text_config``; the vision tower is read by
 # memcalc.vision. The text model_type transformers uses when text_config names none.
-_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "llama4": "llama4_text", "mistral3": "mistral"}
+_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "llama4": "llama4_text", "mistral3": "mistral",
+                          "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text",
+                          "qwen3_vl_moe": "qwen3_vl_moe_text"}
+# The Qwen-VL wrappers always build their own text configuration class (Qwen2_5_VLTextConfig,
+# Qwen3VLTextConfig, Qwen3VLMoeTextConfig), whatever text_config.model_type says; a file naming
+# another type than that one or the wrapper's own is refused. Qwen2.5-VL files written before
+# transformers 4.5x keep the text model's keys at the top level (Qwen2_5_VLConfig reads them there
+# when text_config is absent); Qwen3VLConfig ignores top-level text keys, so a Qwen3-VL file
+# without text_config is refused.
+_QWEN_VL_TYPES = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+# Their text configuration classes' defaults for the keys that size parameters, used for keys
+# the file leaves out (configuration_qwen2_5_vl.py, configuration_qwen3_vl.py,
+# configuration_qwen3_vl_moe.py). Qwen3VLMoeTextConfig's head_dim defaults to hidden / heads.
+_QWEN_VL_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl_text": dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                            num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=32768,
+                            use_sliding_window=False, sliding_window=4096, max_window_layers=80),
+    "qwen3_vl_text": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                          max_position_embeddings=128000, attention_bias=False),
+    "qwen3_vl_moe_text": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=128000,
+                              attention_bias=False, decoder_sparse_step=1, moe_intermediate_size=1408,
+                              num_experts_per_tok=4, num_experts=60, mlp_only_layers=[]),
+}
 
 
 # The MLA and MoE defaults of transformers' DeepseekV2Config / DeepseekV3Config, used for keys a
@@ -380,6 +407,38 @@ def _read_llama4(reader: _Reader, fields: dict[str, Any]) -> None:
     fields["layer_types"] = types
 
 
+def _read_qwen_vl_text(reader: _Reader, fields: dict[str, Any]) -> None:
+    """The language models of Qwen2.5-VL (modeling_qwen2_5_vl.py, Qwen2_5_VLTextModel), Qwen3-VL
+    (modeling_qwen3_vl.py, Qwen3VLTextModel) and Qwen3-VL-MoE (modeling_qwen3_vl_moe.py,
+    Qwen3VLMoeTextModel). Their multimodal rotary embedding (mrope) has no parameters.
+
+    Qwen2.5-VL is Qwen2's block: head_dim is hidden_size // num_attention_heads, q/k/v have biases
+    and o_proj none, the MLP none, whatever head_dim, attention_bias or mlp_bias say (the modules
+    read none of them); with ``use_sliding_window`` the layers from ``max_window_layers`` on slide.
+    Qwen3-VL is Qwen3's block (per-head q/k norms, biases as ``attention_bias``) with no sliding
+    windows; Qwen3-VL-MoE adds Qwen3-MoE's experts (no shared expert) on the layers of
+    ``decoder_sparse_step``/``mlp_only_layers``."""
+    model_type, num_layers = fields["model_type"], fields["num_layers"]
+    if model_type == "qwen2_5_vl_text":
+        fields.update(head_dim=None, qkv_bias=True, attn_output_bias=False, mlp_bias=False)
+        types = reader.layer_types({"full_attention": LayerType.FULL_ATTENTION,
+                                    "sliding_attention": LayerType.SLIDING_ATTENTION}, num_layers)
+        start = reader.get("max_window_layers", 80, int)
+        window = reader.hf.sliding_window or None
+        reader.consumed.update({"sliding_window", "use_sliding_window"})
+        if not reader.hf.use_sliding_window or window is None:
+            return  # Qwen2_5_VLTextConfig drops sliding_window: every layer attends to all tokens
+        if types is None:
+            types = [LayerType.SLIDING_ATTENTION if i >= start else LayerType.FULL_ATTENTION for i in range(num_layers)]
+        if LayerType.SLIDING_ATTENTION in types:
+            fields.update(sliding_window=window, layer_types=types)
+        return
+    reader.get("use_qk_norm")  # Qwen3-VL attention always normalises q and k per head
+    reader.consumed.update({"sliding_window", "use_sliding_window"})  # its attention takes no window
+    if model_type == "qwen3_vl_moe_text":
+        _moe_fields(reader, fields, layers=_sparse_moe_layers(reader, num_layers))
+
+
 def _read_deepseek(reader: _Reader, fields: dict[str, Any]) -> None:
     """DeepSeek-V2/V3 and Kimi K2 as transformers builds them: MLA attention; every layer from
     ``first_k_dense_replace`` on is MoE, with ``n_shared_experts`` shared experts run as one MLP
@@ -611,6 +670,9 @@ _READERS: dict[str, Callable[[_Reader, dict[str, Any]], None]] = {
     "mamba": _read_mamba,
     "falcon_mamba": _read_mamba,
     "mamba2": _read_mamba2,
+    "qwen2_5_vl_text": _read_qwen_vl_text,
+    "qwen3_vl_text": _read_qwen_vl_text,
+    "qwen3_vl_moe_text": _read_qwen_vl_text,
 }
 KNOWN_MODEL_TYPES = tuple(sorted(set(_READERS) | set(_MULTIMODAL_TEXT_TYPES)))
 
@@ -657,6 +719,27 @@ def _refuse_unread_keys(reader: _Reader, model_type: str) -> None:
                          "memcalc does not model; refusing rather than guessing (--assume-llama ignores them)")
 
 
+def _qwen_vl_text_type(outer_type: str, text_config: dict[str, Any], source: str) -> str:
+    """The text model type a Qwen-VL wrapper builds; a text_config naming another is refused."""
+    text_type = _MULTIMODAL_TEXT_TYPES[outer_type]
+    given = text_config.get("model_type", text_type)
+    if given not in (text_type, outer_type):
+        raise InputError(f"{source}: text_config.model_type: {given!r} is not the text model of {outer_type} "
+                         f"(its configuration class builds {text_type!r})")
+    return text_type
+
+
+def _qwen_vl_tied(outer_type: str, outer: dict[str, Any], text_config: dict[str, Any]) -> bool:
+    """Whether the Qwen-VL head is tied to the embeddings: the wrapper's ``tie_word_embeddings``
+    (default False); Qwen2_5_VLConfig also ties when text_config says so (its pre-v5 files)."""
+    tied = outer.get("tie_word_embeddings")
+    if tied is None:
+        tied = False
+    if outer_type == "qwen2_5_vl" and not tied and text_config.get("tie_word_embeddings") is True:
+        tied = True
+    return tied
+
+
 def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama: bool = False) -> ModelConfig:
     """A ``config.json`` mapping as a memcalc model; errors name ``source`` and the key."""
     from pydantic import ValidationError
@@ -666,9 +749,14 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
     outer_type = str(data.get("model_type", ""))
     vision = None
     text_config = data.get("text_config")
+    if outer_type in _QWEN_VL_TYPES and text_config is None:
+        if outer_type != "qwen2_5_vl":
+            raise InputError(f"{source}: text_config: a {outer_type} config.json needs it ({outer_type}'s "
+                             "configuration class ignores text keys at the top level)")
+        text_config = {key: value for key, value in data.items() if key not in ("vision_config", "model_type")}
     if isinstance(text_config, dict):
         # Multimodal configs nest the language model; the vision tower is a part of its own.
-        from memcalc.vision import vision_tower_from_hf
+        from memcalc.vision import VISION_MODEL_TYPES, vision_tower_from_hf
 
         try:
             vision = vision_tower_from_hf(outer_type, data)
@@ -676,14 +764,19 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
             raise InputError(f"{source}: vision_config: {exc}") from None
         if vision is None and data.get("vision_config") and not assume_llama:
             raise InputError(f"{source}: the vision tower of model_type {outer_type!r} is not modelled "
-                             f"(memcalc reads gemma3, llama4 and mistral3 towers); --assume-llama counts the text "
-                             "model alone")
+                             f"(memcalc reads the towers of {', '.join(VISION_MODEL_TYPES)}); --assume-llama "
+                             "counts the text model alone")
         text_type = text_config.get("model_type") or _MULTIMODAL_TEXT_TYPES.get(outer_type, outer_type)
+        if outer_type in _QWEN_VL_TYPES:
+            text_type = _qwen_vl_text_type(outer_type, text_config, source)
         outer, data = data, {**text_config, "model_type": text_type}
         # the wrapper's own tie_word_embeddings decides whether its lm_head is tied (transformers 5
         # ties the ForConditionalGeneration head by the top-level config; measured on the meta device)
         if outer.get("tie_word_embeddings") is not None:
             data["tie_word_embeddings"] = outer["tie_word_embeddings"]
+        if outer_type in _QWEN_VL_TYPES:
+            data = {**_QWEN_VL_TEXT_DEFAULTS[text_type], **data}
+            data["tie_word_embeddings"] = _qwen_vl_tied(outer_type, outer, text_config)
     if data.get("model_type") is not None and not isinstance(data["model_type"], str):
         raise InputError(f"{source}: model_type: expected a string, got {data['model_type']!r}")
     if data.get("model_type") not in _READERS and not assume_llama:  # before its fields: the type is the problem

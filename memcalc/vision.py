@@ -1,14 +1,17 @@
 """Vision towers and projectors of multimodal checkpoints, tensor by tensor.
 
-Gemma 3 (SigLIP tower), Mistral 3 (Pixtral tower) and Llama 4 carry an image encoder and a
-projector into the text model's hidden size beside the decoder. ``VisionTower`` holds the sizes
-that fix their parameters; ``vision_tower_groups`` and ``projector_groups`` list every parameter
-tensor in the order of transformers' ``named_parameters()`` (5.24), named by its module path under
-the base model with the layer index dropped, so the sum equals ``sum(p.numel())`` of
-``vision_tower`` (Llama 4: ``vision_model``) and ``multi_modal_projector``. (Gemma 3's safetensors
-name the tower ``vision_tower.vision_model.*``; transformers 5 renames it on load.)
-Buffers (SigLIP's ``position_ids``, the rotary tables of Pixtral and Llama 4) are not parameters
-and are not listed. ``vision_tower_from_hf`` reads a Hugging Face ``config.json`` dict.
+Gemma 3 (SigLIP tower), Mistral 3 (Pixtral tower), Llama 4, Qwen2.5-VL and Qwen3-VL (and
+Qwen3-VL-MoE, the same tower) carry an image encoder and a projector into the text model's hidden
+size beside the decoder. ``VisionTower`` holds the sizes that fix their parameters;
+``vision_tower_groups`` and ``projector_groups`` list every parameter tensor in the order of
+transformers' ``named_parameters()`` (5.24), named by its module path under the base model with
+the layer (block, merger) index dropped, so the sum equals ``sum(p.numel())`` of ``vision_tower``
+(Llama 4: ``vision_model``) and ``multi_modal_projector``; for the Qwen models, of ``visual``,
+whose patch mergers (``visual.merger``, Qwen3-VL's ``visual.deepstack_merger_list``) are the
+projector. (Gemma 3's safetensors name the tower ``vision_tower.vision_model.*``; transformers 5
+renames it on load.) Buffers (SigLIP's ``position_ids``, the rotary tables of Pixtral, Llama 4 and
+the Qwen towers) are not parameters and are not listed. ``vision_tower_from_hf`` reads a Hugging
+Face ``config.json`` dict.
 
 Standard library only; no torch or transformers.
 """
@@ -20,9 +23,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from memcalc.bounds import PositiveInt
+from memcalc.bounds import NonNegativeInt, PositiveInt
 
-__all__ = ["PROJECTOR", "VISION_TOWER", "VisionFamily", "VisionTensor", "VisionTower",
+__all__ = ["PROJECTOR", "VISION_MODEL_TYPES", "VISION_TOWER", "VisionFamily", "VisionTensor", "VisionTower",
            "projector_groups", "vision_tower_from_hf", "vision_tower_groups"]
 
 VISION_TOWER = "vision_tower"  # VisionTensor.part of the image encoder
@@ -33,17 +36,26 @@ class VisionFamily(StrEnum):
     SIGLIP = "siglip"  # Gemma 3: SigLIP ViT (modeling_siglip.py) + Gemma3MultiModalProjector
     PIXTRAL = "pixtral"  # Mistral 3: Pixtral ViT (modeling_pixtral.py) + Mistral3MultiModalProjector
     LLAMA4 = "llama4"  # Llama 4: Llama4VisionModel + Llama4MultiModalProjector (modeling_llama4.py)
+    # Qwen2.5-VL: Qwen2_5_VisionTransformerPretrainedModel with Qwen2_5_VLPatchMerger (modeling_qwen2_5_vl.py)
+    QWEN2_5_VL = "qwen2_5_vl"
+    # Qwen3-VL and Qwen3-VL-MoE: Qwen3VLVisionModel with its patch merger and deepstack mergers
+    # (modeling_qwen3_vl.py; modeling_qwen3_vl_moe.py's Qwen3VLMoeVisionModel is the same)
+    QWEN3_VL = "qwen3_vl"
 
 
 # Family-specific fields of VisionTower: the default filled in when the field is None, or
 # _REQUIRED. A field not listed for a family must stay None.
 _REQUIRED = object()
 _FAMILY_FIELDS: dict[VisionFamily, dict[str, Any]] = {
-    VisionFamily.SIGLIP: {"vision_use_head": _REQUIRED},
-    VisionFamily.PIXTRAL: {"spatial_merge_size": _REQUIRED, "multimodal_projector_bias": False,
-                           "projector_hidden_act": "gelu", "num_vision_feature_layers": 1},
-    VisionFamily.LLAMA4: {"vision_output_dim": _REQUIRED, "projector_input_dim": _REQUIRED,
+    VisionFamily.SIGLIP: {"image_size": _REQUIRED, "vision_use_head": _REQUIRED},
+    VisionFamily.PIXTRAL: {"image_size": _REQUIRED, "spatial_merge_size": _REQUIRED,
+                           "multimodal_projector_bias": False, "projector_hidden_act": "gelu",
+                           "num_vision_feature_layers": 1},
+    VisionFamily.LLAMA4: {"image_size": _REQUIRED, "vision_output_dim": _REQUIRED, "projector_input_dim": _REQUIRED,
                           "projector_output_dim": _REQUIRED, "pixel_shuffle_ratio": 0.5},
+    VisionFamily.QWEN2_5_VL: {"spatial_merge_size": 2, "temporal_patch_size": 2},
+    VisionFamily.QWEN3_VL: {"spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
+                            "num_deepstack_mergers": 3},
 }
 
 
@@ -54,21 +66,24 @@ class VisionTower:
 
     __pydantic_config__ = {"extra": "forbid"}
 
-    family: VisionFamily  # which tower and projector (siglip, pixtral, llama4)
+    family: VisionFamily  # which tower and projector (siglip, pixtral, llama4, qwen2_5_vl, qwen3_vl)
     hidden_size: PositiveInt  # width of the vision transformer (SigLIP So400m: 1152)
     num_layers: PositiveInt  # vision transformer layers (num_hidden_layers)
     intermediate_size: PositiveInt  # hidden width of each layer's MLP
     num_attention_heads: PositiveInt  # must divide hidden_size (q/k/v are hidden x hidden)
     patch_size: PositiveInt  # side of a square patch, in pixels
-    image_size: PositiveInt  # side of the square input image, in pixels (SigLIP, Llama 4: sets the
-    #   learned position table; Pixtral: rotary, no parameters depend on it)
+    image_size: PositiveInt | None = None  # side of the square input image, in pixels (SigLIP, Llama 4:
+    #   sets the learned position table; Pixtral: rotary, no parameters depend on it; the Qwen towers
+    #   take images of any size and have none)
     num_channels: PositiveInt = 3  # input image channels
-    text_hidden_size: PositiveInt  # the text model's hidden size, the projector's output width
+    text_hidden_size: PositiveInt  # the text model's hidden size, the projector's output width (Qwen:
+    #   vision_config.out_hidden_size, which the released checkpoints set to the text hidden size)
     # siglip
     vision_use_head: bool | None = None  # SigLIP's attention-pooling head (Gemma 3: False; the
     #   SiglipVisionConfig default is True)
     # pixtral
-    spatial_merge_size: PositiveInt | None = None  # Mistral3PatchMerger merges s x s patches (2)
+    spatial_merge_size: PositiveInt | None = None  # Mistral3PatchMerger, the Qwen patch mergers: s x s
+    #   patches into one token (2)
     multimodal_projector_bias: bool | None = None  # biases on the projector's linear_1/linear_2
     projector_hidden_act: str | None = None  # activation between linear_1 and linear_2 (no parameters)
     num_vision_feature_layers: PositiveInt | None = None  # tower layers concatenated into linear_1
@@ -79,6 +94,14 @@ class VisionTower:
     projector_output_dim: PositiveInt | None = None  # width of the vision adapter's fc2 (square)
     pixel_shuffle_ratio: float | None = None  # pixel-shuffle downsampling before the adapter
     #   (0.5: 4 patches per token; no parameters depend on it)
+    # qwen2_5_vl, qwen3_vl
+    temporal_patch_size: PositiveInt | None = None  # frames per patch: the Conv3d patch embedding's
+    #   kernel is temporal_patch_size x patch_size x patch_size (2; an image is repeated to 2 frames)
+    # qwen3_vl
+    num_position_embeddings: PositiveInt | None = None  # the learned position table (2304: a 48 x 48
+    #   grid, interpolated to each image's)
+    num_deepstack_mergers: NonNegativeInt | None = None  # len(deepstack_visual_indexes): a patch merger
+    #   for each tower layer whose features are added to the text model's first layers (3)
 
     def __post_init__(self) -> None:
         if not isinstance(self.family, VisionFamily):
@@ -238,10 +261,85 @@ def _llama4_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
     yield from _linear("multi_modal_projector.linear_1", t.vision_output_dim, t.text_hidden_size, False)
 
 
+def _qwen_patch_embed(t: VisionTower, bias: bool) -> Iterator[tuple[str, int, int]]:
+    """The Qwen towers' patch embedding: an nn.Conv3d from num_channels to hidden with kernel and
+    stride (temporal_patch_size, patch_size, patch_size)."""
+    yield "visual.patch_embed.proj.weight", t.hidden_size * t.num_channels * t.temporal_patch_size * t.patch_size ** 2, 1
+    if bias:
+        yield "visual.patch_embed.proj.bias", t.hidden_size, 1
+
+
+def _qwen2_5_vl_tower(t: VisionTower) -> Iterator[tuple[str, int, int]]:
+    """Qwen2_5_VisionTransformerPretrainedModel, ``models/qwen2_5_vl/modeling_qwen2_5_vl.py``: a
+    bias-free Conv3d patch embedding, then ``depth`` blocks of RMSNorm (norm1), attention with a
+    packed, biased qkv and a biased proj, RMSNorm (norm2) and a gated MLP (gate/up/down_proj, all
+    biased). Positions are 2-D rotary (a buffer); window and full-attention blocks
+    (``window_size``, ``fullatt_block_indexes``) hold the same parameters."""
+    h, f, n = t.hidden_size, t.intermediate_size, t.num_layers
+    yield from _qwen_patch_embed(t, bias=False)
+    block = "visual.blocks"
+    yield f"{block}.norm1.weight", h, n
+    yield f"{block}.norm2.weight", h, n
+    yield from _linear(f"{block}.attn.qkv", h, 3 * h, True, n)
+    yield from _linear(f"{block}.attn.proj", h, h, True, n)
+    yield from _linear(f"{block}.mlp.gate_proj", h, f, True, n)
+    yield from _linear(f"{block}.mlp.up_proj", h, f, True, n)
+    yield from _linear(f"{block}.mlp.down_proj", f, h, True, n)
+
+
+def _qwen2_5_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
+    """Qwen2_5_VLPatchMerger (``visual.merger``), ``models/qwen2_5_vl/modeling_qwen2_5_vl.py``: an
+    RMSNorm (ln_q) over the tower width, then an MLP over s*s merged patches (s =
+    spatial_merge_size): nn.Linear(s*s*hidden, s*s*hidden), GELU, nn.Linear(s*s*hidden,
+    out_hidden_size), both biased."""
+    merged = t.hidden_size * t.spatial_merge_size ** 2
+    yield "visual.merger.ln_q.weight", t.hidden_size, 1
+    yield from _linear("visual.merger.mlp.0", merged, merged, True)
+    yield from _linear("visual.merger.mlp.2", merged, t.text_hidden_size, True)
+
+
+def _qwen3_vl_tower(t: VisionTower) -> Iterator[tuple[str, int, int]]:
+    """Qwen3VLVisionModel, ``models/qwen3_vl/modeling_qwen3_vl.py`` (Qwen3VLMoeVisionModel in
+    modeling_qwen3_vl_moe.py is the same): a biased Conv3d patch embedding, a learned table of
+    ``num_position_embeddings`` positions (nn.Embedding, beside the 2-D rotary buffer), then
+    ``depth`` blocks of LayerNorm (norm1), attention with a packed, biased qkv and a biased proj,
+    LayerNorm (norm2) and a plain MLP (linear_fc1, linear_fc2, both biased)."""
+    h, f, n = t.hidden_size, t.intermediate_size, t.num_layers
+    yield from _qwen_patch_embed(t, bias=True)
+    yield "visual.pos_embed.weight", t.num_position_embeddings * h, 1
+    block = "visual.blocks"
+    yield from _layernorm(f"{block}.norm1", h, n)
+    yield from _layernorm(f"{block}.norm2", h, n)
+    yield from _linear(f"{block}.attn.qkv", h, 3 * h, True, n)
+    yield from _linear(f"{block}.attn.proj", h, h, True, n)
+    yield from _linear(f"{block}.mlp.linear_fc1", h, f, True, n)
+    yield from _linear(f"{block}.mlp.linear_fc2", f, h, True, n)
+
+
+def _qwen3_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
+    """Qwen3VLVisionPatchMerger, ``models/qwen3_vl/modeling_qwen3_vl.py``: ``visual.merger``, a
+    LayerNorm over the tower width, then nn.Linear(s*s*hidden, s*s*hidden), GELU and
+    nn.Linear(s*s*hidden, out_hidden_size), both biased (s = spatial_merge_size); and one more
+    merger per ``deepstack_visual_indexes`` entry (``visual.deepstack_merger_list``), whose
+    LayerNorm comes after the merge (over s*s*hidden)."""
+    merged = t.hidden_size * t.spatial_merge_size ** 2
+
+    def merger(name: str, norm_width: int, count: int) -> Iterator[tuple[str, int, int]]:
+        yield from _layernorm(f"{name}.norm", norm_width, count)
+        yield from _linear(f"{name}.linear_fc1", merged, merged, True, count)
+        yield from _linear(f"{name}.linear_fc2", merged, t.text_hidden_size, True, count)
+
+    yield from merger("visual.merger", t.hidden_size, 1)
+    if t.num_deepstack_mergers:
+        yield from merger("visual.deepstack_merger_list", merged, t.num_deepstack_mergers)
+
+
 _TOWERS = {VisionFamily.SIGLIP: _siglip_tower, VisionFamily.PIXTRAL: _pixtral_tower,
-           VisionFamily.LLAMA4: _llama4_tower}
+           VisionFamily.LLAMA4: _llama4_tower, VisionFamily.QWEN2_5_VL: _qwen2_5_vl_tower,
+           VisionFamily.QWEN3_VL: _qwen3_vl_tower}
 _PROJECTORS = {VisionFamily.SIGLIP: _gemma3_projector, VisionFamily.PIXTRAL: _mistral3_projector,
-               VisionFamily.LLAMA4: _llama4_projector}
+               VisionFamily.LLAMA4: _llama4_projector, VisionFamily.QWEN2_5_VL: _qwen2_5_vl_projector,
+               VisionFamily.QWEN3_VL: _qwen3_vl_projector}
 
 
 def vision_tower_groups(tower: VisionTower) -> tuple[VisionTensor, ...]:
@@ -326,6 +424,39 @@ _MISTRAL3_TEXT_INIT_HIDDEN = 5120
 _FAMILY_OF_MODEL_TYPE = {"gemma3": VisionFamily.SIGLIP, "mistral3": VisionFamily.PIXTRAL,
                          "llama4": VisionFamily.LLAMA4}
 
+# The Qwen-VL wrappers (Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig) always build their own
+# vision configuration class, whatever vision_config.model_type says (the early checkpoints wrote
+# the wrapper's type there): the family and that class's model type.
+_QWEN_VISION_TYPES = {
+    "qwen2_5_vl": (VisionFamily.QWEN2_5_VL, "qwen2_5_vl_vision"),  # Qwen2_5_VLVisionConfig
+    "qwen3_vl": (VisionFamily.QWEN3_VL, "qwen3_vl_vision"),  # Qwen3VLVisionConfig
+    "qwen3_vl_moe": (VisionFamily.QWEN3_VL, "qwen3_vl_moe_vision"),  # Qwen3VLMoeVisionConfig (the same fields)
+}
+# Their defaults (configuration_qwen2_5_vl.py, configuration_qwen3_vl.py, configuration_qwen3_vl_moe.py;
+# Qwen2_5_VLVisionConfig's hidden_size default is 3584, the released towers' 1280 is in every file).
+_QWEN_VISION_DEFAULTS: dict[VisionFamily, dict[str, Any]] = {
+    VisionFamily.QWEN2_5_VL: dict(depth=32, hidden_size=3584, intermediate_size=3420, num_heads=16, in_channels=3,
+                                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584),
+    VisionFamily.QWEN3_VL: dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3,
+                                patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584,
+                                num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+}
+_QWEN_VISION_ALIASES = {"num_hidden_layers": "depth", "num_attention_heads": "num_heads"}  # their attribute_map
+# Keys that add no parameters: the activations, the rotary tables, Qwen2.5-VL's window attention
+# (window_size, the full-attention blocks) and video timing; in_chans and spatial_patch_size are
+# Qwen2-VL-era names the released Qwen2.5-VL files still carry and no Qwen2.5-VL module reads
+# (the patch embedding takes in_channels and patch_size).
+_QWEN_VISION_INERT = {
+    VisionFamily.QWEN2_5_VL: frozenset({"hidden_act", "initializer_range", "rope_parameters", "rope_scaling",
+                                        "rope_theta", "tokens_per_second", "window_size", "fullatt_block_indexes",
+                                        "in_chans", "spatial_patch_size"}),
+    VisionFamily.QWEN3_VL: frozenset({"hidden_act", "initializer_range", "rope_parameters", "rope_scaling",
+                                      "rope_theta"}),
+}
+
+# The config.json model types whose vision tower memcalc counts.
+VISION_MODEL_TYPES = tuple(sorted({*_FAMILY_OF_MODEL_TYPE, *_QWEN_VISION_TYPES}))
+
 
 def _int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -339,14 +470,65 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
+def _qwen_vision_from_hf(model_type: str, config: Mapping[str, Any]) -> VisionTower:
+    """The vision tower of a Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE ``config.json``; the merger's
+    output width, ``out_hidden_size``, is the projector's (``text_hidden_size``)."""
+    family, vision_type = _QWEN_VISION_TYPES[model_type]
+    vision = config.get("vision_config")
+    if vision is None:
+        vision = {}
+    if not isinstance(vision, Mapping):
+        raise ValueError(f"vision_config must be a mapping, got {type(vision).__name__}")
+    given_type = vision.get("model_type", vision_type)
+    if given_type not in (vision_type, model_type):
+        raise ValueError(f"{model_type} vision_config.model_type {given_type!r} is not supported "
+                         f"(expected {vision_type!r})")
+    defaults = _QWEN_VISION_DEFAULTS[family]
+    unknown = sorted(set(vision) - set(defaults) - set(_QWEN_VISION_ALIASES) - _QWEN_VISION_INERT[family]
+                     - _GENERIC_KEYS)
+    if unknown:
+        raise ValueError(f"vision_config keys memcalc does not know for {model_type} (they may change "
+                         f"the vision tower's parameters): {', '.join(unknown)}")
+    values = dict(defaults)
+    for key, value in vision.items():
+        name = _QWEN_VISION_ALIASES.get(key, key)
+        if name != key and name in vision and vision[name] != value:
+            raise ValueError(f"vision config {key} ({value!r}) and {name} ({vision[name]!r}) disagree")
+        values[name] = value
+    extra: dict[str, Any] = {}
+    if family is VisionFamily.QWEN3_VL:
+        extra["num_position_embeddings"] = _int("num_position_embeddings", values["num_position_embeddings"])
+        indexes = values["deepstack_visual_indexes"]
+        if not isinstance(indexes, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in indexes):
+            raise ValueError(f"vision config deepstack_visual_indexes must be a list of layer indices, got {indexes!r}")
+        extra["num_deepstack_mergers"] = len(indexes)
+    return VisionTower(
+        family=family,
+        hidden_size=_int("hidden_size", values["hidden_size"]),
+        num_layers=_int("depth", values["depth"]),
+        intermediate_size=_int("intermediate_size", values["intermediate_size"]),
+        num_attention_heads=_int("num_heads", values["num_heads"]),
+        patch_size=_int("patch_size", values["patch_size"]),
+        num_channels=_int("in_channels", values["in_channels"]),
+        text_hidden_size=_int("out_hidden_size", values["out_hidden_size"]),
+        spatial_merge_size=_int("spatial_merge_size", values["spatial_merge_size"]),
+        temporal_patch_size=_int("temporal_patch_size", values["temporal_patch_size"]),
+        **extra,
+    )
+
+
 def vision_tower_from_hf(model_type: str, config: Mapping[str, Any]) -> VisionTower | None:
     """The vision tower of a Hugging Face ``config.json`` (the top-level dict), or None when
     ``model_type`` has no vision tower memcalc knows (text-only types such as ``gemma3_text``
     included). Absent keys take the defaults of the transformers configuration classes
     (Gemma3Config/SiglipVisionConfig, Mistral3Config/PixtralVisionConfig,
-    Llama4Config/Llama4VisionConfig, transformers 5.24). Raises ValueError for a vision_config
-    key memcalc does not know (it might change the parameters) or a vision model type the
-    family's transformers class would not build."""
+    Llama4Config/Llama4VisionConfig, Qwen2_5_VLVisionConfig, Qwen3VLVisionConfig,
+    Qwen3VLMoeVisionConfig, transformers 5.24). Raises ValueError for a vision_config key memcalc
+    does not know (it might change the parameters) or a vision model type the family's
+    transformers class would not build."""
+    if model_type in _QWEN_VISION_TYPES:
+        return _qwen_vision_from_hf(model_type, config)
     family = _FAMILY_OF_MODEL_TYPE.get(model_type)
     if family is None:
         return None

@@ -34,6 +34,11 @@ PIXTRAL_MS31 = dict(family="pixtral", hidden_size=1024, num_layers=24, intermedi
 LLAMA4_VISION = dict(family="llama4", hidden_size=1408, num_layers=34, intermediate_size=5632,
                      num_attention_heads=16, patch_size=14, image_size=336, vision_output_dim=4096,
                      projector_input_dim=4096, projector_output_dim=4096, pixel_shuffle_ratio=0.5)
+QWEN2_5_VL_VISION = dict(family="qwen2_5_vl", hidden_size=1280, num_layers=32, intermediate_size=3420,
+                         num_attention_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+QWEN3_VL_VISION = dict(family="qwen3_vl", hidden_size=1152, num_layers=27, intermediate_size=4304,
+                       num_attention_heads=16, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                       num_position_embeddings=2304, num_deepstack_mergers=3)
 
 # (tower, tower parameters, projector parameters), worked out by hand from the modeling files and
 # checked against transformers below.
@@ -43,6 +48,13 @@ REAL = {
     "gemma-3-27b": (VisionTower(**SIGLIP_400M, text_hidden_size=5376), 416_866_032, 6_194_304),
     "mistral-small-3.1-24b": (VisionTower(**PIXTRAL_MS31, text_hidden_size=5120), 403_305_472, 35_652_608),
     "llama-4-scout/maverick": (VisionTower(**LLAMA4_VISION, text_hidden_size=5120), 850_960_896, 20_971_520),
+    # patch embed 1280*3*2*14*14; 32 blocks of 19,702,200 (two RMSNorms, qkv, proj, biased gated MLP);
+    # merger: ln_q, 5120 x 5120 and 5120 x 3584 with biases
+    "qwen2.5-vl-7b": (VisionTower(**QWEN2_5_VL_VISION, text_hidden_size=3584), 631_975_680, 44_574_464),
+    # patch embed with bias, 2304 x 1152 positions, 27 blocks of 15,302,448; merger and 3 deepstack
+    # mergers of 4608 x 4608 and 4608 x out with LayerNorms (1152 wide, then 4608 wide)
+    "qwen3-vl-8b": (VisionTower(**QWEN3_VL_VISION, text_hidden_size=4096), 415_891_440, 160_496_896),
+    "qwen3-vl-30b-a3b": (VisionTower(**QWEN3_VL_VISION, text_hidden_size=2048), 415_891_440, 122_739_968),
 }
 
 
@@ -79,10 +91,10 @@ def test_parts_and_counts_are_ints():
 # --- against transformers on the meta device ----------------------------------------------------
 
 def _collapse(named) -> list[tuple[str, int, int]]:
-    """(name with the layer index dropped, numel, copies), in first-appearance order."""
+    """(name with the layer, block or merger index dropped, numel, copies), in first-appearance order."""
     groups: dict[str, list[int]] = {}
     for name, param in named:
-        key = re.sub(r"\.layers\.\d+\.", ".layers.", name)
+        key = re.sub(r"\.(layers|blocks|deepstack_merger_list)\.\d+\.", r".\1.", name)
         entry = groups.setdefault(key, [param.numel(), 0])
         assert entry[0] == param.numel(), key
         entry[1] += 1
@@ -93,8 +105,28 @@ def _ours(tensors) -> list[tuple[str, int, int]]:
     return [(t.name, t.numel, t.count) for t in tensors]
 
 
-def _hf_config(tower: VisionTower) -> tuple[str, dict]:
-    """A config.json dict for ``tower`` (vision sizes plus the text hidden size)."""
+QWEN_WRAPPERS = {VisionFamily.QWEN2_5_VL: ("qwen2_5_vl",), VisionFamily.QWEN3_VL: ("qwen3_vl", "qwen3_vl_moe")}
+
+
+def _qwen_hf_config(tower: VisionTower, model_type: str) -> tuple[str, dict]:
+    vision = dict(depth=tower.num_layers, hidden_size=tower.hidden_size, intermediate_size=tower.intermediate_size,
+                  num_heads=tower.num_attention_heads, patch_size=tower.patch_size, in_channels=tower.num_channels,
+                  spatial_merge_size=tower.spatial_merge_size, temporal_patch_size=tower.temporal_patch_size,
+                  out_hidden_size=tower.text_hidden_size)
+    if tower.family is VisionFamily.QWEN3_VL:
+        vision.update(num_position_embeddings=tower.num_position_embeddings,
+                      deepstack_visual_indexes=list(range(tower.num_deepstack_mergers)))
+    text = {"hidden_size": tower.text_hidden_size, "num_attention_heads": 1, "num_key_value_heads": 1,
+            "head_dim": 8}
+    return model_type, dict(vision_config=vision, text_config=text)
+
+
+def _hf_config(tower: VisionTower, qwen_wrapper: int = 0) -> tuple[str, dict]:
+    """A config.json dict for ``tower`` (vision sizes plus the text hidden size); ``qwen_wrapper``
+    picks Qwen3-VL or Qwen3-VL-MoE for the qwen3_vl family."""
+    if tower.family in QWEN_WRAPPERS:
+        wrappers = QWEN_WRAPPERS[tower.family]
+        return _qwen_hf_config(tower, wrappers[qwen_wrapper % len(wrappers)])
     vision = dict(hidden_size=tower.hidden_size, num_hidden_layers=tower.num_layers,
                   intermediate_size=tower.intermediate_size, num_attention_heads=tower.num_attention_heads,
                   patch_size=tower.patch_size, image_size=tower.image_size, num_channels=tower.num_channels)
@@ -126,7 +158,10 @@ def _transformers_parts(model_type: str, config_dict: dict):
     the meta device, named as under the base model."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = transformers.AutoConfig.for_model(model_type, **json.loads(json.dumps(config_dict)))
+    kwargs = {key: value for key, value in json.loads(json.dumps(config_dict)).items() if key != "model_type"}
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    if model_type.startswith("qwen"):
+        return _qwen_transformers_parts(model_type, config)
     with torch.device("meta"):
         if model_type == "gemma3":
             from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
@@ -149,8 +184,26 @@ def _transformers_parts(model_type: str, config_dict: dict):
     return tower_params, projector_params
 
 
-def _check_against_transformers(tower: VisionTower) -> None:
-    model_type, config_dict = _hf_config(tower)
+def _qwen_transformers_parts(model_type: str, config):
+    """The Qwen towers hold their patch mergers (the projector here) inside ``visual``."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+    classes = {"qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel, "qwen3_vl": Qwen3VLVisionModel,
+               "qwen3_vl_moe": Qwen3VLMoeVisionModel}
+    with torch.device("meta"):
+        visual = classes[model_type]._from_config(config.vision_config)  # as the *VLModel classes build it
+    named = [(f"visual.{name}", param) for name, param in visual.named_parameters()]
+    merger = [(name, param) for name, param in named if name.startswith(("visual.merger.", "visual.deepstack_merger"))]
+    tower = [(name, param) for name, param in named if (name, param) not in merger]
+    assert [name for name, _ in named] == [name for name, _ in tower + merger]  # the mergers come last
+    return _collapse(tower), _collapse(merger)
+
+
+def _check_against_transformers(tower: VisionTower, qwen_wrapper: int = 0) -> None:
+    model_type, config_dict = _hf_config(tower, qwen_wrapper)
     assert vision_tower_from_hf(model_type, config_dict) == tower
     hf_tower, hf_projector = _transformers_parts(model_type, config_dict)
     assert _ours(vision_tower_groups(tower)) == hf_tower
@@ -164,12 +217,18 @@ def test_real_sizes_match_transformers(name):
 
 def _random_tower(seed: int) -> VisionTower:
     rng = random.Random(seed)
-    family = list(VisionFamily)[seed % 3]
+    family = list(VisionFamily)[seed % len(VisionFamily)]
     heads = rng.choice([1, 2, 4])
     common = dict(family=family, hidden_size=heads * rng.choice([4, 8, 12]), num_layers=rng.randint(1, 3),
                   intermediate_size=rng.randint(3, 40), num_attention_heads=heads,
                   patch_size=rng.choice([2, 3, 4]), image_size=rng.randint(8, 20),
                   num_channels=rng.choice([1, 3, 4]), text_hidden_size=rng.randint(5, 48))
+    if family in QWEN_WRAPPERS:  # no image_size: any image size, positions interpolated or rotary
+        del common["image_size"]
+        qwen = dict(spatial_merge_size=rng.choice([1, 2, 3]), temporal_patch_size=rng.choice([1, 2, 3]))
+        if family is VisionFamily.QWEN3_VL:
+            qwen.update(num_position_embeddings=rng.choice([4, 9, 16]), num_deepstack_mergers=rng.randint(0, 3))
+        return VisionTower(**common, **qwen)
     if family is VisionFamily.SIGLIP:
         return VisionTower(**common, vision_use_head=rng.random() < 0.5)
     if family is VisionFamily.PIXTRAL:
@@ -183,9 +242,9 @@ def _random_tower(seed: int) -> VisionTower:
                        projector_output_dim=rng.randint(3, 40), pixel_shuffle_ratio=0.5)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(15))
 def test_random_small_configs_match_transformers(seed):
-    _check_against_transformers(_random_tower(seed))
+    _check_against_transformers(_random_tower(seed), qwen_wrapper=seed // len(VisionFamily))
 
 
 @pytest.mark.parametrize("tower", [
@@ -207,14 +266,15 @@ def test_full_model_names(family):
     ForConditionalGeneration (tiny text model) and compare every non-text parameter."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    tower = _random_tower({VisionFamily.SIGLIP: 0, VisionFamily.PIXTRAL: 1, VisionFamily.LLAMA4: 2}[family])
+    tower = _random_tower(list(VisionFamily).index(family))
     model_type, config_dict = _hf_config(tower)
     text = dict(config_dict["text_config"], num_hidden_layers=1, intermediate_size=16, head_dim=8, vocab_size=64)
     if model_type == "llama4":
         text.update(intermediate_size_mlp=16, num_local_experts=2, moe_layers=[0])
     config = transformers.AutoConfig.for_model(model_type, **dict(config_dict, text_config=text))
     classes = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
-               "llama4": "Llama4ForConditionalGeneration"}
+               "llama4": "Llama4ForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "qwen3_vl": "Qwen3VLForConditionalGeneration"}
     with torch.device("meta"):
         model = getattr(transformers, classes[model_type])(config)
     named = [(n.removeprefix("model."), p) for n, p in model.named_parameters()
@@ -267,11 +327,18 @@ LLAMA4_SCOUT = {
 }
 
 
+def _corpus(name: str) -> dict:
+    return json.loads((HF_CONFIGS / name).read_text())
+
+
 @pytest.mark.parametrize("config, expected", [
     (GEMMA3_4B, REAL["gemma-3-4b"][0]),
     (MISTRAL_SMALL_31, REAL["mistral-small-3.1-24b"][0]),
     (LLAMA4_SCOUT, REAL["llama-4-scout/maverick"][0]),
-], ids=["gemma3-4b", "mistral-small-3.1", "llama4-scout"])
+    (_corpus("Qwen--Qwen2.5-VL-7B-Instruct.json"), REAL["qwen2.5-vl-7b"][0]),
+    (_corpus("Qwen--Qwen3-VL-8B-Instruct.json"), REAL["qwen3-vl-8b"][0]),
+    (_corpus("Qwen--Qwen3-VL-30B-A3B-Instruct.json"), REAL["qwen3-vl-30b-a3b"][0]),
+], ids=["gemma3-4b", "mistral-small-3.1", "llama4-scout", "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3-vl-30b-a3b"])
 def test_from_hf_released_configs(config, expected):
     assert vision_tower_from_hf(config["model_type"], config) == expected
 
@@ -294,6 +361,12 @@ PARTIAL = [
     ("llama4", {}),
     ("llama4", {"vision_config": {"model_type": "something_else", "hidden_size": 1408}}),
     ("llama4", {"vision_config": {"multi_modal_projector_bias": True}}),
+    ("qwen2_5_vl", {}),
+    ("qwen2_5_vl", {"vision_config": {"model_type": "qwen2_5_vl_vision", "hidden_size": 64, "num_heads": 4,
+                                      "in_chans": 1, "spatial_patch_size": 7, "window_size": 56}}),
+    ("qwen3_vl", {"vision_config": {}}),
+    ("qwen3_vl", {"vision_config": {"deepstack_visual_indexes": [], "num_hidden_layers": 3}}),
+    ("qwen3_vl_moe", {"vision_config": {"model_type": "qwen3_vl_moe", "out_hidden_size": 2048}}),
 ]
 
 
@@ -306,6 +379,9 @@ def test_from_hf_defaults_match_transformers(model_type, config):
 
 
 def test_from_hf_defaults_spot_values():
+    assert vision_tower_from_hf("qwen2_5_vl", {}).hidden_size == 3584  # Qwen2_5_VLVisionConfig's default
+    assert vision_tower_from_hf("qwen3_vl", {}).num_deepstack_mergers == 3  # deepstack_visual_indexes (8, 16, 24)
+    assert vision_tower_from_hf("qwen3_vl_moe", {}).text_hidden_size == 3584  # out_hidden_size
     assert vision_tower_from_hf("gemma3", {}).vision_use_head is True  # SiglipVisionConfig default
     assert vision_tower_from_hf("mistral3", {}).image_size == 1540  # Mistral3Config init_kwargs
     assert vision_tower_from_hf("mistral3", {"vision_config": {}}).image_size == 1024  # PixtralVisionConfig
@@ -326,6 +402,11 @@ def test_from_hf_unknown_vision_key_raises():
     ("gemma3", {"image_size": [896, 896]}, "image_size"),
     ("gemma3", {"vision_use_head": "no"}, "vision_use_head"),
     ("llama4", {"hidden_size": 1408, "num_attention_heads": 13}, "must divide"),
+    ("qwen2_5_vl", {"model_type": "qwen2_vl"}, "qwen2_vl"),
+    ("qwen3_vl", {"patch_size": [16, 16]}, "patch_size"),
+    ("qwen3_vl", {"depth": 4, "num_hidden_layers": 5}, "disagree"),
+    ("qwen3_vl", {"deepstack_visual_indexes": [8, True]}, "deepstack_visual_indexes"),
+    ("qwen3_vl_moe", {"fullatt_block_indexes": [3]}, "fullatt_block_indexes"),
 ])
 def test_from_hf_bad_values_raise(model_type, vision_config, match):
     with pytest.raises(ValueError, match=match):
@@ -344,7 +425,7 @@ def test_from_hf_collected_configs(path):
     model_type = config.get("model_type", "")
     tower = vision_tower_from_hf(model_type, config)
     if tower is None:
-        assert model_type not in ("gemma3", "mistral3", "llama4")
+        assert model_type not in ("gemma3", "mistral3", "llama4", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
         return
     hf_tower, hf_projector = _transformers_parts(model_type, config)
     assert _ours(vision_tower_groups(tower)) == hf_tower
@@ -354,6 +435,13 @@ def test_from_hf_collected_configs(path):
 # --- the schema -------------------------------------------------------------------------------
 
 def test_family_fields_checked():
+    with pytest.raises(ValueError, match="image_size do not apply to the qwen3_vl"):
+        VisionTower(**QWEN3_VL_VISION, text_hidden_size=4096, image_size=448)
+    with pytest.raises(ValueError, match="needs image_size"):
+        VisionTower(**{**SIGLIP_400M, "image_size": None}, text_hidden_size=2560)
+    qwen = VisionTower(family="qwen3_vl", hidden_size=1152, num_layers=27, intermediate_size=4304,
+                       num_attention_heads=16, patch_size=16, text_hidden_size=4096)
+    assert qwen == VisionTower(**QWEN3_VL_VISION, text_hidden_size=4096)  # Qwen3VLVisionConfig's defaults
     with pytest.raises(ValueError, match="needs vision_use_head"):
         VisionTower(**{**SIGLIP_400M, "vision_use_head": None}, text_hidden_size=2560)
     with pytest.raises(ValueError, match="spatial_merge_size do not apply"):
@@ -373,6 +461,21 @@ def test_pydantic_validates_and_forbids_extra():
         adapter.validate_python({**LLAMA4_VISION, "text_hidden_size": 5120, "hiden_size": 3})
     with pytest.raises(pydantic.ValidationError, match="greater than 0"):
         adapter.validate_python({**LLAMA4_VISION, "text_hidden_size": 0})
+
+
+@pytest.mark.parametrize("name, part", [
+    ("visual.merger.ln_q.weight", "projector"),
+    ("model.visual.merger.linear_fc1.weight", "projector"),
+    ("model.visual.deepstack_merger_list.0.norm.weight", "projector"),
+    ("visual.blocks.0.attn.qkv.weight", "vision"),
+    ("model.visual.pos_embed.weight", "vision"),
+])
+def test_checkpoint_parts_follow_the_tower_and_projector_split(name, part):
+    """A Qwen-VL checkpoint's table (``memcalc show`` on safetensors) puts the patch mergers with
+    the projector, as the parameter table does."""
+    from memcalc.checkpoint import part_of
+
+    assert part_of(name).value == part
 
 
 def test_import_is_light():
