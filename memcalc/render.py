@@ -585,9 +585,31 @@ def print_vllm(budget, unit: Unit) -> None:
     console.print(_vllm_grid(budget, unit))
     console.print(f"{budget.blocks:,} blocks of {budget.block_size} tokens = {budget.tokens:,} tokens; "
                   f"{budget.max_concurrency:.2f} requests of {budget.max_model_len:,} tokens at once.")
+    for line in _vllm_profile_lines(budget, unit):
+        console.print(line)
     for line in _vllm_graph_lines(budget, unit):
         console.print(line, style=None if budget.graphs_fit else "bold")
     console.print(f"Source (CUDA graphs): {budget.cudagraphs.source}.")
+
+
+def _vllm_profile_lines(budget, unit: Unit) -> list[str]:
+    """vLLM's profile run (memcalc.serving.VLLMProfile): its two phases, and what a calibration replaced."""
+    profile, label = budget.profile, UNIT_LABEL[unit]
+    if profile is None:
+        return []
+    buffer = (f" + {format_bytes(profile.buffer, unit)} {label} Triton buffer ({profile.buffer_rows} rows)"
+              if profile.buffer else "")
+    used = ("the sampler's" if profile.sampler_wins else "the forward's")
+    if budget.activation_peak != profile.peak:
+        used = f"the calibration's {format_bytes(budget.activation_peak, unit)} {label} in its place"
+    lines = [f"Profile run (vLLM {profile.version}, {profile.runner} runner): forward of {profile.tokens:,} tokens in "
+             f"{profile.requests:,} requests {format_bytes(profile.forward, unit)} {label}; sampler "
+             f"{format_bytes(profile.sampler_peak, unit)} {label} = {format_bytes(profile.held, unit)} {label} held + "
+             f"{profile.logits:,} x {profile.vocab:,} logits x {profile.bytes_per_logit} B ({profile.per_logit})"
+             f"{buffer}; activation peak: {used}.",
+             f"Source (profile): {profile.source}."]
+    lines.extend(f"Note: {note}." for note in profile.notes)
+    return lines
 
 
 ENGINE_LABEL = {"sglang": "SGLang", "trtllm": "TensorRT-LLM", "llamacpp": "llama.cpp"}

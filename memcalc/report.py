@@ -156,6 +156,19 @@ def vllm_document(budget) -> dict[str, Any]:
         "max_model_len": budget.max_model_len, "max_concurrency": round(budget.max_concurrency, 4),
         "cuda_graphs": vllm_graphs_document(budget.cudagraphs), "graph_headroom": budget.graph_headroom,
         "graphs_fit": budget.graphs_fit, "device_total": budget.device_total,
+        "profile": vllm_profile_document(budget.profile) if budget.profile is not None else None,
+    }
+
+
+def vllm_profile_document(profile) -> dict[str, Any]:
+    """vLLM's profile run by its version's rule (memcalc.serving.VLLMProfile), in bytes."""
+    return {
+        "version": profile.version, "runner": profile.runner, "sampler": profile.sampler.value,
+        "max_num_batched_tokens": profile.tokens, "requests": profile.requests, "logits": profile.logits,
+        "vocab": profile.vocab, "forward": profile.forward, "held": profile.held,
+        "bytes_per_logit": profile.bytes_per_logit, "buffer": profile.buffer, "sampler_peak": profile.sampler_peak,
+        "peak": profile.peak, "peak_phase": "sampler" if profile.sampler_wins else "forward",
+        "rule": profile.describe(), "source": profile.source, "notes": list(profile.notes),
     }
 
 

@@ -11,7 +11,10 @@ vLLM (V1 engine: vllm/v1/worker/gpu_worker.py ``determine_available_memory``, vl
 - it asks for ``gpu_memory_utilization`` x the device's total memory (what CUDA reports);
 - it loads the weights ("model weights take A GiB": the parameters plus each rotary embedding's
   ``cos_sin_cache`` of max_position x rotary_dim in the model dtype);
-- it profiles one forward of ``max_num_batched_tokens`` tokens: the torch activation peak;
+- it profiles one forward of ``max_num_batched_tokens`` tokens in up to ``max_num_seqs`` dummy
+  requests, then its sampler on one logit per request: the torch activation peak, whichever of the
+  two is larger, by each release's rule (``vllm_profile``: V0's sort-based sampler, V1's torch.sort,
+  Triton or FlashInfer top-k/top-p, Model Runner V2's parameter-free dummy batch);
 - it counts the non-torch increase (NCCL, cuBLAS and other allocations outside PyTorch);
 - what is left is the KV cache: ``num_blocks = kv_bytes // page_size // layers`` with a page of
   ``block_size`` tokens of one layer; tokens = blocks x block_size.
@@ -29,9 +32,9 @@ vLLM (V1 engine: vllm/v1/worker/gpu_worker.py ``determine_available_memory``, vl
   tests/test_serving.py), not vLLM's own rule; ``--enforce-eager`` captures none.
 
 The weights are the estimator's (exact against vLLM's own figure for the
-published logs in tests/test_serving.py); the activation peak is memcalc's prefill estimate of one
-forward of that many tokens and is approximate (vLLM's profile has changed between versions: a
-calibration from a real start-up log, ``memcalc calibrate``, replaces it); the non-torch increase
+published logs in tests/test_serving.py); the activation peak is vLLM's profile rule for the version
+(within 3% of the published logs of dense models in tests/test_serving.py, MoE forwards not modelled;
+a calibration from a real start-up log, ``memcalc calibrate``, replaces it); the non-torch increase
 defaults to the 0.12 GiB a Llama-3.1-8B start-up on an H100 at TP 1 logged, plus NCCL's buffers
 (memcalc.estimate.device) under tensor parallelism.
 
@@ -269,6 +272,258 @@ def vllm_cuda_graphs(model: ModelConfig, settings: InferSettings, total_memory: 
                       notes=tuple(notes))
 
 
+# --- vLLM's profile run: the activation peak -------------------------------------------------------
+# Read in the vLLM wheels 0.6.6, 0.7.0, 0.7.2, 0.7.3, 0.8.0, 0.8.5, 0.9.2, 0.10.1.1, 0.10.2, 0.11.0, 0.11.2,
+# 0.12.0 to 0.19.0, 0.22.0 to 0.31.0, 0.33.0 and 0.34.0 (PyPI; 0.20 and 0.21 are not on the index), in PyTorch's
+# aten/src/ATen/native/cuda/SortStable.cu (the sort's temporaries) and in flashinfer-python 0.6.6
+# (flashinfer/sampling.py). docs/serving.md has the table and the published logs it is checked against.
+
+VLLM_PROFILE_SOURCE = {
+    "v0": ("vllm/worker/model_runner.py (GPUModelRunnerBase.profile_run, _dummy_run), "
+           "vllm/model_executor/layers/sampler.py (Sampler.forward, _apply_top_k_top_p), vllm/worker/worker.py "
+           "(determine_num_available_blocks)"),
+    "v1": ("vllm/v1/worker/gpu_model_runner.py (profile_run, _dummy_run, _dummy_sampler_run), "
+           "vllm/v1/sample/sampler.py (Sampler.forward), vllm/v1/sample/ops/topk_topp_sampler.py, "
+           "vllm/v1/worker/gpu_worker.py (determine_available_memory)"),
+    "v2": ("vllm/v1/worker/gpu/model_runner.py (profile_run, _dummy_run, _dummy_sampler_run), "
+           "vllm/v1/worker/gpu/sample/sampler.py (Sampler.apply_sampling_params), vllm/config/vllm.py "
+           "(use_v2_model_runner), vllm/v1/worker/gpu_worker.py (determine_available_memory)"),
+}
+# Streaming multiprocessors of the catalogued cards (the vendors' datasheets and whitepapers; CUs on the
+# MI300X): vLLM's Triton top-k/top-p kernel keeps one vocabulary row per program, min(next_power_of_2(min(SMs,
+# rows)), SMs) rows (vllm/v1/sample/ops/topk_topp_triton.py apply_top_k_top_p_triton, 0.17 and later)
+GPU_SM_COUNT = {"a100-40gb": 108, "a100-80gb": 108, "h100-80gb": 132, "h200-141gb": 132, "b200-180gb": 148,
+                "l40s-48gb": 142, "rtx-4090-24gb": 128, "mi300x-192gb": 304}
+DEFAULT_SM_COUNT = 132  # the H100 SXM5's, for a card not in GPU_SM_COUNT
+V0_MAX_NUM_SEQS = 256  # EngineArgs.max_num_seqs for the V0 engine (0.6, 0.7)
+
+
+class VLLMSampler(StrEnum):
+    """How vLLM's profile run applies the dummy top-k/top-p."""
+
+    SORT = "sort"  # torch.sort of the fp32 logits (V0; V1 to 0.16)
+    TRITON = "triton"  # apply_top_k_top_p_triton, in place (V1, 0.17 to 0.21; ROCm later)
+    FLASHINFER = "flashinfer"  # top_k_top_p_sampling_from_logits (V1 on CUDA from 0.22)
+    NONE = "none"  # Model Runner V2: the dummy batch registers no sampling parameters
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """Any "0.x[.y]" (parse_vllm_version refuses what the CUDA-graph rules do not cover; the profile
+    rules go back to the V0 engine of 0.6)."""
+    try:
+        return tuple(int(part) for part in text.strip().lstrip("v").split("."))
+    except ValueError:
+        raise SettingsError(Field("vllm_version"), f": {text!r} is not a version such as 0.11 or 0.10.1") from None
+
+
+def torch_sort_bytes_per_element(rows: int) -> int:
+    """What ``torch.sort`` of a [rows, V] fp32 tensor along V allocates per element while it runs
+    (aten/src/ATen/native/cuda/SortStable.cu launch_stable_sort_kernel): its outputs, values (4) and
+    int64 indices (8), plus, from 128 rows, the int64 reverse indices (8) and cub's segmented radix
+    sort's alternate keys and values (4 + 8); from 2 to 127 rows (segmented_sort_pairs_by_full_sort)
+    two int2 index-and-segment buffers (16), the keys' output (4) and cub's alternate keys and int2
+    values (12); one row: the outputs (a vocabulary's worth of indices aside)."""
+    if rows >= 128:
+        return 12 + 8 + 12
+    if rows >= 2:
+        return 12 + 16 + 4 + 12
+    return 12
+
+
+@dataclass(frozen=True, eq=False)
+class VLLMProfile:
+    """vLLM's profile run as its source runs it: one forward of ``tokens`` tokens split over
+    ``requests`` dummy requests, then the sampler on one position of each request. The activation
+    peak is the larger of the forward's (memcalc's estimate, one TP rank) and the sampler's: what
+    stays alive of the forward (``held``) plus ``bytes_per_logit`` for each of ``requests`` x
+    ``vocab`` logits plus a fixed ``buffer``."""
+
+    version: str
+    runner: str  # "V0", "V1" (gpu_model_runner.py) or "V2" (Model Runner V2)
+    sampler: VLLMSampler
+    tokens: int
+    requests: int
+    vocab: int  # the full vocabulary: the logits are gathered on every TP rank
+    forward: int
+    held: int  # the forward's hidden states kept while sampling, the sampled rows (and a random copy)
+    bytes_per_logit: int
+    buffer: int  # the Triton kernel's per-program vocabulary rows
+    per_logit: str  # what the bytes per logit are
+    source: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def logits(self) -> int:
+        return self.requests
+
+    @property
+    def sampler_peak(self) -> int:
+        return self.held + self.requests * self.vocab * self.bytes_per_logit + self.buffer
+
+    @property
+    def peak(self) -> int:
+        return max(self.forward, self.sampler_peak)
+
+    @property
+    def sampler_wins(self) -> bool:
+        return self.sampler_peak > self.forward
+
+    @property
+    def buffer_rows(self) -> int:
+        return self.buffer // (self.vocab * 4) if self.buffer else 0
+
+    def describe(self) -> str:
+        """The rule applied, for the budget's "From" column."""
+        buffer = f" + {self.buffer_rows} vocabulary rows" if self.buffer else ""
+        return (f"vLLM {self.version} profile ({self.runner} runner): forward of {self.tokens} tokens in "
+                f"{self.requests} requests + sampler of {self.logits} logits ({self.bytes_per_logit} B each{buffer}); "
+                f"the {'sampler' if self.sampler_wins else 'forward'} is the peak")
+
+
+def _profile_forward(model: ModelConfig, settings: InferSettings, tokens: int) -> int:
+    """memcalc's activation estimate for one forward of ``tokens`` tokens on one TP rank, the tokens
+    spread over many short requests (so not capped at max_position_embeddings) and without attention
+    scores: vLLM's V1 profile runs without attention metadata (the backends return zeros), V0's with
+    FlashAttention, which keeps no scores."""
+    from memcalc.estimate.inference import _compute_bytes, prefill_activation_bytes, tensor_parallel_view
+
+    local = tensor_parallel_view(model, settings.tp)
+    element = _compute_bytes(DType(settings.dtype))
+    return max(prefill_activation_bytes(local, tokens, element), element * tokens * local.hidden_size)
+
+
+def _is_quantized(model: ModelConfig, settings: InferSettings) -> bool:
+    from memcalc.estimate.inference import checkpoint_weights
+
+    weight_format = checkpoint_weights(model, settings)[0]
+    return weight_format is not None and weight_format.lower() not in {"bf16", "fp16", "fp32", "float16", "bfloat16"}
+
+
+def vllm_uses_model_runner_v2(version: tuple[int, ...], model: ModelConfig, settings: InferSettings) -> bool:
+    """Whether vLLM ``version`` runs ``model`` on Model Runner V2 by default (vllm/config/vllm.py
+    VllmConfig.use_v2_model_runner and _is_default_v2_model_runner_model, VLLM_USE_V2_MODEL_RUNNER unset):
+    0.22 Qwen3ForCausalLM, 0.23 also Llama and Mistral, dense and unquantized; 0.24 those quantized too and
+    the DeepSeek-V2, Qwen2-MoE and Granite-MoE architectures; 0.25 to 0.28 every dense model that is not
+    hybrid or attention-free, and those MoE architectures; from 0.29 every model (its unsupported features
+    aside). memcalc keeps no Hugging Face architecture name: 0.22 to 0.24 read the family from the model's
+    name and aliases."""
+    from memcalc.estimate.inference import recurrent_layers
+
+    if version < (0, 22):
+        return False
+    if version >= (0, 29):
+        return True
+    names = " ".join((model.name, *model.aliases)).lower()
+    moe, hybrid = model.moe is not None, recurrent_layers(model) > 0
+    listed_moe = moe and any(key in names for key in ("deepseek-v2", "qwen2-moe", "qwen1.5-moe", "granite"))
+    if version >= (0, 25):
+        return not hybrid and (not moe or listed_moe)
+    dense_families = ("qwen3",) if version < (0, 23) else ("qwen3", "llama", "mistral")
+    dense = not moe and not hybrid and model.vision is None and any(key in names for key in dense_families)
+    if version < (0, 24):
+        return dense and not _is_quantized(model, settings)
+    return dense or listed_moe
+
+
+def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, tokens: int,
+                 max_num_seqs: int | None = None, gpu_name: str = "", architecture: str = "") -> VLLMProfile:
+    """vLLM's profile run for ``version`` (any release from 0.6; the V0 engine before 0.8), as each
+    release's source runs it:
+
+    - V0 (0.6, 0.7; worker/model_runner.py profile_run): ``max_num_seqs`` (256) prompts sharing the
+      tokens, SamplingParams(top_p=0.99, top_k=vocab - 1), the last position of each sampled; the
+      hidden states stay alive; Sampler.forward upcasts the logits to fp32 and _apply_top_k_top_p
+      sorts them: e + 4 + the sort's bytes (torch_sort_bytes_per_element), 38 a logit in bf16.
+    - V1 (0.8 to 0.28; v1/worker/gpu_model_runner.py profile_run -> _dummy_run(max_num_tokens,
+      is_profile=True), _dummy_sampler_run): min(tokens, max_num_seqs) requests, no attention
+      metadata (the attention backends return zeros), one logit per request; from 0.9 profile_run
+      keeps the hidden states and _dummy_sampler_run draws torch.rand_like of the sampled rows;
+      dummy SamplingMetadata temperature 0.5, top_p 0.9, top_k vocab - 1, not all greedy. The sampler
+      holds the model-dtype logits and their fp32 copy (Sampler.forward), then: to 0.16 torch.sort
+      (38 B a logit in bf16); 0.17 to 0.21 the Triton kernel in place, then softmax probabilities and
+      the exponential draw (random_sample), 14 B a logit, plus its per-program buffer; from 0.22 on
+      CUDA FlashInfer's top_k_top_p_sampling_from_logits (VLLM_USE_FLASHINFER_SAMPLER on by default):
+      masked logits and probabilities, 14 B a logit.
+    - Model Runner V2 (vllm_uses_model_runner_v2; v1/worker/gpu/model_runner.py): min(tokens,
+      max_num_seqs) requests, skip_attn; InputBatch.make_dummy registers no sampling parameters, so
+      the sampler samples the model-dtype logits (gumbel_sample), with an fp32 copy to 0.25
+      (apply_sampling_params), none from 0.26.
+
+    The peak is the larger of the forward's (memcalc's prefill estimate for ``tokens`` tokens on one
+    TP rank, _profile_forward) and the sampler's, on the full vocabulary on every rank (the logits are
+    gathered). The profile forward runs without CUDA graphs (CUDAGraphMode.NONE, force_eager) but
+    through torch.compile, whose fusions leave the largest tensors (the gate/up output and the
+    activation) in place. vLLM measures it as torch's allocated peak during profile_run less what was
+    allocated before (determine_available_memory; from 0.27 the peak less what is allocated after,
+    the rest counted with the weights); from 0.27 its log line "X GiB for peak activation" adds the
+    CUDA graph estimate, which memcalc keeps apart (VLLMGraphs). Not modelled (notes): the fused-MoE
+    workspaces of a MoE forward, a multimodal encoder's profile, speculative decoding's rejection
+    sampler, LoRA, the 0.33 warm-up-parameter sampler pass.
+    """
+    from memcalc.estimate.inference import _compute_bytes
+
+    numbers = _version_tuple(version)
+    element = _compute_bytes(DType(settings.dtype))
+    upcast = 0 if element == 4 else 4  # Tensor.to(float32) of fp32 logits is the same tensor
+    hidden, vocab = model.hidden_size, model.vocab_size
+    forward = _profile_forward(model, settings, tokens)
+    notes: list[str] = []
+    buffer = 0
+    parts = [(element, "logits"), (upcast, "fp32 copy")]  # bytes per logit at the sampler's peak
+    if numbers < (0, 8):
+        runner, sampler, source = "V0", VLLMSampler.SORT, VLLM_PROFILE_SOURCE["v0"]
+        requests = max_num_seqs or V0_MAX_NUM_SEQS
+        held = element * (tokens + requests) * hidden  # execute_model's hidden states, the selected rows
+        # the sort's peak, or _apply_top_k_top_p's scatter after it: sorted values and indices, the
+        # top-k mask, the softmax (cumsum), the top-p mask and the re-sorted output (26 B)
+        parts.append((max(torch_sort_bytes_per_element(requests), 4 + 8 + 1 + 4 + 4 + 1 + 4), "torch.sort"))
+    else:
+        requests = min(tokens, max_num_seqs or tokens)
+        v2 = vllm_uses_model_runner_v2(numbers, model, settings)
+        runner = "V2" if v2 else "V1"
+        source = VLLM_PROFILE_SOURCE["v2" if v2 else "v1"]
+        if v2:
+            sampler = VLLMSampler.NONE
+            held = element * (tokens + requests) * hidden  # hidden_states and sample_hidden_states
+            if numbers >= (0, 26):  # no sampling parameters: no logits processing, no copy
+                parts = [(element, "logits, no sampling parameters")]
+        else:
+            # 0.8 returns only the sampled rows; from 0.9 the hidden states too, and a rand_like of the rows
+            held = element * requests * hidden if numbers < (0, 9) else element * (tokens + 2 * requests) * hidden
+            rocm = "cdna" in architecture.lower() or gpu_name.lower().startswith("mi")
+            if numbers < (0, 17) or requests < 8:
+                sampler = VLLMSampler.SORT
+                parts.append((torch_sort_bytes_per_element(requests), "torch.sort"))
+                if (0, 9) <= numbers < (0, 12):
+                    notes.append(f"vLLM {version} samples with FlashInfer when flashinfer is installed (the docker "
+                                 "image, vllm[flashinfer]): 14 B a logit instead of the sort's")
+            elif numbers < (0, 22) or rocm:
+                sampler = VLLMSampler.TRITON
+                parts += [(0, "Triton top-k/top-p in place"), (4, "probabilities"), (4, "exponential draw")]
+                sms = GPU_SM_COUNT.get(gpu_name, DEFAULT_SM_COUNT)
+                programs = min(sms, requests)
+                buffer = min(1 << (programs - 1).bit_length(), sms) * vocab * 4
+                if gpu_name not in GPU_SM_COUNT:
+                    notes.append(f"the Triton top-k/top-p buffer counts {DEFAULT_SM_COUNT} SMs (an H100's)")
+            else:
+                sampler = VLLMSampler.FLASHINFER
+                parts += [(4, "FlashInfer's masked logits"), (4, "probabilities")]
+    per_logit = sum(size for size, _ in parts)
+    detail = " + ".join(f"{size} {what}" if size else what for size, what in parts if size or "place" in what)
+    if (0, 20) <= numbers < (0, 22):
+        notes.append(f"vLLM {version}: profile rule as read in 0.19 (0.20 and 0.21 were not read)")
+    if numbers >= (0, 33):
+        notes.append(f"vLLM {version}: the second, warm-up-parameter pass of _dummy_sampler_run (0.33: fp32 logits, "
+                     "penalties, min-p, top-k 50, top-p 0.9) is not modelled")
+    if model.moe is not None:
+        notes.append("MoE: the fused-MoE kernels' intermediate caches and workspaces in the profile forward are not "
+                     "modelled (vLLM 0.19 logs of Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite: 20-57% above)")
+    if model.vision is not None:
+        notes.append("multimodal: the encoder's profile run (the dummy images and the encoder cache) is not modelled")
+    return VLLMProfile(version, runner, sampler, tokens, requests, vocab, forward, held, per_logit, buffer, detail,
+                       source, tuple(notes))
+
+
 @dataclass(frozen=True, eq=False)
 class Calibration:
     """A real start-up's measured terms (memcalc.calibration reads them from a log)."""
@@ -293,6 +548,7 @@ class VLLMBudget:
     page_bytes: int  # one block of block_size tokens, over all the layers
     max_model_len: int
     cudagraphs: VLLMGraphs
+    profile: VLLMProfile | None = None  # vLLM's profile run by its version's rule (also under a calibration)
 
     @property
     def requested(self) -> int:
@@ -366,7 +622,8 @@ def _static_weights(model: ModelConfig, settings: InferSettings, engine: Engine)
 
 
 def _profile_peak(model: ModelConfig, settings: InferSettings, engine: Engine, tokens: int) -> tuple[int, str]:
-    """memcalc's estimate of one profile forward of ``tokens`` tokens: its activations and logits."""
+    """memcalc's estimate of one profile forward of ``tokens`` tokens: its activations and logits
+    (TensorRT-LLM's dummy run; vLLM's profile run is ``vllm_profile``)."""
     from memcalc.estimate.inference import estimate_inference
 
     tokens = min(tokens, model.max_position_embeddings)
@@ -392,10 +649,15 @@ def vllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int, 
     dtype = DType(settings.dtype)
     rotary = rotary_cache_bytes(model, dtype)
     weights = _static_weights(model, settings, Engine.VLLM) + rotary
+    graph_options = graph_options or VLLMGraphOptions()
+    seqs = graph_options.max_num_seqs or vllm_default_max_num_seqs(total_memory, graph_options.gpu_name,
+                                                                   max_num_batched_tokens)
+    profile = vllm_profile(model, settings, graph_options.version, max_num_batched_tokens, seqs,
+                           graph_options.gpu_name, graph_options.architecture)
     if calibration is not None and calibration.activation_peak_bytes is not None:
         activation, activation_from = calibration.activation_peak_bytes, calibration.source
     else:
-        activation, activation_from = _profile_peak(model, settings, Engine.VLLM, max_num_batched_tokens)
+        activation, activation_from = profile.peak, profile.describe()
     if calibration is not None and calibration.non_torch_bytes is not None:
         non_torch, non_torch_from = calibration.non_torch_bytes, calibration.source
     else:
@@ -404,11 +666,10 @@ def vllm_budget(model: ModelConfig, settings: InferSettings, total_memory: int, 
         non_torch_from = "default: 0.12 GiB (vLLM log, H100, TP 1)" + (" + NCCL" if nccl else "")
     per_token = kv_cache_bytes_per_token(model, kv_dtype_for(settings), settings.tp, Engine.VLLM)
     block = settings.block_size
-    cudagraphs = vllm_cuda_graphs(model, settings, total_memory, max_num_batched_tokens,
-                                  graph_options or VLLMGraphOptions())
+    cudagraphs = vllm_cuda_graphs(model, settings, total_memory, max_num_batched_tokens, graph_options)
     return VLLMBudget(total_memory, utilization, weights, rotary, activation, activation_from, non_torch,
                       non_torch_from, max_num_batched_tokens, block, per_token * block, _max_model_len(model, settings),
-                      cudagraphs)
+                      cudagraphs, profile)
 
 
 # --- What the engines below share ----------------------------------------------------------------------
