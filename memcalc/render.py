@@ -599,6 +599,8 @@ def _vllm_profile_lines(budget, unit: Unit) -> list[str]:
         return []
     buffer = (f" + {format_bytes(profile.buffer, unit)} {label} Triton buffer ({profile.buffer_rows} rows)"
               if profile.buffer else "")
+    moe = (f" + {format_bytes(profile.moe_workspace, unit)} {label} fused-MoE workspace (kept from the forward)"
+           if profile.moe_workspace else "")
     used = ("the sampler's" if profile.sampler_wins else "the forward's")
     if budget.activation_peak != profile.peak:
         used = f"the calibration's {format_bytes(budget.activation_peak, unit)} {label} in its place"
@@ -606,7 +608,7 @@ def _vllm_profile_lines(budget, unit: Unit) -> list[str]:
              f"{profile.requests:,} requests {format_bytes(profile.forward, unit)} {label}; sampler "
              f"{format_bytes(profile.sampler_peak, unit)} {label} = {format_bytes(profile.held, unit)} {label} held + "
              f"{profile.logits:,} x {profile.vocab:,} logits x {profile.bytes_per_logit} B ({profile.per_logit})"
-             f"{buffer}; activation peak: {used}.",
+             f"{buffer}{moe}; activation peak: {used}.",
              f"Source (profile): {profile.source}."]
     lines.extend(f"Note: {note}." for note in profile.notes)
     return lines

@@ -166,7 +166,8 @@ def vllm_profile_document(profile) -> dict[str, Any]:
         "version": profile.version, "runner": profile.runner, "sampler": profile.sampler.value,
         "max_num_batched_tokens": profile.tokens, "requests": profile.requests, "logits": profile.logits,
         "vocab": profile.vocab, "forward": profile.forward, "held": profile.held,
-        "bytes_per_logit": profile.bytes_per_logit, "buffer": profile.buffer, "sampler_peak": profile.sampler_peak,
+        "bytes_per_logit": profile.bytes_per_logit, "buffer": profile.buffer, "moe_workspace": profile.moe_workspace,
+        "sampler_peak": profile.sampler_peak,
         "peak": profile.peak, "peak_phase": "sampler" if profile.sampler_wins else "forward",
         "rule": profile.describe(), "source": profile.source, "notes": list(profile.notes),
     }

@@ -33,7 +33,8 @@ vLLM (V1 engine: vllm/v1/worker/gpu_worker.py ``determine_available_memory``, vl
 
 The weights are the estimator's (exact against vLLM's own figure for the
 published logs in tests/test_serving.py); the activation peak is vLLM's profile rule for the version
-(within 3% of the published logs of dense models in tests/test_serving.py, MoE forwards not modelled;
+(within 3% of the published logs in tests/test_serving.py, the unquantized fused-MoE layer's workspace
+included, ``vllm_fused_moe``;
 a calibration from a real start-up log, ``memcalc calibrate``, replaces it); the non-torch increase
 defaults to the 0.12 GiB a Llama-3.1-8B start-up on an H100 at TP 1 logged, plus NCCL's buffers
 (memcalc.estimate.device) under tensor parallelism.
@@ -66,7 +67,7 @@ import bisect
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from memcalc.config import Engine, InferSettings, LayerType, ModelConfig, PositionKind
+from memcalc.config import Engine, InferSettings, LayerType, MLPKind, ModelConfig, PositionKind
 from memcalc.dtypes import DType, storage_bytes
 from memcalc.errors import Field, SettingsError
 
@@ -336,7 +337,8 @@ class VLLMProfile:
     ``requests`` dummy requests, then the sampler on one position of each request. The activation
     peak is the larger of the forward's (memcalc's estimate, one TP rank) and the sampler's: what
     stays alive of the forward (``held``) plus ``bytes_per_logit`` for each of ``requests`` x
-    ``vocab`` logits plus a fixed ``buffer``."""
+    ``vocab`` logits plus a fixed ``buffer``, plus, for a MoE model from 0.14, the fused-MoE workspace the
+    forward left allocated (``moe``, VLLMFusedMoE)."""
 
     version: str
     runner: str  # "V0", "V1" (gpu_model_runner.py) or "V2" (Model Runner V2)
@@ -351,14 +353,20 @@ class VLLMProfile:
     per_logit: str  # what the bytes per logit are
     source: str
     notes: tuple[str, ...] = ()
+    moe: VLLMFusedMoE | None = None  # the fused-MoE layer, where modelled (vllm_fused_moe)
 
     @property
     def logits(self) -> int:
         return self.requests
 
     @property
+    def moe_workspace(self) -> int:
+        """The fused-MoE workspace still allocated while the sampler runs (0.14 and later), else 0."""
+        return self.moe.held if self.moe is not None else 0
+
+    @property
     def sampler_peak(self) -> int:
-        return self.held + self.requests * self.vocab * self.bytes_per_logit + self.buffer
+        return self.held + self.requests * self.vocab * self.bytes_per_logit + self.buffer + self.moe_workspace
 
     @property
     def peak(self) -> int:
@@ -375,8 +383,12 @@ class VLLMProfile:
     def describe(self) -> str:
         """The rule applied, for the budget's "From" column."""
         buffer = f" + {self.buffer_rows} vocabulary rows" if self.buffer else ""
+        moe = ""
+        if self.moe is not None:
+            kept = ", kept" if self.moe.persistent else ""
+            moe = f" with the fused-MoE {self.moe.kernel} workspace ({self.moe.workspace / MiB:.0f} MiB{kept})"
         return (f"vLLM {self.version} profile ({self.runner} runner): forward of {self.tokens} tokens in "
-                f"{self.requests} requests + sampler of {self.logits} logits ({self.bytes_per_logit} B each{buffer}); "
+                f"{self.requests} requests{moe} + sampler of {self.logits} logits ({self.bytes_per_logit} B each{buffer}); "
                 f"the {'sampler' if self.sampler_wins else 'forward'} is the peak")
 
 
@@ -390,6 +402,22 @@ def _profile_forward(model: ModelConfig, settings: InferSettings, tokens: int) -
     local = tensor_parallel_view(model, settings.tp)
     element = _compute_bytes(DType(settings.dtype))
     return max(prefill_activation_bytes(local, tokens, element), element * tokens * local.hidden_size)
+
+
+def _profile_forward_beside_moe(model: ModelConfig, settings: InferSettings, tokens: int) -> int:
+    """_profile_forward without memcalc's MoE-layer estimate (a per-expert loop's), for a model whose
+    fused-MoE layer vllm_fused_moe sizes: the dense MLP layers, recurrent mixers and the stream."""
+    from memcalc.estimate.inference import _compute_bytes, recurrent_mixer_elements, tensor_parallel_view
+    from memcalc.estimate.inventory import MLPRole, layer_roles
+
+    local = tensor_parallel_view(model, settings.tp)
+    element = _compute_bytes(DType(settings.dtype))
+    h = local.hidden_size
+    peaks = [element * tokens * h, element * tokens * recurrent_mixer_elements(local)]
+    if MLPRole.DENSE in set(layer_roles(local)):
+        width = 3 if local.mlp is MLPKind.GATED else 2
+        peaks.append(element * tokens * (4 * h + width * local.intermediate_size))
+    return max(peaks)
 
 
 def _is_quantized(model: ModelConfig, settings: InferSettings) -> bool:
@@ -425,6 +453,136 @@ def vllm_uses_model_runner_v2(version: tuple[int, ...], model: ModelConfig, sett
     return dense or listed_moe
 
 
+# --- vLLM's fused-MoE layer in the profile forward -----------------------------------------------------
+VLLM_MOE_SOURCE = {
+    "impl": ("vllm/model_executor/layers/fused_moe/fused_moe.py (fused_experts_impl: intermediate caches per "
+             "chunk of VLLM_FUSED_MOE_CHUNK_SIZE tokens, freed with the layer), "
+             "fused_moe/layer.py (UnquantizedFusedMoEMethod.forward_cuda -> fused_experts)"),
+    "modular": ("vllm/model_executor/layers/fused_moe/modular_kernel.py (FusedMoEModularKernel._allocate_buffers), "
+                "fused_moe/fused_moe.py (TritonExperts.workspace_shapes, apply), "
+                "vllm/v1/worker/workspace.py (WorkspaceManager.get_simultaneous: one buffer, grown, never freed), "
+                "fused_moe/unquantized_fused_moe_method.py"),
+}
+# VLLM_FUSED_MOE_CHUNK_SIZE (vllm/envs.py): 64 x 1024 to 0.11, 16 x 1024 in 0.12 to 0.17; gone from 0.18
+# (the modular kernel no longer chunks)
+_MOE_CHUNK = ((0, 12), 64 * 1024), ((0, 18), 16 * 1024)
+# MLACommonMetadataBuilder.determine_chunked_prefill_workspace_size (0.14 to 0.19): at most 64K tokens
+MLA_CHUNKED_PREFILL_CAP = 64 * 1024
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True, eq=False)
+class VLLMFusedMoE:
+    """The unquantized fused-MoE layer of vLLM's profile forward (the Triton kernels, one TP rank).
+
+    ``workspace``: what the experts' kernel allocates for the ``tokens`` x top_k rows: before 0.14
+    fused_experts_impl's intermediate caches (freed with each layer); from 0.14 the modular kernel's
+    workspace13 and workspace2, taken from the WorkspaceManager, a buffer that grows to the largest
+    request and is never freed, so it is still allocated while the sampler runs (``persistent``).
+    ``layer``: what the MoE layer holds beside it at the expert GEMMs (the residual, the layer's input,
+    its output, the shared experts' output, the router logits, top-k weights, ids and sorted ids).
+    ``attention``: MLA models from 0.14: the profile's dummy ``torch.empty`` of the up-projected prefill
+    context (MLAAttention.forward_impl with no attention metadata) beside the stream and the workspace."""
+
+    kernel: str
+    tokens: int  # rows the caches are sized for: the forward's tokens, or one chunk of them
+    workspace: int
+    persistent: bool
+    layer: int
+    attention: int  # 0 unless MLA
+    detail: str
+    source: str
+
+    @property
+    def peak(self) -> int:
+        return max(self.workspace + self.layer, self.attention)
+
+    @property
+    def held(self) -> int:
+        """What stays allocated after the forward (the WorkspaceManager's buffer)."""
+        return self.workspace if self.persistent else 0
+
+
+def vllm_fused_moe(model: ModelConfig, settings: InferSettings, numbers: tuple[int, ...], tokens: int,
+                   max_num_seqs: int) -> VLLMFusedMoE | None:
+    """The fused-MoE layer of vLLM's profile forward of ``tokens`` tokens on one TP rank, by release, for
+    an unquantized MoE on CUDA without expert parallelism (the default Triton path: ``Using TRITON backend
+    for Unquantized MoE`` in 0.19's log); None where not modelled (no MoE, quantized experts, 0.22 and
+    later, whose oracle tries FlashInfer's TRT-LLM and CUTLASS kernels first: not read). The experts'
+    shapes as vLLM takes them (modular_kernel.py moe_problem_size): M = tokens, N = w13's rows on the rank
+    (2 x expert_intermediate_size / TP for a gated MLP), K = hidden; top_k rows a token. Read in the wheels
+    0.6.6, 0.7.3, 0.8.0, 0.8.5, 0.9.2, 0.10.2, 0.11.0, 0.11.2, 0.12.0, 0.13.0 (fused_experts_impl), 0.14.0 to
+    0.19.0 (the modular kernel):
+
+    - 0.6, 0.7: fused_experts_impl's intermediate_cache1 (M, top_k, N), intermediate_cache2 (M x top_k, N/2)
+      and intermediate_cache3 (M, top_k, K), M one chunk of VLLM_FUSED_MOE_CHUNK_SIZE (64K);
+    - 0.8 to 0.13: cache13 of M x top_k x max(N, K) shared by caches 1 and 3, and cache2; the chunk 16K
+      from 0.12;
+    - 0.14 to 0.17: FusedMoEModularKernel with TritonExperts: workspace13 (M, top_k, max(N/2, K)) and
+      workspace2 (M, top_k, max(N, K)) for a chunk of 16K tokens, the output (M, K) in workspace13 when it
+      fits and there is one chunk, else a third buffer; each rounded to 256 B, from the WorkspaceManager;
+    - 0.18 to 0.21 (0.19 read): no chunking; one common buffer of max(M x top_k x max(N/2, K), M x K)
+      (workspace13 and the output) and workspace2.
+
+    The dummy forward's routing does not matter: the caches are sized by M x top_k whatever the experts
+    chosen (the profile's input ids are the zeros of the persistent input buffer, randomised only with
+    VLLM_RANDOMIZE_DP_DUMMY_INPUTS under data parallelism, so every token goes to the same experts), and
+    moe_align_block_size pads to top_k x M + E x (BLOCK_SIZE_M - 1) rows whatever the counts."""
+    from memcalc.estimate.inference import _compute_bytes
+
+    moe = model.moe
+    if moe is None or _is_quantized(model, settings) or numbers >= (0, 22):
+        return None
+    element = _compute_bytes(DType(settings.dtype))
+    tp, hidden, topk = settings.tp, model.hidden_size, moe.experts_per_token
+    gated = model.mlp is MLPKind.GATED
+    local = moe.expert_intermediate_size // tp
+    n = 2 * local if gated else local  # w13's rows on the rank
+    act = n // 2 if gated else n  # adjust_N_for_activation
+    chunk = next((size for before, size in _MOE_CHUNK if numbers < before), None)
+    rows = min(tokens, chunk) if chunk else tokens
+    if numbers < (0, 8):
+        kernel, persistent, source = "fused_experts_impl (3 caches)", False, VLLM_MOE_SOURCE["impl"]
+        workspace = element * rows * topk * (n + act + hidden)
+        detail = f"caches {rows} x {topk} x ({n} + {act} + {hidden})"
+    elif numbers < (0, 14):
+        kernel, persistent, source = "fused_experts_impl (cache13)", False, VLLM_MOE_SOURCE["impl"]
+        workspace = element * rows * topk * (max(n, hidden) + act)
+        detail = f"cache13 {rows} x {topk} x {max(n, hidden)} + cache2 {rows} x {topk} x {act}"
+    else:
+        kernel, persistent, source = "modular TritonExperts", True, VLLM_MOE_SOURCE["modular"]
+        ws13, ws2, out = rows * topk * max(act, hidden), rows * topk * max(n, hidden), tokens * hidden
+        if numbers >= (0, 18):
+            buffers = [max(ws13, out), ws2]
+        elif rows == tokens and ws13 >= out:
+            buffers = [ws13, ws2]
+        else:
+            buffers = [ws13, ws2, out]
+        workspace = sum(_round_up(element * size, 256) for size in buffers)
+        detail = (f"workspace13 {rows} x {topk} x {max(act, hidden)} + workspace2 {rows} x {topk} x {max(n, hidden)}"
+                  + ("" if len(buffers) == 2 else f" + output {tokens} x {hidden}"))
+    shared = moe.num_shared_experts > 0
+    # residual, input, output (and the shared experts' output) + router logits + top-k weights, ids,
+    # token_expert_indices, sorted_token_ids (4 B each a row)
+    layer = element * tokens * ((3 + shared) * hidden + moe.num_experts) + 16 * tokens * topk
+    attention = 0
+    if model.mla is not None and numbers >= (0, 14):
+        mla = model.mla
+        length = _max_model_len(model, settings)
+        block = settings.block_size
+        rows_mla = max(min(max(8 * length, 4 * max_num_seqs * block), MLA_CHUNKED_PREFILL_CAP), max_num_seqs * block)
+        heads = model.num_attention_heads // tp
+        dummy = element * rows_mla * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+        query = heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+        stream = element * tokens * (2 * hidden + query + mla.kv_lora_rank + mla.qk_rope_head_dim + heads * mla.v_head_dim)
+        attention = dummy + stream + (workspace if persistent else 0)
+        detail += f"; MLA profile dummy {rows_mla} x {heads} x {mla.qk_nope_head_dim + mla.v_head_dim}"
+    return VLLMFusedMoE(kernel, rows, workspace, persistent, layer, attention, detail, source)
+
+
 def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, tokens: int,
                  max_num_seqs: int | None = None, gpu_name: str = "", architecture: str = "") -> VLLMProfile:
     """vLLM's profile run for ``version`` (any release from 0.6; the V0 engine before 0.8), as each
@@ -456,8 +614,11 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
     activation) in place. vLLM measures it as torch's allocated peak during profile_run less what was
     allocated before (determine_available_memory; from 0.27 the peak less what is allocated after,
     the rest counted with the weights); from 0.27 its log line "X GiB for peak activation" adds the
-    CUDA graph estimate, which memcalc keeps apart (VLLMGraphs). Not modelled (notes): the fused-MoE
-    workspaces of a MoE forward, a multimodal encoder's profile, speculative decoding's rejection
+    CUDA graph estimate, which memcalc keeps apart (VLLMGraphs). A MoE forward is vLLM's fused-MoE layer
+    where vllm_fused_moe models it (unquantized, Triton, 0.6 to 0.21): the largest of the dense layers',
+    the MoE layer's and MLA's profile attention; from 0.14 its workspace stays allocated in the
+    WorkspaceManager and adds to the sampler's phase. Not modelled (notes): the fused-MoE layer of quantized
+    experts, of 0.22 and later and under EP/DP, a multimodal encoder's profile, speculative decoding's rejection
     sampler, LoRA, the 0.33 warm-up-parameter sampler pass.
     """
     from memcalc.estimate.inference import _compute_bytes
@@ -466,8 +627,13 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
     element = _compute_bytes(DType(settings.dtype))
     upcast = 0 if element == 4 else 4  # Tensor.to(float32) of fp32 logits is the same tensor
     hidden, vocab = model.hidden_size, model.vocab_size
-    forward = _profile_forward(model, settings, tokens)
     notes: list[str] = []
+    seqs = max_num_seqs or (V0_MAX_NUM_SEQS if numbers < (0, 8) else tokens)
+    moe = vllm_fused_moe(model, settings, numbers, tokens, seqs)
+    if moe is None:
+        forward = _profile_forward(model, settings, tokens)
+    else:
+        forward = max(_profile_forward_beside_moe(model, settings, tokens), moe.peak)
     buffer = 0
     parts = [(element, "logits"), (upcast, "fp32 copy")]  # bytes per logit at the sampler's peak
     if numbers < (0, 8):
@@ -515,13 +681,19 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
     if numbers >= (0, 33):
         notes.append(f"vLLM {version}: the second, warm-up-parameter pass of _dummy_sampler_run (0.33: fp32 logits, "
                      "penalties, min-p, top-k 50, top-p 0.9) is not modelled")
-    if model.moe is not None:
-        notes.append("MoE: the fused-MoE kernels' intermediate caches and workspaces in the profile forward are not "
-                     "modelled (vLLM 0.19 logs of Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite: 20-57% above)")
+    if model.moe is not None and moe is None:
+        why = (f"vLLM {version} tries FlashInfer's MoE kernels first on CUDA (not read)" if numbers >= (0, 22)
+               else "quantized experts (their kernels' workspaces were not read)")
+        notes.append(f"MoE: the fused-MoE layer's caches and workspaces in the profile forward are not modelled ({why}); "
+                     "the forward is memcalc's per-expert estimate (vLLM 0.19 logs of unquantized MoE models are "
+                     "20-57% above that rule)")
+    elif moe is not None:
+        notes.append("MoE: unquantized Triton fused-MoE path without expert parallelism (the default on CUDA); EP, "
+                     "DP and ROCm's AITER kernels are not modelled")
     if model.vision is not None:
         notes.append("multimodal: the encoder's profile run (the dummy images and the encoder cache) is not modelled")
     return VLLMProfile(version, runner, sampler, tokens, requests, vocab, forward, held, per_logit, buffer, detail,
-                       source, tuple(notes))
+                       source, tuple(notes), moe)
 
 
 @dataclass(frozen=True, eq=False)
