@@ -163,6 +163,13 @@ class MambaConfig:
     n_groups: PositiveInt = 1  # mamba2: groups sharing B and C
     gated_norm: bool = True  # mamba2: the gated RMSNorm of the channels (Falcon-H1's mamba_rms_norm can drop it)
     out_proj_bias: bool | None = None  # out_proj's bias when it differs from in_proj's (Falcon-H1's projectors_bias)
+    # mamba2, training activations only: the SSD kernel's chunk length (config ``chunk_size`` /
+    # ``mamba_chunk_size``; None: the family's default, Nemotron-H's 128 with separate_blocks, else
+    # 256) and whether the block keeps its residual stream in fp32 (transformers' Mamba2Block with
+    # ``residual_in_fp32``; None: the class's behaviour, True for a model of Mamba-2 blocks alone,
+    # False for the hybrids, whose blocks have no such option)
+    chunk_size: PositiveInt | None = None
+    residual_in_fp32: bool | None = None
 
     def __post_init__(self) -> None:
         _coerce_enums(self, version=MambaVersion)

@@ -586,6 +586,9 @@ def _read_mamba2(reader: _Reader, fields: dict[str, Any]) -> None:
         reader, h, heads="num_heads", head_dim="head_dim", groups="n_groups", state="state_size", conv="conv_kernel",
         expand="expand", conv_bias="use_conv_bias", proj_bias="use_bias",
         defaults=dict(heads=128, head_dim=64, groups=8, state=128, conv=4, expand=2))
+    # what sizes the training activations (Mamba2Config: chunk_size 256, residual_in_fp32 True)
+    fields["mamba"].update(chunk_size=reader.positive("chunk_size", 256),
+                           residual_in_fp32=reader.get("residual_in_fp32", True, bool))
     fields["head_dim"] = None
     fields["num_attention_heads"] = fields["mamba"]["num_heads"]
 

@@ -409,7 +409,11 @@ def _recurrent_configs(tmp_path: Path) -> dict[str, Path]:
 
 
 def _refuses_recurrent_training(run_cli, tmp_path: Path) -> None:
-    for kind, path in (*_recurrent_configs(tmp_path).items(), ("mamba", "jamba-1.5-mini")):
+    configs = _recurrent_configs(tmp_path)
+    # a model of Mamba-2 blocks alone is estimated (mamba_ssm's fused kernel, docs/formulas.md sec. 3.11)
+    assert run_cli("train", str(configs.pop("mamba2"))).exit_code == 0
+    hybrid = REPO / "tests" / "data" / "hf_configs" / "nvidia--Nemotron-H-56B-Base-8K.json"
+    for kind, path in (*configs.items(), ("mamba", "jamba-1.5-mini"), ("mamba", hybrid)):
         result = run_cli("train", str(path))
         assert result.exit_code == 2, (kind, result.stdout)
         expected = "linear_attention" if kind == "linear_attention" else "mamba"
@@ -435,7 +439,8 @@ def _refuses_lora_with_dropout(run_cli, tmp_path: Path) -> None:
 NOT_YET = {
     "CUDA graphs other than vLLM's": _counts_no_cuda_graphs,
     "a model's own dropout under LoRA (`train` refuses it; `--dropout 0` estimates without it)": _refuses_lora_with_dropout,
-    "training activations of Mamba and linear-attention layers (refused by `train`)": _refuses_recurrent_training,
+    "training activations of Mamba-1 and hybrid Mamba-2 layers and of linear-attention layers (refused by `train`)":
+        _refuses_recurrent_training,
 }
 
 

@@ -416,3 +416,157 @@ def autocast_weight_cache_bytes(model: ModelConfig, element_bytes: int, moe_laye
     layer saves none of them, but the forward still holds them at its end (measured with
     transformers' classes on fake tensors: Qwen3-8B, OLMo 2, Llama 4 text, 4 layers, amp-bf16)."""
     return element_bytes * sum(linear_weight_elements_per_layer(model, moe) for moe in moe_layers)
+
+
+# --- Mamba-2 layers (mamba_ssm's fused kernel) ----------------------------------------------------
+#
+# On CUDA transformers' Mamba-2 mixers (Mamba2Mixer, GraniteMoeHybridMambaLayer, NemotronHMamba2Mixer)
+# in training run mamba_ssm's ``mamba_split_conv1d_scan_combined`` (mamba_ssm 2.3, ops/triton/
+# ssd_combined.py ``MambaSplitConv1dScanCombinedFn``, with causal_conv1d 1.7's cpp_functions.py):
+# every tensor it keeps or uses is allocated with torch in Python, its Triton and CUDA kernels write
+# into them. Measured on fake tensors with that code and transformers' classes around it
+# (memcalc.validate.mamba, tests/test_mamba_training.py, benchmarks/mamba_accuracy.py).
+
+# SMs the split reductions of the backward are sized for (``torch.cuda.get_device_properties``
+# ``multi_processor_count`` in ssd_chunk_state.py / ssd_chunk_scan.py / layernorm_gated.py): H100/H200
+MAMBA_SM_COUNT = 132
+MAMBA_DEFAULT_CHUNK = 256  # Mamba2Config, GraniteMoeHybridConfig, FalconH1Config
+NEMOTRON_H_CHUNK = 128  # NemotronHConfig
+
+
+def mamba2_chunk_size(model: ModelConfig) -> int:
+    """The SSD chunk length: the config's, else its family's default (``MambaConfig.chunk_size``)."""
+    if model.mamba.chunk_size is not None:
+        return model.mamba.chunk_size
+    return NEMOTRON_H_CHUNK if model.separate_blocks else MAMBA_DEFAULT_CHUNK
+
+
+def mamba2_residual_in_fp32(model: ModelConfig) -> bool:
+    """transformers' Mamba2Block (``residual_in_fp32``, default True) keeps the residual stream in
+    fp32 between blocks; the hybrids' blocks add in the stream's dtype."""
+    from memcalc.config import LayerType
+
+    if model.mamba.residual_in_fp32 is not None:
+        return model.mamba.residual_in_fp32
+    return (not model.separate_blocks and model.mlp is MLPKind.NONE
+            and all(kind is LayerType.MAMBA for kind in model.resolved_layer_types))
+
+
+@dataclass(frozen=True)
+class Mamba2Sizes:
+    tokens: int  # T = b x s
+    padded: int  # b x chunks x chunk: the tokens of the per-chunk fp32 tensors
+    batch: int
+    chunks: int
+    chunk: int
+    heads: int  # H
+    head_dim: int  # P
+    state: int  # N
+    groups: int  # G
+    inner: int  # D = H x P
+    conv: int  # D + 2GN: x, B, C
+    projection: int  # in_proj's width, 2D + 2GN + H: z, xBC, dt
+
+
+def mamba2_sizes(model: ModelConfig, shape: ActivationShape) -> Mamba2Sizes:
+    m = model.mamba
+    chunk = mamba2_chunk_size(model)
+    chunks = -(-shape.seq_len // chunk)
+    inner = m.intermediate_size
+    conv = inner + 2 * m.n_groups * m.state_size
+    return Mamba2Sizes(shape.tokens, shape.batch_size * chunks * chunk, shape.batch_size, chunks, chunk, m.num_heads,
+                       inner // m.num_heads, m.state_size, m.n_groups, inner, conv, inner + conv + m.num_heads)
+
+
+def mamba2_saved_bytes(model: ModelConfig, shape: ActivationShape) -> int:
+    """Bytes a Mamba-2 block (its input norm and mixer; not an MLP beside it) keeps for backward,
+    without autocast's weight copies (``mamba2_weight_copy_elements``):
+
+    * the input RMSNorm as Llama's (``norm_saved_bytes``): the block casts its input to the norm's
+      dtype first (``hidden_states.to(dtype=self.norm.weight.dtype)``), so in 16-bit training the
+      norm reads a 16-bit copy even of an fp32 residual (Mamba2Block);
+    * ``in_proj``'s input (``F.linear`` saves it; autocast its 16-bit cast);
+    * ``zxbcdt``, in_proj's whole output (z, xBC, dt), and the SSD output before the gated norm
+      (``out_x``, T x D), both in the compute dtype: ``ctx.save_for_backward`` in
+      ``MambaSplitConv1dScanCombinedFn.forward`` (the conv output, the chunk states, CB and the
+      normed, gated output are freed when forward returns; backward recomputes them);
+    * the gated norm's fp32 ``rstd``, one per token and group (layernorm_gated.py ``_layer_norm_fwd``);
+    * ``A = -torch.exp(self.A_log.float())``: exp's fp32 output (its backward's) and A (the Function's).
+    """
+    s = mamba2_sizes(model, shape)
+    e = shape.element_bytes
+    norm_shape = replace(shape, stream_bytes=shape.stream_bytes if shape.autocast else e, stream_tokens=None)
+    saved = norm_saved_bytes(model, model.hidden_size, norm_shape)
+    saved += _linear_inputs_bytes(replace(shape, stream_tokens=None), model.hidden_size, 1)
+    saved += s.tokens * (s.projection + s.inner) * e
+    saved += FP32_BYTES * s.tokens * s.groups
+    return saved + 2 * FP32_BYTES * s.heads
+
+
+def mamba2_weight_copy_elements(model: ModelConfig, checkpointed: bool = False) -> int:
+    """Elements of the 16-bit weight copies an autocast Mamba-2 mixer keeps: ``in_proj``'s (autocast's
+    cast cache, to the end of the forward) and ``out_proj``'s (``outproj_weight.to(dtype)`` in
+    ``MambaSplitConv1dScanCombinedFn.forward``, saved for backward; a checkpointed layer saves none)."""
+    m, h = model.mamba, model.hidden_size
+    in_proj = h * (2 * m.intermediate_size + 2 * m.n_groups * m.state_size + m.num_heads)
+    return in_proj if checkpointed else in_proj + m.intermediate_size * h
+
+
+def mamba2_backward_transient(model: ModelConfig, shape: ActivationShape, sm_count: int = MAMBA_SM_COUNT) -> int:
+    """The most a Mamba-2 block's backward holds beyond its saved tensors and the gradient of its
+    output (16-bit compute, as ``MambaSplitConv1dScanCombinedFn.backward`` allocates):
+
+    * the gradient of the mixer's output in the compute dtype when the stream is wider (the residual
+      add's backward casts it); and the stream gradient's own extra bytes (fp32 where the residual is)
+    * recomputed: ``out_recompute`` (T x D) and the conv output ``xBC_conv`` (T x (D + 2GN),
+      ``causal_conv1d_fwd_function``'s ``torch.empty_like``); gradients: ``dzxbcdt`` (T x in_proj
+      width), ``dxBC`` (T x (D + 2GN)), ``dout`` after out_proj's transpose (T x D, kept by the
+      ``dy_rms`` view) and the gated norm's ``dx`` (T x D, layernorm_gated.py ``_layer_norm_bwd``);
+    * in ``_mamba_chunk_scan_combined_bwd``: ``dt.clone()`` (T x H), the recomputed fp32 ``dA_cumsum``
+      and ``dt`` (b x H x chunks x chunk each), ``CB`` (fp32, b x chunks x G x chunk^2) and the
+      discarded final states (``states, _ = _state_passing_fwd(...)``: fp32, b x H x P x N), then the
+      larger of two moments:
+      - ``_state_passing_bwd``: the fp32 passed states and ``dstates`` (b x chunks x H x P x N each),
+        their 16-bit conversions, and its fp32 per-block ``ddA_chunk_cumsum``;
+      - ``_chunk_scan_bwd_dcb``: the 16-bit states and dstates, ``dD`` (H), ``ddt``, ``ddA_next``, ``ddA_prev`` (fp32,
+        b x H x chunks x chunk each), the summed fp32 ``dB`` and ``dC`` (T x G x N each) and ``dcb``
+        (fp32, b x chunks x splits x G x chunk^2) with its sum over the splits, where
+        ``splits = ceil((H/G) / max(min(ceil(b x chunks x H / SMs), H/G), 1))``.
+    """
+    s = mamba2_sizes(model, shape)
+    e, h, T = shape.element_bytes, model.hidden_size, s.tokens
+    stream_bytes = FP32_BYTES if (shape.autocast or mamba2_residual_in_fp32(model)) else e
+    transient = (stream_bytes - e) * T * h  # the stream's gradient beyond the e bytes the caller counts
+    if stream_bytes != e:
+        transient += T * h * e  # the mixer output's gradient, cast
+    transient += T * e * (3 * s.inner + 2 * s.conv + s.projection)
+    transient += s.inner * e  # the gated norm's weight gradient (dw.to(weight.dtype))
+    per_chunk = FP32_BYTES * s.batch * s.heads * s.chunks * s.chunk  # b x H x chunks x chunk, fp32
+    states = s.batch * s.chunks * s.heads * s.head_dim * s.state  # elements of the chunk states
+    cb = FP32_BYTES * s.batch * s.chunks * s.groups * s.chunk * s.chunk
+    transient += T * s.heads * e + 2 * per_chunk + cb + FP32_BYTES * s.batch * s.heads * s.head_dim * s.state
+    blocks = -(-(s.head_dim * s.state) // 64)  # _state_passing_bwd's BLOCK_SIZE_min
+    passing = (2 * FP32_BYTES + 2 * e) * states + FP32_BYTES * s.batch * s.heads * s.chunks * blocks
+    ratio = s.heads // s.groups
+    per_program = max(min(-(-(s.batch * s.chunks * s.heads) // sm_count), ratio), 1)
+    splits = -(-ratio // per_program)
+    dcb = 2 * e * states + FP32_BYTES * s.batch * s.heads * s.chunks + s.heads * e + 3 * per_chunk \
+        + 2 * FP32_BYTES * T * s.groups * s.state + cb * (splits + 1)
+    return transient + max(passing, dcb)
+
+
+def mamba2_forward_transient(model: ModelConfig, shape: ActivationShape) -> int:
+    """What a Mamba-2 block run without saving (a checkpointed layer's first forward) holds at
+    once beyond its input: the normed input and ``zxbcdt`` (in_proj's output), and inside
+    ``MambaSplitConv1dScanCombinedFn.forward`` the conv output, the fp32 ``dA_cumsum`` and ``dt``, the
+    passed chunk states (16-bit) and fp32 final states it keeps as locals, then the larger of
+    ``_chunk_scan_fwd`` (with ``CB``, fp32, and its T x D output) and the out projection (the SSD
+    output, the gated norm's output and fp32 rstd, and out_proj's T x h output)."""
+    s = mamba2_sizes(model, shape)
+    e, T, h = shape.element_bytes, s.tokens, model.hidden_size
+    per_chunk = FP32_BYTES * s.batch * s.heads * s.chunks * s.chunk
+    states = s.batch * s.chunks * s.heads * s.head_dim * s.state
+    cb = FP32_BYTES * s.batch * s.chunks * s.groups * s.chunk * s.chunk
+    held = T * h * e + T * s.projection * e + T * s.conv * e + 2 * per_chunk + e * states \
+        + FP32_BYTES * s.batch * s.heads * s.head_dim * s.state
+    return held + max(cb + T * s.inner * e, 2 * T * s.inner * e + FP32_BYTES * T * s.groups + T * h * e)

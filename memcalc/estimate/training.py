@@ -27,6 +27,11 @@ from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.activations import (
     autocast_weight_cache_bytes,
     embedding_dropout_bytes,
+    mamba2_backward_transient,
+    mamba2_forward_transient,
+    mamba2_residual_in_fp32,
+    mamba2_saved_bytes,
+    mamba2_weight_copy_elements,
     l2_qk_norm_saved_bytes,
     post_norms,
     probability_dropout_bytes,
@@ -189,9 +194,13 @@ def _activation_context(plan: StagePlan, settings: TrainSettings, recipe: Precis
     model, seq_len = plan.model, plan.seq_len
     e = _bytes(recipe.activation_dtype)
     tokens = seq_len * settings.batch_size
+    if model.mamba is not None and not recipe.autocast and mamba2_residual_in_fp32(model):
+        e_stream = FP32_BYTES  # Mamba2Block's residual_in_fp32: the stream between blocks is fp32
+    else:
+        e_stream = _bytes(recipe.weight_dtype) if recipe.autocast else e
     shape = ActivationShape(
         tokens=tokens, seq_len=seq_len, batch_size=settings.batch_size,
-        element_bytes=e, stream_bytes=_bytes(recipe.weight_dtype) if recipe.autocast else e, autocast=recipe.autocast,
+        element_bytes=e, stream_bytes=e_stream, autocast=recipe.autocast,
         stream_tokens=tokens // plan.stream_divisor, gathered_linear_inputs=plan.gathered_linear_inputs,
         gemm_input_bytes=recipe.gemm_input_bytes,
     )
@@ -223,8 +232,14 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
     layer_recompute = Recompute.NONE if recompute.checkpoints_layers else recompute
     lora_live = {False: 0, True: 0}
 
-    def layer(moe_layer: bool, first: bool = False, l2_qk_norm: bool = False) -> tuple[int, int, int, int]:
+    def layer(moe_layer: bool, first: bool = False, l2_qk_norm: bool = False,
+              mamba: bool = False) -> tuple[int, int, int, int]:
         """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
+        if mamba:  # a block of a norm and a Mamba-2 mixer (check_mamba_training: nothing beside it)
+            saved = mamba2_saved_bytes(model, shape)
+            if recipe.autocast:
+                saved += e * mamba2_weight_copy_elements(model)
+            return saved, saved, 0, mamba2_backward_transient(model, shape)
         if ctx.lora:  # a frozen base with adapters; the first layer's input needs no gradient
             part = lora_module.lora_layer(model, shape, ctx.attention, layer_recompute, settings,
                                           ctx.adapter_bytes, moe_layer, input_grad=not first)
@@ -249,6 +264,7 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
     # layer is a kind of its own (its input, the frozen embedding's output, needs no gradient)
     l2 = model.qk_norm and model.qk_norm_scope is QKNormScope.L2
     kinds = [(role is MLPRole.MOE, False, l2 and kind is LayerType.CHUNKED_ATTENTION)
+             + ((True,) if kind is LayerType.MAMBA else ())  # a Mamba-2 block: a fourth element
              for role, kind in zip(layer_roles(model), model.resolved_layer_types, strict=True)]
     if ctx.lora:
         kinds[0] = (kinds[0][0], True, kinds[0][2])
@@ -259,6 +275,9 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
                                      if recompute is Recompute.OP else 0)
     held = tuple(checkpoint_bytes if checkpointed else by_kind[kind][0]
                  for kind, checkpointed in zip(kinds, ctx.checkpointed, strict=True))
+    if ctx.checkpointed[0] and ctx.plan.first and len(kinds[0]) > 3 and shape.stream_bytes != e and not recipe.autocast:
+        # an fp32-residual Mamba-2 model's first block reads the 16-bit embedding output
+        held = (held[0] - ctx.stream_tokens * model.hidden_size * (shape.stream_bytes - e), *held[1:])
     layers = sum(held)
     # Pipeline ranks also hold the saved tensors of micro-batches (chunks) still in flight.
     average_layer = layers // len(kinds)
@@ -301,6 +320,10 @@ def _output_terms(ctx: ActivationContext, saved: int) -> tuple[int, int, int]:
     # parallel.loss, measured in memcalc/validate/tensor_parallel.py)
     parallel_loss = FP32_BYTES if plan.loss_parallel else 0
     forward = saved + logits * (e + ctx.upcast + FP32_BYTES + parallel_loss)
+    if mamba2_blocks_only(model):
+        # Mamba2ForCausalLM: ``self.lm_head(...).float()`` frees the 16-bit logits at once, and the
+        # final norm's fp32 output stays referenced (the backbone's output) through the loss
+        forward += tokens * h * FP32_BYTES - logits * e
     # Backward opens with the loss gradients: log-softmax output + its gradient + the logits'
     # fp32 gradient; then the output layer's weight gradient exists before it is accumulated.
     backward_output = max(logits * 3 * FP32_BYTES + logits * parallel_loss, logits * e + head_grad)
@@ -323,7 +346,17 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
         # a layer run without saving: its eager softmax beside the attention's inputs, then its MLP
         # intermediates (activation, up, product) at once
         in_attention = stack.last[1] + ctx.scores_forward if ctx.eager else 0
-        forward = max(forward, embedding + stack.layers + max(3 * e * tokens * _mlp_width(model), in_attention))
+        in_layer = (mamba2_forward_transient(model, shape) if len(stack.kinds[-1]) > 3
+                    else 3 * e * tokens * _mlp_width(model))
+        forward = max(forward, embedding + stack.layers + max(in_layer, in_attention))
+    if len(stack.kinds[-1]) > 3 and not stack.last_checkpointed:
+        # inside the last Mamba-2 block's fused forward: its input and what it has saved by then (the
+        # norm's tensors; mamba2_forward_transient holds in_proj's input and output itself)
+        norm_part = stack.last[0] - mamba2_saved_bytes(model, shape) + norm_saved_bytes(
+            model, model.hidden_size, replace(shape, stream_bytes=shape.stream_bytes if shape.autocast else e,
+                                              stream_tokens=None))
+        forward = max(forward, embedding + stack.others + ctx.stream + norm_part
+                      + mamba2_forward_transient(model, shape))
     if ctx.lora and not full and not last_moe:
         # the last layer's down projection: with a small vocabulary (or a dequantised NF4 weight)
         # this, not the loss, is the forward peak
@@ -333,7 +366,13 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
         # autocast's cast cache keeps every layer's 16-bit weight copies to the end of the forward,
         # though the checkpointed layers save none of them (measured with transformers' classes)
         forward += autocast_weight_cache_bytes(model, e, (kind[0] for kind, checkpointed in zip(
-            stack.kinds, ctx.checkpointed, strict=True) if checkpointed))
+            stack.kinds, ctx.checkpointed, strict=True) if checkpointed and len(kind) == 3))
+        # a checkpointed Mamba-2 block's in_proj copy stays in the cache (its out_proj copy is the
+        # kernel's own, freed with the forward it was made in)
+        mamba_checkpoints = sum(1 for kind, checkpointed in zip(stack.kinds, ctx.checkpointed, strict=True)
+                                if checkpointed and len(kind) > 3)
+        if mamba_checkpoints:
+            forward += e * mamba2_weight_copy_elements(model, checkpointed=True) * mamba_checkpoints
     return forward
 
 
@@ -716,9 +755,45 @@ def _check_lora_layout(settings: TrainSettings, parallel: ParallelConfig, recipe
                          f"them so): --lora-dtype {recipe.weight_dtype.value}")
 
 
+def mamba2_blocks_only(model: ModelConfig) -> bool:
+    """A model of Mamba-2 blocks alone (a norm and a mixer each: Mamba-Codestral, transformers'
+    Mamba2ForCausalLM): the structure whose training activations were measured with mamba_ssm's
+    fused kernel (memcalc.validate.mamba)."""
+    from memcalc.config import MambaVersion
+
+    return (model.mamba is not None and model.mamba.version is MambaVersion.MAMBA2 and model.moe is None
+            and model.mlp is MLPKind.NONE and not model.separate_blocks and model.linear_attention is None
+            and all(kind is LayerType.MAMBA for kind in model.resolved_layer_types))
+
+
+def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
+                         recipe: PrecisionRecipe) -> None:
+    """Mamba-2 blocks were measured with 16-bit activations (bf16, amp-bf16), SDPA-or-none attention,
+    no or full recompute, one device, no LoRA: anything else is refused in one line."""
+    if model.mamba is None:
+        return
+    reasons = [reason for reason, applies in (
+        (f"--recompute {settings.recompute.value}", settings.recompute not in (Recompute.NONE, Recompute.FULL)),
+        ("--recompute-layers", settings.recompute_layers > 1),
+        (f"{recipe.name} (bf16 activations only: --dtype bf16 or --precision amp-bf16)",
+         recipe.activation_dtype is not DType.BF16 or recipe.gemm_input_bytes is not None),
+        ("--attention eager", settings.attention.value == "eager"),
+        ("LoRA", settings.lora_rank is not None), ("a parallel layout", not parallel.is_single_device),
+        ("--offload-activations", settings.offload_activations),
+        ("--activation-model megatron/both", settings.activation_model is not ActivationModel.ARCH),
+    ) if applies]
+    if reasons:
+        raise InputError(f"{model.name}: Mamba-2 training activations are modelled for bf16 or amp-bf16, no or full "
+                         f"recompute, on one device; not with {', '.join(reasons)}")
+
+
 def check_trainable(model: ModelConfig) -> None:
-    """The activation model was built and measured on attention blocks; a Mamba or gated-delta-net
-    layer saves other tensors, so a training estimate of such a model is refused, not guessed."""
+    """The activation model was built and measured on attention blocks and on models of Mamba-2
+    blocks (mamba_ssm's fused kernel); other Mamba layers (Mamba-1's C++ selective scan, hybrids,
+    Falcon-H1's parallel block) and gated-delta-net layers save other tensors, so a training
+    estimate of such a model is refused, not guessed."""
+    if mamba2_blocks_only(model):
+        return
     recurrent = [kind.value for kind in dict.fromkeys(model.resolved_layer_types)
                  if kind in (LayerType.MAMBA, LayerType.ATTENTION_MAMBA, LayerType.LINEAR_ATTENTION)]
     if recurrent:
@@ -1403,6 +1478,7 @@ def _checked_step(model: ModelConfig, settings: TrainSettings,
     model = with_dropout(model, settings)
     check_trainable(model)
     recipe = resolve_recipe(settings, parallel)
+    check_mamba_training(model, settings, parallel, recipe)
     check_recompute(model, settings, parallel, recipe)
     if settings.offload_activations:
         from memcalc.estimate.offload import check_offload
