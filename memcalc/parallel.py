@@ -51,6 +51,13 @@ DEFAULT_PREFETCH_UNITS = 1
 DEFAULT_GPUS_PER_NODE = 8
 # DeepSpeed's reduce_bucket_size default, in elements (deepspeed/runtime/zero/config.py: pp_int(5e8))
 DEFAULT_REDUCE_BUCKET_SIZE = 500_000_000
+# DeepSpeed ZeRO-3's coordinator defaults, in elements (deepspeed/runtime/zero/config.py,
+# DeepSpeedZeroConfig: stage3_prefetch_bucket_size pp_int(5e7), stage3_param_persistence_threshold
+# pp_int(1e5), stage3_max_live_parameters pp_int(1e9), stage3_max_reuse_distance pp_int(1e9))
+DEFAULT_PREFETCH_BUCKET_SIZE = 50_000_000
+DEFAULT_PARAM_PERSISTENCE_THRESHOLD = 100_000
+DEFAULT_MAX_LIVE_PARAMETERS = 1_000_000_000
+DEFAULT_MAX_REUSE_DISTANCE = 1_000_000_000
 
 ZeroStage = Annotated[int, _Bound(ge=0, le=3)]
 
@@ -123,6 +130,14 @@ class ParallelConfig:
     # (default False for stages 1 and 2)
     reduce_bucket_size: PositiveInt = DEFAULT_REDUCE_BUCKET_SIZE
     overlap_comm: bool = False
+    # DeepSpeed ZeRO-3's stage3_* keys (memcalc.estimate.zero3): elements prefetched per fetch,
+    # parameters of at most this many elements kept whole, elements gathered at most before
+    # prefetching stops, and how far ahead (in elements of the module trace) a parameter used again
+    # stays gathered
+    prefetch_bucket_size: NonNegativeInt = DEFAULT_PREFETCH_BUCKET_SIZE
+    param_persistence_threshold: NonNegativeInt = DEFAULT_PARAM_PERSISTENCE_THRESHOLD
+    max_live_parameters: NonNegativeInt = DEFAULT_MAX_LIVE_PARAMETERS
+    max_reuse_distance: NonNegativeInt = DEFAULT_MAX_REUSE_DISTANCE
     # Uneven pipeline stages (default: L / pp layers on every rank). Either every rank's layers,
     # in rank order, or Megatron's first/last counts with the rest split evenly over the others.
     pp_layers: tuple[int, ...] | None = None
@@ -208,6 +223,14 @@ class ParallelConfig:
         gradients through its own buffers: ``--zero 1|2`` without FSDP, Megatron's distributed
         optimizer or optimizer offload (not modelled)."""
         return self.zero in (1, 2) and not self.fsdp and not self.distributed_optimizer and not self.offloads_optimizer
+
+    @property
+    def deepspeed_zero3(self) -> bool:
+        """DeepSpeed's stage-3 optimizer (stage3.py, DeepSpeedZeroOptimizer_Stage3) over more than
+        one rank, as measured (memcalc.estimate.zero3): ``--zero 3`` without FSDP, Megatron's
+        distributed optimizer or offload (ZeRO-Offload/Infinity keep the estimator's rule)."""
+        return (self.zero == 3 and not self.fsdp and not self.distributed_optimizer and self.offload is Offload.NONE
+                and self.dense_shards > 1)
 
     @property
     def shards_optimizer(self) -> bool:

@@ -261,9 +261,12 @@ def _gated_or_plain_mlp(model: ModelConfig, tokens: int, width: int, e: int, a: 
 
 
 def lora_layer(model: ModelConfig, shape: ActivationShape, attention: str, recompute: Recompute,
-               settings: TrainSettings, adapter_bytes: int, moe_layer: bool, input_grad: bool) -> LoRALayer:
+               settings: TrainSettings, adapter_bytes: int, moe_layer: bool, input_grad: bool,
+               linear_inputs: bool = False) -> LoRALayer:
     """Bytes a layer keeps for backward with its base frozen and adapters on ``settings.lora_targets``;
-    ``input_grad``: whether the layer's input needs a gradient (every layer but the first)."""
+    ``input_grad``: whether the layer's input needs a gradient (every layer but the first).
+    ``linear_inputs``: DeepSpeed ZeRO-3 (``deepspeed_linear_inputs``), every frozen projection
+    keeps its input when that input needs a gradient."""
     targets, r, a = settings.lora_targets, settings.lora_rank, adapter_bytes
     tokens, e, x = shape.tokens, shape.element_bytes, shape.stream_bytes
     h, heads, kv_heads = model.hidden_size, model.num_attention_heads, model.kv_heads
@@ -324,6 +327,16 @@ def lora_layer(model: ModelConfig, shape: ActivationShape, attention: str, recom
         mlp += _gated_or_plain_mlp(model, tokens, model.intermediate_size, e, a, r, targets, stream_grad, dropout)
     else:
         mlp += _moe_saved(model, shape, e, a, r, targets, stream_grad, dropout)
+    if linear_inputs:
+        if moe_layer:
+            from memcalc.errors import InputError
+
+            raise InputError(f"{model.name}: LoRA on a mixture of experts under DeepSpeed ZeRO-3 (--zero 3) is not "
+                             "modelled; use --fsdp full")
+        mlp_inputs = deepspeed_linear_inputs(model, shape, targets, a, dropout, input_grad, attention_grad,
+                                             stream_grad, eager)
+        saved += mlp_inputs[0]
+        mlp += mlp_inputs[1]
     transient = _mlp_backward_transient(model, shape, settings, a, moe_layer)
     # alive but not saved when the forward computes the scores: the layer's input (held by the
     # caller) unless the norm keeps it itself, and the normalised input (an argument of the
@@ -333,6 +346,38 @@ def lora_layer(model: ModelConfig, shape: ActivationShape, attention: str, recom
     # the checkpointed attention repeats the grouped K/V heads, which it does not keep
     repeats = 2 * tokens * q_width * e if eager and recompute is Recompute.SELECTIVE and kv_heads < heads else 0
     return LoRALayer(saved + mlp, before_scores + repeats, mlp, transient, forward_live)
+
+
+def deepspeed_linear_inputs(model: ModelConfig, shape: ActivationShape, targets, a: int, dropout: bool,
+                            input_grad: bool, attention_grad: bool, stream_grad: bool, eager: bool) -> tuple[int, int]:
+    """The inputs of a dense layer's frozen projections that DeepSpeed ZeRO-3 keeps and PyTorch
+    would not, as (attention part, MLP part). ZeRO-3 replaces ``torch.nn.functional.linear`` by
+    ``zero3_linear_wrap`` (``memory_efficient_linear``, on by default: ``Init._enable_mem_efficient_linear``),
+    whose ``LinearFunctionForZeroStage3.setup_context`` saves input, weight and bias whatever needs
+    a gradient (``deepspeed/runtime/zero/linear.py``): a frozen projection whose input needs a
+    gradient keeps that input, where aten's ``mm`` keeps only the weight (measured in
+    memcalc.validate.deepspeed: per layer the MLP's input and the down projection's input, with
+    q and v targeted). Inputs an adapter of the same dtype already keeps are the same tensor: q, k
+    and v read the attention norm's output; gate and up the MLP norm's; SDPA keeps its output,
+    which the output projection reads (eager attention's is a new tensor)."""
+    tokens, e, h = shape.tokens, shape.element_bytes, model.hidden_size
+    shared = a == e and not dropout  # an adapter keeps the very tensor
+
+    def kept(*names: str) -> bool:
+        return shared and any(name in targets for name in names)
+
+    attention = 0
+    if input_grad and not kept("q", "k", "v"):
+        attention += tokens * h * e
+    if attention_grad and eager and not kept("o"):
+        attention += tokens * model.num_attention_heads * model.attention_head_dim * e
+    mlp = 0
+    if stream_grad:
+        if not kept("gate", "up"):
+            mlp += tokens * h * e
+        if not kept("down"):  # the product (or the activation's output): nothing else keeps it
+            mlp += tokens * model.intermediate_size * e
+    return attention, mlp
 
 
 def _moe_saved(model: ModelConfig, shape: ActivationShape, e: int, a: int, r: int, targets, stream_grad: bool,

@@ -55,6 +55,7 @@ from memcalc.estimate.breakdown import MANAGED, Component, Estimate, Kind, RankV
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
 from memcalc.errors import Field, InputError, SettingsError
 from memcalc.estimate import lora as lora_module
+from memcalc.estimate import zero3
 from memcalc.estimate.inventory import MLPRole, ParamCategory, build_inventory, layer_roles
 from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
 from memcalc.parallel import (
@@ -116,6 +117,11 @@ class ActivationPeaks:
     layer_backward: tuple[tuple[int, int], ...] = ()
     before_first: int | None = None  # forward, at the first layer's all-gather: the embeddings' output
     offloaded: int = 0  # activation offloading: pinned host bytes at the end of forward
+    # beside DeepSpeed ZeRO-3's gathered parameters (memcalc.estimate.zero3): what forward holds at
+    # the end of each layer, and backward's opening (the loss's backward, before the head's)
+    layer_forward: tuple[int, ...] = ()
+    opening: int | None = None
+    layer_parts: tuple[tuple[int, int], ...] = ()  # per layer: (what it saves, its MLP's part of that)
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +144,9 @@ class StagePlan:
     # schedules.py input_tensors; the first norm saves an fp32 copy, not the received tensor)
     token_ids: int = 1
     received_inputs: int = 0
+    # DeepSpeed ZeRO-3's memory-efficient linear keeps every projection's input (a frozen one's
+    # too: memcalc.estimate.lora.deepspeed_linear_inputs)
+    linear_inputs_saved: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,7 +251,8 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
             return saved, saved, 0, mamba2_backward_transient(model, shape)
         if ctx.lora:  # a frozen base with adapters; the first layer's input needs no gradient
             part = lora_module.lora_layer(model, shape, ctx.attention, layer_recompute, settings,
-                                          ctx.adapter_bytes, moe_layer, input_grad=not first)
+                                          ctx.adapter_bytes, moe_layer, input_grad=not first,
+                                          linear_inputs=ctx.plan.linear_inputs_saved)
             lora_live[first] = part.forward_live
             return part.saved, part.before_scores, part.mlp, part.transient
         attention_part = attention_saved_bytes(model, shape, ctx.attention, layer_recompute)
@@ -498,8 +508,9 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     head_weight_copy = e * model.vocab_size * h if recipe.autocast else 0
     head_input = shape.linear_input.tokens * h * e
     final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
-    if ctx.lora:  # a frozen final norm; the frozen head keeps no input
+    if ctx.lora:  # a frozen final norm; the frozen head keeps no input (but under DeepSpeed ZeRO-3)
         final = lora_module.frozen_norm_bytes(model, h, ctx.stream_tokens, shape.stream_bytes)
+        final += head_input if plan.linear_inputs_saved else 0
     if settings.offload_activations:  # the layers' saved tensors on the host (memcalc.estimate.offload)
         from memcalc.estimate.offload import offloaded_peaks
 
@@ -520,9 +531,15 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         logits = ctx.tokens * model.vocab_size * e
         head_side = {"before_head": saved - (0 if ctx.lora else head_weight_copy), "head_forward": saved + logits,
                      "head_backward": saved + logits + head_grad}
+    layer_forward, kept = [], embedding + incoming
+    for held in stack.held:
+        kept += held
+        layer_forward.append(kept)
     return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD,
                            largest_layer + incoming, beside_gradients, below_last=embedding + stack.others + incoming,
-                           layer_backward=layer_backward, before_first=embedding + incoming, **head_side)
+                           layer_backward=layer_backward, before_first=embedding + incoming, **head_side,
+                           layer_forward=tuple(layer_forward), opening=saved + backward_output,
+                           layer_parts=tuple((stack.by_kind[kind][0], stack.by_kind[kind][2]) for kind in stack.kinds))
 
 
 def _mlp_width(model: ModelConfig) -> int:
@@ -617,7 +634,7 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers
     # in flight: chunks of this rank's own size (uneven stages: n_r / vpp layers each)
     extra = max(0, inflight_chunks(parallel, stage.rank) * stage.layers // parallel.vpp - stage.layers)
     if tp == 1 and pp == 1 and parallel.cp == 1 and not parallel.vocab_padded:
-        return StagePlan(model, seq_len, 1, True, True, extra)
+        return StagePlan(model, seq_len, 1, True, True, extra, linear_inputs_saved=parallel.deepspeed_zero3)
     local = _stage_layers_model(tensor_parallel_model(model, tp, padded_vocab(model, parallel)), stage)
     # under pipelining a tied embedding is two copies, each with its own gradient
     local = replace(local, tie_word_embeddings=model.tie_word_embeddings and pp == 1)
@@ -625,7 +642,8 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers
     received = _received_inputs(parallel, stage.rank)
     return StagePlan(local, seq_len // parallel.cp, tp if parallel.sp else 1, stage.first, stage.last, extra,
                      gathered_linear_inputs=dtensor and parallel.sp, loss_parallel=dtensor,
-                     token_ids=inflight_chunks(parallel, stage.rank) - received, received_inputs=received)
+                     token_ids=inflight_chunks(parallel, stage.rank) - received, received_inputs=received,
+                     linear_inputs_saved=parallel.deepspeed_zero3)
 
 
 def _stage_end_bytes(ctx: ActivationContext, stack: LayerStack) -> int:
@@ -742,10 +760,24 @@ def _check_lora_layout(settings: TrainSettings, parallel: ParallelConfig, recipe
     data_only = parallel.tp == parallel.pp == parallel.cp == parallel.ep == 1 and parallel.offload is Offload.NONE
     fsdp2 = parallel.fsdp and parallel.shards_params
     ddp = parallel.replicates_gradients  # PyTorch DDP: buckets for the adapters' gradients only
-    if not (data_only and (fsdp2 or ddp)):
-        raise InputError("LoRA is modelled on one device, under DDP or under FSDP2 over data-parallel ranks "
-                         "(--gpus N, or --fsdp full): drop the other parallel degrees")
+    deepspeed = parallel.deepspeed_zero3  # PEFT + DeepSpeed ZeRO-3: every parameter partitioned
+    if not (data_only and (fsdp2 or ddp or deepspeed)):
+        raise InputError("LoRA is modelled on one device, under DDP or under FSDP2 or DeepSpeed ZeRO-3 over "
+                         "data-parallel ranks (--gpus N, --fsdp full or --zero 3): drop the other parallel degrees")
     if ddp:
+        return
+    if deepspeed:
+        from memcalc.estimate.zero3 import models_recipe
+
+        if settings.qlora:
+            raise InputError("--qlora under DeepSpeed ZeRO-3 is not modelled (bitsandbytes' packed weights in a "
+                             "quant_storage that stage 3 partitions are not measured): use --fsdp full")
+        if not models_recipe(recipe):
+            raise InputError(f"LoRA under DeepSpeed ZeRO-3 is modelled with --precision mixed-bf16 or mixed-fp16 "
+                             f"(16-bit parameters, fp32 master partitions), not {recipe.name}")
+        if settings.lora_dtype.value != recipe.weight_dtype.value:
+            raise InputError(f"LoRA under DeepSpeed ZeRO-3 is modelled with the adapters in the weights' dtype "
+                             f"(its bf16/fp16 mode casts every parameter): --lora-dtype {recipe.weight_dtype.value}")
         return
     if parallel.fsdp_wrap is not FSDPWrap.LAYER:
         raise InputError(f"LoRA under FSDP2 is modelled with the layers as units and the root holding the ends: "
@@ -1390,9 +1422,15 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     states = _static_states(model, settings, parallel, recipe, stage, plan)
     step = _step_costs(model, settings, parallel, states)
     peaks, megatron = _activation_peaks(model, settings, parallel, plan, states, seq_len)
-    working = _working_set(model, parallel, stage, states, settings.lora_rank is not None)
-    phases, persistent = _phases(settings, parallel, states, step, peaks, working)
-    components = _components(settings, parallel, states, step, peaks, working, persistent)
+    if parallel.deepspeed_zero3 and zero3.models_recipe(states.base_recipe) and model.moe is None:
+        # (MoE under ZeRO-3 keeps the estimator's rule: the expert groups' reductions were not
+        # measured, and simulating the coordinator over every expert made the planner 15x slower)
+        # DeepSpeed's stage-3 optimizer and parameter coordinator, as measured (memcalc.estimate.zero3)
+        phases, components = zero3.rank_parts(model, settings, parallel, states, step, peaks)
+    else:
+        working = _working_set(model, parallel, stage, states, settings.lora_rank is not None)
+        phases, persistent = _phases(settings, parallel, states, step, peaks, working)
+        components = _components(settings, parallel, states, step, peaks, working, persistent)
     references = ()
     if megatron is not None:
         references = (Component("activations_megatron", "Activations, Megatron formula (reference)", megatron.forward,
