@@ -9,6 +9,7 @@ components below, so the breakdown and the total come from one model.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from memcalc.config import (
     ActivationModel,
@@ -180,12 +181,21 @@ class ActivationContext:
         return self.plan.model
 
 
+class LayerKind(NamedTuple):
+    """What sets a layer's saved tensors in the activation model; layers of one kind share a figure."""
+
+    moe: bool
+    lora_first: bool = False  # LoRA's first layer: its input (the frozen embedding's output) needs no gradient
+    l2_qk_norm: bool = False  # Llama 4's weightless q/k norm (its chunked-attention layers)
+    mamba: bool = False  # a block of a norm and a Mamba-2 mixer
+
+
 @dataclass(frozen=True, eq=False)
 class LayerStack:
     """Stage 2: what the stage's layers save, by kind of layer (MoE or dense MLP, LoRA's first
     layer, Llama 4's L2-normed rotary layers), in order."""
 
-    kinds: tuple[tuple[bool, bool, bool], ...]  # per layer: (MoE, LoRA's first layer, L2 q/k norm)
+    kinds: tuple[LayerKind, ...]  # per layer
     by_kind: dict  # kind -> (saved, saved before its attention scores, its MLP part, its backward transient)
     lora_live: dict  # LoRA: bytes alive, not saved, while a layer's forward computes its scores
     layers: int  # bytes the layers keep at the end of forward (micro-batches in flight included)
@@ -273,11 +283,10 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
     # dense layers come first (MoE's first_dense_layers), then MoE layers; under LoRA the first
     # layer is a kind of its own (its input, the frozen embedding's output, needs no gradient)
     l2 = model.qk_norm and model.qk_norm_scope is QKNormScope.L2
-    kinds = [(role is MLPRole.MOE, False, l2 and kind is LayerType.CHUNKED_ATTENTION)
-             + ((True,) if kind is LayerType.MAMBA else ())  # a Mamba-2 block: a fourth element
+    kinds = [LayerKind(role is MLPRole.MOE, False, l2 and kind is LayerType.CHUNKED_ATTENTION, kind is LayerType.MAMBA)
              for role, kind in zip(layer_roles(model), model.resolved_layer_types, strict=True)]
     if ctx.lora:
-        kinds[0] = (kinds[0][0], True, kinds[0][2])
+        kinds[0] = kinds[0]._replace(lora_first=True)
     by_kind = {kind: layer(*kind) for kind in set(kinds)}
     # Checkpointed layers keep their input (and, under op recompute, the outputs the policy saves);
     # the layer being recomputed holds all of its own.
@@ -285,7 +294,7 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
                                      if recompute is Recompute.OP else 0)
     held = tuple(checkpoint_bytes if checkpointed else by_kind[kind][0]
                  for kind, checkpointed in zip(kinds, ctx.checkpointed, strict=True))
-    if ctx.checkpointed[0] and ctx.plan.first and len(kinds[0]) > 3 and shape.stream_bytes != e and not recipe.autocast:
+    if ctx.checkpointed[0] and ctx.plan.first and kinds[0].mamba and shape.stream_bytes != e and not recipe.autocast:
         # an fp32-residual Mamba-2 model's first block reads the 16-bit embedding output
         held = (held[0] - ctx.stream_tokens * model.hidden_size * (shape.stream_bytes - e), *held[1:])
     layers = sum(held)
@@ -356,10 +365,10 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
         # a layer run without saving: its eager softmax beside the attention's inputs, then its MLP
         # intermediates (activation, up, product) at once
         in_attention = stack.last[1] + ctx.scores_forward if ctx.eager else 0
-        in_layer = (mamba2_forward_transient(model, shape) if len(stack.kinds[-1]) > 3
+        in_layer = (mamba2_forward_transient(model, shape) if stack.kinds[-1].mamba
                     else 3 * e * tokens * _mlp_width(model))
         forward = max(forward, embedding + stack.layers + max(in_layer, in_attention))
-    if len(stack.kinds[-1]) > 3 and not stack.last_checkpointed:
+    if stack.kinds[-1].mamba and not stack.last_checkpointed:
         # inside the last Mamba-2 block's fused forward: its input and what it has saved by then (the
         # norm's tensors; mamba2_forward_transient holds in_proj's input and output itself)
         norm_part = stack.last[0] - mamba2_saved_bytes(model, shape) + norm_saved_bytes(
@@ -376,11 +385,11 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
         # autocast's cast cache keeps every layer's 16-bit weight copies to the end of the forward,
         # though the checkpointed layers save none of them (measured with transformers' classes)
         forward += autocast_weight_cache_bytes(model, e, (kind[0] for kind, checkpointed in zip(
-            stack.kinds, ctx.checkpointed, strict=True) if checkpointed and len(kind) == 3))
+            stack.kinds, ctx.checkpointed, strict=True) if checkpointed and not kind.mamba))
         # a checkpointed Mamba-2 block's in_proj copy stays in the cache (its out_proj copy is the
         # kernel's own, freed with the forward it was made in)
         mamba_checkpoints = sum(1 for kind, checkpointed in zip(stack.kinds, ctx.checkpointed, strict=True)
-                                if checkpointed and len(kind) > 3)
+                                if checkpointed and kind.mamba)
         if mamba_checkpoints:
             forward += e * mamba2_weight_copy_elements(model, checkpointed=True) * mamba_checkpoints
     return forward
