@@ -293,6 +293,14 @@ def measure_deepspeed(model_config: ModelConfig, workload: TrainWorkload, run: D
 
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    mp.start_processes(_rank, args=(_free_port(), model_config, workload, run, queue), nprocs=run.world_size,
-                       join=True, start_method="spawn")
-    return queue.get()
+    port = _free_port()
+    try:
+        mp.start_processes(_rank, args=(port, model_config, workload, run, queue), nprocs=run.world_size,
+                           join=True, start_method="spawn")
+        return queue.get()
+    finally:
+        # DeepSpeed's CPU allreduce (ops/csrc/cpu/comm/shm.cpp, shm_initialize) leaves a 66 MB
+        # segment per rank in /dev/shm, named by uid, address and port, and never unlinks it: a
+        # few hundred runs fill the tmpfs, which is the machine's memory
+        for segment in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
+            os.unlink(segment)
