@@ -51,13 +51,6 @@ DEFAULT_PREFETCH_UNITS = 1
 DEFAULT_GPUS_PER_NODE = 8
 # DeepSpeed's reduce_bucket_size default, in elements (deepspeed/runtime/zero/config.py: pp_int(5e8))
 DEFAULT_REDUCE_BUCKET_SIZE = 500_000_000
-# DeepSpeed ZeRO-3's coordinator defaults, in elements (deepspeed/runtime/zero/config.py,
-# DeepSpeedZeroConfig: stage3_prefetch_bucket_size pp_int(5e7), stage3_param_persistence_threshold
-# pp_int(1e5), stage3_max_live_parameters pp_int(1e9), stage3_max_reuse_distance pp_int(1e9))
-DEFAULT_PREFETCH_BUCKET_SIZE = 50_000_000
-DEFAULT_PARAM_PERSISTENCE_THRESHOLD = 100_000
-DEFAULT_MAX_LIVE_PARAMETERS = 1_000_000_000
-DEFAULT_MAX_REUSE_DISTANCE = 1_000_000_000
 
 ZeroStage = Annotated[int, _Bound(ge=0, le=3)]
 
@@ -100,6 +93,26 @@ FSDP_ZERO_STAGE = {FSDPMode.FULL: 3, FSDPMode.GRAD_OP: 2, FSDPMode.HYBRID: 3}
 
 
 @dataclass(frozen=True, kw_only=True)
+class Zero3Knobs:
+    """DeepSpeed ZeRO-3's ``stage3_*`` keys that decide what is gathered (memcalc.estimate.zero3),
+    in elements, with DeepSpeed's defaults (``deepspeed/runtime/zero/config.py``,
+    ``DeepSpeedZeroConfig``: ``stage3_prefetch_bucket_size`` pp_int(5e7),
+    ``stage3_param_persistence_threshold`` pp_int(1e5), ``stage3_max_live_parameters``
+    pp_int(1e9), ``stage3_max_reuse_distance`` pp_int(1e9)): the elements prefetched per fetch,
+    parameters of at most this many elements kept whole, the elements gathered at most before
+    prefetching stops, and how far ahead (in elements of the module trace) a parameter used again
+    stays gathered. The one declaration: the layout, the simulation and the DeepSpeed harness
+    (memcalc.validate.deepspeed) carry this type."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    prefetch_bucket_size: NonNegativeInt = 50_000_000
+    param_persistence_threshold: NonNegativeInt = 100_000
+    max_live_parameters: NonNegativeInt = 1_000_000_000
+    max_reuse_distance: NonNegativeInt = 1_000_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     """A training layout. ``microbatches=None`` means enough to fill the pipeline (m >= pp)."""
 
@@ -130,14 +143,8 @@ class ParallelConfig:
     # (default False for stages 1 and 2)
     reduce_bucket_size: PositiveInt = DEFAULT_REDUCE_BUCKET_SIZE
     overlap_comm: bool = False
-    # DeepSpeed ZeRO-3's stage3_* keys (memcalc.estimate.zero3): elements prefetched per fetch,
-    # parameters of at most this many elements kept whole, elements gathered at most before
-    # prefetching stops, and how far ahead (in elements of the module trace) a parameter used again
-    # stays gathered
-    prefetch_bucket_size: NonNegativeInt = DEFAULT_PREFETCH_BUCKET_SIZE
-    param_persistence_threshold: NonNegativeInt = DEFAULT_PARAM_PERSISTENCE_THRESHOLD
-    max_live_parameters: NonNegativeInt = DEFAULT_MAX_LIVE_PARAMETERS
-    max_reuse_distance: NonNegativeInt = DEFAULT_MAX_REUSE_DISTANCE
+    # DeepSpeed ZeRO-3's stage3_* keys (memcalc.estimate.zero3)
+    zero3: Zero3Knobs = Zero3Knobs()
     # Uneven pipeline stages (default: L / pp layers on every rank). Either every rank's layers,
     # in rank order, or Megatron's first/last counts with the rest split evenly over the others.
     pp_layers: tuple[int, ...] | None = None

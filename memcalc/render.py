@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memcalc.config import ModelConfig
-from memcalc.estimate.assumptions import InferAssumptions, TrainAssumptions, WeightOrigin
+from memcalc.estimate.assumptions import TrainAssumptions, WeightOrigin
 from memcalc.estimate.breakdown import Estimate, Kind
 from memcalc.estimate.device import device_memory
 from memcalc.estimate.params import count_params
 from memcalc.units import UNIT_LABEL, Unit, format_bytes
 
+if TYPE_CHECKING:
+    from memcalc.estimate.inference import InferAssumptions
+
 
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False, emoji=False)
+    # memcalc prints no markup: a label or formula with brackets (``x[0]``, ``[experimental]``) is
+    # text, and each cell skips rich's markup parser
+    return Console(highlight=False, emoji=False, markup=False)
 
 
 def _natural_width(table) -> int:

@@ -12,7 +12,7 @@ import pytest
 from memcalc.config import ModelConfig, TrainSettings
 from memcalc.estimate.training import estimate_training
 from memcalc.library import resolve_model
-from memcalc.parallel import DEFAULT_REDUCE_BUCKET_SIZE, ParallelConfig
+from memcalc.parallel import DEFAULT_REDUCE_BUCKET_SIZE, ParallelConfig, Zero3Knobs
 
 
 def tiny() -> ModelConfig:
@@ -119,8 +119,16 @@ SMALL_KNOBS = dict(prefetch_bucket_size=200_000, max_live_parameters=600_000, ma
                    param_persistence_threshold=1000)
 
 
+def _zero3_keys(stage3: dict) -> dict:
+    """A run's keys as the fields the layout and DeepSpeedRun share: the stage3_* knobs (one
+    Zero3Knobs) and reduce_bucket_size."""
+    keys = dict(stage3)
+    bucket = keys.pop("reduce_bucket_size", DEFAULT_REDUCE_BUCKET_SIZE)
+    return {"zero3": Zero3Knobs(**keys), "reduce_bucket_size": bucket}
+
+
 def _zero3(stage3: dict, world: int = 2) -> ParallelConfig:
-    return ParallelConfig(dp=world, zero=3, **stage3)
+    return ParallelConfig(dp=world, zero=3, **_zero3_keys(stage3))
 
 
 # (name, model changes, workload, DeepSpeedRun keys, tolerance of every phase)
@@ -160,8 +168,8 @@ def test_zero3_matches_a_real_deepspeed_step(name, changes, work, stage3, tolera
 
     model = replace(tiny(), **changes)
     workload = TrainWorkload(precision="mixed-bf16", **work)
-    measured = measure_deepspeed(model, workload, DeepSpeedRun(stage=3, **stage3))
-    keys = {key: value for key, value in stage3.items()}
+    measured = measure_deepspeed(model, workload, DeepSpeedRun(stage=3, **_zero3_keys(stage3)))
+    keys = dict(stage3)
     settings = TrainSettings(precision="mixed-bf16", batch_size=workload.batch_size, seq_len=workload.seq_len,
                              **({"lora_rank": workload.lora_rank, "lora_dtype": "bf16",
                                  "lora_targets": workload.lora_targets} if workload.lora_rank else {}))
@@ -184,7 +192,7 @@ def test_zero3_defaults_are_deepspeeds():
     stage3_max_reuse_distance 1e9, sub_group_size 1e9."""
     from memcalc.estimate.zero3 import DEFAULT_SUB_GROUP_SIZE
 
-    layout = ParallelConfig()
+    layout = ParallelConfig().zero3
     assert (layout.prefetch_bucket_size, layout.param_persistence_threshold, layout.max_live_parameters,
             layout.max_reuse_distance, DEFAULT_SUB_GROUP_SIZE) == (50_000_000, 100_000, 10**9, 10**9, 10**9)
     deepspeed_config = pytest.importorskip("deepspeed.runtime.zero.config")
@@ -241,7 +249,7 @@ def test_zero3_prefetch_zero_prefetches_nothing():
     """``--prefetch 0`` is DeepSpeed's stage3_prefetch_bucket_size 0."""
     model, settings = resolve_model("llama-3.2-1b"), TrainSettings(seq_len=1024)
     off = estimate_training(model, settings, ParallelConfig(dp=8, zero=3, prefetch=0))
-    bucket = estimate_training(model, settings, ParallelConfig(dp=8, zero=3, prefetch_bucket_size=0))
+    bucket = estimate_training(model, settings, ParallelConfig(dp=8, zero=3, zero3=Zero3Knobs(prefetch_bucket_size=0)))
     default = estimate_training(model, settings, ParallelConfig(dp=8, zero=3))
     assert off.phases == bucket.phases
     assert off.component("sharding_working_set").bytes < default.component("sharding_working_set").bytes

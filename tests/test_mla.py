@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from memcalc.config import MLAConfig, ModelConfig, MoEConfig, Recompute, TrainSettings, config_as_dict
+from memcalc.config import ModelConfig, MoEConfig, Recompute, TrainSettings, config_as_dict
+from memcalc.mixers import MLAConfig
 from memcalc.estimate.params import count_params, parameter_sizes_in_order
 from memcalc.library import resolve_model
 

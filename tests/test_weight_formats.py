@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memcalc.config import MLAConfig, MoEConfig, ModelConfig
+from memcalc.config import MoEConfig, ModelConfig
+from memcalc.mixers import MLAConfig
 from memcalc.errors import InputError
 from memcalc.estimate.params import ParamCategory, count_params
 from memcalc.estimate.weights import (

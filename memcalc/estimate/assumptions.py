@@ -3,44 +3,30 @@ the model, the precision recipe and the layout were applied (the sequence length
 allows, the recipe's dtypes, the padded vocabulary, ...). Renderers read them as attributes;
 only the JSON writer (memcalc.report) turns them into strings and numbers. They are read-only by
 convention, not frozen, and have no ``__eq__``: nothing compares or changes them, and each method
-a dataclass generates costs every start-up (``dataclasses.replace`` makes a changed copy)."""
+a dataclass generates costs every start-up (``dataclasses.replace`` makes a changed copy). The
+inference estimate's own, ``InferAssumptions``, lives in memcalc.estimate.inference for the same
+reason: a training run never builds it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from memcalc.config import (
     ActivationModel,
     Attention,
-    Decoding,
-    Engine,
-    KVDType,
     Loss,
     Optimizer,
     OptimizerImpl,
-    PrefillLogits,
     Recompute,
     TrainDType,
 )
 from memcalc.dtypes import DType
 from memcalc.parallel import FSDPWrap, Offload, TPImpl
 
-
-@dataclass(eq=False)
-class LoraSummary:
-    """LoRA as resolved: the adapters' rank, targets and dtype, and what they count."""
-
-    rank: int
-    targets: tuple[str, ...]
-    adapter_dtype: DType
-    qlora: bool
-    base_format: str  # the frozen base's storage, e.g. "bnb-nf4 (double quant)" or "bf16"
-    trainable_params: int
-    adapter_bytes: int
-    base_weight_bytes: int
-    adapter_recipe: str  # a memcalc.precision.RECIPES name
-    dropout: float = 0.0  # PEFT's lora_dropout
+if TYPE_CHECKING:  # built by memcalc.estimate.lora, which only a LoRA estimate imports
+    from memcalc.estimate.lora import LoraSummary
 
 
 @dataclass(eq=False)
@@ -106,37 +92,3 @@ class WeightOrigin(StrEnum):
     DTYPE = "dtype"  # every tensor in the compute dtype
     CONFIG = "config"  # the checkpoint's quantization_config
     STORED = "stored"  # the bytes a checkpoint's headers or a GGUF file hold
-
-
-@dataclass(eq=False)
-class InferAssumptions:
-    dtype: DType  # compute dtype
-    weights: str  # the weight format or storage, as shown
-    weights_from: WeightOrigin
-    weights_detail: str | None  # CONFIG: the quantization_config's source; STORED: the file or directory
-    kv_dtype: KVDType | DType
-    batch_size: int
-    decoding: Decoding
-    num_beams: int
-    num_return_sequences: int
-    sequences: int  # per prompt: beams or returned samples
-    top_k: int | None
-    top_p: float | None
-    temperature: float
-    prompt_len: int
-    max_new_tokens: int
-    context_len: int  # tokens cached per sequence
-    prefill_logits: PrefillLogits
-    prefill_chunk: int
-    attention: Attention
-    engine: Engine
-    block_size: int | None  # paged engine only
-    tp: int
-    kv_cache_bytes_per_token: int
-    kv_cache_bytes_per_sequence: int
-    sliding_window: int | None
-    sliding_layers: int
-    attention_layers: int
-    state_bytes_per_sequence: int
-    overhead_bytes: int
-    expandable_segments: bool = False

@@ -10,7 +10,8 @@ from memcalc.config import ModelConfig
 from memcalc.estimate.params import ParamInventory
 
 if TYPE_CHECKING:
-    from memcalc.estimate.assumptions import InferAssumptions, TrainAssumptions
+    from memcalc.estimate.assumptions import TrainAssumptions
+    from memcalc.estimate.inference import InferAssumptions
 
 
 class Kind(StrEnum):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memcalc.config import Recompute
-from memcalc.estimate.assumptions import InferAssumptions, TrainAssumptions
+from memcalc.estimate.assumptions import TrainAssumptions
 from memcalc.estimate.breakdown import Estimate
 
 MiB = 2**20
@@ -108,7 +108,7 @@ def device_memory(estimate: Estimate) -> DeviceMemory:
     allocator its settings name (``expandable_segments``)."""
     settings = estimate.settings
     expandable_segments = settings.expandable_segments
-    if isinstance(settings, InferAssumptions):
+    if not isinstance(settings, TrainAssumptions):  # memcalc.estimate.inference's InferAssumptions
         workload = "infer"
         communicators = (settings.tp,) if settings.tp > 1 else ()
         # the estimate's own runtime line: the default context + workspace, or --overhead

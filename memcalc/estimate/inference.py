@@ -19,6 +19,7 @@ from memcalc.config import (
     Decoding,
     Engine,
     InferSettings,
+    KVDType,
     LayerType,
     MLPKind,
     ModelConfig,
@@ -26,7 +27,7 @@ from memcalc.config import (
     resolve_seq_len,
 )
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
-from memcalc.estimate.assumptions import InferAssumptions, WeightOrigin
+from memcalc.estimate.assumptions import WeightOrigin
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 from memcalc.estimate.device import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from memcalc.estimate.params import count_params
@@ -56,6 +57,44 @@ _TOP_K_BYTES = 1 + FP32_BYTES
 _TOP_P_BYTES = FP32_BYTES + INDEX_BYTES + FP32_BYTES + 1 + 1 + FP32_BYTES
 # Beam search: the fp32 log-softmax and its sum with the beam scores beside the fp32 scores.
 _BEAM_BYTES = 2 * FP32_BYTES
+
+
+@dataclass(eq=False)
+class InferAssumptions:
+    """The resolved assumptions of an inference estimate (memcalc.estimate.assumptions holds the
+    training ones; this one lives with its estimator so that a training run's start-up does not
+    build it)."""
+
+    dtype: DType  # compute dtype
+    weights: str  # the weight format or storage, as shown
+    weights_from: WeightOrigin
+    weights_detail: str | None  # CONFIG: the quantization_config's source; STORED: the file or directory
+    kv_dtype: KVDType | DType
+    batch_size: int
+    decoding: Decoding
+    num_beams: int
+    num_return_sequences: int
+    sequences: int  # per prompt: beams or returned samples
+    top_k: int | None
+    top_p: float | None
+    temperature: float
+    prompt_len: int
+    max_new_tokens: int
+    context_len: int  # tokens cached per sequence
+    prefill_logits: PrefillLogits
+    prefill_chunk: int
+    attention: Attention
+    engine: Engine
+    block_size: int | None  # paged engine only
+    tp: int
+    kv_cache_bytes_per_token: int
+    kv_cache_bytes_per_sequence: int
+    sliding_window: int | None
+    sliding_layers: int
+    attention_layers: int
+    state_bytes_per_sequence: int
+    overhead_bytes: int
+    expandable_segments: bool = False
 
 
 def kv_dtype_for(settings: InferSettings) -> DType:

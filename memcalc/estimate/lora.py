@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memcalc.config import LORA_TARGETS, MLPKind, ModelConfig, NormKind, Recompute, TrainSettings
-from memcalc.estimate.assumptions import LoraSummary
 from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.errors import InputError
 from memcalc.estimate.activations import FP32_BYTES, INDEX_BYTES, MASK_BYTES, ActivationShape
@@ -46,6 +45,24 @@ MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 # Recipes a LoRA step is modelled with: the base in the weight dtype, no autocast.
 LORA_RECIPES = ("fp32", "mixed-fp16", "mixed-bf16", "pure-fp16", "pure-bf16")
+
+
+@dataclass(eq=False)
+class LoraSummary:
+    """LoRA as resolved: the adapters' rank, targets and dtype, and what they count (the
+    ``lora`` of memcalc.estimate.assumptions.TrainAssumptions; here, so that an estimate without
+    LoRA does not build it)."""
+
+    rank: int
+    targets: tuple[str, ...]
+    adapter_dtype: DType
+    qlora: bool
+    base_format: str  # the frozen base's storage, e.g. "bnb-nf4 (double quant)" or "bf16"
+    trainable_params: int
+    adapter_bytes: int
+    base_weight_bytes: int
+    adapter_recipe: str  # a memcalc.precision.RECIPES name
+    dropout: float = 0.0  # PEFT's lora_dropout
 
 
 def _bytes(dtype: DType) -> int:

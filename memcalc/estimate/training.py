@@ -55,8 +55,6 @@ from memcalc.estimate.assumptions import LayoutSummary, TrainAssumptions
 from memcalc.estimate.breakdown import MANAGED, Component, Estimate, Kind, RankView
 from memcalc.estimate.optimizer import MOMENTS_PER_PARAM, optimizer_state_bytes
 from memcalc.errors import Field, InputError, SettingsError
-from memcalc.estimate import lora as lora_module
-from memcalc.estimate import zero3
 from memcalc.estimate.inventory import MLPRole, ParamCategory, build_inventory, layer_roles
 from memcalc.estimate.params import ParamInventory, count_params, parameter_sizes_in_order
 from memcalc.parallel import (
@@ -88,9 +86,31 @@ def _bytes(dtype) -> int:
     return BITS_PER_ELEMENT[dtype] // 8
 
 
-# The estimator's stage records below: nothing compares them, so no generated __eq__ (each
-# generated method costs every start-up).
-@dataclass(frozen=True, eq=False)
+def _zero3():
+    """memcalc.estimate.zero3 on first use: only a DeepSpeed ZeRO-3 estimate needs it."""
+    from memcalc.estimate import zero3
+
+    return zero3
+
+
+def _zero3_simulates(model: ModelConfig, parallel: ParallelConfig, recipe: PrecisionRecipe) -> bool:
+    """``zero3.simulates``, importing that module only for a DeepSpeed ZeRO-3 layout."""
+    return parallel.deepspeed_zero3 and _zero3().simulates(model, parallel, recipe)
+
+
+def _lora():
+    """memcalc.estimate.lora on first use: only a LoRA estimate needs it, and a bundled model's
+    plain estimate keeps its start-up time (benchmarks/cli_latency.py)."""
+    from memcalc.estimate import lora
+
+    return lora
+
+
+# The estimator's stage records below: nothing compares or changes them, so no generated __eq__
+# and no frozen __setattr__/__delattr__; they are read-only by convention, as the assumptions are
+# (each generated method costs every start-up: frozen alone is a third of a record's, see
+# benchmarks/cli_latency.py).
+@dataclass(eq=False)
 class ActivationPeaks:
     """Activation bytes (live bytes other than parameters, optimizer states and accumulated
     gradients) at the peak of forward and of backward, and the extra live bytes at the end of
@@ -125,7 +145,7 @@ class ActivationPeaks:
     layer_parts: tuple[tuple[int, int], ...] = ()  # per layer: (what it saves, its MLP's part of that)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class StagePlan:
     """What one rank computes: a TP-local view of its pipeline stage's layers (heads, MLP width
     and vocabulary divided by TP), the sequence it holds under context parallelism, the stream
@@ -150,7 +170,7 @@ class StagePlan:
     linear_inputs_saved: bool = False
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class ActivationContext:
     """Stage 1 of the activation model: the sizes every term reads, for one rank's stage."""
 
@@ -190,7 +210,7 @@ class LayerKind(NamedTuple):
     mamba: bool = False  # a block of a norm and a Mamba-2 mixer
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class LayerStack:
     """Stage 2: what the stage's layers save, by kind of layer (MoE or dense MLP, LoRA's first
     layer, Llama 4's L2-normed rotary layers), in order."""
@@ -260,7 +280,7 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
                 saved += e * mamba2_weight_copy_elements(model)
             return saved, saved, 0, mamba2_backward_transient(model, shape)
         if ctx.lora:  # a frozen base with adapters; the first layer's input needs no gradient
-            part = lora_module.lora_layer(model, shape, ctx.attention, layer_recompute, settings,
+            part = _lora().lora_layer(model, shape, ctx.attention, layer_recompute, settings,
                                           ctx.adapter_bytes, moe_layer, input_grad=not first,
                                           linear_inputs=ctx.plan.linear_inputs_saved)
             lora_live[first] = part.forward_live
@@ -360,7 +380,7 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
                       + ctx.scores_forward)
     if full and ctx.lora and not last_moe:
         forward = max(forward, embedding + stack.layers + ctx.scores_forward
-                      + lora_module.recompute_forward_bytes(model, shape, settings, ctx.adapter_bytes))
+                      + _lora().recompute_forward_bytes(model, shape, settings, ctx.adapter_bytes))
     elif stack.last_checkpointed:
         # a layer run without saving: its eager softmax beside the attention's inputs, then its MLP
         # intermediates (activation, up, product) at once
@@ -379,7 +399,7 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
     if ctx.lora and not full and not last_moe:
         # the last layer's down projection: with a small vocabulary (or a dequantised NF4 weight)
         # this, not the loss, is the forward peak
-        forward = max(forward, embedding + stack.layers + lora_module.mlp_forward_transient(
+        forward = max(forward, embedding + stack.layers + _lora().mlp_forward_transient(
             model, shape, settings, ctx.adapter_bytes))
     if ctx.recipe.autocast and not ctx.lora and any(ctx.checkpointed):
         # autocast's cast cache keeps every layer's 16-bit weight copies to the end of the forward,
@@ -395,7 +415,7 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
     return forward
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class StageGradients:
     """Gradient bytes of a stage's parameters in the order backward makes them: per layer (and its
     MLP's share, made before its attention's), and the embedding's, made last."""
@@ -469,7 +489,7 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
         if ctx.lora and full:
             base += ctx.stream  # the recomputed layer's input, kept by its checkpoint
             if not kind[0]:  # recomputing its forward (saving this time) holds the MLP's forward transients
-                backward = max(backward, base - ctx.stream + layer_saved + lora_module.mlp_forward_transient(
+                backward = max(backward, base - ctx.stream + layer_saved + _lora().mlp_forward_transient(
                     model, shape, settings, ctx.adapter_bytes))
         in_layer_backward = base + layer_saved - after_mlp_norm + layer_transient + mlp_dropout_backward
         backward = max(backward, in_layer_backward)
@@ -495,7 +515,7 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
         backward = max(backward, in_layer + in_scores_backward(last_saved, last_mlp))
     if ctx.lora and ctx.plan.last:
         # the frozen final norm's backward, once the loss and the head have run theirs
-        backward = max(backward, saved + lora_module.final_norm_backward_bytes(model, ctx.stream_tokens, e,
+        backward = max(backward, saved + _lora().final_norm_backward_bytes(model, ctx.stream_tokens, e,
                                                                                shape.stream_bytes))
     # At the end of backward a tied weight holds the head gradient, the embedding gradient and their sum.
     end_extra = 2 * head_grad if model.tie_word_embeddings else 0
@@ -518,7 +538,7 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     head_input = shape.linear_input.tokens * h * e
     final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
     if ctx.lora:  # a frozen final norm; the frozen head keeps no input (but under DeepSpeed ZeRO-3)
-        final = lora_module.frozen_norm_bytes(model, h, ctx.stream_tokens, shape.stream_bytes)
+        final = _lora().frozen_norm_bytes(model, h, ctx.stream_tokens, shape.stream_bytes)
         final += head_input if plan.linear_inputs_saved else 0
     if settings.offload_activations:  # the layers' saved tensors on the host (memcalc.estimate.offload)
         from memcalc.estimate.offload import offloaded_peaks
@@ -761,7 +781,8 @@ def _dropout_sites(model: ModelConfig) -> dict[str, float]:
     return {site: rate for site, rate in sites.items() if rate is not None}
 
 
-def _check_lora_layout(settings: TrainSettings, parallel: ParallelConfig, recipe: PrecisionRecipe) -> None:
+def _check_lora_layout(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
+                       recipe: PrecisionRecipe) -> None:
     """LoRA is modelled on one device and under FSDP2 over data-parallel ranks (torchtune's
     lora_finetune_distributed: every parameter sharded, the adapters in the model's dtype)."""
     if parallel.is_single_device:
@@ -776,17 +797,18 @@ def _check_lora_layout(settings: TrainSettings, parallel: ParallelConfig, recipe
     if ddp:
         return
     if deepspeed:
-        from memcalc.estimate.zero3 import models_recipe
-
         if settings.qlora:
             raise InputError("--qlora under DeepSpeed ZeRO-3 is not modelled (bitsandbytes' packed weights in a "
                              "quant_storage that stage 3 partitions are not measured): use --fsdp full")
-        if not models_recipe(recipe):
+        if not _zero3().models_recipe(recipe):
             raise InputError(f"LoRA under DeepSpeed ZeRO-3 is modelled with --precision mixed-bf16 or mixed-fp16 "
                              f"(16-bit parameters, fp32 master partitions), not {recipe.name}")
         if settings.lora_dtype.value != recipe.weight_dtype.value:
             raise InputError(f"LoRA under DeepSpeed ZeRO-3 is modelled with the adapters in the weights' dtype "
                              f"(its bf16/fp16 mode casts every parameter): --lora-dtype {recipe.weight_dtype.value}")
+        if not _zero3_simulates(model, parallel, recipe):  # LoRA under ZeRO-3 is the simulation's or refused
+            raise InputError(f"{model.name}: LoRA on a mixture of experts under DeepSpeed ZeRO-3 (--zero 3) is not "
+                             "modelled; use --fsdp full")
         return
     if parallel.fsdp_wrap is not FSDPWrap.LAYER:
         raise InputError(f"LoRA under FSDP2 is modelled with the layers as units and the root holding the ends: "
@@ -846,7 +868,7 @@ def _ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class StaticStates:
     """Stage 1 of a rank's step: the persistent bytes of the parameters it holds, per rank."""
 
@@ -865,7 +887,7 @@ class StaticStates:
     qlora_layer: int | None = None  # QLoRA under FSDP2: a layer's frozen base as gathered (packed NF4)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class StepCosts:
     """Stage 2: the optimizer step and how gradients live (in backward, accumulated)."""
 
@@ -877,7 +899,7 @@ class StepCosts:
     accumulation_buffer: int
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class WorkingSet:
     """Stage 4: what ZeRO-3/FSDP gathers and what ZeRO-2/offload reduces, per rank."""
 
@@ -915,9 +937,9 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
     base_recipe = recipe
     if lora:
         # LoRA (memcalc.estimate.lora): only the adapters train; the frozen base is weights alone
-        _check_lora_layout(settings, parallel, recipe)
-        held = RankParams(lora_module.adapter_inventory(model, settings), ParamInventory(()))
-        recipe = lora_module.adapter_recipe(settings, recipe)
+        _check_lora_layout(model, settings, parallel, recipe)
+        held = RankParams(_lora().adapter_inventory(model, settings), ParamInventory(()))
+        recipe = _lora().adapter_recipe(settings, recipe)
     else:
         held = rank_params(model, parallel, stage)
         if (parallel.fsdp and parallel.shards_params and parallel.offload is Offload.NONE
@@ -936,11 +958,11 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
 
     offload_optimizer = parallel.offloads_optimizer
     weights = state(recipe.weight_dtype, parallel.shards_params)
-    base_weights = lora_module.base_weight_bytes(model, settings, base_recipe.weight_dtype) if lora else 0
+    base_weights = _lora().base_weight_bytes(model, settings, base_recipe.weight_dtype) if lora else 0
     if lora and parallel.shards_params:  # FSDP2 shards the frozen base too
         # QLoRA: the packed 4-bit weights are parameters and sharded; bitsandbytes' quantisation
         # state (absmax codes and tables) is kept on the module, whole on every rank
-        replicated = lora_module.qlora_state_bytes(model, base_recipe.weight_dtype) if settings.qlora else 0
+        replicated = _lora().qlora_state_bytes(model, base_recipe.weight_dtype) if settings.qlora else 0
         base_weights = _ceil_div(base_weights - replicated, parallel.dense_shards) + replicated
     weights += base_weights
     # ZeRO-Offload keeps the reduced gradients on the CPU in the master dtype, beside the optimizer.
@@ -960,7 +982,7 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
     if fp8:
         weights, gradients, master, gemm_moments = _gemm_states(model, recipe, settings, held, per_rank, parallel)
     if settings.optimizer is Optimizer.ADAFACTOR:
-        matrices = lora_module.adapter_matrices(model, settings) if lora else _matrices(plan.model, held, parallel.ep)
+        matrices = _lora().adapter_matrices(model, settings) if lora else _matrices(plan.model, held, parallel.ep)
         moments = per_rank(optimizer_state_bytes(settings.optimizer, held.dense, recipe.optimizer_state_dtype,
                                                  matrices),
                            optimizer_state_bytes(settings.optimizer, held.experts, recipe.optimizer_state_dtype),
@@ -980,7 +1002,7 @@ def _static_states(model: ModelConfig, settings: TrainSettings, parallel: Parall
     qlora_layer = None
     if settings.qlora and parallel.shards_params:
         layer_elements = sharding_units(model, parallel, stage).largest_layer
-        qlora_layer = lora_module.qlora_layer_bytes(model, layer_elements, base_recipe.weight_dtype)
+        qlora_layer = _lora().qlora_layer_bytes(model, layer_elements, base_recipe.weight_dtype)
     return StaticStates(held, recipe, base_recipe, weights, base_weights, grad_dtype, gradients, master, grad_copy,
                         moments, dtensor_embedding, ddp_buckets, qlora_layer)
 
@@ -989,7 +1011,7 @@ def _step_costs(model: ModelConfig, settings: TrainSettings, parallel: ParallelC
                 states: StaticStates) -> StepCosts:
     recipe, held = states.recipe, states.held
     if settings.lora_rank is not None:
-        sizes = lora_module.adapter_sizes_in_order(model, settings)
+        sizes = _lora().adapter_sizes_in_order(model, settings)
     elif parallel.is_single_device:
         sizes = parameter_sizes_in_order(model)
     else:
@@ -1336,7 +1358,7 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
             if parallel.shards_params else
             f"{base_text} x {states.base_recipe.weight_dtype.value} = {states.base_weights:,} B + {held.total:,} "
             f"adapter params x {recipe.weight_dtype.value}",
-            lora_module.QLORA if settings.qlora else lora_module.PEFT)
+            _lora().QLORA if settings.qlora else _lora().PEFT)
     else:
         weights_component = Component(
             "weights", "Weights", states.weights, Kind.STATIC,
@@ -1431,11 +1453,9 @@ def _rank_view(model: ModelConfig, settings: TrainSettings, parallel: ParallelCo
     states = _static_states(model, settings, parallel, recipe, stage, plan)
     step = _step_costs(model, settings, parallel, states)
     peaks, megatron = _activation_peaks(model, settings, parallel, plan, states, seq_len)
-    if parallel.deepspeed_zero3 and zero3.models_recipe(states.base_recipe) and model.moe is None:
-        # (MoE under ZeRO-3 keeps the estimator's rule: the expert groups' reductions were not
-        # measured, and simulating the coordinator over every expert made the planner 15x slower)
+    if _zero3_simulates(model, parallel, states.base_recipe):
         # DeepSpeed's stage-3 optimizer and parameter coordinator, as measured (memcalc.estimate.zero3)
-        phases, components = zero3.rank_parts(model, settings, parallel, states, step, peaks)
+        phases, components = _zero3().rank_parts(model, settings, parallel, states, step, peaks)
     else:
         working = _working_set(model, parallel, stage, states, settings.lora_rank is not None)
         phases, persistent = _phases(settings, parallel, states, step, peaks, working)
@@ -1562,10 +1582,10 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
     )
     lora = None
     if settings.lora_rank is not None:
-        lora = lora_module.summary(model, settings, recipe)
+        lora = _lora().summary(model, settings, recipe)
         checkpoint = (
             Component("weights_only", "Adapters only (adapter_model.safetensors)", lora.adapter_bytes, Kind.STATIC,
-                      f"{lora.trainable_params:,} adapter params x {settings.lora_dtype.value}", lora_module.PEFT),
+                      f"{lora.trainable_params:,} adapter params x {settings.lora_dtype.value}", _lora().PEFT),
             Component("training", "Resumable (adapters + master + optimizer)",
                       lora.adapter_bytes + sum(c.bytes for c in busiest.components
                                                   if c.key in ("master_weights", "optimizer_states")), Kind.STATIC,

@@ -42,12 +42,9 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 from memcalc.config import ModelConfig
-from memcalc.parallel import (
-    DEFAULT_MAX_LIVE_PARAMETERS,
-    DEFAULT_MAX_REUSE_DISTANCE,
-    DEFAULT_PARAM_PERSISTENCE_THRESHOLD,
-    DEFAULT_PREFETCH_BUCKET_SIZE,
-)
+from memcalc.parallel import Zero3Knobs
+
+__all__ = ["Zero3Knobs"]  # the stage3_* keys, declared once in memcalc.parallel
 
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000  # sub_group_size: the optimizer steps the partition in sub-groups
 
@@ -91,16 +88,6 @@ class Module:
         yield self
         for child in self.children:
             yield from child.walk()
-
-
-@dataclass(frozen=True)
-class Zero3Knobs:
-    """The ``zero_optimization`` keys of DeepSpeed's stage 3 that decide what is gathered."""
-
-    prefetch_bucket_size: int = DEFAULT_PREFETCH_BUCKET_SIZE
-    param_persistence_threshold: int = DEFAULT_PARAM_PERSISTENCE_THRESHOLD
-    max_live_parameters: int = DEFAULT_MAX_LIVE_PARAMETERS
-    max_reuse_distance: int = DEFAULT_MAX_REUSE_DISTANCE
 
 
 @dataclass(frozen=True)
@@ -518,6 +505,14 @@ def sub_groups(partitions: list[int], size: int = DEFAULT_SUB_GROUP_SIZE) -> lis
 # --- One rank's step --------------------------------------------------------------------------------
 
 
+def simulates(model: ModelConfig, parallel, recipe) -> bool:
+    """Whether this module's simulation is a rank's step: DeepSpeed's stage-3 optimizer
+    (``parallel.deepspeed_zero3``) in its bf16/fp16 mode (``models_recipe``) on a dense model (MoE
+    keeps the estimator's rule: simulating every expert made the planner 15x slower). The one test
+    ``memcalc.estimate.training`` asks, for a rank's phases and for LoRA's layout check."""
+    return parallel.deepspeed_zero3 and models_recipe(recipe) and model.moe is None
+
+
 def models_recipe(recipe) -> bool:
     """DeepSpeed's bf16/fp16 mode: 16-bit parameters with fp32 master partitions, no autocast or
     FP8 (what ``memcalc.validate.deepspeed`` runs); other recipes keep the estimator's rule."""
@@ -617,8 +612,9 @@ def _simulation(model: ModelConfig, tp: int, ep: int, vocab: int, world: int, kn
 
 def knobs_of(parallel) -> Zero3Knobs:
     """The stage3_* keys of a layout; ``--prefetch 0``: nothing prefetched (a prefetch bucket of 0)."""
-    return Zero3Knobs(parallel.prefetch_bucket_size if parallel.prefetch else 0, parallel.param_persistence_threshold,
-                      parallel.max_live_parameters, parallel.max_reuse_distance)
+    from dataclasses import replace
+
+    return parallel.zero3 if parallel.prefetch else replace(parallel.zero3, prefetch_bucket_size=0)
 
 
 def _adapter_sizes(model: ModelConfig, settings) -> tuple | None:
@@ -779,12 +775,12 @@ def rank_parts(model: ModelConfig, settings, parallel, states, step, peaks):
                   f"reduce_bucket_size {parallel.reduce_bucket_size:,} x {weight_dtype.value} (the ipg buffer, "
                   "kept from __init__)", source),
         Component("persistent_parameters", "ZeRO-3 persistent parameters", persistent, Kind.STATIC,
-                  f"parameters of at most {parallel.param_persistence_threshold:,} elements, whole x "
+                  f"parameters of at most {knobs.param_persistence_threshold:,} elements, whole x "
                   f"{weight_dtype.value}", source),
     ]
     components.append(Component(
         "sharding_working_set", "Sharding working set", working, Kind.DYNAMIC,
         f"gathered parameters x {weight_dtype.value}, the most at any fetch (prefetch bucket "
-        f"{knobs.prefetch_bucket_size:,}, max live {parallel.max_live_parameters:,}, reuse distance "
-        f"{parallel.max_reuse_distance:,} elements)", source))
+        f"{knobs.prefetch_bucket_size:,}, max live {knobs.max_live_parameters:,}, reuse distance "
+        f"{knobs.max_reuse_distance:,} elements)", source))
     return phases, components

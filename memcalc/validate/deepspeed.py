@@ -53,11 +53,8 @@ import socket
 from dataclasses import dataclass, field
 
 from memcalc.config import ModelConfig
-# DeepSpeed's ZeRO-3 defaults (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig), kept once
-from memcalc.parallel import DEFAULT_MAX_LIVE_PARAMETERS as STAGE3_MAX_LIVE_PARAMETERS
-from memcalc.parallel import DEFAULT_MAX_REUSE_DISTANCE as STAGE3_MAX_REUSE_DISTANCE
-from memcalc.parallel import DEFAULT_PARAM_PERSISTENCE_THRESHOLD as STAGE3_PARAM_PERSISTENCE_THRESHOLD
-from memcalc.parallel import DEFAULT_PREFETCH_BUCKET_SIZE as STAGE3_PREFETCH_BUCKET_SIZE
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig), declared once
+from memcalc.parallel import DEFAULT_REDUCE_BUCKET_SIZE, Zero3Knobs
 from memcalc.validate.run import Phase, TrainWorkload
 
 
@@ -67,15 +64,11 @@ class DeepSpeedRun:
 
     stage: int = 2
     world_size: int = 2
-    reduce_bucket_size: int = 500_000_000
+    reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET_SIZE
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False
     contiguous_gradients: bool = True
-    # ZeRO-3 (stage3_* keys)
-    prefetch_bucket_size: int = STAGE3_PREFETCH_BUCKET_SIZE
-    param_persistence_threshold: int = STAGE3_PARAM_PERSISTENCE_THRESHOLD
-    max_live_parameters: int = STAGE3_MAX_LIVE_PARAMETERS
-    max_reuse_distance: int = STAGE3_MAX_REUSE_DISTANCE
+    zero3: Zero3Knobs = Zero3Knobs()  # ZeRO-3's stage3_* keys, the layout's type
 
 
 @dataclass(frozen=True)
@@ -106,10 +99,11 @@ def _zero_config(run: DeepSpeedRun) -> dict:
     config = {"stage": run.stage, "reduce_bucket_size": run.reduce_bucket_size, "overlap_comm": run.overlap_comm,
               "contiguous_gradients": run.contiguous_gradients}
     if run.stage == 3:
-        config.update(stage3_prefetch_bucket_size=run.prefetch_bucket_size,
-                      stage3_param_persistence_threshold=run.param_persistence_threshold,
-                      stage3_max_live_parameters=run.max_live_parameters,
-                      stage3_max_reuse_distance=run.max_reuse_distance)
+        knobs = run.zero3
+        config.update(stage3_prefetch_bucket_size=knobs.prefetch_bucket_size,
+                      stage3_param_persistence_threshold=knobs.param_persistence_threshold,
+                      stage3_max_live_parameters=knobs.max_live_parameters,
+                      stage3_max_reuse_distance=knobs.max_reuse_distance)
     else:
         config["allgather_bucket_size"] = run.allgather_bucket_size
     return config
@@ -290,6 +284,8 @@ def _rank(rank: int, port: int, model_config: ModelConfig, workload: TrainWorklo
 def measure_deepspeed(model_config: ModelConfig, workload: TrainWorkload, run: DeepSpeedRun) -> DeepSpeedMeasurement:
     """Rank 0's phases of the last of ``workload.iterations`` steps under DeepSpeed ZeRO ``run.stage``."""
     import torch.multiprocessing as mp
+
+    import glob
 
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
