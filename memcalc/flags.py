@@ -345,9 +345,24 @@ class Layout(Flags):
                                                   "gradients live in its buckets (default: a second copy).")] = False
     reduce_bucket_size: Annotated[int | None, typer.Option("--reduce-bucket-size", metavar="N", min=1, show_default=False,
                                                            rich_help_panel=LAYOUT,
-                                                           help="DeepSpeed ZeRO-1/2: elements of its gradient "
-                                                           "reduction buffer (reduce_bucket_size, default 5e8).")
+                                                           help="DeepSpeed ZeRO-1/2/3: elements of its gradient "
+                                                           "reduction buffer (reduce bucket size, default 5e8).")
                                   ] = None
+    zero3_prefetch: Annotated[int | None, typer.Option(
+        "--zero3-prefetch", metavar="N", min=1, show_default=False, rich_help_panel=LAYOUT,
+        help="DeepSpeed ZeRO-3 stage3 prefetch bucket size: elements prefetched per fetch (default 5e7).")] = None
+    zero3_max_live: Annotated[int | None, typer.Option(
+        "--zero3-max-live", metavar="N", min=1, show_default=False, rich_help_panel=LAYOUT,
+        help="DeepSpeed ZeRO-3 stage3 max live parameters: elements gathered at most before prefetching "
+        "stops (default 1e9).")] = None
+    zero3_reuse_distance: Annotated[int | None, typer.Option(
+        "--zero3-reuse-distance", metavar="N", min=1, show_default=False, rich_help_panel=LAYOUT,
+        help="DeepSpeed ZeRO-3 stage3 max reuse distance: a parameter used again within this many "
+        "elements stays gathered (default 1e9).")] = None
+    zero3_persistence: Annotated[int | None, typer.Option(
+        "--zero3-persistence", metavar="N", min=1, show_default=False, rich_help_panel=LAYOUT,
+        help="DeepSpeed ZeRO-3 stage3 param persistence threshold: parameters of at most this many "
+        "elements stay whole (default 1e5).")] = None
     overlap_comm: Annotated[bool, typer.Option("--overlap-comm", rich_help_panel=LAYOUT,
                                                help="DeepSpeed ZeRO-1/2 with overlap_comm: two reduction buffers "
                                                "(default one).")] = False

@@ -221,6 +221,13 @@ def _parallel_assumption(estimate: Estimate) -> str:
         parts.append("FSDP2" if layout.fsdp_wrap == "layer" else f"FSDP2 units: {layout.fsdp_wrap}")
     if layout.zero:
         parts.append(f"ZeRO-{layout.zero} over {layout.dense_shards} ranks")
+    if layout.reduce_bucket_size is not None:
+        parts.append(f"DeepSpeed reduce bucket {layout.reduce_bucket_size:,} elements")
+    if layout.zero3 is not None:
+        knobs = layout.zero3
+        parts.append(f"stage 3: prefetch bucket {knobs.prefetch_bucket_size:,}, max live "
+                     f"{knobs.max_live_parameters:,}, reuse distance {knobs.max_reuse_distance:,}, persistence "
+                     f"threshold {knobs.param_persistence_threshold:,} elements")
     if layout.distributed_optimizer:
         parts.append(f"distributed optimizer over {layout.dense_shards} ranks")
     if layout.offload != "none":

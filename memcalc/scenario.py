@@ -30,6 +30,7 @@ from memcalc.parallel import (
     Offload,
     ParallelConfig,
     TPImpl,
+    Zero3Knobs,
     ZeroStage,
     parse_stage_layers,
 )
@@ -65,8 +66,13 @@ class Scenario:
     gpus_per_node: PositiveInt | None = None
     tp_impl: TPImpl | None = None
     ddp_bucket_view: bool | None = None
-    reduce_bucket_size: PositiveInt | None = None  # DeepSpeed ZeRO-1/2, elements
+    reduce_bucket_size: PositiveInt | None = None  # DeepSpeed ZeRO-1/2/3, elements
     overlap_comm: bool | None = None
+    # DeepSpeed ZeRO-3's stage3_* keys (memcalc.parallel.Zero3Knobs), elements
+    zero3_prefetch: PositiveInt | None = None
+    zero3_max_live: PositiveInt | None = None
+    zero3_reuse_distance: PositiveInt | None = None
+    zero3_persistence: PositiveInt | None = None
     # training settings
     batch: PositiveInt | None = None
     seq: PositiveInt | None = None
@@ -103,6 +109,11 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(getattr(value, "value", value))
+
+
+# scenario key (and train flag) -> the Zero3Knobs field it sets
+ZERO3_KEYS = {"zero3_prefetch": "prefetch_bucket_size", "zero3_max_live": "max_live_parameters",
+              "zero3_reuse_distance": "max_reuse_distance", "zero3_persistence": "param_persistence_threshold"}
 
 
 def parallel_config(scenario: Scenario) -> ParallelConfig:
@@ -142,9 +153,19 @@ def parallel_config(scenario: Scenario) -> ParallelConfig:
         reduce_bucket_size=(DEFAULT_REDUCE_BUCKET_SIZE if scenario.reduce_bucket_size is None
                             else scenario.reduce_bucket_size),
         overlap_comm=bool(scenario.overlap_comm),
+        zero3=Zero3Knobs(**{knob: getattr(scenario, name) for name, knob in ZERO3_KEYS.items()
+                            if getattr(scenario, name) is not None}),
     )
-    for name, given in (("reduce_bucket_size", scenario.reduce_bucket_size is not None),
-                        ("overlap_comm", bool(scenario.overlap_comm))):
+    for name in ZERO3_KEYS:
+        if getattr(scenario, name) is not None and not layout.deepspeed_zero3:
+            raise SettingsError(Field(name), " sets a DeepSpeed ZeRO-3 stage3_* key: give ", Field("zero"),
+                                " 3 over more than one rank without ", Field("fsdp"),
+                                ", the distributed optimizer or offload")
+    if scenario.reduce_bucket_size is not None and not (layout.deepspeed_buckets or layout.deepspeed_zero3):
+        raise SettingsError(Field("reduce_bucket_size"), " sizes DeepSpeed ZeRO's gradient reduction buffer: give ",
+                            Field("zero"), " 1, 2 or 3 without ", Field("fsdp"),
+                            ", the distributed optimizer or offload")
+    for name, given in (("overlap_comm", bool(scenario.overlap_comm)),):
         if given and not layout.deepspeed_buckets:
             raise SettingsError(Field(name), " sizes DeepSpeed ZeRO-1/2's reduction buffers: give ", Field("zero"),
                                 " 1 or 2 without ", Field("fsdp"), ", the distributed optimizer or optimizer offload")

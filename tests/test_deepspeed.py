@@ -307,3 +307,38 @@ def test_lora_under_zero3_from_the_cli(run_cli):
     refused = run_cli("train", "llama-3-8b", "--gpus", "8", "--zero", "3", "--lora-rank", "8", "--qlora")
     assert refused.exit_code == 2
     assert len(refused.stderr.strip().splitlines()) == 1 and "--qlora" in refused.stderr
+
+
+def test_zero3_knobs_from_the_cli(run_cli):
+    """--zero3-* flags are the layout's Zero3Knobs, --reduce-bucket-size sizes ZeRO-3's ipg bucket
+    too; both are named in the assumptions block; a smaller max live gathers less."""
+    base = ("train", "llama-3.2-1b", "--gpus", "8", "--zero", "3", "--json")
+    default = run_cli(*base)
+    small = run_cli(*base, "--zero3-max-live", "100000000", "--zero3-prefetch", "10000000",
+                    "--zero3-reuse-distance", "100000000", "--zero3-persistence", "1000",
+                    "--reduce-bucket-size", "1000000")
+    assert default.exit_code == small.exit_code == 0, small.stderr
+    document = json.loads(small.stdout)
+    components = {c["key"]: c["bytes"] for c in document["components"]}
+    assert components["deepspeed_buckets"] == 1_000_000 * 2
+    assert document["settings"]["parallel"]["zero3"] == {
+        "prefetch_bucket_size": 10_000_000, "param_persistence_threshold": 1000, "max_live_parameters": 100_000_000,
+        "max_reuse_distance": 100_000_000}
+    before = {c["key"]: c["bytes"] for c in json.loads(default.stdout)["components"]}
+    assert components["sharding_working_set"] < before["sharding_working_set"]
+    text = run_cli("train", "llama-3.2-1b", "--gpus", "8", "--zero", "3", "--zero3-max-live", "100000000")
+    assert "max live 100,000,000" in text.stdout
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (("--zero", "3", "--zero3-max-live", "0"), "--zero3-max-live"),
+    (("--zero", "3", "--zero3-prefetch", "-5"), "--zero3-prefetch"),
+    (("--zero", "2", "--zero3-reuse-distance", "10"), "--zero3-reuse-distance"),
+    (("--fsdp", "full", "--zero3-persistence", "10"), "--zero3-persistence"),
+    (("--fsdp", "full", "--reduce-bucket-size", "10"), "--reduce-bucket-size"),
+    (("--zero", "3", "--overlap-comm"), "--overlap-comm"),
+])
+def test_zero3_flags_refused(run_cli, flags, named):
+    result = run_cli("train", "llama-3.2-1b", "--gpus", "8", *flags)
+    assert result.exit_code == 2
+    assert named in result.stderr

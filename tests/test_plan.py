@@ -345,7 +345,11 @@ def test_one_layout_type_under_one_set_of_names():
     assert set(Layout._fields) == set(PLANNED_FIELDS) | {"recompute", "micro_batch"}
     request = {"gpus", "fsdp", "gpus_per_node"}  # resolved into dp, zero and shard_group by parallel_config
     flags = set(LayoutFlags.defaults()) - {"no_pad_vocab"}
-    assert flags - request <= config_fields
+    from memcalc.parallel import Zero3Knobs
+    from memcalc.scenario import ZERO3_KEYS  # --zero3-* set the fields of ParallelConfig.zero3
+
+    assert set(ZERO3_KEYS.values()) == {item.name for item in fields(Zero3Knobs)} and "zero3" in config_fields
+    assert flags - request - set(ZERO3_KEYS) <= config_fields
     assert flags <= {item.name for item in fields(Scenario)}
     layout = Layout(4, 2, 2, 1, 1, 2, True, 1, False, "optimizer", Recompute.FULL, 1, 8)
     parallel = layout.parallel_config()

@@ -23,7 +23,7 @@ from memcalc.config import (
     TrainDType,
 )
 from memcalc.dtypes import DType
-from memcalc.parallel import FSDPWrap, Offload, TPImpl
+from memcalc.parallel import FSDPWrap, Offload, TPImpl, Zero3Knobs
 
 if TYPE_CHECKING:  # built by memcalc.estimate.lora, which only a LoRA estimate imports
     from memcalc.estimate.lora import LoraSummary
@@ -54,6 +54,8 @@ class LayoutSummary:
     prefetch_units: int
     inflight_chunks: dict[int, int]  # pipeline rank: micro-batches (or chunks) in flight
     most_loaded_rank: str
+    reduce_bucket_size: int | None = None  # DeepSpeed ZeRO's gradient reduction buffer, elements
+    zero3: Zero3Knobs | None = None  # DeepSpeed ZeRO-3's stage3_* keys, where memcalc.estimate.zero3 applies
 
 
 @dataclass(eq=False)

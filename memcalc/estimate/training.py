@@ -1600,7 +1600,7 @@ def estimate_training(model: ModelConfig, settings: TrainSettings, parallel: Par
         loss=settings.loss, activation_dtype=recipe.activation_dtype,
         optimizer_in_backward=settings.optimizer_in_backward, grad_accum=settings.grad_accum,
         paged_optimizer=settings.paged_optimizer, expandable_segments=settings.expandable_segments, lora=lora,
-        parallel=None if parallel.is_single_device else _layout_summary(model, parallel, busiest),
+        parallel=None if parallel.is_single_device else _layout_summary(model, parallel, busiest, recipe),
         recompute_layers=settings.recompute_layers, offload_activations=settings.offload_activations,
         sac_outputs=sac_outputs(model, settings),
         dropout=_dropout_sites(model), reserve_percent=settings.reserve_percent, reserve_source=settings.reserve_source,
@@ -1619,7 +1619,9 @@ def estimate_pipeline_rank(model: ModelConfig, settings: TrainSettings, parallel
     return _rank_view(model, settings, parallel, recipe, seq_len, stage_layers(model, parallel, rank))
 
 
-def _layout_summary(model: ModelConfig, parallel: ParallelConfig, busiest: RankView) -> LayoutSummary:
+def _layout_summary(model: ModelConfig, parallel: ParallelConfig, busiest: RankView,
+                    recipe: PrecisionRecipe) -> LayoutSummary:
+    simulated = _zero3_simulates(model, parallel, recipe)
     return LayoutSummary(
         gpus=parallel.gpus, dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, ep=parallel.ep,
         sp=parallel.sp, zero=parallel.zero, distributed_optimizer=parallel.distributed_optimizer, vpp=parallel.vpp,
@@ -1630,6 +1632,8 @@ def _layout_summary(model: ModelConfig, parallel: ParallelConfig, busiest: RankV
         prefetch_units=parallel.prefetch if parallel.shards_params else 0,
         inflight_chunks={stage: inflight_chunks(parallel, stage) for stage in pipeline_ranks(parallel)},
         most_loaded_rank=busiest.name,
+        reduce_bucket_size=parallel.reduce_bucket_size if parallel.deepspeed_buckets or simulated else None,
+        zero3=_zero3().knobs_of(parallel) if simulated else None,
     )
 
 
