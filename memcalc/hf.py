@@ -555,6 +555,8 @@ def _read_granite_hybrid(reader: _Reader, fields: dict[str, Any]) -> None:
             reader, h, heads="mamba_n_heads", head_dim="mamba_d_head", groups="mamba_n_groups", state="mamba_d_state",
             conv="mamba_d_conv", expand="mamba_expand", conv_bias="mamba_conv_bias", proj_bias="mamba_proj_bias",
             defaults=dict(heads=128, head_dim=64, groups=1, state=256, conv=4, expand=2))
+        # the SSD chunk, which sizes the training activations (GraniteMoeHybridConfig: 256)
+        fields["mamba"]["chunk_size"] = reader.positive("mamba_chunk_size", 256)
     reader.consumed.add("position_embedding_type")  # rope or nope: no parameters either way
     shared = reader.positive("shared_intermediate_size", 1024)
     if reader.hf.num_experts:
@@ -623,7 +625,8 @@ def _read_nemotron_h(reader: _Reader, fields: dict[str, Any]) -> None:
             version=MambaVersion.MAMBA2, intermediate_size=heads * head_dim,
             state_size=reader.positive("ssm_state_size", 128), conv_kernel=reader.positive("conv_kernel", 4),
             conv_bias=reader.get("use_conv_bias", True, bool), proj_bias=reader.get("use_bias", False, bool),
-            num_heads=heads, head_dim=head_dim, n_groups=reader.positive("n_groups", 8))
+            num_heads=heads, head_dim=head_dim, n_groups=reader.positive("n_groups", 8),
+            chunk_size=reader.positive("chunk_size", 128))  # the SSD chunk (NemotronHConfig: 128): training only
     reader.consumed.update({"expand", "mamba_proj_bias", "n_shared_experts", "moe_shared_expert_intermediate_size"})
     if "E" in pattern:
         shared = reader.positive("moe_shared_expert_intermediate_size") if reader.get("n_shared_experts", 1, int) else None

@@ -91,11 +91,139 @@ def test_unmeasured_mamba2_options_are_refused(settings):
         estimate_training(_tiny(), TrainSettings(seq_len=256, **settings))
 
 
-def test_mamba1_and_hybrids_stay_refused():
+def test_mamba1_and_unmeasured_hybrids_stay_refused(tmp_path):
     from memcalc.library import resolve_model
 
-    with pytest.raises(InputError, match="training activations of"):
+    with pytest.raises(InputError, match="training activations of mamba layers are not modelled yet .Mamba-1"):
         estimate_training(resolve_model("jamba-1.5-mini"), TrainSettings(seq_len=256))
+    # Mamba-2 layers beside experts: Nemotron-H's E blocks, Granite-4.0-H with num_local_experts
+    with pytest.raises(InputError, match="beside MoE experts"):
+        estimate_training(_nemotron_h(hybrid_override_pattern="MEM*EM", num_hidden_layers=6, n_routed_experts=8,
+                                      num_experts_per_tok=2, moe_intermediate_size=32,
+                                      moe_shared_expert_intermediate_size=64, n_group=1, topk_group=1),
+                          TrainSettings(seq_len=256))
+    with pytest.raises(InputError, match="beside MoE experts"):
+        estimate_training(_granite_h(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+                          TrainSettings(seq_len=256))
+    # Falcon-H1's parallel attention + Mamba-2 layer
+    falcon = {"model_type": "falcon_h1", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 128,
+              "mamba_d_ssm": 128, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 2}
+    with pytest.raises(InputError, match="training activations of attention_mamba layers are not modelled"):
+        estimate_training(model_from_hf(falcon, name="tiny-falcon-h1", source=""), TrainSettings(seq_len=256))
+
+
+# --- hybrid stacks: Nemotron-H and dense Granite-4.0-H ---------------------------------------------
+
+# Tiny Nemotron-H (NemotronHConfig field names): h 64, blocks M-M*-M- (Mamba-2, MLP, attention), the
+# mixer as TINY's (8 heads of 16 channels, 2 groups, state 16), attention 4 heads / 2 KV heads of 16,
+# a relu2 MLP of 128, chunk 128
+TINY_NEMOTRON_H = {"model_type": "nemotron_h", "hidden_size": 64, "num_hidden_layers": 7,
+                   "hybrid_override_pattern": "M-M*-M-", "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2,
+                   "ssm_state_size": 16, "conv_kernel": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "head_dim": 16, "intermediate_size": 128, "vocab_size": 128, "chunk_size": 128,
+                   "mlp_hidden_act": "relu2", "tie_word_embeddings": False, "use_bias": False,
+                   "use_conv_bias": True, "use_cache": False}
+# Tiny dense Granite-4.0-H (GraniteMoeHybridConfig field names): h 64, layers mamba/mamba/attention/
+# mamba, each with a shared gated MLP of 128; the mixer as TINY's; no rotary embedding
+TINY_GRANITE_H = {"model_type": "granitemoehybrid", "hidden_size": 64, "num_hidden_layers": 4,
+                  "layer_types": ["mamba", "mamba", "attention", "mamba"], "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "shared_intermediate_size": 128, "num_local_experts": 0,
+                  "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 2,
+                  "mamba_expand": 2, "mamba_d_conv": 4, "mamba_chunk_size": 256, "vocab_size": 128,
+                  "position_embedding_type": "nope", "tie_word_embeddings": False, "use_cache": False}
+
+
+def _from(base, tmp_path=None, name="tiny", **overrides):
+    data = {**base, **overrides}
+    source = ""
+    if tmp_path is not None:
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(data))
+        source = str(path)
+    return model_from_hf(data, name=name, source=source)
+
+
+def _nemotron_h(tmp_path=None, **overrides):
+    return _from(TINY_NEMOTRON_H, tmp_path, "tiny-nemotron-h", **overrides)
+
+
+def _granite_h(tmp_path=None, **overrides):
+    return _from(TINY_GRANITE_H, tmp_path, "tiny-granite-h", **overrides)
+
+
+def _layer_saved(model, precision="mixed-bf16", seq_len=256):
+    """What each layer of the estimator's stack saves (memcalc.estimate.training._layer_stack)."""
+    from memcalc.estimate.training import StagePlan, _activation_context, _layer_stack, resolve_recipe
+    from memcalc.parallel import ParallelConfig
+
+    settings = TrainSettings(precision=precision, seq_len=seq_len)
+    plan = StagePlan(model, seq_len, 1, True, True, 0, linear_inputs_saved=False)
+    stack = _layer_stack(_activation_context(plan, settings, resolve_recipe(settings, ParallelConfig())))
+    return [stack.by_kind[kind][0] for kind in stack.kinds]
+
+
+def test_hybrid_chunk_sizes_are_read():
+    assert _nemotron_h().mamba.chunk_size == 128 and _nemotron_h(chunk_size=64).mamba.chunk_size == 64
+    assert _granite_h().mamba.chunk_size == 256 and _granite_h(mamba_chunk_size=128).mamba.chunk_size == 128
+
+
+def test_tiny_nemotron_h_blocks_by_hand():
+    """Each kind of Nemotron-H block at b1 s256 in bf16 (T = 256), term by term."""
+    T, h, D, G, N, H, I = 256, 64, 128, 2, 16, 8, 128
+    # NemotronHRMSNorm: fp32 upcast, fp32 normalised tensor (the weight multiplies in fp32), fp32 rsqrt
+    # per token, the weight's fp32 copy
+    norm = T * h * 4 + T * h * 4 + T * 4 + h * 4
+    mamba = (norm + T * h * 2  # in_proj's input
+             + T * (2 * D + 2 * G * N + H) * 2 + T * D * 2  # zxbcdt and out_x (the fused Function's saved)
+             + T * G * 4 + 2 * H * 4)  # the gated norm's rstd; exp(A_log) and A
+    attention = (norm + T * h * 2  # q/k/v's input
+                 + T * 4 * 16 * 2 + 2 * T * 2 * 16 * 2  # q, k, v (no rotary embedding)
+                 + T * 4 * 16 * 2  # attention output = o_proj's input
+                 + T * 4 * 4)  # SDPA's fp32 log-sum-exp per head
+    mlp = norm + T * h * 2 + T * I * 2 + T * I * 2  # up's input, relu's output, its square (down's input)
+    assert (mamba, attention, mlp) == (400_704, 267_520, 296_192)
+    assert _layer_saved(_nemotron_h()) == [mamba, mlp, mamba, attention, mlp, mamba, mlp]
+
+
+def test_tiny_granite_h_layers_by_hand():
+    """Granite-4.0-H's layers at b1 s256 in bf16: a Llama-style norm before the mixer and before the
+    shared MLP (input_linear's 2I output, its views gate and up, silu's output, the product)."""
+    T, h, D, G, N, H, I = 256, 64, 128, 2, 16, 8, 128
+    norm = T * h * 4 + T * h * 2 + T * 4
+    mamba = norm + T * h * 2 + T * (2 * D + 2 * G * N + H) * 2 + T * D * 2 + T * G * 4 + 2 * H * 4
+    attention = norm + T * h * 2 + T * 64 * 2 + 2 * T * 32 * 2 + T * 64 * 2 + T * 4 * 4
+    mlp = norm + T * h * 2 + T * 2 * I * 2 + T * I * 2 + T * I * 2
+    assert (mamba, attention, mlp) == (367_680, 234_496, 394_240)
+    assert _layer_saved(_granite_h()) == [mamba + mlp, mamba + mlp, attention + mlp, mamba + mlp]
+
+
+def test_tiny_hybrids_autocast_weight_copies():
+    """amp-bf16: the fp32 stream is what the norms keep, and each matmul's 16-bit weight copy is saved;
+    Granite's one input_linear casts its input once."""
+    T, h, I = 256, 64, 128
+    nemotron_bf16, nemotron_amp = _layer_saved(_nemotron_h()), _layer_saved(_nemotron_h(), "amp-bf16")
+    # an MLP block: the norm saves the fp32 input itself (no weight copy: the weight is fp32), up's
+    # input cast, the up and down weight copies
+    assert nemotron_amp[1] - nemotron_bf16[1] == -h * 4 + 2 * h * I * 2
+    granite_bf16, granite_amp = _layer_saved(_granite_h()), _layer_saved(_granite_h(), "amp-bf16")
+    # the attention layer: each norm saves an fp32 normalised tensor (+2 bytes), q, k and v cast their
+    # input each (+2 casts), the weight copies of q, k, v, o, input_linear and output_linear
+    copies = h * (64 + 32 + 32) + 64 * h + h * 2 * I + I * h
+    assert granite_amp[2] - granite_bf16[2] == 2 * T * h * 2 + 2 * T * h * 2 + copies * 2
+
+
+def test_train_estimates_hybrids_and_refuses_unmeasured_settings():
+    for model in (_nemotron_h(), _granite_h()):
+        for recompute in (Recompute.NONE, Recompute.FULL):
+            for precision in ("mixed-bf16", "amp-bf16", "pure-bf16"):
+                estimate = estimate_training(model, TrainSettings(precision=precision, seq_len=512,
+                                                                  recompute=recompute))
+                assert estimate.phases["backward"] > 0
+        for settings in (dict(precision="fp32"), dict(recompute="selective"), dict(attention="eager"),
+                         dict(lora_rank=8)):
+            with pytest.raises(InputError, match="Mamba-2 training activations are modelled"):
+                estimate_training(model, TrainSettings(seq_len=256, **settings))
 
 
 def test_attention_estimates_unchanged_by_mamba_terms():
@@ -138,3 +266,27 @@ def test_measured_tiny_model(tmp_path, precision, recompute):
         start, peak, _end = probe.backward[2]
         # the transient counts the fp32 stream gradient's extra 2 bytes beyond the caller's e bytes
         assert peak - start == pytest.approx(mamba2_backward_transient(model, shape) - 2 * 512 * 64, abs=512)
+
+
+@needs_sources
+@pytest.mark.parametrize("family", ["nemotron_h", "granitemoehybrid"])
+@pytest.mark.parametrize(("precision", "recompute"), [("mixed-bf16", "none"), ("amp-bf16", "none"),
+                                                      ("mixed-bf16", "full"), ("amp-bf16", "full")])
+def test_measured_tiny_hybrids(tmp_path, family, precision, recompute):
+    """transformers' NemotronHForCausalLM and GraniteMoeHybridForCausalLM with mamba_ssm's fused
+    Function on fake tensors: each layer past the second saves what the estimator's stack says, to the
+    byte, and every phase is within 1% (the full-size rows: benchmarks/results/mamba_fake.csv)."""
+    pytest.importorskip("transformers")
+    from memcalc.validate.run import TrainWorkload
+
+    model = (_nemotron_h if family == "nemotron_h" else _granite_h)(tmp_path)
+    probe = mamba.LayerProbe()
+    workload = TrainWorkload(precision=precision, seq_len=512, impl="hf", recompute=recompute)
+    measured = mamba.measure_training(model, workload, probe=probe)
+    estimate = estimate_training(model, TrainSettings(precision=precision, seq_len=512, recompute=recompute))
+    for phase in ("forward", "backward", "optimizer_step"):
+        assert estimate.phases[phase] == pytest.approx(measured.phases[phase].peak_bytes, rel=0.01), phase
+    if recompute == "none":
+        saved = _layer_saved(model, precision, 512)
+        # the probe's first two readings also hold the hook's input (one more stream tensor)
+        assert [probe.forward[index] - probe.forward[index - 1] for index in range(2, model.num_layers)] == saved[2:]

@@ -570,3 +570,33 @@ def mamba2_forward_transient(model: ModelConfig, shape: ActivationShape) -> int:
     held = T * h * e + T * s.projection * e + T * s.conv * e + 2 * per_chunk + e * states \
         + FP32_BYTES * s.batch * s.heads * s.head_dim * s.state
     return held + max(cb + T * s.inner * e, 2 * T * s.inner * e + FP32_BYTES * T * s.groups + T * h * e)
+
+
+# --- Hybrid stacks of Mamba-2 and attention/MLP layers (Nemotron-H, Granite-4.0-H) ---------------
+#
+# transformers' NemotronHMamba2Mixer (modeling_nemotron_h.py) and GraniteMoeHybridMambaLayer
+# (modeling_granitemoehybrid.py) run in training without a cache exactly what Mamba2Mixer runs:
+# ``in_proj`` in the module, then ``mamba2_split_conv1d_scan_combined`` (mamba_ssm's
+# MambaSplitConv1dScanCombinedFn, norm_before_gate=False, the gated norm's groups of D / n_groups),
+# so the block formulas above carry over; what differs is the norm around them and the blocks
+# beside them. Measured with memcalc.validate.mamba (benchmarks/mamba_accuracy.py).
+
+
+def mamba2_hybrid_norm_extra(model: ModelConfig, shape: ActivationShape) -> int:
+    """What one of Nemotron-H's RMSNorms saves beyond ``norm_saved_bytes`` (Llama's): NemotronHRMSNorm
+    (modeling_nemotron_h.py) computes ``(self.weight.to(torch.float32) * hidden_states).to(input_dtype)``,
+    so the product keeps the normalised tensor in fp32 (not the stream's 16-bit cast) and, where the
+    weight is 16-bit (no autocast), its fp32 copy. Granite-4.0-H's GraniteMoeHybridRMSNorm casts first
+    (``self.weight * hidden_states.to(input_dtype)``): nothing beyond. ``shape`` is the norm's input."""
+    if not model.separate_blocks:
+        return 0
+    h = model.hidden_size
+    return shape.tokens * h * (FP32_BYTES - shape.stream_bytes) + (0 if shape.autocast else FP32_BYTES * h)
+
+
+def mamba2_hybrid_attention_transient(model: ModelConfig, shape: ActivationShape, grad_bytes: int) -> int:
+    """The most an attention block without an MLP (Nemotron-H's ``*``) holds in its backward beyond
+    its saved tensors and its output's gradient: ``o_proj``'s weight gradient before autograd
+    accumulates it, beside the gradient of the attention output (``o_proj``'s input)."""
+    q_width = attention_output_width(model)
+    return grad_bytes * model.hidden_size * q_width + shape.tokens * q_width * shape.element_bytes

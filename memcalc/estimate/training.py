@@ -30,6 +30,8 @@ from memcalc.estimate.activations import (
     embedding_dropout_bytes,
     mamba2_backward_transient,
     mamba2_forward_transient,
+    mamba2_hybrid_attention_transient,
+    mamba2_hybrid_norm_extra,
     mamba2_residual_in_fp32,
     mamba2_saved_bytes,
     mamba2_weight_copy_elements,
@@ -208,6 +210,10 @@ class LayerKind(NamedTuple):
     lora_first: bool = False  # LoRA's first layer: its input (the frozen embedding's output) needs no gradient
     l2_qk_norm: bool = False  # Llama 4's weightless q/k norm (its chunked-attention layers)
     mamba: bool = False  # a block of a norm and a Mamba-2 mixer
+    # a hybrid Mamba-2 stack's layer (mamba2_hybrid): "mixer" (a norm and a Mamba-2 mixer or attention:
+    # Nemotron-H's M and *), "mlp" (a norm and an MLP or experts: Nemotron-H's - and E), "mixer+mlp" (a
+    # norm and a mixer, a norm and an MLP: Granite-4.0-H's layers); "" elsewhere
+    block: str = ""
 
 
 @dataclass(eq=False)
@@ -272,8 +278,10 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
     lora_live = {False: 0, True: 0}
 
     def layer(moe_layer: bool, first: bool = False, l2_qk_norm: bool = False,
-              mamba: bool = False) -> tuple[int, int, int, int]:
+              mamba: bool = False, block: str = "") -> tuple[int, int, int, int]:
         """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
+        if block:  # a layer of a hybrid Mamba-2 stack (Nemotron-H, Granite-4.0-H)
+            return _hybrid_layer(ctx, moe_layer, mamba, block)
         if mamba:  # a block of a norm and a Mamba-2 mixer (check_mamba_training: nothing beside it)
             saved = mamba2_saved_bytes(model, shape)
             if recipe.autocast:
@@ -307,6 +315,10 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
              for role, kind in zip(layer_roles(model), model.resolved_layer_types, strict=True)]
     if ctx.lora:
         kinds[0] = kinds[0]._replace(lora_first=True)
+    if mamba2_hybrid(model):
+        kinds = [kind._replace(block=("mlp" if layer_type is LayerType.NONE else "mixer") if model.separate_blocks
+                               else "mixer+mlp")
+                 for kind, layer_type in zip(kinds, model.resolved_layer_types, strict=True)]
     by_kind = {kind: layer(*kind) for kind in set(kinds)}
     # Checkpointed layers keep their input (and, under op recompute, the outputs the policy saves);
     # the layer being recomputed holds all of its own.
@@ -363,6 +375,14 @@ def _output_terms(ctx: ActivationContext, saved: int) -> tuple[int, int, int]:
         # Mamba2ForCausalLM: ``self.lm_head(...).float()`` frees the 16-bit logits at once, and the
         # final norm's fp32 output stays referenced (the backbone's output) through the loss
         forward += tokens * h * FP32_BYTES - logits * e
+    elif mamba2_hybrid(model):
+        if model.separate_blocks:
+            # NemotronHForCausalLM: ``self.lm_head(hidden_states).float()`` frees the 16-bit logits at once
+            forward -= logits * e
+        if ctx.recipe.autocast:
+            # the final norm's fp32 output (the model output's ``last_hidden_state``) stays referenced
+            # through the loss beside lm_head's 16-bit cast of it
+            forward += ctx.stream_tokens * h * FP32_BYTES
     # Backward opens with the loss gradients: log-softmax output + its gradient + the logits'
     # fp32 gradient; then the output layer's weight gradient exists before it is accumulated.
     backward_output = max(logits * 3 * FP32_BYTES + logits * parallel_loss, logits * e + head_grad)
@@ -388,7 +408,9 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
         in_layer = (mamba2_forward_transient(model, shape) if stack.kinds[-1].mamba
                     else 3 * e * tokens * _mlp_width(model))
         forward = max(forward, embedding + stack.layers + max(in_layer, in_attention))
-    if stack.kinds[-1].mamba and not stack.last_checkpointed:
+    if stack.kinds[-1].block:
+        forward = max(forward, _hybrid_forward_peak(ctx, stack, embedding))
+    elif stack.kinds[-1].mamba and not stack.last_checkpointed:
         # inside the last Mamba-2 block's fused forward: its input and what it has saved by then (the
         # norm's tensors; mamba2_forward_transient holds in_proj's input and output itself)
         norm_part = stack.last[0] - mamba2_saved_bytes(model, shape) + norm_saved_bytes(
@@ -401,7 +423,9 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
         # this, not the loss, is the forward peak
         forward = max(forward, embedding + stack.layers + _lora().mlp_forward_transient(
             model, shape, settings, ctx.adapter_bytes))
-    if ctx.recipe.autocast and not ctx.lora and any(ctx.checkpointed):
+    if ctx.recipe.autocast and any(ctx.checkpointed) and stack.kinds[-1].block:
+        forward += ctx.e * _hybrid_cached_weights(ctx, stack)
+    elif ctx.recipe.autocast and not ctx.lora and any(ctx.checkpointed):
         # autocast's cast cache keeps every layer's 16-bit weight copies to the end of the forward,
         # though the checkpointed layers save none of them (measured with transformers' classes)
         forward += autocast_weight_cache_bytes(model, e, (kind[0] for kind, checkpointed in zip(
@@ -536,7 +560,8 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         embedding += embedding_dropout_bytes(model, shape.stream)
     head_weight_copy = e * model.vocab_size * h if recipe.autocast else 0
     head_input = shape.linear_input.tokens * h * e
-    final = norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy if plan.last else 0
+    final = (norm_saved_bytes(model, h, shape.stream) + head_input + head_weight_copy
+             + mamba2_hybrid_norm_extra(model, shape.stream)) if plan.last else 0  # Nemotron-H's norm_f: more
     if ctx.lora:  # a frozen final norm; the frozen head keeps no input (but under DeepSpeed ZeRO-3)
         final = _lora().frozen_norm_bytes(model, h, ctx.stream_tokens, shape.stream_bytes)
         final += head_input if plan.linear_inputs_saved else 0
@@ -553,6 +578,12 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
         ctx, stack, embedding, saved, backward_output, head_grad, _stage_gradients(ctx))
     if plan.first and not plan.last and not settings.optimizer_in_backward:  # pipelining accumulates gradients
         end_extra = max(end_extra, _first_stage_backward_end(ctx, stack))
+    if plan.first and (mamba2_hybrid(model) or mamba2_blocks_only(model)):
+        # the embedding's backward, every other gradient made: the token ids and the gradient of the
+        # embedding output (the weights' dtype: fp32 under autocast, else e even beside an fp32
+        # residual stream) beside its weight gradient
+        output_bytes = shape.stream_bytes if recipe.autocast else e
+        end_extra = max(end_extra, embedding + ctx.stream_tokens * h * output_bytes)
     incoming = ctx.stream_tokens * h * e
     largest_layer = max(stack.held)
     head_side = {}
@@ -829,6 +860,122 @@ def mamba2_blocks_only(model: ModelConfig) -> bool:
             and all(kind is LayerType.MAMBA for kind in model.resolved_layer_types))
 
 
+def mamba2_hybrid(model: ModelConfig) -> bool:
+    """A hybrid stack of Mamba-2 layers and attention/MLP layers as transformers runs it, the
+    structures measured with mamba_ssm's fused kernel (memcalc.validate.mamba,
+    benchmarks/mamba_accuracy.py): Nemotron-H (modeling_nemotron_h.py ``NemotronHBlock``: one norm and
+    one of a Mamba-2 mixer, attention, an MLP; ``separate_blocks``) and dense Granite-4.0-H
+    (modeling_granitemoehybrid.py ``GraniteMoeHybridDecoderLayer``: a norm and a Mamba-2 mixer or
+    attention, a norm and the shared MLP; no experts)."""
+    from memcalc.config import MambaVersion
+
+    types = model.resolved_layer_types
+    if (model.mamba is None or model.mamba.version is not MambaVersion.MAMBA2 or model.linear_attention is not None
+            or model.mla is not None or LayerType.MAMBA not in types or mamba2_blocks_only(model)):
+        return False
+    if any(kind not in (LayerType.MAMBA, LayerType.FULL_ATTENTION, LayerType.NONE) for kind in types):
+        return False
+    if model.separate_blocks:  # Nemotron-H: its plain relu2 MLP blocks (not its experts: not measured)
+        return model.mlp is MLPKind.PLAIN and model.moe is None
+    return model.mlp is MLPKind.GATED and model.moe is None and LayerType.NONE not in types
+
+
+def _hybrid_layer(ctx: ActivationContext, moe_layer: bool, mamba: bool, block: str) -> tuple[int, int, int, int]:
+    """A layer of a hybrid Mamba-2 stack (``mamba2_hybrid``): (saved, saved before its scores, its MLP
+    part, its backward transient), from its parts as the transformers blocks run them:
+
+    * a Mamba-2 mixer with its input norm: ``mamba2_saved_bytes`` (the mixer calls
+      MambaSplitConv1dScanCombinedFn as Mamba2Mixer does), its backward ``mamba2_backward_transient``;
+    * attention with its input norm: ``attention_saved_bytes`` (SDPA; Nemotron-H's has no rotary
+      embedding, Granite-4.0-H's rotary or none: q and k are the same size either way); without an MLP
+      beside it, ``mamba2_hybrid_attention_transient`` in its backward;
+    * an MLP (or experts) with its input norm: ``mlp_saved_bytes`` (Nemotron-H's NemotronHMLP:
+      ``down_proj(relu2(up_proj(x)))``, relu's output and its square, as a plain MLP; Granite-4.0-H's
+      GraniteMoeHybridMLP: ``input_linear``'s output, chunked into gate and up views, silu's output and
+      the product, as a gated MLP); its backward ``_mlp_backward_transient``;
+    * Nemotron-H's norms save more (``mamba2_hybrid_norm_extra``); under autocast each part keeps the
+      16-bit copies of its matmul weights.
+
+    A layer of a mixer and an MLP runs the MLP's backward first, beside all of the layer's saved
+    tensors; the mixer's then runs with the MLP's freed."""
+    model, shape, e, recipe = ctx.model, ctx.shape, ctx.e, ctx.recipe
+    h = model.hidden_size
+    mixer_saved = mixer_transient = mlp_saved = mlp_transient = 0
+    if block in ("mixer", "mixer+mlp"):
+        if mamba:
+            norm_shape = replace(shape, stream_bytes=shape.stream_bytes if shape.autocast else e, stream_tokens=None)
+            mixer_saved = mamba2_saved_bytes(model, shape) + mamba2_hybrid_norm_extra(model, norm_shape)
+            if recipe.autocast:
+                mixer_saved += e * mamba2_weight_copy_elements(model)
+            mixer_transient = mamba2_backward_transient(model, shape)
+        else:
+            mixer_saved = attention_saved_bytes(model, shape, ctx.attention, Recompute.NONE) \
+                + mamba2_hybrid_norm_extra(model, shape.stream)
+            q_width, kv_width = attention_output_width(model), model.kv_heads * model.attention_head_dim
+            if recipe.autocast:
+                mixer_saved += e * h * (2 * q_width + 2 * kv_width)
+            if block == "mixer":
+                mixer_transient = mamba2_hybrid_attention_transient(model, shape, ctx.grad_bytes)
+    if block in ("mlp", "mixer+mlp"):
+        mlp_saved = mlp_saved_bytes(model, shape, moe_layer) + mamba2_hybrid_norm_extra(model, shape.stream)
+        if recipe.autocast:  # up and down (Nemotron-H), input_linear's two halves and output_linear (Granite)
+            mlp_saved += e * (3 if model.mlp is MLPKind.GATED else 2) * h * model.intermediate_size
+            if model.mlp is MLPKind.GATED:  # Granite's one input_linear casts its input once, not twice
+                mlp_saved -= ctx.tokens * h * e
+        mlp_transient = _mlp_backward_transient(model, shape, moe_layer, ctx.grad_bytes)
+    saved = mixer_saved + mlp_saved
+    if block == "mixer+mlp":
+        # Granite scales each sublayer's output (``hidden_states * self.residual_multiplier``): its
+        # backward makes the scaled copy of the gradient beside the gradient itself, for either part
+        mlp_transient += ctx.stream_tokens * h * e
+        mixer_transient += ctx.stream_tokens * h * e
+    transient = max(mlp_transient, mixer_transient - mlp_saved)
+    if ctx.full and recipe.autocast and model.separate_blocks:
+        # a Nemotron-H block recomputed under autocast: its norm keeps its fp32 input itself
+        # (``.to(float32)`` is a no-op), the tensor its checkpoint holds already, counted there
+        # (measured; Granite-4.0-H's layers, whose backward peaks in the MLP part, show no such overlap)
+        transient -= ctx.stream
+    return saved, saved, mlp_saved, transient
+
+
+def _hybrid_forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int) -> int:
+    """The forward of a hybrid Mamba-2 stack (``mamba2_hybrid``) inside its last Mamba-2 mixer that
+    saves (mamba_ssm's fused forward, ``mamba2_forward_transient``): the layers before it, its input,
+    its norm's saved tensors; and, where the last layer is checkpointed and has Granite-4.0-H's MLP,
+    inside that MLP run without saving: ``input_linear``'s 2I-wide output (its gate and up halves are
+    views), silu's output and the product at once (GraniteMoeHybridMLP.forward)."""
+    model, shape, e = ctx.model, ctx.shape, ctx.e
+    peak = 0
+    saving = [index for index, kind in enumerate(stack.kinds) if kind.mamba and not ctx.checkpointed[index]]
+    if saving:
+        index = saving[-1]
+        norm_shape = replace(shape, stream_bytes=shape.stream_bytes if shape.autocast else e, stream_tokens=None)
+        norm_part = norm_saved_bytes(model, model.hidden_size, norm_shape) + mamba2_hybrid_norm_extra(model, norm_shape)
+        peak = (embedding + sum(stack.held[:index]) + ctx.plan.extra_layers * stack.average_layer + ctx.stream
+                + norm_part + mamba2_forward_transient(model, shape))
+    checkpointed = [index for index, kind in enumerate(stack.kinds) if kind.mamba and ctx.checkpointed[index]]
+    if checkpointed:  # the last checkpointed Mamba-2 layer's first forward, run without saving
+        index = checkpointed[-1]
+        peak = max(peak, embedding + sum(stack.held[:index + 1]) + ctx.plan.extra_layers * stack.average_layer
+                   + mamba2_forward_transient(model, shape))
+    if stack.last_checkpointed and stack.kinds[-1].block == "mixer+mlp":
+        # the layer's input (its checkpoint's), the residual after its mixer and the MLP's normed input
+        peak = max(peak, embedding + stack.layers + 2 * ctx.stream + 4 * e * ctx.tokens * model.intermediate_size)
+    return peak
+
+
+def _hybrid_cached_weights(ctx: ActivationContext, stack: LayerStack) -> int:
+    """Elements of the 16-bit weight copies autocast's cast cache holds to the end of the forward for
+    a hybrid stack's checkpointed layers, which save none of them: every matmul weight of the layer
+    (``at::autocast`` caches casts of leaf tensors that need gradients, grad mode or not) but a Mamba-2
+    mixer's ``out_proj``, which MambaSplitConv1dScanCombinedFn casts itself (``outproj_weight.to(dtype)``)."""
+    model = ctx.model
+    layers = build_inventory(model).layers
+    out_proj = model.mamba.intermediate_size * model.hidden_size
+    return sum(layer.matmul_elements() - (out_proj if kind.mamba else 0)
+               for layer, kind, checkpointed in zip(layers, stack.kinds, ctx.checkpointed, strict=True) if checkpointed)
+
+
 def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
                          recipe: PrecisionRecipe) -> None:
     """Mamba-2 blocks were measured with 16-bit activations (bf16, amp-bf16), SDPA-or-none attention,
@@ -851,17 +998,26 @@ def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: 
 
 
 def check_trainable(model: ModelConfig) -> None:
-    """The activation model was built and measured on attention blocks and on models of Mamba-2
-    blocks (mamba_ssm's fused kernel); other Mamba layers (Mamba-1's C++ selective scan, hybrids,
-    Falcon-H1's parallel block) and gated-delta-net layers save other tensors, so a training
-    estimate of such a model is refused, not guessed."""
-    if mamba2_blocks_only(model):
+    """The activation model was built and measured on attention blocks, on models of Mamba-2
+    blocks and on the hybrid stacks of ``mamba2_hybrid`` (Nemotron-H's blocks without experts, dense
+    Granite-4.0-H; mamba_ssm's fused kernel); other Mamba layers (Mamba-1's C++ selective scan,
+    Jamba, Mamba-2 layers beside experts, Falcon-H1's parallel block) and gated-delta-net layers save
+    other tensors, so a training estimate of such a model is refused, not guessed."""
+    if mamba2_blocks_only(model) or mamba2_hybrid(model):
         return
     recurrent = [kind.value for kind in dict.fromkeys(model.resolved_layer_types)
                  if kind in (LayerType.MAMBA, LayerType.ATTENTION_MAMBA, LayerType.LINEAR_ATTENTION)]
     if recurrent:
+        from memcalc.config import MambaVersion
+
+        detail = ""
+        if model.mamba is not None and model.mamba.version is MambaVersion.MAMBA1:
+            detail = " (Mamba-1 mixers)"
+        elif model.mamba is not None and model.moe is not None:
+            detail = " (Mamba-2 layers beside MoE experts)"
         raise InputError(f"{model.name}: training activations of {' and '.join(recurrent)} layers are not modelled "
-                         "yet; `memcalc infer` and `memcalc show` cover this model (weights, KV cache and state)")
+                         f"yet{detail}; `memcalc infer` and `memcalc show` cover this model (weights, KV cache and "
+                         "state)")
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:

@@ -181,6 +181,14 @@ def mamba_kernels(sm_count: int = SM_COUNT):
     function = ssd.MambaSplitConv1dScanCombinedFn
     patch(function, "forward", _with_device_type(function.forward, "cpu", torch.amp.custom_fwd))
     patch(function, "backward", _with_device_type(function.backward, "cpu", torch.amp.custom_bwd))
+    # Without a cache (the mixers' fused path needs none) transformers looks for packed sequences in
+    # the position ids (masking_utils ``find_packed_sequence_indices``); on fake tensors it cannot
+    # read them and reports a packing, so the causal mask is built and SDPA repeats grouped K/V
+    # heads. On a GPU the model's own ``arange`` positions are one sequence: no mask, SDPA's
+    # ``is_causal`` with ``enable_gqa``. The harness never packs: report no packing, as the GPU does.
+    from transformers import masking_utils
+
+    patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     for module_name in MIXER_MODULES:
         module = importlib.import_module(module_name)
         fallback = getattr(module, KERNEL_NAME)
