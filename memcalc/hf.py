@@ -78,6 +78,7 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "nemotron_h": {**_LLAMA_STYLE},
     "falcon_h1": {**_LLAMA_STYLE},
     "gpt2": _GPT2_STYLE | {"softmax_in_fp32": False},  # eager_attention_forward: softmax in the scores' dtype
+    "qwen2_vl_text": {**_LLAMA_STYLE, "qkv_bias": True},
     "qwen2_5_vl_text": {**_LLAMA_STYLE, "qkv_bias": True},
     "qwen3_vl_text": {**_LLAMA_STYLE, "qk_norm": True},
     "qwen3_vl_moe_text": {**_LLAMA_STYLE, "qk_norm": True},
@@ -89,19 +90,25 @@ _RMS_ONLY = frozenset({"mamba", "falcon_mamba", "mamba2", "nemotron_h"})
 # Multimodal wrappers: the language model is ``text_config``; the vision tower is read by
 # memcalc.vision. The text model_type transformers uses when text_config names none.
 _MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "llama4": "llama4_text", "mistral3": "mistral",
-                          "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text",
+                          "qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text",
                           "qwen3_vl_moe": "qwen3_vl_moe_text"}
-# The Qwen-VL wrappers always build their own text configuration class (Qwen2_5_VLTextConfig,
+# The Qwen-VL wrappers always build their own text configuration class (Qwen2VLTextConfig, Qwen2_5_VLTextConfig,
 # Qwen3VLTextConfig, Qwen3VLMoeTextConfig), whatever text_config.model_type says; a file naming
-# another type than that one or the wrapper's own is refused. Qwen2.5-VL files written before
-# transformers 4.5x keep the text model's keys at the top level (Qwen2_5_VLConfig reads them there
-# when text_config is absent); Qwen3VLConfig ignores top-level text keys, so a Qwen3-VL file
+# another type than that one or the wrapper's own is refused. Qwen2-VL and Qwen2.5-VL files written
+# before transformers 4.5x keep the text model's keys at the top level (Qwen2VLConfig and
+# Qwen2_5_VLConfig read them there when text_config is absent); Qwen3VLConfig ignores top-level text keys, so a Qwen3-VL file
 # without text_config is refused.
-_QWEN_VL_TYPES = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+_QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+# The wrappers that read flat text keys and honour text_config's tie flag (Qwen2VLConfig, Qwen2_5_VLConfig)
+_QWEN2_VL_WRAPPERS = frozenset({"qwen2_vl", "qwen2_5_vl"})
 # Their text configuration classes' defaults for the keys that size parameters, used for keys
-# the file leaves out (configuration_qwen2_5_vl.py, configuration_qwen3_vl.py,
-# configuration_qwen3_vl_moe.py). Qwen3VLMoeTextConfig's head_dim defaults to hidden / heads.
+# the file leaves out (configuration_qwen2_vl.py, configuration_qwen2_5_vl.py, configuration_qwen3_vl.py,
+# configuration_qwen3_vl_moe.py). Qwen3VLMoeTextConfig's head_dim defaults to hidden / heads;
+# Qwen2VLTextConfig's defaults are Qwen2_5_VLTextConfig's.
 _QWEN_VL_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2_vl_text": dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=32768,
+                          use_sliding_window=False, sliding_window=4096, max_window_layers=80),
     "qwen2_5_vl_text": dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                             num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=32768,
                             use_sliding_window=False, sliding_window=4096, max_window_layers=80),
@@ -408,18 +415,19 @@ def _read_llama4(reader: _Reader, fields: dict[str, Any]) -> None:
 
 
 def _read_qwen_vl_text(reader: _Reader, fields: dict[str, Any]) -> None:
-    """The language models of Qwen2.5-VL (modeling_qwen2_5_vl.py, Qwen2_5_VLTextModel), Qwen3-VL
+    """The language models of Qwen2-VL (modeling_qwen2_vl.py, Qwen2VLTextModel), Qwen2.5-VL
+    (modeling_qwen2_5_vl.py, Qwen2_5_VLTextModel), Qwen3-VL
     (modeling_qwen3_vl.py, Qwen3VLTextModel) and Qwen3-VL-MoE (modeling_qwen3_vl_moe.py,
     Qwen3VLMoeTextModel). Their multimodal rotary embedding (mrope) has no parameters.
 
-    Qwen2.5-VL is Qwen2's block: head_dim is hidden_size // num_attention_heads, q/k/v have biases
+    Qwen2-VL and Qwen2.5-VL are Qwen2's block: head_dim is hidden_size // num_attention_heads, q/k/v have biases
     and o_proj none, the MLP none, whatever head_dim, attention_bias or mlp_bias say (the modules
     read none of them); with ``use_sliding_window`` the layers from ``max_window_layers`` on slide.
     Qwen3-VL is Qwen3's block (per-head q/k norms, biases as ``attention_bias``) with no sliding
     windows; Qwen3-VL-MoE adds Qwen3-MoE's experts (no shared expert) on the layers of
     ``decoder_sparse_step``/``mlp_only_layers``."""
     model_type, num_layers = fields["model_type"], fields["num_layers"]
-    if model_type == "qwen2_5_vl_text":
+    if model_type in ("qwen2_vl_text", "qwen2_5_vl_text"):
         fields.update(head_dim=None, qkv_bias=True, attn_output_bias=False, mlp_bias=False)
         types = reader.layer_types({"full_attention": LayerType.FULL_ATTENTION,
                                     "sliding_attention": LayerType.SLIDING_ATTENTION}, num_layers)
@@ -676,6 +684,7 @@ _READERS: dict[str, Callable[[_Reader, dict[str, Any]], None]] = {
     "mamba": _read_mamba,
     "falcon_mamba": _read_mamba,
     "mamba2": _read_mamba2,
+    "qwen2_vl_text": _read_qwen_vl_text,
     "qwen2_5_vl_text": _read_qwen_vl_text,
     "qwen3_vl_text": _read_qwen_vl_text,
     "qwen3_vl_moe_text": _read_qwen_vl_text,
@@ -737,11 +746,11 @@ def _qwen_vl_text_type(outer_type: str, text_config: dict[str, Any], source: str
 
 def _qwen_vl_tied(outer_type: str, outer: dict[str, Any], text_config: dict[str, Any]) -> bool:
     """Whether the Qwen-VL head is tied to the embeddings: the wrapper's ``tie_word_embeddings``
-    (default False); Qwen2_5_VLConfig also ties when text_config says so (its pre-v5 files)."""
+    (default False); Qwen2VLConfig and Qwen2_5_VLConfig also tie when text_config says so (their pre-v5 files)."""
     tied = outer.get("tie_word_embeddings")
     if tied is None:
         tied = False
-    if outer_type == "qwen2_5_vl" and not tied and text_config.get("tie_word_embeddings") is True:
+    if outer_type in _QWEN2_VL_WRAPPERS and not tied and text_config.get("tie_word_embeddings") is True:
         tied = True
     return tied
 
@@ -756,7 +765,7 @@ def model_from_hf(data: dict[str, Any], *, name: str, source: str, assume_llama:
     vision = None
     text_config = data.get("text_config")
     if outer_type in _QWEN_VL_TYPES and text_config is None:
-        if outer_type != "qwen2_5_vl":
+        if outer_type not in _QWEN2_VL_WRAPPERS:
             raise InputError(f"{source}: text_config: a {outer_type} config.json needs it ({outer_type}'s "
                              "configuration class ignores text keys at the top level)")
         text_config = {key: value for key, value in data.items() if key not in ("vision_config", "model_type")}

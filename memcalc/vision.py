@@ -1,7 +1,7 @@
 """Vision towers and projectors of multimodal checkpoints, tensor by tensor.
 
-Gemma 3 (SigLIP tower), Mistral 3 (Pixtral tower), Llama 4, Qwen2.5-VL and Qwen3-VL (and
-Qwen3-VL-MoE, the same tower) carry an image encoder and a projector into the text model's hidden
+Gemma 3 (SigLIP tower), Mistral 3 (Pixtral tower), Llama 4, Qwen2-VL, Qwen2.5-VL and Qwen3-VL
+(and Qwen3-VL-MoE, the same tower) carry an image encoder and a projector into the text model's hidden
 size beside the decoder. ``VisionTower`` holds the sizes that fix their parameters;
 ``vision_tower_groups`` and ``projector_groups`` list every parameter tensor in the order of
 transformers' ``named_parameters()`` (5.24), named by its module path under the base model with
@@ -36,6 +36,8 @@ class VisionFamily(StrEnum):
     SIGLIP = "siglip"  # Gemma 3: SigLIP ViT (modeling_siglip.py) + Gemma3MultiModalProjector
     PIXTRAL = "pixtral"  # Mistral 3: Pixtral ViT (modeling_pixtral.py) + Mistral3MultiModalProjector
     LLAMA4 = "llama4"  # Llama 4: Llama4VisionModel + Llama4MultiModalProjector (modeling_llama4.py)
+    # Qwen2-VL: Qwen2VisionTransformerPretrainedModel with its PatchMerger (modeling_qwen2_vl.py)
+    QWEN2_VL = "qwen2_vl"
     # Qwen2.5-VL: Qwen2_5_VisionTransformerPretrainedModel with Qwen2_5_VLPatchMerger (modeling_qwen2_5_vl.py)
     QWEN2_5_VL = "qwen2_5_vl"
     # Qwen3-VL and Qwen3-VL-MoE: Qwen3VLVisionModel with its patch merger and deepstack mergers
@@ -53,6 +55,7 @@ _FAMILY_FIELDS: dict[VisionFamily, dict[str, Any]] = {
                            "num_vision_feature_layers": 1},
     VisionFamily.LLAMA4: {"image_size": _REQUIRED, "vision_output_dim": _REQUIRED, "projector_input_dim": _REQUIRED,
                           "projector_output_dim": _REQUIRED, "pixel_shuffle_ratio": 0.5},
+    VisionFamily.QWEN2_VL: {"spatial_merge_size": 2, "temporal_patch_size": 2},
     VisionFamily.QWEN2_5_VL: {"spatial_merge_size": 2, "temporal_patch_size": 2},
     VisionFamily.QWEN3_VL: {"spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
                             "num_deepstack_mergers": 3},
@@ -66,7 +69,7 @@ class VisionTower:
 
     __pydantic_config__ = {"extra": "forbid"}
 
-    family: VisionFamily  # which tower and projector (siglip, pixtral, llama4, qwen2_5_vl, qwen3_vl)
+    family: VisionFamily  # which tower and projector (siglip, pixtral, llama4, qwen2_vl, qwen2_5_vl, qwen3_vl)
     hidden_size: PositiveInt  # width of the vision transformer (SigLIP So400m: 1152)
     num_layers: PositiveInt  # vision transformer layers (num_hidden_layers)
     intermediate_size: PositiveInt  # hidden width of each layer's MLP
@@ -94,7 +97,7 @@ class VisionTower:
     projector_output_dim: PositiveInt | None = None  # width of the vision adapter's fc2 (square)
     pixel_shuffle_ratio: float | None = None  # pixel-shuffle downsampling before the adapter
     #   (0.5: 4 patches per token; no parameters depend on it)
-    # qwen2_5_vl, qwen3_vl
+    # qwen2_vl, qwen2_5_vl, qwen3_vl
     temporal_patch_size: PositiveInt | None = None  # frames per patch: the Conv3d patch embedding's
     #   kernel is temporal_patch_size x patch_size x patch_size (2; an image is repeated to 2 frames)
     # qwen3_vl
@@ -269,6 +272,35 @@ def _qwen_patch_embed(t: VisionTower, bias: bool) -> Iterator[tuple[str, int, in
         yield "visual.patch_embed.proj.bias", t.hidden_size, 1
 
 
+def _qwen2_vl_tower(t: VisionTower) -> Iterator[tuple[str, int, int]]:
+    """Qwen2VisionTransformerPretrainedModel, ``models/qwen2_vl/modeling_qwen2_vl.py``: a bias-free
+    Conv3d patch embedding, then ``depth`` blocks (Qwen2VLVisionBlock) of LayerNorm (norm1),
+    attention with a packed, biased qkv and a biased proj, LayerNorm (norm2) and a plain MLP
+    (VisionMlp: fc1 to embed_dim * mlp_ratio, QuickGELU, fc2, both biased). Positions are 2-D
+    rotary (a buffer). ``hidden_size`` is the tower's embed_dim, ``intermediate_size`` its
+    embed_dim * mlp_ratio."""
+    h, f, n = t.hidden_size, t.intermediate_size, t.num_layers
+    yield from _qwen_patch_embed(t, bias=False)
+    block = "visual.blocks"
+    yield from _layernorm(f"{block}.norm1", h, n)
+    yield from _layernorm(f"{block}.norm2", h, n)
+    yield from _linear(f"{block}.attn.qkv", h, 3 * h, True, n)
+    yield from _linear(f"{block}.attn.proj", h, h, True, n)
+    yield from _linear(f"{block}.mlp.fc1", h, f, True, n)
+    yield from _linear(f"{block}.mlp.fc2", f, h, True, n)
+
+
+def _qwen2_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
+    """PatchMerger (``visual.merger``), ``models/qwen2_vl/modeling_qwen2_vl.py``: a LayerNorm (ln_q)
+    over the tower width, then nn.Linear(s*s*embed_dim, s*s*embed_dim), GELU and
+    nn.Linear(s*s*embed_dim, hidden_size), both biased (s = spatial_merge_size; the vision
+    config's hidden_size is the text model's, ``text_hidden_size`` here)."""
+    merged = t.hidden_size * t.spatial_merge_size ** 2
+    yield from _layernorm("visual.merger.ln_q", t.hidden_size)
+    yield from _linear("visual.merger.mlp.0", merged, merged, True)
+    yield from _linear("visual.merger.mlp.2", merged, t.text_hidden_size, True)
+
+
 def _qwen2_5_vl_tower(t: VisionTower) -> Iterator[tuple[str, int, int]]:
     """Qwen2_5_VisionTransformerPretrainedModel, ``models/qwen2_5_vl/modeling_qwen2_5_vl.py``: a
     bias-free Conv3d patch embedding, then ``depth`` blocks of RMSNorm (norm1), attention with a
@@ -335,10 +367,12 @@ def _qwen3_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
 
 
 _TOWERS = {VisionFamily.SIGLIP: _siglip_tower, VisionFamily.PIXTRAL: _pixtral_tower,
-           VisionFamily.LLAMA4: _llama4_tower, VisionFamily.QWEN2_5_VL: _qwen2_5_vl_tower,
+           VisionFamily.LLAMA4: _llama4_tower, VisionFamily.QWEN2_VL: _qwen2_vl_tower,
+           VisionFamily.QWEN2_5_VL: _qwen2_5_vl_tower,
            VisionFamily.QWEN3_VL: _qwen3_vl_tower}
 _PROJECTORS = {VisionFamily.SIGLIP: _gemma3_projector, VisionFamily.PIXTRAL: _mistral3_projector,
-               VisionFamily.LLAMA4: _llama4_projector, VisionFamily.QWEN2_5_VL: _qwen2_5_vl_projector,
+               VisionFamily.LLAMA4: _llama4_projector, VisionFamily.QWEN2_VL: _qwen2_vl_projector,
+               VisionFamily.QWEN2_5_VL: _qwen2_5_vl_projector,
                VisionFamily.QWEN3_VL: _qwen3_vl_projector}
 
 
@@ -424,17 +458,22 @@ _MISTRAL3_TEXT_INIT_HIDDEN = 5120
 _FAMILY_OF_MODEL_TYPE = {"gemma3": VisionFamily.SIGLIP, "mistral3": VisionFamily.PIXTRAL,
                          "llama4": VisionFamily.LLAMA4}
 
-# The Qwen-VL wrappers (Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig) always build their own
+# The Qwen-VL wrappers (Qwen2VLConfig, Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig) always build their own
 # vision configuration class, whatever vision_config.model_type says (the early checkpoints wrote
 # the wrapper's type there): the family and that class's model type.
 _QWEN_VISION_TYPES = {
+    "qwen2_vl": (VisionFamily.QWEN2_VL, "qwen2_vl_vision"),  # Qwen2VLVisionConfig
     "qwen2_5_vl": (VisionFamily.QWEN2_5_VL, "qwen2_5_vl_vision"),  # Qwen2_5_VLVisionConfig
     "qwen3_vl": (VisionFamily.QWEN3_VL, "qwen3_vl_vision"),  # Qwen3VLVisionConfig
     "qwen3_vl_moe": (VisionFamily.QWEN3_VL, "qwen3_vl_moe_vision"),  # Qwen3VLMoeVisionConfig (the same fields)
 }
-# Their defaults (configuration_qwen2_5_vl.py, configuration_qwen3_vl.py, configuration_qwen3_vl_moe.py;
-# Qwen2_5_VLVisionConfig's hidden_size default is 3584, the released towers' 1280 is in every file).
+# Their defaults (configuration_qwen2_vl.py, configuration_qwen2_5_vl.py, configuration_qwen3_vl.py, configuration_qwen3_vl_moe.py;
+# Qwen2_5_VLVisionConfig's hidden_size default is 3584, the released towers' 1280 is in every file;
+# Qwen2VLVisionConfig's tower width is embed_dim, its MLP embed_dim * mlp_ratio, and its hidden_size
+# the merger's output, the text model's width).
 _QWEN_VISION_DEFAULTS: dict[VisionFamily, dict[str, Any]] = {
+    VisionFamily.QWEN2_VL: dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, in_channels=3,
+                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
     VisionFamily.QWEN2_5_VL: dict(depth=32, hidden_size=3584, intermediate_size=3420, num_heads=16, in_channels=3,
                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584),
     VisionFamily.QWEN3_VL: dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3,
@@ -447,6 +486,8 @@ _QWEN_VISION_ALIASES = {"num_hidden_layers": "depth", "num_attention_heads": "nu
 # Qwen2-VL-era names the released Qwen2.5-VL files still carry and no Qwen2.5-VL module reads
 # (the patch embedding takes in_channels and patch_size).
 _QWEN_VISION_INERT = {
+    VisionFamily.QWEN2_VL: frozenset({"hidden_act", "initializer_range", "rope_parameters", "rope_scaling",
+                                      "rope_theta", "in_chans", "spatial_patch_size"}),
     VisionFamily.QWEN2_5_VL: frozenset({"hidden_act", "initializer_range", "rope_parameters", "rope_scaling",
                                         "rope_theta", "tokens_per_second", "window_size", "fullatt_block_indexes",
                                         "in_chans", "spatial_patch_size"}),
@@ -471,8 +512,9 @@ def _bool(key: str, value: Any) -> bool:
 
 
 def _qwen_vision_from_hf(model_type: str, config: Mapping[str, Any]) -> VisionTower:
-    """The vision tower of a Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE ``config.json``; the merger's
-    output width, ``out_hidden_size``, is the projector's (``text_hidden_size``)."""
+    """The vision tower of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE ``config.json``; the
+    merger's output width, ``out_hidden_size`` (Qwen2-VL: the vision config's ``hidden_size``), is
+    the projector's (``text_hidden_size``)."""
     family, vision_type = _QWEN_VISION_TYPES[model_type]
     vision = config.get("vision_config")
     if vision is None:
@@ -503,6 +545,12 @@ def _qwen_vision_from_hf(model_type: str, config: Mapping[str, Any]) -> VisionTo
                 isinstance(i, int) and not isinstance(i, bool) for i in indexes):
             raise ValueError(f"vision config deepstack_visual_indexes must be a list of layer indices, got {indexes!r}")
         extra["num_deepstack_mergers"] = len(indexes)
+    if family is VisionFamily.QWEN2_VL:
+        # Qwen2VLVisionBlock: LayerNorms of embed_dim, VisionMlp of int(embed_dim * mlp_ratio);
+        # PatchMerger(dim=hidden_size, context_dim=embed_dim)
+        width = _int("embed_dim", values["embed_dim"])
+        values.update(out_hidden_size=values["hidden_size"], hidden_size=width,
+                      intermediate_size=width * _int("mlp_ratio", values["mlp_ratio"]))
     return VisionTower(
         family=family,
         hidden_size=_int("hidden_size", values["hidden_size"]),
@@ -523,7 +571,7 @@ def vision_tower_from_hf(model_type: str, config: Mapping[str, Any]) -> VisionTo
     ``model_type`` has no vision tower memcalc knows (text-only types such as ``gemma3_text``
     included). Absent keys take the defaults of the transformers configuration classes
     (Gemma3Config/SiglipVisionConfig, Mistral3Config/PixtralVisionConfig,
-    Llama4Config/Llama4VisionConfig, Qwen2_5_VLVisionConfig, Qwen3VLVisionConfig,
+    Llama4Config/Llama4VisionConfig, Qwen2VLVisionConfig, Qwen2_5_VLVisionConfig, Qwen3VLVisionConfig,
     Qwen3VLMoeVisionConfig, transformers 5.24). Raises ValueError for a vision_config key memcalc
     does not know (it might change the parameters) or a vision model type the family's
     transformers class would not build."""

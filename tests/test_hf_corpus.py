@@ -109,12 +109,25 @@ def _changed(file_name: str, change) -> dict:
     return data
 
 
+QWEN2_VL = "Qwen--Qwen2-VL-7B-Instruct.json"
 QWEN25_VL, QWEN3_VL, QWEN3_VL_MOE = ("Qwen--Qwen2.5-VL-7B-Instruct.json", "Qwen--Qwen3-VL-8B-Instruct.json",
                                      "Qwen--Qwen3-VL-30B-A3B-Instruct.json")
 
 # Real files with a key memcalc does not read added (or the text model taken away): refused with
 # the key named, never counted as if it were not there.
 CHANGED_REFUSED = {
+    "qwen2-vl-experts": (QWEN2_VL, lambda d: d.update(num_experts=8, num_experts_per_tok=2),
+                         "num_experts change the structure of a qwen2_vl_text model"),
+    "qwen2-vl-vision-key": (QWEN2_VL, lambda d: d["vision_config"].update(intermediate_size=3420),
+                            "vision_config: vision_config keys memcalc does not know for qwen2_vl"),
+    "qwen2-vl-vision-type": (QWEN2_VL, lambda d: d["vision_config"].update(model_type="qwen2_5_vl_vision"),
+                             "vision_config: qwen2_vl vision_config.model_type 'qwen2_5_vl_vision'"),
+    "qwen2-vl-mlp-ratio": (QWEN2_VL, lambda d: d["vision_config"].update(mlp_ratio=4.5),
+                           "vision_config: vision config mlp_ratio must be an integer"),
+    "qwen2-vl-chunked": (QWEN2_VL, lambda d: d.update(layer_types=["chunked_attention"] * 28),
+                         "layer_types: layer type 'chunked_attention' is not modelled"),
+    "qwen2-vl-text-type": (QWEN2_VL, lambda d: d.update(text_config={"model_type": "qwen2_5_vl_text"}),
+                           "text_config.model_type: 'qwen2_5_vl_text' is not the text model of qwen2_vl"),
     "qwen2.5-vl-experts": (QWEN25_VL, lambda d: d.update(num_experts=8, num_experts_per_tok=2),
                            "num_experts change the structure of a qwen2_5_vl_text model"),
     "qwen2.5-vl-vision-key": (QWEN25_VL, lambda d: d["vision_config"].update(use_registers=True),
@@ -189,14 +202,16 @@ FAMILIES = {
                       "expert_layer_period": 3, "expert_layer_offset": 2, "hidden_size": 256,
                       "intermediate_size": 512, "num_experts": 4, "mamba_dt_rank": "auto"},
     # Qwen2_5_VLConfig's defaults: a 72B-sized text model under a 3584-wide tower
-    "qwen2_5_vl": {}, "qwen3_vl": {}, "qwen3_vl_moe": {},
+    "qwen2_vl": {}, "qwen2_5_vl": {}, "qwen3_vl": {}, "qwen3_vl_moe": {},
+    "qwen2_vl#tied": {"tie_word_embeddings": True, "text_config": {"num_hidden_layers": 2},
+                      "vision_config": {"depth": 2, "embed_dim": 64, "mlp_ratio": 3, "num_heads": 4}},
     "qwen2_5_vl#tied": {"tie_word_embeddings": True, "text_config": {"num_hidden_layers": 2}},
     "qwen3_vl#no-deepstack": {"vision_config": {"deepstack_visual_indexes": [], "depth": 3},
                               "text_config": {"num_hidden_layers": 2, "head_dim": 64, "attention_bias": True}},
     "qwen3_vl_moe#sparse": {"text_config": {"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3],
                                             "num_experts": 8, "head_dim": 96}},
 }
-MULTIMODAL_TYPES = ("gemma3", "llama4", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+MULTIMODAL_TYPES = ("gemma3", "llama4", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 @pytest.mark.parametrize("key", sorted(FAMILIES))
@@ -220,7 +235,19 @@ _TINY_TEXT = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads"
               "num_hidden_layers": 2, "vocab_size": 128}
 _TINY_QWEN3_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "out_hidden_size": 64,
                       "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
+_TINY_QWEN2_VISION = {"depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 2, "hidden_size": 64}
 QWEN_VL_SHAPES = {
+    "qwen2_vl-empty": ("qwen2_vl", {}),
+    "qwen2_vl-flat": ("qwen2_vl", {**_TINY_TEXT, "vision_config": {**_TINY_QWEN2_VISION, "in_chans": 1,
+                                                                   "spatial_patch_size": 14}}),
+    "qwen2_vl-nested": ("qwen2_vl", {"text_config": {**_TINY_TEXT, "model_type": "qwen2_vl_text"},
+                                     "vision_config": {**_TINY_QWEN2_VISION, "model_type": "qwen2_vl"}}),
+    "qwen2_vl-text-tied": ("qwen2_vl", {"text_config": {**_TINY_TEXT, "tie_word_embeddings": True},
+                                        "vision_config": _TINY_QWEN2_VISION}),
+    "qwen2_vl-head-dim-ignored": ("qwen2_vl", {**_TINY_TEXT, "head_dim": 32, "attention_bias": False,
+                                               "vision_config": _TINY_QWEN2_VISION}),
+    "qwen2_vl-sliding": ("qwen2_vl", {**_TINY_TEXT, "use_sliding_window": True, "sliding_window": 16,
+                                      "max_window_layers": 1, "vision_config": _TINY_QWEN2_VISION}),
     "qwen2_5_vl-empty": ("qwen2_5_vl", {}),
     "qwen2_5_vl-flat": ("qwen2_5_vl", {**_TINY_TEXT, "vision_config": {"depth": 2, "hidden_size": 32, "num_heads": 2,
                                                                        "out_hidden_size": 64, "in_chans": 1}}),

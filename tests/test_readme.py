@@ -478,7 +478,7 @@ FAMILY_MODEL_TYPES = {
     "Qwen3": ("qwen3",), "Qwen3-MoE": ("qwen3_moe",), "Qwen3-Next": ("qwen3_next",), "gpt-oss": ("gpt_oss",),
     "Gemma 2/3": ("gemma2", "gemma3_text", "gemma3"), "OLMo 2/3": ("olmo2", "olmo3"), "SmolLM3": ("smollm3",),
     "Llama 4": ("llama4_text", "llama4"), "Mistral 3": ("mistral3",),
-    "Qwen2.5-VL": ("qwen2_5_vl", "qwen2_5_vl_text"), "Qwen3-VL": ("qwen3_vl", "qwen3_vl_text"),
+    "Qwen2-VL": ("qwen2_vl", "qwen2_vl_text"), "Qwen2.5-VL": ("qwen2_5_vl", "qwen2_5_vl_text"), "Qwen3-VL": ("qwen3_vl", "qwen3_vl_text"),
     "Qwen3-VL-MoE": ("qwen3_vl_moe", "qwen3_vl_moe_text"), "GLM-4.5": ("glm4_moe",),
     "DeepSeek-V2/V3": ("deepseek_v2", "deepseek_v3"), "Kimi K2": ("kimi_k2",), "Jamba": ("jamba",),
     "Granite-4.0-H": ("granitemoehybrid",), "Nemotron-H": ("nemotron_h",), "Falcon-H1": ("falcon_h1",),

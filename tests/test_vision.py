@@ -34,6 +34,8 @@ PIXTRAL_MS31 = dict(family="pixtral", hidden_size=1024, num_layers=24, intermedi
 LLAMA4_VISION = dict(family="llama4", hidden_size=1408, num_layers=34, intermediate_size=5632,
                      num_attention_heads=16, patch_size=14, image_size=336, vision_output_dim=4096,
                      projector_input_dim=4096, projector_output_dim=4096, pixel_shuffle_ratio=0.5)
+QWEN2_VL_VISION = dict(family="qwen2_vl", hidden_size=1280, num_layers=32, intermediate_size=5120,
+                       num_attention_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
 QWEN2_5_VL_VISION = dict(family="qwen2_5_vl", hidden_size=1280, num_layers=32, intermediate_size=3420,
                          num_attention_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
 QWEN3_VL_VISION = dict(family="qwen3_vl", hidden_size=1152, num_layers=27, intermediate_size=4304,
@@ -48,6 +50,9 @@ REAL = {
     "gemma-3-27b": (VisionTower(**SIGLIP_400M, text_hidden_size=5376), 416_866_032, 6_194_304),
     "mistral-small-3.1-24b": (VisionTower(**PIXTRAL_MS31, text_hidden_size=5120), 403_305_472, 35_652_608),
     "llama-4-scout/maverick": (VisionTower(**LLAMA4_VISION, text_hidden_size=5120), 850_960_896, 20_971_520),
+    # patch embed 1280*3*2*14*14; 32 blocks of 19,677,440 (two LayerNorms, qkv, proj, fc1 to 4 x 1280
+    # and fc2, all biased); merger: LayerNorm ln_q, 5120 x 5120 and 5120 x 3584 with biases
+    "qwen2-vl-7b": (VisionTower(**QWEN2_VL_VISION, text_hidden_size=3584), 631_183_360, 44_575_744),
     # patch embed 1280*3*2*14*14; 32 blocks of 19,702,200 (two RMSNorms, qkv, proj, biased gated MLP);
     # merger: ln_q, 5120 x 5120 and 5120 x 3584 with biases
     "qwen2.5-vl-7b": (VisionTower(**QWEN2_5_VL_VISION, text_hidden_size=3584), 631_975_680, 44_574_464),
@@ -105,10 +110,18 @@ def _ours(tensors) -> list[tuple[str, int, int]]:
     return [(t.name, t.numel, t.count) for t in tensors]
 
 
-QWEN_WRAPPERS = {VisionFamily.QWEN2_5_VL: ("qwen2_5_vl",), VisionFamily.QWEN3_VL: ("qwen3_vl", "qwen3_vl_moe")}
+QWEN_WRAPPERS = {VisionFamily.QWEN2_VL: ("qwen2_vl",), VisionFamily.QWEN2_5_VL: ("qwen2_5_vl",), VisionFamily.QWEN3_VL: ("qwen3_vl", "qwen3_vl_moe")}
 
 
 def _qwen_hf_config(tower: VisionTower, model_type: str) -> tuple[str, dict]:
+    if tower.family is VisionFamily.QWEN2_VL:  # embed_dim, mlp_ratio and the merger's hidden_size
+        assert tower.intermediate_size % tower.hidden_size == 0
+        vision = dict(depth=tower.num_layers, embed_dim=tower.hidden_size, hidden_size=tower.text_hidden_size,
+                      mlp_ratio=tower.intermediate_size // tower.hidden_size, num_heads=tower.num_attention_heads,
+                      patch_size=tower.patch_size, in_channels=tower.num_channels,
+                      spatial_merge_size=tower.spatial_merge_size, temporal_patch_size=tower.temporal_patch_size)
+        text = {"hidden_size": tower.text_hidden_size, "num_attention_heads": 1, "num_key_value_heads": 1}
+        return model_type, dict(vision_config=vision, text_config=text)
     vision = dict(depth=tower.num_layers, hidden_size=tower.hidden_size, intermediate_size=tower.intermediate_size,
                   num_heads=tower.num_attention_heads, patch_size=tower.patch_size, in_channels=tower.num_channels,
                   spatial_merge_size=tower.spatial_merge_size, temporal_patch_size=tower.temporal_patch_size,
@@ -188,10 +201,11 @@ def _qwen_transformers_parts(model_type: str, config):
     """The Qwen towers hold their patch mergers (the projector here) inside ``visual``."""
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
-    classes = {"qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel, "qwen3_vl": Qwen3VLVisionModel,
+    classes = {"qwen2_vl": Qwen2VisionTransformerPretrainedModel, "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel, "qwen3_vl": Qwen3VLVisionModel,
                "qwen3_vl_moe": Qwen3VLMoeVisionModel}
     with torch.device("meta"):
         visual = classes[model_type]._from_config(config.vision_config)  # as the *VLModel classes build it
@@ -225,6 +239,8 @@ def _random_tower(seed: int) -> VisionTower:
                   num_channels=rng.choice([1, 3, 4]), text_hidden_size=rng.randint(5, 48))
     if family in QWEN_WRAPPERS:  # no image_size: any image size, positions interpolated or rotary
         del common["image_size"]
+        if family is VisionFamily.QWEN2_VL:  # the MLP is embed_dim * mlp_ratio wide
+            common["intermediate_size"] = common["hidden_size"] * rng.randint(1, 4)
         qwen = dict(spatial_merge_size=rng.choice([1, 2, 3]), temporal_patch_size=rng.choice([1, 2, 3]))
         if family is VisionFamily.QWEN3_VL:
             qwen.update(num_position_embeddings=rng.choice([4, 9, 16]), num_deepstack_mergers=rng.randint(0, 3))
@@ -273,7 +289,8 @@ def test_full_model_names(family):
         text.update(intermediate_size_mlp=16, num_local_experts=2, moe_layers=[0])
     config = transformers.AutoConfig.for_model(model_type, **dict(config_dict, text_config=text))
     classes = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
-               "llama4": "Llama4ForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "llama4": "Llama4ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "qwen3_vl": "Qwen3VLForConditionalGeneration"}
     with torch.device("meta"):
         model = getattr(transformers, classes[model_type])(config)
@@ -335,15 +352,16 @@ def _corpus(name: str) -> dict:
     (GEMMA3_4B, REAL["gemma-3-4b"][0]),
     (MISTRAL_SMALL_31, REAL["mistral-small-3.1-24b"][0]),
     (LLAMA4_SCOUT, REAL["llama-4-scout/maverick"][0]),
+    (_corpus("Qwen--Qwen2-VL-7B-Instruct.json"), REAL["qwen2-vl-7b"][0]),
     (_corpus("Qwen--Qwen2.5-VL-7B-Instruct.json"), REAL["qwen2.5-vl-7b"][0]),
     (_corpus("Qwen--Qwen3-VL-8B-Instruct.json"), REAL["qwen3-vl-8b"][0]),
     (_corpus("Qwen--Qwen3-VL-30B-A3B-Instruct.json"), REAL["qwen3-vl-30b-a3b"][0]),
-], ids=["gemma3-4b", "mistral-small-3.1", "llama4-scout", "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3-vl-30b-a3b"])
+], ids=["gemma3-4b", "mistral-small-3.1", "llama4-scout", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3-vl-30b-a3b"])
 def test_from_hf_released_configs(config, expected):
     assert vision_tower_from_hf(config["model_type"], config) == expected
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "llama", "mistral", "llama4_text", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "llama", "mistral", "llama4_text", "llava", "qwen2_vl_text"])
 def test_from_hf_unknown_family_is_none(model_type):
     assert vision_tower_from_hf(model_type, {"vision_config": {"hidden_size": 8}}) is None
 
@@ -361,6 +379,11 @@ PARTIAL = [
     ("llama4", {}),
     ("llama4", {"vision_config": {"model_type": "something_else", "hidden_size": 1408}}),
     ("llama4", {"vision_config": {"multi_modal_projector_bias": True}}),
+    ("qwen2_vl", {}),
+    ("qwen2_vl", {"vision_config": {"model_type": "qwen2_vl", "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2,
+                                    "in_chans": 1, "spatial_patch_size": 7, "hidden_act": "quick_gelu"}}),
+    ("qwen2_vl", {"vision_config": {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 96,
+                                    "in_channels": 1, "temporal_patch_size": 1, "spatial_merge_size": 3}}),
     ("qwen2_5_vl", {}),
     ("qwen2_5_vl", {"vision_config": {"model_type": "qwen2_5_vl_vision", "hidden_size": 64, "num_heads": 4,
                                       "in_chans": 1, "spatial_patch_size": 7, "window_size": 56}}),
@@ -379,6 +402,8 @@ def test_from_hf_defaults_match_transformers(model_type, config):
 
 
 def test_from_hf_defaults_spot_values():
+    qwen2 = vision_tower_from_hf("qwen2_vl", {})  # Qwen2VLVisionConfig: embed_dim 1280, mlp_ratio 4, hidden 3584
+    assert (qwen2.hidden_size, qwen2.intermediate_size, qwen2.text_hidden_size) == (1280, 5120, 3584)
     assert vision_tower_from_hf("qwen2_5_vl", {}).hidden_size == 3584  # Qwen2_5_VLVisionConfig's default
     assert vision_tower_from_hf("qwen3_vl", {}).num_deepstack_mergers == 3  # deepstack_visual_indexes (8, 16, 24)
     assert vision_tower_from_hf("qwen3_vl_moe", {}).text_hidden_size == 3584  # out_hidden_size
@@ -403,6 +428,12 @@ def test_from_hf_unknown_vision_key_raises():
     ("gemma3", {"vision_use_head": "no"}, "vision_use_head"),
     ("llama4", {"hidden_size": 1408, "num_attention_heads": 13}, "must divide"),
     ("qwen2_5_vl", {"model_type": "qwen2_vl"}, "qwen2_vl"),
+    ("qwen2_vl", {"model_type": "qwen2_5_vl_vision"}, "qwen2_5_vl_vision"),
+    ("qwen2_vl", {"mlp_ratio": 4.0}, "mlp_ratio"),
+    ("qwen2_vl", {"embed_dim": 1280, "num_heads": 12}, "must divide"),
+    ("qwen2_vl", {"intermediate_size": 5120}, "intermediate_size"),
+    ("qwen2_vl", {"out_hidden_size": 3584}, "out_hidden_size"),
+    ("qwen2_vl", {"depth": 4, "num_hidden_layers": 5}, "disagree"),
     ("qwen3_vl", {"patch_size": [16, 16]}, "patch_size"),
     ("qwen3_vl", {"depth": 4, "num_hidden_layers": 5}, "disagree"),
     ("qwen3_vl", {"deepstack_visual_indexes": [8, True]}, "deepstack_visual_indexes"),
@@ -425,7 +456,7 @@ def test_from_hf_collected_configs(path):
     model_type = config.get("model_type", "")
     tower = vision_tower_from_hf(model_type, config)
     if tower is None:
-        assert model_type not in ("gemma3", "mistral3", "llama4", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+        assert model_type not in ("gemma3", "mistral3", "llama4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
         return
     hf_tower, hf_projector = _transformers_parts(model_type, config)
     assert _ours(vision_tower_groups(tower)) == hf_tower
