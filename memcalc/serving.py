@@ -308,6 +308,15 @@ class VLLMSampler(StrEnum):
     NONE = "none"  # Model Runner V2: the dummy batch registers no sampling parameters
 
 
+def _triton_buffer(gpu_name: str, requests: int, vocab: int, notes: list[str]) -> int:
+    """apply_top_k_top_p_triton's per-program fp32 vocabulary rows, min(next_power_of_2(min(SMs, rows)), SMs)."""
+    sms = GPU_SM_COUNT.get(gpu_name, DEFAULT_SM_COUNT)
+    programs = min(sms, requests)
+    if gpu_name not in GPU_SM_COUNT:
+        notes.append(f"the Triton top-k/top-p buffer counts {DEFAULT_SM_COUNT} SMs (an H100's)")
+    return min(1 << (programs - 1).bit_length(), sms) * vocab * 4
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     """Any "0.x[.y]" (parse_vllm_version refuses what the CUDA-graph rules do not cover; the profile
     rules go back to the V0 engine of 0.6)."""
@@ -470,6 +479,50 @@ _MOE_CHUNK = ((0, 12), 64 * 1024), ((0, 18), 16 * 1024)
 MLA_CHUNKED_PREFILL_CAP = 64 * 1024
 
 
+VLLM_MOE_ORACLE_SOURCE = ("vllm/model_executor/layers/fused_moe/oracle/unquantized.py (_get_priority_backends, "
+                          "select_unquantized_moe_backend), fused_moe/experts/trtllm_bf16_moe.py and "
+                          "experts/flashinfer_cutlass_moe.py (_supports_current_device)")
+
+
+def _compute_capability(gpu_name: str, architecture: str) -> int | None:
+    """CUDA compute capability, major x 10 + minor: the "(smNN)" of the card's architecture, given or
+    the catalogue's (configs/gpus.yaml); None where neither names one."""
+    import re
+
+    if not architecture and gpu_name:
+        from memcalc.gpus import gpu_catalogue
+
+        spec = gpu_catalogue().get(gpu_name)
+        architecture = spec.architecture if spec is not None else ""
+    found = re.search(r"sm_?(\d+)", architecture.lower())
+    return int(found.group(1)) if found else None
+
+
+def vllm_unquantized_moe_backend(numbers: tuple[int, ...], gpu_name: str = "", architecture: str = "") -> str:
+    """The experts' kernel vLLM ``numbers`` picks for unquantized (bf16/fp16) experts on one GPU without EP, DP or
+    LoRA, VLLM_USE_FLASHINFER_MOE_FP16 and --moe-backend unset, flashinfer installed (a requirement of the vllm
+    wheel from 0.12, so in the docker image): "TRITON" before 0.22 and on ROCm (AITER off, its default); from
+    0.22 the oracle (oracle/unquantized.py _get_priority_backends) tries FlashInfer TRT-LLM (compute capability
+    10.x only, TrtLlmBf16Experts._supports_current_device), then FlashInfer CUTLASS (9.0, 10.x, 12.x,
+    FlashInferExperts._supports_current_device), then Triton; from 0.23 it moves both FlashInfer kernels behind
+    Triton on 9.x (Hopper: "slower than Triton"). So: 8.x cards (A100, L40S, RTX 4090) Triton throughout; H100 and
+    H200 FlashInfer CUTLASS in 0.22, Triton from 0.23; 10.x (B200) FlashInfer TRT-LLM or CUTLASS;
+    "unknown" for a card whose compute capability memcalc does not know."""
+    rocm = "cdna" in architecture.lower() or gpu_name.lower().startswith("mi")
+    if numbers < (0, 22) or rocm:
+        return "TRITON"
+    capability = _compute_capability(gpu_name, architecture)
+    if capability is None:
+        return "unknown"
+    if 100 <= capability < 110:
+        return "FlashInfer TRTLLM"
+    if capability == 90 and numbers < (0, 23) or 120 <= capability < 130:
+        return "FlashInfer CUTLASS"
+    if capability >= 90 and capability // 10 != 9:
+        return "unknown"
+    return "TRITON"
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -507,11 +560,12 @@ class VLLMFusedMoE:
 
 
 def vllm_fused_moe(model: ModelConfig, settings: InferSettings, numbers: tuple[int, ...], tokens: int,
-                   max_num_seqs: int) -> VLLMFusedMoE | None:
+                   max_num_seqs: int, gpu_name: str = "", architecture: str = "") -> VLLMFusedMoE | None:
     """The fused-MoE layer of vLLM's profile forward of ``tokens`` tokens on one TP rank, by release, for
     an unquantized MoE on CUDA without expert parallelism (the default Triton path: ``Using TRITON backend
-    for Unquantized MoE`` in 0.19's log); None where not modelled (no MoE, quantized experts, 0.22 and
-    later, whose oracle tries FlashInfer's TRT-LLM and CUTLASS kernels first: not read). The experts'
+    for Unquantized MoE`` in 0.19's log); None where not modelled (no MoE, quantized experts, and from 0.22
+    a card on which the oracle picks a FlashInfer kernel, vllm_unquantized_moe_backend: not read; where it
+    picks Triton, the 0.18-0.21 layout below, not re-read). The experts'
     shapes as vLLM takes them (modular_kernel.py moe_problem_size): M = tokens, N = w13's rows on the rank
     (2 x expert_intermediate_size / TP for a gated MLP), K = hidden; top_k rows a token. Read in the wheels
     0.6.6, 0.7.3, 0.8.0, 0.8.5, 0.9.2, 0.10.2, 0.11.0, 0.11.2, 0.12.0, 0.13.0 (fused_experts_impl), 0.14.0 to
@@ -534,7 +588,9 @@ def vllm_fused_moe(model: ModelConfig, settings: InferSettings, numbers: tuple[i
     from memcalc.estimate.inference import _compute_bytes
 
     moe = model.moe
-    if moe is None or _is_quantized(model, settings) or numbers >= (0, 22):
+    if moe is None or _is_quantized(model, settings):
+        return None
+    if vllm_unquantized_moe_backend(numbers, gpu_name, architecture) != "TRITON":
         return None
     element = _compute_bytes(DType(settings.dtype))
     tp, hidden, topk = settings.tp, model.hidden_size, moe.experts_per_token
@@ -618,8 +674,10 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
     where vllm_fused_moe models it (unquantized, Triton, 0.6 to 0.21): the largest of the dense layers',
     the MoE layer's and MLA's profile attention; from 0.14 its workspace stays allocated in the
     WorkspaceManager and adds to the sampler's phase. Not modelled (notes): the fused-MoE layer of quantized
-    experts, of 0.22 and later and under EP/DP, a multimodal encoder's profile, speculative decoding's rejection
-    sampler, LoRA, the 0.33 warm-up-parameter sampler pass.
+    experts, of FlashInfer's kernels (0.22 and later, by card: vllm_unquantized_moe_backend) and under EP/DP,
+    a multimodal encoder's profile, speculative decoding's rejection sampler, LoRA. From 0.33 the V2 sampler's
+    peak is _dummy_sampler_run's warm-up-parameter pass (an fp32 copy, then FlashInfer's top-k/top-p on CUDA,
+    the Triton kernel on ROCm).
     """
     from memcalc.estimate.inference import _compute_bytes
 
@@ -629,7 +687,7 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
     hidden, vocab = model.hidden_size, model.vocab_size
     notes: list[str] = []
     seqs = max_num_seqs or (V0_MAX_NUM_SEQS if numbers < (0, 8) else tokens)
-    moe = vllm_fused_moe(model, settings, numbers, tokens, seqs)
+    moe = vllm_fused_moe(model, settings, numbers, tokens, seqs, gpu_name, architecture)
     if moe is None:
         forward = _profile_forward(model, settings, tokens)
     else:
@@ -648,15 +706,24 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
         v2 = vllm_uses_model_runner_v2(numbers, model, settings)
         runner = "V2" if v2 else "V1"
         source = VLLM_PROFILE_SOURCE["v2" if v2 else "v1"]
+        rocm = "cdna" in architecture.lower() or gpu_name.lower().startswith("mi")
         if v2:
             sampler = VLLMSampler.NONE
             held = element * (tokens + requests) * hidden  # hidden_states and sample_hidden_states
-            if numbers >= (0, 26):  # no sampling parameters: no logits processing, no copy
+            if numbers >= (0, 33):  # the warm-up-parameter pass: always a new fp32 copy, then top-k/top-p
+                parts = [(element, "logits"), (4, "fp32 copy (warm-up parameters)")]
+                if rocm:
+                    sampler = VLLMSampler.TRITON
+                    parts.append((0, "Triton top-k/top-p in place"))
+                    buffer = _triton_buffer(gpu_name, requests, vocab, notes)
+                else:
+                    sampler = VLLMSampler.FLASHINFER
+                    parts += [(4, "FlashInfer's masked logits"), (4, "probabilities")]
+            elif numbers >= (0, 26):  # no sampling parameters: no logits processing, no copy
                 parts = [(element, "logits, no sampling parameters")]
         else:
             # 0.8 returns only the sampled rows; from 0.9 the hidden states too, and a rand_like of the rows
             held = element * requests * hidden if numbers < (0, 9) else element * (tokens + 2 * requests) * hidden
-            rocm = "cdna" in architecture.lower() or gpu_name.lower().startswith("mi")
             if numbers < (0, 17) or requests < 8:
                 sampler = VLLMSampler.SORT
                 parts.append((torch_sort_bytes_per_element(requests), "torch.sort"))
@@ -666,11 +733,7 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
             elif numbers < (0, 22) or rocm:
                 sampler = VLLMSampler.TRITON
                 parts += [(0, "Triton top-k/top-p in place"), (4, "probabilities"), (4, "exponential draw")]
-                sms = GPU_SM_COUNT.get(gpu_name, DEFAULT_SM_COUNT)
-                programs = min(sms, requests)
-                buffer = min(1 << (programs - 1).bit_length(), sms) * vocab * 4
-                if gpu_name not in GPU_SM_COUNT:
-                    notes.append(f"the Triton top-k/top-p buffer counts {DEFAULT_SM_COUNT} SMs (an H100's)")
+                buffer = _triton_buffer(gpu_name, requests, vocab, notes)
             else:
                 sampler = VLLMSampler.FLASHINFER
                 parts += [(4, "FlashInfer's masked logits"), (4, "probabilities")]
@@ -678,18 +741,32 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
     detail = " + ".join(f"{size} {what}" if size else what for size, what in parts if size or "place" in what)
     if (0, 20) <= numbers < (0, 22):
         notes.append(f"vLLM {version}: profile rule as read in 0.19 (0.20 and 0.21 were not read)")
-    if numbers >= (0, 33):
-        notes.append(f"vLLM {version}: the second, warm-up-parameter pass of _dummy_sampler_run (0.33: fp32 logits, "
-                     "penalties, min-p, top-k 50, top-p 0.9) is not modelled")
+    if numbers >= (0, 33) and runner == "V2":
+        how = ("the Triton top-k/top-p kernel in place (no FlashInfer on ROCm)" if rocm else
+               "FlashInfer's top_k_top_p_sampling_from_logits, vLLM's default on CUDA (VLLM_USE_FLASHINFER_SAMPLER "
+               "unset; flashinfer-python is a requirement of the vllm wheel, so in the docker image); with "
+               "VLLM_USE_FLASHINFER_SAMPLER=0 the Triton kernel instead (4 B a logit + its per-program rows)")
+        notes.append(f"vLLM {version}: the sampler's peak is _dummy_sampler_run's second, warm-up-parameter pass "
+                     f"(SamplingParams.for_sampler_warmup): an fp32 copy of the logits, then {how}")
     if model.moe is not None and moe is None:
-        why = (f"vLLM {version} tries FlashInfer's MoE kernels first on CUDA (not read)" if numbers >= (0, 22)
-               else "quantized experts (their kernels' workspaces were not read)")
+        backend = vllm_unquantized_moe_backend(numbers, gpu_name, architecture)
+        if _is_quantized(model, settings):
+            why = "quantized experts (their kernels' workspaces were not read)"
+        elif backend == "unknown":
+            why = (f"vLLM {version}'s oracle picks the kernel by compute capability, which memcalc does not know for "
+                   f"{gpu_name or 'this card'}")
+        else:
+            why = (f"vLLM {version} picks {backend} on this card (oracle/unquantized.py; flashinfer installed, as "
+                   "in the docker image); that kernel's workspace is allocated inside flashinfer's C++ op (not read)")
         notes.append(f"MoE: the fused-MoE layer's caches and workspaces in the profile forward are not modelled ({why}); "
                      "the forward is memcalc's per-expert estimate (vLLM 0.19 logs of unquantized MoE models are "
                      "20-57% above that rule)")
     elif moe is not None:
-        notes.append("MoE: unquantized Triton fused-MoE path without expert parallelism (the default on CUDA); EP, "
-                     "DP and ROCm's AITER kernels are not modelled")
+        oracle = (" (vLLM's oracle from 0.22 puts Triton first on this card with flashinfer installed, as in the "
+                  "docker image; VLLM_USE_FLASHINFER_MOE_FP16 and --moe-backend unset; its workspace as read in 0.19, "
+                  f"not re-read for {version})" if numbers >= (0, 22) else "")
+        notes.append(f"MoE: unquantized Triton fused-MoE path without expert parallelism (the default on CUDA){oracle}; "
+                     "EP, DP and ROCm's AITER kernels are not modelled")
     if model.vision is not None:
         notes.append("multimodal: the encoder's profile run (the dummy images and the encoder cache) is not modelled")
     return VLLMProfile(version, runner, sampler, tokens, requests, vocab, forward, held, per_logit, buffer, detail,

@@ -242,6 +242,8 @@ def test_fused_moe_workspace_by_version():
     ("0.26", "llama-3.1-8b", "V2", 2, 0),  # no sampling parameters, no copy
     ("0.29", "mixtral-8x7b", "V2", 2, 0),
     ("0.30", "llama-3.1-8b", "V2", 2, 0),
+    ("0.33", "llama-3.1-8b", "V2", 2 + 4 + 4 + 4, 0),  # warm-up parameters: fp32 copy, FlashInfer's masks, probabilities
+    ("0.34", "mixtral-8x7b", "V2", 14, 0),
 ])
 def test_profile_rule_by_version(version, model, runner, bytes_per_logit, buffer_rows):
     """Hand-derived from each release's profile_run, _dummy_sampler_run and sampler (docs/serving.md)."""
@@ -250,6 +252,58 @@ def test_profile_rule_by_version(version, model, runner, bytes_per_logit, buffer
     profile = vllm_profile(resolve_model(model), InferSettings(), version, 8192, 1024, "h100-80gb")
     assert (profile.runner, profile.bytes_per_logit, profile.buffer_rows) == (runner, bytes_per_logit, buffer_rows)
     assert profile.requests == 1024 and profile.logits == 1024 and profile.vocab == resolve_model(model).vocab_size
+
+
+def test_the_warm_up_sampler_pass_on_rocm_is_the_triton_kernel():
+    """0.33's second _dummy_sampler_run on ROCm (no FlashInfer): bf16 logits and their fp32 copy, the Triton
+    top-k/top-p kernel in place with its per-program rows: min(next_power_of_2(min(304, 1024)), 304) = 304 on an
+    MI300X."""
+    from memcalc.serving import vllm_profile
+
+    model = resolve_model("llama-3.1-8b")
+    rocm = vllm_profile(model, InferSettings(), "0.33", 8192, 1024, "mi300x-192gb", "cdna3 (gfx942)")
+    assert (rocm.runner, rocm.bytes_per_logit, rocm.buffer_rows) == ("V2", 2 + 4, 304)
+    assert rocm.buffer == 304 * model.vocab_size * 4
+
+
+# The experts' kernel vLLM's oracle picks for unquantized experts (fused_moe/oracle/unquantized.py,
+# _get_priority_backends): FlashInfer TRT-LLM needs compute capability 10.x, FlashInfer CUTLASS 9.0, 10.x or
+# 12.x, and from 0.23 Triton goes first on 9.x; before 0.22 and on ROCm, Triton.
+@pytest.mark.parametrize(("version", "gpu", "backend"), [
+    ("0.19", "h100-80gb", "TRITON"),
+    ("0.19", "b200-180gb", "TRITON"),
+    ("0.22", "a100-80gb", "TRITON"),
+    ("0.22", "l40s-48gb", "TRITON"),
+    ("0.22", "h100-80gb", "FlashInfer CUTLASS"),
+    ("0.22", "h200-141gb", "FlashInfer CUTLASS"),
+    ("0.23", "h100-80gb", "TRITON"),
+    ("0.30", "h200-141gb", "TRITON"),
+    ("0.22", "b200-180gb", "FlashInfer TRTLLM"),
+    ("0.30", "b200-180gb", "FlashInfer TRTLLM"),
+    ("0.30", "mi300x-192gb", "TRITON"),
+])
+def test_unquantized_moe_backend_by_version_and_card(version, gpu, backend):
+    from memcalc.serving import _version_tuple, vllm_unquantized_moe_backend
+
+    assert vllm_unquantized_moe_backend(_version_tuple(version), gpu) == backend
+
+
+def test_the_fused_moe_layer_follows_the_backend():
+    """Where Triton runs (A100 in 0.22, H100 from 0.23) the Triton workspace is modelled, with the 0.19 layout
+    named as not re-read; where FlashInfer runs (H100 in 0.22, B200) the note names the kernel; an unknown card
+    says its compute capability is unknown."""
+    from memcalc.serving import vllm_profile
+
+    model, rows = resolve_model("qwen3-30b-a3b"), 8192 * 8
+    for version, gpu in (("0.22", "a100-80gb"), ("0.23", "h100-80gb")):
+        profile = vllm_profile(model, InferSettings(), version, 8192, 1024, gpu)
+        assert profile.moe is not None and profile.moe.workspace == 2 * rows * (2048 + 2048)
+        assert any("not re-read" in note for note in profile.notes)
+    for gpu, kernel in (("h100-80gb", "FlashInfer CUTLASS"), ("b200-180gb", "FlashInfer TRTLLM")):
+        profile = vllm_profile(model, InferSettings(), "0.22", 8192, 1024, gpu)
+        assert profile.moe is None and any(f"picks {kernel}" in note for note in profile.notes)
+    unknown = vllm_profile(model, InferSettings(), "0.23", 8192, 1024, "")
+    assert unknown.moe is None and any("compute capability" in note for note in unknown.notes)
 
 
 def test_profile_details():
@@ -270,7 +324,7 @@ def test_profile_details():
     assert one.forward == 2 * 8192 * (4 * 4096 + 3 * 14336)  # the gated MLP's peak over 8192 tokens
     short = vllm_profile(resolve_model("llama-2-7b"), InferSettings(), "0.19", 8192, 1024, "h100-80gb")
     assert short.forward == 2 * 8192 * (4 * 4096 + 3 * 11008)  # not capped at the 4096 positions
-    assert "not modelled" in vllm_profile(model, InferSettings(), "0.33", 8192, 1024, "").notes[0]
+    assert "warm-up-parameter pass" in vllm_profile(model, InferSettings(), "0.33", 8192, 1024, "").notes[0]
     assert "0.20 and 0.21 were not read" in vllm_profile(model, InferSettings(), "0.20", 8192, 1024, "").notes[-1]
 
 
