@@ -189,6 +189,12 @@ def mamba_kernels(sm_count: int = SM_COUNT):
     from transformers import masking_utils
 
     patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    # transformers 5.25 sends inputs on a device a package does not list (mamba_ssm: CUDA only) to the
+    # torch path; these fake tensors stand for CUDA ones, so mamba_ssm's path takes them
+    devices = getattr(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES", None)
+    if devices is not None:
+        patch(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES",
+              {**devices, **{package: (*devices.get(package, ()), "cpu") for package in ("mamba_ssm", "causal_conv1d")}})
     for module_name in MIXER_MODULES:
         module = importlib.import_module(module_name)
         fallback = getattr(module, KERNEL_NAME)
