@@ -342,3 +342,18 @@ def test_zero3_flags_refused(run_cli, flags, named):
     result = run_cli("train", "llama-3.2-1b", "--gpus", "8", *flags)
     assert result.exit_code == 2
     assert named in result.stderr
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (("qwen3-30b-a3b",), "MoE experts"),
+    (("llama-3-8b", "--precision", "amp-bf16"), "amp-bf16"),
+])
+def test_zero3_without_the_simulation_says_so(run_cli, args, why):
+    """Where DeepSpeed's coordinator is not simulated (MoE, other recipes) the working set's formula names
+    the rule of thumb it falls back to, so the number is not taken for a measured one."""
+    result = run_cli("train", *args, "--gpus", "8", "--zero", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    formula = next(c["formula"] for c in json.loads(result.stdout)["components"] if c["key"] == "sharding_working_set")
+    assert f"rule of thumb for {why}" in formula
+    simulated = run_cli("train", "llama-3-8b", "--gpus", "8", "--zero", "3", "--json")
+    assert "rule of thumb" not in simulated.stdout

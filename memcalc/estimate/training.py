@@ -1588,6 +1588,10 @@ def _components(settings: TrainSettings, parallel: ParallelConfig, states: Stati
             if working.unit_gradients:
                 parts.append(f"its unsharded grads x {recipe.weight_dtype.value}")
             formula = " + ".join(parts)
+            if parallel.deepspeed_zero3:  # here DeepSpeed's coordinator is not simulated (memcalc.estimate.zero3)
+                why = "MoE experts" if held.experts.total > 0 else f"{recipe.name}"
+                formula += (f" (rule of thumb for {why}: DeepSpeed's stage-3 coordinator is simulated and measured "
+                            "for dense models in bf16/fp16 with fp32 master weights only)")
         components.append(Component(
             "sharding_working_set", "Sharding working set", max(working.total, gathered), Kind.DYNAMIC, formula,
             "DeepSpeed ZeRO-3 (estimate_zero3_model_states_mem_needs: 4 B x largest layer); FSDP2 "
