@@ -281,13 +281,19 @@ def _qwen2_vl_tower(t: VisionTower) -> Iterator[tuple[str, int, int]]:
     embed_dim * mlp_ratio."""
     h, f, n = t.hidden_size, t.intermediate_size, t.num_layers
     yield from _qwen_patch_embed(t, bias=False)
+    yield from _layernorm_blocks(h, f, n, "fc1", "fc2")
+
+
+def _layernorm_blocks(h: int, f: int, n: int, fc1: str, fc2: str) -> Iterator[tuple[str, int, int]]:
+    """Qwen2-VL's and Qwen3-VL's ``visual.blocks``: LayerNorm (norm1), a packed, biased qkv and a
+    biased proj, LayerNorm (norm2) and a plain MLP of two biased linears named ``fc1``, ``fc2``."""
     block = "visual.blocks"
     yield from _layernorm(f"{block}.norm1", h, n)
     yield from _layernorm(f"{block}.norm2", h, n)
     yield from _linear(f"{block}.attn.qkv", h, 3 * h, True, n)
     yield from _linear(f"{block}.attn.proj", h, h, True, n)
-    yield from _linear(f"{block}.mlp.fc1", h, f, True, n)
-    yield from _linear(f"{block}.mlp.fc2", f, h, True, n)
+    yield from _linear(f"{block}.mlp.{fc1}", h, f, True, n)
+    yield from _linear(f"{block}.mlp.{fc2}", f, h, True, n)
 
 
 def _qwen2_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
@@ -339,13 +345,7 @@ def _qwen3_vl_tower(t: VisionTower) -> Iterator[tuple[str, int, int]]:
     h, f, n = t.hidden_size, t.intermediate_size, t.num_layers
     yield from _qwen_patch_embed(t, bias=True)
     yield "visual.pos_embed.weight", t.num_position_embeddings * h, 1
-    block = "visual.blocks"
-    yield from _layernorm(f"{block}.norm1", h, n)
-    yield from _layernorm(f"{block}.norm2", h, n)
-    yield from _linear(f"{block}.attn.qkv", h, 3 * h, True, n)
-    yield from _linear(f"{block}.attn.proj", h, h, True, n)
-    yield from _linear(f"{block}.mlp.linear_fc1", h, f, True, n)
-    yield from _linear(f"{block}.mlp.linear_fc2", f, h, True, n)
+    yield from _layernorm_blocks(h, f, n, "linear_fc1", "linear_fc2")
 
 
 def _qwen3_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
