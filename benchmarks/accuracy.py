@@ -186,7 +186,7 @@ def _hf(name, path, layers, precision, recompute="none", seq=1024):
 
 # 2024-2025 families through transformers' own classes, layer-reduced (each layer kind kept:
 # Gemma 3's sixth layer is its global one). "synthetic/" files are transformers' configuration
-# defaults, not Hub files. gpt-oss is left out: transformers routes its experts by value.
+# defaults, not Hub files. gpt-oss is not measured here.
 HF_MATRIX = [
     _hf("Qwen3-8B", "Qwen--Qwen3-8B.json", 4, "pure-bf16"),
     _hf("Qwen3-8B", "Qwen--Qwen3-8B.json", 4, "amp-bf16"),
@@ -198,6 +198,11 @@ HF_MATRIX = [
     _hf("SmolLM3 (defaults)", "synthetic/smollm3-defaults.json", 4, "pure-bf16"),
     _hf("SmolLM3 (defaults)", "synthetic/smollm3-defaults.json", 4, "amp-bf16", "full"),
     _hf("Llama4-text dense (defaults)", "synthetic/llama4_text-dense-defaults.json", 4, "pure-bf16"),
+    # MoE classes: from transformers 5 their experts run grouped_mm (no data-dependent shapes), bf16 weights
+    _hf("Qwen3-30B-A3B", "Qwen--Qwen3-30B-A3B.json", 4, "pure-bf16"),
+    _hf("Qwen3-30B-A3B", "Qwen--Qwen3-30B-A3B.json", 4, "mixed-bf16"),
+    _hf("Qwen3-30B-A3B", "Qwen--Qwen3-30B-A3B.json", 4, "pure-bf16", "full", seq=2048),
+    _hf("Mixtral-8x22B", "mistralai--Mixtral-8x22B-v0.1.json", 2, "pure-bf16"),
 ]
 FAKE_MATRIX += HF_MATRIX
 
@@ -373,7 +378,11 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         "- Decoding with many beams: beam search's per-step bookkeeping (top-k outputs, index tensors, the "
         "reordered tokens) is left out of the decode buffers; it shows in the small-model, 8-beam row.",
         "- MoE routing is balanced by construction in the reference model (assignment i goes to expert i mod E); "
-        "real routing is data dependent and a hot expert holds more tokens than the k/E share estimated.",
+        "real routing is data dependent and a hot expert holds more tokens than the k/E share estimated. "
+        "The *hf* MoE rows run transformers 5's grouped_mm experts (integrations/moe.py), whose buffers hold "
+        "tokens x k rows sorted by expert whatever the routing; their weight gradients are one 3-D tensor per "
+        "layer, made at once in backward, which the measurement counts with the activations (the phases "
+        "are unaffected: Mixtral-8x22B's large experts show it).",
         "- Reserved memory: *Reserve (trace)* replays this run's own allocations and frees through memcalc's model "
         "of the caching allocator (memcalc/allocator.py, docs/allocator.md); the estimate applies one median "
         "term per kind of workload (the median of these rows), so a run whose allocation pattern fragments more "

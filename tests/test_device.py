@@ -76,22 +76,22 @@ def test_fragmentation_terms_are_the_medians_of_the_accuracy_suites_traces():
 
 
 def test_three_totals_by_hand():
-    """llama-3-8b, mixed bf16 AdamW: allocated = the phase peak; reserved = +6.52%; the device
+    """llama-3-8b, mixed bf16 AdamW: allocated = the phase peak; reserved = +5.33%; the device
     adds the 400 MiB context and the 32 MiB cuBLAS workspace."""
     estimate = estimate_training(resolve_model("llama-3-8b"), TrainSettings())
     memory = device.device_memory(estimate)
     assert memory.peak_allocated == estimate.total == max(estimate.phases.values())
-    assert memory.peak_reserved == estimate.total + round(estimate.total * 0.0652)
+    assert memory.peak_reserved == estimate.total + round(estimate.total * 0.0533)
     assert memory.device_total == memory.peak_reserved + (400 + 2 * 32) * 2**20  # forward and autograd threads
     expandable = device.device_memory(estimate_training(resolve_model("llama-3-8b"),
                                                         TrainSettings(expandable_segments=True)))
-    assert expandable.peak_reserved == estimate.total + round(estimate.total * 0.0206)
+    assert expandable.peak_reserved == estimate.total + round(estimate.total * 0.0216)
 
 
 def test_full_recompute_and_inference_use_their_own_terms():
     model = resolve_model("llama-3.2-1b")
     full = device.device_memory(estimate_training(model, TrainSettings(recompute="full")))
-    assert full.workload == "train-full-recompute" and full.fragmentation_percent == 8.33
+    assert full.workload == "train-full-recompute" and full.fragmentation_percent == 9.16
     offload = device.device_memory(estimate_training(model, TrainSettings(recompute="full", offload_activations=True)))
     assert offload.workload == "train-offload" and offload.fragmentation_percent == 12.96
     infer = estimate_inference(model, InferSettings(context_len=1024))

@@ -524,8 +524,8 @@ def test_accuracy_suite_counts_are_as_readme_quotes():
     assert f"{len(cases)} configurations: {trained} training steps, {len(infer)} generate() runs." in summary
     # the families README says the layer-reduced steps cover, and the features among the full-size ones
     families = re.search(r"layer-reduced training steps of (.*?) through their own", TEXT).group(1)
-    prefixes = {"Qwen3": "Qwen3-", "Gemma 3": "Gemma3-", "OLMo 2": "OLMo2 ", "SmolLM3": "SmolLM3 ",
-                "Llama 4": "Llama4-"}
+    prefixes = {"Qwen3": "Qwen3-8B", "Gemma 3": "Gemma3-", "OLMo 2": "OLMo2 ", "SmolLM3": "SmolLM3 ",
+                "Llama 4": "Llama4-", "Qwen3-MoE": "Qwen3-30B-A3B", "Mixtral": "Mixtral-"}
     assert re.split(r", | and ", families) == list(prefixes)
     assert {next(p for p, prefix in prefixes.items() if case.startswith(prefix)) for case in reduced} == set(prefixes)
     for marker in (" lora-", " qlora-", " accum-", " moments-bf16", " beams 4", " sample ", " rc-op", " dropout-"):

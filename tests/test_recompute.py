@@ -109,7 +109,7 @@ def test_keeping_more_outputs_never_lowers_the_peak(saved, extra, batch, seq):
 # torchtitan benchmarks/llama3_h100_202412_torchtitan.md (../shared/reference/training.md sec. 6,
 # rows 8 and 9): Llama 3.1 8B, local batch 2, seq 8192, AdamW, selective op AC, FSDP2 bf16 params,
 # no compile, H100: max reserved 82.4 GiB on 8 GPUs, 67.0 GiB on 128. memcalc's peak reserved is
-# -11.8% and -8.3% (allocated + the suite's +6.52% reserve; the allocated part is FSDP2's as measured
+# -12.8% and -9.3% (allocated + the suite's +5.33% reserve; the allocated part is FSDP2's as measured
 # on fake tensors, mixed precision and the wrapping included, tests/test_fsdp.py: the gap is the
 # reserve these runs hold beyond the suite's median, which torchtitan does not publish apart);
 # before per-op checkpointing memcalc could only say 146.6 (selective) or 46.6 (full).

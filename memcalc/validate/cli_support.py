@@ -118,8 +118,12 @@ def run_training_validation(
             raise InputError("--impl hf measures transformers' own loss and recompute: use --loss full and "
                              "--recompute none or full on every layer")
         if model.moe is not None and device == "fake":
-            raise InputError("--impl hf: transformers routes MoE tokens by their values, which fake tensors do "
-                             "not have; use --device cuda or cpu, or --impl reference")
+            from memcalc.validate.hf import experts_run_grouped
+
+            why = experts_run_grouped(settings)
+            if why:
+                raise InputError(f"--impl hf: {why}, which fake tensors do not have; use --device cuda or cpu, "
+                                 "or --impl reference")
     from memcalc.estimate.training import with_dropout
     from memcalc.precision import recipe_for
     from memcalc.validate.run import TrainWorkload, measure_training

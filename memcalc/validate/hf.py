@@ -56,6 +56,26 @@ def transformers_config(model: ModelConfig) -> Any:
     return transformers.LlamaConfig(attention_bias=model.attn_output_bias, mlp_bias=model.mlp_bias, **llama_like)
 
 
+def experts_run_grouped(settings) -> str:
+    """Why transformers' experts would route tokens by their values here ("" where they do not):
+    from transformers 5 an MoE class's experts run ``grouped_mm`` by default (``integrations/moe.py``
+    ``grouped_mm_experts_forward``: tokens sorted by expert, one grouped GEMM over offsets, no
+    data-dependent shapes, so fake tensors run it as CUDA does); before, or where ``grouped_mm`` cannot
+    take the weights (bf16 only: fp32 weights under autocast fall back), the eager loop over
+    ``torch.where`` of each expert's tokens."""
+    import transformers
+
+    from memcalc.precision import recipe_for
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return f"transformers {transformers.__version__} routes MoE tokens by their values (its eager experts loop)"
+    weights = recipe_for(settings.dtype.value, settings.master_weights, settings.precision).weight_dtype.value
+    if weights != "bf16":
+        return (f"transformers' grouped_mm experts take bf16 weights only, so with {weights} weights they loop over "
+                "each expert's tokens, routed by their values")
+    return ""
+
+
 def _source_path(source: str) -> Path | None:
     """The local config.json a model was read from: a path, or a Hub id's cached file."""
     if source.startswith("hf://"):
