@@ -15,7 +15,9 @@ The hybrids run through the same harness with transformers' own classes: Nemotro
 GraniteMoeHybridConfig with sizes chosen like granite-4.0-h-micro's, not read from its file: h 2048,
 4 layers mamba/mamba/attention/mamba, shared MLP 8192, no experts). For them the layer rows are
 each kind of block's saved bytes (a layer past the second: the probe's first two readings hold an
-extra stream tensor, the hook's input) against ``memcalc.estimate.training._hybrid_layer``.
+extra stream tensor, the hook's input) against ``memcalc.estimate.training._hybrid_layer``. The
+hybrids with experts (Nemotron-3-Nano's own config.json cut to 7 blocks, a Granite-4.0-H with experts)
+run transformers 5's grouped_mm experts (``hf_grouped_moe_saved_bytes``), bf16 weights only.
 """
 
 from __future__ import annotations
@@ -91,6 +93,31 @@ CASES += [
     Case(*GRANITE_H, "mixed-bf16", "full"),
     Case(*GRANITE_H, "amp-bf16", "full"),
     Case(*GRANITE_H, "pure-bf16", batch=2, seq=4096),
+]
+
+# Hybrids with experts, transformers 5's grouped_mm experts (bf16 weights: grouped_mm takes no fp32
+# ones, so no amp rows): NVIDIA-Nemotron-3-Nano-30B-A3B's own config.json cut to 7 blocks MEM*EME (its
+# 128 experts of 1856, top-6, a shared expert of 3712); a Granite-4.0-H with experts, sizes chosen
+# (h 2048, 32 experts of 512, top-8, a shared MLP of 1024; GraniteMoeHybridConfig field names)
+NEMOTRON_NANO = ("Nemotron-3-Nano-30B-A3B (7 blocks MEM*EME)", "nemotron_h",
+                 {"hybrid_override_pattern": "MEM*EME", "num_hidden_layers": 7})
+NEMOTRON_NANO_BASE = "tests/data/hf_configs/nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json"
+GRANITE_MOE = ("Granite-4.0-H MoE (h2048, 32 experts, MM*M)", "granitemoehybrid",
+               {"hidden_size": 2048, "num_hidden_layers": 4, "layer_types": ["mamba", "mamba", "attention", "mamba"],
+                "num_attention_heads": 16, "num_key_value_heads": 4, "shared_intermediate_size": 1024,
+                "num_local_experts": 32, "num_experts_per_tok": 8, "intermediate_size": 512, "mamba_n_heads": 64,
+                "mamba_d_head": 64, "mamba_d_state": 128, "mamba_n_groups": 1, "mamba_expand": 2,
+                "vocab_size": 49160, "position_embedding_type": "nope"})
+
+CASES += [
+    Case(*NEMOTRON_NANO, "mixed-bf16", base=NEMOTRON_NANO_BASE),
+    Case(*NEMOTRON_NANO, "pure-bf16", base=NEMOTRON_NANO_BASE),
+    Case(*NEMOTRON_NANO, "mixed-bf16", "full", base=NEMOTRON_NANO_BASE),
+    Case(*NEMOTRON_NANO, "pure-bf16", batch=2, seq=4096, base=NEMOTRON_NANO_BASE),
+    Case(*GRANITE_MOE, "mixed-bf16"),
+    Case(*GRANITE_MOE, "pure-bf16"),
+    Case(*GRANITE_MOE, "mixed-bf16", "full"),
+    Case(*GRANITE_MOE, "pure-bf16", batch=2, seq=4096),
 ]
 
 

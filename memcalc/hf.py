@@ -639,7 +639,8 @@ def _read_nemotron_h(reader: _Reader, fields: dict[str, Any]) -> None:
     if "E" in pattern:
         shared = reader.positive("moe_shared_expert_intermediate_size") if reader.get("n_shared_experts", 1, int) else None
         layers = [index for index, block in enumerate(pattern) if block == "E"]
-        _moe_fields(reader, fields, layers=layers, shared_width=shared)
+        _moe_fields(reader, fields, layers=layers, shared_width=shared,
+                    norm_topk_prob=reader.get("norm_topk_prob", True, bool))
     if reader.get("moe_latent_size"):
         raise InputError(f"{reader.source}: moe_latent_size: latent expert projections are not modelled")
 

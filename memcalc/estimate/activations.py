@@ -582,6 +582,44 @@ def mamba2_forward_transient(model: ModelConfig, shape: ActivationShape) -> int:
 # beside them. Measured with memcalc.validate.mamba (benchmarks/mamba_accuracy.py).
 
 
+def hf_grouped_moe_saved_bytes(model: ModelConfig, shape: ActivationShape) -> int:
+    """What the experts block of a hybrid Mamba-2 stack keeps for backward, as transformers 5 runs it:
+    its router and its experts through ``grouped_mm`` (integrations/moe.py
+    ``grouped_mm_experts_forward``, the default experts implementation on CUDA), for S = tokens x k
+    assignments, whatever the routing (every buffer is S rows, sorted by expert):
+
+    * the experts: the sort's permutation (the weights' gather index), ``perm // k`` (the input
+      gather's) and the inverse permutation (the output gather's), int64 each; the gathered input
+      (the up ``grouped_mm``'s), the expert MLP's tensors over S rows (as ``_mlp_saved_bytes``), the
+      down output (the routing weights' product keeps it) and the routing weights in their dtype; the
+      int32 expert offsets;
+    * Nemotron-H's router (NemotronHTopkRouter, ``separate_blocks``): the fp32 copy of its input (its
+      weight is fp32), the sigmoid's output, the top-k index (the gather's) and, with
+      ``norm_topk_prob``, the denominator and the normalised weights, fp32; the group-limited
+      selection saves nothing that outlives it. The routing weights stay fp32. Its shared expert
+      (NemotronHMLP) beside them: its input and its relu2 MLP's tensors.
+    * Granite-4.0-H's (GraniteMoeHybridTopKRouter): the top-k index and the fp32 softmax of the top-k
+      logits; its input is the shared MLP's; the weights cast to the model's dtype. Its shared MLP
+      (GraniteMoeHybridMLP) beside them: its input and its gated MLP's tensors.
+
+    Measured on fake tensors with transformers' NemotronHForCausalLM and GraniteMoeHybridForCausalLM
+    (memcalc.validate.mamba, tests/test_mamba_training.py), to the byte."""
+    moe, h, e = model.moe, model.hidden_size, shape.element_bytes
+    tokens = shape.tokens
+    assignments = tokens * moe.experts_per_token
+    saved = (3 * INDEX_BYTES * assignments + 2 * assignments * h * e
+             + _mlp_saved_bytes(model, assignments, moe.expert_intermediate_size, e) + FP32_BYTES * moe.num_experts)
+    if model.separate_blocks:
+        saved += tokens * h * FP32_BYTES + tokens * moe.num_experts * FP32_BYTES + INDEX_BYTES * assignments
+        if moe.norm_topk_prob is not False:
+            saved += FP32_BYTES * (tokens + assignments)
+        saved += FP32_BYTES * assignments  # the routing weights, fp32
+    else:
+        saved += (INDEX_BYTES + FP32_BYTES) * assignments + e * assignments
+    width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+    return saved + moe.num_shared_experts * (tokens * h * e + _mlp_saved_bytes(model, tokens, width, e))
+
+
 def mamba2_hybrid_norm_extra(model: ModelConfig, shape: ActivationShape) -> int:
     """What one of Nemotron-H's RMSNorms saves beyond ``norm_saved_bytes`` (Llama's): NemotronHRMSNorm
     (modeling_nemotron_h.py) computes ``(self.weight.to(torch.float32) * hidden_states).to(input_dtype)``,

@@ -30,6 +30,7 @@ from memcalc.estimate.activations import (
     embedding_dropout_bytes,
     mamba2_backward_transient,
     mamba2_forward_transient,
+    hf_grouped_moe_saved_bytes,
     mamba2_hybrid_attention_transient,
     mamba2_hybrid_norm_extra,
     mamba2_residual_in_fp32,
@@ -864,9 +865,11 @@ def mamba2_hybrid(model: ModelConfig) -> bool:
     """A hybrid stack of Mamba-2 layers and attention/MLP layers as transformers runs it, the
     structures measured with mamba_ssm's fused kernel (memcalc.validate.mamba,
     benchmarks/mamba_accuracy.py): Nemotron-H (modeling_nemotron_h.py ``NemotronHBlock``: one norm and
-    one of a Mamba-2 mixer, attention, an MLP; ``separate_blocks``) and dense Granite-4.0-H
-    (modeling_granitemoehybrid.py ``GraniteMoeHybridDecoderLayer``: a norm and a Mamba-2 mixer or
-    attention, a norm and the shared MLP; no experts)."""
+    one of a Mamba-2 mixer, attention, an MLP, experts with a shared expert; ``separate_blocks``) and
+    Granite-4.0-H (modeling_granitemoehybrid.py ``GraniteMoeHybridDecoderLayer``: a norm and a
+    Mamba-2 mixer or attention, a norm and the shared MLP, with experts beside it or not). Experts
+    run transformers 5's grouped_mm (``hf_grouped_moe_saved_bytes``); dense first layers, shared-expert
+    gates and biased routers or experts are other structures."""
     from memcalc.config import MambaVersion
 
     types = model.resolved_layer_types
@@ -875,9 +878,12 @@ def mamba2_hybrid(model: ModelConfig) -> bool:
         return False
     if any(kind not in (LayerType.MAMBA, LayerType.FULL_ATTENTION, LayerType.NONE) for kind in types):
         return False
-    if model.separate_blocks:  # Nemotron-H: its plain relu2 MLP blocks (not its experts: not measured)
-        return model.mlp is MLPKind.PLAIN and model.moe is None
-    return model.mlp is MLPKind.GATED and model.moe is None and LayerType.NONE not in types
+    if model.moe is not None and (model.moe.first_dense_layers or model.moe.shared_expert_gate or model.moe.router_bias
+                                  or model.moe.expert_bias):
+        return False
+    if model.separate_blocks:  # Nemotron-H: its plain relu2 MLP blocks and its experts
+        return model.mlp is MLPKind.PLAIN
+    return model.mlp is MLPKind.GATED and LayerType.NONE not in types
 
 
 def _hybrid_layer(ctx: ActivationContext, moe_layer: bool, mamba: bool, block: str) -> tuple[int, int, int, int]:
@@ -916,7 +922,11 @@ def _hybrid_layer(ctx: ActivationContext, moe_layer: bool, mamba: bool, block: s
                 mixer_saved += e * h * (2 * q_width + 2 * kv_width)
             if block == "mixer":
                 mixer_transient = mamba2_hybrid_attention_transient(model, shape, ctx.grad_bytes)
-    if block in ("mlp", "mixer+mlp"):
+    if block in ("mlp", "mixer+mlp") and moe_layer:  # experts and their shared MLP, transformers' grouped_mm
+        mlp_saved = (norm_saved_bytes(model, h, shape.stream) + mamba2_hybrid_norm_extra(model, shape.stream)
+                     + hf_grouped_moe_saved_bytes(model, shape))
+        mlp_transient = _mlp_backward_transient(model, shape, moe_layer, ctx.grad_bytes)
+    elif block in ("mlp", "mixer+mlp"):
         mlp_saved = mlp_saved_bytes(model, shape, moe_layer) + mamba2_hybrid_norm_extra(model, shape.stream)
         if recipe.autocast:  # up and down (Nemotron-H), input_linear's two halves and output_linear (Granite)
             mlp_saved += e * (3 if model.mlp is MLPKind.GATED else 2) * h * model.intermediate_size
@@ -991,6 +1001,9 @@ def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: 
         ("LoRA", settings.lora_rank is not None), ("a parallel layout", not parallel.is_single_device),
         ("--offload-activations", settings.offload_activations),
         ("--activation-model megatron/both", settings.activation_model is not ActivationModel.ARCH),
+        # transformers' grouped_mm experts take bf16 weights only; fp32 ones loop over each expert's tokens
+        (f"{recipe.name}'s fp32 weights beside experts (bf16 weights only: --precision mixed-bf16 or pure-bf16)",
+         model.moe is not None and recipe.weight_dtype is not DType.BF16),
     ) if applies]
     if reasons:
         raise InputError(f"{model.name}: Mamba-2 training activations are modelled for bf16 or amp-bf16, no or full "
@@ -999,10 +1012,10 @@ def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: 
 
 def check_trainable(model: ModelConfig) -> None:
     """The activation model was built and measured on attention blocks, on models of Mamba-2
-    blocks and on the hybrid stacks of ``mamba2_hybrid`` (Nemotron-H's blocks without experts, dense
-    Granite-4.0-H; mamba_ssm's fused kernel); other Mamba layers (Mamba-1's C++ selective scan,
-    Jamba, Mamba-2 layers beside experts, Falcon-H1's parallel block) and gated-delta-net layers save
-    other tensors, so a training estimate of such a model is refused, not guessed."""
+    blocks and on the hybrid stacks of ``mamba2_hybrid`` (Nemotron-H's blocks, Granite-4.0-H, with
+    or without experts; mamba_ssm's fused kernel, transformers' grouped_mm experts); other Mamba
+    layers (Mamba-1's C++ selective scan, Jamba, Falcon-H1's parallel block) and gated-delta-net
+    layers save other tensors, so a training estimate of such a model is refused, not guessed."""
     if mamba2_blocks_only(model) or mamba2_hybrid(model):
         return
     recurrent = [kind.value for kind in dict.fromkeys(model.resolved_layer_types)
@@ -1014,7 +1027,7 @@ def check_trainable(model: ModelConfig) -> None:
         if model.mamba is not None and model.mamba.version is MambaVersion.MAMBA1:
             detail = " (Mamba-1 mixers)"
         elif model.mamba is not None and model.moe is not None:
-            detail = " (Mamba-2 layers beside MoE experts)"
+            detail = " (Mamba-2 layers beside experts of this kind)"
         raise InputError(f"{model.name}: training activations of {' and '.join(recurrent)} layers are not modelled "
                          f"yet{detail}; `memcalc infer` and `memcalc show` cover this model (weights, KV cache and "
                          "state)")
