@@ -184,7 +184,7 @@ def test_infer_json_document(run_cli):
 def test_models_json_lists_library(run_cli):
     listing = json.loads(run_cli("models", "--json").stdout)
     by_name = {entry["name"]: entry for entry in listing}
-    assert len(by_name) == 39
+    assert len(by_name) == 41
     assert by_name["mixtral-8x7b"]["active_parameters"] == 12_879_925_248
     assert by_name["llama-3-8b"]["kv_heads"] == 8
 

@@ -307,6 +307,8 @@ BUNDLED_FROM_CORPUS = {
     "llama-3.1-8b": "meta-llama--Llama-3.1-8B.json", "gpt-oss-20b": "openai--gpt-oss-20b.json",
     "gpt-oss-120b": "openai--gpt-oss-120b.json", "phi-4": "microsoft--phi-4.json",
     "kimi-k2": "moonshotai--Kimi-K2-Instruct.json", "jamba-1.5-mini": "ai21labs--AI21-Jamba-1.5-Mini.json",
+    "nemotron-3-nano": "nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json",
+    "nemotron-h-56b": "nvidia--Nemotron-H-56B-Base-8K.json",
 }
 
 

@@ -53,6 +53,10 @@ PUBLISHED_PARAMS = {
     "phi-4": 14_659_507_200,
     "kimi-k2": 1_026_408_209_408,
     "jamba-1.5-mini": 51_570_323_328,
+    # no exact published totals ("56B", "30B-A3B"): transformers' NemotronHForCausalLM built on the meta
+    # device from each config.json (tests/data/hf_configs/manifest.yaml, meta_params)
+    "nemotron-h-56b": 56_324_350_464,
+    "nemotron-3-nano": 31_577_937_344,
 }
 
 # Mistral AI's announcements: Mixtral 8x7B "12.9B active", Mixtral 8x22B "39B active" parameters;
