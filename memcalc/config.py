@@ -101,6 +101,8 @@ class MoEConfig:
     layers: tuple[NonNegativeInt, ...] = ()
     router_bias: bool = False  # the router linear has a bias (gpt-oss)
     expert_bias: bool = False  # each expert's projections have biases (gpt-oss)
+    # gpt-oss's experts (GptOssExperts._apply_gate): a clamped SwiGLU, x * sigmoid(alpha x) times (up + 1)
+    clamped_swiglu: bool = False
     # the router renormalises its top-k weights (NemotronHTopkRouter's norm_topk_prob; None: not read,
     # NemotronHConfig's default True): sizes only the training activations of a hybrid Mamba-2 stack's
     # experts (hf_grouped_moe_saved_bytes)

@@ -63,7 +63,9 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
                "norm_weight_offset": True},
     "gemma3_text": {**_LLAMA_STYLE, "tie_word_embeddings": True, "hidden_act": "gelu_tanh", "norms_per_layer": 4,
                     "qk_norm": True, "norm_weight_offset": True},
-    "gpt_oss": {**_LLAMA_STYLE, "attention_sinks": True},
+    # eager_attention_forward: the softmax in the logits' dtype (bf16 without autocast; with it, the
+    # fp32 sinks promote the concatenated logits to fp32)
+    "gpt_oss": {**_LLAMA_STYLE, "attention_sinks": True, "softmax_in_fp32": False},
     "olmo2": {**_LLAMA_STYLE, "qk_norm": True, "qk_norm_scope": QKNormScope.FULL,
               "norm_placement": NormPlacement.POST},
     "olmo3": {**_LLAMA_STYLE, "qk_norm": True, "qk_norm_scope": QKNormScope.FULL,
@@ -374,7 +376,8 @@ def _read_gpt_oss(reader: _Reader, fields: dict[str, Any]) -> None:
     fields["intermediate_size"] = None
     fields["mlp"] = MLPKind.GATED
     width = reader.hf.intermediate_size or 2880
-    _moe_fields(reader, fields, width=width, router_bias=True, expert_bias=True)
+    _moe_fields(reader, fields, width=width, router_bias=True, expert_bias=True, clamped_swiglu=True)
+    reader.consumed.update({"swiglu_limit"})  # the clamp's bound: no parameters, no sizes
 
 
 def _read_gemma3(reader: _Reader, fields: dict[str, Any]) -> None:

@@ -111,10 +111,12 @@ def gemma_norm(model: ModelConfig) -> bool:
 
 def norm_scales_in_fp32(model: ModelConfig) -> bool:
     """RMSNorms that multiply by their weight before casting back to the input dtype, so the
-    product saves the fp32 normalised tensor: Gemma's ``(1 + weight)`` and OLMo 2's
-    ``(self.weight * hidden_states).to(input_dtype)`` (modeling_olmo2.py ``Olmo2RMSNorm``); Llama's
+    product saves the fp32 normalised tensor: Gemma's ``(1 + weight)``, OLMo 2's
+    ``(self.weight * hidden_states).to(input_dtype)`` (modeling_olmo2.py ``Olmo2RMSNorm``) and gpt-oss's,
+    the same (modeling_gpt_oss.py ``GptOssRMSNorm``; gpt-oss is the family with attention sinks); Llama's
     casts first (``self.weight * hidden_states.to(input_dtype)``) and saves the cast."""
-    return model.norm is NormKind.RMSNORM and (gemma_norm(model) or model.norm_placement is NormPlacement.POST)
+    return model.norm is NormKind.RMSNORM and (gemma_norm(model) or model.norm_placement is NormPlacement.POST
+                                               or model.attention_sinks)
 
 
 def norm_saved_bytes(model: ModelConfig, width: int, shape: ActivationShape) -> int:
@@ -202,6 +204,10 @@ def attention_saved_bytes(model: ModelConfig, shape: ActivationShape, attention:
             # the softmax output (fp32 unless GPT-2-style in pure 16-bit), and its cast to the compute dtype
             output, cast = softmax_bytes(model, e, shape.autocast)
             saved += scores * (output + cast + probability_dropout_bytes(model, e, shape.autocast))
+            if model.attention_sinks:  # gpt-oss: the softmax also spans the sink column (its cast does not:
+                # the sink is sliced off first), and the logits' max saves its int64 index per row
+                rows = model.num_attention_heads * shape.seq_len * shape.batch_size
+                saved += rows * (output + INDEX_BYTES)
     else:
         # log-sum-exp per head and token; with dropout the flash and memory-efficient kernels keep
         # their RNG state (a seed and an offset), not a mask
@@ -382,6 +388,8 @@ def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool)
         return saved + _linear_inputs_bytes(shape.linear_input, h, consumers) + _mlp_saved_bytes(
             model, tokens, model.intermediate_size, e, shape.gemm_input_bytes)
     moe = model.moe
+    if moe.clamped_swiglu:
+        return saved + gpt_oss_experts_saved_bytes(model, shape)
     # Balanced routing: k/E of the tokens per expert. Under expert parallelism each rank's experts
     # receive as many token copies as its own tokens send out, so the count per rank is unchanged;
     # under sequence parallelism the routed tokens are gathered across TP first (Megatron-LM's
@@ -397,6 +405,23 @@ def mlp_saved_bytes(model: ModelConfig, shape: ActivationShape, moe_layer: bool)
         width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
         saved += moe.num_shared_experts * _mlp_saved_bytes(model, tokens, width, e, shape.gemm_input_bytes)
     return saved
+
+
+def gpt_oss_experts_saved_bytes(model: ModelConfig, shape: ActivationShape) -> int:
+    """gpt-oss's experts block as transformers 5 trains it (GptOssMLP: GptOssTopKRouter, then
+    GptOssExperts through ``grouped_mm_experts_forward``), for S = tokens x k assignments: the router's
+    input and top-k index and its softmax over the top-k logits (the model's dtype); the three int64
+    permutations and the sorted expert ids the biases are gathered by; the gathered input, the gate_up
+    output (its strided gate and up views are what the clamps keep), the clamped gate, sigmoid(alpha x),
+    their product, up + 1, and the product of those (the down input), each S x I; the down output the
+    routing weights multiply, the weights, the int32 offsets. Measured with transformers'
+    GptOssForCausalLM on fake tensors (4 layers of gpt-oss-20b, eager attention, pure bf16)."""
+    moe, h, e = model.moe, model.hidden_size, shape.element_bytes
+    assignments = shape.tokens * moe.experts_per_token
+    width = moe.expert_intermediate_size
+    return (_linear_inputs_bytes(shape.linear_input, h, 1) + assignments * (INDEX_BYTES + e)
+            + 4 * INDEX_BYTES * assignments + 2 * assignments * h * e + 7 * assignments * width * e
+            + assignments * e + FP32_BYTES * moe.num_experts)
 
 
 def linear_weight_elements_per_layer(model: ModelConfig, moe_layer: bool) -> int:
