@@ -665,6 +665,19 @@ def _lean(options: Iterable[Sharding], pp: int, on_gpu: bool) -> Sharding | None
     return None
 
 
+def _leans(options: Iterable[Sharding], pp: int, on_gpu: bool, fsdp: bool) -> list[Sharding]:
+    """The leanest options of each chain whose memory order holds. DeepSpeed's ZeRO-3 (zero 3
+    without FSDP) keeps buffers of fixed size (the reduce bucket, the prefetch bucket, the
+    persistent parameters: memcalc.estimate.zero3) that can outweigh what it shards beyond ZeRO-2 on
+    a small model or few ranks, so it heads a chain of its own; FSDP's ZeRO-3 stays the leanest."""
+    options = list(options)
+    if fsdp or pp != 1:
+        lean = _lean(options, pp, on_gpu)
+        return [] if lean is None else [lean]
+    chains = ([o for o in options if o.zero == 3], [o for o in options if o.zero != 3])
+    return [lean for lean in (_lean(chain, pp, on_gpu) for chain in chains) if lean is not None]
+
+
 class _Search:
     """Memory checks, with monotone pruning, one family at a time (docs/plan.md sec. 4)."""
 
@@ -725,29 +738,34 @@ class _Search:
         return False
 
     def _scope(self, family: Family, layout: Layout, options: list[Sharding]) -> object:
-        """What a GPU failure of ``layout`` rules out beyond itself."""
-        if layout.sharding == _lean(options, family.pp, on_gpu=False):
-            return _ALL
-        if layout.sharding == _lean(options, family.pp, on_gpu=True):
-            return _ON_GPU
+        """What a GPU failure of ``layout`` rules out beyond itself: every sharding (every one without
+        offload) when it is the one leanest option of its family; else its own."""
+        for on_gpu, scope in ((False, _ALL), (True, _ON_GPU)):
+            if _leans(options, family.pp, on_gpu, self.fsdp) == [layout.sharding]:
+                return scope
         return layout.sharding
 
     def check(self, family: Family, layout: Layout, options: list[Sharding]) -> bool:
         """Whether ``layout`` fits, by estimate_training; failures feed the pruning."""
         if not self.gpu_fits(layout):
             self.record(family, layout, self._scope(family, layout, options))
-            # do the leaner shardings fail at the same point too? then they rule out more
+            # do the leaner shardings fail at the same point too? then they rule out more: where
+            # two chains have no common order, only when the leanest of each fails
             for on_gpu in (True, False):
-                lean = _lean(options, family.pp, on_gpu)
-                if lean is None or (on_gpu and layout.offload != Offload.NONE.value):
+                leans = _leans(options, family.pp, on_gpu, self.fsdp)
+                if not leans or (on_gpu and layout.offload != Offload.NONE.value):
                     continue
-                probe = layout._replace(zero=lean.zero, distributed_optimizer=lean.distributed_optimizer,
-                                        offload=lean.offload, vpp=1)
-                if probe == layout or self.known_failure(family, probe):
-                    continue
-                if self.gpu_fits(probe):
+                failed = 0
+                for lean in leans:
+                    probe = layout._replace(zero=lean.zero, distributed_optimizer=lean.distributed_optimizer,
+                                            offload=lean.offload, vpp=1)
+                    if probe == layout or self.known_failure(family, probe) or not self.gpu_fits(probe):
+                        failed += 1
+                        if probe != layout:
+                            self.record(family, probe, probe.sharding)
+                if failed < len(leans):
                     break
-                self.record(family, probe, _ALL if not on_gpu else _ON_GPU)
+                self.record(family, layout._replace(vpp=1), _ALL if not on_gpu else _ON_GPU)
             return False
         if not self.host_fits(layout):
             self.host_failures.add((family, layout.sharding))  # host memory does not depend on the batch
@@ -766,12 +784,12 @@ class _Search:
         single = [x for x in members if x.microbatches == 1]
         if single and bases[0].microbatches != 1:
             bases.append(min(single, key=key))
-        candidates = [_lean(options, family.pp, on_gpu=True)]
+        candidates: list[Sharding | None] = list(_leans(options, family.pp, True, self.fsdp))
         if family.pp == 1:
             candidates += [Sharding(3, False, "optimizer"), Sharding(2, False, "optimizer"), Sharding(1, False, "optimizer")]
         else:
             candidates += [Sharding(1, False, "optimizer")]
-        candidates.append(_lean(options, family.pp, on_gpu=False))
+        candidates += _leans(options, family.pp, False, self.fsdp)
         chosen: list[Sharding] = []
         for option in candidates:
             if option is None or option not in options or option in chosen:

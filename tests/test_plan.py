@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from memcalc.config import ModelConfig, Recompute, TrainSettings
@@ -174,6 +174,10 @@ def test_pruned_search_matches_brute_force(name, gpu_name, gpus, seq_len, global
        seq_len=st.sampled_from([1024, 4096, 8192]), global_batch=st.sampled_from([1, 2, 4, 8]),
        fsdp=st.booleans(), offload=st.booleans(), precision=st.sampled_from([None, "pure-bf16"]),
        host=st.sampled_from([None, 16 * GIB]))
+# DeepSpeed's ZeRO-3 holds more than ZeRO-1/2 here (its fixed buffers on 2 ranks of a 1B model): its
+# failure at micro-batch 2 once ruled out ZeRO-1 and ZeRO-2, which fit
+@example(name="llama-3.2-1b", gpu_name="a100-40gb", gpus=2, seq_len=4096, global_batch=4, fsdp=False, offload=False,
+         precision=None, host=None)
 def test_pruned_search_matches_brute_force_anywhere(name, gpu_name, gpus, seq_len, global_batch, fsdp, offload,
                                                     precision, host):
     model, gpu = resolve_model(name), resolve_gpu(gpu_name)
