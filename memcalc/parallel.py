@@ -26,6 +26,7 @@ Sources, per rule (docs/parallelism.md explains each):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from enum import StrEnum
 from typing import Annotated
 
@@ -583,8 +584,11 @@ def _local_count(tensor: Tensor, ep: int) -> int:
 def rank_params(model: ModelConfig, parallel: ParallelConfig, stage: StageLayers) -> RankParams:
     """Local tensors of one rank of pipeline stage ``stage`` (any TP, DP or CP rank holds the same):
     its layers' tensors from the inventory, TP-split by their role, routed experts divided by EP."""
-    tp, ep = parallel.tp, parallel.ep
-    vocab = padded_vocab(model, parallel)
+    return _rank_params(model, parallel.tp, parallel.ep, padded_vocab(model, parallel), stage)
+
+
+@lru_cache(maxsize=1024)  # the planner asks for the same rank's tensors for every sharding and batch
+def _rank_params(model: ModelConfig, tp: int, ep: int, vocab: int, stage: StageLayers) -> RankParams:
     # a multimodal checkpoint's vision tower and projector run before the first layer, replicated
     tensors = list(build_inventory(model).tensors_in_order(stage.indices, first=stage.first, last=stage.last))
 

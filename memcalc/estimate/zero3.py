@@ -592,6 +592,30 @@ class Simulation:
     embedding: int
     modules: tuple[tuple[str, int], ...] = ()  # the module trace: (name, own elements)
 
+    @cached_property
+    def forward_most(self) -> tuple[dict[str, int], list[int]]:
+        """The most gathered at any fetch or release of each module in forward, but the last event
+        (the root's release, which the loss follows) and lm_head's releases (their bytes after)."""
+        most: dict[str, int] = {}
+        head_after: list[int] = []
+        forward = [e for e in self.events if e.phase == "forward"]
+        for e in forward[:-1]:
+            if (e.kind, e.module) == ("release", "lm_head"):
+                head_after.append(e.after)
+            elif e.most > most.get(e.module, -1):
+                most[e.module] = e.most
+        return most, head_after
+
+    @cached_property
+    def backward_most(self) -> dict[str, int]:
+        """The most gathered at any backward event of each module, but the last (the leftovers)."""
+        most: dict[str, int] = {}
+        backward = [e for e in self.events if e.phase == "backward"]
+        for e in backward[:-1]:
+            if e.most > most.get(e.module, -1):
+                most[e.module] = e.most
+        return most
+
 
 @lru_cache(maxsize=128)
 def _simulation(model: ModelConfig, tp: int, ep: int, vocab: int, world: int, knobs: Zero3Knobs, element_bytes: int,
@@ -691,8 +715,10 @@ def rank_parts(model: ModelConfig, settings, parallel, states, step, peaks):
     forward_events = [e for e in events if e.phase == "forward"]
     root_release = forward_events[-1]  # the loss runs after the model's forward
     head_forward = peaks.head_forward if peaks.head_forward is not None else peaks.forward
-    points = [(e.after + head_forward) if (e.kind, e.module) == ("release", "lm_head") else
-              e.most + forward_level(e.module) for e in forward_events[:-1]]
+    # each module's most gathered beside its level (one level a module: the maximum over its events)
+    by_module, head_after = run.forward_most
+    points = [after + head_forward for after in head_after]
+    points += [most + forward_level(module) for module, most in by_module.items()]
     points.append(root_release.after + peaks.forward)
     forward = static + max(points)
 
@@ -728,7 +754,7 @@ def rank_parts(model: ModelConfig, settings, parallel, states, step, peaks):
     opening = peaks.opening if peaks.opening is not None else peaks.backward
     backward_events = [e for e in events if e.phase == "backward"]
     points = [root_release.after + opening]
-    points += [e.most + backward_level(e.module) for e in backward_events[:-1]]  # the last: the leftovers
+    points += [most + backward_level(module) for module, most in run.backward_most.items()]  # not the leftovers
     embedding = next((e for e in backward_events if e.kind == "fetch" and e.module == "embed_tokens"), None)
     if embedding is not None and not lora:
         # embedding_dense_backward's whole V x h gradient, before its hook copies it into the bucket
