@@ -103,11 +103,8 @@ NEMOTRON_NANO = ("Nemotron-3-Nano-30B-A3B (7 blocks MEM*EME)", "nemotron_h",
                  {"hybrid_override_pattern": "MEM*EME", "num_hidden_layers": 7})
 NEMOTRON_NANO_BASE = "tests/data/hf_configs/nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json"
 GRANITE_MOE = ("Granite-4.0-H MoE (h2048, 32 experts, MM*M)", "granitemoehybrid",
-               {"hidden_size": 2048, "num_hidden_layers": 4, "layer_types": ["mamba", "mamba", "attention", "mamba"],
-                "num_attention_heads": 16, "num_key_value_heads": 4, "shared_intermediate_size": 1024,
-                "num_local_experts": 32, "num_experts_per_tok": 8, "intermediate_size": 512, "mamba_n_heads": 64,
-                "mamba_d_head": 64, "mamba_d_state": 128, "mamba_n_groups": 1, "mamba_expand": 2,
-                "vocab_size": 49160, "position_embedding_type": "nope"})
+               {**GRANITE_H[2], "shared_intermediate_size": 1024, "num_local_experts": 32, "num_experts_per_tok": 8,
+                "intermediate_size": 512, "vocab_size": 49160})
 
 CASES += [
     Case(*NEMOTRON_NANO, "mixed-bf16", base=NEMOTRON_NANO_BASE),
