@@ -41,14 +41,18 @@ def _natural_width(table) -> int:
     return total
 
 
-def _first_fitting(console, builds):
+def _first_fitting(console, builds, widths: list[int] | None = None):
     """The first table from ``builds`` (the fullest first) that fits the console without wrapping
     a cell past its column's ``max_width``: a narrower terminal loses optional columns instead of
-    folding numbers or truncating words. The last one is used when none fits."""
+    folding numbers or truncating words. The last one is used when none fits. ``widths`` collects
+    the natural width of each table built."""
     table = None
     for build in builds:
         table = build()
-        if _natural_width(table) <= console.width:
+        width = _natural_width(table)
+        if widths is not None:
+            widths.append(width)
+        if width <= console.width:
             return table
     return table
 
@@ -375,7 +379,8 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None, expla
     console = _console()
     variants = [(True, SHARE_BAR_WIDTHS[0], True)] + [(False, bar, kind) for kind in (True, False)
                                                      for bar in SHARE_BAR_WIDTHS]
-    table = _first_fitting(console, [lambda v=v: _estimate_table(command, estimate, unit, *v) for v in variants])
+    widths: list[int] = []  # the fullest table's first: the width the formulas need
+    table = _first_fitting(console, [lambda v=v: _estimate_table(command, estimate, unit, *v) for v in variants], widths)
     formula_shown = any(column.header == "Formula" for column in table.columns)
 
     assumptions = Table.grid(padding=(0, 2))
@@ -407,7 +412,7 @@ def print_estimate(command: str, estimate: Estimate, unit: Unit, gpu=None, expla
             console.print("How each row is computed", style="bold underline")
             console.print(_formulas_grid(estimate))
         else:
-            wide = _natural_width(_estimate_table(command, estimate, unit, *variants[0]))
+            wide = widths[0]
             console.print(f"Formulas: add --explain, or widen the terminal to {wide} columns.")
     if len(estimate.ranks) > 1:
         console.print(_ranks_table(estimate, unit))

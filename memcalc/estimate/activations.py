@@ -477,7 +477,7 @@ def mamba2_residual_in_fp32(model: ModelConfig) -> bool:
             and all(kind is LayerType.MAMBA for kind in model.resolved_layer_types))
 
 
-@dataclass(eq=False)  # read-only by convention, as the training stage records (start-up)
+@dataclass(eq=False, repr=False)  # read-only by convention, as the training stage records (start-up)
 class Mamba2Sizes:
     tokens: int  # T = b x s
     padded: int  # b x chunks x chunk: the tokens of the per-chunk fp32 tensors

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # built by memcalc.estimate.lora, which only a LoRA estimate 
     from memcalc.estimate.lora import LoraSummary
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class LayoutSummary:
     """A parallel layout as resolved for the most loaded rank."""
 
@@ -58,7 +58,7 @@ class LayoutSummary:
     zero3: Zero3Knobs | None = None  # DeepSpeed ZeRO-3's stage3_* keys, where memcalc.estimate.zero3 applies
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class TrainAssumptions:
     dtype: TrainDType
     precision: str  # the memcalc.precision.RECIPES name the settings resolved to

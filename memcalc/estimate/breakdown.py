@@ -39,7 +39,7 @@ class Component:
     location: str = "gpu"  # "cpu": offloaded to host memory; MANAGED: CUDA managed memory on the GPU
 
 
-@dataclass(frozen=True, eq=False)  # compared by identity: no generated __eq__ (start-up)
+@dataclass(frozen=True, eq=False, repr=False)  # compared by identity: no generated __eq__ or __repr__ (start-up)
 class RankView:
     """What one rank of a parallel layout holds: its components and the live bytes of each phase."""
 
@@ -59,7 +59,7 @@ class RankView:
         return sum(component.bytes for component in self.components if component.location == "cpu")
 
 
-@dataclass(frozen=True, eq=False)  # compared by identity: no generated __eq__ (start-up)
+@dataclass(frozen=True, eq=False, repr=False)  # compared by identity: no generated __eq__ or __repr__ (start-up)
 class Estimate:
     model: ModelConfig
     params: ParamInventory

@@ -56,7 +56,7 @@ NCCL_PAIR_BYTES = 544 * 10**6
 NCCL_GROUP_BYTES = 688 * 10**6
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class DeviceMemory:
     peak_allocated: int
     fragmentation_percent: float  # the allocator's reserve over the allocated peak

@@ -109,11 +109,11 @@ def _lora():
     return lora
 
 
-# The estimator's stage records below: nothing compares or changes them, so no generated __eq__
-# and no frozen __setattr__/__delattr__; they are read-only by convention, as the assumptions are
+# The estimator's stage records below: nothing compares, prints or changes them, so no generated
+# __eq__, __repr__ or frozen __setattr__/__delattr__; they are read-only by convention, as the assumptions are
 # (each generated method costs every start-up: frozen alone is a third of a record's, see
 # benchmarks/cli_latency.py).
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class ActivationPeaks:
     """Activation bytes (live bytes other than parameters, optimizer states and accumulated
     gradients) at the peak of forward and of backward, and the extra live bytes at the end of
@@ -148,7 +148,7 @@ class ActivationPeaks:
     layer_parts: tuple[tuple[int, int], ...] = ()  # per layer: (what it saves, its MLP's part of that)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class StagePlan:
     """What one rank computes: a TP-local view of its pipeline stage's layers (heads, MLP width
     and vocabulary divided by TP), the sequence it holds under context parallelism, the stream
@@ -173,7 +173,7 @@ class StagePlan:
     linear_inputs_saved: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class ActivationContext:
     """Stage 1 of the activation model: the sizes every term reads, for one rank's stage."""
 
@@ -217,7 +217,7 @@ class LayerKind(NamedTuple):
     block: str = ""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class LayerStack:
     """Stage 2: what the stage's layers save, by kind of layer (MoE or dense MLP, LoRA's first
     layer, Llama 4's L2-normed rotary layers), in order."""
@@ -440,7 +440,7 @@ def _forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, at_
     return forward
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class StageGradients:
     """Gradient bytes of a stage's parameters in the order backward makes them: per layer (and its
     MLP's share, made before its attention's), and the embedding's, made last."""
@@ -1037,7 +1037,7 @@ def _ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class StaticStates:
     """Stage 1 of a rank's step: the persistent bytes of the parameters it holds, per rank."""
 
@@ -1056,7 +1056,7 @@ class StaticStates:
     qlora_layer: int | None = None  # QLoRA under FSDP2: a layer's frozen base as gathered (packed NF4)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class StepCosts:
     """Stage 2: the optimizer step and how gradients live (in backward, accumulated)."""
 
@@ -1068,7 +1068,7 @@ class StepCosts:
     accumulation_buffer: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class WorkingSet:
     """Stage 4: what ZeRO-3/FSDP gathers and what ZeRO-2/offload reduces, per rank."""
 
