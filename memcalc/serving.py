@@ -484,6 +484,11 @@ VLLM_MOE_ORACLE_SOURCE = ("vllm/model_executor/layers/fused_moe/oracle/unquantiz
                           "experts/flashinfer_cutlass_moe.py (_supports_current_device)")
 
 
+def _rocm(gpu_name: str, architecture: str) -> bool:
+    """An AMD card: a CDNA architecture or an MI name."""
+    return "cdna" in architecture.lower() or gpu_name.lower().startswith("mi")
+
+
 def _compute_capability(gpu_name: str, architecture: str) -> int | None:
     """CUDA compute capability, major x 10 + minor: the "(smNN)" of the card's architecture, given or
     the catalogue's (configs/gpus.yaml); None where neither names one."""
@@ -508,8 +513,7 @@ def vllm_unquantized_moe_backend(numbers: tuple[int, ...], gpu_name: str = "", a
     Triton on 9.x (Hopper: "slower than Triton"). So: 8.x cards (A100, L40S, RTX 4090) Triton throughout; H100 and
     H200 FlashInfer CUTLASS in 0.22, Triton from 0.23; 10.x (B200) FlashInfer TRT-LLM or CUTLASS;
     "unknown" for a card whose compute capability memcalc does not know."""
-    rocm = "cdna" in architecture.lower() or gpu_name.lower().startswith("mi")
-    if numbers < (0, 22) or rocm:
+    if numbers < (0, 22) or _rocm(gpu_name, architecture):
         return "TRITON"
     capability = _compute_capability(gpu_name, architecture)
     if capability is None:
@@ -706,7 +710,7 @@ def vllm_profile(model: ModelConfig, settings: InferSettings, version: str, toke
         v2 = vllm_uses_model_runner_v2(numbers, model, settings)
         runner = "V2" if v2 else "V1"
         source = VLLM_PROFILE_SOURCE["v2" if v2 else "v1"]
-        rocm = "cdna" in architecture.lower() or gpu_name.lower().startswith("mi")
+        rocm = _rocm(gpu_name, architecture)
         if v2:
             sampler = VLLMSampler.NONE
             held = element * (tokens + requests) * hidden  # hidden_states and sample_hidden_states

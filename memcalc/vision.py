@@ -301,8 +301,13 @@ def _qwen2_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
     over the tower width, then nn.Linear(s*s*embed_dim, s*s*embed_dim), GELU and
     nn.Linear(s*s*embed_dim, hidden_size), both biased (s = spatial_merge_size; the vision
     config's hidden_size is the text model's, ``text_hidden_size`` here)."""
-    merged = t.hidden_size * t.spatial_merge_size ** 2
     yield from _layernorm("visual.merger.ln_q", t.hidden_size)
+    yield from _merger_mlp(t)
+
+
+def _merger_mlp(t: VisionTower) -> Iterator[tuple[str, int, int]]:
+    """Qwen2-VL's and Qwen2.5-VL's merger MLP over s*s merged patches: two biased linears."""
+    merged = t.hidden_size * t.spatial_merge_size ** 2
     yield from _linear("visual.merger.mlp.0", merged, merged, True)
     yield from _linear("visual.merger.mlp.2", merged, t.text_hidden_size, True)
 
@@ -330,10 +335,8 @@ def _qwen2_5_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
     RMSNorm (ln_q) over the tower width, then an MLP over s*s merged patches (s =
     spatial_merge_size): nn.Linear(s*s*hidden, s*s*hidden), GELU, nn.Linear(s*s*hidden,
     out_hidden_size), both biased."""
-    merged = t.hidden_size * t.spatial_merge_size ** 2
     yield "visual.merger.ln_q.weight", t.hidden_size, 1
-    yield from _linear("visual.merger.mlp.0", merged, merged, True)
-    yield from _linear("visual.merger.mlp.2", merged, t.text_hidden_size, True)
+    yield from _merger_mlp(t)
 
 
 def _qwen3_vl_tower(t: VisionTower) -> Iterator[tuple[str, int, int]]:

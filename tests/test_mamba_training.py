@@ -25,14 +25,20 @@ TINY = {"model_type": "mamba2", "hidden_size": 64, "num_heads": 8, "head_dim": 1
         "tie_word_embeddings": False, "use_bias": False, "use_conv_bias": True, "use_cache": False}
 
 
-def _tiny(tmp_path=None, **overrides):
-    data = {**TINY, **overrides}
+def _from(base, tmp_path=None, name="tiny", **overrides):
+    """``base`` with ``overrides`` read as a config.json (written under ``tmp_path`` when given, so the
+    transformers class can be built from it)."""
+    data = {**base, **overrides}
     source = ""
     if tmp_path is not None:
         path = tmp_path / "config.json"
         path.write_text(json.dumps(data))
         source = str(path)
-    return model_from_hf(data, name="tiny-mamba2", source=source)
+    return model_from_hf(data, name=name, source=source)
+
+
+def _tiny(tmp_path=None, **overrides):
+    return _from(TINY, tmp_path, "tiny-mamba2", **overrides)
 
 
 def test_config_json_chunk_and_residual_keys_are_read():
@@ -129,16 +135,6 @@ TINY_GRANITE_H = {"model_type": "granitemoehybrid", "hidden_size": 64, "num_hidd
                   "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 2,
                   "mamba_expand": 2, "mamba_d_conv": 4, "mamba_chunk_size": 256, "vocab_size": 128,
                   "position_embedding_type": "nope", "tie_word_embeddings": False, "use_cache": False}
-
-
-def _from(base, tmp_path=None, name="tiny", **overrides):
-    data = {**base, **overrides}
-    source = ""
-    if tmp_path is not None:
-        path = tmp_path / "config.json"
-        path.write_text(json.dumps(data))
-        source = str(path)
-    return model_from_hf(data, name=name, source=source)
 
 
 def _nemotron_h(tmp_path=None, **overrides):

@@ -418,10 +418,19 @@ def gpt_oss_experts_saved_bytes(model: ModelConfig, shape: ActivationShape) -> i
     GptOssForCausalLM on fake tensors (4 layers of gpt-oss-20b, eager attention, pure bf16)."""
     moe, h, e = model.moe, model.hidden_size, shape.element_bytes
     assignments = shape.tokens * moe.experts_per_token
-    width = moe.expert_intermediate_size
+    mlp = 7 * assignments * moe.expert_intermediate_size * e
     return (_linear_inputs_bytes(shape.linear_input, h, 1) + assignments * (INDEX_BYTES + e)
-            + 4 * INDEX_BYTES * assignments + 2 * assignments * h * e + 7 * assignments * width * e
-            + assignments * e + FP32_BYTES * moe.num_experts)
+            + _grouped_experts_saved_bytes(model, assignments, e, mlp, biased=True) + assignments * e)
+
+
+def _grouped_experts_saved_bytes(model: ModelConfig, assignments: int, e: int, mlp: int, biased: bool = False) -> int:
+    """transformers 5's ``grouped_mm_experts_forward`` over ``assignments`` rows, beside the expert
+    MLP's own ``mlp`` bytes: the sort's permutation, ``perm // k`` and the inverse permutation (int64;
+    with biased experts also the sorted expert ids their biases are gathered by), the gathered input
+    and the down output the routing weights multiply, and the int32 expert offsets."""
+    indices = 4 if biased else 3
+    return (indices * INDEX_BYTES * assignments + 2 * assignments * model.hidden_size * e + mlp
+            + FP32_BYTES * model.moe.num_experts)
 
 
 def linear_weight_elements_per_layer(model: ModelConfig, moe_layer: bool) -> int:
@@ -632,8 +641,8 @@ def hf_grouped_moe_saved_bytes(model: ModelConfig, shape: ActivationShape) -> in
     moe, h, e = model.moe, model.hidden_size, shape.element_bytes
     tokens = shape.tokens
     assignments = tokens * moe.experts_per_token
-    saved = (3 * INDEX_BYTES * assignments + 2 * assignments * h * e
-             + _mlp_saved_bytes(model, assignments, moe.expert_intermediate_size, e) + FP32_BYTES * moe.num_experts)
+    saved = _grouped_experts_saved_bytes(model, assignments, e,
+                                         _mlp_saved_bytes(model, assignments, moe.expert_intermediate_size, e))
     if model.separate_blocks:
         saved += tokens * h * FP32_BYTES + tokens * moe.num_experts * FP32_BYTES + INDEX_BYTES * assignments
         if moe.norm_topk_prob is not False:

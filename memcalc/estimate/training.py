@@ -922,16 +922,16 @@ def _hybrid_layer(ctx: ActivationContext, moe_layer: bool, mamba: bool, block: s
                 mixer_saved += e * h * (2 * q_width + 2 * kv_width)
             if block == "mixer":
                 mixer_transient = mamba2_hybrid_attention_transient(model, shape, ctx.grad_bytes)
-    if block in ("mlp", "mixer+mlp") and moe_layer:  # experts and their shared MLP, transformers' grouped_mm
-        mlp_saved = (norm_saved_bytes(model, h, shape.stream) + mamba2_hybrid_norm_extra(model, shape.stream)
-                     + hf_grouped_moe_saved_bytes(model, shape))
-        mlp_transient = _mlp_backward_transient(model, shape, moe_layer, ctx.grad_bytes)
-    elif block in ("mlp", "mixer+mlp"):
-        mlp_saved = mlp_saved_bytes(model, shape, moe_layer) + mamba2_hybrid_norm_extra(model, shape.stream)
-        if recipe.autocast:  # up and down (Nemotron-H), input_linear's two halves and output_linear (Granite)
-            mlp_saved += e * (3 if model.mlp is MLPKind.GATED else 2) * h * model.intermediate_size
-            if model.mlp is MLPKind.GATED:  # Granite's one input_linear casts its input once, not twice
-                mlp_saved -= ctx.tokens * h * e
+    if block in ("mlp", "mixer+mlp"):
+        if moe_layer:  # experts and their shared MLP, transformers' grouped_mm
+            mlp_saved = norm_saved_bytes(model, h, shape.stream) + hf_grouped_moe_saved_bytes(model, shape)
+        else:
+            mlp_saved = mlp_saved_bytes(model, shape, moe_layer)
+            if recipe.autocast:  # up and down (Nemotron-H), input_linear's two halves and output_linear (Granite)
+                mlp_saved += e * (3 if model.mlp is MLPKind.GATED else 2) * h * model.intermediate_size
+                if model.mlp is MLPKind.GATED:  # Granite's one input_linear casts its input once, not twice
+                    mlp_saved -= ctx.tokens * h * e
+        mlp_saved += mamba2_hybrid_norm_extra(model, shape.stream)
         mlp_transient = _mlp_backward_transient(model, shape, moe_layer, ctx.grad_bytes)
     saved = mixer_saved + mlp_saved
     if block == "mixer+mlp":

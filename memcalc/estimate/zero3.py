@@ -596,25 +596,22 @@ class Simulation:
     def forward_most(self) -> tuple[dict[str, int], list[int]]:
         """The most gathered at any fetch or release of each module in forward, but the last event
         (the root's release, which the loss follows) and lm_head's releases (their bytes after)."""
-        most: dict[str, int] = {}
-        head_after: list[int] = []
-        forward = [e for e in self.events if e.phase == "forward"]
-        for e in forward[:-1]:
-            if (e.kind, e.module) == ("release", "lm_head"):
-                head_after.append(e.after)
-            elif e.most > most.get(e.module, -1):
-                most[e.module] = e.most
-        return most, head_after
+        forward = [e for e in self.events if e.phase == "forward"][:-1]
+        head = [(e.kind, e.module) == ("release", "lm_head") for e in forward]
+        return (_most_by_module(e for e, at_head in zip(forward, head) if not at_head),
+                [e.after for e, at_head in zip(forward, head) if at_head])
 
     @cached_property
     def backward_most(self) -> dict[str, int]:
         """The most gathered at any backward event of each module, but the last (the leftovers)."""
-        most: dict[str, int] = {}
-        backward = [e for e in self.events if e.phase == "backward"]
-        for e in backward[:-1]:
-            if e.most > most.get(e.module, -1):
-                most[e.module] = e.most
-        return most
+        return _most_by_module([e for e in self.events if e.phase == "backward"][:-1])
+
+
+def _most_by_module(events) -> dict[str, int]:
+    most: dict[str, int] = {}
+    for e in events:
+        most[e.module] = max(most.get(e.module, e.most), e.most)
+    return most
 
 
 @lru_cache(maxsize=128)

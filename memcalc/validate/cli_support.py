@@ -112,27 +112,27 @@ def run_training_validation(
         raise InputError("LoRA is measured on the reference decoder: use --impl reference")
     if impl == "hf" and settings.offload_activations:
         raise InputError("--offload-activations is measured on the reference decoder: use --impl reference")
+    from memcalc.estimate.training import with_dropout
+    from memcalc.precision import recipe_for
+    from memcalc.validate.run import TrainWorkload, measure_training
+
+    recipe = recipe_for(settings.dtype, settings.master_weights, settings.precision)
     if impl == "hf":
         if (settings.loss.value == "chunked" or settings.recompute.value in ("selective", "op")
                 or settings.recompute_layers > 1):
             raise InputError("--impl hf measures transformers' own loss and recompute: use --loss full and "
                              "--recompute none or full on every layer")
         if model.moe is not None and device == "fake":
-            from memcalc.validate.hf import experts_run_grouped
+            from memcalc.validate.hf import experts_routed_by_value
 
-            why = experts_run_grouped(settings)
+            why = experts_routed_by_value(recipe.weight_dtype)
             if why:
                 raise InputError(f"--impl hf: {why}, which fake tensors do not have; use --device cuda or cpu, "
                                  "or --impl reference")
-    from memcalc.estimate.training import with_dropout
-    from memcalc.precision import recipe_for
-    from memcalc.validate.run import TrainWorkload, measure_training
-
     model = with_dropout(model, settings)  # --dropout sets the rates the measured model runs with
 
     if device == "cuda":
         check_fits(estimate, force)
-    recipe = recipe_for(settings.dtype, settings.master_weights, settings.precision)
     workload = TrainWorkload(
         precision=recipe.name,
         optimizer=settings.optimizer.value,

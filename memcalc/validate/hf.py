@@ -56,8 +56,9 @@ def transformers_config(model: ModelConfig) -> Any:
     return transformers.LlamaConfig(attention_bias=model.attn_output_bias, mlp_bias=model.mlp_bias, **llama_like)
 
 
-def experts_run_grouped(settings) -> str:
-    """Why transformers' experts would route tokens by their values here ("" where they do not):
+def experts_routed_by_value(weight_dtype) -> str:
+    """Why transformers' experts would route tokens by their values with weights of ``weight_dtype``
+    ("" where they do not):
     from transformers 5 an MoE class's experts run ``grouped_mm`` by default (``integrations/moe.py``
     ``grouped_mm_experts_forward``: tokens sorted by expert, one grouped GEMM over offsets, no
     data-dependent shapes, so fake tensors run it as CUDA does); before, or where ``grouped_mm`` cannot
@@ -65,14 +66,13 @@ def experts_run_grouped(settings) -> str:
     ``torch.where`` of each expert's tokens."""
     import transformers
 
-    from memcalc.precision import recipe_for
+    from memcalc.dtypes import DType
 
     if int(transformers.__version__.split(".")[0]) < 5:
         return f"transformers {transformers.__version__} routes MoE tokens by their values (its eager experts loop)"
-    weights = recipe_for(settings.dtype.value, settings.master_weights, settings.precision).weight_dtype.value
-    if weights != "bf16":
-        return (f"transformers' grouped_mm experts take bf16 weights only, so with {weights} weights they loop over "
-                "each expert's tokens, routed by their values")
+    if weight_dtype is not DType.BF16:
+        return (f"transformers' grouped_mm experts take bf16 weights only, so with {weight_dtype.value} weights they "
+                "loop over each expert's tokens, routed by their values")
     return ""
 
 
