@@ -154,6 +154,18 @@ def _with_device_type(function, device_type: str, decorator):
     return staticmethod(decorator(original, device_type=device_type))
 
 
+def report_unpacked(patch) -> None:
+    """Without a cache (the mixers' fused paths need none) transformers looks for packed sequences in
+    the position ids (masking_utils ``find_packed_sequence_indices``); on fake tensors it cannot
+    read them and reports a packing, so the causal mask is built and SDPA repeats grouped K/V
+    heads. On a GPU the model's own ``arange`` positions are one sequence: no mask, SDPA's
+    ``is_causal`` with ``enable_gqa``. The harness never packs: ``patch`` (owner, name, value)
+    reports no packing, as the GPU does."""
+    from transformers import masking_utils
+
+    patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+
+
 @contextlib.contextmanager
 def mamba_kernels(sm_count: int = SM_COUNT):
     """Inside: transformers' Mamba-2 mixers call mamba_ssm's fused Function as on CUDA, its
@@ -181,14 +193,7 @@ def mamba_kernels(sm_count: int = SM_COUNT):
     function = ssd.MambaSplitConv1dScanCombinedFn
     patch(function, "forward", _with_device_type(function.forward, "cpu", torch.amp.custom_fwd))
     patch(function, "backward", _with_device_type(function.backward, "cpu", torch.amp.custom_bwd))
-    # Without a cache (the mixers' fused path needs none) transformers looks for packed sequences in
-    # the position ids (masking_utils ``find_packed_sequence_indices``); on fake tensors it cannot
-    # read them and reports a packing, so the causal mask is built and SDPA repeats grouped K/V
-    # heads. On a GPU the model's own ``arange`` positions are one sequence: no mask, SDPA's
-    # ``is_causal`` with ``enable_gqa``. The harness never packs: report no packing, as the GPU does.
-    from transformers import masking_utils
-
-    patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    report_unpacked(patch)
     # transformers 5.25 sends inputs on a device a package does not list (mamba_ssm: CUDA only) to the
     # torch path; these fake tensors stand for CUDA ones, so mamba_ssm's path takes them
     devices = getattr(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES", None)
