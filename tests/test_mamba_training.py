@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from config_json import model_from_config as _from
 from memcalc.config import Recompute, TrainSettings
 from memcalc.errors import InputError
 from memcalc.estimate.activations import ActivationShape, mamba2_saved_bytes
@@ -23,18 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"model_type": "mamba2", "hidden_size": 64, "num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 2,
         "state_size": 16, "conv_kernel": 4, "num_hidden_layers": 2, "vocab_size": 128, "chunk_size": 256,
         "tie_word_embeddings": False, "use_bias": False, "use_conv_bias": True, "use_cache": False}
-
-
-def _from(base, tmp_path=None, name="tiny", **overrides):
-    """``base`` with ``overrides`` read as a config.json (written under ``tmp_path`` when given, so the
-    transformers class can be built from it)."""
-    data = {**base, **overrides}
-    source = ""
-    if tmp_path is not None:
-        path = tmp_path / "config.json"
-        path.write_text(json.dumps(data))
-        source = str(path)
-    return model_from_hf(data, name=name, source=source)
 
 
 def _tiny(tmp_path=None, **overrides):

@@ -298,14 +298,14 @@ class LayerProbe:
         model.register_forward_pre_hook(reset)
 
 
-def measure_training(model, workload, sm_count: int = SM_COUNT, probe: LayerProbe | None = None, **kwargs):
+def measure_through_kernels(model, workload, kernels, probe: LayerProbe | None = None, **kwargs):
     """``memcalc.validate.run.measure_training`` on fake tensors with the transformers class
-    (``workload.impl`` must be "hf") and mamba_ssm's fused Mamba-2 Function (``mamba_kernels``);
-    ``probe`` records each layer's boundaries."""
+    (``workload.impl`` must be "hf") inside ``kernels`` (a context manager that routes its mixers to
+    the packages' own code); ``probe`` records each layer's boundaries."""
     from memcalc.validate import hf, run
 
     if workload.impl != "hf":
-        raise ValueError("Mamba-2 layers are measured through their transformers class: impl='hf'")
+        raise ValueError("these layers are measured through their transformers class: impl='hf'")
 
     def build(model_config, attention):
         built = build_hf_model(model_config, attention)
@@ -316,7 +316,12 @@ def measure_training(model, workload, sm_count: int = SM_COUNT, probe: LayerProb
     original = hf.build_hf_model
     hf.build_hf_model = build
     try:
-        with mamba_kernels(sm_count):
+        with kernels:
             return run.measure_training(model, workload, device="fake", **kwargs)
     finally:
         hf.build_hf_model = original
+
+
+def measure_training(model, workload, sm_count: int = SM_COUNT, probe: LayerProbe | None = None, **kwargs):
+    """``measure_through_kernels`` with mamba_ssm's fused Mamba-2 Function (``mamba_kernels``)."""
+    return measure_through_kernels(model, workload, mamba_kernels(sm_count), probe, **kwargs)
