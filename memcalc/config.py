@@ -103,9 +103,10 @@ class MoEConfig:
     expert_bias: bool = False  # each expert's projections have biases (gpt-oss)
     # gpt-oss's experts (GptOssExperts._apply_gate): a clamped SwiGLU, x * sigmoid(alpha x) times (up + 1)
     clamped_swiglu: bool = False
-    # the router renormalises its top-k weights (NemotronHTopkRouter's norm_topk_prob; None: not read,
-    # NemotronHConfig's default True): sizes only the training activations of a hybrid Mamba-2 stack's
-    # experts (hf_grouped_moe_saved_bytes)
+    # the router renormalises its top-k weights (NemotronHTopkRouter's and Qwen3NextTopKRouter's
+    # norm_topk_prob; None: not read, their configs' default True): sizes only the training activations
+    # of a hybrid Mamba-2 stack's or Qwen3-Next's experts (hf_grouped_moe_saved_bytes,
+    # qwen3_next_moe_saved_bytes)
     norm_topk_prob: bool | None = None
 
     def __post_init__(self) -> None:

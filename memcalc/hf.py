@@ -366,7 +366,9 @@ def _read_qwen3_next(reader: _Reader, fields: dict[str, Any]) -> None:
         conv_kernel=reader.positive("linear_conv_kernel_dim", 4))
     layers = _sparse_moe_layers(reader, num_layers)
     shared = reader.positive("shared_expert_intermediate_size")
-    _moe_fields(reader, fields, layers=layers, shared_width=shared, shared_expert_gate=bool(shared))
+    # the router renormalises its top-k weights (Qwen3NextConfig default True): training activations only
+    _moe_fields(reader, fields, layers=layers, shared_width=shared, shared_expert_gate=bool(shared),
+                norm_topk_prob=reader.get("norm_topk_prob", True, bool))
 
 
 def _read_gpt_oss(reader: _Reader, fields: dict[str, Any]) -> None:

@@ -418,6 +418,11 @@ def _refuses_recurrent_training(run_cli, tmp_path: Path) -> None:
     # Nemotron-H's blocks, with experts or without, are estimated (docs/formulas.md sec. 3.11)
     for name in ("nvidia--Nemotron-H-56B-Base-8K.json", "nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json"):
         assert run_cli("train", str(REPO / "tests" / "data" / "hf_configs" / name)).exit_code == 0
+    # and so is Qwen3-Next, its gated delta nets through fla's chunked kernel (sec. 3.12)
+    result = run_cli("train", str(configs.pop("linear_attention")), "--json")
+    assert result.exit_code == 0, result.stderr
+    source = {c["key"]: c["source"] for c in json.loads(result.stdout)["components"]}["activations"]
+    assert "flash-linear-attention" in source
     for kind, path in (*configs.items(), ("mamba", "jamba-1.5-mini")):
         result = run_cli("train", str(path))
         assert result.exit_code == 2, (kind, result.stdout)
@@ -444,8 +449,7 @@ def _refuses_lora_with_dropout(run_cli, tmp_path: Path) -> None:
 NOT_YET = {
     "CUDA graphs other than vLLM's": _counts_no_cuda_graphs,
     "a model's own dropout under LoRA (`train` refuses it; `--dropout 0` estimates without it)": _refuses_lora_with_dropout,
-    "training activations of Mamba-1 and linear-attention layers and of Falcon-H1's parallel blocks "
-    "(refused by `train`)":
+    "training activations of Mamba-1 layers and of Falcon-H1's parallel blocks (refused by `train`)":
         _refuses_recurrent_training,
 }
 

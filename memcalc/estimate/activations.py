@@ -672,3 +672,222 @@ def mamba2_hybrid_attention_transient(model: ModelConfig, shape: ActivationShape
     accumulates it, beside the gradient of the attention output (``o_proj``'s input)."""
     q_width = attention_output_width(model)
     return grad_bytes * model.hidden_size * q_width + shape.tokens * q_width * shape.element_bytes
+
+
+# Qwen3-Next (modeling_qwen3_next.py) as transformers 5 trains it on CUDA: gated delta net layers
+# through flash-linear-attention's chunked Function (fla/ops/gated_delta_rule/chunk.py), gated full
+# attention, and experts with a gated shared expert through grouped_mm. fla allocates every tensor it
+# keeps or uses with torch in Python; its Triton kernels write into them. Measured on fake tensors
+# with that code and transformers' classes around it (memcalc.validate.gated_delta,
+# tests/test_gated_delta_training.py, benchmarks/mamba_accuracy.py).
+
+# fla's chunk of the gated delta rule (``chunk_size`` of chunk_gated_delta_rule, default 64): the
+# width of the per-chunk matrix A it keeps and the stride of the recurrent states h it materialises
+GATED_DELTA_CHUNK = 64
+
+
+@dataclass(eq=False, repr=False)  # read-only by convention, as the training stage records (start-up)
+class GatedDeltaSizes:
+    tokens: int  # T = b x s
+    key: int  # Kd = key heads x key head dim: q's and k's width
+    value: int  # Vd = value heads x value head dim: v's, z's and the output's width
+    key_heads: int  # H
+    value_heads: int  # HV
+    expanded_key: int  # HV x key head dim: w, dw and fla's per-value-head dq/dk (GVA)
+    conv: int  # C = 2 Kd + Vd: the causal conv's channels (q, k, v)
+    projection: int  # in_proj_qkvz's width, 2 Kd + 2 Vd
+    states: int  # elements of the chunk-boundary states h (and dh): b x ceil(s / 64) x HV x K x V
+
+
+def gated_delta_sizes(model: ModelConfig, shape: ActivationShape) -> GatedDeltaSizes:
+    la = model.linear_attention
+    chunks = shape.batch_size * -(-shape.seq_len // GATED_DELTA_CHUNK)
+    return GatedDeltaSizes(shape.tokens, la.key_width, la.value_width, la.num_key_heads, la.num_value_heads,
+                           la.num_value_heads * la.key_head_dim, la.conv_channels,
+                           2 * la.key_width + 2 * la.value_width, chunks * la.recurrent_state_values)
+
+
+def _gated_rms_norm_saved_bytes(tokens: int, width: int, rows: int, e: int) -> int:
+    """Qwen3NextRMSNormGated over ``rows`` = tokens x value heads rows: the fp32 copy of its input and
+    the fp32 reciprocal root per row, the normalised tensor cast back and its product with the weight
+    (16-bit), the fp32 copy of the gate, silu's fp32 output."""
+    return tokens * width * (3 * FP32_BYTES + 2 * e) + FP32_BYTES * rows
+
+
+def gated_delta_net_saved_bytes(model: ModelConfig, shape: ActivationShape) -> int:
+    """Bytes a Qwen3-Next gated delta net layer's token mixer keeps for backward, with its input norm
+    (16-bit activations; Qwen3NextGatedDeltaNet.forward, fla's ChunkGatedDeltaRuleFunction):
+
+    * the input norm (``norm_saved_bytes``, Qwen3-Next's ``1 + weight`` in fp32) and its 16-bit
+      output, which ``in_proj_qkvz`` and ``in_proj_ba`` keep (once);
+    * the causal conv's input (``torch.cat`` of q, k and v, C wide; causal_conv1d's Function and
+      ``F.conv1d`` both keep it; silu is fused or keeps what the conv keeps: measured the same);
+    * beta (``b.sigmoid()``'s output), and for ``g = -exp(A_log) * softplus(a + dt_bias)`` the fp32
+      softplus input and output, and two fp32 vectors of HV (``exp``'s output and its negation);
+    * fla's saved set: q and k after its L2 norm (``use_qk_l2norm_in_kernel``) with one fp32 rstd
+      per head and token, the contiguous copy ``input_guard`` makes of v (a view of the conv output),
+      the fp32 chunk-local cumsum of g, and A, the 16-bit T x HV x 64 WY matrix;
+    * the gated RMSNorm (``_gated_rms_norm_saved_bytes``) and ``out_proj``'s 16-bit input.
+    """
+    sizes = gated_delta_sizes(model, shape)
+    tokens, e, heads = sizes.tokens, shape.element_bytes, sizes.value_heads
+    norm = norm_saved_bytes(model, model.hidden_size, shape.stream) + tokens * model.hidden_size * e
+    conv = tokens * sizes.conv * e
+    gates = tokens * heads * (e + 2 * FP32_BYTES) + 2 * FP32_BYTES * heads
+    fla = (tokens * (2 * sizes.key * e + 2 * sizes.key_heads * FP32_BYTES + sizes.value * e
+                     + heads * FP32_BYTES + heads * GATED_DELTA_CHUNK * e))
+    gated_norm = _gated_rms_norm_saved_bytes(tokens, sizes.value, tokens * heads, e)
+    return norm + conv + gates + fla + gated_norm + tokens * sizes.value * e
+
+
+def _fla_forward_live(sizes: GatedDeltaSizes, e: int) -> int:
+    """What fla's chunked forward holds besides the tensors it saves: the contiguous copies of q and k
+    (``input_guard``; v's is saved), w, u, the states h, v_new and the output o, at its peak (in
+    ``chunk_fwd_o``, once o is allocated)."""
+    tokens = sizes.tokens
+    return tokens * e * (2 * sizes.key + sizes.expanded_key + 3 * sizes.value) + sizes.states * e
+
+
+def gated_delta_net_forward_transient(model: ModelConfig, shape: ActivationShape, saving: bool = True) -> int:
+    """The most a gated delta net layer's mixer holds in its forward beyond its input norm's part
+    (``gated_delta_net_saved_bytes`` counts that), the tensors it has saved by then included; the
+    larger of two moments (Qwen3NextGatedDeltaNet.forward; fla's chunk_gated_delta_rule_fwd):
+
+    * in fla's ``chunk_fwd_o``: in_proj_qkvz's and in_proj_ba's outputs (``projected_states_*`` stay
+      referenced to the end), the contiguous copies of z, b and a, the conv's output (q, k and v stay
+      views of it), g (fp32), and what the Function holds (``_fla_forward_live``) beside what it saved;
+    * in the gated RMSNorm's last cast: fla's workspaces freed, o and its ``torch.cat`` copy, the norm's
+      saved tensors, its fp32 variance, the fp32 product and its 16-bit cast (``out_proj``'s input).
+
+    Without ``saving`` (a checkpointed layer's first forward, which keeps nothing for backward) the peak
+    is in fla's ``chunk_fwd_o``, less what only autograd would have kept: the conv's input, softplus's
+    input and output and the two HV vectors; fla's own saved set is still its forward's locals then
+    (measured).
+    """
+    sizes = gated_delta_sizes(model, shape)
+    tokens, e, heads = sizes.tokens, shape.element_bytes, sizes.value_heads
+    saved = gated_delta_net_saved_bytes(model, shape) - norm_saved_bytes(model, model.hidden_size, shape.stream) \
+        - tokens * model.hidden_size * e
+    gated_norm = _gated_rms_norm_saved_bytes(tokens, sizes.value, tokens * heads, e)
+    before_norm = saved - gated_norm - tokens * sizes.value * e  # the mixer's saved set before its gated norm
+    held = tokens * e * (sizes.projection + 2 * heads + sizes.value + 2 * heads + sizes.conv) \
+        + FP32_BYTES * tokens * heads
+    in_fla = held + before_norm + _fla_forward_live(sizes, e)
+    if not saving:
+        return in_fla - tokens * sizes.conv * e - 2 * FP32_BYTES * heads * (tokens + 1)
+    # after fla: o (kept by ``all_outputs``) and its cat copy; the norm's saved set, its fp32 variance,
+    # the fp32 product of the gate and its cast
+    in_norm = (held + before_norm + 2 * tokens * sizes.value * e + gated_norm + FP32_BYTES * tokens * heads
+               + tokens * sizes.value * (FP32_BYTES + e))
+    return max(in_fla, in_norm)
+
+
+def gated_delta_net_backward_transient(model: ModelConfig, shape: ActivationShape) -> int:
+    """The most a gated delta net layer's mixer holds in its backward beyond its saved tensors and
+    the gradient of the layer's output, its weight gradients aside (the phases count those); the larger of:
+
+    * the gated RMSNorm's backward: ``out_proj``'s input gradient and the norm's gradients, three
+      more 16-bit ones and an fp32 one (measured);
+    * fla's ``chunk_gated_delta_rule_bwd``, where ``prepare_wy_repr_bwd`` sums its dk over the value
+      heads: the norm's saved tensors freed, the gradients of o and z (16-bit), and fla's workspaces:
+      w and u recomputed, the states h and their gradients dh, v_new, dv, dw, dq and dk (summed to the
+      key heads under GVA), fp32 dg twice, db, and prepare_wy_repr_bwd's dk (per value head and, under
+      GVA, its sum), dv.
+    """
+    sizes = gated_delta_sizes(model, shape)
+    tokens, e, heads = sizes.tokens, shape.element_bytes, sizes.value_heads
+    in_norm = tokens * sizes.value * (4 * e + FP32_BYTES)
+    freed = _gated_rms_norm_saved_bytes(tokens, sizes.value, tokens * heads, e) + tokens * sizes.value * e
+    gva = sizes.value_heads != sizes.key_heads
+    workspaces = (tokens * e * (4 * sizes.value + 2 * sizes.expanded_key + 3 * sizes.key
+                                + (sizes.expanded_key if gva else 0) + heads)
+                  + 2 * sizes.states * e + 2 * FP32_BYTES * tokens * heads)
+    in_fla = 2 * tokens * sizes.value * e + workspaces - freed
+    return max(in_norm, in_fla)
+
+
+def gated_attention_extra_bytes(model: ModelConfig, shape: ActivationShape) -> int:
+    """What Qwen3-Next's gated full attention keeps beyond ``attention_saved_bytes``
+    (Qwen3NextAttention.forward: ``attn_output * torch.sigmoid(gate)``): sigmoid's output and the
+    product (``o_proj``'s input), and the attention output's contiguous copy the product keeps:
+    its partial rotary embedding concatenates q back (``torch.cat([q_embed, q_pass])``), so the
+    kernel's output follows that head-major layout and ``transpose(1, 2).contiguous()`` copies it."""
+    return 3 * shape.tokens * attention_output_width(model) * shape.element_bytes
+
+
+def qwen3_next_moe_saved_bytes(model: ModelConfig, shape: ActivationShape) -> int:
+    """Qwen3-Next's experts block (Qwen3NextSparseMoeBlock) as transformers 5 trains it, for
+    S = tokens x k assignments: its input (the router's, the shared expert's and its gate's); the
+    router (Qwen3NextTopKRouter): the fp32 softmax over every expert, the top-k index and, with
+    ``norm_topk_prob``, the sum and the normalised top-k weights (fp32); the experts through grouped_mm
+    (``_grouped_experts_saved_bytes``) and the routing weights' 16-bit cast as the sort gathers it; the
+    shared expert's gated MLP, sigmoid of its gate (one value a token) and the shared output the gate
+    multiplies."""
+    moe, h, e = model.moe, model.hidden_size, shape.element_bytes
+    tokens = shape.tokens
+    assignments = tokens * moe.experts_per_token
+    saved = _grouped_experts_saved_bytes(model, assignments, e,
+                                         _mlp_saved_bytes(model, assignments, moe.expert_intermediate_size, e))
+    saved += tokens * moe.num_experts * FP32_BYTES + assignments * (INDEX_BYTES + e)
+    if moe.norm_topk_prob is not False:
+        saved += FP32_BYTES * (tokens + assignments)
+    width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+    shared = _mlp_saved_bytes(model, tokens, width, e) + (tokens * e + tokens * h * e if moe.shared_expert_gate else 0)
+    return saved + tokens * h * e + moe.num_shared_experts * shared
+
+
+def qwen3_next_moe_backward_transient(model: ModelConfig, shape: ActivationShape) -> int:
+    """The most Qwen3-Next's experts block holds in its backward beyond its saved tensors and the
+    gradient of its output, the weight gradients aside; S = tokens x k. The shared expert's branch
+    runs first (its gate was applied last): the gradient of the shared output (the sigmoid's product
+    frees the shared output and the sigmoid) and the gate's input gradient stay beside what follows.
+    Then the larger of (measured with transformers' class on fake tensors, to the byte):
+
+    * the experts' output gather (``weighted_out[inv_perm]``, ``.view(...).sum(1)``): the gradient
+      of the view (a copy of the expanded sum gradient), the zeros the index backward fills and its
+      ``index_put`` result, three S x h tensors;
+    * the gated activation's backward (``act_fn(gate) * up`` inside ``grouped_mm_experts_forward``): the
+      down input's gradient and those of the gate and up halves, three S x I tensors, once the routing
+      weights' product has freed the down output and the inverse permutation."""
+    moe, h, e = model.moe, model.hidden_size, shape.element_bytes
+    tokens = shape.tokens
+    assignments = tokens * moe.experts_per_token
+    shared = (tokens * h * e - tokens * e) if moe.shared_expert_gate else 0
+    gather = 3 * assignments * h * e
+    activation = 3 * assignments * moe.expert_intermediate_size * e - assignments * (h * e + INDEX_BYTES)
+    return shared + max(gather, activation)
+
+
+def qwen3_next_moe_forward_transient(model: ModelConfig, shape: ActivationShape, saving: bool = True) -> int:
+    """The most Qwen3-Next's experts block holds in its forward beyond its input norm's output, at the
+    experts' output reorder (``weighted_out[inv_perm]`` in ``grouped_mm_experts_forward``; the shared
+    expert ran first, its gate runs after). Saving: the block's saved tensors but the gate's sigmoid,
+    the weighted output and its reorder (two S x h tensors), and the locals nothing saves. Without saving (a checkpointed layer's
+    first forward): the shared expert's output, the gathered input, the down output, the weighted
+    output and its reorder (four S x h), the router's logits, fp32 probabilities and top-k index and
+    weights, the sort's ids and permutation, the histogram input, the inverse permutation (measured)."""
+    moe, h, e = model.moe, model.hidden_size, shape.element_bytes
+    tokens = shape.tokens
+    assignments = tokens * moe.experts_per_token
+    if saving:  # and the locals nothing saves: the router's logits, the 16-bit routing weights, the
+        # sorted expert ids, the histogram's input and output
+        locals_ = tokens * moe.num_experts * e + assignments * (e + INDEX_BYTES + FP32_BYTES) + FP32_BYTES * moe.num_experts
+        return (qwen3_next_moe_saved_bytes(model, shape) - tokens * h * e - tokens * e + 2 * assignments * h * e
+                + locals_)
+    router = tokens * moe.num_experts * (e + 2 * FP32_BYTES) + assignments * (INDEX_BYTES + 2 * e)
+    return (tokens * h * e + 4 * assignments * h * e + router
+            + assignments * (3 * INDEX_BYTES + FP32_BYTES))
+
+
+def qwen3_next_experts_backward_late(model: ModelConfig, shape: ActivationShape) -> int:
+    """Qwen3-Next's experts block in its backward once the up ``grouped_mm`` has made the gradient of
+    the gathered input (and every expert's weight gradients, which the caller adds): beyond the
+    block's saved tensors and its output's gradient, the shared branch's gradients (as in
+    ``qwen3_next_moe_backward_transient``) and the gathered input's gradient (S x h), less what is freed
+    by then: the down output (S x h), the inverse permutation and the expert MLP's tensors (4 S x I)
+    but the gradient of the up projection's output (2 S x I) (measured, the weights trained)."""
+    moe, h, e = model.moe, model.hidden_size, shape.element_bytes
+    tokens = shape.tokens
+    assignments = tokens * moe.experts_per_token
+    shared = (tokens * h * e - tokens * e) if moe.shared_expert_gate else 0
+    return shared - assignments * (INDEX_BYTES + 2 * moe.expert_intermediate_size * e)

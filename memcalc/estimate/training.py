@@ -17,6 +17,7 @@ from memcalc.config import (
     MLPKind,
     Loss,
     ModelConfig,
+    NormPlacement,
     Optimizer,
     OptimizerImpl,
     QKNormScope,
@@ -28,6 +29,10 @@ from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.activations import (
     autocast_weight_cache_bytes,
     embedding_dropout_bytes,
+    gated_attention_extra_bytes,
+    gated_delta_net_backward_transient,
+    gated_delta_net_forward_transient,
+    gated_delta_net_saved_bytes,
     mamba2_backward_transient,
     mamba2_forward_transient,
     hf_grouped_moe_saved_bytes,
@@ -52,6 +57,10 @@ from memcalc.estimate.activations import (
     norm_saved_bytes,
     op_checkpoint_bytes,
     output_layer_activation_bytes,
+    qwen3_next_experts_backward_late,
+    qwen3_next_moe_backward_transient,
+    qwen3_next_moe_forward_transient,
+    qwen3_next_moe_saved_bytes,
     torchtitan_sac_outputs,
 )
 from memcalc.estimate.assumptions import LayoutSummary, TrainAssumptions
@@ -83,6 +92,8 @@ KORTHIKANTI = "Korthikanti et al. 2022 (arXiv:2205.05198)"
 # Tokens per slice of the chunked loss (memcalc.validate.model.LOSS_CHUNK_TOKENS runs the same).
 LOSS_CHUNK_TOKENS = 1024
 AUTOGRAD = "PyTorch autograd saved tensors of the Hugging Face block (docs/formulas.md sec. 3.4)"
+GATED_DELTA = ("transformers' Qwen3-Next classes with flash-linear-attention's chunked gated delta rule and "
+               "causal-conv1d, measured on fake tensors (docs/formulas.md sec. 3.12)")
 
 
 def _bytes(dtype) -> int:
@@ -213,8 +224,9 @@ class LayerKind(NamedTuple):
     mamba: bool = False  # a block of a norm and a Mamba-2 mixer
     # a hybrid Mamba-2 stack's layer (mamba2_hybrid): "mixer" (a norm and a Mamba-2 mixer or attention:
     # Nemotron-H's M and *), "mlp" (a norm and an MLP or experts: Nemotron-H's - and E), "mixer+mlp" (a
-    # norm and a mixer, a norm and an MLP: Granite-4.0-H's layers); "" elsewhere
+    # norm and a mixer, a norm and an MLP: Granite-4.0-H's and Qwen3-Next's layers); "" elsewhere
     block: str = ""
+    delta: bool = False  # a gated delta net mixer (gated_delta_hybrid: Qwen3-Next's linear_attention layers)
 
 
 @dataclass(eq=False, repr=False)
@@ -279,8 +291,10 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
     lora_live = {False: 0, True: 0}
 
     def layer(moe_layer: bool, first: bool = False, l2_qk_norm: bool = False,
-              mamba: bool = False, block: str = "") -> tuple[int, int, int, int]:
+              mamba: bool = False, block: str = "", delta: bool = False) -> tuple[int, int, int, int]:
         """(saved by the layer, saved before its attention scores, its MLP part, its backward transient)."""
+        if block and model.linear_attention is not None:  # Qwen3-Next's (gated_delta_hybrid)
+            return _gated_delta_layer(ctx, moe_layer, delta)
         if block:  # a layer of a hybrid Mamba-2 stack (Nemotron-H, Granite-4.0-H)
             return _hybrid_layer(ctx, moe_layer, mamba, block)
         if mamba:  # a block of a norm and a Mamba-2 mixer (check_mamba_training: nothing beside it)
@@ -319,6 +333,9 @@ def _layer_stack(ctx: ActivationContext) -> LayerStack:
     if mamba2_hybrid(model):
         kinds = [kind._replace(block=("mlp" if layer_type is LayerType.NONE else "mixer") if model.separate_blocks
                                else "mixer+mlp")
+                 for kind, layer_type in zip(kinds, model.resolved_layer_types, strict=True)]
+    elif gated_delta_hybrid(model):
+        kinds = [kind._replace(block="mixer+mlp", delta=layer_type is LayerType.LINEAR_ATTENTION)
                  for kind, layer_type in zip(kinds, model.resolved_layer_types, strict=True)]
     by_kind = {kind: layer(*kind) for kind in set(kinds)}
     # Checkpointed layers keep their input (and, under op recompute, the outputs the policy saves);
@@ -527,6 +544,14 @@ def _backward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int, sa
                 in_scores = base + in_scores_backward(layer_saved, _mlp)
                 backward = max(backward, in_scores)
                 beside = max(beside, in_scores - not_made + gradients.mlp[index])
+            if kind.delta:  # inside its gated delta net's backward: its MLP's and out_proj's gradients made
+                in_mixer, made = _delta_mixer_backward(ctx)
+                beside = max(beside, base + layer_saved - _mlp + in_mixer - not_made + gradients.mlp[index] + made)
+            if kind.block and kind.moe and model.linear_attention is not None:  # Qwen3-Next's experts, their
+                # weight gradients made
+                experts = ctx.grad_bytes * model.moe.num_experts * 3 * model.moe.expert_intermediate_size * h
+                beside = max(beside, base + layer_saved + qwen3_next_experts_backward_late(model, shape)
+                             - not_made + experts)
             beside_gradients = beside if beside_gradients is None else max(beside_gradients, beside)
         below += stack.held[index]
     last_saved, last_before_scores, last_mlp, _ = stack.last
@@ -596,7 +621,10 @@ def _arch_peaks(plan: StagePlan, settings: TrainSettings, recipe: PrecisionRecip
     for held in stack.held:
         kept += held
         layer_forward.append(kept)
-    return ActivationPeaks(forward, backward, end_extra, "autograd saved tensors + loss", AUTOGRAD,
+    formula, source = "autograd saved tensors + loss", AUTOGRAD
+    if gated_delta_hybrid(model):
+        formula, source = "autograd saved tensors + loss (fla, causal-conv1d)", GATED_DELTA
+    return ActivationPeaks(forward, backward, end_extra, formula, source,
                            largest_layer + incoming, beside_gradients, below_last=embedding + stack.others + incoming,
                            layer_backward=layer_backward, before_first=embedding + incoming, **head_side,
                            layer_forward=tuple(layer_forward), opening=saved + backward_output,
@@ -948,6 +976,84 @@ def _hybrid_layer(ctx: ActivationContext, moe_layer: bool, mamba: bool, block: s
     return saved, saved, mlp_saved, transient
 
 
+def gated_delta_hybrid(model: ModelConfig) -> bool:
+    """Qwen3-Next as transformers runs it (modeling_qwen3_next.py ``Qwen3NextDecoderLayer``): each layer a
+    norm and a gated delta net or gated full attention (``attn_output_gate``, per-head q/k norms), a
+    norm and experts with a sigmoid-gated shared expert (or a dense gated MLP), its RMSNorms
+    ``1 + weight``; the structure measured with fla's chunked kernel (memcalc.validate.gated_delta)."""
+    if model.linear_attention is None or model.mamba is not None or model.mla is not None:
+        return False
+    if any(kind not in (LayerType.LINEAR_ATTENTION, LayerType.FULL_ATTENTION) for kind in model.resolved_layer_types):
+        return False
+    if not (model.attn_output_gate and model.norm_weight_offset and model.qk_norm and model.mlp is MLPKind.GATED
+            and model.qk_norm_scope in (None, QKNormScope.HEAD) and model.norm_placement in (None, NormPlacement.PRE)):
+        return False
+    moe = model.moe
+    return moe is None or not (moe.first_dense_layers or moe.router_bias or moe.expert_bias or moe.clamped_swiglu
+                               or moe.num_shared_experts > 1)
+
+
+def _embedding_output(ctx: ActivationContext, index: int) -> int:
+    """Qwen3NextModel.forward keeps ``inputs_embeds`` referenced to its end: inside a layer past the
+    first, the first stage holds the embedding output beside that layer's own input."""
+    return ctx.stream if ctx.plan.first and index > 0 else 0
+
+
+def _delta_norm_part(ctx: ActivationContext) -> int:
+    """What a Qwen3-Next mixer's input norm keeps: ``norm_saved_bytes`` and its 16-bit output."""
+    return norm_saved_bytes(ctx.model, ctx.model.hidden_size, ctx.shape.stream) \
+        + ctx.tokens * ctx.model.hidden_size * ctx.e
+
+
+def _delta_mixer_backward(ctx: ActivationContext) -> tuple[int, int]:
+    """A gated delta net's backward: (the most it holds beyond the mixer's saved tensors and the
+    layer's output gradient, ``gated_delta_net_backward_transient``; the gradient bytes made by then:
+    ``out_proj``'s weight gradient, computed before the gated norm's backward)."""
+    la = ctx.model.linear_attention
+    return (gated_delta_net_backward_transient(ctx.model, ctx.shape),
+            ctx.grad_bytes * la.value_width * ctx.model.hidden_size)
+
+
+def _gated_delta_layer(ctx: ActivationContext, moe_layer: bool, delta: bool) -> tuple[int, int, int, int]:
+    """A layer of Qwen3-Next (``gated_delta_hybrid``): (saved, saved before its scores, its MLP part,
+    its backward transient), from its parts as Qwen3NextDecoderLayer runs them:
+
+    * a gated delta net with its input norm: ``gated_delta_net_saved_bytes``, its backward
+      ``gated_delta_net_backward_transient``; or gated attention with its input norm:
+      ``attention_saved_bytes`` (SDPA, per-head q/k norms) and ``gated_attention_extra_bytes``;
+    * experts and the gated shared expert with their input norm (``qwen3_next_moe_saved_bytes``), or
+      a dense gated MLP (``mlp_saved_bytes``); their backward ``qwen3_next_moe_backward_transient``
+      and ``_mlp_backward_transient``.
+
+    The MLP's backward runs first, beside every saved tensor of the layer; the mixer's then runs with
+    the MLP's freed. Under full recompute the layer first reruns its forward, saving: inside the mixer
+    (``gated_delta_net_forward_transient``) nothing of its MLP is saved yet."""
+    model, shape = ctx.model, ctx.shape
+    h = model.hidden_size
+    recompute_forward = 0
+    if delta:
+        mixer_saved = gated_delta_net_saved_bytes(model, shape)
+        mixer_transient = gated_delta_net_backward_transient(model, shape)
+        recompute_forward = _delta_norm_part(ctx) + gated_delta_net_forward_transient(model, shape)
+    else:
+        mixer_saved = (attention_saved_bytes(model, shape, "sdpa", Recompute.NONE)
+                       + gated_attention_extra_bytes(model, shape))
+        mixer_transient = 0
+    if moe_layer:
+        mlp_saved = norm_saved_bytes(model, h, shape.stream) + qwen3_next_moe_saved_bytes(model, shape)
+    else:
+        mlp_saved = mlp_saved_bytes(model, shape, False)
+    if moe_layer:
+        mlp_transient = qwen3_next_moe_backward_transient(model, shape)
+    else:
+        mlp_transient = _mlp_backward_transient(model, shape, False, ctx.grad_bytes)
+    saved = mixer_saved + mlp_saved
+    transient = max(mlp_transient, mixer_transient - mlp_saved)
+    if ctx.full:
+        transient = max(transient, recompute_forward - saved)
+    return saved, saved, mlp_saved, transient
+
+
 def _hybrid_forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: int) -> int:
     """The forward of a hybrid Mamba-2 stack (``mamba2_hybrid``) inside its last Mamba-2 mixer that
     saves (mamba_ssm's fused forward, ``mamba2_forward_transient``): the layers before it, its input,
@@ -963,12 +1069,36 @@ def _hybrid_forward_peak(ctx: ActivationContext, stack: LayerStack, embedding: i
         norm_part = norm_saved_bytes(model, model.hidden_size, norm_shape) + mamba2_hybrid_norm_extra(model, norm_shape)
         peak = (embedding + sum(stack.held[:index]) + ctx.plan.extra_layers * stack.average_layer + ctx.stream
                 + norm_part + mamba2_forward_transient(model, shape))
+    delta = [index for index, kind in enumerate(stack.kinds) if kind.delta and not ctx.checkpointed[index]]
+    if delta:  # inside the last gated delta net mixer that saves (Qwen3-Next)
+        index = delta[-1]
+        peak = max(peak, embedding + sum(stack.held[:index]) + ctx.plan.extra_layers * stack.average_layer
+                   + ctx.stream + _embedding_output(ctx, index) + _delta_norm_part(ctx)
+                   + gated_delta_net_forward_transient(model, shape))
+    delta = [index for index, kind in enumerate(stack.kinds) if kind.delta and ctx.checkpointed[index]]
+    if delta:  # the last checkpointed gated delta net's first forward, run without saving: the
+        # checkpoints' inputs, its input norm's 16-bit output and the mixer's locals
+        index = delta[-1]
+        peak = max(peak, embedding + sum(stack.held[:index + 1]) + ctx.plan.extra_layers * stack.average_layer
+                   + ctx.tokens * model.hidden_size * e + gated_delta_net_forward_transient(model, shape, saving=False))
+    if model.linear_attention is not None and model.moe is not None:  # Qwen3-Next's last experts block
+        index = max(index for index, kind in enumerate(stack.kinds) if kind.moe)
+        mixer = stack.by_kind[stack.kinds[index]][0] - stack.by_kind[stack.kinds[index]][2]
+        # its input norm's output, beside the layer's input and the residual after its mixer
+        before = (embedding + sum(stack.held[:index + 1]) + ctx.plan.extra_layers * stack.average_layer
+                  + ctx.tokens * model.hidden_size * e)
+        if ctx.checkpointed[index]:
+            peak = max(peak, before + ctx.stream + qwen3_next_moe_forward_transient(model, shape, saving=False))
+        else:  # the layer's input beside the residual after its mixer
+            norm = norm_saved_bytes(model, model.hidden_size, shape.stream)
+            peak = max(peak, before - stack.held[index] + 2 * ctx.stream + _embedding_output(ctx, index) + mixer
+                       + norm + qwen3_next_moe_forward_transient(model, shape))
     checkpointed = [index for index, kind in enumerate(stack.kinds) if kind.mamba and ctx.checkpointed[index]]
     if checkpointed:  # the last checkpointed Mamba-2 layer's first forward, run without saving
         index = checkpointed[-1]
         peak = max(peak, embedding + sum(stack.held[:index + 1]) + ctx.plan.extra_layers * stack.average_layer
                    + mamba2_forward_transient(model, shape))
-    if stack.last_checkpointed and stack.kinds[-1].block == "mixer+mlp":
+    if stack.last_checkpointed and stack.kinds[-1].block == "mixer+mlp" and model.mamba is not None:
         # the layer's input (its checkpoint's), the residual after its mixer and the MLP's normed input
         peak = max(peak, embedding + stack.layers + 2 * ctx.stream + 4 * e * ctx.tokens * model.intermediate_size)
     return peak
@@ -990,9 +1120,13 @@ def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: 
                          recipe: PrecisionRecipe) -> None:
     """Mamba-2 blocks were measured with 16-bit activations (bf16, amp-bf16), SDPA-or-none attention,
     no or full recompute, one device, no LoRA: anything else is refused in one line."""
-    if model.mamba is None:
+    delta = gated_delta_hybrid(model)
+    if model.mamba is None and not delta:
         return
+    family = "Qwen3-Next" if delta else "Mamba-2"
     reasons = [reason for reason, applies in (
+        # Qwen3-Next was measured in 16-bit training only (its norms' and gates' casts differ under autocast)
+        (f"{recipe.name} (bf16 only: --dtype bf16 or --precision mixed-bf16)", delta and recipe.autocast),
         (f"--recompute {settings.recompute.value}", settings.recompute not in (Recompute.NONE, Recompute.FULL)),
         ("--recompute-layers", settings.recompute_layers > 1),
         (f"{recipe.name} (bf16 activations only: --dtype bf16 or --precision amp-bf16)",
@@ -1006,7 +1140,8 @@ def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: 
          model.moe is not None and recipe.weight_dtype is not DType.BF16),
     ) if applies]
     if reasons:
-        raise InputError(f"{model.name}: Mamba-2 training activations are modelled for bf16 or amp-bf16, no or full "
+        precisions = "bf16" if delta else "bf16 or amp-bf16"
+        raise InputError(f"{model.name}: {family} training activations are modelled for {precisions}, no or full "
                          f"recompute, on one device; not with {', '.join(reasons)}")
 
 
@@ -1016,7 +1151,7 @@ def check_trainable(model: ModelConfig) -> None:
     or without experts; mamba_ssm's fused kernel, transformers' grouped_mm experts); other Mamba
     layers (Mamba-1's C++ selective scan, Jamba, Falcon-H1's parallel block) and gated-delta-net
     layers save other tensors, so a training estimate of such a model is refused, not guessed."""
-    if mamba2_blocks_only(model) or mamba2_hybrid(model):
+    if mamba2_blocks_only(model) or mamba2_hybrid(model) or gated_delta_hybrid(model):
         return
     recurrent = [kind.value for kind in dict.fromkeys(model.resolved_layer_types)
                  if kind in (LayerType.MAMBA, LayerType.ATTENTION_MAMBA, LayerType.LINEAR_ATTENTION)]
