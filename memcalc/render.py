@@ -1057,10 +1057,11 @@ def print_formats(rows) -> None:
                       "terminal).")
 
 
-def _models_table(models: list[ModelConfig], aliases: bool):
+def _models_table(models: list[ModelConfig], aliases: bool, pad_edge: bool = True):
     from rich.table import Table
 
-    table = Table(title="memcalc models", title_justify="left")
+    # without the outer cells' padding the longest library names still fit 80 columns
+    table = Table(title="memcalc models", title_justify="left", pad_edge=pad_edge)
     table.add_column("Name", no_wrap=True)
     if aliases:
         table.add_column("Aliases", max_width=44)
@@ -1079,7 +1080,8 @@ def _models_table(models: list[ModelConfig], aliases: bool):
 
 def print_models(models: list[ModelConfig]) -> None:
     console = _console()
-    table = _first_fitting(console, [lambda: _models_table(models, True), lambda: _models_table(models, False)])
+    table = _first_fitting(console, [lambda: _models_table(models, True), lambda: _models_table(models, False),
+                                     lambda: _models_table(models, False, pad_edge=False)])
     console.print(table)
     console.print("Heads: query/key-value heads. Active: parameters per token of a mixture of experts.")
     if len(table.columns) == 7:

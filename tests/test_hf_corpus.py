@@ -309,6 +309,7 @@ BUNDLED_FROM_CORPUS = {
     "kimi-k2": "moonshotai--Kimi-K2-Instruct.json", "jamba-1.5-mini": "ai21labs--AI21-Jamba-1.5-Mini.json",
     "nemotron-3-nano": "nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json",
     "nemotron-h-56b": "nvidia--Nemotron-H-56B-Base-8K.json",
+    "qwen3-next-80b-a3b": "Qwen--Qwen3-Next-80B-A3B-Instruct.json",
 }
 
 

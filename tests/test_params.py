@@ -57,6 +57,8 @@ PUBLISHED_PARAMS = {
     # device from each config.json (tests/data/hf_configs/manifest.yaml, meta_params)
     "nemotron-h-56b": 56_324_350_464,
     "nemotron-3-nano": 31_577_937_344,
+    # "80B in total" on the model card: Qwen3NextForCausalLM on the meta device from its config.json
+    "qwen3-next-80b-a3b": 79_674_391_296,
 }
 
 # Mistral AI's announcements: Mixtral 8x7B "12.9B active", Mixtral 8x22B "39B active" parameters;
