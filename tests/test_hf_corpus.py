@@ -310,6 +310,8 @@ BUNDLED_FROM_CORPUS = {
     "nemotron-3-nano": "nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json",
     "nemotron-h-56b": "nvidia--Nemotron-H-56B-Base-8K.json",
     "qwen3-next-80b-a3b": "Qwen--Qwen3-Next-80B-A3B-Instruct.json",
+    "llama-4-scout": "meta-llama--Llama-4-Scout-17B-16E-Instruct.json",
+    "llama-4-maverick": "meta-llama--Llama-4-Maverick-17B-128E-Instruct.json",
 }
 
 

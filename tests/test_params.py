@@ -59,6 +59,10 @@ PUBLISHED_PARAMS = {
     "nemotron-3-nano": 31_577_937_344,
     # "80B in total" on the model card: Qwen3NextForCausalLM on the meta device from its config.json
     "qwen3-next-80b-a3b": 79_674_391_296,
+    # "109B" and "400B (Total)" on the model cards, vision tower and projector included:
+    # Llama4ForConditionalGeneration on the meta device from each config.json
+    "llama-4-scout": 108_641_793_536,
+    "llama-4-maverick": 401_583_781_376,
 }
 
 # Mistral AI's announcements: Mixtral 8x7B "12.9B active", Mixtral 8x22B "39B active" parameters;
