@@ -143,6 +143,30 @@ def test_unmeasured_qwen3_next_options_are_refused(settings):
         estimate_training(_from(TINY), TrainSettings(seq_len=256, **settings))
 
 
+@pytest.mark.parametrize("layout", [dict(dp=4), dict(dp=4, zero=2), dict(dp=4, zero=3, fsdp=True),
+                                    dict(dp=4, zero=3)])
+def test_data_parallel_ranks_hold_one_devices_activations(layout):
+    """Data parallelism splits the batch, not the layers: each rank's activations are the single device's,
+    and ZeRO/FSDP shard the optimizer states four ways."""
+    from memcalc.parallel import ParallelConfig
+
+    model, settings = _from(TINY), TrainSettings(seq_len=256)
+    single = estimate_training(model, settings)
+    ranks = estimate_training(model, settings, ParallelConfig(**layout))
+    assert ranks.component("activations").bytes == single.component("activations").bytes
+    if layout.get("zero"):
+        assert ranks.component("optimizer_states").bytes * 4 == pytest.approx(
+            single.component("optimizer_states").bytes, rel=0.01)
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(dp=2, pp=2), dict(dp=2, cp=2)])
+def test_model_parallel_layouts_are_refused(layout):
+    from memcalc.parallel import ParallelConfig
+
+    with pytest.raises(InputError, match="not with tensor, pipeline, context or expert parallelism"):
+        estimate_training(_from(TINY), TrainSettings(seq_len=256), ParallelConfig(**layout))
+
+
 def test_other_structures_beside_gated_delta_nets_stay_refused():
     # a gated delta net beside an attention without Qwen3-Next's output gate is not the measured layer
     model = _from(TINY)

@@ -250,6 +250,21 @@ def test_train_estimates_hybrids_and_refuses_unmeasured_settings():
                 estimate_training(model, TrainSettings(seq_len=256, **settings))
 
 
+def test_hybrids_on_data_parallel_ranks_hold_one_devices_activations():
+    """DDP, ZeRO and FSDP split the batch, not the layers: each rank's activations are one device's;
+    tensor parallelism is refused (its sharded mixers were not measured)."""
+    from memcalc.parallel import ParallelConfig
+
+    settings = TrainSettings(seq_len=256)
+    for model in (_nemotron_h(), _granite_h()):
+        single = estimate_training(model, settings).component("activations").bytes
+        for layout in (dict(dp=4), dict(dp=4, zero=1), dict(dp=4, zero=3, fsdp=True)):
+            ranks = estimate_training(model, settings, ParallelConfig(**layout))
+            assert ranks.component("activations").bytes == single
+        with pytest.raises(InputError, match="not with tensor, pipeline, context or expert parallelism"):
+            estimate_training(model, settings, ParallelConfig(tp=2))
+
+
 def test_attention_estimates_unchanged_by_mamba_terms():
     from memcalc.library import resolve_model
 

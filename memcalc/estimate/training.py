@@ -1118,8 +1118,10 @@ def _hybrid_cached_weights(ctx: ActivationContext, stack: LayerStack) -> int:
 
 def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig,
                          recipe: PrecisionRecipe) -> None:
-    """Mamba-2 blocks were measured with 16-bit activations (bf16, amp-bf16), SDPA-or-none attention,
-    no or full recompute, one device, no LoRA: anything else is refused in one line."""
+    """Mamba-2 blocks (and Qwen3-Next's layers) were measured with 16-bit activations (bf16, amp-bf16;
+    Qwen3-Next bf16 only), SDPA-or-none attention, no or full recompute, no LoRA, on one device: anything
+    else is refused in one line. Data-parallel layouts (DDP, ZeRO 0-3, FSDP, offload) keep one device's
+    activations on each rank, the states sharded by the tensor inventory as for every family."""
     delta = gated_delta_hybrid(model)
     if model.mamba is None and not delta:
         return
@@ -1132,7 +1134,10 @@ def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: 
         (f"{recipe.name} (bf16 activations only: --dtype bf16 or --precision amp-bf16)",
          recipe.activation_dtype is not DType.BF16 or recipe.gemm_input_bytes is not None),
         ("--attention eager", settings.attention.value == "eager"),
-        ("LoRA", settings.lora_rank is not None), ("a parallel layout", not parallel.is_single_device),
+        ("LoRA", settings.lora_rank is not None),
+        # data parallelism splits the batch, not the layers: each rank's activations are one device's
+        ("tensor, pipeline, context or expert parallelism",
+         parallel.tp > 1 or parallel.pp > 1 or parallel.cp > 1 or parallel.ep > 1 or parallel.sp),
         ("--offload-activations", settings.offload_activations),
         ("--activation-model megatron/both", settings.activation_model is not ActivationModel.ARCH),
         # transformers' grouped_mm experts take bf16 weights only; fp32 ones loop over each expert's tokens
@@ -1142,7 +1147,8 @@ def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: 
     if reasons:
         precisions = "bf16" if delta else "bf16 or amp-bf16"
         raise InputError(f"{model.name}: {family} training activations are modelled for {precisions}, no or full "
-                         f"recompute, on one device; not with {', '.join(reasons)}")
+                         f"recompute, on one device or data-parallel ranks (DDP, ZeRO, FSDP); not with "
+                         f"{', '.join(reasons)}")
 
 
 def check_trainable(model: ModelConfig) -> None:
