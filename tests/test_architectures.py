@@ -58,12 +58,13 @@ def test_gpt_oss_checkpoint_is_mxfp4_experts_by_default():
 
 def test_jamba_state_per_sequence():
     """Jamba-1.5-Mini: 28 Mamba layers of 8,192 channels, d_state 16, d_conv 4. transformers keeps
-    the whole conv window (4 columns), vLLM 3; the SSM state is 8,192 x 16 per layer."""
+    the whole conv window (4 columns), vLLM 3; the SSM state is 8,192 x 16 per layer, which
+    transformers' cache keeps in fp32 (tests/test_cache_hf.py), the conv window in bf16."""
     model = resolve_model("jamba-1.5-mini")
-    assert state_values_per_sequence(model, Engine.HF) == 28 * (8_192 * 4 + 8_192 * 16)
-    assert state_values_per_sequence(model, Engine.PAGED) == 28 * (8_192 * 3 + 8_192 * 16)
+    assert state_values_per_sequence(model, Engine.HF) == (28 * 8_192 * 4, 28 * 8_192 * 16)
+    assert state_values_per_sequence(model, Engine.PAGED) == (28 * 8_192 * 3, 28 * 8_192 * 16)
     estimate = estimate_inference(model, InferSettings(context_len=4096, batch_size=3))
-    assert _component(estimate, "state_cache") == 3 * 2 * 28 * (8_192 * 4 + 8_192 * 16)
+    assert _component(estimate, "state_cache") == 3 * 28 * (8_192 * 4 * 2 + 8_192 * 16 * 4)
     # only the 4 attention layers cache keys and values: 8 KV heads x 128 x 2 x 2 B
     assert _component(estimate, "kv_cache") == 3 * 4096 * 4 * 8 * 128 * 2 * 2
 
@@ -72,8 +73,8 @@ def test_falcon_mamba_has_no_kv_cache():
     model = _corpus("tiiuae--falcon-mamba-7b.json")
     estimate = estimate_inference(model, InferSettings(context_len=32_768))
     assert _component(estimate, "kv_cache") == 0
-    # 64 layers x (8,192 channels x 4 conv columns + 8,192 x 16 state) x 2 bytes
-    assert _component(estimate, "state_cache") == 64 * (8_192 * 4 + 8_192 * 16) * 2
+    # 64 layers x (8,192 channels x 4 conv columns x 2 bytes + 8,192 x 16 fp32 state)
+    assert _component(estimate, "state_cache") == 64 * (8_192 * 4 * 2 + 8_192 * 16 * 4)
 
 
 def test_llama4_chunked_layers_hold_one_chunk():
@@ -130,13 +131,13 @@ def test_pipeline_stages_of_interleaved_moe_hold_every_parameter_once():
 def test_falcon_h1_layers_cache_keys_and_keep_a_state():
     """Falcon-H1 (transformers' FalconH1Config defaults): every layer caches keys and values (8 KV
     heads x 128 x 2 x 2 B = 4,096 B a token) and keeps a Mamba-2 state: conv over 1,024 + 2 x 256
-    channels x 4 columns, SSM 1,024 x 256."""
+    channels x 4 columns (bf16), SSM 1,024 x 256 (fp32)."""
     transformers = pytest.importorskip("transformers")
     data = json.loads(transformers.FalconH1Config().to_json_string())
     model = model_from_hf(data, name="falcon-h1", source="defaults")
     estimate = estimate_inference(model, InferSettings(context_len=1000))
     assert _component(estimate, "kv_cache") == 32 * 1000 * 4_096
-    assert _component(estimate, "state_cache") == 32 * 2 * ((1_024 + 2 * 256) * 4 + 1_024 * 256)
+    assert _component(estimate, "state_cache") == 32 * ((1_024 + 2 * 256) * 4 * 2 + 1_024 * 256 * 4)
     with pytest.raises(InputError, match="attention_mamba layers are not modelled"):
         estimate_training(model, TrainSettings(seq_len=256))
 

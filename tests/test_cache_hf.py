@@ -55,6 +55,9 @@ class Case:
     state_values: int
     dtype: str = "fp32"
     marks: tuple[Any, ...] = field(default=())
+    # of state_values, the SSM or recurrent state: kept in fp32 whatever the model's dtype (the
+    # scans return fp32 states and the cache keeps their dtype); the conv window is in the model's
+    ssm_values: int = 0
 
 
 def _mamba1_state(intermediate: int, conv: int, d_state: int) -> int:
@@ -110,6 +113,13 @@ CASES = (
           "shared_expert_intermediate_size": 16},
          (T,), (2 * 2 * 8 + 4 * 12) * 4 + 4 * 8 * 12),
 )
+# The recurrent families again in bf16: their conv windows in bf16, their states in fp32
+CASES += tuple(
+    Case(f"{case.family} bf16", case.source, case.overrides, case.attention_tokens, case.state_values, "bf16",
+         ssm_values=ssm)
+    for case, ssm in ((CASES[4], 128 * 8), (CASES[6], 2 * 8 * 16 * 8), (CASES[8], 4 * 8 * 12))
+)
+assert [case.family for case in CASES[-3:]] == ["jamba bf16", "mamba2 bf16", "qwen3_next bf16"]
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
@@ -192,7 +202,7 @@ def test_measured_geometry(case: Case) -> None:
     e = ELEMENT_BYTES[case.dtype]
     assert measured.attention_tokens == case.attention_tokens
     assert measured.kv_bytes == BATCH * KV_VALUES * sum(case.attention_tokens) * e
-    assert measured.state_bytes == BATCH * case.state_values * e
+    assert measured.state_bytes == BATCH * ((case.state_values - case.ssm_values) * e + case.ssm_values * 4)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=c.marks) for c in CASES], ids=_ids)

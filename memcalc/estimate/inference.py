@@ -191,30 +191,38 @@ def kv_cache_bytes(model: ModelConfig, local: ModelConfig, tokens: int, sequence
     return storage_bytes(values * held, kv_dtype)
 
 
-def state_values_per_sequence(model: ModelConfig, engine: Engine = Engine.HF) -> int:
+def state_values_per_sequence(model: ModelConfig, engine: Engine = Engine.HF) -> tuple[int, int]:
     """Values of the fixed state every Mamba and linear-attention layer keeps per sequence,
-    whatever its length: the causal-conv window (transformers keeps conv_kernel columns,
-    cache_utils.LinearAttentionLayer; vLLM's MambaSpec keeps conv_kernel - 1) over the conv channels,
-    and the SSM state (channels x d_state) or the gated delta net's recurrent state (value heads x
-    key_head_dim x value_head_dim)."""
+    whatever its length: (the causal-conv window over the conv channels: transformers keeps
+    conv_kernel columns, cache_utils.LinearAttentionLayer, vLLM's MambaSpec conv_kernel - 1; the SSM
+    state, channels x d_state, or the gated delta net's recurrent state, value heads x key_head_dim x
+    value_head_dim)."""
     trim = 1 if engine.paged else 0
     types = model.resolved_layer_types
-    total = 0
+    conv = ssm = 0
     if model.mamba is not None:
         m = model.mamba
         layers = sum(1 for kind in types if kind in MAMBA_LAYER_TYPES)
-        total += layers * (m.conv_channels * (m.conv_kernel - trim) + m.ssm_state_values)
+        conv += layers * m.conv_channels * (m.conv_kernel - trim)
+        ssm += layers * m.ssm_state_values
     if model.linear_attention is not None:
         la = model.linear_attention
-        total += types.count(LayerType.LINEAR_ATTENTION) * (la.conv_channels * (la.conv_kernel - trim)
-                                                            + la.recurrent_state_values)
-    return total
+        layers = types.count(LayerType.LINEAR_ATTENTION)
+        conv += layers * la.conv_channels * (la.conv_kernel - trim)
+        ssm += layers * la.recurrent_state_values
+    return conv, ssm
 
 
 def state_cache_bytes(model: ModelConfig, sequences: int, dtype: DType, engine: Engine, tp: int = 1) -> int:
-    """The recurrent state of ``sequences`` sequences on one rank (TP splits its channels and heads),
-    in the cache dtype (transformers and vLLM keep it in the model dtype by default)."""
-    return storage_bytes(sequences * state_values_per_sequence(model, engine) // tp, dtype)
+    """The recurrent state of ``sequences`` sequences on one rank (TP splits its channels and heads).
+    The conv window is in the cache dtype. transformers' cache keeps the SSM and recurrent states in
+    the dtype the mixer returns them in (``LinearAttentionLayer.lazy_initialization``: ``zeros_like``
+    the first state), fp32 for every family: the scans accumulate in fp32 (the torch paths'
+    ``.float()``, fla's and mamba_ssm's fp32 final states; measured in bf16, tests/test_cache_hf.py).
+    vLLM's engines keep both in the model dtype by default (``mamba_ssm_cache_dtype`` auto)."""
+    conv, ssm = state_values_per_sequence(model, engine)
+    ssm_dtype = DType.FP32 if engine is Engine.HF and BITS_PER_ELEMENT[dtype] < 32 else dtype
+    return storage_bytes(sequences * conv // tp, dtype) + storage_bytes(sequences * ssm // tp, ssm_dtype)
 
 
 def _compute_bytes(dtype: DType) -> int:
