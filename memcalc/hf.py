@@ -54,6 +54,8 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {**_LLAMA_STYLE, "qk_norm": True},
     "qwen3_moe": {**_LLAMA_STYLE, "qk_norm": True},
     "qwen3_next": {**_LLAMA_STYLE, "qk_norm": True, "attn_output_gate": True, "norm_weight_offset": True},
+    "qwen3_5_text": {**_LLAMA_STYLE, "qk_norm": True, "attn_output_gate": True, "norm_weight_offset": True},
+    "qwen3_5_moe_text": {**_LLAMA_STYLE, "qk_norm": True, "attn_output_gate": True, "norm_weight_offset": True},
     "deepseek_v2": _LLAMA_STYLE,
     "deepseek_v3": _LLAMA_STYLE,
     "kimi_k2": _LLAMA_STYLE,  # DeepseekV3ForCausalLM under another name (Kimi K2)
@@ -93,14 +95,15 @@ _RMS_ONLY = frozenset({"mamba", "falcon_mamba", "mamba2", "nemotron_h"})
 # memcalc.vision. The text model_type transformers uses when text_config names none.
 _MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "llama4": "llama4_text", "mistral3": "mistral",
                           "qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text",
-                          "qwen3_vl_moe": "qwen3_vl_moe_text"}
+                          "qwen3_vl_moe": "qwen3_vl_moe_text", "qwen3_5": "qwen3_5_text",
+                          "qwen3_5_moe": "qwen3_5_moe_text"}
 # The Qwen-VL wrappers always build their own text configuration class (Qwen2VLTextConfig, Qwen2_5_VLTextConfig,
 # Qwen3VLTextConfig, Qwen3VLMoeTextConfig), whatever text_config.model_type says; a file naming
 # another type than that one or the wrapper's own is refused. Qwen2-VL and Qwen2.5-VL files written
 # before transformers 4.5x keep the text model's keys at the top level (Qwen2VLConfig and
 # Qwen2_5_VLConfig read them there when text_config is absent); Qwen3VLConfig ignores top-level text keys, so a Qwen3-VL file
 # without text_config is refused.
-_QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+_QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"})
 # The wrappers that read flat text keys and honour text_config's tie flag (Qwen2VLConfig, Qwen2_5_VLConfig)
 _QWEN2_VL_WRAPPERS = frozenset({"qwen2_vl", "qwen2_5_vl"})
 # Their text configuration classes' defaults for the keys that size parameters, used for keys
@@ -121,6 +124,14 @@ _QWEN_VL_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
                               num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=128000,
                               attention_bias=False, decoder_sparse_step=1, moe_intermediate_size=1408,
                               num_experts_per_tok=4, num_experts=60, mlp_only_layers=[]),
+    # Qwen3_5TextConfig and Qwen3_5MoeTextConfig (configuration_qwen3_5.py, configuration_qwen3_5_moe.py)
+    "qwen3_5_text": dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                         num_attention_heads=16, num_key_value_heads=4, head_dim=256, max_position_embeddings=32768,
+                         attention_bias=False),
+    "qwen3_5_moe_text": dict(vocab_size=248320, hidden_size=2048, num_hidden_layers=40, num_attention_heads=16,
+                             num_key_value_heads=2, head_dim=256, max_position_embeddings=32768, attention_bias=False,
+                             moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts_per_tok=8,
+                             num_experts=256),
 }
 
 
@@ -369,6 +380,41 @@ def _read_qwen3_next(reader: _Reader, fields: dict[str, Any]) -> None:
     # the router renormalises its top-k weights (Qwen3NextConfig default True): training activations only
     _moe_fields(reader, fields, layers=layers, shared_width=shared, shared_expert_gate=bool(shared),
                 norm_topk_prob=reader.get("norm_topk_prob", True, bool))
+
+
+def _read_qwen3_5(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Qwen3.5 and Qwen3.5-MoE (modeling_qwen3_5.py ``Qwen3_5TextModel``, modeling_qwen3_5_moe.py):
+    Qwen3-Next's layers, the gated delta net's projections split (``in_proj_qkv``, ``in_proj_z``,
+    ``in_proj_b``, ``in_proj_a``); a dense gated MLP on every layer, or experts with a gated shared
+    expert on every layer (Qwen3_5MoeSparseMoeBlock; its router always renormalises the top k). The
+    attention always gates its output (``attn_output_gate`` is not read by the class). The
+    checkpoints' multi-token-prediction layers (``mtp.*``) are not built by transformers
+    (``_keys_to_ignore_on_load_unexpected``) and are not counted."""
+    num_layers = fields["num_layers"]
+    types = reader.layer_types({"full_attention": LayerType.FULL_ATTENTION,
+                                "linear_attention": LayerType.LINEAR_ATTENTION}, num_layers)
+    if types is None:
+        interval = reader.positive("full_attention_interval", 4)
+        types = [LayerType.FULL_ATTENTION if (i + 1) % interval == 0 else LayerType.LINEAR_ATTENTION
+                 for i in range(num_layers)]
+    reader.consumed.update({"full_attention_interval", "attn_output_gate", "mamba_ssm_dtype",
+                            "mtp_use_dedicated_embeddings"})
+    fields["layer_types"] = types
+    fields["linear_attention"] = dict(
+        num_key_heads=reader.positive("linear_num_key_heads", 16), num_value_heads=reader.positive(
+            "linear_num_value_heads", 32), key_head_dim=reader.positive("linear_key_head_dim", 128),
+        value_head_dim=reader.positive("linear_value_head_dim", 128),
+        conv_kernel=reader.positive("linear_conv_kernel_dim", 4), split_projections=True)
+    mtp = reader.get("mtp_num_hidden_layers", 0, int)
+    if mtp:
+        reader.notes.append(f"the checkpoint's {mtp} multi-token-prediction layer(s) (mtp.*) are not counted: "
+                            "transformers does not build them")
+    if fields["model_type"] == "qwen3_5_moe_text":
+        # Qwen3_5MoeTextConfig has no dense MLP width: every layer's MLP is its experts
+        reader.notes[:] = [note for note in reader.notes if not note.startswith("intermediate_size absent")]
+        shared = reader.positive("shared_expert_intermediate_size", 512)
+        _moe_fields(reader, fields, shared_width=shared, shared_expert_gate=True, norm_topk_prob=True)
+        reader.consumed.update({"mlp_only_layers", "decoder_sparse_step"})  # the class puts experts on every layer
 
 
 def _read_gpt_oss(reader: _Reader, fields: dict[str, Any]) -> None:
@@ -678,6 +724,8 @@ _READERS: dict[str, Callable[[_Reader, dict[str, Any]], None]] = {
     "qwen2_moe": _read_qwen_moe,
     "qwen3_moe": _read_qwen_moe,
     "qwen3_next": _read_qwen3_next,
+    "qwen3_5_text": _read_qwen3_5,
+    "qwen3_5_moe_text": _read_qwen3_5,
     "gpt_oss": _read_gpt_oss,
     "gemma3_text": _read_gemma3,
     "llama4_text": _read_llama4,

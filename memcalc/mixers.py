@@ -101,6 +101,9 @@ class LinearAttentionConfig:
     key_head_dim: PositiveInt
     value_head_dim: PositiveInt
     conv_kernel: PositiveInt
+    # Qwen3.5 (Qwen3_5GatedDeltaNet): in_proj_qkv, in_proj_z, in_proj_b and in_proj_a in place of
+    # Qwen3-Next's in_proj_qkvz and in_proj_ba (the same parameters, other tensors and activations)
+    split_projections: bool = False
 
     def __post_init__(self) -> None:
         if self.num_value_heads % self.num_key_heads:

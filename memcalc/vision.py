@@ -43,6 +43,9 @@ class VisionFamily(StrEnum):
     # Qwen3-VL and Qwen3-VL-MoE: Qwen3VLVisionModel with its patch merger and deepstack mergers
     # (modeling_qwen3_vl.py; modeling_qwen3_vl_moe.py's Qwen3VLMoeVisionModel is the same)
     QWEN3_VL = "qwen3_vl"
+    # Qwen3.5 and Qwen3.5-MoE: Qwen3_5VisionModel, Qwen3-VL's tower with its one patch merger and no
+    # deepstack mergers (modeling_qwen3_5.py; modeling_qwen3_5_moe.py's Qwen3_5MoeVisionModel is the same)
+    QWEN3_5 = "qwen3_5"
 
 
 # Family-specific fields of VisionTower: the default filled in when the field is None, or
@@ -59,6 +62,7 @@ _FAMILY_FIELDS: dict[VisionFamily, dict[str, Any]] = {
     VisionFamily.QWEN2_5_VL: {"spatial_merge_size": 2, "temporal_patch_size": 2},
     VisionFamily.QWEN3_VL: {"spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
                             "num_deepstack_mergers": 3},
+    VisionFamily.QWEN3_5: {"spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304},
 }
 
 
@@ -69,7 +73,7 @@ class VisionTower:
 
     __pydantic_config__ = {"extra": "forbid"}
 
-    family: VisionFamily  # which tower and projector (siglip, pixtral, llama4, qwen2_vl, qwen2_5_vl, qwen3_vl)
+    family: VisionFamily  # which tower and projector (siglip, pixtral, llama4, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5)
     hidden_size: PositiveInt  # width of the vision transformer (SigLIP So400m: 1152)
     num_layers: PositiveInt  # vision transformer layers (num_hidden_layers)
     intermediate_size: PositiveInt  # hidden width of each layer's MLP
@@ -372,11 +376,11 @@ def _qwen3_vl_projector(t: VisionTower) -> Iterator[tuple[str, int, int]]:
 _TOWERS = {VisionFamily.SIGLIP: _siglip_tower, VisionFamily.PIXTRAL: _pixtral_tower,
            VisionFamily.LLAMA4: _llama4_tower, VisionFamily.QWEN2_VL: _qwen2_vl_tower,
            VisionFamily.QWEN2_5_VL: _qwen2_5_vl_tower,
-           VisionFamily.QWEN3_VL: _qwen3_vl_tower}
+           VisionFamily.QWEN3_VL: _qwen3_vl_tower, VisionFamily.QWEN3_5: _qwen3_vl_tower}
 _PROJECTORS = {VisionFamily.SIGLIP: _gemma3_projector, VisionFamily.PIXTRAL: _mistral3_projector,
                VisionFamily.LLAMA4: _llama4_projector, VisionFamily.QWEN2_VL: _qwen2_vl_projector,
                VisionFamily.QWEN2_5_VL: _qwen2_5_vl_projector,
-               VisionFamily.QWEN3_VL: _qwen3_vl_projector}
+               VisionFamily.QWEN3_VL: _qwen3_vl_projector, VisionFamily.QWEN3_5: _qwen3_vl_projector}
 
 
 def vision_tower_groups(tower: VisionTower) -> tuple[VisionTensor, ...]:
@@ -469,6 +473,8 @@ _QWEN_VISION_TYPES = {
     "qwen2_5_vl": (VisionFamily.QWEN2_5_VL, "qwen2_5_vl_vision"),  # Qwen2_5_VLVisionConfig
     "qwen3_vl": (VisionFamily.QWEN3_VL, "qwen3_vl_vision"),  # Qwen3VLVisionConfig
     "qwen3_vl_moe": (VisionFamily.QWEN3_VL, "qwen3_vl_moe_vision"),  # Qwen3VLMoeVisionConfig (the same fields)
+    "qwen3_5": (VisionFamily.QWEN3_5, "qwen3_5_vision"),  # Qwen3_5VisionConfig
+    "qwen3_5_moe": (VisionFamily.QWEN3_5, "qwen3_5_moe_vision"),  # Qwen3_5MoeVisionConfig (the same fields)
 }
 # Their defaults (configuration_qwen2_vl.py, configuration_qwen2_5_vl.py, configuration_qwen3_vl.py, configuration_qwen3_vl_moe.py;
 # Qwen2_5_VLVisionConfig's hidden_size default is 3584, the released towers' 1280 is in every file;
@@ -482,6 +488,9 @@ _QWEN_VISION_DEFAULTS: dict[VisionFamily, dict[str, Any]] = {
     VisionFamily.QWEN3_VL: dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3,
                                 patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584,
                                 num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+    VisionFamily.QWEN3_5: dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3,
+                               patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584,
+                               num_position_embeddings=2304),
 }
 _QWEN_VISION_ALIASES = {"num_hidden_layers": "depth", "num_attention_heads": "num_heads"}  # their attribute_map
 # Keys that add no parameters: the activations, the rotary tables, Qwen2.5-VL's window attention
@@ -496,6 +505,8 @@ _QWEN_VISION_INERT = {
                                         "in_chans", "spatial_patch_size"}),
     VisionFamily.QWEN3_VL: frozenset({"hidden_act", "initializer_range", "rope_parameters", "rope_scaling",
                                       "rope_theta"}),
+    VisionFamily.QWEN3_5: frozenset({"hidden_act", "initializer_range", "rope_parameters", "rope_scaling",
+                                     "rope_theta"}),
 }
 
 # The config.json model types whose vision tower memcalc counts.
@@ -548,6 +559,8 @@ def _qwen_vision_from_hf(model_type: str, config: Mapping[str, Any]) -> VisionTo
                 isinstance(i, int) and not isinstance(i, bool) for i in indexes):
             raise ValueError(f"vision config deepstack_visual_indexes must be a list of layer indices, got {indexes!r}")
         extra["num_deepstack_mergers"] = len(indexes)
+    if family is VisionFamily.QWEN3_5:
+        extra["num_position_embeddings"] = _int("num_position_embeddings", values["num_position_embeddings"])
     if family is VisionFamily.QWEN2_VL:
         # Qwen2VLVisionBlock: LayerNorms of embed_dim, VisionMlp of int(embed_dim * mlp_ratio);
         # PatchMerger(dim=hidden_size, context_dim=embed_dim)
@@ -575,7 +588,7 @@ def vision_tower_from_hf(model_type: str, config: Mapping[str, Any]) -> VisionTo
     included). Absent keys take the defaults of the transformers configuration classes
     (Gemma3Config/SiglipVisionConfig, Mistral3Config/PixtralVisionConfig,
     Llama4Config/Llama4VisionConfig, Qwen2VLVisionConfig, Qwen2_5_VLVisionConfig, Qwen3VLVisionConfig,
-    Qwen3VLMoeVisionConfig, transformers 5.24). Raises ValueError for a vision_config key memcalc
+    Qwen3VLMoeVisionConfig, Qwen3_5VisionConfig, Qwen3_5MoeVisionConfig, transformers 5.25). Raises ValueError for a vision_config key memcalc
     does not know (it might change the parameters) or a vision model type the family's
     transformers class would not build."""
     if model_type in _QWEN_VISION_TYPES:

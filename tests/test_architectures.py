@@ -193,3 +193,47 @@ def test_a_training_estimate_refuses_dropout_it_does_not_model():
         estimate_training(model, TrainSettings(seq_len=64))
     assert estimate_training(model, TrainSettings(seq_len=64, dropout=0.0)).total > 0
     assert estimate_inference(model, InferSettings(context_len=64)).total > 0
+
+
+# Qwen3.5 and Qwen3.5-MoE: Qwen3-Next's layers with the gated delta net's projections split, a dense
+# MLP or experts on every layer, Qwen3-VL's vision tower without deepstack mergers. The 9B-sized
+# text_config (Qwen3_5TextConfig's defaults, written out) and the wrappers' own defaults.
+QWEN3_5_TEXT = {"model_type": "qwen3_5_text", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+                "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 248320,
+                "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+                "attn_output_gate": True, "mamba_ssm_dtype": "float32", "mtp_num_hidden_layers": 1,
+                "mtp_use_dedicated_embeddings": False, "max_position_embeddings": 262144,
+                "tie_word_embeddings": False}
+QWEN3_5_CASES = {
+    "qwen3_5 text": {**QWEN3_5_TEXT, "architectures": ["Qwen3_5ForCausalLM"]},
+    "qwen3_5": {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+                "text_config": QWEN3_5_TEXT, "tie_word_embeddings": False,
+                "vision_config": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                                  "out_hidden_size": 4096, "patch_size": 16, "num_position_embeddings": 2304}},
+    "qwen3_5_moe defaults": {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+                             "text_config": {}, "vision_config": {}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(QWEN3_5_CASES))
+def test_qwen3_5_counts_equal_transformers_on_the_meta_device(case):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    data = QWEN3_5_CASES[case]
+    config = transformers.AutoConfig.for_model(**json.loads(json.dumps(data)))
+    with torch.device("meta"):
+        built = getattr(transformers, data["architectures"][0])(config)
+    model = model_from_hf(json.loads(json.dumps(data)), name=case, source=case)
+    assert count_params(model).total == sum(p.numel() for p in built.parameters())
+
+
+def test_qwen3_5_reads_split_projections_and_refuses_training():
+    model = model_from_hf(dict(QWEN3_5_TEXT), name="qwen3.5", source="qwen3.5")
+    assert model.linear_attention.split_projections
+    assert any("multi-token-prediction" in note for note in model.notes)
+    # the recurrent state per sequence: 24 gated delta nets of 32 value heads x 128 x 128, kept in fp32
+    state = estimate_inference(model, InferSettings(context_len=1024)).component("state_cache").bytes
+    assert state == 24 * ((2 * 16 * 128 + 32 * 128) * 4 * 2 + 32 * 128 * 128 * 4)
+    with pytest.raises(InputError, match="Qwen3.5's gated delta net, its projections split"):
+        estimate_training(model, TrainSettings(seq_len=256))

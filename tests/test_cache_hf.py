@@ -112,6 +112,12 @@ CASES = (
           "linear_num_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
           "shared_expert_intermediate_size": 16},
          (T,), (2 * 2 * 8 + 4 * 12) * 4 + 4 * 8 * 12),
+    # Qwen3.5: Qwen3-Next's layers with the gated delta net's projections split, a dense MLP
+    Case("qwen3_5_text", "qwen3_5_text",
+         {**SMALL, **ATTN, "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"],
+          "linear_key_head_dim": 8, "linear_value_head_dim": 12, "linear_num_key_heads": 2,
+          "linear_num_value_heads": 4},
+         (T,), (2 * 2 * 8 + 4 * 12) * 4 + 4 * 8 * 12, dtype="bf16", ssm_values=4 * 8 * 12),
 )
 # The recurrent families again in bf16: their conv windows in bf16, their states in fp32
 CASES += tuple(
@@ -119,7 +125,7 @@ CASES += tuple(
          ssm_values=ssm)
     for case, ssm in ((CASES[4], 128 * 8), (CASES[6], 2 * 8 * 16 * 8), (CASES[8], 4 * 8 * 12))
 )
-assert [case.family for case in CASES[-3:]] == ["jamba bf16", "mamba2 bf16", "qwen3_next bf16"]
+assert [case.family for case in CASES[-4:]] == ["qwen3_5_text", "jamba bf16", "mamba2 bf16", "qwen3_next bf16"]
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}

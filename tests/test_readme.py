@@ -481,7 +481,8 @@ def test_json_totals_are_as_readme_says(run_cli):
 
 # README's family names -> the config.json model_type(s) memcalc reads for each
 FAMILY_MODEL_TYPES = {
-    "Qwen3": ("qwen3",), "Qwen3-MoE": ("qwen3_moe",), "Qwen3-Next": ("qwen3_next",), "gpt-oss": ("gpt_oss",),
+    "Qwen3": ("qwen3",), "Qwen3-MoE": ("qwen3_moe",), "Qwen3-Next": ("qwen3_next",),
+    "Qwen3.5": ("qwen3_5", "qwen3_5_text"), "Qwen3.5-MoE": ("qwen3_5_moe", "qwen3_5_moe_text"), "gpt-oss": ("gpt_oss",),
     "Gemma 2/3": ("gemma2", "gemma3_text", "gemma3"), "OLMo 2/3": ("olmo2", "olmo3"), "SmolLM3": ("smollm3",),
     "Llama 4": ("llama4_text", "llama4"), "Mistral 3": ("mistral3",),
     "Qwen2-VL": ("qwen2_vl", "qwen2_vl_text"), "Qwen2.5-VL": ("qwen2_5_vl", "qwen2_5_vl_text"), "Qwen3-VL": ("qwen3_vl", "qwen3_vl_text"),

@@ -110,7 +110,8 @@ def _ours(tensors) -> list[tuple[str, int, int]]:
     return [(t.name, t.numel, t.count) for t in tensors]
 
 
-QWEN_WRAPPERS = {VisionFamily.QWEN2_VL: ("qwen2_vl",), VisionFamily.QWEN2_5_VL: ("qwen2_5_vl",), VisionFamily.QWEN3_VL: ("qwen3_vl", "qwen3_vl_moe")}
+QWEN_WRAPPERS = {VisionFamily.QWEN2_VL: ("qwen2_vl",), VisionFamily.QWEN2_5_VL: ("qwen2_5_vl",),
+                 VisionFamily.QWEN3_VL: ("qwen3_vl", "qwen3_vl_moe"), VisionFamily.QWEN3_5: ("qwen3_5", "qwen3_5_moe")}
 
 
 def _qwen_hf_config(tower: VisionTower, model_type: str) -> tuple[str, dict]:
@@ -129,6 +130,8 @@ def _qwen_hf_config(tower: VisionTower, model_type: str) -> tuple[str, dict]:
     if tower.family is VisionFamily.QWEN3_VL:
         vision.update(num_position_embeddings=tower.num_position_embeddings,
                       deepstack_visual_indexes=list(range(tower.num_deepstack_mergers)))
+    if tower.family is VisionFamily.QWEN3_5:
+        vision.update(num_position_embeddings=tower.num_position_embeddings)
     text = {"hidden_size": tower.text_hidden_size, "num_attention_heads": 1, "num_key_value_heads": 1,
             "head_dim": 8}
     return model_type, dict(vision_config=vision, text_config=text)
@@ -202,11 +205,13 @@ def _qwen_transformers_parts(model_type: str, config):
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
     classes = {"qwen2_vl": Qwen2VisionTransformerPretrainedModel, "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel, "qwen3_vl": Qwen3VLVisionModel,
-               "qwen3_vl_moe": Qwen3VLMoeVisionModel}
+               "qwen3_vl_moe": Qwen3VLMoeVisionModel, "qwen3_5": Qwen3_5VisionModel, "qwen3_5_moe": Qwen3_5MoeVisionModel}
     with torch.device("meta"):
         visual = classes[model_type]._from_config(config.vision_config)  # as the *VLModel classes build it
     named = [(f"visual.{name}", param) for name, param in visual.named_parameters()]
@@ -244,6 +249,8 @@ def _random_tower(seed: int) -> VisionTower:
         qwen = dict(spatial_merge_size=rng.choice([1, 2, 3]), temporal_patch_size=rng.choice([1, 2, 3]))
         if family is VisionFamily.QWEN3_VL:
             qwen.update(num_position_embeddings=rng.choice([4, 9, 16]), num_deepstack_mergers=rng.randint(0, 3))
+        if family is VisionFamily.QWEN3_5:
+            qwen.update(num_position_embeddings=rng.choice([4, 9, 16]))
         return VisionTower(**common, **qwen)
     if family is VisionFamily.SIGLIP:
         return VisionTower(**common, vision_use_head=rng.random() < 0.5)
@@ -291,7 +298,7 @@ def test_full_model_names(family):
     classes = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
                "llama4": "Llama4ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
                "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-               "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+               "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
     with torch.device("meta"):
         model = getattr(transformers, classes[model_type])(config)
     named = [(n.removeprefix("model."), p) for n, p in model.named_parameters()

@@ -236,14 +236,22 @@ def _attention_mixer(model: ModelConfig):
 
 
 def _gated_delta_net(model: ModelConfig):
-    """Qwen3-Next's linear attention (transformers' ``Qwen3NextGatedDeltaNet``): ``in_proj_qkvz``
+    """Qwen3-Next's linear attention (transformers' ``Qwen3NextGatedDeltaNet``; Qwen3.5's splits the two
+    input projections in four, ``split_projections``): ``in_proj_qkvz``
     (queries, keys, values and the output gate z), ``in_proj_ba`` (beta and the decay input a, one
     per value head), a depthwise causal ``conv1d`` over q, k and v without bias, per-head
     ``dt_bias`` and ``A_log``, the gated RMSNorm of a value head, and ``out_proj``."""
     la, h, mixer = model.linear_attention, model.hidden_size, ParamCategory.MIXER
-    yield from _linear("layers.linear_attn.in_proj_qkvz", mixer, h, 2 * la.key_width + 2 * la.value_width, False,
-                       Split.COLUMN)
-    yield from _linear("layers.linear_attn.in_proj_ba", mixer, h, 2 * la.num_value_heads, False, Split.COLUMN)
+    if la.split_projections:  # Qwen3.5's Qwen3_5GatedDeltaNet
+        yield from _linear("layers.linear_attn.in_proj_qkv", mixer, h, 2 * la.key_width + la.value_width, False,
+                           Split.COLUMN)
+        yield from _linear("layers.linear_attn.in_proj_z", mixer, h, la.value_width, False, Split.COLUMN)
+        yield from _linear("layers.linear_attn.in_proj_b", mixer, h, la.num_value_heads, False, Split.COLUMN)
+        yield from _linear("layers.linear_attn.in_proj_a", mixer, h, la.num_value_heads, False, Split.COLUMN)
+    else:
+        yield from _linear("layers.linear_attn.in_proj_qkvz", mixer, h, 2 * la.key_width + 2 * la.value_width,
+                           False, Split.COLUMN)
+        yield from _linear("layers.linear_attn.in_proj_ba", mixer, h, 2 * la.num_value_heads, False, Split.COLUMN)
     yield Tensor("layers.linear_attn.conv1d.weight", mixer, (la.conv_channels, 1, la.conv_kernel), split=Split.COLUMN)
     yield Tensor("layers.linear_attn.dt_bias", mixer, (la.num_value_heads,), split=Split.COLUMN)
     yield Tensor("layers.linear_attn.A_log", mixer, (la.num_value_heads,), split=Split.COLUMN)

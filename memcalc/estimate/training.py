@@ -981,7 +981,8 @@ def gated_delta_hybrid(model: ModelConfig) -> bool:
     norm and a gated delta net or gated full attention (``attn_output_gate``, per-head q/k norms), a
     norm and experts with a sigmoid-gated shared expert (or a dense gated MLP), its RMSNorms
     ``1 + weight``; the structure measured with fla's chunked kernel (memcalc.validate.gated_delta)."""
-    if model.linear_attention is None or model.mamba is not None or model.mla is not None:
+    if (model.linear_attention is None or model.linear_attention.split_projections or model.mamba is not None
+            or model.mla is not None):  # Qwen3.5's split projections save other tensors (not measured)
         return False
     if any(kind not in (LayerType.LINEAR_ATTENTION, LayerType.FULL_ATTENTION) for kind in model.resolved_layer_types):
         return False
@@ -1167,6 +1168,8 @@ def check_trainable(model: ModelConfig) -> None:
         detail = ""
         if model.mamba is not None and model.mamba.version is MambaVersion.MAMBA1:
             detail = " (Mamba-1 mixers)"
+        elif model.linear_attention is not None and model.linear_attention.split_projections:
+            detail = " (Qwen3.5's gated delta net, its projections split: not measured)"
         elif model.mamba is not None and model.moe is not None:
             detail = " (Mamba-2 layers beside experts of this kind)"
         raise InputError(f"{model.name}: training activations of {' and '.join(recurrent)} layers are not modelled "
