@@ -358,9 +358,10 @@ def _read_qwen_moe(reader: _Reader, fields: dict[str, Any]) -> None:
     _moe_fields(reader, fields, layers=layers, shared_width=shared, shared_expert_gate=bool(shared))
 
 
-def _read_qwen3_next(reader: _Reader, fields: dict[str, Any]) -> None:
-    """Qwen3-Next (modeling_qwen3_next.py): gated delta net layers with gated full attention every
-    ``full_attention_interval`` layers (default 4); MoE with a gated shared expert."""
+def _gated_delta_layers(reader: _Reader, fields: dict[str, Any], *, split_projections: bool) -> None:
+    """Qwen3-Next's and Qwen3.5's layer kinds (``layer_types``, else gated full attention every
+    ``full_attention_interval`` layers, default 4) and their gated delta net's sizes (the configuration
+    classes' defaults where the file leaves them out)."""
     num_layers = fields["num_layers"]
     types = reader.layer_types({"full_attention": LayerType.FULL_ATTENTION,
                                 "linear_attention": LayerType.LINEAR_ATTENTION}, num_layers)
@@ -374,8 +375,14 @@ def _read_qwen3_next(reader: _Reader, fields: dict[str, Any]) -> None:
         num_key_heads=reader.positive("linear_num_key_heads", 16), num_value_heads=reader.positive(
             "linear_num_value_heads", 32), key_head_dim=reader.positive("linear_key_head_dim", 128),
         value_head_dim=reader.positive("linear_value_head_dim", 128),
-        conv_kernel=reader.positive("linear_conv_kernel_dim", 4))
-    layers = _sparse_moe_layers(reader, num_layers)
+        conv_kernel=reader.positive("linear_conv_kernel_dim", 4), split_projections=split_projections)
+
+
+def _read_qwen3_next(reader: _Reader, fields: dict[str, Any]) -> None:
+    """Qwen3-Next (modeling_qwen3_next.py): gated delta net layers with gated full attention every
+    ``full_attention_interval`` layers (default 4); MoE with a gated shared expert."""
+    _gated_delta_layers(reader, fields, split_projections=False)
+    layers = _sparse_moe_layers(reader, fields["num_layers"])
     shared = reader.positive("shared_expert_intermediate_size")
     # the router renormalises its top-k weights (Qwen3NextConfig default True): training activations only
     _moe_fields(reader, fields, layers=layers, shared_width=shared, shared_expert_gate=bool(shared),
@@ -390,21 +397,8 @@ def _read_qwen3_5(reader: _Reader, fields: dict[str, Any]) -> None:
     attention always gates its output (``attn_output_gate`` is not read by the class). The
     checkpoints' multi-token-prediction layers (``mtp.*``) are not built by transformers
     (``_keys_to_ignore_on_load_unexpected``) and are not counted."""
-    num_layers = fields["num_layers"]
-    types = reader.layer_types({"full_attention": LayerType.FULL_ATTENTION,
-                                "linear_attention": LayerType.LINEAR_ATTENTION}, num_layers)
-    if types is None:
-        interval = reader.positive("full_attention_interval", 4)
-        types = [LayerType.FULL_ATTENTION if (i + 1) % interval == 0 else LayerType.LINEAR_ATTENTION
-                 for i in range(num_layers)]
-    reader.consumed.update({"full_attention_interval", "attn_output_gate", "mamba_ssm_dtype",
-                            "mtp_use_dedicated_embeddings"})
-    fields["layer_types"] = types
-    fields["linear_attention"] = dict(
-        num_key_heads=reader.positive("linear_num_key_heads", 16), num_value_heads=reader.positive(
-            "linear_num_value_heads", 32), key_head_dim=reader.positive("linear_key_head_dim", 128),
-        value_head_dim=reader.positive("linear_value_head_dim", 128),
-        conv_kernel=reader.positive("linear_conv_kernel_dim", 4), split_projections=True)
+    _gated_delta_layers(reader, fields, split_projections=True)
+    reader.consumed.update({"attn_output_gate", "mamba_ssm_dtype", "mtp_use_dedicated_embeddings"})
     mtp = reader.get("mtp_num_hidden_layers", 0, int)
     if mtp:
         reader.notes.append(f"the checkpoint's {mtp} multi-token-prediction layer(s) (mtp.*) are not counted: "
