@@ -184,7 +184,7 @@ def test_infer_json_document(run_cli):
 def test_models_json_lists_library(run_cli):
     listing = json.loads(run_cli("models", "--json").stdout)
     by_name = {entry["name"]: entry for entry in listing}
-    assert len(by_name) == 44
+    assert len(by_name) == 48
     assert by_name["mixtral-8x7b"]["active_parameters"] == 12_879_925_248
     # Qwen3-Next-80B-A3B: the total less 48 layers' 502 idle experts of 3 x 512 x 2048
     assert by_name["qwen3-next-80b-a3b"]["active_parameters"] == 79_674_391_296 - 48 * 502 * 3 * 512 * 2048

@@ -63,6 +63,13 @@ PUBLISHED_PARAMS = {
     # Llama4ForConditionalGeneration on the meta device from each config.json
     "llama-4-scout": 108_641_793_536,
     "llama-4-maverick": 401_583_781_376,
+    # the model cards' 1B (Gemma 3 report), 70B, 106B (GLM-4.5-Air: its MTP layer not built) and 24B
+    # (Mistral-Small-3.1 with its own head, which transformers 5 ties: tests/test_hf_corpus.py): the
+    # transformers classes on the meta device from each config.json
+    "gemma-3-1b": 999_885_952,
+    "llama-3.3-70b": 70_553_706_496,
+    "glm-4.5-air": 106_852_245_504,
+    "mistral-small-3.1": 24_011_361_280,
 }
 
 # Mistral AI's announcements: Mixtral 8x7B "12.9B active", Mixtral 8x22B "39B active" parameters;
