@@ -1,4 +1,4 @@
-"""Qwen3-Next training memory: the estimator against fla's chunked gated delta rule on fake tensors.
+"""Qwen3-Next and Qwen3.5 training memory: the estimator against fla's chunked gated delta rule on fake tensors.
 
     python benchmarks/gated_delta_accuracy.py
     python benchmarks/gated_delta_accuracy.py --csv benchmarks/results/gated_delta_fake.csv
@@ -6,7 +6,8 @@
 Each case builds transformers' Qwen3NextForCausalLM from a layer-reduced configuration with
 Qwen3-Next-80B-A3B's layer sizes (Qwen3NextConfig field names: h 2048, layers linear/linear/full/
 linear, 16 QK / 32 V linear heads of 128, 16 / 2 attention heads of 256, 512 experts of 512, top-10,
-a shared expert of 512, vocabulary 151936), runs two training iterations through
+a shared expert of 512, vocabulary 151936; and Qwen3.5-9B's and Qwen3.5-35B-A3B's, below), runs two
+training iterations through
 memcalc.validate.gated_delta (fla's ChunkGatedDeltaRuleFunction and causal-conv1d with their Triton
 launches and CUDA extensions stubbed; see that module) and compares the second with
 ``estimate_training``, phase by phase, and each kind of layer's saved bytes with the estimator's
@@ -46,6 +47,20 @@ QWEN3_NEXT_80B = {"hidden_size": 2048, "num_hidden_layers": 4, "vocab_size": 151
                   "layer_types": ["linear_attention", "linear_attention", "full_attention", "linear_attention"]}
 
 
+# Qwen3.5 (Qwen3_5TextConfig, Qwen3_5MoeTextConfig field names): Qwen3.5-9B's layer sizes (h 4096, 16 QK /
+# 32 V linear heads of 128, 16 / 4 attention heads of 256, a dense MLP of 12288, vocabulary 248320) and
+# Qwen3.5-35B-A3B's (h 2048, 2 KV heads, 256 experts of 512, top-8, a shared expert of 512)
+QWEN3_5_9B = {"hidden_size": 4096, "num_hidden_layers": 4, "vocab_size": 248320, "head_dim": 256,
+              "num_attention_heads": 16, "num_key_value_heads": 4, "intermediate_size": 12288,
+              "linear_num_key_heads": 16, "linear_key_head_dim": 128, "linear_num_value_heads": 32,
+              "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "tie_word_embeddings": False,
+              "layer_types": QWEN3_NEXT_80B["layer_types"]}
+QWEN3_5_35B_A3B = {**{key: value for key, value in QWEN3_5_9B.items() if key != "intermediate_size"},
+                   "hidden_size": 2048, "num_key_value_heads": 2, "num_experts": 256, "num_experts_per_tok": 8,
+                   "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512}
+BASES = {"qwen3_next": QWEN3_NEXT_80B, "qwen3_5_text": QWEN3_5_9B, "qwen3_5_moe_text": QWEN3_5_35B_A3B}
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -54,6 +69,7 @@ class Case:
     batch: int = 1
     seq: int = 2048
     overrides: dict = field(default_factory=dict)
+    model_type: str = "qwen3_next"
 
 
 FULL = "Qwen3-Next-80B-A3B (4 layers LLFL)"
@@ -69,16 +85,23 @@ CASES = [
     Case(SMALL_VOCAB, "pure-bf16", "full", batch=2, seq=1024, overrides={"vocab_size": 2048}),
     Case("Qwen3-Next (4 layers, 8 x 64 linear key heads, vocab 2048)", "mixed-bf16", seq=1000,
          overrides={"vocab_size": 2048, "linear_num_key_heads": 8, "linear_key_head_dim": 64}),
+    Case("Qwen3.5-9B (4 layers LLFL)", "mixed-bf16", model_type="qwen3_5_text"),
+    Case("Qwen3.5-9B (4 layers LLFL)", "mixed-bf16", "full", model_type="qwen3_5_text"),
+    Case("Qwen3.5-9B (4 layers LLFL)", "pure-bf16", batch=2, seq=1000, model_type="qwen3_5_text"),
+    Case("Qwen3.5-35B-A3B (4 layers LLFL)", "mixed-bf16", model_type="qwen3_5_moe_text"),
+    Case("Qwen3.5-35B-A3B (4 layers LLFL)", "mixed-bf16", "full", model_type="qwen3_5_moe_text"),
+    Case("Qwen3.5-35B-A3B (4 layers, vocab 2048)", "mixed-bf16", overrides={"vocab_size": 2048},
+         model_type="qwen3_5_moe_text"),
 ]
 
 
 def _model(case: Case, directory: Path):
     import transformers
 
-    config = transformers.Qwen3NextConfig(**{**QWEN3_NEXT_80B, **case.overrides})
+    config = transformers.CONFIG_MAPPING[case.model_type](**{**BASES[case.model_type], **case.overrides})
     data = json.loads(config.to_json_string())
     data["use_cache"] = False  # training: no cache
-    path = directory / f"qwen3_next-{abs(hash(json.dumps(case.overrides, sort_keys=True)))}.json"
+    path = directory / f"{case.model_type}-{abs(hash(json.dumps(case.overrides, sort_keys=True)))}.json"
     path.write_text(json.dumps(data))
     return model_from_hf(data, name=case.name, source=str(path))
 

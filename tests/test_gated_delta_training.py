@@ -233,3 +233,28 @@ def test_measured_tiny_qwen3_next(tmp_path, precision, recompute, batch, seq):
     for phase in ("forward", "backward", "optimizer_step"):
         expected = estimate.phases[phase] + (extra if phase != "optimizer_step" else 0)
         assert abs(expected - measured.phases[phase].peak_bytes) <= 0.001 * measured.phases[phase].peak_bytes, phase
+
+
+# Qwen3.5 (Qwen3_5ForCausalLM): the same layers with the gated delta net's projections split and a
+# dense gated MLP (Qwen3_5TextConfig field names), at MEASURED's sizes
+QWEN3_5 = {**{key: value for key, value in MEASURED.items() if not key.startswith(("num_experts", "moe_", "shared_"))},
+           "model_type": "qwen3_5_text", "intermediate_size": 256}
+
+
+@needs_fla
+@pytest.mark.parametrize(("precision", "recompute"), [("mixed-bf16", "none"), ("mixed-bf16", "full")])
+def test_measured_tiny_qwen3_5(tmp_path, precision, recompute):
+    """Qwen3.5's split projections save what Qwen3-Next's do (in_proj_qkv's output is the conv's
+    input); every phase within 0.1% (benchmarks/results/gated_delta_fake.csv: the full sizes)."""
+    pytest.importorskip("transformers")
+    from memcalc.validate.run import TrainWorkload
+
+    model = model_from_config(QWEN3_5, tmp_path, "tiny-qwen3.5")
+    assert model.linear_attention.split_projections and gated_delta_hybrid(model)
+    workload = TrainWorkload(precision=precision, batch_size=1, seq_len=256, impl="hf", recompute=recompute)
+    measured = gated_delta.measure_training(model, workload)
+    estimate = estimate_training(model, TrainSettings(precision=precision, seq_len=256, recompute=recompute))
+    extra = 0 if gated_delta.conv_kernel_available() or recompute == "full" else _torch_conv_extra(model, 1, 256)
+    for phase in ("forward", "backward", "optimizer_step"):
+        expected = estimate.phases[phase] + (extra if phase != "optimizer_step" else 0)
+        assert abs(expected - measured.phases[phase].peak_bytes) <= 0.001 * measured.phases[phase].peak_bytes, phase

@@ -716,7 +716,8 @@ def _gated_rms_norm_saved_bytes(tokens: int, width: int, rows: int, e: int) -> i
 
 def gated_delta_net_saved_bytes(model: ModelConfig, shape: ActivationShape) -> int:
     """Bytes a Qwen3-Next gated delta net layer's token mixer keeps for backward, with its input norm
-    (16-bit activations; Qwen3NextGatedDeltaNet.forward, fla's ChunkGatedDeltaRuleFunction):
+    (16-bit activations; Qwen3NextGatedDeltaNet.forward, fla's ChunkGatedDeltaRuleFunction; Qwen3.5's
+    Qwen3_5GatedDeltaNet keeps the same, in_proj_qkv's output being the conv's input):
 
     * the input norm (``norm_saved_bytes``, Qwen3-Next's ``1 + weight`` in fp32) and its 16-bit
       output, which ``in_proj_qkvz`` and ``in_proj_ba`` keep (once);
@@ -754,8 +755,9 @@ def gated_delta_net_forward_transient(model: ModelConfig, shape: ActivationShape
     larger of two moments (Qwen3NextGatedDeltaNet.forward; fla's chunk_gated_delta_rule_fwd):
 
     * in fla's ``chunk_fwd_o``: in_proj_qkvz's and in_proj_ba's outputs (``projected_states_*`` stay
-      referenced to the end), the contiguous copies of z, b and a, the conv's output (q, k and v stay
-      views of it), g (fp32), and what the Function holds (``_fla_forward_live``) beside what it saved;
+      referenced to the end), the contiguous copies of z, b and a (Qwen3.5: in_proj_z's, _b's and _a's
+      outputs; in_proj_qkv's is the conv's saved input), the conv's output (q, k and v stay views of it),
+      g (fp32), and what the Function holds (``_fla_forward_live``) beside what it saved;
     * in the gated RMSNorm's last cast: fla's workspaces freed, o and its ``torch.cat`` copy, the norm's
       saved tensors, its fp32 variance, the fp32 product and its 16-bit cast (``out_proj``'s input).
 
@@ -770,8 +772,11 @@ def gated_delta_net_forward_transient(model: ModelConfig, shape: ActivationShape
         - tokens * model.hidden_size * e
     gated_norm = _gated_rms_norm_saved_bytes(tokens, sizes.value, tokens * heads, e)
     before_norm = saved - gated_norm - tokens * sizes.value * e  # the mixer's saved set before its gated norm
-    held = tokens * e * (sizes.projection + 2 * heads + sizes.value + 2 * heads + sizes.conv) \
-        + FP32_BYTES * tokens * heads
+    if model.linear_attention.split_projections:  # Qwen3.5: z, b and a as in_proj_z/_b/_a made them
+        held = tokens * e * (sizes.value + 2 * heads + sizes.conv) + FP32_BYTES * tokens * heads
+    else:
+        held = tokens * e * (sizes.projection + 2 * heads + sizes.value + 2 * heads + sizes.conv) \
+            + FP32_BYTES * tokens * heads
     in_fla = held + before_norm + _fla_forward_live(sizes, e)
     if not saving:
         return in_fla - tokens * sizes.conv * e - 2 * FP32_BYTES * heads * (tokens + 1)

@@ -92,7 +92,7 @@ KORTHIKANTI = "Korthikanti et al. 2022 (arXiv:2205.05198)"
 # Tokens per slice of the chunked loss (memcalc.validate.model.LOSS_CHUNK_TOKENS runs the same).
 LOSS_CHUNK_TOKENS = 1024
 AUTOGRAD = "PyTorch autograd saved tensors of the Hugging Face block (docs/formulas.md sec. 3.4)"
-GATED_DELTA = ("transformers' Qwen3-Next classes with flash-linear-attention's chunked gated delta rule and "
+GATED_DELTA = ("transformers' Qwen3-Next and Qwen3.5 classes with flash-linear-attention's chunked gated delta rule and "
                "causal-conv1d, measured on fake tensors (docs/formulas.md sec. 3.12)")
 
 
@@ -977,12 +977,12 @@ def _hybrid_layer(ctx: ActivationContext, moe_layer: bool, mamba: bool, block: s
 
 
 def gated_delta_hybrid(model: ModelConfig) -> bool:
-    """Qwen3-Next as transformers runs it (modeling_qwen3_next.py ``Qwen3NextDecoderLayer``): each layer a
-    norm and a gated delta net or gated full attention (``attn_output_gate``, per-head q/k norms), a
+    """Qwen3-Next and Qwen3.5 as transformers runs them (modeling_qwen3_next.py ``Qwen3NextDecoderLayer``,
+    modeling_qwen3_5.py and modeling_qwen3_5_moe.py): each layer a norm and a gated delta net (Qwen3.5's
+    with its projections split) or gated full attention (``attn_output_gate``, per-head q/k norms), a
     norm and experts with a sigmoid-gated shared expert (or a dense gated MLP), its RMSNorms
     ``1 + weight``; the structure measured with fla's chunked kernel (memcalc.validate.gated_delta)."""
-    if (model.linear_attention is None or model.linear_attention.split_projections or model.mamba is not None
-            or model.mla is not None):  # Qwen3.5's split projections save other tensors (not measured)
+    if model.linear_attention is None or model.mamba is not None or model.mla is not None:
         return False
     if any(kind not in (LayerType.LINEAR_ATTENTION, LayerType.FULL_ATTENTION) for kind in model.resolved_layer_types):
         return False
@@ -1126,7 +1126,7 @@ def check_mamba_training(model: ModelConfig, settings: TrainSettings, parallel: 
     delta = gated_delta_hybrid(model)
     if model.mamba is None and not delta:
         return
-    family = "Qwen3-Next" if delta else "Mamba-2"
+    family = ("Qwen3.5" if model.linear_attention.split_projections else "Qwen3-Next") if delta else "Mamba-2"
     reasons = [reason for reason, applies in (
         # Qwen3-Next was measured in 16-bit training only (its norms' and gates' casts differ under autocast)
         (f"{recipe.name} (bf16 only: --dtype bf16 or --precision mixed-bf16)", delta and recipe.autocast),
@@ -1168,8 +1168,6 @@ def check_trainable(model: ModelConfig) -> None:
         detail = ""
         if model.mamba is not None and model.mamba.version is MambaVersion.MAMBA1:
             detail = " (Mamba-1 mixers)"
-        elif model.linear_attention is not None and model.linear_attention.split_projections:
-            detail = " (Qwen3.5's gated delta net, its projections split: not measured)"
         elif model.mamba is not None and model.moe is not None:
             detail = " (Mamba-2 layers beside experts of this kind)"
         raise InputError(f"{model.name}: training activations of {' and '.join(recurrent)} layers are not modelled "

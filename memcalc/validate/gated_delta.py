@@ -1,6 +1,7 @@
-"""Gated-delta-net layers (Qwen3-Next) as they train on a GPU, measured on fake tensors on the CPU.
+"""Gated-delta-net layers (Qwen3-Next, Qwen3.5) as they train on a GPU, measured on fake tensors on the CPU.
 
-On CUDA, transformers' ``Qwen3NextGatedDeltaNet`` (modeling_qwen3_next.py) reaches
+On CUDA, transformers' ``Qwen3NextGatedDeltaNet`` (modeling_qwen3_next.py; Qwen3.5's
+``Qwen3_5GatedDeltaNet`` and Qwen3.5-MoE's alike) reaches
 flash-linear-attention's ``chunk_gated_delta_rule`` (fla/ops/gated_delta_rule/chunk.py,
 ``ChunkGatedDeltaRuleFunction``) through ``use_kernel_func_from_hub_with_fallback("...", "fla")``,
 and causal_conv1d's ``causal_conv1d_fn`` where that package is installed (else ``F.conv1d``, which
@@ -36,7 +37,9 @@ import importlib
 
 # shared memory per block of an H100/H200 (fla/utils/hardware.py Backend.HOPPER)
 HOPPER_SHARED_MEMORY = 232448
-MIXER_MODULE = "transformers.models.qwen3_next.modeling_qwen3_next"
+# transformers modules whose gated delta net dispatches to fla: Qwen3-Next, Qwen3.5, Qwen3.5-MoE
+MIXER_MODULES = ("transformers.models.qwen3_next.modeling_qwen3_next", "transformers.models.qwen3_5.modeling_qwen3_5",
+                 "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
 # transformers' fallback function, the package function it dispatches to, the package
 KERNELS = (("torch_chunk_gated_delta_rule", "chunk_gated_delta_rule", "fla"),
            ("causal_conv1d_fn", "causal_conv1d_fn", "causal_conv1d"))
@@ -120,14 +123,15 @@ def gated_delta_kernels():
     devices = hub_kernels._PACKAGE_SUPPORTED_DEVICES
     patch(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES",
           {**devices, **{package: (*devices.get(package, ()), "cpu") for package in packages}})
-    module = importlib.import_module(MIXER_MODULE)
-    for name, function, package in KERNELS:
-        if package not in packages:
-            continue
-        fallback = getattr(module, name)
-        fallback = getattr(fallback, "__wrapped__", fallback)
-        # transformers' own dispatch, now finding the package (what it does at import where it is installed)
-        patch(module, name, hub_kernels.use_kernel_func_from_hub_with_fallback(function, package)(fallback))
+    for module_name in MIXER_MODULES:
+        module = importlib.import_module(module_name)
+        for name, function, package in KERNELS:
+            if package not in packages:
+                continue
+            fallback = getattr(module, name)
+            fallback = getattr(fallback, "__wrapped__", fallback)
+            # transformers' own dispatch, now finding the package (what it does at import where it is installed)
+            patch(module, name, hub_kernels.use_kernel_func_from_hub_with_fallback(function, package)(fallback))
     try:
         yield
     finally:
