@@ -398,7 +398,15 @@ def _read_qwen3_5(reader: _Reader, fields: dict[str, Any]) -> None:
     checkpoints' multi-token-prediction layers (``mtp.*``) are not built by transformers
     (``_keys_to_ignore_on_load_unexpected``) and are not counted."""
     _gated_delta_layers(reader, fields, split_projections=True)
-    reader.consumed.update({"attn_output_gate", "mamba_ssm_dtype", "mtp_use_dedicated_embeddings"})
+    reader.consumed.update({"attn_output_gate", "mtp_use_dedicated_embeddings"})
+    state_dtype = reader.get("mamba_ssm_dtype")
+    if state_dtype is not None:  # vLLM keeps the recurrent state in it (its Qwen3.5 config hook)
+        from memcalc.quantization import _DTYPES
+
+        if state_dtype not in _DTYPES:
+            raise InputError(f"{reader.source}: mamba_ssm_dtype: {state_dtype!r} is not one of "
+                             f"{', '.join(sorted(_DTYPES))}")
+        fields["linear_attention"]["state_dtype"] = _DTYPES[state_dtype]
     mtp = reader.get("mtp_num_hidden_layers", 0, int)
     if mtp:
         reader.notes.append(f"the checkpoint's {mtp} multi-token-prediction layer(s) (mtp.*) are not counted: "

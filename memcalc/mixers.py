@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from memcalc.bounds import PositiveInt
 from memcalc.config import _FORBID_EXTRA, MambaVersion, _coerce_enums
+from memcalc.dtypes import DType
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,8 +105,12 @@ class LinearAttentionConfig:
     # Qwen3.5 (Qwen3_5GatedDeltaNet): in_proj_qkv, in_proj_z, in_proj_b and in_proj_a in place of
     # Qwen3-Next's in_proj_qkvz and in_proj_ba (the same parameters, other tensors and activations)
     split_projections: bool = False
+    # the checkpoint's mamba_ssm_dtype (Qwen3.5: float32), which vLLM takes as the recurrent state's
+    # dtype (its Qwen3.5 model config sets mamba_ssm_cache_dtype from it); None: the cache dtype
+    state_dtype: DType | None = None
 
     def __post_init__(self) -> None:
+        _coerce_enums(self, state_dtype=DType)
         if self.num_value_heads % self.num_key_heads:
             raise ValueError(f"linear_attention num_key_heads ({self.num_key_heads}) must divide num_value_heads "
                              f"({self.num_value_heads})")

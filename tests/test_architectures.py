@@ -235,6 +235,13 @@ def test_qwen3_5_reads_split_projections_and_trains():
     # the recurrent state per sequence: 24 gated delta nets of 32 value heads x 128 x 128, kept in fp32
     state = estimate_inference(model, InferSettings(context_len=1024)).component("state_cache").bytes
     assert state == 24 * ((2 * 16 * 128 + 32 * 128) * 4 * 2 + 32 * 128 * 128 * 4)
+    # vLLM keeps conv_kernel - 1 columns and the recurrent state in the file's mamba_ssm_dtype (float32)
+    paged = estimate_inference(model, InferSettings(context_len=1024, engine="vllm")).component("state_cache").bytes
+    assert paged == 24 * ((2 * 16 * 128 + 32 * 128) * 3 * 2 + 32 * 128 * 128 * 4)
+    without = model_from_hf({key: value for key, value in QWEN3_5_TEXT.items() if key != "mamba_ssm_dtype"},
+                            name="qwen3.5", source="qwen3.5")
+    assert estimate_inference(without, InferSettings(context_len=1024, engine="vllm")).component(
+        "state_cache").bytes == 24 * ((2 * 16 * 128 + 32 * 128) * 3 * 2 + 32 * 128 * 128 * 2)
     # trained as measured (tests/test_gated_delta_training.py); autocast is refused, naming Qwen3.5
     assert estimate_training(model, TrainSettings(seq_len=256)).component("activations").bytes > 0
     with pytest.raises(InputError, match="Qwen3.5 training activations are modelled for bf16"):

@@ -219,9 +219,14 @@ def state_cache_bytes(model: ModelConfig, sequences: int, dtype: DType, engine: 
     the dtype the mixer returns them in (``LinearAttentionLayer.lazy_initialization``: ``zeros_like``
     the first state), fp32 for every family: the scans accumulate in fp32 (the torch paths'
     ``.float()``, fla's and mamba_ssm's fp32 final states; measured in bf16, tests/test_cache_hf.py).
-    vLLM's engines keep both in the model dtype by default (``mamba_ssm_cache_dtype`` auto)."""
+    vLLM's engines keep both in the model dtype by default (``mamba_ssm_cache_dtype`` auto), the
+    recurrent state in the config's ``mamba_ssm_dtype`` where it names one (vLLM's Qwen3.5 model
+    config, ``Qwen3_5ForConditionalGenerationConfig``, sets ``mamba_ssm_cache_dtype`` from it)."""
     conv, ssm = state_values_per_sequence(model, engine)
     ssm_dtype = DType.FP32 if engine is Engine.HF and BITS_PER_ELEMENT[dtype] < 32 else dtype
+    la = model.linear_attention
+    if engine is not Engine.HF and la is not None and la.state_dtype is not None:
+        ssm_dtype = la.state_dtype
     return storage_bytes(sequences * conv // tp, dtype) + storage_bytes(sequences * ssm // tp, ssm_dtype)
 
 
