@@ -205,6 +205,12 @@ def _enumerate(model: ModelConfig, gpus: int, *, seq_len: int, global_batch: int
     mbs_filter = None if micro_batch is None else set(micro_batch)
     sharding_filter = None if sharding is None else set(sharding)
     recompute = [Recompute(value) for value in recompute]
+    # a model whose activations were measured in fewer settings (the recurrent stacks: no or full
+    # recompute, data-parallel layouts) is searched over those only
+    allowed = [r for r in recompute if _model_refusal(model, replace(settings, recompute=r), ParallelConfig()) is None]
+    if recompute and not allowed:
+        raise InputError(_model_refusal(model, replace(settings, recompute=recompute[0]), ParallelConfig()))
+    recompute = allowed
     moe = model.moe
     families: list[Family] = []
     layouts: dict[Family, list[Layout]] = {}
@@ -252,6 +258,10 @@ def _enumerate(model: ModelConfig, gpus: int, *, seq_len: int, global_batch: int
                         except InputError as error:
                             reasons.setdefault((t, p), str(error))
                             continue
+                        refusal = _model_refusal(model, replace(settings, recompute=recompute[0]), probe)
+                        if refusal is not None:
+                            reasons.setdefault((t, p), refusal)
+                            continue
                         family = Family(d, t, p, c, e, s)
                         members, options = _family_layouts(
                             family, model, global_batch=global_batch, recompute=recompute, offload=offload,
@@ -266,6 +276,18 @@ def _enumerate(model: ModelConfig, gpus: int, *, seq_len: int, global_batch: int
                         family_options[family] = options
     invalid = {pair: reason for pair, reason in reasons.items() if pair not in valid_pairs}
     return _Enumeration(families, layouts, family_options, considered, invalid)
+
+
+def _model_refusal(model: ModelConfig, settings: TrainSettings, parallel: ParallelConfig) -> str | None:
+    """Why ``estimate_training`` refuses the model's activations under ``settings`` and ``parallel``
+    (memcalc.estimate.training.check_mamba_training), or None."""
+    from memcalc.estimate.training import check_mamba_training, resolve_recipe
+
+    try:
+        check_mamba_training(model, settings, parallel, resolve_recipe(settings, parallel))
+    except InputError as error:
+        return str(error)
+    return None
 
 
 def _family_layouts(family: Family, model: ModelConfig, *, global_batch: int, recompute: Sequence[Recompute],

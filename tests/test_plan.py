@@ -358,3 +358,14 @@ def test_one_layout_type_under_one_set_of_names():
     layout = Layout(4, 2, 2, 1, 1, 2, True, 1, False, "optimizer", Recompute.FULL, 1, 8)
     parallel = layout.parallel_config()
     assert all(getattr(parallel, name) == getattr(layout, name) for name in PLANNED_FIELDS)
+
+
+def test_recurrent_models_are_searched_over_their_measured_layouts():
+    """Qwen3-Next's and the Mamba-2 stacks' activations are modelled for no or full recompute on
+    data-parallel ranks: the planner searches those layouts only, each one estimate_training takes."""
+    model = resolve_model("qwen3-next-80b-a3b")
+    layouts = list(enumerate_layouts(model, 16, seq_len=4096, global_batch=64))
+    assert layouts
+    assert {layout.recompute for layout in layouts} <= {Recompute.NONE, Recompute.FULL}
+    assert all(layout.tp == layout.pp == layout.cp == layout.ep == 1 for layout in layouts)
+    assert plan(model, resolve_gpu("h100"), 16, seq_len=4096, global_batch=64).top
