@@ -235,11 +235,14 @@ def _compute_bytes(dtype: DType) -> int:
     return BITS_PER_ELEMENT[dtype] // 8 if dtype in _FLOAT_DTYPES else 2
 
 
-def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
+def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int,
+                             grouped_experts: bool = False) -> int:
     """The most a no-grad forward holds inside one layer, beyond the cache: at the MLP's product
     the residual stream, the MLP input, the down projection's output and the new residual (4 x h)
     beside the activation, up projection and product (3 x f; a plain MLP 2 x f); the largest over
     dense and MoE layers. Checked against fake-tensor runs of the reference decoder (tests/test_validate.py).
+    Experts run one at a time there; with ``grouped_experts`` (transformers 5's generate(): its
+    default experts implementation, ``grouped_mm_experts_forward``) as ``grouped_experts_forward_bytes``.
     Mamba and linear-attention mixers: their projection, conv, scan and gated outputs beside the
     stream (``recurrent_mixer_elements``; sized from the tensors, not measured)."""
     from memcalc.estimate.inventory import MLPRole, layer_roles
@@ -250,12 +253,35 @@ def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int
     peaks = [element_bytes * tokens * recurrent_mixer_elements(model)]
     if MLPRole.DENSE in roles:
         peaks.append(element_bytes * tokens * (4 * h + width_factor * model.intermediate_size))
-    if MLPRole.MOE in roles:
+    if MLPRole.MOE in roles and grouped_experts:
+        peaks.append(grouped_experts_forward_bytes(model, tokens, element_bytes))
+    elif MLPRole.MOE in roles:
         moe = model.moe
         per_expert = tokens * moe.experts_per_token // moe.num_experts
         routed = element_bytes * (4 * tokens * h + per_expert * (3 * h + width_factor * moe.expert_intermediate_size))
         peaks.append(routed + FP32_BYTES * tokens * moe.num_experts)
     return max(peaks)
+
+
+def grouped_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
+    """A no-grad experts block of transformers 5 (``grouped_mm_experts_forward``) at its peak, the
+    output reorder (``weighted_out[inv_perm]``), for S = tokens x k assignments: the embedding output
+    (the model keeps ``inputs_embeds``), the layer's input, the residual after attention and the
+    block's input (4 x h); the gathered input, the down output, the weighted output and its reorder
+    (4 S x h); the router's logits and fp32 probabilities (E a token), its fp32 top-k values and int64
+    index, the sort's ids and permutation, the inverse permutation, the histogram's input and the
+    routing weights' cast; a shared expert's output beside them. Wide experts (h < 3 I) peak at the
+    gated activation instead. Measured on fake tensors with transformers' Qwen3MoeForCausalLM and
+    MixtralForCausalLM (tests/test_inference.py)."""
+    moe, h, e = model.moe, model.hidden_size, element_bytes
+    assignments = tokens * moe.experts_per_token
+    router = tokens * moe.num_experts * (e + FP32_BYTES) + assignments * (2 * FP32_BYTES + 4 * INDEX_BYTES + e)
+    shared = moe.num_shared_experts * tokens * h * e
+    # wide experts peak at the gated activation instead: the gathered input beside gate_up's output
+    # (its gate and up halves are views), the activation and the product (S x (h + 4 I))
+    width = (4 if model.mlp is MLPKind.GATED else 2) * moe.expert_intermediate_size
+    experts = max(4 * assignments * h, assignments * (h + width))
+    return e * (4 * tokens * h + experts) + router + shared
 
 
 def recurrent_mixer_elements(model: ModelConfig) -> int:
@@ -383,7 +409,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     # Prefill: one forward over the prompt, or chunks of it; its layer transient, then the final
     # hidden states and the logits (of the last position, or all), and the first token's choice.
     chunk = min(settings.prefill_chunk or prompt, prompt)
-    layer = prefill_activation_bytes(local, sequences * chunk, e)
+    layer = prefill_activation_bytes(local, sequences * chunk, e, grouped_experts=engine is Engine.HF)
     if settings.attention is Attention.EAGER:
         layer += eager_scores_bytes(local, sequences, chunk, prompt, e)
     logit_positions = chunk if settings.prefill_logits is PrefillLogits.ALL else 1
