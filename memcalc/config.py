@@ -108,6 +108,10 @@ class MoEConfig:
     # of a hybrid Mamba-2 stack's or Qwen3-Next's experts (hf_grouped_moe_saved_bytes,
     # qwen3_next_moe_saved_bytes)
     norm_topk_prob: bool | None = None
+    # the router returns fp32 routing weights, which the experts' weighted output takes (DeepSeek-V2/V3,
+    # Kimi K2, GLM-4.5, Nemotron-H: their routers compute in fp32 and never cast back); sizes only
+    # transformers' grouped_mm experts in a no-grad forward (memcalc.estimate.inference)
+    routing_fp32: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))

@@ -550,6 +550,7 @@ def _read_deepseek(reader: _Reader, fields: dict[str, Any]) -> None:
         num_shared_experts=1 if shared else 0,
         shared_expert_intermediate_size=shared * width if shared else None,
         first_dense_layers=min(value("first_dense_layers") or 0, fields["num_layers"]),
+        routing_fp32=True,  # DeepseekV2Moe's and DeepseekV3TopkRouter's fp32 weights, never cast back
     )
 
 
@@ -566,7 +567,7 @@ def _read_glm4_moe(reader: _Reader, fields: dict[str, Any]) -> None:
         reader.notes.append(f"num_nextn_predict_layers {reader.data['num_nextn_predict_layers']}: the multi-token "
                             "prediction layer is not counted, as transformers does not build it")
     reader.consumed.add("num_nextn_predict_layers")
-    _moe_fields(reader, fields, width=width, shared_width=shared * width if shared else None)
+    _moe_fields(reader, fields, width=width, shared_width=shared * width if shared else None, routing_fp32=True)
     if "moe" in fields:
         fields["moe"]["first_dense_layers"] = min(first, fields["num_layers"])
 
@@ -693,7 +694,7 @@ def _read_nemotron_h(reader: _Reader, fields: dict[str, Any]) -> None:
         shared = reader.positive("moe_shared_expert_intermediate_size") if reader.get("n_shared_experts", 1, int) else None
         layers = [index for index, block in enumerate(pattern) if block == "E"]
         _moe_fields(reader, fields, layers=layers, shared_width=shared,
-                    norm_topk_prob=reader.get("norm_topk_prob", True, bool))
+                    norm_topk_prob=reader.get("norm_topk_prob", True, bool), routing_fp32=True)
     if reader.get("moe_latent_size"):
         raise InputError(f"{reader.source}: moe_latent_size: latent expert projections are not modelled")
 

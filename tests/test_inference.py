@@ -92,7 +92,8 @@ def test_decode_phase_by_hand():
 # of every assignment at once. Measured here: a no-grad forward with a cache of transformers' class
 # on fake tensors (2 layers of each checkpoint's own config.json, the prompt's logits kept for one
 # position), its peak above the weights against memcalc's prefill phase above the weights.
-GROUPED_EXPERTS = [("Qwen--Qwen3-30B-A3B.json", 2048), ("mistralai--Mixtral-8x22B-v0.1.json", 1024)]
+GROUPED_EXPERTS = [("Qwen--Qwen3-30B-A3B.json", 2048), ("mistralai--Mixtral-8x22B-v0.1.json", 1024),
+                   ("zai-org--GLM-4.5-Air.json", 1024)]  # GLM: a dense first layer, fp32 routing weights
 
 
 @pytest.mark.parametrize(("file_name", "prompt"), GROUPED_EXPERTS)

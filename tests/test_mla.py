@@ -180,7 +180,8 @@ def test_v2_lite_config_reads_mla_and_shared_experts(tmp_path):
     model = resolve_model(str(_write_config(tmp_path, V2_LITE_CONFIG)))
     assert model.mla == MLAConfig(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
     assert model.moe == MoEConfig(num_experts=64, experts_per_token=6, expert_intermediate_size=1408,
-                                  num_shared_experts=1, shared_expert_intermediate_size=2 * 1408, first_dense_layers=1)
+                                  num_shared_experts=1, shared_expert_intermediate_size=2 * 1408, first_dense_layers=1,
+                                  routing_fp32=True)
     assert model.head_dim == 128 and model.kv_heads == 16
 
 

@@ -253,7 +253,7 @@ def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int
     peaks = [element_bytes * tokens * recurrent_mixer_elements(model)]
     if MLPRole.DENSE in roles:
         peaks.append(element_bytes * tokens * (4 * h + width_factor * model.intermediate_size))
-    if MLPRole.MOE in roles and grouped_experts:
+    if MLPRole.MOE in roles and grouped_experts and not _llama4_experts(model):
         peaks.append(grouped_experts_forward_bytes(model, tokens, element_bytes))
     elif MLPRole.MOE in roles:
         moe = model.moe
@@ -263,25 +263,35 @@ def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int
     return max(peaks)
 
 
+def _llama4_experts(model: ModelConfig) -> bool:
+    """Llama 4's Llama4TextExperts, a batched matmul over every expert (not grouped_mm): its
+    chunked-attention layers mark the family."""
+    return LayerType.CHUNKED_ATTENTION in model.resolved_layer_types
+
+
 def grouped_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
     """A no-grad experts block of transformers 5 (``grouped_mm_experts_forward``) at its peak, the
     output reorder (``weighted_out[inv_perm]``), for S = tokens x k assignments: the embedding output
     (the model keeps ``inputs_embeds``), the layer's input, the residual after attention and the
     block's input (4 x h); the gathered input, the down output, the weighted output and its reorder
-    (4 S x h); the router's logits and fp32 probabilities (E a token), its fp32 top-k values and int64
-    index, the sort's ids and permutation, the inverse permutation, the histogram's input and the
-    routing weights' cast; a shared expert's output beside them. Wide experts (h < 3 I) peak at the
-    gated activation instead. Measured on fake tensors with transformers' Qwen3MoeForCausalLM and
-    MixtralForCausalLM (tests/test_inference.py)."""
+    (4 S x h; the last two fp32 where the router's weights are, ``MoEConfig.routing_fp32``); the router's
+    logits and fp32 probabilities (E a token), its fp32 top-k values and int64 index, the sort's ids and
+    permutation, the inverse permutation, the histogram's input and the routing weights' cast; a gated
+    shared expert's output (Qwen's runs first; the others' after the experts). Wide experts (h < 3 I)
+    peak at the gated activation instead. Measured on fake tensors with transformers'
+    Qwen3MoeForCausalLM, MixtralForCausalLM and Glm4MoeForCausalLM (tests/test_inference.py)."""
     moe, h, e = model.moe, model.hidden_size, element_bytes
     assignments = tokens * moe.experts_per_token
     router = tokens * moe.num_experts * (e + FP32_BYTES) + assignments * (2 * FP32_BYTES + 4 * INDEX_BYTES + e)
-    shared = moe.num_shared_experts * tokens * h * e
+    # Qwen's gated shared expert runs before the experts (its output waits beside them); the others' after
+    shared = moe.num_shared_experts * tokens * h * e if moe.shared_expert_gate else 0
+    # fp32 routing weights make the weighted output and its reorder fp32
+    weighted = FP32_BYTES if moe.routing_fp32 else e
     # wide experts peak at the gated activation instead: the gathered input beside gate_up's output
     # (its gate and up halves are views), the activation and the product (S x (h + 4 I))
     width = (4 if model.mlp is MLPKind.GATED else 2) * moe.expert_intermediate_size
-    experts = max(4 * assignments * h, assignments * (h + width))
-    return e * (4 * tokens * h + experts) + router + shared
+    experts = max(assignments * h * (2 * e + 2 * weighted), assignments * (h + width) * e)
+    return e * 4 * tokens * h + experts + router + shared
 
 
 def recurrent_mixer_elements(model: ModelConfig) -> int:
