@@ -246,3 +246,8 @@ def test_qwen3_5_reads_split_projections_and_trains():
     assert estimate_training(model, TrainSettings(seq_len=256)).component("activations").bytes > 0
     with pytest.raises(InputError, match="Qwen3.5 training activations are modelled for bf16"):
         estimate_training(model, TrainSettings(seq_len=256, precision="amp-bf16"))
+
+
+def test_qwen3_5_unknown_state_dtype_is_refused():
+    with pytest.raises(InputError, match="mamba_ssm_dtype: 'float8' is not one of"):
+        model_from_hf({**QWEN3_5_TEXT, "mamba_ssm_dtype": "float8"}, name="qwen3.5", source="qwen3.5")
