@@ -44,17 +44,18 @@ class Case:
     @property
     def label(self) -> str:
         s = self.settings
-        if self.name is not None:
-            return f"{self.name} hf " + replace(self, name=None, model="").label.lstrip()
         if self.workload == "infer":
+            model = (self.name or self.model) + (" hf" if self.impl == "hf" else "")
             if s.get("decoding") == "sample":
                 warpers = "".join(f" {key.replace('_', '-')} {s[key]}" for key in ("temperature", "top_k", "top_p")
                                   if key in s)
                 choice = f"sample x{s.get('num_return_sequences', 1)}{warpers}"
             else:
                 choice = f"beams {s.get('num_beams', 1)}"
-            return (f"{self.model}{f' L{self.layers}' if self.layers else ''} infer {s['dtype']} b{s['batch_size']} "
+            return (f"{model}{f' L{self.layers}' if self.layers else ''} infer {s['dtype']} b{s['batch_size']} "
                     f"prompt {s['prompt_len']} +{s['max_new_tokens']} {choice}")
+        if self.name is not None:
+            return f"{self.name} hf " + replace(self, name=None, model="").label.lstrip()
         parts = [self.model + (f" L{self.layers}" if self.layers else ""), s.get("precision", "mixed-bf16"),
                  s.get("optimizer", "adamw") + "/" + s.get("optimizer_impl", "foreach"),
                  f"b{s.get('batch_size', 1)} s{s.get('seq_len')}", s.get("attention", "sdpa"),
@@ -78,10 +79,18 @@ class Case:
         return " ".join(parts)
 
 
-def _infer(model, dtype, batch, prompt, new_tokens, beams=1, layers=None, **extra):
+def _infer(model, dtype, batch, prompt, new_tokens, beams=1, layers=None, impl="hf", name=None, **extra):
+    """A generate() run; by default through the transformers class (``--engine hf`` estimates what
+    transformers 5's classes hold: memcalc.estimate.hf_engine)."""
     settings = dict(dtype=dtype, batch_size=batch, prompt_len=prompt, max_new_tokens=new_tokens, num_beams=beams,
                     **extra)
-    return Case(model, settings, layers, "infer")
+    return Case(model, settings, layers, "infer", impl=impl, name=name)
+
+
+def _infer_file(name, path, layers, batch, prompt, new_tokens, beams=1):
+    """A checkpoint's config.json, layer-reduced, through its own transformers class; bf16 weights
+    (a quantised checkpoint's format is not built)."""
+    return _infer(HF_CONFIGS + path, "bf16", batch, prompt, new_tokens, beams, layers, name=name, weights="bf16")
 
 
 def _case(model, precision, batch, seq, attention="sdpa", recompute="none", layers=None, **extra):
@@ -204,6 +213,20 @@ HF_MATRIX = [
     _hf("Qwen3-30B-A3B", "Qwen--Qwen3-30B-A3B.json", 4, "pure-bf16", "full", seq=2048),
     _hf("Mixtral-8x22B", "mistralai--Mixtral-8x22B-v0.1.json", 2, "pure-bf16"),
 ]
+
+# generate() through the 2024-2026 families' own classes (memcalc.estimate.hf_engine), layer-reduced
+HF_INFER_MATRIX = [
+    _infer_file("gpt-oss-20b", "openai--gpt-oss-20b.json", 4, 2, 2048, 16),  # eager, sinks
+    _infer_file("gpt-oss-20b", "openai--gpt-oss-20b.json", 4, 1, 1024, 8, beams=4),
+    _infer_file("Gemma-3-1B", "google--gemma-3-1b-it.json", 6, 2, 4096, 32),  # sliding masks
+    _infer_file("DeepSeek-V3", "deepseek-ai--DeepSeek-V3.json", 4, 1, 2048, 16),  # MLA latent, experts
+    _infer_file("Qwen3-8B", "Qwen--Qwen3-8B.json", 4, 4, 2048, 64),
+    _infer_file("Qwen3-30B-A3B", "Qwen--Qwen3-30B-A3B.json", 4, 2, 2048, 16),
+    _infer_file("GLM-4.5-Air", "zai-org--GLM-4.5-Air.json", 2, 1, 2048, 16),
+    _infer_file("Phi-4", "microsoft--phi-4.json", 4, 1, 4096, 32),  # fused gate_up
+    _infer_file("OLMo2 (defaults)", "synthetic/olmo2-defaults.json", 4, 2, 2048, 32),  # post-norm
+]
+HF_MATRIX += HF_INFER_MATRIX
 FAKE_MATRIX += HF_MATRIX
 
 # One H200 (141 GB), under five minutes: real models, the largest near 100 GiB at its peak.
@@ -220,8 +243,9 @@ GPU_MATRIX = [
     _case("mistral-7b", "pure-bf16", 1, 4096, optimizer_impl="fused", layers=16),
     _case("llama-3-8b", "pure-bf16", 2, 4096),
     _case("mixtral-8x7b", "pure-bf16", 1, 2048, layers=4),
-    _infer("llama-3-8b", "bf16", 8, 4096, 64),
-    _infer("llama-3.2-1b", "bf16", 2, 1024, 128, beams=4),
+    # the device image has no transformers: the reference decoder's loop (its cache updates as DynamicLayer's)
+    _infer("llama-3-8b", "bf16", 8, 4096, 64, impl="reference"),
+    _infer("llama-3.2-1b", "bf16", 2, 1024, 128, beams=4, impl="reference"),
 ]
 
 # Fast enough for CI: small models and few layers (tests/test_validate.py runs its own subset).
@@ -237,7 +261,7 @@ def run_case(case: Case, device: str):
     if case.workload == "infer":
         settings = InferSettings(**case.settings)
         estimate = estimate_inference(model, settings)
-        return estimate, run_inference_validation(model, settings, estimate, device, force=False)
+        return estimate, run_inference_validation(model, settings, estimate, device, force=False, impl=case.impl)
     settings = TrainSettings(**case.settings)
     estimate = estimate_training(model, settings)
     return estimate, run_training_validation(model, settings, estimate, device, force=False, impl=case.impl)

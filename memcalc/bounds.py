@@ -23,3 +23,5 @@ PositiveInt = Annotated[int, _Bound(gt=0)]
 NonNegativeInt = Annotated[int, _Bound(ge=0)]
 # A dropout probability: 0 (off) up to, not including, 1 (pydantic's float schema takes ge/lt too)
 Probability = Annotated[float, _Bound(ge=0, lt=1)]
+# A share of a whole: above 0, up to 1 (partial_rotary_factor)
+Fraction = Annotated[float, _Bound(gt=0, le=1)]

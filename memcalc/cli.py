@@ -569,7 +569,7 @@ def validate(
                                                    help="Run the same blocks with fewer layers (cheaper).")] = None,
     impl: Annotated[str, typer.Option("--impl", rich_help_panel="Measurement",
                                       help="reference: memcalc's PyTorch decoder; hf: the transformers model class "
-                                      "built from the config (training; transformers installed).")] = "reference",
+                                      "built from the config (transformers installed).")] = "reference",
     prompt: PromptOption = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, rich_help_panel=DECODING,
                                                 help="Tokens generated (--workload infer).")] = 16,
@@ -604,8 +604,6 @@ def validate(
         raise InputError(f"--workload: {kind!r} is not one of train, infer")
     if impl not in ("reference", "hf"):
         raise InputError(f"--impl: {impl!r} is not one of reference, hf")
-    if impl == "hf" and kind == "infer":
-        raise InputError("--impl hf measures training steps; --workload infer runs the reference decoder")
     if device not in ("auto", "cuda", "fake", "cpu"):
         raise InputError(f"--device: {device!r} is not one of auto, cuda, fake, cpu")
     config = with_layers(source.resolve(model), num_layers)
@@ -625,7 +623,9 @@ def validate(
         settings = infer_settings(None, generation, dtype=precision.dtype.value, batch_size=workload.batch,
                                   prompt_len=prompt, max_new_tokens=max_new_tokens)
         estimate = estimate_inference(config, settings)
-        run = run_inference_validation
+
+        def run(*args, **kwargs):
+            return run_inference_validation(*args, **kwargs, impl=impl)
     resolved_device = resolve_device(device)
     if output.as_json:
         comparison = run(config, settings, estimate, resolved_device, force)

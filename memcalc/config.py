@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from memcalc.bounds import NonNegativeInt, PositiveInt, Probability
+from memcalc.bounds import Fraction, NonNegativeInt, PositiveInt, Probability
 from memcalc.dtypes import DType
 from memcalc.errors import Field, SettingsError
 
@@ -197,6 +197,8 @@ class ModelConfig:
     qk_norm_scope: QKNormScope | None = None  # with qk_norm; None: per head
     attention_sinks: bool = False  # a learned sink logit per head and layer (gpt-oss)
     attn_output_gate: bool = False  # q_proj also gives a sigmoid gate of the attention output (Qwen3-Next)
+    fused_gate_up: bool = False  # one gate_up projection whose output is split in two (Phi-3's gate_up_proj)
+    partial_rotary_factor: Fraction = 1.0  # the share of each head's dims that rotary rotates (GLM-4.5: 0.5)
     mamba: MambaConfig | None = None  # the mixer of the mamba layers
     linear_attention: LinearAttentionConfig | None = None  # the mixer of the linear_attention layers
     vision: VisionTower | None = None  # a multimodal checkpoint's vision tower and projector

@@ -48,7 +48,7 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": _LLAMA_STYLE,
     "mistral": _LLAMA_STYLE,
     "mixtral": _LLAMA_STYLE,
-    "phi3": _LLAMA_STYLE,
+    "phi3": {**_LLAMA_STYLE, "fused_gate_up": True},
     "qwen2": {**_LLAMA_STYLE, "qkv_bias": True},
     "qwen2_moe": {**_LLAMA_STYLE, "qkv_bias": True},
     "qwen3": {**_LLAMA_STYLE, "qk_norm": True},
@@ -208,6 +208,7 @@ class HFConfig(BaseModel):
     layer_norm_epsilon: float | None = Field(None, validation_alias=AliasChoices("layer_norm_epsilon", "layer_norm_eps"))
     attention_bias: bool | None = None
     mlp_bias: bool | None = None
+    partial_rotary_factor: float | None = Field(None, gt=0, le=1)
     sliding_window: NonNegativeInt | None = None  # 0: none (Qwen2-MoE's default)
     use_sliding_window: bool | None = None
     num_experts: NonNegativeInt | None = Field(
@@ -779,6 +780,11 @@ def _common_fields(reader: _Reader, model_type: str, name: str, source: str) -> 
         fields.update(qkv_bias=hf.attention_bias, attn_output_bias=hf.attention_bias)
     if hf.mlp_bias is not None:
         fields["mlp_bias"] = hf.mlp_bias
+    # transformers 5 may nest it in rope_parameters
+    rope = reader.data.get("rope_parameters") if isinstance(reader.data.get("rope_parameters"), dict) else {}
+    factor = hf.partial_rotary_factor or rope.get("partial_rotary_factor")
+    if factor is not None:
+        fields["partial_rotary_factor"] = float(factor)
     return fields
 
 

@@ -155,7 +155,10 @@ def _assumptions(command: str, estimate: Estimate) -> list[tuple[str, str]]:
              + (f" ({settings.prompt_len} prompt + {settings.max_new_tokens} new, the last not cached)"
                 if settings.max_new_tokens else "") + f"; {sequences} sequence(s)"),
             ("decoding", how),
-            ("prefill", f"{settings.attention} attention, {settings.prefill_logits}-position logits"
+            ("prefill", f"{settings.attention} attention"
+             + (" (the class has no SDPA path for its sinks)" if model.attention_sinks and settings.engine == "hf"
+                and settings.attention == "eager" else "")
+             + f", {settings.prefill_logits}-position logits"
              + (f", chunks of {settings.prefill_chunk} tokens" if settings.prefill_chunk < settings.prompt_len
                 else "")),
             ("engine", engine),

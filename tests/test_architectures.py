@@ -33,12 +33,13 @@ def _component(estimate, key: str) -> int:
 
 def test_gpt_oss_alternates_sliding_and_full_layers():
     """gpt-oss-20b: 12 sliding layers (window 128) and 12 full; 8 KV heads x 64 x 2 (k, v) x 2 B =
-    2,048 B per layer and token. At 131,072 tokens: 12 x 131,072 x 2,048 + 12 x 127 x 2,048
-    (transformers keeps window - 1 tokens, tests/test_cache_hf.py)."""
+    2,048 B per layer and token. At 131,072 tokens: 12 x 131,072 x 2,048 + 12 x 128 x 2,048
+    (transformers keeps a view of window - 1 tokens into the window it concatenated at the last
+    decoding step, so a window of storage: tests/test_cache_hf.py)."""
     model = resolve_model("gpt-oss-20b")
     assert model.resolved_layer_types.count(LayerType.SLIDING_ATTENTION) == 12
     estimate = estimate_inference(model, InferSettings(context_len=131_072))
-    assert _component(estimate, "kv_cache") == 12 * 131_072 * 2_048 + 12 * 127 * 2_048
+    assert _component(estimate, "kv_cache") == 12 * 131_072 * 2_048 + 12 * 128 * 2_048
     assert kv_cache_bytes_per_token(model, DType.BF16) == 24 * 2_048
 
 
@@ -86,7 +87,8 @@ def test_llama4_chunked_layers_hold_one_chunk():
     assert model.resolved_layer_types.count(LayerType.FULL_ATTENTION) == 12
     per_layer_token = 8 * 128 * 2 * 2
     estimate = estimate_inference(model, InferSettings(context_len=100_000))
-    assert _component(estimate, "kv_cache") == per_layer_token * (12 * 100_000 + 36 * 8_191)
+    # the chunked layers: a view of chunk - 1 tokens into the chunk concatenated at the last step
+    assert _component(estimate, "kv_cache") == per_layer_token * (12 * 100_000 + 36 * 8_192)
 
 
 def test_training_refuses_recurrent_layers():

@@ -41,8 +41,10 @@ ATTN = {"hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 4, "n
 KV_VALUES = 2 * 2 * 16
 
 # The sliding (and Llama 4 chunked) layers: transformers' DynamicSlidingWindowLayer.update keeps
-# ``full_key_states[:, :, -sliding_window + 1:, :]``, i.e. sliding_window - 1 tokens once the
-# prompt exceeds the window, as memcalc.estimate.inference.cached_tokens holds them for Engine.HF.
+# ``full_key_states[:, :, -sliding_window + 1:, :]``, i.e. a view of sliding_window - 1 tokens once
+# the prompt exceeds the window, into the states it concatenated: after the prompt's forward the
+# storage is the whole prompt's (memcalc.estimate.inference.hf_prefill_cache_tokens), after a
+# decoding step a window's (cached_tokens for Engine.HF; tests/test_inference_hf.py runs generate()).
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,10 @@ def _tensors(layer: Any) -> tuple[list[Any], list[Any]]:
 
 @dataclass(frozen=True)
 class Measured:
-    kv_bytes: int
+    kv_bytes: int  # the elements the cache's key/value tensors show
     state_bytes: int
     attention_tokens: tuple[int, ...]  # tokens held by each attention layer, in layer order
+    kv_storage_bytes: int  # the memory behind them: a sliding layer's view keeps the prompt's storage
 
 
 def measure(case: Case) -> Measured:
@@ -175,14 +178,15 @@ def _measure(family: str) -> Measured:
         out = model(input_ids=ids, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values
     kv_bytes = state_bytes = 0
-    tokens = []
+    tokens, storages = [], {}
     for layer in cache.layers:
         kv, state = _tensors(layer)
         kv_bytes += sum(t.numel() * t.element_size() for t in kv)
         state_bytes += sum(t.numel() * t.element_size() for t in state)
+        storages.update({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in kv})
         if kv:
             tokens.append(kv[0].shape[-2])
-    return Measured(kv_bytes, state_bytes, tuple(tokens))
+    return Measured(kv_bytes, state_bytes, tuple(tokens), sum(storages.values()))
 
 
 def memcalc_bytes(case: Case) -> tuple[int, int]:
@@ -213,5 +217,9 @@ def test_measured_geometry(case: Case) -> None:
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=c.marks) for c in CASES], ids=_ids)
 def test_memcalc_matches_measured(case: Case) -> None:
+    """After the prompt's forward (no decoding step), a sliding or chunked layer's window - 1 tokens
+    are a view of the whole prompt's keys and values, and memory holds the whole prompt: memcalc
+    counts the storage."""
     measured = measure(case)
-    assert memcalc_bytes(case) == (measured.kv_bytes, measured.state_bytes)
+    assert measured.kv_storage_bytes == BATCH * KV_VALUES * T * len(case.attention_tokens) * ELEMENT_BYTES[case.dtype]
+    assert memcalc_bytes(case) == (measured.kv_storage_bytes, measured.state_bytes)

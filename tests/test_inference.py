@@ -57,9 +57,12 @@ def test_default_kv_dtype_follows_float_weights_else_bf16():
 
 def test_context_only_total_is_prefill_peak_by_hand():
     """Prefill of 8 x 4096 tokens: weights + the prompt's cache + one layer's no-grad forward,
-    e*T*(4h + 3f) = 2 * 32768 * (4*8192 + 3*28672) bytes (checked against measurement in test_validate)."""
+    e*T*(4h + 3f) = 2 * 32768 * (4*8192 + 3*28672) bytes, + the rotary cos and sin tables the model
+    keeps for all its layers, (1, 4096, 128) each in fp16, and generate()'s int64 token ids and
+    attention mask, (8, 4096) each (measured with transformers' classes in tests/test_inference_hf.py)."""
     estimate = estimate_inference(resolve_model("llama-2-70b"), InferSettings(dtype="fp16", batch_size=8, context_len=4096))
-    assert estimate.phases == {"prefill": 68_976_648_192 * 2 + 327_680 * 4096 * 8 + 2 * 32768 * (4 * 8192 + 3 * 28672)}
+    assert estimate.phases == {"prefill": 68_976_648_192 * 2 + 327_680 * 4096 * 8 + 2 * 32768 * (4 * 8192 + 3 * 28672)
+                               + 2 * 4096 * 128 * 2 + 2 * 8 * 8 * 4096}
     assert estimate.total == estimate.phases["prefill"]  # the allocated peak, as in training
     # on the device: the allocator's reserve (+3.66%, inference) and, outside it, the CUDA context
     # 400 MiB + cuBLAS workspace 32 MiB
@@ -79,12 +82,19 @@ def test_beams_multiply_the_cache_including_the_prompt():
 
 
 def test_decode_phase_by_hand():
-    """Decoding: weights + full cache + one layer's cache copy + fp32 logits, log-softmax and scores for beams."""
+    """Decoding: weights + full cache + the copy of one layer's keys (or values: DynamicLayer.update
+    concatenates one, then the other) + fp32 logits, log-softmax and scores for beams."""
     model = resolve_model("gpt2")
     estimate = estimate_inference(model, InferSettings(dtype="fp32", batch_size=1, prompt_len=16, max_new_tokens=65,
                                                        num_beams=8))
     kv = 2 * 12 * 12 * 64 * 4 * (16 + 64) * 8  # fp32 cache, 8 sequences
-    assert estimate.phases["decode"] == 124_439_808 * 4 + kv + kv // 12 + 8 * 50257 * 4 * 3
+    # at the last layer's copy: its values still hold 79 tokens (its old keys beside the new 80)
+    one_layer_token = kv // 12 // 80
+    # the step's own token: its embedding, layer input, normed input, query, key and value (6 x 768 fp32)
+    step_token = 8 * 6 * 768 * 4
+    ids_and_mask = 2 * 8 * 8 * 81  # generate()'s int64 (8, 81) token ids and attention mask
+    assert estimate.phases["decode"] == (124_439_808 * 4 + kv - one_layer_token + kv // 24 + step_token
+                                         + 8 * 50257 * 4 * 3 + ids_and_mask)
 
 
 # transformers 5's generate() runs experts through grouped_mm_experts_forward (its default experts

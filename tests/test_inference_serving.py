@@ -35,8 +35,8 @@ GIB, MIB = 2**30, 2**20
         # not split by TP (vLLM's MLAAttentionSpec caches one latent "head")
         ("deepseek-v3", 1, "paged", 70_272),
         ("deepseek-v3", 8, "paged", 70_272),
-        # transformers' DeepSeek classes cache the expanded heads: 128 x (192 + 128) x 61 x 2 B
-        ("deepseek-v3", 1, "hf", 4_997_120),
+        # so do transformers 5's DeepSeek classes (measured in tests/test_inference_hf.py)
+        ("deepseek-v3", 1, "hf", 70_272),
     ],
 )
 def test_kv_bytes_per_token(name, tp, engine, expected):
@@ -67,12 +67,13 @@ def test_paged_engine_rounds_tokens_up_to_blocks():
 
 
 def test_sliding_window_layers_cap_their_cache():
-    """Mistral-7B v0.1: sliding_window 4096 on every layer, so 8192 tokens cache 4095 per layer in
-    transformers (DynamicSlidingWindowLayer keeps window - 1; measured in tests/test_cache_hf.py)
-    and 4096 on a paged engine (256 blocks of 16)."""
+    """Mistral-7B v0.1: sliding_window 4096 on every layer, so 8192 tokens hold 4096 per layer in
+    transformers (DynamicSlidingWindowLayer keeps a view of window - 1 tokens into the window it
+    concatenated at the last decoding step; measured in tests/test_cache_hf.py) and 4096 on a paged
+    engine (256 blocks of 16)."""
     model = resolve_model("mistral-7b")
     long = estimate_inference(model, InferSettings(context_len=8192))
-    assert long.component("kv_cache").bytes == 131_072 * 4095
+    assert long.component("kv_cache").bytes == 131_072 * 4096
     paged = estimate_inference(model, InferSettings(context_len=8192, engine="paged"))
     assert paged.component("kv_cache").bytes == 131_072 * 4096
     short = estimate_inference(model, InferSettings(context_len=1000))
@@ -140,24 +141,31 @@ def test_prefill_logits_for_every_position():
     every = estimate_inference(model, InferSettings(batch_size=2, context_len=1024, prefill_logits="all"))
     assert every.component("logits").bytes == 2 * 1024 * 128_256 * (2 + 4)
     # beside the final hidden states (2 x 1024 x 4096 x 2 B), weights and the prompt's cache
+    # and the rotary cos and sin tables, (1, 1024, 128) in bf16 each, and generate()'s int64 token
+    # ids and attention mask, (2, 1024) each
     assert every.phases["prefill"] == (2 * 8_030_261_248 + 131_072 * 1024 * 2 + 2 * 1024 * 4096 * 2
-                                       + 2 * 1024 * 128_256 * 6)
+                                       + 2 * 1024 * 128_256 * 6 + 2 * 1024 * 128 * 2 + 2 * 8 * 2 * 1024)
 
 
 def test_chunked_prefill_holds_one_chunk_of_activations():
-    """The layer transient e x T x (4h + 3f) (test_inference) for a 512-token chunk of an 8192-token prompt."""
+    """The layer transient e x T x (4h + 3f) (test_inference) for a 512-token chunk of an 8192-token
+    prompt, beside the chunk's rotary cos and sin tables ((1, 512, 128) in bf16 each) and generate()'s
+    int64 token ids and attention mask of the whole prompt."""
     model = resolve_model("llama-3-8b")
     chunked = estimate_inference(model, InferSettings(context_len=8192, prefill_chunk=512))
-    assert chunked.component("activations").bytes == 2 * 512 * (4 * 4096 + 3 * 14336)
+    assert chunked.component("activations").bytes == (2 * 512 * (4 * 4096 + 3 * 14336) + 2 * 512 * 128 * 2
+                                                      + 2 * 8 * 8192)
 
 
 def test_eager_prefill_materialises_the_scores():
     """transformers' eager attention: scores, masked scores and the cast back in bf16, the fp32
-    softmax: a x s x s x (3 x 2 + 4) bytes per sequence, for one layer at a time."""
+    softmax: a x s x s x (3 x 2 + 4) bytes per sequence, for one layer at a time; and the model's
+    additive causal mask, (1, 1, s, s) in bf16, which SDPA's is_causal makes unnecessary."""
     model = resolve_model("llama-3-8b")
     sdpa = estimate_inference(model, InferSettings(context_len=2048))
     eager = estimate_inference(model, InferSettings(context_len=2048, attention="eager"))
-    assert eager.component("activations").bytes - sdpa.component("activations").bytes == 32 * 2048 * 2048 * 10
+    difference = eager.component("activations").bytes - sdpa.component("activations").bytes
+    assert difference == 32 * 2048 * 2048 * 10 + 2048 * 2048 * 2
 
 
 def test_runtime_overhead_is_a_configurable_line():

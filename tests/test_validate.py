@@ -246,6 +246,26 @@ def test_inference_estimate_matches_fake_generate(name, layers, settings):
     assert estimate.peak_allocated == pytest.approx(measured.total, rel=0.03)
 
 
+def test_validate_infer_through_the_transformers_class(run_cli):
+    """--impl hf --workload infer: generate() over transformers' GPT-2 class on fake tensors, against
+    `memcalc infer` (its hf engine follows those classes: tests/test_inference_hf.py)."""
+    pytest.importorskip("transformers")
+    result = run_cli("validate", "gpt2", "--workload", "infer", "--impl", "hf", "--device", "fake", "--num-layers",
+                     "2", "--prompt", "256", "--max-new-tokens", "8", "--json")
+    assert result.exit_code == 0, result.stderr
+    validation = json.loads(result.stdout)["validation"]
+    rows = {row["key"]: row for row in validation["rows"]}
+    assert rows["kv_cache"]["estimated"] == rows["kv_cache"]["measured"] == 2 * 2 * 12 * 64 * 2 * (256 + 7)
+    assert abs(validation["total"]["error_percent"]) < 0.1
+
+
+def test_validate_infer_refuses_mla_on_the_reference_decoder(run_cli):
+    result = run_cli("validate", "deepseek-v2-lite", "--workload", "infer", "--device", "fake", "--num-layers", "2",
+                     "--prompt", "64")
+    assert result.exit_code == 2
+    assert "use --impl hf" in result.stderr and result.stderr.count("\n") == 1
+
+
 def test_validate_infer_cli_json(run_cli):
     result = run_cli("validate", "gpt2", "--workload", "infer", "--device", "fake", "--num-layers", "2",
                      "--prompt", "32", "--max-new-tokens", "8", "--num-beams", "2", "--json")
@@ -337,7 +357,6 @@ def test_out_of_memory_is_reported_and_freed(run_cli, monkeypatch):
     (["--workload", "serve"], "--workload: 'serve' is not one of train, infer"),
     (["--impl", "jax"], "--impl: 'jax' is not one of reference, hf"),
     (["--device", "tpu"], "--device: 'tpu' is not one of auto, cuda, fake, cpu"),
-    (["--impl", "hf", "--workload", "infer", "--prompt", "8"], "--impl hf measures training steps"),
     (["--precision", "fp64"], "--precision: 'fp64' is not one of"),
 ])
 def test_validate_bad_options_are_one_line_exit_2(run_cli, args, message):

@@ -30,6 +30,15 @@ from memcalc.dtypes import BITS_PER_ELEMENT, DType, storage_bytes
 from memcalc.estimate.assumptions import WeightOrigin
 from memcalc.estimate.breakdown import Component, Estimate, Kind
 from memcalc.estimate.device import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
+from memcalc.estimate.hf_engine import (
+    ForwardShape,
+    attention_moment_bytes,
+    generate_bookkeeping_bytes,
+    mask_bytes,
+    rope_table_bytes,
+    sink_attention,
+    stream_tensors,
+)
 from memcalc.estimate.params import count_params
 from memcalc.errors import Field, SettingsError
 
@@ -129,14 +138,81 @@ def kv_values_per_token_per_layer(model: ModelConfig, engine: Engine = Engine.HF
     Multi-head/grouped/multi-query attention: a key and a value per KV head,
     ``2 x kv_heads x head_dim``. Multi-head latent attention (DeepSeek-V2 sec. 2.1.2): a paged
     server caches the compressed latent and the shared rotary key, ``kv_lora_rank +
-    qk_rope_head_dim`` (vLLM's MLAAttentionSpec, one "head", replicated on every TP rank);
-    transformers' DeepSeek classes cache the expanded per-head keys (qk_nope + qk_rope) and values."""
+    qk_rope_head_dim`` (vLLM's MLAAttentionSpec, one "head", replicated on every TP rank); so do
+    transformers 5's DeepSeek classes (``DeepseekV3Attention``: the cache is updated "while latent
+    KV is still compressed", then ``expand_kv`` builds every head's keys and values; measured in
+    tests/test_inference_hf.py). ``engine`` is kept for the engines' differences to come."""
     mla = model.mla
     if mla is not None:
-        if engine.paged:
-            return mla.latent_width
-        return model.num_attention_heads * (mla.qk_head_dim + mla.v_head_dim)
+        return mla.latent_width
     return 2 * model.kv_heads * model.attention_head_dim
+
+
+def _largest_cached_tensor_values(model: ModelConfig) -> int:
+    """Values per token of the larger of the two tensors one layer's transformers cache holds: the
+    keys or the values (equal), or MLA's latent (``kv_lora_rank``) beside its rotary key."""
+    if model.mla is not None:
+        return max(model.mla.kv_lora_rank, model.mla.qk_rope_head_dim)
+    return model.kv_heads * model.attention_head_dim
+
+
+def _window(model: ModelConfig, kind: LayerType) -> int | None:
+    return {LayerType.SLIDING_ATTENTION: model.sliding_window,
+            LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
+
+
+def hf_prefill_cache_tokens(model: ModelConfig, prompt: int, chunk: int) -> list[int]:
+    """Tokens of storage each attention layer's transformers cache holds through the prompt's
+    forward: a sliding or chunked layer's cache is a view of the last ``window - 1`` tokens of the
+    states it concatenated (``DynamicSlidingWindowLayer.update``), so its storage holds the whole
+    prompt (at most the view plus one chunk under chunked prefill) until that layer's first
+    decoding step replaces it."""
+    held = []
+    for kind in model.resolved_layer_types:
+        if kind in KV_LAYER_TYPES:
+            limit = _window(model, kind)
+            held.append(min(prompt, limit - 1 + chunk) if limit else prompt)
+    return held
+
+
+def _hf_layer_decode_transient(model: ModelConfig, local: ModelConfig, kind: LayerType, held: int, sequences: int,
+                               kv_dtype: DType, element_bytes: int, eager: bool) -> int:
+    """One layer's largest moment in a transformers decoding step beyond the cache, ``held``
+    tokens in its cache: ``DynamicLayer.update`` concatenates a full layer's keys, then its values,
+    so the old and the new copy of one exist together (a beam reorder's ``index_select`` goes the
+    same way); ``DynamicSlidingWindowLayer.update`` concatenates both before it keeps their views.
+    After the copy an MLA layer expands its latent to every head (``hf_engine.mla_expand_bytes``);
+    eager attention repeats the keys and values to every query head (``repeat_kv``) beside the
+    step's scores. Beside each, the step's own tensors of its token (``decode_step_token_bytes``)."""
+    from memcalc.estimate.hf_engine import decode_step_token_bytes, mla_expand_bytes, repeats_kv
+
+    both = 2 if _window(model, kind) else 1
+    moments = [storage_bytes(sequences * held * both * _largest_cached_tensor_values(local), kv_dtype)]
+    if model.mla is not None:
+        moments.append(mla_expand_bytes(local, sequences, held, element_bytes))
+    if eager:
+        heads, head_dim = local.num_attention_heads, local.attention_head_dim
+        repeated = 2 * heads * head_dim if repeats_kv(local) else 0
+        moments.append(element_bytes * sequences * (held * repeated + 3 * heads * (held + 1)))
+    return max(moments) + decode_step_token_bytes(local, sequences, element_bytes)
+
+
+def hf_decode_step_bytes(model: ModelConfig, local: ModelConfig, before: list[int], tokens: int, sequences: int,
+                         kv_dtype: DType, element_bytes: int, eager: bool = False) -> tuple[int, int]:
+    """(the peak of the cache and the transient, the largest transient) over a transformers
+    decoding step that grows the cache to ``tokens``, layer by layer: the layers before the one
+    running hold their new cache, the others what they held before the step (``before``, tokens
+    of storage per attention layer)."""
+    values = kv_values_per_token_per_layer(local) * sequences
+    kinds = [kind for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES]
+    after = [cached_tokens(model, kind, tokens, Engine.HF, 1) for kind in kinds]
+    peak = largest = 0
+    for index, kind in enumerate(kinds):
+        transient = _hf_layer_decode_transient(model, local, kind, after[index], sequences, kv_dtype, element_bytes,
+                                               eager)
+        held = sum(after[:index]) + sum(before[index:])
+        peak, largest = max(peak, storage_bytes(values * held, kv_dtype) + transient), max(largest, transient)
+    return peak, largest
 
 
 def attention_layers(model: ModelConfig) -> int:
@@ -164,9 +240,9 @@ def _round_up(tokens: int, block: int) -> int:
 
 def cached_tokens(model: ModelConfig, kind: LayerType, tokens: int, engine: Engine, block_size: int) -> int:
     """Tokens one layer of ``kind`` holds for a sequence of ``tokens``: all of them (full attention),
-    at most the window (sliding; vLLM's SlidingWindowSpec; transformers keeps window - 1) or at
-    most one chunk (Llama 4's chunked attention: vLLM's ChunkedLocalAttentionSpec; transformers
-    keeps chunk - 1), rounded up to whole blocks by a paged engine."""
+    at most the window (sliding; vLLM's SlidingWindowSpec; transformers' storage after a decoding
+    step) or at most one chunk (Llama 4's chunked attention: vLLM's ChunkedLocalAttentionSpec),
+    rounded up to whole blocks by a paged engine."""
     limit = {LayerType.SLIDING_ATTENTION: model.sliding_window,
              LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
     if not limit:
@@ -174,10 +250,11 @@ def cached_tokens(model: ModelConfig, kind: LayerType, tokens: int, engine: Engi
     elif engine.paged:
         held = min(tokens, limit)
     else:
-        # transformers' DynamicSlidingWindowLayer keeps the last window - 1 tokens (the new one
-        # completes the window); chunked layers use the same class with the chunk as window
-        # (measured with the transformers classes: tests/test_cache_hf.py)
-        held = min(tokens, limit - 1)
+        # transformers' DynamicSlidingWindowLayer keeps a view of the last window - 1 tokens of the
+        # window it concatenated, so a decoding step leaves a window of storage (the prompt's
+        # forward leaves the whole prompt: hf_prefill_cache_tokens); chunked layers use the same
+        # class with the chunk as window (measured with the transformers classes: tests/test_cache_hf.py)
+        held = min(tokens, limit)
     return _round_up(held, block_size) if engine.paged else held
 
 
@@ -235,14 +312,13 @@ def _compute_bytes(dtype: DType) -> int:
     return BITS_PER_ELEMENT[dtype] // 8 if dtype in _FLOAT_DTYPES else 2
 
 
-def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int,
-                             grouped_experts: bool = False) -> int:
-    """The most a no-grad forward holds inside one layer, beyond the cache: at the MLP's product
-    the residual stream, the MLP input, the down projection's output and the new residual (4 x h)
-    beside the activation, up projection and product (3 x f; a plain MLP 2 x f); the largest over
-    dense and MoE layers. Checked against fake-tensor runs of the reference decoder (tests/test_validate.py).
-    Experts run one at a time there; with ``grouped_experts`` (transformers 5's generate(): its
-    default experts implementation, ``grouped_mm_experts_forward``) as ``grouped_experts_forward_bytes``.
+def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
+    """The most a no-grad forward holds inside one layer, beyond the cache, as memcalc's reference
+    decoder runs it (the paged engines' profile; ``--engine hf`` follows transformers' classes,
+    ``hf_layer_moments``): at the MLP's product the residual stream, the MLP input, the down
+    projection's output and the new residual (4 x h) beside the activation, up projection and
+    product (3 x f; a plain MLP 2 x f); the largest over dense and MoE layers, the experts one at a
+    time. Checked against fake-tensor runs of the reference decoder (tests/test_validate.py).
     Mamba and linear-attention mixers: their projection, conv, scan and gated outputs beside the
     stream (``recurrent_mixer_elements``; sized from the tensors, not measured)."""
     from memcalc.estimate.inventory import MLPRole, layer_roles
@@ -253,9 +329,7 @@ def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int
     peaks = [element_bytes * tokens * recurrent_mixer_elements(model)]
     if MLPRole.DENSE in roles:
         peaks.append(element_bytes * tokens * (4 * h + width_factor * model.intermediate_size))
-    if MLPRole.MOE in roles and grouped_experts and not _llama4_experts(model):
-        peaks.append(grouped_experts_forward_bytes(model, tokens, element_bytes))
-    elif MLPRole.MOE in roles:
+    if MLPRole.MOE in roles:
         moe = model.moe
         per_expert = tokens * moe.experts_per_token // moe.num_experts
         routed = element_bytes * (4 * tokens * h + per_expert * (3 * h + width_factor * moe.expert_intermediate_size))
@@ -263,26 +337,55 @@ def prefill_activation_bytes(model: ModelConfig, tokens: int, element_bytes: int
     return max(peaks)
 
 
-def _llama4_experts(model: ModelConfig) -> bool:
-    """Llama 4's Llama4TextExperts, a batched matmul over every expert (not grouped_mm): its
-    chunked-attention layers mark the family."""
-    return LayerType.CHUNKED_ATTENTION in model.resolved_layer_types
+def hf_layer_moments(model: ModelConfig, shape: ForwardShape, attention: Attention) -> list[int]:
+    """Each layer's largest moment beyond the cache in transformers' prompt forward: its MLP's
+    (dense, grouped experts, Llama 4's batched experts; none for a mixer-only block), its
+    attention's where that can be larger (``hf_engine.attention_moment_bytes``; eager scores on
+    top, as the reference decoder's), its Mamba or gated-delta mixer's."""
+    from memcalc.estimate.hf_engine import llama4_experts, llama4_experts_forward_bytes
+    from memcalc.estimate.inventory import MLPRole, layer_roles
+
+    e, tokens, h = shape.element_bytes, shape.tokens, model.hidden_size
+    stream = stream_tensors(model)
+    eager_sinks = attention is Attention.EAGER and sink_attention(model)
+    # gate, up, activation and product; a fused gate_up projection's output is one 2f tensor beside them
+    width_factor = (4 if model.fused_gate_up else 3) if model.mlp is MLPKind.GATED else 2
+    mlp = {MLPRole.NONE: 0}
+    if model.intermediate_size is not None:
+        mlp[MLPRole.DENSE] = e * tokens * (stream * h + width_factor * model.intermediate_size)
+    if model.moe is not None:
+        mlp[MLPRole.MOE] = (llama4_experts_forward_bytes(model, tokens, e) if llama4_experts(model)
+                            else grouped_experts_forward_bytes(model, tokens, e, stream))
+    mixer = e * tokens * recurrent_mixer_elements(model)
+    scores = (eager_scores_bytes(model, shape.sequences, shape.queries, shape.keys, e)
+              if attention is Attention.EAGER and not eager_sinks else 0)
+    moments = []
+    for role, kind in zip(layer_roles(model), model.resolved_layer_types, strict=True):
+        own = [mlp[role]]
+        if kind in KV_LAYER_TYPES:
+            own = [max(own[0], attention_moment_bytes(model, shape, eager_sinks, kind)) + scores]
+        if kind in (*MAMBA_LAYER_TYPES, LayerType.LINEAR_ATTENTION):
+            own.append(mixer)
+        moments.append(max(own))
+    return moments
 
 
-def grouped_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
+def grouped_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes: int, stream: int = 4) -> int:
     """A no-grad experts block of transformers 5 (``grouped_mm_experts_forward``) at its peak, the
     output reorder (``weighted_out[inv_perm]``), for S = tokens x k assignments: the embedding output
     (the model keeps ``inputs_embeds``), the layer's input, the residual after attention and the
     block's input (4 x h); the gathered input, the down output, the weighted output and its reorder
     (4 S x h; the last two fp32 where the router's weights are, ``MoEConfig.routing_fp32``); the router's
-    logits and fp32 probabilities (E a token), its fp32 top-k values and int64 index, the sort's ids and
+    logits (E a token, in the router's dtype), its fp32 top-k values and int64 index, the sort's ids and
     permutation, the inverse permutation, the histogram's input and the routing weights' cast; a gated
     shared expert's output (Qwen's runs first; the others' after the experts). Wide experts (h < 3 I)
     peak at the gated activation instead. Measured on fake tensors with transformers'
     Qwen3MoeForCausalLM, MixtralForCausalLM and Glm4MoeForCausalLM (tests/test_inference.py)."""
     moe, h, e = model.moe, model.hidden_size, element_bytes
     assignments = tokens * moe.experts_per_token
-    router = tokens * moe.num_experts * (e + FP32_BYTES) + assignments * (2 * FP32_BYTES + 4 * INDEX_BYTES + e)
+    # the router's logits, in its dtype, stay for the model's output; its probabilities are gone
+    logits = FP32_BYTES if moe.routing_fp32 else e
+    router = tokens * moe.num_experts * logits + assignments * (2 * FP32_BYTES + 4 * INDEX_BYTES + e)
     # Qwen's gated shared expert runs before the experts (its output waits beside them); the others' after
     shared = moe.num_shared_experts * tokens * h * e if moe.shared_expert_gate else 0
     # fp32 routing weights make the weighted output and its reorder fp32
@@ -291,7 +394,7 @@ def grouped_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes
     # (its gate and up halves are views), the activation and the product (S x (h + 4 I))
     width = (4 if model.mlp is MLPKind.GATED else 2) * moe.expert_intermediate_size
     experts = max(assignments * h * (2 * e + 2 * weighted), assignments * (h + width) * e)
-    return e * 4 * tokens * h + experts + router + shared
+    return e * stream * tokens * h + experts + router + shared
 
 
 def recurrent_mixer_elements(model: ModelConfig) -> int:
@@ -397,6 +500,14 @@ def weight_components(local: ModelConfig, settings: InferSettings) -> tuple[int,
     return breakdown.total_bytes, [row for row in rows if row.bytes]
 
 
+def resolved_attention(model: ModelConfig, settings: InferSettings) -> Attention:
+    """The attention generate() runs: as asked, but eager for a class without an SDPA path
+    (gpt-oss's sinks, ``hf_engine.sink_attention``) under the hf engine."""
+    if settings.engine is Engine.HF and settings.attention is Attention.SDPA and sink_attention(model):
+        return Attention.EAGER
+    return settings.attention
+
+
 def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     params = count_params(model)
     local = tensor_parallel_view(model, settings.tp)
@@ -419,33 +530,75 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     # Prefill: one forward over the prompt, or chunks of it; its layer transient, then the final
     # hidden states and the logits (of the last position, or all), and the first token's choice.
     chunk = min(settings.prefill_chunk or prompt, prompt)
-    layer = prefill_activation_bytes(local, sequences * chunk, e, grouped_experts=engine is Engine.HF)
-    if settings.attention is Attention.EAGER:
-        layer += eager_scores_bytes(local, sequences, chunk, prompt, e)
+    attention = resolved_attention(model, settings)
+    forward_wide = 0  # rotary tables and masks the model's forward keeps for all its layers
+    if engine is Engine.HF:
+        forward = ForwardShape(sequences, chunk, prompt, e)
+        moments = hf_layer_moments(local, forward, attention)
+        shown = max(moments)
+        forward_wide = (rope_table_bytes(local, chunk, e) + mask_bytes(local, forward, attention is Attention.EAGER)
+                        + generate_bookkeeping_bytes(sequences, prompt))
+        prefill_held = hf_prefill_cache_tokens(model, prompt, chunk)
+        layer_values = kv_values_per_token_per_layer(local) * sequences  # one layer's, a token
+        kv_prompt = storage_bytes(layer_values * sum(prefill_held), kv_dtype)
+        if settings.prompt_len is not None and not shape.generating:  # no decoding step replaces the prompt's storage
+            kv_cache = kv_prompt
+        elif shape.generating and settings.resolved_decoding is Decoding.BEAM:
+            # a beam reorder's index_select copies a sliding layer's view alone: window - 1 tokens
+            held_after_reorder = [min(shape.cached, _window(model, kind) - 1) if _window(model, kind) else shape.cached
+                                  for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES]
+            kv_cache = storage_bytes(layer_values * sum(held_after_reorder), kv_dtype)
+        # layer by layer: the caches of the layers run so far beside the running layer's moment
+        held = iter(prefill_held)
+        cache_so_far, layer_peak = 0, 0
+        for kind, moment in zip(model.resolved_layer_types, moments, strict=True):
+            if kind in KV_LAYER_TYPES:
+                cache_so_far += storage_bytes(layer_values * next(held), kv_dtype)
+            layer_peak = max(layer_peak, cache_so_far + moment)
+        # counted below beside the whole prompt's cache
+        layer = layer_peak - kv_prompt
+    else:
+        layer = prefill_activation_bytes(local, sequences * chunk, e)
+        if attention is Attention.EAGER:
+            layer += eager_scores_bytes(local, sequences, chunk, prompt, e)
+        shown = layer
     logit_positions = chunk if settings.prefill_logits is PrefillLogits.ALL else 1
     choice = sequences * vocab * sampling_bytes_per_logit(settings)
     # the logits in the compute dtype and their fp32 upcast, then the fp32 scores for the choice
     prefill_logits = max(sequences * logit_positions * vocab * (e + FP32_BYTES), sequences * vocab * e + choice)
-    prefill_activations = max(layer, e * sequences * chunk * local.hidden_size)
-    prefill = max(layer, e * sequences * chunk * local.hidden_size + prefill_logits)
+    prefill_activations = max(shown, e * sequences * chunk * local.hidden_size) + forward_wide
+    prefill = max(layer, e * sequences * chunk * local.hidden_size + prefill_logits) + forward_wide
 
-    # Decoding: a hf engine concatenates one layer's cache at a time (old and new exist together)
-    # or reorders it for beams; a paged engine writes in place. Then the step's fp32 logits and
+    # Decoding: a hf engine concatenates a layer's keys, then its values (the old and new copy of
+    # one exist together) or reorders them for beams, from a cache whose sliding layers still hold
+    # the prompt at the first step; a paged engine writes in place. Then the step's fp32 logits and
     # the token choice.
-    decode_copy = kv_cache // max(attention_layers(model), 1) if shape.generating and engine is Engine.HF else 0
     decode_logits = choice if shape.generating else 0
     phases = {"prefill": weights + kv_prompt + state + prefill}
-    if shape.generating:
-        phases["decode"] = weights + kv_cache + state + decode_copy + decode_logits
+    decode_copy = 0
+    if shape.generating and engine is Engine.HF:
+        eager = attention is Attention.EAGER
+        first, _ = hf_decode_step_bytes(model, local, prefill_held, prompt + 1, sequences, kv_dtype, e, eager)
+        kinds = [kind for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES]
+        before_last = [cached_tokens(model, kind, shape.cached - 1, Engine.HF, 1) for kind in kinds]
+        last, decode_copy = hf_decode_step_bytes(model, local, before_last, shape.cached, sequences, kv_dtype, e,
+                                                 eager)
+        # fla's fused recurrent step returns a new recurrent state beside the cached one (mamba_ssm's
+        # selective_state_update writes its state in place)
+        la = local.linear_attention
+        state_copy = 0 if la is None else storage_bytes(sequences * la.recurrent_state_values, DType.FP32)
+        decode_copy = max(decode_copy, state_copy)
+        phases["decode"] = (weights + state + max(first, last, max(kv_prompt, kv_cache) + state_copy) + decode_logits
+                            + generate_bookkeeping_bytes(sequences, shape.cached + 1))
+    elif shape.generating:
+        phases["decode"] = weights + kv_cache + state + decode_logits
     overhead = DEFAULT_OVERHEAD_BYTES if settings.overhead_bytes is None else settings.overhead_bytes
     rule_of_thumb = -(-weights * RULE_OF_THUMB_FACTOR_NUMERATOR // RULE_OF_THUMB_FACTOR_DENOMINATOR)
 
     tokens_note = "(prompt+new-1)" if settings.prompt_len is not None else "context"
     rounding = f", rounded to {block}-token blocks" if engine.paged else ""
     window = f", sliding layers capped at {model.sliding_window}" if model.num_sliding_layers else ""
-    kv_formula = ("L x (kv_lora_rank + rope) latent" if model.mla is not None and engine.paged
-                  else "L x heads x (k + v head dims)" if model.mla is not None
-                  else "2L x kv_heads x head_dim")
+    kv_formula = "L x (kv_lora_rank + rope) latent" if model.mla is not None else "2L x kv_heads x head_dim"
     if attention_layers(model) != model.num_layers:  # only the attention layers cache keys and values
         kv_formula = f"{attention_layers(model)} of {model.num_layers} layers: " + kv_formula.replace("2L", "2").replace(
             "L x ", "")
@@ -462,12 +615,14 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
                   f"state) x {kv_dtype.value} x seqs",
                   "transformers cache_utils.LinearAttentionLayer; vLLM MambaSpec (conv_kernel - 1 columns)"),
         Component("activations", "Activations (peak)", max(prefill_activations, decode_copy), Kind.DYNAMIC,
-                  "one layer's prefill forward" + (", eager scores" if settings.attention is Attention.EAGER else "")
+                  "one layer's prefill forward" + (", eager scores" if attention is Attention.EAGER else "")
                   + (" (Mamba/linear-attention mixer sized from its tensors, unmeasured)"
                      if recurrent_mixer_elements(model) else "")
                   + (f", {chunk}-token chunks" if chunk < prompt else "")
-                  + ("; decode: a layer's cache copy" if decode_copy else ""),
-                  "reference decoder, fake-tensor measurement (tests/test_validate.py)"),
+                  + ("; decode: the latent's expansion" if decode_copy and model.mla is not None
+                     else "; decode: a layer's key or value copy" if decode_copy else ""),
+                  "transformers 5.25's classes, fake tensors (tests/test_inference_hf.py)" if engine is Engine.HF
+                  else "reference decoder, fake-tensor measurement (tests/test_validate.py)"),
         Component("logits", "Logits and token choice", max(prefill_logits, decode_logits), Kind.DYNAMIC,
                   f"{'all' if logit_positions > 1 else 'last'}-position logits, fp32 scores, {decoding.value}"
                   + (f" ({sampling_bytes_per_logit(settings)} B/logit)" if decoding is Decoding.SAMPLE else ""),
@@ -498,7 +653,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
         num_beams=settings.num_beams, num_return_sequences=settings.num_return_sequences, sequences=sequences,
         top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature, prompt_len=prompt,
         max_new_tokens=settings.max_new_tokens, context_len=shape.cached, prefill_logits=settings.prefill_logits,
-        prefill_chunk=chunk, attention=settings.attention, engine=engine,
+        prefill_chunk=chunk, attention=attention, engine=engine,
         block_size=block if engine.paged else None, tp=settings.tp, kv_cache_bytes_per_token=per_token,
         kv_cache_bytes_per_sequence=kv_cache // sequences, sliding_window=model.sliding_window,
         sliding_layers=model.num_sliding_layers, attention_layers=attention_layers(model),

@@ -80,7 +80,8 @@ def _measure(device: str, run):
 
 
 def run_inference_validation(
-    model: ModelConfig, settings: InferSettings, estimate: Estimate, device: str, force: bool, progress=None
+    model: ModelConfig, settings: InferSettings, estimate: Estimate, device: str, force: bool, progress=None,
+    impl: str = "reference",
 ) -> Comparison:
     from memcalc.validate.run import TORCH_DTYPES, InferWorkload, measure_inference
 
@@ -90,6 +91,9 @@ def run_inference_validation(
         raise InputError("--workload infer needs --prompt (and --max-new-tokens) to describe the generate() run")
     if device == "cuda":
         check_fits(estimate, force)
+    if impl == "reference" and model.mla is not None:
+        raise InputError("--workload infer: the reference decoder caches MLA's expanded keys and values; transformers 5 "
+                         "caches the latent, as memcalc estimates: use --impl hf")
     if settings.weights not in (None, settings.dtype.value) or settings.tp > 1 or settings.engine.value != "hf":
         raise InputError("validation runs a Hugging Face style generate() of the reference model on one device: "
                          "--weights, --tp and --engine paged are estimated only")
@@ -97,8 +101,10 @@ def run_inference_validation(
                              new_tokens=max(settings.max_new_tokens, 1), num_beams=settings.num_beams,
                              decoding=settings.resolved_decoding.value,
                              num_return_sequences=settings.num_return_sequences, top_k=settings.top_k,
-                             top_p=settings.top_p, temperature=settings.temperature)
-    measurement = _measure(device, lambda: measure_inference(model, workload, device, progress, record=True))
+                             top_p=settings.top_p, temperature=settings.temperature,
+                             attention=settings.attention.value)
+    measurement = _measure(device, lambda: measure_inference(model, workload, device, progress, record=True,
+                                                             impl=impl))
     return compare_inference(estimate, measurement)
 
 

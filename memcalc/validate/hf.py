@@ -49,6 +49,9 @@ def transformers_config(model: ModelConfig) -> Any:
             raise InputError("--impl hf: MoE with shared experts or dense layers is measured with --impl reference")
         return transformers.MixtralConfig(num_local_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
                                           **{**llama_like, "intermediate_size": moe.expert_intermediate_size})
+    if model.sliding_window is not None and not model.sliding_window_pattern and not model.layer_types:
+        # every layer slides (Mistral v0.1): MistralConfig's class applies the window, Llama's would not
+        return transformers.MistralConfig(sliding_window=model.sliding_window, **llama_like)
     if model.qkv_bias:
         return transformers.Qwen2Config(**llama_like)
     if model.hidden_act == "gelu_tanh":
@@ -144,5 +147,6 @@ def build_hf_model(model: ModelConfig, attention: str):
     import transformers
 
     config = hf_config_for(model)
-    config._attn_implementation = "eager" if attention == "eager" else "sdpa"
+    # gpt-oss's class has no SDPA path (its sink logits): transformers runs it eager
+    config._attn_implementation = "eager" if attention == "eager" or model.attention_sinks else "sdpa"
     return transformers.AutoModelForCausalLM.from_config(config)

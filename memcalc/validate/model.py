@@ -188,8 +188,14 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if cache is not None:
             if cache[layer_index] is not None:
+                # transformers' DynamicLayer.update: the keys, then the values, so one of them is
+                # copied at a time
                 past_k, past_v = cache[layer_index]
-                k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+                cache[layer_index] = None
+                k = torch.cat((past_k, k), dim=-2)
+                del past_k
+                v = torch.cat((past_v, v), dim=-2)
+                del past_v
             cache[layer_index] = (k, v)
         if self.attention != "eager":
             # SDPA reads grouped K/V heads directly (enable_gqa, as transformers' sdpa_attention_forward

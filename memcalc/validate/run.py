@@ -421,6 +421,7 @@ class InferWorkload:
     top_k: int | None = None
     top_p: float | None = None
     temperature: float = 1.0
+    attention: str = "sdpa"  # sdpa | eager (the transformers class: its own fallback where it has no SDPA path)
 
 
 def _sample(scores: torch.Tensor, workload: InferWorkload) -> torch.Tensor:
@@ -447,6 +448,64 @@ def _sample(scores: torch.Tensor, workload: InferWorkload) -> torch.Tensor:
     return torch.multinomial(probs, num_samples=1)
 
 
+def _choose(scores: torch.Tensor, workload: InferWorkload, decoding: str, beams: int, beam_scores: torch.Tensor):
+    """generate()'s token choice from a step's fp32 scores: (next tokens, beam scores, the beams'
+    source rows or None)."""
+    if decoding == "sample":
+        return _sample(scores, workload), beam_scores, None
+    if beams == 1:
+        return scores.argmax(dim=-1, keepdim=True), beam_scores, None
+    vocab = scores.shape[-1]
+    log_probs = F.log_softmax(scores, dim=-1) + beam_scores.reshape(-1, 1)
+    top_scores, top_indices = torch.topk(log_probs.view(-1, beams * vocab), 2 * beams, dim=1)
+    del log_probs
+    source_beam = (top_indices[:, :beams] // vocab)
+    next_tokens = (top_indices[:, :beams] % vocab).reshape(-1, 1)
+    offsets = (torch.arange(source_beam.shape[0]) * beams).view(-1, 1)
+    return next_tokens, top_scores[:, :beams], (source_beam + offsets).view(-1)
+
+
+@torch.no_grad()
+def _generate_hf(model, input_ids: torch.Tensor, workload: InferWorkload, on_prefill):
+    """``_generate``'s loop over a transformers class and its own cache (a DynamicCache built by
+    the model's first forward, last-position logits every step, ``reorder_cache`` for beams)."""
+    decoding = workload.decoding or ("beam" if workload.num_beams > 1 else "greedy")
+    beams = workload.num_beams if decoding == "beam" else 1
+    expand = beams if decoding == "beam" else workload.num_return_sequences
+    sequences = tokens = input_ids.repeat_interleave(expand, dim=0)
+    mask = torch.ones(tokens.shape, dtype=torch.long)  # generate()'s attention mask, grown each step
+    beam_scores = torch.zeros(input_ids.shape[0], beams, dtype=torch.float32)
+    from memcalc.validate.hf_forward import cache_keyword, returned_cache
+
+    keyword, cache, beam_index = cache_keyword(model), None, None
+    for step in range(workload.new_tokens):
+        if step:  # generate()'s token ids so far and its mask, each grown by concatenation
+            sequences = torch.cat([sequences.index_select(0, beam_index) if beam_index is not None else sequences,
+                                   tokens], dim=-1)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        output = model(input_ids=tokens, attention_mask=mask, use_cache=True, logits_to_keep=1, **{keyword: cache})
+        cache = returned_cache(output)
+        scores = output.logits[:, -1, :].to(dtype=torch.float32, copy=True)
+        del output
+        if step == 0:
+            on_prefill(cache)
+        tokens, beam_scores, beam_index = _choose(scores, workload, decoding, beams, beam_scores)
+        if beam_index is not None:  # the step's scores still held, as generate() holds its own
+            cache.reorder_cache(beam_index)
+        del scores
+    return cache
+
+
+def hf_cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a transformers cache holds (keys and values; conv and recurrent states)."""
+    held = []
+    for layer in cache.layers:
+        for name in ("keys", "values", "conv_states", "recurrent_states"):
+            value = getattr(layer, name, None)
+            held.extend(value.values() if isinstance(value, dict) else [value])
+    return [tensor for tensor in held if isinstance(tensor, torch.Tensor)]
+
+
 @torch.no_grad()
 def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, on_prefill) -> list:
     decoding = workload.decoding or ("beam" if workload.num_beams > 1 else "greedy")
@@ -464,38 +523,44 @@ def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, 
             on_prefill(caches)
         scores = logits[:, -1, :].to(dtype=torch.float32, copy=True)
         del logits
-        if decoding == "sample":
-            next_tokens = _sample(scores, workload)
-        elif beams == 1:
-            next_tokens = scores.argmax(dim=-1, keepdim=True)
-        else:
-            vocab = scores.shape[-1]
-            log_probs = F.log_softmax(scores, dim=-1) + beam_scores.reshape(-1, 1)
-            top_scores, top_indices = torch.topk(log_probs.view(-1, beams * vocab), 2 * beams, dim=1)
-            del log_probs
-            beam_scores = top_scores[:, :beams]
-            source_beam = (top_indices[:, :beams] // vocab)
-            next_tokens = (top_indices[:, :beams] % vocab).reshape(-1, 1)
-            offsets = (torch.arange(source_beam.shape[0]) * beams).view(-1, 1)
-            beam_index = (source_beam + offsets).view(-1)
-            # DynamicCache.reorder_cache: layer by layer, so one layer's copy exists at a time
-            for index, (keys, values) in enumerate(caches):
-                caches[index] = (keys.index_select(0, beam_index), values.index_select(0, beam_index))
+        tokens, beam_scores, beam_index = _choose(scores, workload, decoding, beams, beam_scores)
+        if beam_index is not None:
+            # DynamicCache.reorder_cache: layer by layer, the keys then the values, so one of them
+            # is copied at a time
+            for index in range(len(caches)):
+                keys, values = caches[index]
+                caches[index] = None
+                keys = keys.index_select(0, beam_index)
+                caches[index] = (keys, values)
+                del values
+                caches[index] = (keys, caches[index][1].index_select(0, beam_index))
+                del keys
         del scores
-        tokens = next_tokens
     return caches
 
 
 def measure_inference(model_config: ModelConfig, workload: InferWorkload, device: str = "fake", progress=None,
-                      record: bool = False):
+                      record: bool = False, impl: str = "reference"):
+    """A generate() run of the reference decoder, or with ``impl="hf"`` of the transformers class
+    (``memcalc.validate.hf.build_hf_model``; on fake tensors its SDPA calls allocate as CUDA's
+    kernels do, ``memcalc.validate.hf_forward.cuda_sdpa_allocations``)."""
     progress = progress or (lambda description: None)
     torch_device = "cuda" if device == "cuda" else "cpu"
     tracker = LiveBytesTracker(round_to=CUDA_BLOCK_BYTES if device == "cuda" else 1, record=record)
     meter = _Meter(device, tracker)
     kv_after_prefill = 0
-    with _device_context(device), tracker, torch.device(torch_device):
+    if impl == "hf":
+        from memcalc.validate.hf import build_hf_model
+        from memcalc.validate.hf_forward import generate_kernels
+
+        kernels = generate_kernels() if device == "fake" else contextlib.nullcontext()
+        held = hf_cache_tensors
+    else:
+        kernels = contextlib.nullcontext()
+        held = lambda caches: [t for pair in caches for t in pair]  # noqa: E731
+    with _device_context(device), tracker, torch.device(torch_device), kernels:
         with _default_dtype(TORCH_DTYPES[workload.dtype]):
-            model = Decoder(model_config)
+            model = build_hf_model(model_config, workload.attention) if impl == "hf" else Decoder(model_config)
         model.eval()
         weights = tracker.storage_bytes(list(model.parameters()) + list(model.buffers()))
         tracker.static_bytes = weights
@@ -503,19 +568,19 @@ def measure_inference(model_config: ModelConfig, workload: InferWorkload, device
 
         def on_prefill(caches) -> None:
             nonlocal kv_after_prefill
-            kv_after_prefill = tracker.storage_bytes([t for pair in caches for t in pair])
+            kv_after_prefill = tracker.storage_bytes(held(caches))
             progress("decoding")
 
         progress("prefill")
         meter.start()
-        caches = _generate(model, input_ids, workload, on_prefill)
+        caches = (_generate_hf if impl == "hf" else _generate)(model, input_ids, workload, on_prefill)
         generate = meter.stop()
         cuda = {}
         if device == "cuda":
             cuda = _cuda_statistics()
             cuda["peak_allocated"] = generate.cuda_peak_bytes
         # prompt + new_tokens - 1 positions were fed through the model: the last token is chosen, not cached
-        kv_final = tracker.storage_bytes([t for pair in caches for t in pair])
+        kv_final = tracker.storage_bytes(held(caches))
         del caches
     phases = {"generate": generate}
     components = {"weights": weights, "kv_cache_after_prefill": kv_after_prefill, "kv_cache": kv_final}

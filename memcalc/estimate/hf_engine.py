@@ -1,0 +1,218 @@
+"""``infer --engine hf``: what transformers' own classes hold in ``generate()``'s no-grad forwards.
+
+Transcribed from transformers 5.25's modelling code and measured with those classes on fake tensors
+(``memcalc.validate.hf_forward`` for one prompt forward and one decoding step,
+``memcalc.validate.run.measure_inference(impl="hf")`` for a whole generate() loop; the attention
+kernels stand in for CUDA's: tests/test_inference_hf.py, docs/accuracy.md). What differs from
+memcalc's reference decoder, and so from a paged engine:
+
+- A sliding-window (or chunked) layer's cache is a view of the last ``window - 1`` tokens of the
+  states it concatenated (``DynamicSlidingWindowLayer.update``), so through the prompt's forward
+  and until that layer's first decoding step its storage still holds the whole prompt.
+- ``DynamicLayer.update`` concatenates the keys, then the values: one of them is copied at a time.
+- Multi-head latent attention (DeepSeek-V2/V3, Kimi K2, GLM-4.7-Flash) caches the compressed
+  latent and the shared rotary key, and expands them to every head's keys and values in each
+  forward (``expand_kv``).
+- The model's forward keeps the rotary tables and one attention mask per masked layer kind for
+  all its layers; SDPA gets no mask (``is_causal``) where none is needed, a boolean one for a
+  sliding or chunked layer once the prompt outgrows the window, and eager attention an additive
+  mask in the compute dtype for every layer kind.
+- gpt-oss has no SDPA path (a sink logit per head joins the softmax): its class runs eager
+  attention with the sink column concatenated to the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memcalc.config import KV_LAYER_TYPES, LayerType, MLPKind, ModelConfig, PositionKind
+
+FP32_BYTES = 4
+COMPLEX64_BYTES = 8
+INDEX_BYTES = 8  # int64 token ids and attention mask
+MASK_BYTES = 1  # torch.bool
+_MASKED_KINDS = (LayerType.SLIDING_ATTENTION, LayerType.CHUNKED_ATTENTION)
+
+
+@dataclass(frozen=True)
+class ForwardShape:
+    """One no-grad forward of ``sequences`` sequences: ``queries`` new tokens each, attending to
+    ``keys`` tokens (the prompt's forward: both the prompt)."""
+
+    sequences: int
+    queries: int
+    keys: int
+    element_bytes: int  # the compute dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.queries
+
+
+def llama4_experts(model: ModelConfig) -> bool:
+    """Llama 4's text MoE (Llama4TextMoe, a batched matmul over every expert, not grouped_mm): its
+    chunked-attention layers mark the family."""
+    return LayerType.CHUNKED_ATTENTION in model.resolved_layer_types
+
+
+def sink_attention(model: ModelConfig) -> bool:
+    """gpt-oss: transformers' class has no SDPA path (``_supports_sdpa = False``), so generate()
+    runs its eager attention unless a flash kernel with sinks is installed and asked for."""
+    return model.attention_sinks
+
+
+def stream_tensors(model: ModelConfig) -> int:
+    """Tensors of ``tokens x hidden`` alive at a layer's MLP: the embedding output (the model keeps
+    ``inputs_embeds``), the layer's input (its caller still holds it), the residual after attention
+    and the MLP's normed input (none in OLMo 2's post-norm block); Llama 4's and GPT-2's decoder
+    layers also keep their attention output (``attention_states``, ``attn_output``) until they return."""
+    from memcalc.estimate.activations import pre_norms
+
+    keeps_attention_output = llama4_experts(model) or model.position_embedding is PositionKind.LEARNED
+    return 3 + (1 if pre_norms(model) else 0) + (1 if keeps_attention_output else 0)
+
+
+def llama4_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
+    """Llama4TextMoe at its peak, the gated product: every token goes to every expert
+    (``hidden_states.repeat(num_experts, 1)`` scaled by its router score, zero where not chosen),
+    then ``bmm`` with gate_up, the activation of the gate half and the product, ``E x T x (h + 4 I)``,
+    beside the stream."""
+    moe = model.moe
+    routed = moe.num_experts * tokens * (model.hidden_size + 4 * moe.expert_intermediate_size)
+    return element_bytes * (stream_tensors(model) * tokens * model.hidden_size + routed)
+
+
+def generate_bookkeeping_bytes(sequences: int, tokens: int) -> int:
+    """What generate() itself keeps beside the model: the token ids it has so far and its all-ones
+    attention mask, int64 ``(sequences, tokens)`` each, grown by concatenation every step."""
+    return 2 * INDEX_BYTES * sequences * tokens
+
+
+def rope_table_bytes(model: ModelConfig, positions: int, element_bytes: int) -> int:
+    """The position tables (GPT-2: its learned position embeddings' output) and the rotary tables the model's forward computes once for every layer, ``(1, positions, dim)``
+    in the compute dtype: cos and sin of the rotated head dims (Llama, Qwen, Mistral, OLMo; a
+    ``partial_rotary_factor`` of them for GLM-4.5, Qwen3-Next, Phi-4-mini), of half of them
+    (gpt-oss), of the shared rotary key (MLA), of each Gemma 3 rope (local and global), or
+    Llama 4's complex64 frequencies of half the head dim."""
+    if model.position_embedding is PositionKind.LEARNED:  # GPT-2's position embeddings, (1, positions, h)
+        return positions * model.hidden_size * element_bytes
+    if model.position_embedding is not PositionKind.ROTARY:
+        return 0
+    e, head_dim = element_bytes, int(model.attention_head_dim * model.partial_rotary_factor)
+    if model.mla is not None:
+        return 2 * positions * model.mla.qk_rope_head_dim * e
+    if llama4_experts(model):
+        return positions * head_dim // 2 * COMPLEX64_BYTES
+    if model.attention_sinks:
+        return 2 * positions * head_dim // 2 * e
+    if model.qk_norm and model.norm_weight_offset and model.num_sliding_layers:
+        # Gemma 3: a rope per layer kind (local and global bases)
+        kinds = {kind for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES}
+        return 2 * len(kinds) * positions * head_dim * e
+    return 2 * positions * head_dim * e
+
+
+def _window(model: ModelConfig, kind: LayerType) -> int | None:
+    return {LayerType.SLIDING_ATTENTION: model.sliding_window,
+            LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
+
+
+def masked_kinds(model: ModelConfig, shape: ForwardShape, eager: bool) -> tuple[LayerType, ...]:
+    """The attention layer kinds whose forward gets a mask: every kind under eager attention; under
+    SDPA a sliding or chunked kind whose window the keys outgrow (transformers' sdpa_mask skips a
+    mask the kernel's ``is_causal`` makes redundant; a decoding step's single query needs none)."""
+    kinds = dict.fromkeys(kind for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES)
+    if eager:
+        return tuple(kinds)
+    if shape.queries == 1:
+        return ()
+    return tuple(kind for kind in kinds if kind in _MASKED_KINDS and shape.keys > (_window(model, kind) or shape.keys))
+
+
+def mask_bytes(model: ModelConfig, shape: ForwardShape, eager: bool) -> int:
+    """The masks the model's forward builds once for all its layers, ``(sequences, 1, queries,
+    keys)``: boolean for SDPA, additive in the compute dtype for eager attention."""
+    per_mask = shape.sequences * shape.queries * shape.keys
+    return len(masked_kinds(model, shape, eager)) * per_mask * (shape.element_bytes if eager else MASK_BYTES)
+
+
+def repeats_kv(model: ModelConfig) -> bool:
+    """Whether transformers' ``repeat_kv`` copies the keys and values to every query head: with
+    grouped heads it must (the expanded view cannot be reshaped in place); one shared head (MQA)
+    reshapes to a view."""
+    return 1 < model.kv_heads < model.num_attention_heads
+
+
+def sink_attention_bytes(model: ModelConfig, shape: ForwardShape) -> int:
+    """gpt-oss's eager attention at its softmax: the masked scores, the scores with the sink column
+    concatenated and their shift by the row maximum (``heads x queries x (3 keys + 2)``; the
+    softmax runs in the scores' dtype and replaces the concatenation), beside the keys and values
+    repeated to every head, the rotated queries, and the embedding, layer input and normed input."""
+    e, heads, head_dim = shape.element_bytes, model.num_attention_heads, model.attention_head_dim
+    scores = shape.sequences * heads * shape.queries * (3 * shape.keys + 2)
+    repeated = 2 * shape.sequences * heads * shape.keys * head_dim if repeats_kv(model) else 0
+    queries = shape.tokens * heads * head_dim
+    return e * (3 * shape.tokens * model.hidden_size + queries + repeated + scores)
+
+
+def mla_attention_bytes(model: ModelConfig, shape: ForwardShape) -> int:
+    """DeepSeek's attention at SDPA's output copy (``transpose(1, 2).contiguous()``): the query
+    projection, its rotated rotary part and the concatenated query (``q_b_proj`` out, ``q_rot``,
+    ``query_states``), the latent projection (``compressed_kv``, held by its rotary key's view), the
+    latent expanded to every head's keys and values (``kv_b_proj`` out, the assembled
+    ``key_states``), the kernel's output and its copy, beside the embedding, layer input and normed
+    input."""
+    mla, heads = model.mla, model.num_attention_heads
+    per_query = heads * (2 * mla.qk_head_dim + mla.qk_rope_head_dim + 2 * mla.v_head_dim) + mla.latent_width
+    per_key = heads * (mla.qk_nope_head_dim + mla.v_head_dim + mla.qk_head_dim)
+    return shape.element_bytes * (shape.tokens * (3 * model.hidden_size + per_query)
+                                  + shape.sequences * shape.keys * per_key)
+
+
+def decode_step_token_bytes(model: ModelConfig, sequences: int, element_bytes: int) -> int:
+    """A decoding step's own tensors of its one token at a layer's cache update: the embedding,
+    the layer's input and its normed input, the rotated query and the new key and value (MLA: the
+    query projection, its rotary part and the concatenated query, and the latent projection)."""
+    h, heads = model.hidden_size, model.num_attention_heads
+    if model.mla is not None:
+        mla = model.mla
+        per_token = heads * (2 * mla.qk_head_dim + mla.qk_rope_head_dim) + mla.latent_width
+    else:
+        per_token = (heads + 2 * model.kv_heads) * model.attention_head_dim
+    return element_bytes * sequences * (3 * h + per_token)
+
+
+def mla_expand_bytes(model: ModelConfig, sequences: int, keys: int, element_bytes: int) -> int:
+    """A decoding step's transient in an MLA layer: the cached latent expanded to every head's keys
+    and values (``kv_b_proj`` out, ``key_states``) over all ``keys`` tokens."""
+    mla = model.mla
+    return element_bytes * sequences * keys * model.num_attention_heads * (
+        mla.qk_nope_head_dim + mla.v_head_dim + mla.qk_head_dim)
+
+
+def masked_sdpa_attention_bytes(model: ModelConfig, shape: ForwardShape) -> int:
+    """A sliding or chunked layer's SDPA call with its boolean mask, at the kernel's output:
+    transformers repeats the keys and values to every query head (``use_gqa_in_sdpa`` is False
+    with a mask) and CUDA's ``convert_boolean_attn_mask`` makes an additive copy of the mask in the
+    query dtype; beside them the rotated queries, the output, and the embedding, layer input and
+    normed input (the output's contiguous copy comes once the converted mask is freed)."""
+    e, heads, head_dim = shape.element_bytes, model.num_attention_heads, model.attention_head_dim
+    repeated = 2 * shape.sequences * heads * shape.keys * head_dim if repeats_kv(model) else 0
+    per_token = 3 * model.hidden_size + 2 * heads * head_dim
+    return e * (shape.tokens * per_token + repeated + shape.sequences * shape.queries * shape.keys)
+
+
+def attention_moment_bytes(model: ModelConfig, shape: ForwardShape, eager_sinks: bool, kind: LayerType) -> int:
+    """The largest attention moment of one layer of ``kind`` beyond the cache (0 where the MLP's
+    is larger by construction: plain SDPA without a mask)."""
+    if eager_sinks:
+        return sink_attention_bytes(model, shape)
+    if model.mla is not None:
+        return mla_attention_bytes(model, shape)
+    if kind in masked_kinds(model, shape, eager=False):
+        return masked_sdpa_attention_bytes(model, shape)
+    return 0
+
+
+def mlp_width_factor(model: ModelConfig) -> int:
+    return 3 if model.mlp is MLPKind.GATED else 2

@@ -1,0 +1,143 @@
+"""``infer --engine hf`` against transformers' own classes: generate() measured on fake tensors.
+
+Each row is a checkpoint's config.json from tests/data/hf_configs/ cut to a few layers (every layer
+kind kept), built as its own transformers class with fake bf16 weights and run through a
+generate() loop (``memcalc.validate.run.measure_inference(impl="hf")``: the model's own cache, last-
+position logits, fp32 scores, beam reorders), SDPA calls allocating as CUDA's kernels do and
+generate()'s all-ones attention mask (``memcalc.validate.hf_forward``). memcalc reads the same file
+and layer count. The measurement is transformers' modelling code; the estimate is
+memcalc.estimate.hf_engine's transcription of it, so a row that disagrees is a missed tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from memcalc.config import InferSettings  # noqa: E402
+from memcalc.estimate.inference import estimate_inference  # noqa: E402
+from memcalc.library import resolve_model  # noqa: E402
+from memcalc.validate.cli_support import with_layers  # noqa: E402
+
+CONFIGS = Path(__file__).parent / "data" / "hf_configs"
+TOLERANCE = 0.002  # of the measured peak
+
+
+@dataclass(frozen=True)
+class Row:
+    file: str
+    layers: int
+    batch: int
+    prompt: int
+    new_tokens: int
+    beams: int = 1
+    why: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.file.split('--')[-1].removesuffix('.json')}-L{self.layers}-b{self.batch}-p{self.prompt}+{self.new_tokens}"
+
+
+ROWS = [
+    Row("Qwen--Qwen3-8B.json", 2, 2, 512, 8, why="GQA with SDPA: the MLP's moment, rotary tables"),
+    Row("openai--gpt-oss-20b.json", 2, 2, 1024, 4, beams=2,
+        why="no SDPA path: eager attention with the sink column, repeated keys and values, two masks"),
+    Row("google--gemma-3-1b-it.json", 6, 2, 1024, 8, why="five sliding layers holding the prompt's storage"),
+    Row("google--gemma-3-1b-it.json", 2, 1, 32768, 2,
+        why="a sliding layer's boolean mask and its additive copy outgrow the MLP"),
+    Row("deepseek-ai--DeepSeek-V3.json", 2, 1, 512, 4, why="MLA: the cached latent, expanded in every forward"),
+    Row("deepseek-ai--DeepSeek-V3.json", 4, 1, 1024, 2, why="MLA with a grouped-experts layer, fp32 routing"),
+    Row("meta-llama--Llama-4-Scout-17B-16E-Instruct.json", 4, 1, 512, 4,
+        why="Llama 4's batched experts: every token through every expert"),
+    Row("synthetic/olmo2-defaults.json", 2, 1, 2048, 4, why="post-norm block: one stream tensor fewer"),
+    Row("microsoft--phi-4.json", 2, 1, 2048, 4, why="Phi-3's fused gate_up projection"),
+    Row("zai-org--GLM-4.5-Air.json", 2, 1, 1024, 2, why="a dense first layer, grouped experts, partial rotary"),
+    Row("Qwen--Qwen3-30B-A3B.json", 2, 1, 2048, 2, why="grouped experts"),
+    Row("meta-llama--Llama-3.2-1B.json", 2, 2, 64, 200, why="decoding's peak: the last step's key copy"),
+]
+
+
+def _model(row: Row):
+    return with_layers(resolve_model(str(CONFIGS / row.file)), row.layers)
+
+
+def _weights(estimate) -> int:
+    return sum(component.bytes for component in estimate.components if component.key.startswith("weights"))
+
+
+def _settings(row: Row) -> InferSettings:
+    # the checkpoints' quantised formats are not built: the class gets bf16 weights
+    return InferSettings(batch_size=row.batch, prompt_len=row.prompt, max_new_tokens=row.new_tokens,
+                         num_beams=row.beams, weights="bf16")
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_generate_peak_matches_the_transformers_class(row: Row):
+    from memcalc.validate.run import InferWorkload, measure_inference
+
+    model = _model(row)
+    estimate = estimate_inference(model, _settings(row))
+    measured = measure_inference(model, InferWorkload(batch_size=row.batch, prompt_len=row.prompt,
+                                                      new_tokens=row.new_tokens, num_beams=row.beams), impl="hf")
+    # above the weights: a multimodal file's vision tower is estimated, the text class has none
+    above = estimate.peak_allocated - _weights(estimate)
+    assert abs(above - (measured.total - measured.components["weights"])) <= TOLERANCE * measured.total, row.why
+    assert estimate.component("kv_cache").bytes == pytest.approx(measured.components["kv_cache"], rel=1e-3)
+
+
+@pytest.mark.parametrize("row", ROWS[:6], ids=[row.id for row in ROWS[:6]])
+def test_each_phase_matches_its_forward(row: Row):
+    """The prompt's forward and one decoding step, each against its own phase: the decoding phase
+    is the step's forward plus generate()'s fp32 scores of the choice (the forward alone has none)."""
+    from memcalc.validate.hf_forward import hf_config_data, measure_hf_forward
+
+    model = _model(row)
+    estimate = estimate_inference(model, InferSettings(batch_size=row.batch, prompt_len=row.prompt, max_new_tokens=2,
+                                                       weights="bf16"))
+    measured = measure_hf_forward(hf_config_data(CONFIGS / row.file, row.layers), row.batch, row.prompt)
+    weights = _weights(estimate)
+    # the rotary inv_freq buffers; DeepSeek's routers, which transformers keeps in fp32
+    assert weights == pytest.approx(measured.weights, rel=2e-4)
+    prefill = estimate.phases["prefill"] - weights
+    assert abs(prefill - measured.prefill) <= TOLERANCE * measured.prefill, row.why
+    choice = row.batch * model.vocab_size * 4  # generate()'s fp32 scores (greedy)
+    decode = estimate.phases["decode"] - weights - choice
+    assert abs(decode - measured.decode) <= TOLERANCE * measured.decode, row.why
+
+
+def test_gated_delta_prefill_with_flash_linear_attention():
+    """Qwen3-Next's prompt forward (three gated delta nets and a gated attention layer) with fla's
+    chunked kernel, as on a GPU with flash-linear-attention installed (memcalc.validate.gated_delta)."""
+    from memcalc.validate import gated_delta
+
+    if not gated_delta.available():
+        pytest.skip("fla and triton are not importable")
+    from memcalc.validate.hf_forward import hf_config_data, measure_hf_forward
+
+    row = Row("Qwen--Qwen3-Next-80B-A3B-Instruct.json", 4, 1, 1024, 2)
+    model = _model(row)
+    estimate = estimate_inference(model, _settings(row))
+    measured = measure_hf_forward(hf_config_data(CONFIGS / row.file, row.layers), 1, row.prompt,
+                                  kernels=gated_delta.gated_delta_kernels())
+    weights = _weights(estimate)
+    prefill = estimate.phases["prefill"] - weights
+    assert abs(prefill - measured.prefill) <= TOLERANCE * measured.prefill
+    # the decoding step is not compared: the harness routes fla's chunked kernel, not its fused
+    # recurrent step, so transformers' torch step (or causal_conv1d's, where imported) runs there
+
+
+def test_gpt_oss_prefill_is_eager_by_default():
+    """gpt-oss under the hf engine: the class has no SDPA path, so `--attention sdpa` (the default)
+    estimates eager attention, and the assumptions say so; a flash kernel with sinks does not."""
+    model = resolve_model("gpt-oss-20b")
+    default = estimate_inference(model, InferSettings(prompt_len=8192, max_new_tokens=2))
+    flash = estimate_inference(model, InferSettings(prompt_len=8192, max_new_tokens=2, attention="flash"))
+    assert default.settings.attention.value == "eager"
+    # one layer's masked scores, sink-concatenated scores and their shift: 64 heads x 8192 x (3 x 8192 + 2) x 2 B
+    scores = 64 * 8192 * (3 * 8192 + 2) * 2
+    assert default.component("activations").bytes > scores > 10 * flash.component("activations").bytes
