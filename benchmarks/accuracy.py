@@ -337,7 +337,7 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         "structure, `memcalc/validate/model.py`) and compares the second with `memcalc train` for the same "
         "settings (rows marked *hf* run the transformers class built from the config.json itself, "
         "`--impl hf`; files under `synthetic/` are transformers' configuration defaults, not Hub files); "
-        "each inference row runs a generate() loop and compares it with `memcalc infer`. *Activations* is the peak, over forward and backward, of live bytes other than parameters, "
+        "each inference row runs a generate() loop over the transformers class (*hf*: the model's own cache, SDPA allocating as CUDA's kernels do, `memcalc/validate/hf_forward.py`) and compares it with `memcalc infer`. *Activations* is the peak, over forward and backward, of live bytes other than parameters, "
         "buffers, optimizer states and the gradients accumulated so far; *total* is the peak over forward, "
         "backward and the optimizer step.",
         "",

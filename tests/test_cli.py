@@ -174,7 +174,7 @@ def test_infer_json_document(run_cli):
     # the runtime overhead is a line of its own, outside the allocator: in the device total
     assert memory["overhead"] == (400 + 32) * 2**20
     assert memory["total"] == memory["peak_allocated"]
-    assert memory["device_total"] == memory["peak_allocated"] + round(memory["peak_allocated"] * 0.0366) + memory["overhead"]
+    assert memory["device_total"] == memory["peak_allocated"] + round(memory["peak_allocated"] * 0.0566) + memory["overhead"]
     for key in ("weights", "kv_cache", "activations", "logits", "overhead", "total", "rule_of_thumb_total"):
         assert isinstance(memory[key], int)
     assert memory["rule_of_thumb_total"] == 19_272_626_996  # 1.2 * 16,060,522,496 = 19,272,626,995.2, rounded up

@@ -96,7 +96,7 @@ def test_full_recompute_and_inference_use_their_own_terms():
     assert offload.workload == "train-offload" and offload.fragmentation_percent == 12.96
     infer = estimate_inference(model, InferSettings(context_len=1024))
     memory = device.device_memory(infer)
-    assert memory.fragmentation_percent == 3.66
+    assert memory.fragmentation_percent == 5.66
     assert memory.cuda_context == infer.component("overhead").bytes and memory.nccl == 0
 
 

@@ -64,12 +64,12 @@ def test_context_only_total_is_prefill_peak_by_hand():
     assert estimate.phases == {"prefill": 68_976_648_192 * 2 + 327_680 * 4096 * 8 + 2 * 32768 * (4 * 8192 + 3 * 28672)
                                + 2 * 4096 * 128 * 2 + 2 * 8 * 8 * 4096}
     assert estimate.total == estimate.phases["prefill"]  # the allocated peak, as in training
-    # on the device: the allocator's reserve (+3.66%, inference) and, outside it, the CUDA context
+    # on the device: the allocator's reserve (+5.66%, inference) and, outside it, the CUDA context
     # 400 MiB + cuBLAS workspace 32 MiB
     from memcalc.estimate.device import device_memory
 
     memory = device_memory(estimate)
-    assert memory.device_total == estimate.total + round(estimate.total * 0.0366) + (400 + 32) * 2**20
+    assert memory.device_total == estimate.total + round(estimate.total * 0.0566) + (400 + 32) * 2**20
 
 
 def test_beams_multiply_the_cache_including_the_prompt():

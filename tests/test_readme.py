@@ -520,12 +520,15 @@ def test_accuracy_suite_counts_are_as_readme_quotes():
     full = [case for case, row in cases.items() if not row["layers"]]
     reduced = [case for case, row in cases.items() if row["layers"]]
     assert all(" hf L" in case for case in reduced)
-    full_hf = [case for case in full if " hf " in case]
+    full_hf = [case for case in full if " hf " in case and " infer " not in case]
     assert all(case.startswith("GPT-2") for case in full_hf)
     assert f"covers {len(full)} full-size configurations" in TEXT
     assert f"{len(full_hf)} of them through transformers' GPT-2 class" in TEXT
-    assert f"{len(reduced)} layer-reduced training steps" in TEXT
-    infer = [case for case in full if " infer " in case]
+    reduced_infer = [case for case in reduced if " infer " in case]
+    assert f"{len(reduced) - len(reduced_infer)} layer-reduced training steps" in TEXT
+    assert f"{len(reduced_infer)} layer-reduced generate() runs" in TEXT
+    reduced = [case for case in reduced if " infer " not in case]
+    infer = [case for case in cases if " infer " in case]
     trained = len(cases) - len(infer)
     summary = (REPO / "docs" / "accuracy.md").read_text()
     assert f"{len(cases)} configurations: {trained} training steps, {len(infer)} generate() runs." in summary
