@@ -253,3 +253,13 @@ def test_qwen3_5_reads_split_projections_and_trains():
 def test_qwen3_5_unknown_state_dtype_is_refused():
     with pytest.raises(InputError, match="mamba_ssm_dtype: 'float8' is not one of"):
         model_from_hf({**QWEN3_5_TEXT, "mamba_ssm_dtype": "float8"}, name="qwen3.5", source="qwen3.5")
+
+
+@pytest.mark.parametrize("factor", [0, 1.5, -0.25])
+def test_partial_rotary_factor_out_of_range_is_one_line_exit_2(run_cli, tmp_path, factor):
+    """partial_rotary_factor is a share of each head's dims: above 0, at most 1."""
+    data = json.loads((Path(__file__).parent / "data" / "hf_configs" / "zai-org--GLM-4.5-Air.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "partial_rotary_factor": factor}))
+    result = run_cli("infer", str(tmp_path / "config.json"), "--json")
+    assert result.exit_code == 2
+    assert "partial_rotary_factor" in result.stderr and result.stderr.count("\n") == 1

@@ -108,35 +108,19 @@ GROUPED_EXPERTS = [("Qwen--Qwen3-30B-A3B.json", 2048), ("mistralai--Mixtral-8x22
 
 @pytest.mark.parametrize(("file_name", "prompt"), GROUPED_EXPERTS)
 def test_hf_prefill_of_grouped_experts_is_measured(file_name, prompt):
-    import json
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+
     from pathlib import Path
 
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from memcalc.hf import model_from_hf
-    from memcalc.validate.hf import reduce_layers
-    from memcalc.validate.tracker import LiveBytesTracker
+    from memcalc.validate.hf_forward import hf_config_data, measure_hf_forward
 
-    data = reduce_layers(json.loads((Path(__file__).parent / "data" / "hf_configs" / file_name).read_text()), 2)
+    data = hf_config_data(Path(__file__).parent / "data" / "hf_configs" / file_name, 2)
     model = model_from_hf(dict(data), name=file_name, source=file_name)
-    config = transformers.AutoConfig.for_model(**data)
-    tracker = LiveBytesTracker()
-    previous = torch.get_default_dtype()
-    try:
-        with FakeTensorMode(), torch.device("cpu"), tracker:
-            torch.set_default_dtype(torch.bfloat16)
-            built = transformers.AutoModelForCausalLM.from_config(config).eval()
-            assert built.config._experts_implementation == "grouped_mm"
-            weights = tracker.live_bytes
-            ids = torch.randint(0, config.vocab_size, (1, prompt))
-            tracker.reset_peaks()
-            with torch.no_grad():
-                built(input_ids=ids, use_cache=True, logits_to_keep=1)
-            measured = tracker.peak_bytes - weights
-    finally:
-        torch.set_default_dtype(previous)
+    forward = measure_hf_forward(data, 1, prompt)
+    assert forward.experts_implementation == "grouped_mm"
+    measured = forward.prefill
     estimate = estimate_inference(model, InferSettings(prompt_len=prompt, max_new_tokens=1))
     estimated = estimate.phases["prefill"] - estimate.component("weights").bytes
     assert abs(estimated - measured) <= 0.002 * measured

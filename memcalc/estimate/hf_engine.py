@@ -25,12 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memcalc.config import KV_LAYER_TYPES, LayerType, MLPKind, ModelConfig, PositionKind
+from memcalc.config import KV_LAYER_TYPES, LayerType, ModelConfig, PositionKind
+from memcalc.estimate.activations import INDEX_BYTES, MASK_BYTES, pre_norms
 
-FP32_BYTES = 4
 COMPLEX64_BYTES = 8
-INDEX_BYTES = 8  # int64 token ids and attention mask
-MASK_BYTES = 1  # torch.bool
 _MASKED_KINDS = (LayerType.SLIDING_ATTENTION, LayerType.CHUNKED_ATTENTION)
 
 
@@ -66,8 +64,6 @@ def stream_tensors(model: ModelConfig) -> int:
     ``inputs_embeds``), the layer's input (its caller still holds it), the residual after attention
     and the MLP's normed input (none in OLMo 2's post-norm block); Llama 4's and GPT-2's decoder
     layers also keep their attention output (``attention_states``, ``attn_output``) until they return."""
-    from memcalc.estimate.activations import pre_norms
-
     keeps_attention_output = llama4_experts(model) or model.position_embedding is PositionKind.LEARNED
     return 3 + (1 if pre_norms(model) else 0) + (1 if keeps_attention_output else 0)
 
@@ -89,7 +85,8 @@ def generate_bookkeeping_bytes(sequences: int, tokens: int) -> int:
 
 
 def rope_table_bytes(model: ModelConfig, positions: int, element_bytes: int) -> int:
-    """The position tables (GPT-2: its learned position embeddings' output) and the rotary tables the model's forward computes once for every layer, ``(1, positions, dim)``
+    """The position tables (GPT-2: its learned position embeddings' output) and the rotary tables
+    the model's forward computes once for every layer, ``(1, positions, dim)``
     in the compute dtype: cos and sin of the rotated head dims (Llama, Qwen, Mistral, OLMo; a
     ``partial_rotary_factor`` of them for GLM-4.5, Qwen3-Next, Phi-4-mini), of half of them
     (gpt-oss), of the shared rotary key (MLA), of each Gemma 3 rope (local and global), or
@@ -112,7 +109,9 @@ def rope_table_bytes(model: ModelConfig, positions: int, element_bytes: int) -> 
     return 2 * positions * head_dim * e
 
 
-def _window(model: ModelConfig, kind: LayerType) -> int | None:
+def layer_window(model: ModelConfig, kind: LayerType) -> int | None:
+    """The tokens a layer of ``kind`` attends to at most: the sliding window, Llama 4's chunk, or
+    None (every token)."""
     return {LayerType.SLIDING_ATTENTION: model.sliding_window,
             LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
 
@@ -126,7 +125,8 @@ def masked_kinds(model: ModelConfig, shape: ForwardShape, eager: bool) -> tuple[
         return tuple(kinds)
     if shape.queries == 1:
         return ()
-    return tuple(kind for kind in kinds if kind in _MASKED_KINDS and shape.keys > (_window(model, kind) or shape.keys))
+    return tuple(kind for kind in kinds
+                 if kind in _MASKED_KINDS and shape.keys > (layer_window(model, kind) or shape.keys))
 
 
 def mask_bytes(model: ModelConfig, shape: ForwardShape, eager: bool) -> int:
@@ -213,6 +213,3 @@ def attention_moment_bytes(model: ModelConfig, shape: ForwardShape, eager_sinks:
         return masked_sdpa_attention_bytes(model, shape)
     return 0
 
-
-def mlp_width_factor(model: ModelConfig) -> int:
-    return 3 if model.mlp is MLPKind.GATED else 2

@@ -33,8 +33,14 @@ from memcalc.estimate.device import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from memcalc.estimate.hf_engine import (
     ForwardShape,
     attention_moment_bytes,
+    decode_step_token_bytes,
     generate_bookkeeping_bytes,
+    layer_window,
+    llama4_experts,
+    llama4_experts_forward_bytes,
     mask_bytes,
+    mla_expand_bytes,
+    repeats_kv,
     rope_table_bytes,
     sink_attention,
     stream_tensors,
@@ -141,7 +147,8 @@ def kv_values_per_token_per_layer(model: ModelConfig, engine: Engine = Engine.HF
     qk_rope_head_dim`` (vLLM's MLAAttentionSpec, one "head", replicated on every TP rank); so do
     transformers 5's DeepSeek classes (``DeepseekV3Attention``: the cache is updated "while latent
     KV is still compressed", then ``expand_kv`` builds every head's keys and values; measured in
-    tests/test_inference_hf.py). ``engine`` is kept for the engines' differences to come."""
+    tests/test_inference_hf.py). Every engine read today caches the same values; ``engine`` names
+    the one asked about."""
     mla = model.mla
     if mla is not None:
         return mla.latent_width
@@ -156,9 +163,9 @@ def _largest_cached_tensor_values(model: ModelConfig) -> int:
     return model.kv_heads * model.attention_head_dim
 
 
-def _window(model: ModelConfig, kind: LayerType) -> int | None:
-    return {LayerType.SLIDING_ATTENTION: model.sliding_window,
-            LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
+def kv_layer_kinds(model: ModelConfig) -> list[LayerType]:
+    """The kind of each layer that caches keys and values, in layer order."""
+    return [kind for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES]
 
 
 def hf_prefill_cache_tokens(model: ModelConfig, prompt: int, chunk: int) -> list[int]:
@@ -167,12 +174,8 @@ def hf_prefill_cache_tokens(model: ModelConfig, prompt: int, chunk: int) -> list
     states it concatenated (``DynamicSlidingWindowLayer.update``), so its storage holds the whole
     prompt (at most the view plus one chunk under chunked prefill) until that layer's first
     decoding step replaces it."""
-    held = []
-    for kind in model.resolved_layer_types:
-        if kind in KV_LAYER_TYPES:
-            limit = _window(model, kind)
-            held.append(min(prompt, limit - 1 + chunk) if limit else prompt)
-    return held
+    windows = (layer_window(model, kind) for kind in kv_layer_kinds(model))
+    return [min(prompt, limit - 1 + chunk) if limit else prompt for limit in windows]
 
 
 def _hf_layer_decode_transient(model: ModelConfig, local: ModelConfig, kind: LayerType, held: int, sequences: int,
@@ -184,9 +187,7 @@ def _hf_layer_decode_transient(model: ModelConfig, local: ModelConfig, kind: Lay
     After the copy an MLA layer expands its latent to every head (``hf_engine.mla_expand_bytes``);
     eager attention repeats the keys and values to every query head (``repeat_kv``) beside the
     step's scores. Beside each, the step's own tensors of its token (``decode_step_token_bytes``)."""
-    from memcalc.estimate.hf_engine import decode_step_token_bytes, mla_expand_bytes, repeats_kv
-
-    both = 2 if _window(model, kind) else 1
+    both = 2 if layer_window(model, kind) else 1
     moments = [storage_bytes(sequences * held * both * _largest_cached_tensor_values(local), kv_dtype)]
     if model.mla is not None:
         moments.append(mla_expand_bytes(local, sequences, held, element_bytes))
@@ -204,7 +205,7 @@ def hf_decode_step_bytes(model: ModelConfig, local: ModelConfig, before: list[in
     running hold their new cache, the others what they held before the step (``before``, tokens
     of storage per attention layer)."""
     values = kv_values_per_token_per_layer(local) * sequences
-    kinds = [kind for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES]
+    kinds = kv_layer_kinds(model)
     after = [cached_tokens(model, kind, tokens, Engine.HF, 1) for kind in kinds]
     peak = largest = 0
     for index, kind in enumerate(kinds):
@@ -217,7 +218,7 @@ def hf_decode_step_bytes(model: ModelConfig, local: ModelConfig, before: list[in
 
 def attention_layers(model: ModelConfig) -> int:
     """Layers that cache keys and values (full, sliding and chunked attention)."""
-    return sum(1 for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES)
+    return len(kv_layer_kinds(model))
 
 
 def recurrent_layers(model: ModelConfig) -> int:
@@ -243,8 +244,7 @@ def cached_tokens(model: ModelConfig, kind: LayerType, tokens: int, engine: Engi
     at most the window (sliding; vLLM's SlidingWindowSpec; transformers' storage after a decoding
     step) or at most one chunk (Llama 4's chunked attention: vLLM's ChunkedLocalAttentionSpec),
     rounded up to whole blocks by a paged engine."""
-    limit = {LayerType.SLIDING_ATTENTION: model.sliding_window,
-             LayerType.CHUNKED_ATTENTION: model.attention_chunk_size}.get(kind)
+    limit = layer_window(model, kind)
     if not limit:
         held = tokens
     elif engine.paged:
@@ -263,8 +263,7 @@ def kv_cache_bytes(model: ModelConfig, local: ModelConfig, tokens: int, sequence
     """The key/value cache of ``sequences`` sequences of ``tokens`` tokens each, on one rank, layer
     by layer: sliding-window layers keep at most the window, chunked layers at most a chunk."""
     values = kv_values_per_token_per_layer(local, engine) * sequences
-    held = sum(cached_tokens(model, kind, tokens, engine, block_size)
-               for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES)
+    held = sum(cached_tokens(model, kind, tokens, engine, block_size) for kind in kv_layer_kinds(model))
     return storage_bytes(values * held, kv_dtype)
 
 
@@ -342,7 +341,6 @@ def hf_layer_moments(model: ModelConfig, shape: ForwardShape, attention: Attenti
     (dense, grouped experts, Llama 4's batched experts; none for a mixer-only block), its
     attention's where that can be larger (``hf_engine.attention_moment_bytes``; eager scores on
     top, as the reference decoder's), its Mamba or gated-delta mixer's."""
-    from memcalc.estimate.hf_engine import llama4_experts, llama4_experts_forward_bytes
     from memcalc.estimate.inventory import MLPRole, layer_roles
 
     e, tokens, h = shape.element_bytes, shape.tokens, model.hidden_size
@@ -545,8 +543,8 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
             kv_cache = kv_prompt
         elif shape.generating and settings.resolved_decoding is Decoding.BEAM:
             # a beam reorder's index_select copies a sliding layer's view alone: window - 1 tokens
-            held_after_reorder = [min(shape.cached, _window(model, kind) - 1) if _window(model, kind) else shape.cached
-                                  for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES]
+            windows = (layer_window(model, kind) for kind in kv_layer_kinds(model))
+            held_after_reorder = [min(shape.cached, limit - 1) if limit else shape.cached for limit in windows]
             kv_cache = storage_bytes(layer_values * sum(held_after_reorder), kv_dtype)
         # layer by layer: the caches of the layers run so far beside the running layer's moment
         held = iter(prefill_held)
@@ -579,8 +577,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     if shape.generating and engine is Engine.HF:
         eager = attention is Attention.EAGER
         first, _ = hf_decode_step_bytes(model, local, prefill_held, prompt + 1, sequences, kv_dtype, e, eager)
-        kinds = [kind for kind in model.resolved_layer_types if kind in KV_LAYER_TYPES]
-        before_last = [cached_tokens(model, kind, shape.cached - 1, Engine.HF, 1) for kind in kinds]
+        before_last = [cached_tokens(model, kind, shape.cached - 1, Engine.HF, 1) for kind in kv_layer_kinds(model)]
         last, decode_copy = hf_decode_step_bytes(model, local, before_last, shape.cached, sequences, kv_dtype, e,
                                                  eager)
         # fla's fused recurrent step returns a new recurrent state beside the cached one (mamba_ssm's

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class ForwardPeaks:
     weights: int  # parameters and buffers of the built class
     prefill: int  # the prompt's forward, above the weights (its cache included)
     decode: int  # one decoding step's forward after it, above the weights (the grown cache included)
+    experts_implementation: str | None = None  # how the built class runs its experts (transformers 5: grouped_mm)
 
 
 def cuda_sdpa_allocations(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -49,16 +51,10 @@ def cuda_sdpa_allocations(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     return output
 
 
-@contextlib.contextmanager
 def cuda_attention_kernels():
     import torch
 
-    original = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = cuda_sdpa_allocations
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
+    return mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", cuda_sdpa_allocations)
 
 
 @contextlib.contextmanager
@@ -70,17 +66,14 @@ def unpadded_attention_masks():
     (sliding and chunked layers, eager attention) still carry the padding mask's batch dimension."""
     from transformers import masking_utils
 
-    fast_all, ignore = masking_utils.fast_all, masking_utils._ignore_causal_mask_sdpa
+    ignore = masking_utils._ignore_causal_mask_sdpa
 
     def ignore_unpadded(padding_mask, *args, **kwargs):
         return ignore(None, *args, **kwargs)
 
-    masking_utils.fast_all = lambda tensor: True
-    masking_utils._ignore_causal_mask_sdpa = ignore_unpadded
-    try:
+    with (mock.patch.object(masking_utils, "fast_all", lambda tensor: True),
+          mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa", ignore_unpadded)):
         yield
-    finally:
-        masking_utils.fast_all, masking_utils._ignore_causal_mask_sdpa = fast_all, ignore
 
 
 @contextlib.contextmanager
@@ -151,4 +144,4 @@ def measure_hf_forward(data: dict[str, Any], batch_size: int, prompt_len: int, d
             del output, cache
     finally:
         torch.set_default_dtype(previous)
-    return ForwardPeaks(weights, prefill, decode)
+    return ForwardPeaks(weights, prefill, decode, getattr(model.config, "_experts_implementation", None))
