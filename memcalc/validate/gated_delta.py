@@ -108,6 +108,8 @@ def gated_delta_kernels():
     packages = ["fla"] + (["causal_conv1d"] if conv_kernel_available() else [])
     from transformers.integrations import hub_kernels
 
+    # imported before the device list is widened: their decorators read it at import, for good
+    modules = [importlib.import_module(name) for name in MIXER_MODULES]
     patched: list[tuple[object, str, object]] = []
 
     def patch(owner, name, value):
@@ -123,8 +125,7 @@ def gated_delta_kernels():
     devices = hub_kernels._PACKAGE_SUPPORTED_DEVICES
     patch(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES",
           {**devices, **{package: (*devices.get(package, ()), "cpu") for package in packages}})
-    for module_name in MIXER_MODULES:
-        module = importlib.import_module(module_name)
+    for module in modules:
         for name, function, package in KERNELS:
             if package not in packages:
                 continue

@@ -12,7 +12,9 @@ from memcalc.errors import InputError
 
 # Per-layer lists of a config.json, cut with num_hidden_layers (transformers checks that
 # layer_types has one entry a layer; the others index or list layers).
-PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers", "layers_block_type")
+# a character a layer (Nemotron-H: M Mamba-2, * attention, - MLP, E MoE)
+PER_LAYER_STRINGS = ("hybrid_override_pattern",)
 LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 # Keys that make transformers build something other than the plain model class: quantised
 # checkpoints (gpt-oss's mxfp4 wants its kernels), and bookkeeping of the file.
@@ -103,6 +105,9 @@ def reduce_layers(data: dict[str, Any], num_layers: int) -> dict[str, Any]:
     reduced = {**data, "num_hidden_layers": num_layers}
     for key in PER_LAYER_LISTS:
         if isinstance(data.get(key), list):
+            reduced[key] = data[key][:num_layers]
+    for key in PER_LAYER_STRINGS:
+        if isinstance(data.get(key), str):
             reduced[key] = data[key][:num_layers]
     for key in LAYER_INDEX_LISTS:
         if isinstance(data.get(key), list):

@@ -72,8 +72,34 @@ def unpadded_attention_masks():
         return ignore(None, *args, **kwargs)
 
     with (mock.patch.object(masking_utils, "fast_all", lambda tensor: True),
-          mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa", ignore_unpadded)):
+          mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa", ignore_unpadded),
+          _no_recurrent_padding_mask(masking_utils)):
         yield
+
+
+def _unpadded_recurrent_mask(config, inputs_embeds, attention_mask, cache=None, **kwargs):
+    return None
+
+
+@contextlib.contextmanager
+def _no_recurrent_padding_mask(masking_utils):
+    """Mamba and linear-attention layers get no padding mask for an all-ones one on a GPU
+    (``create_recurrent_attention_mask`` returns None, so the mixers skip their two masking
+    products); on fake tensors transformers reads "tracing" and returns the mask. The modeling
+    modules import the function by name (some only once the class is built), so its code is
+    replaced, which every reference sees."""
+    function = getattr(masking_utils, "create_recurrent_attention_mask", None)
+    # the function inside transformers' deprecate_kwarg wrapper, whose code has no closure
+    function = getattr(function, "__wrapped__", function)
+    if function is None:
+        yield
+        return
+    code = function.__code__
+    function.__code__ = _unpadded_recurrent_mask.__code__
+    try:
+        yield
+    finally:
+        function.__code__ = code
 
 
 @contextlib.contextmanager

@@ -50,9 +50,14 @@ MIXER_MODULES = (
     "transformers.models.falcon_h1.modeling_falcon_h1",
 )
 KERNEL_NAME = "mamba2_split_conv1d_scan_combined"
+# with a cache: transformers' fallback name in those modules, the package's function, the package
+INFERENCE_KERNELS = (("causal_conv1d_fn", "causal_conv1d_fn", "causal_conv1d"),
+                     ("causal_conv1d_update", "causal_conv1d_update", "causal_conv1d"),
+                     ("mamba2_chunk_scan", "mamba_chunk_scan_combined", "mamba_ssm"),
+                     ("mamba2_selective_state_update", "selective_state_update", "mamba_ssm"))
 # mamba_ssm modules whose ``torch`` reads CUDA's device properties or autocast state
 TRITON_MODULES = ("ssd_combined", "ssd_chunk_scan", "ssd_chunk_state", "ssd_state_passing", "ssd_bmm",
-                  "layernorm_gated", "k_activations")
+                  "layernorm_gated", "k_activations", "selective_state_update")
 
 
 class MambaSourcesMissing(ImportError):
@@ -167,16 +172,21 @@ def report_unpacked(patch) -> None:
 
 
 @contextlib.contextmanager
-def mamba_kernels(sm_count: int = SM_COUNT):
-    """Inside: transformers' Mamba-2 mixers call mamba_ssm's fused Function as on CUDA, its
-    Triton launches and CUDA extensions doing nothing (see the module docstring)."""
+def _routed_to_packages(functions, sm_count: int):
+    """Inside: each (transformers fallback name, package function, package) in ``functions`` of every
+    Mamba-2 mixer module dispatches to the package, as transformers does at import where the package
+    is installed, with mamba_ssm's Triton launches and CUDA extensions doing nothing; yields mamba_ssm's
+    ``ssd_combined`` module."""
     import torch
     from triton.runtime.jit import KernelInterface
 
     ssd, _conv = _import_sources()
+    importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
     from transformers.integrations import hub_kernels
 
     _register_fake_conv_ops()
+    # imported before the device list is widened: their decorators read it at import, for good
+    modules = [importlib.import_module(name) for name in MIXER_MODULES]
     patched: list[tuple[object, str, object]] = []
 
     def patch(owner, name, value):
@@ -190,9 +200,9 @@ def mamba_kernels(sm_count: int = SM_COUNT):
         if module is not None and hasattr(module, "torch"):
             patch(module, "torch", proxy)
     patch(KernelInterface, "__getitem__", _no_launch)
-    function = ssd.MambaSplitConv1dScanCombinedFn
-    patch(function, "forward", _with_device_type(function.forward, "cpu", torch.amp.custom_fwd))
-    patch(function, "backward", _with_device_type(function.backward, "cpu", torch.amp.custom_bwd))
+    for function in (ssd.MambaSplitConv1dScanCombinedFn, ssd.MambaChunkScanCombinedFn):
+        patch(function, "forward", _with_device_type(function.forward, "cpu", torch.amp.custom_fwd))
+        patch(function, "backward", _with_device_type(function.backward, "cpu", torch.amp.custom_bwd))
     report_unpacked(patch)
     # transformers 5.25 sends inputs on a device a package does not list (mamba_ssm: CUDA only) to the
     # torch path; these fake tensors stand for CUDA ones, so mamba_ssm's path takes them
@@ -200,19 +210,33 @@ def mamba_kernels(sm_count: int = SM_COUNT):
     if devices is not None:
         patch(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES",
               {**devices, **{package: (*devices.get(package, ()), "cpu") for package in ("mamba_ssm", "causal_conv1d")}})
-    for module_name in MIXER_MODULES:
-        module = importlib.import_module(module_name)
-        fallback = getattr(module, KERNEL_NAME)
-        fallback = getattr(fallback, "__wrapped__", fallback)
-        # transformers' own dispatch, now finding mamba_ssm (what it does at import where it is installed)
-        wrapped = hub_kernels.use_kernel_func_from_hub_with_fallback("mamba_split_conv1d_scan_combined",
-                                                                     "mamba_ssm")(fallback)
-        patch(module, KERNEL_NAME, wrapped)
+    for module in modules:
+        for name, package_function, package in functions:
+            fallback = getattr(module, name)
+            fallback = getattr(fallback, "__wrapped__", fallback)
+            # transformers' own dispatch, now finding the package (what it does at import where it is installed)
+            patch(module, name, hub_kernels.use_kernel_func_from_hub_with_fallback(package_function, package)(fallback))
     try:
         yield ssd
     finally:
         for owner, name, value in reversed(patched):
             setattr(owner, name, value)
+
+
+def mamba_kernels(sm_count: int = SM_COUNT):
+    """Inside: transformers' Mamba-2 mixers call mamba_ssm's fused Function as on CUDA, its
+    Triton launches and CUDA extensions doing nothing (see the module docstring)."""
+    return _routed_to_packages(((KERNEL_NAME, "mamba_split_conv1d_scan_combined", "mamba_ssm"),), sm_count)
+
+
+def mamba_inference_kernels(sm_count: int = SM_COUNT):
+    """Inside: transformers' Mamba-2 mixers with a cache (generate()'s forwards) call what they call on
+    CUDA with mamba_ssm and causal_conv1d installed: ``causal_conv1d_fn`` for the prompt's convolution
+    and ``causal_conv1d_update`` for a decoding step's (causal_conv1d_interface.py), mamba_ssm's
+    ``mamba_chunk_scan_combined`` (ops/triton/ssd_combined.py, ``MambaChunkScanCombinedFn``) for the
+    prompt's scan and ``selective_state_update`` (ops/triton/selective_state_update.py) for a step's;
+    the gated RMSNorm and the projections stay transformers' torch code, as on a GPU."""
+    return _routed_to_packages(INFERENCE_KERNELS, sm_count)
 
 
 def build_hf_model(model, attention: str):

@@ -539,11 +539,19 @@ def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, 
     return caches
 
 
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
 def measure_inference(model_config: ModelConfig, workload: InferWorkload, device: str = "fake", progress=None,
-                      record: bool = False, impl: str = "reference"):
+                      record: bool = False, impl: str = "reference", mixer_kernels=None):
     """A generate() run of the reference decoder, or with ``impl="hf"`` of the transformers class
     (``memcalc.validate.hf.build_hf_model``; on fake tensors its SDPA calls allocate as CUDA's
-    kernels do, ``memcalc.validate.hf_forward.cuda_sdpa_allocations``)."""
+    kernels do, ``memcalc.validate.hf_forward.cuda_sdpa_allocations``); ``mixer_kernels``: a context
+    that routes the class's mixers to their packages on fake tensors
+    (``memcalc.validate.mamba.mamba_inference_kernels``)."""
     progress = progress or (lambda description: None)
     torch_device = "cuda" if device == "cuda" else "cpu"
     tracker = LiveBytesTracker(round_to=CUDA_BLOCK_BYTES if device == "cuda" else 1, record=record)
@@ -554,6 +562,8 @@ def measure_inference(model_config: ModelConfig, workload: InferWorkload, device
         from memcalc.validate.hf_forward import generate_kernels
 
         kernels = generate_kernels() if device == "fake" else contextlib.nullcontext()
+        if mixer_kernels is not None:
+            kernels = _both(kernels, mixer_kernels)
         held = hf_cache_tensors
     else:
         kernels = contextlib.nullcontext()
