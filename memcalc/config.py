@@ -43,6 +43,7 @@ class NormKind(StrEnum):
 class PositionKind(StrEnum):
     ROTARY = "rotary"  # no parameters
     LEARNED = "learned"  # a max_positions x hidden table (GPT-2, GPT-3)
+    NONE = "none"  # no position encoding (NoPE: Nemotron-H's and Jamba's attention, Mamba models)
 
 
 class LayerType(StrEnum):

@@ -74,12 +74,14 @@ HF_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
               "norm_placement": NormPlacement.POST},
     "smollm3": {**_LLAMA_STYLE, "tie_word_embeddings": True},
     "llama4_text": {**_LLAMA_STYLE},
-    "jamba": {**_LLAMA_STYLE},
-    "granitemoehybrid": {**_LLAMA_STYLE},
-    "mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE},
-    "falcon_mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE},
-    "mamba2": {**_LLAMA_STYLE, "mlp": MLPKind.NONE},
-    "nemotron_h": {**_LLAMA_STYLE},
+    # transformers' Jamba, Nemotron-H and Mamba classes build no rotary embedding (NoPE attention)
+    "jamba": {**_LLAMA_STYLE, "position_embedding": PositionKind.NONE},
+    "granitemoehybrid": {**_LLAMA_STYLE},  # rotary only with position_embedding_type "rope"
+    "mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE, "position_embedding": PositionKind.NONE},
+    "falcon_mamba": {**_LLAMA_STYLE, "tie_word_embeddings": True, "mlp": MLPKind.NONE,
+                     "position_embedding": PositionKind.NONE},
+    "mamba2": {**_LLAMA_STYLE, "mlp": MLPKind.NONE, "position_embedding": PositionKind.NONE},
+    "nemotron_h": {**_LLAMA_STYLE, "position_embedding": PositionKind.NONE},
     "falcon_h1": {**_LLAMA_STYLE},
     "gpt2": _GPT2_STYLE | {"softmax_in_fp32": False},  # eager_attention_forward: softmax in the scores' dtype
     "qwen2_vl_text": {**_LLAMA_STYLE, "qkv_bias": True},
@@ -620,7 +622,9 @@ def _read_granite_hybrid(reader: _Reader, fields: dict[str, Any]) -> None:
             defaults=dict(heads=128, head_dim=64, groups=1, state=256, conv=4, expand=2))
         # the SSD chunk, which sizes the training activations (GraniteMoeHybridConfig: 256)
         fields["mamba"]["chunk_size"] = reader.positive("mamba_chunk_size", 256)
-    reader.consumed.add("position_embedding_type")  # rope or nope: no parameters either way
+    # rope or nope, no parameters either way; GraniteMoeHybridModel builds its rotary embedding only for "rope"
+    if reader.get("position_embedding_type", None, str) != "rope":
+        fields["position_embedding"] = PositionKind.NONE
     shared = reader.positive("shared_intermediate_size", 1024)
     if reader.hf.num_experts:
         _moe_fields(reader, fields, width=fields["intermediate_size"], shared_width=shared)

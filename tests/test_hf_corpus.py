@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from memcalc.config import PositionKind
 from memcalc.errors import InputError
 from memcalc.estimate.params import count_params
 from memcalc.hf import model_from_hf
@@ -167,7 +168,7 @@ def test_changed_files_are_refused(key):
     assert "\n" not in str(info.value)
 
 
-def _meta_count(config, multimodal: bool = False) -> int:
+def _meta_model(config, multimodal: bool = False):
     import torch
     import transformers
 
@@ -175,8 +176,17 @@ def _meta_count(config, multimodal: bool = False) -> int:
     auto = transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        model = auto.from_config(config)
-    return sum(parameter.numel() for parameter in model.parameters())
+        return auto.from_config(config)
+
+
+def _meta_count(config, multimodal: bool = False) -> int:
+    return sum(parameter.numel() for parameter in _meta_model(config, multimodal).parameters())
+
+
+def _text_rotary(model) -> bool:
+    """Whether the class's language model builds a rotary embedding (a vision tower's does not count)."""
+    return any(type(module).__name__.endswith("RotaryEmbedding") for name, module in model.named_modules()
+               if "visual" not in name and "vision" not in name)
 
 
 @pytest.mark.parametrize("file_name", COUNTED)
@@ -187,8 +197,12 @@ def test_live_meta_device_build(file_name):
     multimodal = "vision_config" in data
     data = {key: value for key, value in data.items() if key not in ("quantization_config", "model_type")}
     config = transformers.AutoConfig.for_model(model_type, **data)
-    assert count_params(_model(file_name)).total == _meta_count(config, multimodal=multimodal) + \
+    built = _meta_model(config, multimodal=multimodal)
+    model = _model(file_name)
+    assert count_params(model).total == sum(parameter.numel() for parameter in built.parameters()) + \
         UNTIED_AGAINST_TRANSFORMERS.get(file_name, 0)
+    # NoPE families (Nemotron-H, Jamba, Mamba) build no rotary embedding: no rotary tables in memcalc either
+    assert (model.position_embedding is PositionKind.ROTARY) == _text_rotary(built)
 
 
 # Families with no official config.json in the corpus: transformers' own configuration classes
@@ -203,6 +217,8 @@ FAMILIES = {
     "falcon_h1#expand": {"num_hidden_layers": 2, "mamba_d_ssm": None, "mamba_d_head": 64},
     "granitemoehybrid": {"layer_types": ["mamba", "mamba", "attention", "mamba"], "num_hidden_layers": 4},
     "granitemoehybrid#dense": {"layer_types": ["mamba", "attention"], "num_hidden_layers": 2, "num_local_experts": 0},
+    "granitemoehybrid#rope": {"layer_types": ["mamba", "attention"], "num_hidden_layers": 2,
+                              "position_embedding_type": "rope"},
     "glm4_moe": {"head_dim": 128, "num_hidden_layers": 4, "use_qk_norm": True, "attention_bias": True},
     "llama4_text#interleaved": {"num_hidden_layers": 4, "interleave_moe_layer_step": 2, "hidden_size": 512,
                                 "intermediate_size": 256, "intermediate_size_mlp": 1024, "num_local_experts": 4},
@@ -234,7 +250,9 @@ def test_family_counts_equal_transformers(key):
     if "layer_types" in overrides:  # the Hub's spelling, which transformers 5 renames
         data["layer_types"] = overrides["layer_types"]
     model = model_from_hf(data, name=key, source=key)
-    assert count_params(model).total == _meta_count(config, multimodal=model_type in MULTIMODAL_TYPES)
+    built = _meta_model(config, multimodal=model_type in MULTIMODAL_TYPES)
+    assert count_params(model).total == sum(parameter.numel() for parameter in built.parameters())
+    assert (model.position_embedding is PositionKind.ROTARY) == _text_rotary(built)
 
 
 # Qwen-VL config.json shapes as the transformers classes read them: absent sub-configs and keys
