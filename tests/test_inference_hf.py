@@ -131,6 +131,52 @@ def test_gated_delta_prefill_with_flash_linear_attention():
     # recurrent step, so transformers' torch step (or causal_conv1d's, where imported) runs there
 
 
+MAMBA2_ROWS = [
+    Row("nvidia--Nemotron-H-56B-Base-8K.json", 8, 1, 1024, 4,
+        why="four Mamba-2 mixers before an attention layer: the gated norm's fp32 moment, the state's clone"),
+    Row("nvidia--Nemotron-H-56B-Base-8K.json", 8, 2, 1000, 2, why="a prompt that is no whole number of chunks"),
+    Row("nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json", 6, 2, 700, 3,
+        why="Mamba-2 mixers, grouped experts in one-mixer blocks"),
+]
+
+
+def _mamba_kernels():
+    from memcalc.validate import mamba
+
+    if not mamba.available():
+        pytest.skip("mamba_ssm, causal_conv1d and triton are not importable")
+    return mamba.mamba_inference_kernels()
+
+
+@pytest.mark.parametrize("row", MAMBA2_ROWS, ids=[row.id for row in MAMBA2_ROWS])
+def test_mamba2_generate_with_mamba_ssm(row: Row):
+    """A Mamba-2 hybrid's generate() with mamba_ssm's and causal_conv1d's kernels, as on a GPU with
+    both installed (memcalc.validate.mamba.mamba_inference_kernels): the peak, the state and KV cache
+    exact, and each phase against its own forward."""
+    from memcalc.validate.hf_forward import hf_config_data, measure_hf_forward
+    from memcalc.validate.run import InferWorkload, measure_inference
+
+    model = _model(row)
+    estimate = estimate_inference(model, _settings(row))
+    measured = measure_inference(model, InferWorkload(batch_size=row.batch, prompt_len=row.prompt,
+                                                      new_tokens=row.new_tokens), impl="hf",
+                                 mixer_kernels=_mamba_kernels())
+    above = estimate.peak_allocated - _weights(estimate)
+    assert abs(above - (measured.total - measured.components["weights"])) <= TOLERANCE * measured.total, row.why
+    # the harness's "kv_cache" is everything the model's cache holds: keys, values, conv and SSM states
+    cache = estimate.component("kv_cache").bytes + estimate.component("state_cache").bytes
+    assert cache == measured.components["kv_cache"]
+
+    weights = _weights(estimate)
+    phases = estimate_inference(model, InferSettings(batch_size=row.batch, prompt_len=row.prompt, max_new_tokens=2,
+                                                     weights="bf16")).phases
+    forward = measure_hf_forward(hf_config_data(CONFIGS / row.file, row.layers), row.batch, row.prompt,
+                                 kernels=_mamba_kernels())
+    assert abs(phases["prefill"] - weights - forward.prefill) <= TOLERANCE * forward.prefill, row.why
+    decode = phases["decode"] - weights - row.batch * model.vocab_size * 4  # less generate()'s fp32 scores
+    assert abs(decode - forward.decode) <= TOLERANCE * forward.decode, row.why
+
+
 def test_gpt_oss_prefill_is_eager_by_default():
     """gpt-oss under the hf engine: the class has no SDPA path, so `--attention sdpa` (the default)
     estimates eager attention, and the assumptions say so; a flash kernel with sinks does not."""

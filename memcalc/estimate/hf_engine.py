@@ -62,10 +62,13 @@ def sink_attention(model: ModelConfig) -> bool:
 def stream_tensors(model: ModelConfig) -> int:
     """Tensors of ``tokens x hidden`` alive at a layer's MLP: the embedding output (the model keeps
     ``inputs_embeds``), the layer's input (its caller still holds it), the residual after attention
-    and the MLP's normed input (none in OLMo 2's post-norm block); Llama 4's and GPT-2's decoder
+    (none in Nemotron-H's one-mixer blocks) and the MLP's normed input (none in OLMo 2's post-norm
+    block); Llama 4's and GPT-2's decoder
     layers also keep their attention output (``attention_states``, ``attn_output``) until they return."""
     keeps_attention_output = llama4_experts(model) or model.position_embedding is PositionKind.LEARNED
-    return 3 + (1 if pre_norms(model) else 0) + (1 if keeps_attention_output else 0)
+    # Nemotron-H's blocks hold one mixer each: no residual after an attention inside the block
+    residual_after_attention = 0 if model.separate_blocks else 1
+    return 2 + residual_after_attention + (1 if pre_norms(model) else 0) + (1 if keeps_attention_output else 0)
 
 
 def llama4_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes: int) -> int:
@@ -213,3 +216,54 @@ def attention_moment_bytes(model: ModelConfig, shape: ForwardShape, eager_sinks:
         return masked_sdpa_attention_bytes(model, shape)
     return 0
 
+
+
+def mamba2_mixer_forward_bytes(model: ModelConfig, shape: ForwardShape) -> int:
+    """A Mamba-2 mixer's prompt forward with a cache (``NemotronHMamba2Mixer``,
+    ``GraniteMoeHybridMambaLayer``, ``Mamba2Mixer``; transformers 5.25) at its peak, as a GPU with
+    mamba_ssm and causal_conv1d installed runs it, beside the embedding output, the block's input
+    and its normed input (3 x h):
+
+    * held through the mixer: in_proj's output (z, xBC, dt: 2D + 2GN + H a token; the gate and dt
+      are views of it) and causal_conv1d_fn's output (D + 2GN; x, B and C are views of it);
+    * then the most of four moments: mamba_ssm's ``_mamba_chunk_scan_combined_fwd`` passing the
+      chunk states (the fp32 ``dA_cumsum`` and ``dt``, b x H x chunks x chunk each; the fp32 chunk
+      states, b x chunks x H x P x N, beside ``_state_passing_fwd``'s output in the compute dtype),
+      its output scan (the passed states, the fp32 ``CB``, b x chunks x G x chunk^2, and ``out``,
+      T x D), the scan's output copied by ``torch.cat``, and the gated RMSNorm's fp32 input, gate
+      and ``silu(gate)`` (3 x T x D fp32) beside the copied output;
+    * not here: the layer's own state, counted with the cache (``_state_passing_fwd``'s fp32 final
+      state, until the cache copies it into a state of its own size).
+
+    No padding mask: for generate()'s all-ones mask ``create_recurrent_attention_mask`` gives None.
+    Measured on fake tensors with the classes and the packages' own Python (tests/test_inference_hf.py,
+    ``memcalc.validate.mamba.mamba_inference_kernels``)."""
+    from memcalc.estimate.activations import FP32_BYTES, mamba2_chunk_size
+
+    m, e, tokens, b = model.mamba, shape.element_bytes, shape.tokens, shape.sequences
+    inner, heads, groups, state = m.intermediate_size, m.num_heads, m.n_groups, m.state_size
+    chunk = mamba2_chunk_size(model)
+    chunks = -(-shape.queries // chunk)
+    held = e * tokens * (2 * inner + 2 * groups * state + heads) + e * tokens * (inner + 2 * groups * state)
+    cumsum = 2 * FP32_BYTES * b * heads * chunks * chunk
+    chunk_states = b * chunks * inner * state  # H x P = D
+    # the fp32 final state is the size of the state the cache then copies it into: counted there
+    passing = cumsum + chunk_states * (FP32_BYTES + e)
+    scan = cumsum + chunk_states * e + FP32_BYTES * b * chunks * groups * chunk * chunk + e * tokens * inner
+    gather = 2 * e * tokens * inner
+    norm = tokens * inner * (e + 3 * FP32_BYTES)
+    return e * 3 * tokens * model.hidden_size + held + max(passing, scan, gather, norm)
+
+
+def mamba2_decode_step_bytes(model: ModelConfig, sequences: int, element_bytes: int) -> int:
+    """A Mamba-2 mixer's decoding step at its peak, mamba_ssm's ``selective_state_update``: the clone
+    of the cached fp32 state it updates in place (``mamba2_scan_forward``'s ``recurrent_state.clone()``,
+    cached in its place afterwards), beside the step's in_proj output, ``causal_conv1d_update``'s
+    output, the update's output (D) and the stream (3 x h), one token a sequence. Measured on fake
+    tensors as ``mamba2_mixer_forward_bytes``."""
+    from memcalc.estimate.activations import FP32_BYTES
+
+    m = model.mamba
+    projection = 2 * m.intermediate_size + 2 * m.n_groups * m.state_size + m.num_heads
+    tensors = 3 * model.hidden_size + projection + m.conv_channels + m.intermediate_size
+    return sequences * (FP32_BYTES * m.ssm_state_values + element_bytes * tensors)

@@ -21,6 +21,7 @@ from memcalc.config import (
     InferSettings,
     KVDType,
     LayerType,
+    MambaVersion,
     MLPKind,
     ModelConfig,
     PrefillLogits,
@@ -38,6 +39,8 @@ from memcalc.estimate.hf_engine import (
     layer_window,
     llama4_experts,
     llama4_experts_forward_bytes,
+    mamba2_decode_step_bytes,
+    mamba2_mixer_forward_bytes,
     mask_bytes,
     mla_expand_bytes,
     repeats_kv,
@@ -355,6 +358,8 @@ def hf_layer_moments(model: ModelConfig, shape: ForwardShape, attention: Attenti
         mlp[MLPRole.MOE] = (llama4_experts_forward_bytes(model, tokens, e) if llama4_experts(model)
                             else grouped_experts_forward_bytes(model, tokens, e, stream))
     mixer = e * tokens * recurrent_mixer_elements(model)
+    mamba2 = (mamba2_mixer_forward_bytes(model, shape)
+              if model.mamba is not None and model.mamba.version is MambaVersion.MAMBA2 else None)
     scores = (eager_scores_bytes(model, shape.sequences, shape.queries, shape.keys, e)
               if attention is Attention.EAGER and not eager_sinks else 0)
     moments = []
@@ -362,7 +367,9 @@ def hf_layer_moments(model: ModelConfig, shape: ForwardShape, attention: Attenti
         own = [mlp[role]]
         if kind in KV_LAYER_TYPES:
             own = [max(own[0], attention_moment_bytes(model, shape, eager_sinks, kind)) + scores]
-        if kind in (*MAMBA_LAYER_TYPES, LayerType.LINEAR_ATTENTION):
+        if kind is LayerType.MAMBA and mamba2 is not None:
+            own.append(mamba2)
+        elif kind in (*MAMBA_LAYER_TYPES, LayerType.LINEAR_ATTENTION):
             own.append(mixer)
         moments.append(max(own))
     return moments
@@ -546,15 +553,19 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
             windows = (layer_window(model, kind) for kind in kv_layer_kinds(model))
             held_after_reorder = [min(shape.cached, limit - 1) if limit else shape.cached for limit in windows]
             kv_cache = storage_bytes(layer_values * sum(held_after_reorder), kv_dtype)
-        # layer by layer: the caches of the layers run so far beside the running layer's moment
+        # layer by layer: the caches and states of the layers run so far (the running one's
+        # included) beside the running layer's moment
         held = iter(prefill_held)
-        cache_so_far, layer_peak = 0, 0
+        cache_so_far, recurrent_so_far, layer_peak = 0, 0, 0
+        recurrent = recurrent_layers(model)
         for kind, moment in zip(model.resolved_layer_types, moments, strict=True):
             if kind in KV_LAYER_TYPES:
                 cache_so_far += storage_bytes(layer_values * next(held), kv_dtype)
-            layer_peak = max(layer_peak, cache_so_far + moment)
-        # counted below beside the whole prompt's cache
-        layer = layer_peak - kv_prompt
+            if kind in (*MAMBA_LAYER_TYPES, LayerType.LINEAR_ATTENTION):
+                recurrent_so_far += 1
+            layer_peak = max(layer_peak, cache_so_far + state * recurrent_so_far // max(recurrent, 1) + moment)
+        # counted below beside the whole prompt's cache and every layer's state
+        layer = layer_peak - kv_prompt - state
     else:
         layer = prefill_activation_bytes(local, sequences * chunk, e)
         if attention is Attention.EAGER:
@@ -573,17 +584,20 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     # the token choice.
     decode_logits = choice if shape.generating else 0
     phases = {"prefill": weights + kv_prompt + state + prefill}
-    decode_copy = 0
+    decode_copy = state_copy = 0
     if shape.generating and engine is Engine.HF:
         eager = attention is Attention.EAGER
         first, _ = hf_decode_step_bytes(model, local, prefill_held, prompt + 1, sequences, kv_dtype, e, eager)
         before_last = [cached_tokens(model, kind, shape.cached - 1, Engine.HF, 1) for kind in kv_layer_kinds(model)]
         last, decode_copy = hf_decode_step_bytes(model, local, before_last, shape.cached, sequences, kv_dtype, e,
                                                  eager)
-        # fla's fused recurrent step returns a new recurrent state beside the cached one (mamba_ssm's
-        # selective_state_update writes its state in place)
-        la = local.linear_attention
+        # a recurrent layer's step makes its new state beside the cached one: fla's fused recurrent
+        # step returns one; a Mamba-2 mixer clones the cached state for selective_state_update to
+        # update in place (mamba2_scan_forward's ``recurrent_state.clone()``), then caches the clone
+        la, mamba = local.linear_attention, local.mamba
         state_copy = 0 if la is None else storage_bytes(sequences * la.recurrent_state_values, DType.FP32)
+        if mamba is not None and mamba.version is MambaVersion.MAMBA2:
+            state_copy = max(state_copy, mamba2_decode_step_bytes(local, sequences, e))
         decode_copy = max(decode_copy, state_copy)
         phases["decode"] = (weights + state + max(first, last, max(kv_prompt, kv_cache) + state_copy) + decode_logits
                             + generate_bookkeeping_bytes(sequences, shape.cached + 1))
@@ -602,6 +616,11 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     if LayerType.CHUNKED_ATTENTION in model.resolved_layer_types:
         window += f", chunked layers capped at {model.attention_chunk_size}"
     decoding = settings.resolved_decoding
+    mamba2_measured = (engine is Engine.HF and model.mamba is not None and model.mamba.version is MambaVersion.MAMBA2
+                       and model.linear_attention is None)
+    mixer_note = (" (Mamba-2 mixers as mamba_ssm and causal_conv1d run them)" if mamba2_measured
+                  else " (Mamba/linear-attention mixer sized from its tensors, unmeasured)"
+                  if recurrent_mixer_elements(model) else "")
     components = (
         *weight_rows,
         Component("kv_cache", "KV cache", kv_cache, Kind.DYNAMIC,
@@ -613,10 +632,10 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
                   "transformers cache_utils.LinearAttentionLayer; vLLM MambaSpec (conv_kernel - 1 columns)"),
         Component("activations", "Activations (peak)", max(prefill_activations, decode_copy), Kind.DYNAMIC,
                   "one layer's prefill forward" + (", eager scores" if attention is Attention.EAGER else "")
-                  + (" (Mamba/linear-attention mixer sized from its tensors, unmeasured)"
-                     if recurrent_mixer_elements(model) else "")
+                  + mixer_note
                   + (f", {chunk}-token chunks" if chunk < prompt else "")
                   + ("; decode: the latent's expansion" if decode_copy and model.mla is not None
+                     else "; decode: a recurrent state's new copy" if decode_copy and decode_copy == state_copy
                      else "; decode: a layer's key or value copy" if decode_copy else ""),
                   "transformers 5.25's classes, fake tensors (tests/test_inference_hf.py)" if engine is Engine.HF
                   else "reference decoder, fake-tensor measurement (tests/test_validate.py)"),
