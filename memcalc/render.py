@@ -203,12 +203,16 @@ def _activation_assumption(settings: TrainAssumptions) -> str:
 
 
 def _kv_geometry(model: ModelConfig, settings: InferAssumptions) -> str:
+    from memcalc.estimate.inference import attention_layers
+
+    cached = attention_layers(model)
+    layers = f"{cached} layers" if cached == model.num_layers else f"{cached} of {model.num_layers} layers"
     if model.mla is not None:
+        latent = f", MLA latent {model.mla.kv_lora_rank} + rope {model.mla.qk_rope_head_dim} x {layers}"
         if settings.engine.paged:
-            return (f", MLA latent {model.mla.kv_lora_rank} + rope {model.mla.qk_rope_head_dim} x "
-                    f"{model.num_layers} layers (not split by TP)")
-        return f", MLA expanded per head by transformers ({model.num_attention_heads} heads x {model.num_layers} layers)"
-    return f", {model.kv_heads} KV heads x {model.attention_head_dim} head dim x {model.num_layers} layers"
+            return latent + " (not split by TP)"
+        return latent + ", expanded to every head in each forward"
+    return f", {model.kv_heads} KV heads x {model.attention_head_dim} head dim x {layers}"
 
 
 def _parallel_assumption(estimate: Estimate) -> str:

@@ -181,6 +181,20 @@ def test_infer_json_document(run_cli):
     assert document["settings"]["kv_cache_bytes_per_token"] == 131_072
 
 
+def test_infer_kv_assumption_counts_only_the_attention_layers(run_cli):
+    """Nemotron-H-56B caches keys and values in its attention blocks alone: the '*' of the checkpoint's
+    hybrid_override_pattern, 10 of its 118 blocks (2 x 8 heads x 128 x 2 B x 10 = 40,960 bytes a token)."""
+    data = json.loads((Path(__file__).parent / "data" / "hf_configs" / "nvidia--Nemotron-H-56B-Base-8K.json").read_text())
+    attention = data["hybrid_override_pattern"].count("*")
+    assert attention == 10
+    result = run_cli("infer", "nemotron-h-56b", "--engine", "hf", "--prompt", "1024", "--max-new-tokens", "4",
+                     columns=200)
+    assert result.exit_code == 0
+    line = next(line for line in result.stdout.splitlines() if line.startswith("KV cache "))
+    assert f"{2 * 8 * 128 * 2 * attention:,} bytes/token" in line
+    assert f"8 KV heads x 128 head dim x {attention} of {len(data['hybrid_override_pattern'])} layers" in line
+
+
 def test_models_json_lists_library(run_cli):
     listing = json.loads(run_cli("models", "--json").stdout)
     by_name = {entry["name"]: entry for entry in listing}
