@@ -177,6 +177,37 @@ def test_mamba2_generate_with_mamba_ssm(row: Row):
     assert abs(decode - forward.decode) <= TOLERANCE * forward.decode, row.why
 
 
+NEMOTRON_H_ARGS = ("validate", str(CONFIGS / "nvidia--Nemotron-H-56B-Base-8K.json"), "--workload", "infer",
+                   "--impl", "hf", "--num-layers", "8", "--prompt", "512", "--max-new-tokens", "2", "--device", "fake",
+                   "--json")
+
+
+def test_validate_measures_a_mamba2_hybrid_through_mamba_ssm(run_cli):
+    """`memcalc validate --workload infer --impl hf` on fake tensors routes a Mamba-2 hybrid's mixers to
+    mamba_ssm and causal_conv1d, as the estimate assumes; the cache rows hold the states too."""
+    _mamba_kernels()
+    import json
+
+    result = run_cli(*NEMOTRON_H_ARGS)
+    assert result.exit_code == 0, result.stdout
+    validation = json.loads(result.stdout)["validation"]
+    rows = {row["key"]: row for row in validation["rows"]}
+    for key in ("kv_cache_after_prefill", "kv_cache"):
+        assert rows[key]["estimated"] == rows[key]["measured"] > 0
+    assert abs(validation["total"]["error_percent"]) <= 100 * TOLERANCE
+
+
+def test_validate_refuses_a_mamba2_hybrid_without_the_sources(run_cli, monkeypatch):
+    """Without mamba_ssm's sources the class would run transformers' torch scan, which the estimate
+    does not describe: refused in one line, exit 2."""
+    from memcalc.validate import mamba
+
+    monkeypatch.setattr(mamba, "available", lambda: False)
+    result = run_cli(*NEMOTRON_H_ARGS)
+    assert result.exit_code == 2
+    assert "mamba_ssm" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_gpt_oss_prefill_is_eager_by_default():
     """gpt-oss under the hf engine: the class has no SDPA path, so `--attention sdpa` (the default)
     estimates eager attention, and the assumptions say so; a flash kernel with sinks does not."""

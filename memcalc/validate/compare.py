@@ -131,11 +131,14 @@ def compare_inference(estimate: Estimate, measurement) -> Comparison:
     settings = estimate.settings
     per_token = settings.kv_cache_bytes_per_token
     sequences = settings.sequences
+    # the measured cache is everything the model's cache holds: a hybrid's conv and SSM states too
+    state = sum(component.bytes for component in estimate.components if component.key == "state_cache")
+    cache = "KV cache and recurrent states" if state else "KV cache"
     rows = [
         Row("weights", "Weights", estimate.component("weights").bytes, measurement.components["weights"]),
-        Row("kv_cache_after_prefill", "KV cache after prefill", per_token * settings.prompt_len * sequences,
+        Row("kv_cache_after_prefill", f"{cache} after prefill", per_token * settings.prompt_len * sequences + state,
             measurement.components["kv_cache_after_prefill"]),
-        Row("kv_cache", "KV cache after the last token", estimate.component("kv_cache").bytes,
+        Row("kv_cache", f"{cache} after the last token", estimate.component("kv_cache").bytes + state,
             measurement.components["kv_cache"]),
     ]
     rows += _reserved_rows(estimate, measurement, CUBLAS_WORKSPACE_BYTES)
