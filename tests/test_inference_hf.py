@@ -110,25 +110,34 @@ def test_each_phase_matches_its_forward(row: Row):
     assert abs(decode - measured.decode) <= TOLERANCE * measured.decode, row.why
 
 
-def test_gated_delta_prefill_with_flash_linear_attention():
-    """Qwen3-Next's prompt forward (three gated delta nets and a gated attention layer) with fla's
-    chunked kernel, as on a GPU with flash-linear-attention installed (memcalc.validate.gated_delta)."""
+GATED_DELTA_ROWS = [
+    Row("Qwen--Qwen3-Next-80B-A3B-Instruct.json", 4, 1, 1024, 2,
+        why="three gated delta nets and a gated attention layer, experts beside them"),
+    Row("synthetic/qwen3_5_text-defaults.json", 4, 2, 600, 2,
+        why="Qwen3.5's split projections: fla's chunk states outgrow the MLP"),
+    Row("synthetic/qwen3_5_text-defaults.json", 4, 3, 100, 2, why="a prompt shorter than two of fla's chunks"),
+]
+
+
+@pytest.mark.parametrize("row", GATED_DELTA_ROWS, ids=[row.id for row in GATED_DELTA_ROWS])
+def test_gated_delta_forwards_with_flash_linear_attention(row: Row):
+    """Qwen3-Next's and Qwen3.5's prompt forward and decoding step with fla's chunked kernel and fused
+    recurrent step and causal_conv1d's, as on a GPU with both installed (memcalc.validate.gated_delta)."""
     from memcalc.validate import gated_delta
 
     if not gated_delta.available():
         pytest.skip("fla and triton are not importable")
     from memcalc.validate.hf_forward import hf_config_data, measure_hf_forward
 
-    row = Row("Qwen--Qwen3-Next-80B-A3B-Instruct.json", 4, 1, 1024, 2)
     model = _model(row)
     estimate = estimate_inference(model, _settings(row))
-    measured = measure_hf_forward(hf_config_data(CONFIGS / row.file, row.layers), 1, row.prompt,
+    measured = measure_hf_forward(hf_config_data(CONFIGS / row.file, row.layers), row.batch, row.prompt,
                                   kernels=gated_delta.gated_delta_kernels())
     weights = _weights(estimate)
     prefill = estimate.phases["prefill"] - weights
-    assert abs(prefill - measured.prefill) <= TOLERANCE * measured.prefill
-    # the decoding step is not compared: the harness routes fla's chunked kernel, not its fused
-    # recurrent step, so transformers' torch step (or causal_conv1d's, where imported) runs there
+    assert abs(prefill - measured.prefill) <= TOLERANCE * measured.prefill, row.why
+    decode = estimate.phases["decode"] - weights - row.batch * model.vocab_size * 4  # less generate()'s fp32 scores
+    assert abs(decode - measured.decode) <= TOLERANCE * measured.decode, row.why
 
 
 MAMBA2_ROWS = [

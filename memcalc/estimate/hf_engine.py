@@ -267,3 +267,26 @@ def mamba2_decode_step_bytes(model: ModelConfig, sequences: int, element_bytes: 
     projection = 2 * m.intermediate_size + 2 * m.n_groups * m.state_size + m.num_heads
     tensors = 3 * model.hidden_size + projection + m.conv_channels + m.intermediate_size
     return sequences * (FP32_BYTES * m.ssm_state_values + element_bytes * tensors)
+
+
+def gated_delta_decode_step_bytes(model: ModelConfig, sequences: int, element_bytes: int) -> int:
+    """A gated delta net's decoding step at its peak (``Qwen3NextGatedDeltaNet`` with fla and
+    causal_conv1d), the gated RMSNorm's ``silu(gate.float())``: fla's fused recurrent step has returned
+    its new fp32 state (value heads x key dim x value dim) beside the cached one; held with it, one
+    token a sequence: the stream (3 x h), the projections' outputs still referenced (Qwen3-Next:
+    in_proj_qkvz's and in_proj_ba's, and the copies its head reshapes make of z, b and a; Qwen3.5:
+    in_proj_z's, _b's and _a's), causal_conv1d_update's output, beta and the fp32 g, the step's
+    output, and in the norm the weighted output in the compute dtype beside the fp32 gate and its
+    silu (and the variance, one fp32 a head). Measured on fake tensors with fla's and causal_conv1d's
+    sources (tests/test_inference_hf.py, ``memcalc.validate.gated_delta``)."""
+    from memcalc.estimate.activations import FP32_BYTES
+
+    la, e = model.linear_attention, element_bytes
+    heads, values = la.num_value_heads, la.value_width
+    if la.split_projections:  # Qwen3.5: z, b and a are in_proj_z's, _b's and _a's own outputs (qkv's is freed)
+        projections, copies = values + 2 * heads, 0
+    else:  # Qwen3-Next's in_proj_qkvz and in_proj_ba, and the copies their head reshapes make of z, b and a
+        projections, copies = 2 * la.key_width + 2 * values + 2 * heads, values + 2 * heads
+    tensors = e * (3 * model.hidden_size + projections + copies + la.conv_channels + heads + values + values)
+    fp32 = FP32_BYTES * (heads + 2 * values + heads)  # g; the gate and its silu; the variance
+    return sequences * (FP32_BYTES * la.recurrent_state_values + tensors + fp32)

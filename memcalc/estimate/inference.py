@@ -35,6 +35,7 @@ from memcalc.estimate.hf_engine import (
     ForwardShape,
     attention_moment_bytes,
     decode_step_token_bytes,
+    gated_delta_decode_step_bytes,
     generate_bookkeeping_bytes,
     layer_window,
     llama4_experts,
@@ -360,6 +361,7 @@ def hf_layer_moments(model: ModelConfig, shape: ForwardShape, attention: Attenti
     mixer = e * tokens * recurrent_mixer_elements(model)
     mamba2 = (mamba2_mixer_forward_bytes(model, shape)
               if model.mamba is not None and model.mamba.version is MambaVersion.MAMBA2 else None)
+    gated_delta = gated_delta_prefill_bytes(model, shape) if model.linear_attention is not None else None
     scores = (eager_scores_bytes(model, shape.sequences, shape.queries, shape.keys, e)
               if attention is Attention.EAGER and not eager_sinks else 0)
     moments = []
@@ -369,10 +371,27 @@ def hf_layer_moments(model: ModelConfig, shape: ForwardShape, attention: Attenti
             own = [max(own[0], attention_moment_bytes(model, shape, eager_sinks, kind)) + scores]
         if kind is LayerType.MAMBA and mamba2 is not None:
             own.append(mamba2)
+        elif kind is LayerType.LINEAR_ATTENTION and gated_delta is not None:
+            own.append(gated_delta)
         elif kind in (*MAMBA_LAYER_TYPES, LayerType.LINEAR_ATTENTION):
             own.append(mixer)
         moments.append(max(own))
     return moments
+
+
+def gated_delta_prefill_bytes(model: ModelConfig, shape: ForwardShape) -> int:
+    """A gated delta net's prompt forward with a cache (Qwen3-Next, Qwen3.5 with fla and causal_conv1d):
+    the stream (3 x h) beside the mixer as a no-grad forward runs it, at its peak in fla's
+    ``chunk_fwd_o`` (``activations.gated_delta_net_forward_transient`` without saving: the training
+    harness's checkpointed forward, the same code); fla's fp32 final state is the size of the layer's
+    state, counted with the cache."""
+    from memcalc.estimate.activations import ActivationShape, gated_delta_net_forward_transient
+
+    e = shape.element_bytes
+    activation_shape = ActivationShape(tokens=shape.tokens, seq_len=shape.queries, batch_size=shape.sequences,
+                                       element_bytes=e, stream_bytes=e, autocast=False)
+    return e * 3 * shape.tokens * model.hidden_size + gated_delta_net_forward_transient(model, activation_shape,
+                                                                                       saving=False)
 
 
 def grouped_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes: int, stream: int = 4) -> int:
@@ -400,6 +419,19 @@ def grouped_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes
     width = (4 if model.mlp is MLPKind.GATED else 2) * moe.expert_intermediate_size
     experts = max(assignments * h * (2 * e + 2 * weighted), assignments * (h + width) * e)
     return e * stream * tokens * h + experts + router + shared
+
+
+def recurrent_mixer_note(model: ModelConfig, engine: Engine) -> str:
+    """How the activations line sizes a model's recurrent mixers: the hf engine's Mamba-2 mixers and
+    gated delta nets as measured through their packages; anything else from its tensors, unmeasured."""
+    if not recurrent_mixer_elements(model):
+        return ""
+    mamba1 = model.mamba is not None and model.mamba.version is not MambaVersion.MAMBA2
+    if engine is not Engine.HF or mamba1 or LayerType.ATTENTION_MAMBA in model.resolved_layer_types:
+        return " (Mamba/linear-attention mixer sized from its tensors, unmeasured)"
+    if model.mamba is not None:
+        return " (Mamba-2 mixers as mamba_ssm and causal_conv1d run them)"
+    return " (gated delta nets as fla and causal_conv1d run them)"
 
 
 def recurrent_mixer_elements(model: ModelConfig) -> int:
@@ -595,7 +627,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
         # step returns one; a Mamba-2 mixer clones the cached state for selective_state_update to
         # update in place (mamba2_scan_forward's ``recurrent_state.clone()``), then caches the clone
         la, mamba = local.linear_attention, local.mamba
-        state_copy = 0 if la is None else storage_bytes(sequences * la.recurrent_state_values, DType.FP32)
+        state_copy = 0 if la is None else gated_delta_decode_step_bytes(local, sequences, e)
         if mamba is not None and mamba.version is MambaVersion.MAMBA2:
             state_copy = max(state_copy, mamba2_decode_step_bytes(local, sequences, e))
         decode_copy = max(decode_copy, state_copy)
@@ -616,11 +648,7 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
     if LayerType.CHUNKED_ATTENTION in model.resolved_layer_types:
         window += f", chunked layers capped at {model.attention_chunk_size}"
     decoding = settings.resolved_decoding
-    mamba2_measured = (engine is Engine.HF and model.mamba is not None and model.mamba.version is MambaVersion.MAMBA2
-                       and model.linear_attention is None)
-    mixer_note = (" (Mamba-2 mixers as mamba_ssm and causal_conv1d run them)" if mamba2_measured
-                  else " (Mamba/linear-attention mixer sized from its tensors, unmeasured)"
-                  if recurrent_mixer_elements(model) else "")
+    mixer_note = recurrent_mixer_note(model, engine)
     components = (
         *weight_rows,
         Component("kv_cache", "KV cache", kv_cache, Kind.DYNAMIC,

@@ -42,7 +42,10 @@ MIXER_MODULES = ("transformers.models.qwen3_next.modeling_qwen3_next", "transfor
                  "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
 # transformers' fallback function, the package function it dispatches to, the package
 KERNELS = (("torch_chunk_gated_delta_rule", "chunk_gated_delta_rule", "fla"),
-           ("causal_conv1d_fn", "causal_conv1d_fn", "causal_conv1d"))
+           ("causal_conv1d_fn", "causal_conv1d_fn", "causal_conv1d"),
+           # a decoding step (one token with a cache): fla's fused recurrent step, causal_conv1d's update
+           ("torch_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule", "fla"),
+           ("causal_conv1d_update", "causal_conv1d_update", "causal_conv1d"))
 
 
 class GatedDeltaSourcesMissing(ImportError):
