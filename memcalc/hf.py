@@ -644,7 +644,10 @@ def _read_mamba(reader: _Reader, fields: dict[str, Any]) -> None:
     fields["mamba"] = dict(
         version=MambaVersion.MAMBA1, intermediate_size=inner, state_size=reader.positive("state_size", 16),
         conv_kernel=reader.positive("conv_kernel", 4), conv_bias=reader.get("use_conv_bias", True, bool),
-        proj_bias=reader.get("use_bias", False, bool), dt_rank=math.ceil(h / 16) if dt_rank == "auto" else dt_rank)
+        proj_bias=reader.get("use_bias", False, bool), dt_rank=math.ceil(h / 16) if dt_rank == "auto" else dt_rank,
+        unweighted_inner_norms=fields["model_type"] == "falcon_mamba",
+        # the blocks keep their residual stream in fp32 (MambaConfig and FalconMambaConfig: True)
+        residual_in_fp32=reader.get("residual_in_fp32", True, bool))
 
 
 def _read_mamba2(reader: _Reader, fields: dict[str, Any]) -> None:

@@ -52,16 +52,19 @@ class MambaConfig:
     proj_bias: bool = False  # in_proj and out_proj biases
     dt_rank: PositiveInt | None = None  # mamba1: the low-rank dt projection's width
     inner_norms: bool = False  # mamba1: Jamba's RMSNorms of dt, B and C
+    # mamba1: Falcon-Mamba's RMSNorms of dt, B and C without weights (no parameters; their outputs
+    # replace x_proj's in the forward)
+    unweighted_inner_norms: bool = False
     num_heads: PositiveInt | None = None  # mamba2: SSD heads
     head_dim: PositiveInt | None = None  # mamba2: channels per head (intermediate_size / num_heads)
     n_groups: PositiveInt = 1  # mamba2: groups sharing B and C
     gated_norm: bool = True  # mamba2: the gated RMSNorm of the channels (Falcon-H1's mamba_rms_norm can drop it)
     out_proj_bias: bool | None = None  # out_proj's bias when it differs from in_proj's (Falcon-H1's projectors_bias)
-    # mamba2, training activations only: the SSD kernel's chunk length (config ``chunk_size`` /
+    # mamba2, training activations: the SSD kernel's chunk length (config ``chunk_size`` /
     # ``mamba_chunk_size``; None: the family's default, Nemotron-H's 128 with separate_blocks, else
     # 256) and whether the block keeps its residual stream in fp32 (transformers' Mamba2Block with
     # ``residual_in_fp32``; None: the class's behaviour, True for a model of Mamba-2 blocks alone,
-    # False for the hybrids, whose blocks have no such option)
+    # False for the hybrids, whose blocks have no such option; the hf engine's Mamba-1 stacks read it too)
     chunk_size: PositiveInt | None = None
     residual_in_fp32: bool | None = None
 

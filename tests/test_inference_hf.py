@@ -146,6 +146,12 @@ MAMBA2_ROWS = [
     Row("nvidia--Nemotron-H-56B-Base-8K.json", 8, 2, 1000, 2, why="a prompt that is no whole number of chunks"),
     Row("nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json", 6, 2, 700, 3,
         why="Mamba-2 mixers, grouped experts in one-mixer blocks"),
+    Row("synthetic/mamba2-defaults.json", 3, 2, 300, 3, why="Mamba-Codestral's sizes: an fp32 residual stream"),
+    # Mamba-1 mixers: mamba_ssm's selective_scan_fn, its CUDA extension's allocations transcribed
+    Row("tiiuae--falcon-mamba-7b.json", 2, 2, 3000, 3,
+        why="Falcon-Mamba: the prompt's mask multiplies, weightless norms, no mask when decoding"),
+    Row("synthetic/mamba-defaults.json", 3, 1, 5000, 3, why="Mamba: x_proj's output held, A made twice"),
+    Row("ai21labs--AI21-Jamba-1.5-Mini.json", 5, 2, 777, 3, why="Jamba: Mamba-1 beside attention and experts"),
 ]
 
 
@@ -158,9 +164,9 @@ def _mamba_kernels():
 
 
 @pytest.mark.parametrize("row", MAMBA2_ROWS, ids=[row.id for row in MAMBA2_ROWS])
-def test_mamba2_generate_with_mamba_ssm(row: Row):
-    """A Mamba-2 hybrid's generate() with mamba_ssm's and causal_conv1d's kernels, as on a GPU with
-    both installed (memcalc.validate.mamba.mamba_inference_kernels): the peak, the state and KV cache
+def test_mamba_generate_with_mamba_ssm(row: Row):
+    """A Mamba-2 or Mamba-1 model's generate() with mamba_ssm's and causal_conv1d's kernels, as on a GPU
+    with both installed (memcalc.validate.mamba.mamba_inference_kernels): the peak, the state and KV cache
     exact, and each phase against its own forward."""
     from memcalc.validate.hf_forward import hf_config_data, measure_hf_forward
     from memcalc.validate.run import InferWorkload, measure_inference

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memcalc.config import KV_LAYER_TYPES, LayerType, ModelConfig, PositionKind
+from memcalc.config import KV_LAYER_TYPES, LayerType, MambaVersion, MLPKind, ModelConfig, PositionKind
 from memcalc.estimate.activations import INDEX_BYTES, MASK_BYTES, pre_norms
 
 COMPLEX64_BYTES = 8
@@ -218,11 +218,10 @@ def attention_moment_bytes(model: ModelConfig, shape: ForwardShape, eager_sinks:
 
 
 
-def mamba2_mixer_forward_bytes(model: ModelConfig, shape: ForwardShape) -> int:
+def mamba2_mixer_forward_bytes(model: ModelConfig, shape: ForwardShape, first_layer: bool = False) -> int:
     """A Mamba-2 mixer's prompt forward with a cache (``NemotronHMamba2Mixer``,
     ``GraniteMoeHybridMambaLayer``, ``Mamba2Mixer``; transformers 5.25) at its peak, as a GPU with
-    mamba_ssm and causal_conv1d installed runs it, beside the embedding output, the block's input
-    and its normed input (3 x h):
+    mamba_ssm and causal_conv1d installed runs it, beside the stream (``mamba_stream_bytes``):
 
     * held through the mixer: in_proj's output (z, xBC, dt: 2D + 2GN + H a token; the gate and dt
       are views of it) and causal_conv1d_fn's output (D + 2GN; x, B and C are views of it);
@@ -252,21 +251,22 @@ def mamba2_mixer_forward_bytes(model: ModelConfig, shape: ForwardShape) -> int:
     scan = cumsum + chunk_states * e + FP32_BYTES * b * chunks * groups * chunk * chunk + e * tokens * inner
     gather = 2 * e * tokens * inner
     norm = tokens * inner * (e + 3 * FP32_BYTES)
-    return e * 3 * tokens * model.hidden_size + held + max(passing, scan, gather, norm)
+    return mamba_stream_bytes(model, tokens, e, first_layer) + held + max(passing, scan, gather, norm)
 
 
 def mamba2_decode_step_bytes(model: ModelConfig, sequences: int, element_bytes: int) -> int:
     """A Mamba-2 mixer's decoding step at its peak, mamba_ssm's ``selective_state_update``: the clone
     of the cached fp32 state it updates in place (``mamba2_scan_forward``'s ``recurrent_state.clone()``,
     cached in its place afterwards), beside the step's in_proj output, ``causal_conv1d_update``'s
-    output, the update's output (D) and the stream (3 x h), one token a sequence. Measured on fake
+    output, the update's output (D) and the stream (``mamba_stream_bytes``), one token a sequence. Measured on fake
     tensors as ``mamba2_mixer_forward_bytes``."""
     from memcalc.estimate.activations import FP32_BYTES
 
     m = model.mamba
     projection = 2 * m.intermediate_size + 2 * m.n_groups * m.state_size + m.num_heads
-    tensors = 3 * model.hidden_size + projection + m.conv_channels + m.intermediate_size
-    return sequences * (FP32_BYTES * m.ssm_state_values + element_bytes * tensors)
+    tensors = projection + m.conv_channels + m.intermediate_size
+    return sequences * (FP32_BYTES * m.ssm_state_values + element_bytes * tensors
+                        + mamba_stream_bytes(model, 1, element_bytes))
 
 
 def gated_delta_decode_step_bytes(model: ModelConfig, sequences: int, element_bytes: int) -> int:
@@ -290,3 +290,77 @@ def gated_delta_decode_step_bytes(model: ModelConfig, sequences: int, element_by
     tensors = e * (3 * model.hidden_size + projections + copies + la.conv_channels + heads + values + values)
     fp32 = FP32_BYTES * (heads + 2 * values + heads)  # g; the gate and its silu; the variance
     return sequences * (FP32_BYTES * la.recurrent_state_values + tensors + fp32)
+
+
+def mamba1_masks_prompt(model: ModelConfig) -> bool:
+    """MambaModel and FalconMambaModel hand generate()'s 2-D mask to every mixer in the prompt's forward
+    (no ``create_recurrent_attention_mask``), which multiplies its input and its conv output by it;
+    Jamba's model builds the recurrent mask, None for an unpadded batch."""
+    return (model.mamba.version is not MambaVersion.MAMBA2 and model.mlp is MLPKind.NONE
+            and all(kind is LayerType.MAMBA for kind in model.resolved_layer_types))
+
+
+def mamba_stream_bytes(model: ModelConfig, tokens: int, element_bytes: int, first_layer: bool = False) -> int:
+    """The stream beside a Mamba mixer: the embedding output, the block's input (fp32 where the blocks
+    keep their residual in fp32: the first block's fp32 copy of the embedding; else the first block's
+    input is the embedding itself) and its normed input."""
+    from memcalc.estimate.activations import FP32_BYTES, mamba2_residual_in_fp32
+
+    if mamba2_residual_in_fp32(model):
+        layer_input = FP32_BYTES
+    else:
+        layer_input = 0 if first_layer else element_bytes
+    return tokens * model.hidden_size * (2 * element_bytes + layer_input)
+
+
+def mamba1_mixer_forward_bytes(model: ModelConfig, shape: ForwardShape, first_layer: bool = False) -> int:
+    """A Mamba-1 mixer's prompt forward with a cache (``MambaMixer``, ``FalconMambaMixer``,
+    ``JambaMambaMixer``; transformers 5.25) at its peak, in mamba_ssm's ``selective_scan_fn`` once the
+    CUDA extension has allocated (csrc/selective_scan/selective_scan.cpp): beside the stream
+    (``mamba_stream_bytes``; Mamba's and Falcon-Mamba's masked copy of the input, ``mamba1_masks_prompt``),
+    in_proj's output (x and the gate, 2D a token), the conv output (or its masked copy), dt's, B's and
+    C's tensors (Jamba's and Falcon-Mamba's normed B and C, x_proj's output freed; Mamba's x_proj
+    output, dt_rank + 2N), ``SelectiveScanFn``'s contiguous copies of u, delta and the gate (D each)
+    and of B and C (2N), the extension's ``out_z`` and ``out`` (D each) and its fp32 running states
+    (b x D x ceil(s / 2048) x 2N), and the layer's fp32 A (D x N; ``_a_tensors``) and fp32 casts of D
+    and dt's bias;
+    less the layer's own state, which the cache counted so far includes but which the cache copies
+    from the running states' last column only after the scan. Measured on fake tensors with the classes and the packages' own Python
+    (``memcalc.validate.mamba.mamba_inference_kernels``)."""
+    from memcalc.estimate.activations import FP32_BYTES
+
+    m, e, tokens, b = model.mamba, shape.element_bytes, shape.tokens, shape.sequences
+    inner, state = m.intermediate_size, m.state_size
+    stream = mamba_stream_bytes(model, tokens, e, first_layer) + (
+        e * tokens * model.hidden_size if mamba1_masks_prompt(model) else 0)
+    held = e * tokens * (2 * inner + inner)
+    normed = m.inner_norms or m.unweighted_inner_norms
+    dt_b_c = e * tokens * (2 * state if normed else m.dt_rank + 2 * state)
+    copies = e * tokens * (3 * inner + 2 * state)
+    extension = 2 * e * tokens * inner + FP32_BYTES * b * inner * -(-shape.queries // 2048) * 2 * state
+    constants = FP32_BYTES * (_a_tensors(model) * inner * state + 2 * inner)
+    own_state = FP32_BYTES * b * m.ssm_state_values
+    return stream + held + dt_b_c + copies + extension + constants - own_state
+
+
+def mamba1_decode_step_bytes(model: ModelConfig, sequences: int, element_bytes: int) -> int:
+    """A Mamba-1 mixer's decoding step at its peak, mamba_ssm's ``selective_state_update``: the clone
+    of the cached fp32 state it updates in place (``mamba_scan_forward``'s ``recurrent_state.clone()``),
+    beside one token a sequence of the stream, in_proj's output, ``causal_conv1d_update``'s output,
+    delta and the update's output (D each), the normed B and C (Mamba: x_proj's output), and the layer's
+    fp32 A (D x N; ``_a_tensors``) and its fp32 cast of dt's bias."""
+    from memcalc.estimate.activations import FP32_BYTES
+
+    m, e = model.mamba, element_bytes
+    inner, state = m.intermediate_size, m.state_size
+    normed = m.inner_norms or m.unweighted_inner_norms
+    tensors = e * (2 * inner + 3 * inner + (2 * state if normed else m.dt_rank + 2 * state))
+    per_sequence = FP32_BYTES * m.ssm_state_values + tensors + mamba_stream_bytes(model, 1, e)
+    return sequences * per_sequence + FP32_BYTES * (_a_tensors(model) * inner * state + inner)
+
+
+def _a_tensors(model: ModelConfig) -> int:
+    """Copies of the fp32 A = -exp(A_log) a Mamba-1 layer holds in its scan: MambaMixer's forward makes
+    one for its fused training path and mamba_scan_forward another (Jamba and Falcon-Mamba: the latter)."""
+    m = model.mamba
+    return 1 if m.inner_norms or m.unweighted_inner_norms else 2

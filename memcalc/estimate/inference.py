@@ -40,6 +40,8 @@ from memcalc.estimate.hf_engine import (
     layer_window,
     llama4_experts,
     llama4_experts_forward_bytes,
+    mamba1_decode_step_bytes,
+    mamba1_mixer_forward_bytes,
     mamba2_decode_step_bytes,
     mamba2_mixer_forward_bytes,
     mask_bytes,
@@ -359,18 +361,21 @@ def hf_layer_moments(model: ModelConfig, shape: ForwardShape, attention: Attenti
         mlp[MLPRole.MOE] = (llama4_experts_forward_bytes(model, tokens, e) if llama4_experts(model)
                             else grouped_experts_forward_bytes(model, tokens, e, stream))
     mixer = e * tokens * recurrent_mixer_elements(model)
-    mamba2 = (mamba2_mixer_forward_bytes(model, shape)
-              if model.mamba is not None and model.mamba.version is MambaVersion.MAMBA2 else None)
+    mamba_mixer = None
+    if model.mamba is not None:  # the first block's, whose input is the embedding, and the others'
+        mixer_bytes = (mamba2_mixer_forward_bytes if model.mamba.version is MambaVersion.MAMBA2
+                       else mamba1_mixer_forward_bytes)
+        mamba_mixer = (mixer_bytes(model, shape, first_layer=True), mixer_bytes(model, shape))
     gated_delta = gated_delta_prefill_bytes(model, shape) if model.linear_attention is not None else None
     scores = (eager_scores_bytes(model, shape.sequences, shape.queries, shape.keys, e)
               if attention is Attention.EAGER and not eager_sinks else 0)
     moments = []
-    for role, kind in zip(layer_roles(model), model.resolved_layer_types, strict=True):
+    for index, (role, kind) in enumerate(zip(layer_roles(model), model.resolved_layer_types, strict=True)):
         own = [mlp[role]]
         if kind in KV_LAYER_TYPES:
             own = [max(own[0], attention_moment_bytes(model, shape, eager_sinks, kind)) + scores]
-        if kind is LayerType.MAMBA and mamba2 is not None:
-            own.append(mamba2)
+        if kind is LayerType.MAMBA and mamba_mixer is not None:
+            own.append(mamba_mixer[0 if index == 0 else 1])
         elif kind is LayerType.LINEAR_ATTENTION and gated_delta is not None:
             own.append(gated_delta)
         elif kind in (*MAMBA_LAYER_TYPES, LayerType.LINEAR_ATTENTION):
@@ -426,11 +431,11 @@ def recurrent_mixer_note(model: ModelConfig, engine: Engine) -> str:
     gated delta nets as measured through their packages; anything else from its tensors, unmeasured."""
     if not recurrent_mixer_elements(model):
         return ""
-    mamba1 = model.mamba is not None and model.mamba.version is not MambaVersion.MAMBA2
-    if engine is not Engine.HF or mamba1 or LayerType.ATTENTION_MAMBA in model.resolved_layer_types:
+    if engine is not Engine.HF or LayerType.ATTENTION_MAMBA in model.resolved_layer_types:
         return " (Mamba/linear-attention mixer sized from its tensors, unmeasured)"
     if model.mamba is not None:
-        return " (Mamba-2 mixers as mamba_ssm and causal_conv1d run them)"
+        version = "Mamba-2" if model.mamba.version is MambaVersion.MAMBA2 else "Mamba-1"
+        return f" ({version} mixers as mamba_ssm and causal_conv1d run them)"
     return " (gated delta nets as fla and causal_conv1d run them)"
 
 
@@ -628,8 +633,9 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
         # update in place (mamba2_scan_forward's ``recurrent_state.clone()``), then caches the clone
         la, mamba = local.linear_attention, local.mamba
         state_copy = 0 if la is None else gated_delta_decode_step_bytes(local, sequences, e)
-        if mamba is not None and mamba.version is MambaVersion.MAMBA2:
-            state_copy = max(state_copy, mamba2_decode_step_bytes(local, sequences, e))
+        if mamba is not None:
+            step = (mamba2_decode_step_bytes if mamba.version is MambaVersion.MAMBA2 else mamba1_decode_step_bytes)
+            state_copy = max(state_copy, step(local, sequences, e))
         decode_copy = max(decode_copy, state_copy)
         phases["decode"] = (weights + state + max(first, last, max(kv_prompt, kv_cache) + state_copy) + decode_logits
                             + generate_bookkeeping_bytes(sequences, shape.cached + 1))

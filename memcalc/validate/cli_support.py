@@ -103,25 +103,24 @@ def run_inference_validation(
                              num_return_sequences=settings.num_return_sequences, top_k=settings.top_k,
                              top_p=settings.top_p, temperature=settings.temperature,
                              attention=settings.attention.value)
-    mixer_kernels = _mamba2_inference_kernels(model) if impl == "hf" and device == "fake" else None
+    mixer_kernels = _mamba_inference_kernels(model) if impl == "hf" and device == "fake" else None
     measurement = _measure(device, lambda: measure_inference(model, workload, device, progress, record=True,
                                                              impl=impl, mixer_kernels=mixer_kernels))
     return compare_inference(estimate, measurement)
 
 
-def _mamba2_inference_kernels(model: ModelConfig):
-    """On fake tensors a Mamba-2 mixer is measured through mamba_ssm's and causal_conv1d's own Python,
+def _mamba_inference_kernels(model: ModelConfig):
+    """On fake tensors a Mamba mixer is measured through mamba_ssm's and causal_conv1d's own Python,
     as the estimate assumes a GPU with both installed runs it (transformers' torch scan holds several
-    times more); None for a model without Mamba-2 layers."""
-    from memcalc.config import LayerType, MambaVersion
+    times more); None for a model without Mamba layers."""
+    from memcalc.config import LayerType
 
-    if (model.mamba is None or model.mamba.version is not MambaVersion.MAMBA2
-            or LayerType.MAMBA not in model.resolved_layer_types):
+    if model.mamba is None or LayerType.MAMBA not in model.resolved_layer_types:
         return None
     from memcalc.validate import mamba
 
     if not mamba.available():
-        raise InputError("--workload infer --impl hf: Mamba-2 mixers are measured through mamba_ssm's and "
+        raise InputError("--workload infer --impl hf: Mamba mixers are measured through mamba_ssm's and "
                          "causal_conv1d's sources (with triton) on PYTHONPATH: see memcalc/validate/mamba.py")
     return mamba.mamba_inference_kernels()
 

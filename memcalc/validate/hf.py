@@ -152,6 +152,9 @@ def build_hf_model(model: ModelConfig, attention: str):
     import transformers
 
     config = hf_config_for(model)
-    # gpt-oss's class has no SDPA path (its sink logits): transformers runs it eager
-    config._attn_implementation = "eager" if attention == "eager" or model.attention_sinks else "sdpa"
+    # gpt-oss's class has no SDPA path (its sink logits): transformers runs it eager; a class without
+    # attention layers (Mamba, Falcon-Mamba, Mamba-2) refuses an SDPA setting it has no use for
+    attends = any(kind.value.endswith("attention") for kind in model.resolved_layer_types)
+    eager = attention == "eager" or model.attention_sinks or not attends
+    config._attn_implementation = "eager" if eager else "sdpa"
     return transformers.AutoModelForCausalLM.from_config(config)

@@ -109,6 +109,16 @@ def generate_kernels():
         yield
 
 
+# classes whose prepare_inputs_for_generation drops the attention mask once the cache holds the prompt
+# (``model_inputs["attention_mask"] = None`` unless the first iteration): generate() decodes without one
+DECODING_WITHOUT_MASK = ("mamba", "falcon_mamba", "mamba2")
+
+
+def decoding_attention_mask(model, mask):
+    """The attention mask generate() passes a decoding step of ``model``: ``mask``, or None."""
+    return None if getattr(model.config, "model_type", None) in DECODING_WITHOUT_MASK else mask
+
+
 def cache_keyword(model) -> str:
     """The forward's name for the cache: ``cache`` from transformers 5.x (``past_key_values`` before,
     still taken with a deprecation warning until 5.40)."""
@@ -164,8 +174,8 @@ def measure_hf_forward(data: dict[str, Any], batch_size: int, prompt_len: int, d
             ids = torch.cat([ids, step], dim=-1)  # generate()'s token ids so far
             mask = torch.cat([mask, mask.new_ones((batch_size, 1))], dim=-1)
             tracker.reset_peaks()
-            output = model(input_ids=step, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                           **{cache_keyword(model): cache})
+            output = model(input_ids=step, attention_mask=decoding_attention_mask(model, mask), use_cache=True,
+                           logits_to_keep=1, **{cache_keyword(model): cache})
             decode = tracker.peak_bytes - weights
             del output, cache
     finally:

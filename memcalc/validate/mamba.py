@@ -50,6 +50,15 @@ MIXER_MODULES = (
     "transformers.models.falcon_h1.modeling_falcon_h1",
 )
 KERNEL_NAME = "mamba2_split_conv1d_scan_combined"
+# transformers modules whose Mamba-1 mixer (MambaMixer, FalconMambaMixer, JambaMambaMixer) calls the packages
+MAMBA1_MODULES = ("transformers.models.mamba.modeling_mamba", "transformers.models.falcon_mamba.modeling_falcon_mamba",
+                  "transformers.models.jamba.modeling_jamba")
+# with a cache, Mamba-1: the prompt's scan through selective_scan_fn (its CUDA extension's allocations
+# transcribed, ``selective_scan_fwd_allocations``), a step through selective_state_update
+MAMBA1_INFERENCE_KERNELS = (("causal_conv1d_fn", "causal_conv1d_fn", "causal_conv1d"),
+                            ("causal_conv1d_update", "causal_conv1d_update", "causal_conv1d"),
+                            ("mamba_selective_scan", "selective_scan_fn", "mamba_ssm"),
+                            ("mamba_selective_state_update", "selective_state_update", "mamba_ssm"))
 # with a cache: transformers' fallback name in those modules, the package's function, the package
 INFERENCE_KERNELS = (("causal_conv1d_fn", "causal_conv1d_fn", "causal_conv1d"),
                      ("causal_conv1d_update", "causal_conv1d_update", "causal_conv1d"),
@@ -92,6 +101,24 @@ def _stub_extension(name: str, functions: tuple[str, ...]) -> None:
     sys.modules[name] = module
 
 
+SELECTIVE_SCAN_CHUNK = 2048  # selective_scan.cpp: the forward keeps one state per 2048 tokens
+
+
+def selective_scan_fwd_allocations(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """A stand-in for the compiled ``selective_scan_cuda.fwd`` (Mamba-1's scan) allocating what
+    mamba_ssm 2.3's csrc/selective_scan/selective_scan.cpp ``selective_scan_fwd`` allocates, in order:
+    ``out_z`` like z (with a gate), ``out`` like delta, and ``x``, the fp32 (A's dtype) running states,
+    (batch, dim, ceil(seqlen / 2048), 2 x dstate); the CUDA kernel only writes into them."""
+    import torch
+
+    batch, dim, seqlen = u.shape
+    out_z = torch.empty_like(z) if z is not None else None
+    out = torch.empty_like(delta)
+    states = torch.empty(batch, dim, -(-seqlen // SELECTIVE_SCAN_CHUNK), 2 * A.shape[1], dtype=A.dtype,
+                         device=u.device)
+    return [out, states] + ([out_z] if out_z is not None else [])
+
+
 def _import_sources():
     try:
         importlib.import_module("triton")
@@ -99,6 +126,9 @@ def _import_sources():
         raise MambaSourcesMissing(f"triton is not importable ({exc})") from None
     _stub_extension("causal_conv1d_cuda", ("causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update"))
     _stub_extension("selective_scan_cuda", ("fwd", "bwd"))
+    scan = sys.modules["selective_scan_cuda"]
+    if getattr(scan, "__doc__", "").startswith("memcalc.validate.mamba"):
+        scan.fwd = selective_scan_fwd_allocations
     try:
         import causal_conv1d.cpp_functions as conv
         import mamba_ssm.ops.triton.ssd_combined as ssd
@@ -172,9 +202,9 @@ def report_unpacked(patch) -> None:
 
 
 @contextlib.contextmanager
-def _routed_to_packages(functions, sm_count: int):
-    """Inside: each (transformers fallback name, package function, package) in ``functions`` of every
-    Mamba-2 mixer module dispatches to the package, as transformers does at import where the package
+def _routed_to_packages(routes, sm_count: int):
+    """Inside: for each (transformers modules, functions) in ``routes``, each (fallback name, package
+    function, package) of the functions in each of those modules dispatches to the package, as transformers does at import where the package
     is installed, with mamba_ssm's Triton launches and CUDA extensions doing nothing; yields mamba_ssm's
     ``ssd_combined`` module."""
     import torch
@@ -186,7 +216,7 @@ def _routed_to_packages(functions, sm_count: int):
 
     _register_fake_conv_ops()
     # imported before the device list is widened: their decorators read it at import, for good
-    modules = [importlib.import_module(name) for name in MIXER_MODULES]
+    modules = [([importlib.import_module(name) for name in names], functions) for names, functions in routes]
     patched: list[tuple[object, str, object]] = []
 
     def patch(owner, name, value):
@@ -210,7 +240,7 @@ def _routed_to_packages(functions, sm_count: int):
     if devices is not None:
         patch(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES",
               {**devices, **{package: (*devices.get(package, ()), "cpu") for package in ("mamba_ssm", "causal_conv1d")}})
-    for module in modules:
+    for module, functions in ((module, functions) for group, functions in modules for module in group):
         for name, package_function, package in functions:
             fallback = getattr(module, name)
             fallback = getattr(fallback, "__wrapped__", fallback)
@@ -226,7 +256,8 @@ def _routed_to_packages(functions, sm_count: int):
 def mamba_kernels(sm_count: int = SM_COUNT):
     """Inside: transformers' Mamba-2 mixers call mamba_ssm's fused Function as on CUDA, its
     Triton launches and CUDA extensions doing nothing (see the module docstring)."""
-    return _routed_to_packages(((KERNEL_NAME, "mamba_split_conv1d_scan_combined", "mamba_ssm"),), sm_count)
+    return _routed_to_packages(((MIXER_MODULES, ((KERNEL_NAME, "mamba_split_conv1d_scan_combined", "mamba_ssm"),)),),
+                               sm_count)
 
 
 def mamba_inference_kernels(sm_count: int = SM_COUNT):
@@ -235,8 +266,12 @@ def mamba_inference_kernels(sm_count: int = SM_COUNT):
     and ``causal_conv1d_update`` for a decoding step's (causal_conv1d_interface.py), mamba_ssm's
     ``mamba_chunk_scan_combined`` (ops/triton/ssd_combined.py, ``MambaChunkScanCombinedFn``) for the
     prompt's scan and ``selective_state_update`` (ops/triton/selective_state_update.py) for a step's;
-    the gated RMSNorm and the projections stay transformers' torch code, as on a GPU."""
-    return _routed_to_packages(INFERENCE_KERNELS, sm_count)
+    the gated RMSNorm and the projections stay transformers' torch code, as on a GPU. Mamba-1 mixers
+    (Mamba, Falcon-Mamba, Jamba) call causal_conv1d's two functions too, mamba_ssm's ``selective_scan_fn``
+    (ops/selective_scan_interface.py; its CUDA extension's allocations transcribed,
+    ``selective_scan_fwd_allocations``) for the prompt and ``selective_state_update`` for a step."""
+    return _routed_to_packages(((MIXER_MODULES, INFERENCE_KERNELS), (MAMBA1_MODULES, MAMBA1_INFERENCE_KERNELS)),
+                               sm_count)
 
 
 def build_hf_model(model, attention: str):

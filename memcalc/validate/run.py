@@ -475,7 +475,7 @@ def _generate_hf(model, input_ids: torch.Tensor, workload: InferWorkload, on_pre
     sequences = tokens = input_ids.repeat_interleave(expand, dim=0)
     mask = torch.ones(tokens.shape, dtype=torch.long)  # generate()'s attention mask, grown each step
     beam_scores = torch.zeros(input_ids.shape[0], beams, dtype=torch.float32)
-    from memcalc.validate.hf_forward import cache_keyword, returned_cache
+    from memcalc.validate.hf_forward import cache_keyword, decoding_attention_mask, returned_cache
 
     keyword, cache, beam_index = cache_keyword(model), None, None
     for step in range(workload.new_tokens):
@@ -483,7 +483,8 @@ def _generate_hf(model, input_ids: torch.Tensor, workload: InferWorkload, on_pre
             sequences = torch.cat([sequences.index_select(0, beam_index) if beam_index is not None else sequences,
                                    tokens], dim=-1)
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        output = model(input_ids=tokens, attention_mask=mask, use_cache=True, logits_to_keep=1, **{keyword: cache})
+        output = model(input_ids=tokens, attention_mask=decoding_attention_mask(model, mask) if step else mask,
+                       use_cache=True, logits_to_keep=1, **{keyword: cache})
         cache = returned_cache(output)
         scores = output.logits[:, -1, :].to(dtype=torch.float32, copy=True)
         del output
