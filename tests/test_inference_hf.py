@@ -140,7 +140,7 @@ def test_gated_delta_forwards_with_flash_linear_attention(row: Row):
     assert abs(decode - measured.decode) <= TOLERANCE * measured.decode, row.why
 
 
-MAMBA2_ROWS = [
+MAMBA_ROWS = [
     Row("nvidia--Nemotron-H-56B-Base-8K.json", 8, 1, 1024, 4,
         why="four Mamba-2 mixers before an attention layer: the gated norm's fp32 moment, the state's clone"),
     Row("nvidia--Nemotron-H-56B-Base-8K.json", 8, 2, 1000, 2, why="a prompt that is no whole number of chunks"),
@@ -163,7 +163,7 @@ def _mamba_kernels():
     return mamba.mamba_inference_kernels()
 
 
-@pytest.mark.parametrize("row", MAMBA2_ROWS, ids=[row.id for row in MAMBA2_ROWS])
+@pytest.mark.parametrize("row", MAMBA_ROWS, ids=[row.id for row in MAMBA_ROWS])
 def test_mamba_generate_with_mamba_ssm(row: Row):
     """A Mamba-2 or Mamba-1 model's generate() with mamba_ssm's and causal_conv1d's kernels, as on a GPU
     with both installed (memcalc.validate.mamba.mamba_inference_kernels): the peak, the state and KV cache

@@ -334,8 +334,7 @@ def mamba1_mixer_forward_bytes(model: ModelConfig, shape: ForwardShape, first_la
     stream = mamba_stream_bytes(model, tokens, e, first_layer) + (
         e * tokens * model.hidden_size if mamba1_masks_prompt(model) else 0)
     held = e * tokens * (2 * inner + inner)
-    normed = m.inner_norms or m.unweighted_inner_norms
-    dt_b_c = e * tokens * (2 * state if normed else m.dt_rank + 2 * state)
+    dt_b_c = e * tokens * _mamba1_dt_b_c_width(model)
     copies = e * tokens * (3 * inner + 2 * state)
     extension = 2 * e * tokens * inner + FP32_BYTES * b * inner * -(-shape.queries // 2048) * 2 * state
     constants = FP32_BYTES * (_a_tensors(model) * inner * state + 2 * inner)
@@ -353,14 +352,24 @@ def mamba1_decode_step_bytes(model: ModelConfig, sequences: int, element_bytes: 
 
     m, e = model.mamba, element_bytes
     inner, state = m.intermediate_size, m.state_size
-    normed = m.inner_norms or m.unweighted_inner_norms
-    tensors = e * (2 * inner + 3 * inner + (2 * state if normed else m.dt_rank + 2 * state))
+    tensors = e * (2 * inner + 3 * inner + _mamba1_dt_b_c_width(model))
     per_sequence = FP32_BYTES * m.ssm_state_values + tensors + mamba_stream_bytes(model, 1, e)
     return sequences * per_sequence + FP32_BYTES * (_a_tensors(model) * inner * state + inner)
+
+
+def _mamba1_normed(model: ModelConfig) -> bool:
+    """Jamba's and Falcon-Mamba's mixers norm dt, B and C (Jamba with weights); Mamba's does not."""
+    return model.mamba.inner_norms or model.mamba.unweighted_inner_norms
+
+
+def _mamba1_dt_b_c_width(model: ModelConfig) -> int:
+    """Elements a token of dt's, B's and C's tensors a Mamba-1 mixer holds in its scan: the normed B and C
+    (x_proj's output freed once all three are normed), or Mamba's x_proj output (dt_rank + 2N)."""
+    m = model.mamba
+    return 2 * m.state_size if _mamba1_normed(model) else m.dt_rank + 2 * m.state_size
 
 
 def _a_tensors(model: ModelConfig) -> int:
     """Copies of the fp32 A = -exp(A_log) a Mamba-1 layer holds in its scan: MambaMixer's forward makes
     one for its fused training path and mamba_scan_forward another (Jamba and Falcon-Mamba: the latter)."""
-    m = model.mamba
-    return 1 if m.inner_norms or m.unweighted_inner_norms else 2
+    return 1 if _mamba1_normed(model) else 2

@@ -427,8 +427,9 @@ def grouped_experts_forward_bytes(model: ModelConfig, tokens: int, element_bytes
 
 
 def recurrent_mixer_note(model: ModelConfig, engine: Engine) -> str:
-    """How the activations line sizes a model's recurrent mixers: the hf engine's Mamba-2 mixers and
-    gated delta nets as measured through their packages; anything else from its tensors, unmeasured."""
+    """How the activations line sizes a model's recurrent mixers: the hf engine's Mamba-1 and Mamba-2
+    mixers and gated delta nets as measured through their packages; Falcon-H1's parallel blocks and
+    every paged engine's mixers from their tensors, unmeasured."""
     if not recurrent_mixer_elements(model):
         return ""
     if engine is not Engine.HF or LayerType.ATTENTION_MAMBA in model.resolved_layer_types:
@@ -629,8 +630,8 @@ def estimate_inference(model: ModelConfig, settings: InferSettings) -> Estimate:
         last, decode_copy = hf_decode_step_bytes(model, local, before_last, shape.cached, sequences, kv_dtype, e,
                                                  eager)
         # a recurrent layer's step makes its new state beside the cached one: fla's fused recurrent
-        # step returns one; a Mamba-2 mixer clones the cached state for selective_state_update to
-        # update in place (mamba2_scan_forward's ``recurrent_state.clone()``), then caches the clone
+        # step returns one; a Mamba mixer clones the cached state for selective_state_update to
+        # update in place (``recurrent_state.clone()`` in the scan forward), then caches the clone
         la, mamba = local.linear_attention, local.mamba
         state_copy = 0 if la is None else gated_delta_decode_step_bytes(local, sequences, e)
         if mamba is not None:

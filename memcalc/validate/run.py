@@ -540,12 +540,6 @@ def _generate(model: Decoder, input_ids: torch.Tensor, workload: InferWorkload, 
     return caches
 
 
-@contextlib.contextmanager
-def _both(first, second):
-    with first, second:
-        yield
-
-
 def measure_inference(model_config: ModelConfig, workload: InferWorkload, device: str = "fake", progress=None,
                       record: bool = False, impl: str = "reference", mixer_kernels=None):
     """A generate() run of the reference decoder, or with ``impl="hf"`` of the transformers class
@@ -563,13 +557,12 @@ def measure_inference(model_config: ModelConfig, workload: InferWorkload, device
         from memcalc.validate.hf_forward import generate_kernels
 
         kernels = generate_kernels() if device == "fake" else contextlib.nullcontext()
-        if mixer_kernels is not None:
-            kernels = _both(kernels, mixer_kernels)
         held = hf_cache_tensors
     else:
         kernels = contextlib.nullcontext()
         held = lambda caches: [t for pair in caches for t in pair]  # noqa: E731
-    with _device_context(device), tracker, torch.device(torch_device), kernels:
+    with (_device_context(device), tracker, torch.device(torch_device), kernels,
+          mixer_kernels or contextlib.nullcontext()):
         with _default_dtype(TORCH_DTYPES[workload.dtype]):
             model = build_hf_model(model_config, workload.attention) if impl == "hf" else Decoder(model_config)
         model.eval()
