@@ -225,6 +225,10 @@ HF_INFER_MATRIX = [
     _infer_file("GLM-4.5-Air", "zai-org--GLM-4.5-Air.json", 2, 1, 2048, 16),
     _infer_file("Phi-4", "microsoft--phi-4.json", 4, 1, 4096, 32),  # fused gate_up
     _infer_file("OLMo2 (defaults)", "synthetic/olmo2-defaults.json", 4, 2, 2048, 32),  # post-norm
+    # Mamba-2 hybrids through mamba_ssm's and causal_conv1d's sources (memcalc.validate.mamba): a run
+    # without them on PYTHONPATH reports these rows FAILED and leaves them out
+    _infer_file("Nemotron-H-56B", "nvidia--Nemotron-H-56B-Base-8K.json", 8, 1, 4096, 16),
+    _infer_file("Nemotron-3-Nano-30B-A3B", "nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json", 6, 2, 2048, 16),
 ]
 HF_MATRIX += HF_INFER_MATRIX
 FAKE_MATRIX += HF_MATRIX
@@ -337,7 +341,7 @@ def write_markdown(path: Path, results, device: str, command: str) -> None:
         "structure, `memcalc/validate/model.py`) and compares the second with `memcalc train` for the same "
         "settings (rows marked *hf* run the transformers class built from the config.json itself, "
         "`--impl hf`; files under `synthetic/` are transformers' configuration defaults, not Hub files); "
-        "each inference row runs a generate() loop over the transformers class (*hf*: the model's own cache, SDPA allocating as CUDA's kernels do, `memcalc/validate/hf_forward.py`) and compares it with `memcalc infer`. *Activations* is the peak, over forward and backward, of live bytes other than parameters, "
+        "each inference row runs a generate() loop over the transformers class (*hf*: the model's own cache, SDPA allocating as CUDA's kernels do, `memcalc/validate/hf_forward.py`; the Mamba-2 hybrids' mixers through mamba_ssm's and causal_conv1d's own Python, their sources on `PYTHONPATH`, `memcalc/validate/mamba.py`) and compares it with `memcalc infer`; its KV cache columns hold a hybrid's conv and SSM states too. *Activations* is the peak, over forward and backward, of live bytes other than parameters, "
         "buffers, optimizer states and the gradients accumulated so far; *total* is the peak over forward, "
         "backward and the optimizer step.",
         "",
